@@ -1,0 +1,98 @@
+//! The model crate's error type: every variant names the file, tensor or field at fault.
+
+use std::path::PathBuf;
+
+/// Errors from loading, preprocessing or running the reference model.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A JSON file is malformed or lacks a required field.
+    #[error("{path}: {msg}")]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A config value is missing, inconsistent or unsupported.
+    #[error("config: {0}")]
+    Config(String),
+    /// A safetensors file is damaged (bad header, truncated data).
+    #[error("{path}: {msg}")]
+    Safetensors {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// An expected tensor is absent from the checkpoint.
+    #[error("tensor {name}: missing from the checkpoint")]
+    MissingTensor {
+        /// The tensor name.
+        name: String,
+    },
+    /// A tensor has the wrong shape.
+    #[error("tensor {name}: shape {found:?}, expected {expected:?}")]
+    Shape {
+        /// The tensor name.
+        name: String,
+        /// The shape the config implies.
+        expected: Vec<usize>,
+        /// The shape on disk.
+        found: Vec<usize>,
+    },
+    /// A tensor has a dtype this tool does not read.
+    #[error("tensor {name}: dtype {dtype} is not supported (expected {expected})")]
+    Dtype {
+        /// The tensor name.
+        name: String,
+        /// The dtype on disk.
+        dtype: String,
+        /// What was expected.
+        expected: String,
+    },
+    /// A tensor holds NaN or infinity.
+    #[error("tensor {name}: non-finite value {value} at flat index {index}")]
+    NonFinite {
+        /// The tensor name.
+        name: String,
+        /// First bad flat index.
+        index: usize,
+        /// The value found there.
+        value: f32,
+    },
+    /// The tokenizer or chat template failed.
+    #[error("prompt: {0}")]
+    Prompt(String),
+    /// The image could not be decoded or is unusable.
+    #[error("image {path}: {msg}")]
+    Image {
+        /// The image file (or a description of the source).
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A tensor operation failed (shape bugs surface here).
+    #[error("tensor op: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// An I/O error on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,400 @@
+//! Image preprocessing (architecture doc §5): decode, `smart_resize`, PIL-exact
+//! bicubic resampling, normalisation and the patch rows in merge-block order.
+//! Also the zoo's fixed grid: the image stretched to 448×448 (196 tokens).
+
+use crate::config::PreprocessorConfig;
+use crate::error::{Error, Result};
+use std::path::Path;
+
+/// Largest image, in pixels, that we agree to decode (about 16k × 16k would be 268M).
+pub const MAX_DECODE_PIXELS: u64 = 64 * 1024 * 1024;
+
+/// An 8-bit RGB image, row-major, channels interleaved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rgb8 {
+    /// Width in pixels.
+    pub width: usize,
+    /// Height in pixels.
+    pub height: usize,
+    /// `height * width * 3` bytes.
+    pub data: Vec<u8>,
+}
+
+/// The model-ready form of one image.
+#[derive(Debug, Clone)]
+pub struct PatchedImage {
+    /// `[P, C·T·patch·patch]` row-major patch rows in merge-block order.
+    pub pixel_values: Vec<f32>,
+    /// (t, h, w) in patches.
+    pub grid_thw: [usize; 3],
+    /// Width of one patch row.
+    pub patch_dim: usize,
+}
+
+impl PatchedImage {
+    /// Number of patch rows P.
+    pub fn num_patches(&self) -> usize {
+        self.grid_thw.iter().product()
+    }
+
+    /// Number of `<|image_pad|>` tokens: P / merge².
+    pub fn num_tokens(&self, merge: usize) -> usize {
+        self.num_patches() / (merge * merge)
+    }
+}
+
+/// Decodes a PNG or JPEG file to RGB (alpha dropped, as PIL's `convert("RGB")` does).
+pub fn load_rgb(path: &Path) -> Result<Rgb8> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    decode_rgb(&bytes, path)
+}
+
+/// Decodes image bytes; `name` only labels errors.
+pub fn decode_rgb(bytes: &[u8], name: &Path) -> Result<Rgb8> {
+    let bad = |msg: String| Error::Image {
+        path: name.to_path_buf(),
+        msg,
+    };
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| bad(e.to_string()))?;
+    if reader.format().is_none() {
+        return Err(bad("not a PNG or JPEG image".into()));
+    }
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(MAX_DECODE_PIXELS * 8);
+    reader.limits(limits);
+    let (w, h) = reader
+        .into_dimensions()
+        .map_err(|e| bad(format!("cannot read dimensions: {e}")))?;
+    if (w as u64) * (h as u64) > MAX_DECODE_PIXELS {
+        return Err(bad(format!(
+            "{w}×{h} is larger than the {MAX_DECODE_PIXELS}-pixel limit"
+        )));
+    }
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| bad(e.to_string()))?;
+    reader.limits(limits_for(w, h));
+    let img = reader.decode().map_err(|e| bad(e.to_string()))?;
+    let rgb = img.to_rgb8();
+    Ok(Rgb8 {
+        width: rgb.width() as usize,
+        height: rgb.height() as usize,
+        data: rgb.into_raw(),
+    })
+}
+
+fn limits_for(w: u32, h: u32) -> image::Limits {
+    let mut l = image::Limits::default();
+    l.max_alloc = Some((w as u64 * h as u64 * 8).max(1 << 20));
+    l
+}
+
+/// HF `smart_resize`: the nearest size whose sides are multiples of `factor`
+/// (rounding half to even, as Python's `round`), kept within the pixel bounds.
+pub fn smart_resize(
+    height: usize,
+    width: usize,
+    factor: usize,
+    min_pixels: usize,
+    max_pixels: usize,
+) -> Result<(usize, usize)> {
+    let (h, w, f) = (height as f64, width as f64, factor as f64);
+    if height == 0 || width == 0 {
+        return Err(Error::Image {
+            path: "<image>".into(),
+            msg: "image has a zero side".into(),
+        });
+    }
+    if h.max(w) / h.min(w) > 200.0 {
+        return Err(Error::Image {
+            path: "<image>".into(),
+            msg: format!("aspect ratio {width}:{height} exceeds 200"),
+        });
+    }
+    let mut h_bar = ((h / f).round_ties_even() * f).max(f);
+    let mut w_bar = ((w / f).round_ties_even() * f).max(f);
+    if h_bar * w_bar > max_pixels as f64 {
+        let beta = (h * w / max_pixels as f64).sqrt();
+        h_bar = f.max((h / beta / f).floor() * f);
+        w_bar = f.max((w / beta / f).floor() * f);
+    } else if h_bar * w_bar < min_pixels as f64 {
+        let beta = (min_pixels as f64 / (h * w)).sqrt();
+        h_bar = (h * beta / f).ceil() * f;
+        w_bar = (w * beta / f).ceil() * f;
+    }
+    Ok((h_bar as usize, w_bar as usize))
+}
+
+/// PIL's bicubic kernel (a = −0.5).
+fn bicubic(x: f64) -> f64 {
+    let a = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    } else {
+        0.0
+    }
+}
+
+/// PIL's fixed-point precision for 8-bit resampling.
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// One output sample's taps: first input index and fixed-point weights.
+struct Taps {
+    start: usize,
+    weights: Vec<i32>,
+}
+
+/// PIL `precompute_coeffs` + `normalize_coeffs_8bpc` for one axis.
+fn coefficients(in_size: usize, out_size: usize) -> Vec<Taps> {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = 2.0 * filterscale;
+    (0..out_size)
+        .map(|xx| {
+            let center = (xx as f64 + 0.5) * scale;
+            let ss = 1.0 / filterscale;
+            // C casts truncate toward zero.
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+            let w: Vec<f64> = (xmin..xmax)
+                .map(|x| bicubic((x as f64 - center + 0.5) * ss))
+                .collect();
+            let sum: f64 = w.iter().sum();
+            let one = (1u64 << PRECISION_BITS) as f64;
+            let weights = w
+                .iter()
+                .map(|&k| {
+                    let k = if sum != 0.0 { k / sum } else { k };
+                    if k < 0.0 {
+                        (-0.5 + k * one) as i32
+                    } else {
+                        (0.5 + k * one) as i32
+                    }
+                })
+                .collect();
+            Taps {
+                start: xmin,
+                weights,
+            }
+        })
+        .collect()
+}
+
+fn clip8(acc: i64) -> u8 {
+    (acc >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// Resizes like PIL's `Image.resize((w, h), BICUBIC)` on an RGB image: a horizontal
+/// pass, then a vertical one, each rounded back to 8 bits.
+pub fn resize_bicubic(img: &Rgb8, out_w: usize, out_h: usize) -> Rgb8 {
+    if img.width == out_w && img.height == out_h {
+        return img.clone();
+    }
+    let half = 1i64 << (PRECISION_BITS - 1);
+    let mut cur = img.clone();
+    if out_w != cur.width {
+        let taps = coefficients(cur.width, out_w);
+        let mut data = vec![0u8; cur.height * out_w * 3];
+        for y in 0..cur.height {
+            let row = &cur.data[y * cur.width * 3..(y + 1) * cur.width * 3];
+            for (x, t) in taps.iter().enumerate() {
+                for c in 0..3 {
+                    let mut acc = half;
+                    for (i, &k) in t.weights.iter().enumerate() {
+                        acc += row[(t.start + i) * 3 + c] as i64 * k as i64;
+                    }
+                    data[(y * out_w + x) * 3 + c] = clip8(acc);
+                }
+            }
+        }
+        cur = Rgb8 {
+            width: out_w,
+            height: cur.height,
+            data,
+        };
+    }
+    if out_h != cur.height {
+        let taps = coefficients(cur.height, out_h);
+        let w = cur.width;
+        let mut data = vec![0u8; out_h * w * 3];
+        for (y, t) in taps.iter().enumerate() {
+            for x in 0..w * 3 {
+                let mut acc = half;
+                for (i, &k) in t.weights.iter().enumerate() {
+                    acc += cur.data[(t.start + i) * w * 3 + x] as i64 * k as i64;
+                }
+                data[y * w * 3 + x] = clip8(acc);
+            }
+        }
+        cur = Rgb8 {
+            width: w,
+            height: out_h,
+            data,
+        };
+    }
+    cur
+}
+
+/// How the image is brought to a patch grid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resize {
+    /// HF's processor: `smart_resize` to multiples of 32 within the pixel bounds.
+    Dynamic,
+    /// The zoo's host: stretch to a fixed square side (448 → 196 tokens).
+    Fixed(usize),
+}
+
+/// Rescale, normalise and patchify an RGB image whose sides are multiples of
+/// `patch·merge`, as HF's slow (PIL) processor does.
+pub fn patchify(img: &Rgb8, pp: &PreprocessorConfig) -> Result<PatchedImage> {
+    let (p, m, t) = (pp.patch_size, pp.merge_size, pp.temporal_patch_size);
+    if img.height % (p * m) != 0 || img.width % (p * m) != 0 {
+        return Err(Error::Image {
+            path: "<image>".into(),
+            msg: format!(
+                "{}×{} is not a multiple of {} on both sides",
+                img.width,
+                img.height,
+                p * m
+            ),
+        });
+    }
+    let (gh, gw) = (img.height / p, img.width / p);
+    let patch_dim = 3 * t * p * p;
+    // (x·rescale − mean) / std in f32, after an f64 rescale as HF's `rescale` does.
+    let norm: Vec<[f32; 256]> = (0..3)
+        .map(|c| {
+            let mut lut = [0f32; 256];
+            for (v, o) in lut.iter_mut().enumerate() {
+                let r = (v as f64 * pp.rescale_factor) as f32;
+                *o = (r - pp.image_mean[c]) / pp.image_std[c];
+            }
+            lut
+        })
+        .collect();
+    let mut out = Vec::with_capacity(gh * gw * patch_dim);
+    for br in 0..gh / m {
+        for bc in 0..gw / m {
+            for ir in 0..m {
+                for ic in 0..m {
+                    let (row, col) = (br * m + ir, bc * m + ic);
+                    for (c, lut) in norm.iter().enumerate() {
+                        // The still image fills every temporal slot.
+                        for _ in 0..t {
+                            for py in 0..p {
+                                let y = row * p + py;
+                                for px in 0..p {
+                                    let x = col * p + px;
+                                    out.push(lut[img.data[(y * img.width + x) * 3 + c] as usize]);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(PatchedImage {
+        pixel_values: out,
+        grid_thw: [1, gh, gw],
+        patch_dim,
+    })
+}
+
+/// The whole pipeline: resize (dynamic or fixed), then patchify.
+pub fn preprocess(img: &Rgb8, pp: &PreprocessorConfig, mode: Resize) -> Result<PatchedImage> {
+    let factor = pp.patch_size * pp.merge_size;
+    let (h, w) = match mode {
+        Resize::Dynamic => {
+            smart_resize(img.height, img.width, factor, pp.min_pixels, pp.max_pixels)?
+        }
+        Resize::Fixed(side) => {
+            if side % factor != 0 {
+                return Err(Error::Config(format!(
+                    "fixed image side {side} is not a multiple of {factor}"
+                )));
+            }
+            (side, side)
+        }
+    };
+    patchify(&resize_bicubic(img, w, h), pp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smart_resize_matches_hf_examples() {
+        let f = 32;
+        assert_eq!(smart_resize(448, 448, f, 65536, 16777216).unwrap(), (448, 448));
+        // Python round(3.5) = 4, round(2.5) = 2: ties go to even.
+        assert_eq!(smart_resize(112, 80, f, 1024, 1 << 24).unwrap(), (128, 64));
+        assert_eq!(smart_resize(100, 150, f, 4096, 262144).unwrap(), (96, 160));
+        // Too small: scaled up to min_pixels.
+        let (h, w) = smart_resize(64, 64, f, 65536, 16777216).unwrap();
+        assert_eq!((h, w), (256, 256));
+        // Too large: scaled down below max_pixels.
+        let (h, w) = smart_resize(4000, 3000, f, 65536, 1 << 20).unwrap();
+        assert!(h * w <= 1 << 20 && h % 32 == 0 && w % 32 == 0);
+        assert!(smart_resize(10, 4000, f, 1, 1 << 30).is_err());
+    }
+
+    #[test]
+    fn identity_resize_is_a_copy_and_weights_sum_to_one() {
+        let img = Rgb8 {
+            width: 4,
+            height: 2,
+            data: (0..24).collect(),
+        };
+        assert_eq!(resize_bicubic(&img, 4, 2), img);
+        for (i, o) in [(100, 96), (96, 160), (7, 3), (3, 7)] {
+            for t in coefficients(i, o) {
+                let s: i64 = t.weights.iter().map(|&k| k as i64).sum();
+                assert!((s - (1 << PRECISION_BITS)).abs() <= t.weights.len() as i64);
+            }
+        }
+        // A constant image stays constant through resampling.
+        let flat = Rgb8 {
+            width: 50,
+            height: 30,
+            data: vec![77; 50 * 30 * 3],
+        };
+        let r = resize_bicubic(&flat, 64, 32);
+        assert!(r.data.iter().all(|&v| v == 77));
+    }
+
+    #[test]
+    fn patch_rows_follow_merge_block_order() {
+        let pp = PreprocessorConfig::default();
+        // 64×32: grid 2 rows × 4 cols of patches; pixel value encodes its patch.
+        let (w, h) = (64, 32);
+        let mut data = vec![0u8; w * h * 3];
+        for y in 0..h {
+            for x in 0..w {
+                let patch = (y / 16) * 4 + x / 16;
+                data[(y * w + x) * 3] = patch as u8 * 10;
+            }
+        }
+        let img = Rgb8 {
+            width: w,
+            height: h,
+            data,
+        };
+        let p = patchify(&img, &pp).unwrap();
+        assert_eq!(p.grid_thw, [1, 2, 4]);
+        let first_of_row = |r: usize| p.pixel_values[r * p.patch_dim];
+        let to_patch = |v: f32| ((v * 0.5 + 0.5) * 255.0 / 10.0).round() as usize;
+        // Block (0,0) holds patches 0,1,4,5; block (0,1) holds 2,3,6,7.
+        let order: Vec<usize> = (0..8).map(|r| to_patch(first_of_row(r))).collect();
+        assert_eq!(order, vec![0, 1, 4, 5, 2, 3, 6, 7]);
+        // Both temporal slots carry the same frame: columns c·512 + t·256 + ...
+        assert_eq!(p.pixel_values[0], p.pixel_values[256]);
+        assert_eq!(p.pixel_values[0], -1.0);
+    }
+}

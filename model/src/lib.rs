@@ -1,0 +1,24 @@
+//! What Qwen3-VL is: configuration, checkpoint loading, the HF tensor layout, prompt
+//! and image preprocessing, and the fp32 reference forward passes with their taps.
+//!
+//! The reference follows `shared/reference/qwen3-vl-architecture.md` op by op; the
+//! names in this crate are that document's names.
+
+pub mod config;
+pub mod error;
+pub mod image;
+pub mod layout;
+pub mod ops;
+pub mod prompt;
+pub mod reference;
+pub mod rope;
+pub mod source;
+pub mod taps;
+pub mod text;
+pub mod vision;
+pub mod weights;
+
+pub use config::{PreprocessorConfig, Qwen3VlConfig, Size, TextConfig, VisionConfig};
+pub use error::{Error, Result};
+pub use source::WeightSource;
+pub use weights::Checkpoint;

@@ -1,0 +1,308 @@
+//! Prompts: the checkpoint's tokenizer and chat template, `<|image_pad|>` expansion,
+//! and HF `get_rope_index` M-RoPE positions (architecture doc §4, §6).
+
+use crate::config::Qwen3VlConfig;
+use crate::error::{Error, Result};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+
+/// A tokenised prompt ready for the model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prompt {
+    /// Token ids, each image's pads already expanded.
+    pub ids: Vec<u32>,
+    /// (t, h, w) M-RoPE position of every token.
+    pub positions: Vec<[i64; 3]>,
+    /// Position of the first generated token (all three axes).
+    pub next_position: i64,
+}
+
+impl Prompt {
+    /// HF's `rope_deltas`: next position minus prompt length.
+    pub fn rope_delta(&self) -> i64 {
+        self.next_position - self.ids.len() as i64
+    }
+}
+
+/// The tokenizer plus chat template of a checkpoint or bundle.
+pub struct PromptBuilder {
+    tokenizer: tokenizers::Tokenizer,
+    template: String,
+    special: Value,
+    image_token_id: u32,
+    video_token_id: u32,
+    merge: usize,
+}
+
+fn prompt_err(path: &Path, msg: impl std::fmt::Display) -> Error {
+    Error::Prompt(format!("{}: {msg}", path.display()))
+}
+
+/// Finds the chat template: `tokenizer_config.json` "chat_template", then
+/// `chat_template.jinja`, then `chat_template.json`.
+fn find_template(dir: &Path, tcfg: &Value) -> Result<String> {
+    match tcfg.get("chat_template") {
+        Some(Value::String(s)) => return Ok(s.clone()),
+        Some(Value::Array(list)) => {
+            // A list of named templates: take "default".
+            if let Some(t) = list
+                .iter()
+                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                .and_then(|t| t.get("template"))
+                .and_then(Value::as_str)
+            {
+                return Ok(t.to_string());
+            }
+        }
+        _ => {}
+    }
+    let jinja = dir.join("chat_template.jinja");
+    if jinja.exists() {
+        return std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e));
+    }
+    let js = dir.join("chat_template.json");
+    if js.exists() {
+        if let Some(t) = crate::config::read_json(&js)?
+            .get("chat_template")
+            .and_then(Value::as_str)
+        {
+            return Ok(t.to_string());
+        }
+    }
+    Err(prompt_err(
+        &dir.join("tokenizer_config.json"),
+        "no chat_template (also looked for chat_template.jinja and chat_template.json)",
+    ))
+}
+
+fn special_token(tcfg: &Value, key: &str) -> Value {
+    match tcfg.get(key) {
+        Some(Value::String(s)) => json!(s),
+        Some(Value::Object(o)) => o.get("content").cloned().unwrap_or(Value::Null),
+        _ => Value::Null,
+    }
+}
+
+impl PromptBuilder {
+    /// Loads `tokenizer.json` and `tokenizer_config.json` from `dir`.
+    pub fn from_dir(dir: &Path, cfg: &Qwen3VlConfig) -> Result<Self> {
+        let tok_path: PathBuf = dir.join("tokenizer.json");
+        if !tok_path.exists() {
+            return Err(prompt_err(&tok_path, "file not found"));
+        }
+        let tokenizer =
+            tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| prompt_err(&tok_path, e))?;
+        let tcfg_path = dir.join("tokenizer_config.json");
+        let tcfg = if tcfg_path.exists() {
+            crate::config::read_json(&tcfg_path)?
+        } else {
+            json!({})
+        };
+        let template = find_template(dir, &tcfg)?;
+        let special = json!({
+            "bos_token": special_token(&tcfg, "bos_token"),
+            "eos_token": special_token(&tcfg, "eos_token"),
+            "pad_token": special_token(&tcfg, "pad_token"),
+        });
+        let b = PromptBuilder {
+            tokenizer,
+            template,
+            special,
+            image_token_id: cfg.image_token_id,
+            video_token_id: cfg.video_token_id,
+            merge: cfg.vision.spatial_merge_size,
+        };
+        // The config's image token must be the tokenizer's `<|image_pad|>`.
+        if let Some(id) = b.tokenizer.token_to_id("<|image_pad|>") {
+            if id != cfg.image_token_id {
+                return Err(prompt_err(
+                    &tok_path,
+                    format!(
+                        "<|image_pad|> is id {id} but config.json says image_token_id {}",
+                        cfg.image_token_id
+                    ),
+                ));
+            }
+        }
+        Ok(b)
+    }
+
+    /// The underlying tokenizer.
+    pub fn tokenizer(&self) -> &tokenizers::Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Renders `messages` (HF chat format) with the checkpoint's template.
+    pub fn render(&self, messages: &Value, add_generation_prompt: bool) -> Result<String> {
+        let mut env = minijinja::Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", &self.template)
+            .map_err(|e| Error::Prompt(format!("chat template does not parse: {e}")))?;
+        let mut ctx = self.special.clone();
+        ctx["messages"] = messages.clone();
+        ctx["add_generation_prompt"] = json!(add_generation_prompt);
+        env.get_template("chat")
+            .and_then(|t| t.render(&ctx))
+            .map_err(|e| Error::Prompt(format!("chat template failed: {e}")))
+    }
+
+    /// The one-turn user message HF's processor sees: an image part (if any), then the text.
+    pub fn user_messages(text: &str, with_image: bool) -> Value {
+        let mut content = vec![];
+        if with_image {
+            content.push(json!({"type": "image"}));
+        }
+        content.push(json!({"type": "text", "text": text}));
+        json!([{"role": "user", "content": content}])
+    }
+
+    /// Tokenises rendered text, expanding the k-th `<|image_pad|>` to the k-th image's
+    /// token count, and computes the M-RoPE positions.
+    pub fn encode(&self, text: &str, image_grids: &[[usize; 3]]) -> Result<Prompt> {
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| Error::Prompt(format!("tokenizer failed: {e}")))?;
+        let mut ids = Vec::with_capacity(enc.get_ids().len());
+        let mut img = 0;
+        for &id in enc.get_ids() {
+            if id == self.image_token_id {
+                let g = image_grids.get(img).ok_or_else(|| {
+                    Error::Prompt(format!(
+                        "the prompt has more <|image_pad|> placeholders than the {} image(s) given",
+                        image_grids.len()
+                    ))
+                })?;
+                let n = g.iter().product::<usize>() / (self.merge * self.merge);
+                ids.extend(std::iter::repeat_n(id, n));
+                img += 1;
+            } else if id == self.video_token_id {
+                return Err(Error::Prompt("video inputs are not supported".into()));
+            } else {
+                ids.push(id);
+            }
+        }
+        if img != image_grids.len() {
+            return Err(Error::Prompt(format!(
+                "{} image(s) given but the prompt has {img} <|image_pad|> placeholder(s)",
+                image_grids.len()
+            )));
+        }
+        let (positions, next_position) =
+            rope_index(&ids, self.image_token_id, image_grids, self.merge)?;
+        Ok(Prompt {
+            ids,
+            positions,
+            next_position,
+        })
+    }
+
+    /// A one-turn chat prompt: user `text` with an optional image of grid `grid_thw`,
+    /// rendered with the generation prompt.
+    pub fn chat(&self, text: &str, grid_thw: Option<[usize; 3]>) -> Result<Prompt> {
+        let rendered = self.render(&Self::user_messages(text, grid_thw.is_some()), true)?;
+        let grids: Vec<[usize; 3]> = grid_thw.into_iter().collect();
+        self.encode(&rendered, &grids)
+    }
+
+    /// Decodes ids to text, special tokens skipped.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| Error::Prompt(format!("detokenizer failed: {e}")))
+    }
+
+    /// The id of a token string, if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
+    }
+}
+
+/// HF `get_rope_index` for one sequence: text tokens advance all three axes together;
+/// an image's N = (h/m)(w/m) tokens sit at (s, s+r, s+c) and the text after it resumes
+/// at s + max(h/m, w/m). Returns every token's position and the next free position.
+pub fn rope_index(
+    ids: &[u32],
+    image_token_id: u32,
+    image_grids: &[[usize; 3]],
+    merge: usize,
+) -> Result<(Vec<[i64; 3]>, i64)> {
+    let mut pos = Vec::with_capacity(ids.len());
+    let mut next: i64 = 0;
+    let mut i = 0;
+    let mut img = 0;
+    while i < ids.len() {
+        if ids[i] != image_token_id {
+            pos.push([next; 3]);
+            next += 1;
+            i += 1;
+            continue;
+        }
+        let [t, h, w] = *image_grids.get(img).ok_or_else(|| {
+            Error::Prompt("more image-token runs than images".to_string())
+        })?;
+        let (lh, lw) = (h / merge, w / merge);
+        let n = t * lh * lw;
+        if i + n > ids.len() || ids[i..i + n].iter().any(|&x| x != image_token_id) {
+            return Err(Error::Prompt(format!(
+                "image {img} needs {n} consecutive <|image_pad|> tokens"
+            )));
+        }
+        for ti in 0..t {
+            for r in 0..lh {
+                for c in 0..lw {
+                    pos.push([next + ti as i64, next + r as i64, next + c as i64]);
+                }
+            }
+        }
+        next += (t.max(lh).max(lw)) as i64;
+        i += n;
+        img += 1;
+    }
+    Ok((pos, next))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The architecture doc's 448² example: image tokens at (4, 4+r, 4+c),
+    /// `<|vision_end|>` at 18, rope delta −182.
+    #[test]
+    fn rope_index_of_the_448_example() {
+        let mut ids = vec![151644, 872, 198, 151652];
+        ids.extend(std::iter::repeat_n(151655, 196));
+        ids.extend([151653, 100, 101, 151645, 198, 151644, 77091, 198]);
+        let (pos, next) = rope_index(&ids, 151655, &[[1, 28, 28]], 2).unwrap();
+        assert_eq!(pos[3], [3, 3, 3]);
+        assert_eq!(pos[4], [4, 4, 4]);
+        assert_eq!(pos[4 + 14 + 3], [4, 5, 7]);
+        assert_eq!(pos[199], [4, 17, 17]);
+        assert_eq!(pos[200], [18, 18, 18]);
+        let t = ids.len() as i64;
+        assert_eq!(next - t, -182);
+    }
+
+    #[test]
+    fn text_only_positions_are_a_ramp() {
+        let (pos, next) = rope_index(&[5, 6, 7], 99, &[], 2).unwrap();
+        assert_eq!(pos, vec![[0; 3], [1; 3], [2; 3]]);
+        assert_eq!(next, 3);
+    }
+
+    #[test]
+    fn short_image_runs_are_rejected() {
+        assert!(rope_index(&[1, 99, 99, 2], 99, &[[1, 4, 4]], 2).is_err());
+    }
+}

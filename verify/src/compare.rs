@@ -1,0 +1,101 @@
+//! Comparing two tensors in float64: flattened cosine, per-token cosines and their
+//! worst token, max absolute difference.
+
+use crate::error::Result;
+use candle_core::Tensor;
+
+/// Cosine of two equally long vectors, accumulated in f64. Two zero vectors are
+/// identical (1); one zero vector against a non-zero one is 0.
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    debug_assert_eq!(a.len(), b.len());
+    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        let (x, y) = (x as f64, y as f64);
+        ab += x * y;
+        aa += x * x;
+        bb += y * y;
+    }
+    if aa == 0.0 && bb == 0.0 {
+        return 1.0;
+    }
+    if aa == 0.0 || bb == 0.0 {
+        return 0.0;
+    }
+    ab / (aa.sqrt() * bb.sqrt())
+}
+
+/// How one tensor compares with the oracle's.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Agreement {
+    /// Cosine over the flattened tensors.
+    pub cos: f64,
+    /// Smallest per-row (per-token) cosine.
+    pub min_token_cos: f64,
+    /// Row where it occurs.
+    pub min_token_pos: usize,
+    /// Largest |a − b|.
+    pub max_abs: f64,
+}
+
+/// Compares `ours` with `oracle` (same shape, rows = tokens).
+pub fn agreement(ours: &[f32], oracle: &[f32], row: usize) -> Agreement {
+    let mut min_token_cos = f64::INFINITY;
+    let mut min_token_pos = 0;
+    if row > 0 {
+        for (i, (a, b)) in ours.chunks(row).zip(oracle.chunks(row)).enumerate() {
+            let c = cosine(a, b);
+            if c < min_token_cos {
+                min_token_cos = c;
+                min_token_pos = i;
+            }
+        }
+    }
+    let max_abs = ours
+        .iter()
+        .zip(oracle)
+        .map(|(a, b)| (*a as f64 - *b as f64).abs())
+        .fold(0.0, f64::max);
+    Agreement {
+        cos: cosine(ours, oracle),
+        min_token_cos: if min_token_cos.is_finite() { min_token_cos } else { 1.0 },
+        min_token_pos,
+        max_abs,
+    }
+}
+
+/// A 2-D tensor's values, row-major, with its row width.
+pub fn flat(t: &Tensor) -> Result<(Vec<f32>, usize)> {
+    let row = *t.dims().last().unwrap_or(&1);
+    Ok((t.flatten_all()?.to_vec1::<f32>()?, row))
+}
+
+/// `a − b` elementwise.
+pub fn diff(a: &[f32], b: &[f32]) -> Vec<f32> {
+    a.iter().zip(b).map(|(x, y)| x - y).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cosine_is_computed_in_f64() {
+        // In f32 a long sum of identical vectors can print cos > 1; here it is exactly 1.
+        let a: Vec<f32> = (0..1_000_000).map(|i| ((i % 97) as f32).sin()).collect();
+        let c = cosine(&a, &a);
+        assert!((c - 1.0).abs() < 1e-12, "{c}");
+        assert_eq!(cosine(&[1.0, 0.0], &[0.0, 1.0]), 0.0);
+        assert!((cosine(&[1.0, 2.0], &[-1.0, -2.0]) + 1.0).abs() < 1e-12);
+        assert_eq!(cosine(&[0.0], &[0.0]), 1.0);
+    }
+
+    #[test]
+    fn worst_token_is_located() {
+        let a = [1.0, 0.0, 1.0, 0.0, 1.0, 0.0];
+        let b = [1.0, 0.0, 0.0, 1.0, 1.0, 0.1];
+        let g = agreement(&a, &b, 2);
+        assert_eq!(g.min_token_pos, 1);
+        assert!(g.min_token_cos.abs() < 1e-12);
+        assert!((g.max_abs - 1.0).abs() < 1e-12);
+    }
+}

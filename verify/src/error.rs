@@ -1,0 +1,52 @@
+//! Errors of the verifier: all of them are bad input (exit 2), never a failed gate.
+
+use std::path::PathBuf;
+
+/// Why a trace, gates file or model could not be verified at all.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// The trace file is unreadable or not a `qwen3vl-oracle-trace/1` file.
+    #[error("trace {path}: {msg}")]
+    Trace {
+        /// The trace.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// The trace does not fit the model it is compared with.
+    #[error("trace {path} does not fit the model: {msg}")]
+    Mismatch {
+        /// The trace.
+        path: PathBuf,
+        /// What differs.
+        msg: String,
+    },
+    /// The gates file is malformed.
+    #[error("gates file {path}: {msg}")]
+    Gates {
+        /// The gates file.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// The model side failed (config, weights, image, tokenizer).
+    #[error(transparent)]
+    Model(#[from] q3vl_model::Error),
+    /// Writing a report failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+impl From<candle_core::Error> for VerifyError {
+    fn from(e: candle_core::Error) -> Self {
+        VerifyError::Model(q3vl_model::Error::Candle(e))
+    }
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T> = std::result::Result<T, VerifyError>;

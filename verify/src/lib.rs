@@ -1,0 +1,17 @@
+//! q3vl's proof of numerics: oracle traces in, stage-by-stage cosines, token gates
+//! and reports out. The fp32 ladder runs the reference on the original checkpoint;
+//! the quantized ladder runs it on a bundle's weights.
+
+pub mod compare;
+pub mod error;
+pub mod gates;
+pub mod ladder;
+pub mod report;
+pub mod tokens;
+pub mod trace;
+
+pub use error::{Result, VerifyError};
+pub use gates::{GateResult, Gates};
+pub use ladder::{verify_trace, Profile, Subject, TraceReport};
+pub use report::Report;
+pub use trace::OracleTrace;

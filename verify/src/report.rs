@@ -1,0 +1,129 @@
+//! Reports: a terminal table per trace with one summary line, and `report.json`.
+
+use crate::gates::{GateResult, Gates};
+use crate::ladder::TraceReport;
+use serde::Serialize;
+use std::fmt::Write as _;
+
+/// A whole verification run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// `q3vl-verify-report/1`.
+    pub format: &'static str,
+    /// The tool's version string.
+    pub tool: String,
+    /// What was verified (checkpoint or bundle folder).
+    pub subject: String,
+    /// The thresholds used.
+    pub gates: Gates,
+    /// One entry per trace.
+    pub traces: Vec<TraceReport>,
+    /// Gates that apply to the whole run rather than one trace (e.g. engine ≡ reference).
+    pub extra_gates: Vec<GateResult>,
+}
+
+impl Report {
+    /// Whether every gate of every trace passed.
+    pub fn passed(&self) -> bool {
+        self.traces.iter().all(TraceReport::passed) && self.extra_gates.iter().all(|g| g.passed)
+    }
+
+    /// `trace:gate` names that passed and failed.
+    pub fn gate_names(&self) -> (Vec<String>, Vec<String>) {
+        let (mut ok, mut bad) = (vec![], vec![]);
+        for t in &self.traces {
+            let stem = t
+                .trace
+                .file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_default();
+            for g in &t.gates {
+                let n = format!("{stem}:{}", g.name);
+                if g.passed { ok.push(n) } else { bad.push(n) }
+            }
+        }
+        for g in &self.extra_gates {
+            if g.passed { ok.push(g.name.clone()) } else { bad.push(g.name.clone()) }
+        }
+        (ok, bad)
+    }
+
+    /// The last stdout line: which gates passed and failed.
+    pub fn summary_line(&self) -> String {
+        let (ok, bad) = self.gate_names();
+        if bad.is_empty() {
+            format!("PASS: all {} gates passed", ok.len())
+        } else {
+            format!("FAIL: {} of {} gates failed: {}", bad.len(), ok.len() + bad.len(), bad.join(", "))
+        }
+    }
+
+    /// The terminal rendering: one table per trace, then the gates.
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        for t in &self.traces {
+            let _ = writeln!(
+                s,
+                "trace {} ({} tokens{}), {:?} profile",
+                t.trace.display(),
+                t.tokens,
+                t.image.as_deref().map(|i| format!(", image {i}")).unwrap_or_default(),
+                t.profile
+            );
+            let _ = writeln!(
+                s,
+                "  {:<22} {:>12} {:>12} {:>6} {:>12} {:>10}  {}",
+                "stage", "cos", "worst tok", "@pos", "update cos", "max abs", ""
+            );
+            for r in &t.rows {
+                let mark = match (r.gated, r.passed) {
+                    (false, _) => "  ·",
+                    (true, true) => " ok",
+                    (true, false) => "FAIL",
+                };
+                let _ = writeln!(
+                    s,
+                    "  {:<22} {:>12.9} {:>12.9} {:>6} {:>12} {:>10.3e}  {}",
+                    r.name,
+                    r.cos,
+                    r.min_token_cos,
+                    r.min_token_pos,
+                    r.update_cos.map(|u| format!("{u:.9}")).unwrap_or_else(|| "-".into()),
+                    r.max_abs,
+                    mark
+                );
+            }
+            for g in &t.gates {
+                let _ = writeln!(
+                    s,
+                    "  gate {:<16} {:<4} {:>14}  [{}]  {}",
+                    g.name,
+                    if g.passed { "pass" } else { "FAIL" },
+                    g.value,
+                    g.threshold,
+                    g.detail
+                );
+            }
+            s.push('\n');
+        }
+        for g in &self.extra_gates {
+            let _ = writeln!(
+                s,
+                "gate {:<18} {:<4} {:>14}  [{}]  {}",
+                g.name,
+                if g.passed { "pass" } else { "FAIL" },
+                g.value,
+                g.threshold,
+                g.detail
+            );
+        }
+        s.push_str(&self.summary_line());
+        s.push('\n');
+        s
+    }
+
+    /// `report.json`.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("report serialises")
+    }
+}

@@ -1,0 +1,106 @@
+//! Token gates: top-1 agreement at firm positions, and greedy decode reproduction
+//! counted up to the first ambiguous oracle step.
+
+use serde::Serialize;
+
+/// Per-position top-1 comparison over a run of logits.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Top1Sweep {
+    /// Positions compared (firm ones).
+    pub firm: usize,
+    /// Firm positions whose top-1 agrees.
+    pub agree: usize,
+    /// Positions skipped as ambiguous.
+    pub ambiguous: Vec<usize>,
+    /// Firm positions that disagree: (position, ours, oracle).
+    pub mismatches: Vec<(usize, u32, u32)>,
+}
+
+/// Oracle top-1 minus top-2 of each row of top-k values.
+pub fn margins(top_values: &[Vec<f32>]) -> Vec<f64> {
+    top_values
+        .iter()
+        .map(|r| r[0] as f64 - r.get(1).copied().unwrap_or(f32::NEG_INFINITY) as f64)
+        .collect()
+}
+
+/// Compares our top-1 at every position with the oracle's, skipping ambiguous ones.
+pub fn top1_sweep(ours: &[u32], oracle_top1: &[u32], margins: &[f64], firm: f64) -> Top1Sweep {
+    let mut s = Top1Sweep {
+        firm: 0,
+        agree: 0,
+        ambiguous: vec![],
+        mismatches: vec![],
+    };
+    for (i, ((&a, &b), &m)) in ours.iter().zip(oracle_top1).zip(margins).enumerate() {
+        if m < firm {
+            s.ambiguous.push(i);
+            continue;
+        }
+        s.firm += 1;
+        if a == b {
+            s.agree += 1;
+        } else {
+            s.mismatches.push((i, a, b));
+        }
+    }
+    s
+}
+
+/// A greedy decode compared with the oracle's.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DecodeMatch {
+    /// Steps compared (those before the first ambiguous oracle step, up to the limit).
+    pub counted: usize,
+    /// Of those, the leading steps that match.
+    pub matched: usize,
+    /// The first ambiguous oracle step, if one was reached.
+    pub first_ambiguous: Option<usize>,
+    /// The first step where the tokens differ, if any within `counted`.
+    pub first_mismatch: Option<usize>,
+}
+
+impl DecodeMatch {
+    /// All counted steps matched (and at least one was counted).
+    pub fn passed(&self) -> bool {
+        self.first_mismatch.is_none()
+    }
+}
+
+/// Compares our greedy tokens with the oracle's for up to `limit` steps, stopping
+/// the count at the first ambiguous oracle step.
+pub fn decode_match(ours: &[u32], oracle: &[u32], margins: &[f64], firm: f64, limit: usize) -> DecodeMatch {
+    let n = limit.min(oracle.len()).min(ours.len());
+    let first_ambiguous = margins.iter().take(n).position(|&m| m < firm);
+    let counted = first_ambiguous.unwrap_or(n);
+    let first_mismatch = (0..counted).find(|&i| ours[i] != oracle[i]);
+    DecodeMatch {
+        counted,
+        matched: first_mismatch.unwrap_or(counted),
+        first_ambiguous,
+        first_mismatch,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ambiguous_positions_never_fail() {
+        let s = top1_sweep(&[1, 2, 3], &[1, 9, 4], &[1.0, 0.05, 0.2], 0.1);
+        assert_eq!((s.firm, s.agree), (2, 1));
+        assert_eq!(s.ambiguous, vec![1]);
+        assert_eq!(s.mismatches, vec![(2, 3, 4)]);
+    }
+
+    #[test]
+    fn decode_count_stops_at_first_ambiguous_step() {
+        let d = decode_match(&[1, 2, 7, 8], &[1, 2, 3, 4], &[1.0, 1.0, 0.01, 1.0], 0.1, 24);
+        assert_eq!((d.counted, d.matched, d.first_ambiguous), (2, 2, Some(2)));
+        assert!(d.passed());
+        let d = decode_match(&[1, 5, 3], &[1, 2, 3], &[1.0; 3], 0.1, 24);
+        assert_eq!(d.first_mismatch, Some(1));
+        assert!(!d.passed());
+    }
+}
