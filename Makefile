@@ -50,5 +50,9 @@ bench-convert: build
 
 bench: bench-convert
 
+## pipeline: fetch → convert → oracle trace → verify --stamp → release (see scripts/pipeline.sh).
+pipeline: build
+	Q3VL=$(Q3VL) bash scripts/pipeline.sh
+
 clean-demo:
 	rm -rf $(DEMO)

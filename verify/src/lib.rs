@@ -2,14 +2,18 @@
 //! and reports out. The fp32 ladder runs the reference on the original checkpoint;
 //! the quantized ladder runs it on a bundle's weights.
 
+pub mod bundle_source;
 pub mod compare;
 pub mod error;
 pub mod gates;
+pub mod html;
+pub mod junit;
 pub mod ladder;
 pub mod report;
 pub mod tokens;
 pub mod trace;
 
+pub use bundle_source::BundleSource;
 pub use error::{Result, VerifyError};
 pub use gates::{GateResult, Gates};
 pub use ladder::{verify_trace, Profile, Subject, TraceReport};

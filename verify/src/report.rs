@@ -31,14 +31,20 @@ impl Report {
     /// `trace:gate` names that passed and failed.
     pub fn gate_names(&self) -> (Vec<String>, Vec<String>) {
         let (mut ok, mut bad) = (vec![], vec![]);
+        let mixed = self.traces.iter().any(|t| t.profile != self.traces[0].profile);
         for t in &self.traces {
             let stem = t
                 .trace
                 .file_stem()
                 .map(|s| s.to_string_lossy().to_string())
                 .unwrap_or_default();
+            let prefix = if mixed {
+                format!("{:?}/", t.profile).to_lowercase()
+            } else {
+                String::new()
+            };
             for g in &t.gates {
-                let n = format!("{stem}:{}", g.name);
+                let n = format!("{prefix}{stem}:{}", g.name);
                 if g.passed { ok.push(n) } else { bad.push(n) }
             }
         }

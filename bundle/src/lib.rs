@@ -1,0 +1,56 @@
+//! The q3vl bundle format: the one reader and the one writer of it.
+//!
+//! A conversion run writes two folders into its output folder:
+//!
+//! ```text
+//! <out>/<short>_decode_<mode>/          the language bundle
+//!     model.safetensors                 (or model-0000i-of-0000n.safetensors + model.safetensors.index.json)
+//!     config.json                       the source checkpoint's config, verbatim
+//!     metadata.json                     format tag, schemes, source, producer, checksums
+//!     tokenizer/tokenizer.json
+//!     tokenizer/tokenizer_config.json   always carries "chat_template"
+//!     tokenizer/generation_config.json  when the source has one
+//! <out>/<short>_vision/                 the vision bundle (f16 weights, f32 vectors and pos_embed)
+//!     model.safetensors  config.json  metadata.json  preprocessor_config.json
+//! ```
+//!
+//! Tensor names are the Hugging Face names. A quantized weight `NAME` is stored as
+//! `NAME` (I8, `[out, in]`) plus `NAME.scales` (F16, `[out, in/32]`); see
+//! `shared/spec/quantization.md` for the arithmetic.
+//!
+//! Reading: [`Bundle::open`] (one folder) or [`Bundles::open`] (the language +
+//! vision pair of an output folder). Writing: [`BundleWriter`] stages a bundle in a
+//! hidden temporary folder, [`WeightsWriter`] streams safetensors files into it with
+//! bounded memory, and [`StagedBundle::commit`] renames it into place.
+//!
+//! The format is little-endian only, like safetensors itself.
+
+#[cfg(target_endian = "big")]
+compile_error!("q3vl bundles are little-endian; big-endian targets are not supported");
+
+mod checksum;
+mod dtype;
+mod error;
+mod metadata;
+pub mod names;
+mod pair;
+mod reader;
+pub mod stamp;
+mod st_writer;
+mod writer;
+
+pub use checksum::{sha256_file, FileCheck};
+pub use dtype::Dtype;
+pub use error::BundleError;
+pub use metadata::{
+    FileEntry, FixedGrid, HeadInfo, Kind, Metadata, Mode, Preprocessing, Producer, Scheme, Source,
+    TensorMeta, FORMAT_TAG, FORMAT_VERSION,
+};
+pub use pair::Bundles;
+pub use reader::Bundle;
+pub use stamp::{check_stamp, Stamp, StampStatus, STAMP_FILE};
+pub use st_writer::{ShardPolicy, TensorPlan, WeightsWriter, WrittenFile};
+pub use writer::{BundleWriter, StagedBundle};
+
+/// Shorthand for results of this crate.
+pub type Result<T> = std::result::Result<T, BundleError>;

@@ -1,0 +1,315 @@
+//! Reading a bundle: [`Bundle::open`] and the tensor accessors the engine and the
+//! verifier use.
+
+use crate::checksum::{sha256_file, FileCheck};
+use crate::error::BundleError;
+use crate::metadata::{Kind, Metadata, Scheme};
+use crate::names::scales_name;
+use crate::Dtype;
+use half::f16;
+use q3vl_model::{Checkpoint, Qwen3VlConfig};
+use std::path::{Path, PathBuf};
+
+/// The quantization block width along `in` (spec/quantization.md).
+pub const BLOCK: usize = 32;
+
+/// An open bundle: `metadata.json`, the parsed `config.json`, and the memory-mapped
+/// weights.
+///
+/// ```no_run
+/// # fn main() -> Result<(), q3vl_bundle::BundleError> {
+/// use q3vl_bundle::Bundle;
+/// let b = Bundle::open(std::path::Path::new("out/qwen3_vl_8b_instruct_decode_int8hu"))?;
+/// let cfg = b.config();
+/// for name in b.tensor_names() {
+///     if let Some((q, scales, [rows, cols])) = b.q8(name) {
+///         // zero-copy int8 weight: q[r*cols + c] * f32(scales[r*cols/32 + c/32])
+///         let _ = (q, scales, rows, cols);
+///     } else {
+///         let _values: Vec<f32> = b.dequantized(name)?;
+///     }
+/// }
+/// // The LM head may be the embedding table (tied source converted without untying).
+/// let _head = b.head_tensor();
+/// # let _ = cfg; Ok(()) }
+/// ```
+pub struct Bundle {
+    dir: PathBuf,
+    metadata: Metadata,
+    config: Qwen3VlConfig,
+    weights: Checkpoint,
+}
+
+impl Bundle {
+    /// Opens the bundle in `dir`.
+    ///
+    /// Reads and checks `metadata.json` (format tag and version), checks that every
+    /// file it lists exists with the recorded size (cheap; the sha256 check is
+    /// [`Bundle::verify_checksums`]), parses `config.json`, memory-maps the weights and
+    /// checks every listed tensor is stored with its scheme's dtype (and quantized ones
+    /// with well-formed, aligned `.scales`).
+    pub fn open(dir: &Path) -> Result<Bundle, BundleError> {
+        let metadata = Metadata::read(dir)?;
+        for (rel, entry) in &metadata.files {
+            let p = dir.join(rel);
+            let len = std::fs::metadata(&p)
+                .map_err(|e| BundleError::io(&p, e))?
+                .len();
+            if len != entry.size {
+                return Err(BundleError::SizeMismatch {
+                    path: p,
+                    expected: entry.size,
+                    found: len,
+                });
+            }
+        }
+        let config = Qwen3VlConfig::from_dir(dir)?;
+        let weights = Checkpoint::open(dir)?;
+        let b = Bundle {
+            dir: dir.to_path_buf(),
+            metadata,
+            config,
+            weights,
+        };
+        b.check_tensors()?;
+        Ok(b)
+    }
+
+    fn check_tensors(&self) -> Result<(), BundleError> {
+        let bad = |name: &str, msg: String| BundleError::Tensor {
+            name: name.into(),
+            msg,
+        };
+        for (name, meta) in &self.metadata.tensors {
+            let (dtype, shape, bytes) = self.raw(name)?;
+            if dtype != meta.scheme.dtype() {
+                return Err(bad(
+                    name,
+                    format!(
+                        "stored as {dtype}, but its scheme {} needs {}",
+                        meta.scheme,
+                        meta.scheme.dtype()
+                    ),
+                ));
+            }
+            if meta.scheme.is_quantized() {
+                let sname = scales_name(name);
+                let (sd, ss, sb) = self.raw(&sname)?;
+                let ok = shape.len() == 2
+                    && shape[1] % BLOCK == 0
+                    && sd == Dtype::F16
+                    && ss == [shape[0], shape[1] / BLOCK];
+                if !ok {
+                    return Err(bad(
+                        &sname,
+                        format!("{sd} {ss:?} does not fit weight {name} {shape:?} (F16 [out, in/32] expected)"),
+                    ));
+                }
+                if !(sb.as_ptr() as usize).is_multiple_of(2) {
+                    return Err(bad(&sname, "is not 2-byte aligned in its file".into()));
+                }
+            }
+            let _ = bytes;
+        }
+        for name in self.weights.names() {
+            let base = name
+                .strip_suffix(crate::names::SCALES_SUFFIX)
+                .unwrap_or(name);
+            if !self.metadata.tensors.contains_key(base) {
+                return Err(bad(
+                    name,
+                    "is stored but not listed in metadata.json".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The bundle folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The parsed `metadata.json`.
+    pub fn metadata(&self) -> &Metadata {
+        &self.metadata
+    }
+
+    /// Language or vision.
+    pub fn kind(&self) -> Kind {
+        self.metadata.kind
+    }
+
+    /// The model configuration from the bundle's `config.json` (the source's config).
+    pub fn config(&self) -> &Qwen3VlConfig {
+        &self.config
+    }
+
+    /// The memory-mapped weight files, for callers that need file-level access.
+    pub fn checkpoint(&self) -> &Checkpoint {
+        &self.weights
+    }
+
+    /// Every logical tensor, sorted. A quantized weight's `NAME.scales` is not listed
+    /// (read it through [`Bundle::q8`] or [`Bundle::raw`]).
+    pub fn tensor_names(&self) -> Vec<&str> {
+        self.metadata.tensors.keys().map(String::as_str).collect()
+    }
+
+    /// How a logical tensor is stored (after any f16 fallback).
+    pub fn scheme(&self, name: &str) -> Option<Scheme> {
+        self.metadata.tensors.get(name).map(|t| t.scheme)
+    }
+
+    /// The tensor to use as the LM head (language bundles): `lm_head.weight`, or the
+    /// embedding table when a tied source was converted in `int8lin`/`fp16` (no
+    /// separate head is stored then; multiply by the embedding instead).
+    pub fn head_tensor(&self) -> Option<&str> {
+        self.metadata.head.as_ref().map(|h| h.tensor.as_str())
+    }
+
+    /// A stored tensor as it is on disk: dtype, shape and little-endian bytes
+    /// (zero-copy from the memory map). Works for `.scales` tensors too.
+    pub fn raw(&self, name: &str) -> Result<(Dtype, &[usize], &[u8]), BundleError> {
+        let (info, bytes) = self
+            .weights
+            .bytes(name)
+            .map_err(|_| BundleError::MissingTensor {
+                name: name.into(),
+                bundle: self.dir.clone(),
+            })?;
+        let dtype = Dtype::from_safetensors(info.dtype).ok_or_else(|| BundleError::Tensor {
+            name: name.into(),
+            msg: format!("dtype {:?} is not one a bundle stores", info.dtype),
+        })?;
+        Ok((dtype, &info.shape, bytes))
+    }
+
+    /// A tensor as f32 values, row-major: int8 × its f16 block scale for quantized
+    /// weights (exactly `f32(q) * f32(s)`), exact widening for f16/f32 tensors.
+    pub fn dequantized(&self, name: &str) -> Result<Vec<f32>, BundleError> {
+        if let Some((q, s, [_, cols])) = self.q8(name) {
+            let nb = cols / BLOCK;
+            let mut out = vec![0f32; q.len()];
+            for ((orow, qrow), srow) in out.chunks_mut(cols).zip(q.chunks(cols)).zip(s.chunks(nb)) {
+                for ((ob, qb), sc) in orow.chunks_mut(BLOCK).zip(qrow.chunks(BLOCK)).zip(srow) {
+                    let sf = sc.to_f32();
+                    for (o, &v) in ob.iter_mut().zip(qb) {
+                        *o = v as f32 * sf;
+                    }
+                }
+            }
+            return Ok(out);
+        }
+        let (info, bytes) = self
+            .weights
+            .bytes(name)
+            .map_err(|_| BundleError::MissingTensor {
+                name: name.into(),
+                bundle: self.dir.clone(),
+            })?;
+        if info.dtype == safetensors::tensor::Dtype::I8 {
+            return Err(BundleError::Tensor {
+                name: name.into(),
+                msg: "is int8 without a quantized scheme in metadata.json".into(),
+            });
+        }
+        Ok(q3vl_model::weights::widen(name, info.dtype, bytes)?)
+    }
+
+    /// A quantized weight, zero-copy: its int8 values (row-major `[out, in]`), its f16
+    /// scales (row-major `[out, in/32]`) and `[out, in]`. `None` when the tensor is
+    /// absent or not stored as int8.
+    pub fn q8(&self, name: &str) -> Option<(&[i8], &[f16], [usize; 2])> {
+        if !self.scheme(name)?.is_quantized() {
+            return None;
+        }
+        let (_, shape, qb) = self.raw(name).ok()?;
+        let (_, _, sb) = self.raw(&scales_name(name)).ok()?;
+        // SAFETY: i8 and u8 have the same size and alignment and every bit pattern is valid.
+        let q = unsafe { std::slice::from_raw_parts(qb.as_ptr() as *const i8, qb.len()) };
+        // SAFETY: f16 is a transparent u16 (any bit pattern valid); `open` checked the
+        // scales are 2-byte aligned, so the prefix and suffix are empty.
+        let (pre, s, post) = unsafe { sb.align_to::<f16>() };
+        if !pre.is_empty() || !post.is_empty() {
+            return None;
+        }
+        Some((q, s, [shape[0], shape[1]]))
+    }
+
+    /// Every listed file's size and sha256 against `metadata.json` (reads the whole
+    /// bundle, on all cores).
+    pub fn check_files(&self) -> Vec<FileCheck> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let items: Vec<_> = self.metadata.files.iter().collect();
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(items.len().max(1));
+        let next = AtomicUsize::new(0);
+        let mut done: Vec<(usize, FileCheck)> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut mine = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            let Some((rel, expected)) = items.get(i) else {
+                                break mine;
+                            };
+                            let (found, error) = match sha256_file(&self.dir.join(rel)) {
+                                Ok(f) => (Some(f), None),
+                                Err(e) => (None, Some(e.to_string())),
+                            };
+                            mine.push((
+                                i,
+                                FileCheck {
+                                    file: (*rel).clone(),
+                                    expected: (*expected).clone(),
+                                    found,
+                                    error,
+                                },
+                            ));
+                        }
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().expect("hashing does not panic"))
+                .collect()
+        });
+        done.sort_by_key(|(i, _)| *i);
+        done.into_iter().map(|(_, c)| c).collect()
+    }
+
+    /// Checks every listed file's sha256; the first mismatch is an error naming it.
+    pub fn verify_checksums(&self) -> Result<(), BundleError> {
+        for c in self.check_files() {
+            let path = self.dir.join(&c.file);
+            match c.found {
+                None => {
+                    return Err(BundleError::io(
+                        path,
+                        std::io::Error::other(c.error.unwrap_or_default()),
+                    ))
+                }
+                Some(f) if f.size != c.expected.size => {
+                    return Err(BundleError::SizeMismatch {
+                        path,
+                        expected: c.expected.size,
+                        found: f.size,
+                    })
+                }
+                Some(f) if f.sha256 != c.expected.sha256 => {
+                    return Err(BundleError::ChecksumMismatch {
+                        path,
+                        expected: c.expected.sha256,
+                        found: f.sha256,
+                    })
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,119 @@
+//! `q3vl convert`: a checkpoint (a local folder, or fetched from the hub) into the
+//! language and vision bundles.
+
+use crate::Outcome;
+use q3vl_bundle::{Mode, Producer, ShardPolicy};
+use q3vl_convert::{convert, Cancel, ConvertOptions};
+use std::path::PathBuf;
+
+/// Arguments of `q3vl convert`.
+#[derive(clap::Args)]
+pub struct ConvertArgs {
+    /// The source checkpoint folder (Hugging Face layout).
+    #[arg(long, required_unless_present = "hf_id", conflicts_with = "hf_id")]
+    pub src: Option<PathBuf>,
+    /// Fetch the source from the hub first (see `q3vl fetch`).
+    #[arg(long)]
+    pub hf_id: Option<String>,
+    /// The hub revision to pin (with --hf-id).
+    #[arg(long, requires = "hf_id")]
+    pub revision: Option<String>,
+    /// The hub cache folder (with --hf-id).
+    #[arg(long, requires = "hf_id")]
+    pub cache_dir: Option<PathBuf>,
+    /// The output folder; `<short>_decode_<mode>/` and `<short>_vision/` are created in it.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// int8hu (int8 body and head), int8lin (int8 body, f16 head) or fp16.
+    #[arg(long, default_value = "int8hu", value_parser = ["int8hu", "int8lin", "fp16"])]
+    pub mode: String,
+    /// Replace existing bundles.
+    #[arg(long)]
+    pub force: bool,
+    /// Keep int8 tensors whose in-features are not a multiple of 32 as f16 (recorded in the metadata).
+    #[arg(long)]
+    pub fallback_f16: bool,
+    /// Print a JSON summary (paths, sizes, tensor classes, seconds, peak memory).
+    #[arg(long)]
+    pub json: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Shard size in bytes (default ~4 GiB).
+    #[arg(long, hide = true)]
+    pub shard_size: Option<u64>,
+}
+
+/// The producer record every bundle carries.
+pub fn producer() -> Producer {
+    Producer {
+        name: "q3vl".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        commit: env!("Q3VL_GIT_COMMIT").into(),
+    }
+}
+
+/// A cancel flag set by the first Ctrl-C; a second one exits at once.
+pub fn ctrl_c() -> Cancel {
+    let cancel = Cancel::new();
+    let c = cancel.clone();
+    let _ = ctrlc::set_handler(move || {
+        if c.is_cancelled() {
+            std::process::exit(130);
+        }
+        c.cancel();
+    });
+    cancel
+}
+
+/// Runs `q3vl convert`.
+pub fn run(a: ConvertArgs) -> anyhow::Result<Outcome> {
+    let mode = Mode::parse(&a.mode).expect("clap checked the mode");
+    let (src, hf_id, revision) = match (&a.src, &a.hf_id) {
+        (Some(src), _) => (src.clone(), None, None),
+        (None, Some(id)) => {
+            let o = crate::fetch::options(id, a.revision.clone(), a.cache_dir.clone());
+            let f = q3vl_convert::fetch::fetch(&o)?;
+            (f.snapshot, Some(id.clone()), Some(f.commit))
+        }
+        (None, None) => anyhow::bail!("--src or --hf-id is required"),
+    };
+    let cancel = ctrl_c();
+    let mut o = ConvertOptions::new(src, &a.out);
+    o.mode = mode;
+    o.force = a.force;
+    o.fallback_f16 = a.fallback_f16;
+    o.hf_id = hf_id;
+    o.revision = revision;
+    o.producer = producer();
+    o.threads = a.threads;
+    if let Some(n) = a.shard_size {
+        o.shard = ShardPolicy { max_shard_bytes: n };
+    }
+    let progress = q3vl_convert::progress::terminal();
+    let s = convert(&o, progress.as_ref(), &cancel)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        println!("{}", s.language.path.display());
+        println!("{}", s.vision.path.display());
+        if !s.fallbacks.is_empty() {
+            eprintln!(
+                "note: {} tensor(s) kept f16 (--fallback-f16); see metadata.json",
+                s.fallbacks.len()
+            );
+        }
+        let under: u64 = s.f16_underflow.values().sum();
+        if under > 0 {
+            eprintln!(
+                "note: {under} nonzero value(s) in {} tensor(s) became subnormal or zero in f16; see metadata.json",
+                s.f16_underflow.len()
+            );
+        }
+        let zero: u64 = s.scale_underflow.values().sum();
+        if zero > 0 {
+            eprintln!("note: {zero} int8 block(s) got a zero scale; see metadata.json");
+        }
+    }
+    Ok(Outcome::Success)
+}

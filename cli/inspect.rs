@@ -1,0 +1,189 @@
+//! `q3vl inspect`: a bundle's metadata, tensor table and checksum status.
+
+use crate::Outcome;
+use q3vl_bundle::names::SCALES_SUFFIX;
+use q3vl_bundle::{Bundle, FileCheck};
+use serde_json::json;
+use std::path::PathBuf;
+
+/// Arguments of `q3vl inspect`.
+#[derive(clap::Args)]
+pub struct InspectArgs {
+    /// The bundle folder.
+    pub bundle_dir: PathBuf,
+    /// Print one JSON document.
+    #[arg(long)]
+    pub json: bool,
+    /// Skip the sha256 check of every file (sizes are still checked).
+    #[arg(long)]
+    pub no_checksums: bool,
+}
+
+struct Row {
+    name: String,
+    dtype: String,
+    shape: Vec<usize>,
+    bytes: usize,
+    scheme: String,
+    class: String,
+}
+
+fn human(n: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut x = n as f64;
+    let mut u = 0;
+    while x >= 1024.0 && u + 1 < U.len() {
+        x /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{x:.1} {}", U[u])
+    }
+}
+
+/// Runs `q3vl inspect`.
+pub fn run(a: InspectArgs) -> anyhow::Result<Outcome> {
+    let b = Bundle::open(&a.bundle_dir)?;
+    let m = b.metadata();
+    let mut rows = Vec::new();
+    let mut names: Vec<&str> = b.checkpoint().names().collect();
+    names.sort();
+    for name in names {
+        let (dtype, shape, bytes) = b.raw(name)?;
+        let (scheme, class) = match name
+            .strip_suffix(SCALES_SUFFIX)
+            .and_then(|w| m.tensors.get(w))
+        {
+            Some(w) if w.scheme.is_quantized() => ("scales".to_string(), w.class.clone()),
+            _ => m
+                .tensors
+                .get(name)
+                .map(|t| (t.scheme.to_string(), t.class.clone()))
+                .unwrap_or_default(),
+        };
+        rows.push(Row {
+            name: name.into(),
+            dtype: dtype.to_string(),
+            shape: shape.to_vec(),
+            bytes: bytes.len(),
+            scheme,
+            class,
+        });
+    }
+    let checks: Option<Vec<FileCheck>> = (!a.no_checksums).then(|| b.check_files());
+    let bad: Vec<&FileCheck> = checks.iter().flatten().filter(|c| !c.ok()).collect();
+    if a.json {
+        let doc = json!({
+            "path": b.dir(),
+            "metadata": m,
+            "tensors": rows.iter().map(|r| json!({
+                "name": r.name, "dtype": r.dtype, "shape": r.shape, "bytes": r.bytes,
+                "scheme": r.scheme, "class": r.class,
+            })).collect::<Vec<_>>(),
+            "checksums": checks.as_ref().map(|cs| cs.iter().map(|c| json!({
+                "file": c.file, "ok": c.ok(), "expected": c.expected,
+                "found": c.found, "error": c.error,
+            })).collect::<Vec<_>>()),
+            "checksums_ok": checks.as_ref().map(|_| bad.is_empty()),
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        let kind = format!("{:?}", m.kind).to_lowercase();
+        let mode = m.mode.map(|x| format!(", {x}")).unwrap_or_default();
+        println!("bundle    {} ({kind}{mode})", m.name);
+        println!("path      {}", b.dir().display());
+        println!("format    {} v{}", m.format, m.format_version);
+        let src = match (&m.source.hf_id, &m.source.revision) {
+            (Some(id), Some(r)) => format!("{id} @ {r}"),
+            (Some(id), None) => id.clone(),
+            _ => m.source.folder.clone(),
+        };
+        println!("source    {src} ({} files)", m.source.files.len());
+        println!(
+            "producer  {} {} ({})",
+            m.producer.name, m.producer.version, m.producer.commit
+        );
+        let schemes: Vec<String> = m.schemes.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("schemes   {}", schemes.join(" "));
+        if let Some(h) = &m.head {
+            let tied = if h.tied_in_source {
+                " (tied in source)"
+            } else {
+                ""
+            };
+            println!("head      {}{tied}", h.tensor);
+        }
+        if let Some(p) = &m.preprocessing {
+            println!(
+                "vision    {}x{} grid, {} patches of {}, {} tokens, deepstack {:?}",
+                p.fixed_grid.width,
+                p.fixed_grid.height,
+                p.fixed_grid.patches,
+                p.fixed_grid.patch_dim,
+                p.fixed_grid.tokens,
+                p.deepstack_visual_indexes
+            );
+        }
+        for (t, why) in &m.fallbacks {
+            println!("fallback  {t}: {why}");
+        }
+        for (t, n) in &m.f16_underflow {
+            println!("underflow {t}: {n} value(s) subnormal or zero in f16");
+        }
+        for (t, n) in &m.scale_underflow {
+            println!("underflow {t}: {n} block(s) with a zero scale");
+        }
+        println!("\ntensors ({}):", rows.len());
+        let w = rows.iter().map(|r| r.name.len()).max().unwrap_or(4);
+        for r in &rows {
+            println!(
+                "  {:w$}  {:4}  {:16}  {:>10}  {}",
+                r.name,
+                r.dtype,
+                format!("{:?}", r.shape),
+                human(r.bytes as u64),
+                r.scheme
+            );
+        }
+        println!("\nfiles ({}):", m.files.len());
+        for (f, e) in &m.files {
+            let status = match checks
+                .as_ref()
+                .and_then(|cs| cs.iter().find(|c| &c.file == f))
+            {
+                None => "size ok",
+                Some(c) if c.ok() => "ok",
+                Some(_) => "MISMATCH",
+            };
+            println!(
+                "  {status:8}  {f}  {}  sha256 {}",
+                human(e.size),
+                &e.sha256[..16.min(e.sha256.len())]
+            );
+        }
+        match &checks {
+            None => println!("\nchecksums: not checked (--no-checksums)"),
+            Some(cs) if bad.is_empty() => {
+                println!("\nchecksums: all {} files match metadata.json", cs.len())
+            }
+            Some(_) => println!(
+                "\nchecksums: {} file(s) do not match metadata.json",
+                bad.len()
+            ),
+        }
+    }
+    if let Some(c) = bad.first() {
+        let why = match (&c.found, &c.error) {
+            (_, Some(e)) => e.clone(),
+            (Some(f), None) => format!(
+                "sha256 {}, metadata.json says {}",
+                f.sha256, c.expected.sha256
+            ),
+            (None, None) => "unreadable".into(),
+        };
+        anyhow::bail!("{}: {why}", b.dir().join(&c.file).display());
+    }
+    Ok(Outcome::Success)
+}

@@ -1,0 +1,83 @@
+//! `q3vl`: fetch, convert, inspect, verify, run and benchmark Qwen3-VL int8 bundles.
+//!
+//! Each subcommand lives in its own module and only calls the library crates.
+//! Exit codes (spec/cli.md): 0 success, 1 a verification gate failed, 2 bad usage
+//! or bad input, with one line on stderr naming the culprit.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+mod bench;
+mod common;
+mod convert;
+mod fetch;
+mod inspect;
+mod run;
+mod synth;
+mod verify;
+
+/// What a subcommand reports back to `main` when it did not fail outright.
+pub enum Outcome {
+    /// Everything passed.
+    Success,
+    /// The work ran but a gate failed (exit 1).
+    GateFailed,
+}
+
+#[derive(Parser)]
+#[command(name = "q3vl", version = common::VERSION, about = "Qwen3-VL → int8 bundles, verified layer by layer against the HF oracle", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Download a checkpoint from the Hugging Face hub into the standard cache.
+    Fetch(fetch::FetchArgs),
+    /// Convert a checkpoint into the language and vision bundles.
+    Convert(convert::ConvertArgs),
+    /// Show a bundle's metadata, tensors and checksum status.
+    Inspect(inspect::InspectArgs),
+    /// Write a random-weight checkpoint of a real shape.
+    Synth(synth::SynthArgs),
+    /// Generate an answer with the runtime engine.
+    Run(run::RunArgs),
+    /// Measure vision, prefill and decode speed against the memory-bandwidth bound.
+    Bench(bench::BenchArgs),
+    /// Compare the reference (on a checkpoint or a bundle) with HF oracle traces.
+    Verify(verify::VerifyArgs),
+}
+
+fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    match cli.command {
+        Command::Fetch(a) => fetch::run(a),
+        Command::Convert(a) => convert::run(a),
+        Command::Inspect(a) => inspect::run(a),
+        Command::Synth(a) => synth::run(a),
+        Command::Verify(a) => verify::run(a),
+        Command::Run(a) => run::run(a),
+        Command::Bench(a) => bench::run(a),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    common::install_panic_hook();
+    match std::panic::catch_unwind(|| run(cli)) {
+        Ok(Ok(Outcome::Success)) => ExitCode::SUCCESS,
+        Ok(Ok(Outcome::GateFailed)) => ExitCode::from(1),
+        Ok(Err(e)) => {
+            eprintln!("error: {}", common::one_line(&e));
+            ExitCode::from(2)
+        }
+        Err(_) => ExitCode::from(2),
+    }
+}

@@ -1,0 +1,164 @@
+//! `q3vl run`: generate an answer with the runtime engine, streamed to stdout.
+
+use crate::Outcome;
+use anyhow::{bail, Context};
+use q3vl_engine::detokenize::StreamDecoder;
+use q3vl_engine::{stamp_status, Engine, EngineOptions, GenerateParams};
+use serde_json::json;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Arguments of `q3vl run`.
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// A conversion's output folder (or its language bundle folder).
+    #[arg(long)]
+    pub bundle: PathBuf,
+    /// An image (PNG or JPEG) to ask about.
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// The user message.
+    #[arg(long)]
+    pub prompt: String,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus sampling mass.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// PRNG seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print one JSON document instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+    /// Do not stop at eos: produce exactly --max-new-tokens tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Resize the image with smart_resize instead of the fixed grid.
+    #[arg(long)]
+    pub dynamic_resolution: bool,
+    /// Check every bundle file's sha256 before running.
+    #[arg(long)]
+    pub verify_checksums: bool,
+    /// Refuse a bundle without a valid verification stamp.
+    #[arg(long)]
+    pub require_verified: bool,
+    /// Largest conversation in tokens (prompt + new tokens); default: the model's.
+    #[arg(long)]
+    pub context: Option<usize>,
+}
+
+/// Opens the engine and checks its stamp; returns the stamp line for stderr, which
+/// the caller prints once the run succeeded (an error stays the only line).
+pub fn open_engine(bundle: &Path, threads: Option<usize>, verify: bool, context: Option<usize>, require_verified: bool) -> anyhow::Result<(Engine, String)> {
+    let opts = EngineOptions {
+        threads,
+        verify_checksums: verify,
+        context,
+    };
+    if threads == Some(0) {
+        bail!("--threads must be at least 1");
+    }
+    let engine = Engine::open(bundle, &opts)?;
+    let dir = engine.language().dir().to_path_buf();
+    let status = stamp_status(&dir);
+    if require_verified && !status.is_verified() {
+        bail!("{} (--require-verified)", status.describe(&dir));
+    }
+    Ok((engine, status.describe(&dir)))
+}
+
+/// Runs `q3vl run`.
+pub fn run(a: RunArgs) -> anyhow::Result<Outcome> {
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1], got {}", a.top_p);
+    }
+    if !a.temperature.is_finite() || a.temperature < 0.0 {
+        bail!("--temperature must be a finite number ≥ 0, got {}", a.temperature);
+    }
+    let (engine, stamp_line) = open_engine(&a.bundle, a.threads, a.verify_checksums, a.context, a.require_verified)?;
+    let pb = engine.prompt_builder()?;
+    let t_vis = Instant::now();
+    let image = match &a.image {
+        Some(path) => {
+            let rgb = q3vl_model::image::load_rgb(path)?;
+            let patched = engine
+                .preprocess(&rgb, a.dynamic_resolution)
+                .with_context(|| format!("{}", path.display()))?;
+            Some(engine.encode_image(&patched.pixel_values, patched.grid_thw)?)
+        }
+        None => None,
+    };
+    let vision_ms = t_vis.elapsed().as_secs_f64() * 1e3;
+    let prompt = pb.chat(&a.prompt, image.as_ref().map(|f| f.grid_thw))?;
+    let params = GenerateParams {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_p: a.top_p,
+        seed: a.seed,
+        ignore_eos: a.ignore_eos,
+        keep_logits: false,
+    };
+    let tok = pb.tokenizer();
+    let decode = |ids: &[u32]| tok.decode(ids, true);
+    let mut stream = StreamDecoder::new();
+    let eos = engine.eos_ids().to_vec();
+    let mut stdout = std::io::stdout().lock();
+    let mut write_err = None;
+    let mut on_token = |id: u32| {
+        if a.json || (!a.ignore_eos && eos.contains(&id)) {
+            return;
+        }
+        if let Ok(piece) = stream.push(id, &decode) {
+            if let Err(e) = stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()) {
+                write_err.get_or_insert(e);
+            }
+        }
+    };
+    let g = engine.generate(&prompt.ids, image.as_ref(), &params, &mut on_token)?;
+    if let Some(e) = write_err {
+        return Err(anyhow::Error::new(e).context("writing to stdout"));
+    }
+    let t = &g.timings;
+    eprintln!("{stamp_line}");
+    if a.json {
+        let text = tok
+            .decode(&g.tokens, true)
+            .map_err(|e| anyhow::anyhow!("detokenizer failed: {e}"))?;
+        let doc = json!({
+            "prompt_tokens": prompt.ids.len(),
+            "tokens": g.tokens,
+            "text": text,
+            "timings": {
+                "vision_ms": vision_ms,
+                "prefill_ms": t.prefill_ms,
+                "decode_ms": t.decode_ms,
+                "prefill_tok_s": t.prefill_tok_s,
+                "decode_tok_s": t.decode_tok_s,
+                "decode_steps": t.decode_steps,
+                "threads": engine.threads(),
+            },
+        });
+        println!("{doc}");
+    } else {
+        let rest = stream.finish(&decode).unwrap_or_default();
+        println!("{rest}");
+        eprintln!(
+            "{} prompt tokens, {} generated; vision {:.0} ms, prefill {:.1} tok/s, decode {:.2} tok/s",
+            prompt.ids.len(),
+            g.tokens.len(),
+            vision_ms,
+            t.prefill_tok_s,
+            t.decode_tok_s
+        );
+    }
+    Ok(Outcome::Success)
+}

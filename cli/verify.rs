@@ -1,0 +1,189 @@
+//! `q3vl verify`: the fp32 ladder (`--src`) and/or the quantized gates (`--bundle`)
+//! against oracle traces; terminal table, report.json, report.html, JUnit, stamp.
+
+use crate::{common, Outcome};
+use anyhow::{Context, Result};
+use clap::Args;
+use q3vl_bundle::stamp::{hash_covered, remove_stamp, write_stamp, STAMP_FORMAT};
+use q3vl_bundle::{Bundles, Stamp};
+use q3vl_model::prompt::PromptBuilder;
+use q3vl_model::{Checkpoint, PreprocessorConfig, Qwen3VlConfig, WeightSource};
+use q3vl_verify::{verify_trace, BundleSource, Gates, OracleTrace, Profile, Report, Subject, TraceReport};
+use std::path::{Path, PathBuf};
+
+/// Arguments of `q3vl verify`.
+#[derive(Args)]
+pub struct VerifyArgs {
+    /// A Hugging Face checkpoint folder: run the fp32 ladder on its original weights
+    /// (with --bundle too, both ladders run and are plotted side by side).
+    #[arg(long, required_unless_present = "bundle")]
+    src: Option<PathBuf>,
+    /// A conversion output folder (language + vision bundles): run the quantized gates.
+    #[arg(long)]
+    bundle: Option<PathBuf>,
+    /// An oracle trace (`qwen3vl-oracle-trace/1`); repeat for several.
+    #[arg(long, required = true)]
+    trace: Vec<PathBuf>,
+    /// Where to write report.json and report.html.
+    #[arg(long, default_value = "verify-report")]
+    report: PathBuf,
+    /// A gates file overriding the built-in thresholds.
+    #[arg(long)]
+    gates: Option<PathBuf>,
+    /// Write JUnit XML (one test case per gate) to this file.
+    #[arg(long)]
+    junit: Option<PathBuf>,
+    /// With --bundle: write verification.json into each bundle when every gate passed.
+    #[arg(long, requires = "bundle")]
+    stamp: bool,
+    /// Print the report as one JSON document on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Small models keep decoder layers resident; large ones stream them layer by layer.
+fn keep_weights(cfg: &Qwen3VlConfig) -> bool {
+    let f32_bytes: usize = q3vl_model::layout::checkpoint_tensors(cfg)
+        .iter()
+        .map(|t| t.shape.iter().product::<usize>() * 4)
+        .sum();
+    f32_bytes < (4usize << 30)
+}
+
+fn ladder(
+    what: &str,
+    cfg: &Qwen3VlConfig,
+    src: &dyn WeightSource,
+    tokenizer_dir: &Path,
+    preproc_dir: &Path,
+    traces: &[OracleTrace],
+    gates: &Gates,
+    profile: Profile,
+) -> Result<Vec<TraceReport>> {
+    let prompt = PromptBuilder::from_dir(tokenizer_dir, cfg)?;
+    let pre = PreprocessorConfig::from_dir(preproc_dir)?;
+    let subject = Subject {
+        cfg,
+        src,
+        prompt: &prompt,
+        preprocessor: &pre,
+        keep_weights: keep_weights(cfg),
+    };
+    traces
+        .iter()
+        .map(|t| {
+            let pb = common::spinner(&format!("{what} on {}", t.path.display()));
+            let r = verify_trace(&subject, t, gates, profile);
+            pb.finish_and_clear();
+            Ok(r?)
+        })
+        .collect()
+}
+
+/// Runs the command.
+pub fn run(a: VerifyArgs) -> Result<Outcome> {
+    let gates = match &a.gates {
+        Some(p) => Gates::from_file(p)?,
+        None => Gates::builtin(),
+    };
+    let traces: Vec<OracleTrace> = a
+        .trace
+        .iter()
+        .map(|p| OracleTrace::open(p))
+        .collect::<Result<_, _>>()?;
+    let mut reports = Vec::new();
+    let mut subject = Vec::new();
+    if let Some(src) = &a.src {
+        let cfg = Qwen3VlConfig::from_dir(src)?;
+        let ck = Checkpoint::open(src)?;
+        ck.check(&q3vl_model::layout::checkpoint_tensors(&cfg))?;
+        reports.extend(ladder("fp32 ladder", &cfg, &ck, src, src, &traces, &gates, Profile::Fp32)?);
+        subject.push(src.display().to_string());
+    }
+    let bundles = match &a.bundle {
+        Some(out) => {
+            let b = Bundles::open(out).with_context(|| format!("--bundle {}", out.display()))?;
+            let cfg = b.language.config().clone();
+            let src = BundleSource::new(&b);
+            let tok = b.language.dir().join("tokenizer");
+            reports.extend(ladder("quantized ladder", &cfg, &src, &tok, b.vision.dir(), &traces, &gates, Profile::Bundle)?);
+            subject.push(out.display().to_string());
+            Some(b)
+        }
+        None => None,
+    };
+    // Side by side: each trace's fp32 run next to its bundle run.
+    reports.sort_by(|x, y| x.trace.cmp(&y.trace));
+    let report = Report {
+        format: "q3vl-verify-report/1",
+        tool: format!("q3vl {}", common::VERSION),
+        subject: subject.join(" + "),
+        gates: gates.clone(),
+        traces: reports,
+        extra_gates: vec![],
+    };
+    write_reports(&a, &report)?;
+    if a.json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.to_text());
+    }
+    if let (true, Some(b)) = (a.stamp, &bundles) {
+        stamp(b, &report, &gates, &traces)?;
+    }
+    Ok(if report.passed() {
+        Outcome::Success
+    } else {
+        Outcome::GateFailed
+    })
+}
+
+fn write_reports(a: &VerifyArgs, report: &Report) -> Result<()> {
+    std::fs::create_dir_all(&a.report).with_context(|| format!("--report {}", a.report.display()))?;
+    for (name, text) in [("report.json", report.to_json()), ("report.html", report.to_html())] {
+        let p = a.report.join(name);
+        std::fs::write(&p, text).with_context(|| p.display().to_string())?;
+    }
+    if let Some(j) = &a.junit {
+        std::fs::write(j, report.to_junit()).with_context(|| format!("--junit {}", j.display()))?;
+    }
+    Ok(())
+}
+
+/// Stamps both bundles when every gate passed; otherwise removes any old stamp.
+fn stamp(b: &Bundles, report: &Report, gates: &Gates, traces: &[OracleTrace]) -> Result<()> {
+    let dirs = [b.language.dir(), b.vision.dir()];
+    if !report.passed() {
+        for d in dirs {
+            remove_stamp(d)?;
+        }
+        eprintln!("not stamped: a gate failed");
+        return Ok(());
+    }
+    let results = serde_json::to_value(
+        report
+            .traces
+            .iter()
+            .map(|t| (t.trace.display().to_string(), &t.gates))
+            .collect::<Vec<_>>(),
+    )?;
+    for d in dirs {
+        let s = Stamp {
+            format: STAMP_FORMAT.into(),
+            tool: report.tool.clone(),
+            gates: serde_json::to_value(gates)?,
+            results: results.clone(),
+            traces: traces
+                .iter()
+                .map(|t| {
+                    let name = t.path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+                    (name, t.sha256.clone())
+                })
+                .collect(),
+            files: hash_covered(d)?,
+        };
+        write_stamp(d, &s)?;
+        eprintln!("stamped {}", d.join(q3vl_bundle::STAMP_FILE).display());
+    }
+    Ok(())
+}

@@ -1,0 +1,60 @@
+//! Storing values as f16, counting what the narrowing loses.
+//!
+//! bf16 has f32's range, f16 does not: a value above 65504 in magnitude cannot be
+//! stored (an error, never a silent infinity), and a nonzero value below f16's
+//! smallest normal (2⁻¹⁴ ≈ 6.1e-5) becomes subnormal or zero (counted, and reported
+//! per tensor in the metadata and the conversion summary).
+
+use half::f16;
+
+/// The largest finite f16.
+pub const F16_MAX: f32 = 65504.0;
+
+/// What narrowing a slice found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NarrowReport {
+    /// Nonzero values that became subnormal or zero.
+    pub underflow: u64,
+    /// Index (within the slice) of the first value with |x| > 65504.
+    pub overflow: Option<usize>,
+}
+
+/// Converts `values` to little-endian f16 bytes in `out` (2 bytes per value), round to
+/// nearest even.
+pub fn narrow_into(values: &[f32], out: &mut [u8]) -> NarrowReport {
+    debug_assert_eq!(out.len(), values.len() * 2);
+    let mut rep = NarrowReport::default();
+    let min_normal = f16::MIN_POSITIVE.to_f32();
+    for (i, (&x, o)) in values.iter().zip(out.chunks_exact_mut(2)).enumerate() {
+        let h = f16::from_f32(x);
+        o.copy_from_slice(&h.to_le_bytes());
+        let a = x.abs();
+        if a > F16_MAX {
+            rep.overflow.get_or_insert(i);
+        } else if a != 0.0 && h.to_f32().abs() < min_normal {
+            rep.underflow += 1;
+        }
+    }
+    rep
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_underflow_and_finds_overflow() {
+        let v = [1.0f32, 1e-5, -1e-9, 0.0, 6.2e-5, 70000.0, -65504.0];
+        let mut out = vec![0u8; v.len() * 2];
+        let rep = narrow_into(&v, &mut out);
+        assert_eq!(rep.underflow, 2);
+        assert_eq!(rep.overflow, Some(5));
+        let back: Vec<f32> = out
+            .chunks_exact(2)
+            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect();
+        assert_eq!(back[0], 1.0);
+        assert_eq!(back[6], -65504.0);
+        assert_eq!(back[2], -0.0);
+    }
+}

@@ -1,0 +1,466 @@
+//! Random checkpoints of the real shapes, in the exact Hugging Face layout (sharded
+//! bf16 safetensors + index, config, generation and preprocessor configs, the real
+//! Qwen3 tokenizer with the Qwen3-VL chat template), for scale tests and benchmarks
+//! without a download.
+//!
+//! Values are a pure function of (seed, tensor name, element index), so the output is
+//! the same whatever the thread count or chunking: matrices and embeddings ≈ N(0, 0.02²),
+//! norm weights ≈ 1 + N(0, 0.02²), biases ≈ N(0, 0.02²). The normal is approximated by
+//! a scaled sum of four uniforms (cheap, bounded at ±3.5σ): 8B = 17 GB must be written
+//! in minutes on two cores.
+
+use crate::cancel::Cancel;
+use crate::error::{ConvertError, Result};
+use crate::memory::peak_rss_bytes;
+use crate::progress::Progress;
+use q3vl_bundle::names::TMP_PREFIX;
+use q3vl_bundle::{Dtype, ShardPolicy, TensorPlan, WeightsWriter};
+use q3vl_model::config::{TextConfig, VisionConfig};
+use q3vl_model::layout::{self, TensorClass};
+use q3vl_model::{PreprocessorConfig, Qwen3VlConfig, Size};
+use rayon::prelude::*;
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The shapes `q3vl synth` knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SynthSize {
+    /// A small config with the real vocabulary (tests).
+    Tiny,
+    /// Qwen3-VL-2B-Instruct's shape.
+    B2,
+    /// Qwen3-VL-4B-Instruct's shape.
+    B4,
+    /// Qwen3-VL-8B-Instruct's shape.
+    B8,
+}
+
+impl SynthSize {
+    /// Parses `tiny`, `2b`, `4b` or `8b`.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s.to_ascii_lowercase().as_str() {
+            "tiny" => SynthSize::Tiny,
+            "2b" => SynthSize::B2,
+            "4b" => SynthSize::B4,
+            "8b" => SynthSize::B8,
+            _ => return None,
+        })
+    }
+
+    /// The config of this size.
+    pub fn config(self) -> Qwen3VlConfig {
+        match self {
+            SynthSize::Tiny => tiny_config(),
+            SynthSize::B2 => Qwen3VlConfig::preset(Size::B2),
+            SynthSize::B4 => Qwen3VlConfig::preset(Size::B4),
+            SynthSize::B8 => Qwen3VlConfig::preset(Size::B8),
+        }
+    }
+}
+
+/// `tiny`: two decoder layers of width 64 and a two-block vision tower of width 64 with
+/// two DeepStack taps, but the real vocabulary (151 936), token ids, patch, merge and
+/// position-grid sizes, and an untied head like the 8B. About 40 MB in bf16.
+pub fn tiny_config() -> Qwen3VlConfig {
+    let real = Qwen3VlConfig::preset(Size::B8);
+    Qwen3VlConfig {
+        text: TextConfig {
+            hidden_size: 64,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            head_dim: 32,
+            intermediate_size: 128,
+            mrope_section: [6, 5, 5],
+            ..real.text
+        },
+        vision: VisionConfig {
+            depth: 2,
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_heads: 4,
+            out_hidden_size: 64,
+            deepstack_visual_indexes: vec![0, 1],
+            ..real.vision
+        },
+        tie_word_embeddings: false,
+        ..real
+    }
+}
+
+/// The Qwen3-VL chat template used when no better copy is found: system, user and
+/// assistant turns; string or list content with image, video and text items.
+pub const FALLBACK_CHAT_TEMPLATE: &str = concat!(
+    "{%- for message in messages -%}",
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}",
+    "{%- if message['content'] is string -%}{{- message['content'] -}}",
+    "{%- else -%}{%- for item in message['content'] -%}",
+    "{%- if item['type'] == 'image' or 'image' in item or 'image_url' in item -%}",
+    "<|vision_start|><|image_pad|><|vision_end|>",
+    "{%- elif item['type'] == 'video' or 'video' in item -%}",
+    "<|vision_start|><|video_pad|><|vision_end|>",
+    "{%- elif 'text' in item -%}{{- item['text'] -}}",
+    "{%- endif -%}{%- endfor -%}{%- endif -%}",
+    "{{- '<|im_end|>\\n' -}}",
+    "{%- endfor -%}",
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+);
+
+/// What to synthesize.
+#[derive(Debug, Clone)]
+pub struct SynthOptions {
+    /// The checkpoint folder to create.
+    pub out: PathBuf,
+    /// Its configuration.
+    pub config: Qwen3VlConfig,
+    /// The seed of every value.
+    pub seed: u64,
+    /// A folder holding the Qwen3 `tokenizer.json` and `tokenizer_config.json`.
+    pub tokenizer_dir: PathBuf,
+    /// The chat template to put into `tokenizer_config.json`.
+    pub chat_template: String,
+    /// Replace an existing non-empty `out`.
+    pub force: bool,
+    /// Shard size.
+    pub shard: ShardPolicy,
+}
+
+/// What was written.
+#[derive(Debug, Clone, Serialize)]
+pub struct SynthSummary {
+    /// The checkpoint folder.
+    pub path: PathBuf,
+    /// Bytes written.
+    pub bytes: u64,
+    /// Tensors.
+    pub tensors: usize,
+    /// Safetensors files.
+    pub shards: usize,
+    /// Wall time.
+    pub seconds: f64,
+    /// Peak resident set (VmHWM).
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// Finds the Qwen3 tokenizer: `explicit` if given, else `$Q3VL_TOKENIZER_DIR`, else
+/// `shared/data/qwen3-tokenizer` beside or inside each of `roots`.
+pub fn find_tokenizer(explicit: Option<&Path>, roots: &[PathBuf]) -> Result<PathBuf> {
+    let ok =
+        |d: &Path| d.join("tokenizer.json").is_file() && d.join("tokenizer_config.json").is_file();
+    if let Some(d) = explicit {
+        if ok(d) {
+            return Ok(d.to_path_buf());
+        }
+        return Err(ConvertError::input(
+            d,
+            "holds no tokenizer.json and tokenizer_config.json",
+        ));
+    }
+    let mut tried = Vec::new();
+    if let Some(d) = std::env::var_os("Q3VL_TOKENIZER_DIR").map(PathBuf::from) {
+        tried.push(d);
+    }
+    for r in roots {
+        tried.push(r.join("../shared/data/qwen3-tokenizer"));
+        tried.push(r.join("shared/data/qwen3-tokenizer"));
+    }
+    tried.iter().find(|d| ok(d)).cloned().ok_or_else(|| {
+        ConvertError::input(
+            "--tokenizer",
+            format!(
+                "no Qwen3 tokenizer found (looked in {}); pass --tokenizer DIR",
+                tried
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+    })
+}
+
+/// The Qwen3-VL chat template: from `fixtures/shapes/tokenizer_config.json` or
+/// `oracle/qwen3_vl_chat_template.jinja` under one of `roots` when present, else
+/// [`FALLBACK_CHAT_TEMPLATE`].
+pub fn find_chat_template(roots: &[PathBuf]) -> String {
+    for r in roots {
+        let cfg = r.join("fixtures/shapes/tokenizer_config.json");
+        if let Some(t) = std::fs::read(&cfg)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .and_then(|v| {
+                v.get("chat_template")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            })
+        {
+            return t;
+        }
+        if let Ok(t) = std::fs::read_to_string(r.join("oracle/qwen3_vl_chat_template.jinja")) {
+            return t;
+        }
+    }
+    FALLBACK_CHAT_TEMPLATE.to_string()
+}
+
+/// Writes the checkpoint (into a hidden staging folder beside `out`, renamed into
+/// place at the end).
+pub fn synth(
+    opts: &SynthOptions,
+    progress: &dyn Progress,
+    cancel: &Cancel,
+) -> Result<SynthSummary> {
+    let t0 = Instant::now();
+    let out = std::path::absolute(&opts.out).map_err(|e| ConvertError::io(&opts.out, e))?;
+    let parent = out.parent().unwrap_or(Path::new("/")).to_path_buf();
+    let leaf = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| ConvertError::input(&out, "is not a folder name"))?;
+    let occupied = std::fs::read_dir(&out)
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(out.exists());
+    if occupied && !opts.force {
+        return Err(ConvertError::input(
+            &out,
+            "exists and is not empty (pass --force to replace it)",
+        ));
+    }
+    let tok_json = opts.tokenizer_dir.join("tokenizer.json");
+    let tok_cfg_path = opts.tokenizer_dir.join("tokenizer_config.json");
+    let tok_bytes = std::fs::read(&tok_json).map_err(|e| ConvertError::io(&tok_json, e))?;
+    let mut tok_cfg: Value = serde_json::from_slice(
+        &std::fs::read(&tok_cfg_path).map_err(|e| ConvertError::io(&tok_cfg_path, e))?,
+    )
+    .map_err(|e| ConvertError::input(&tok_cfg_path, format!("not valid JSON: {e}")))?;
+    tok_cfg
+        .as_object_mut()
+        .ok_or_else(|| ConvertError::input(&tok_cfg_path, "is not a JSON object"))?
+        .insert(
+            "chat_template".into(),
+            Value::String(opts.chat_template.clone()),
+        );
+
+    std::fs::create_dir_all(&parent).map_err(|e| ConvertError::io(&parent, e))?;
+    let stage = Stage::new(parent.join(format!("{TMP_PREFIX}{leaf}")))?;
+    let cfg = &opts.config;
+    let write_json = |name: &str, v: &Value| -> Result<u64> {
+        let mut b = serde_json::to_vec_pretty(v).expect("json serializes");
+        b.push(b'\n');
+        let p = stage.0.join(name);
+        std::fs::write(&p, &b).map_err(|e| ConvertError::io(&p, e))?;
+        Ok(b.len() as u64)
+    };
+    let mut bytes = write_json("config.json", &cfg.to_hf_json())?;
+    bytes += write_json("generation_config.json", &generation_config())?;
+    bytes += write_json("preprocessor_config.json", &preprocessor_config(cfg))?;
+    bytes += write_json("tokenizer_config.json", &tok_cfg)?;
+    let p = stage.0.join("tokenizer.json");
+    std::fs::write(&p, &tok_bytes).map_err(|e| ConvertError::io(&p, e))?;
+    bytes += tok_bytes.len() as u64;
+
+    let specs = layout::checkpoint_tensors(cfg);
+    let plan: Vec<TensorPlan> = specs
+        .iter()
+        .map(|s| TensorPlan::new(&s.name, Dtype::BF16, s.shape.clone()))
+        .collect();
+    let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    let mut w = WeightsWriter::create(&stage.0, &plan, opts.shard, &meta)?;
+    let total: u64 = plan.iter().map(TensorPlan::bytes).sum();
+    progress.begin("synthesizing", total);
+    let by_name: BTreeMap<&str, &layout::TensorSpec> =
+        specs.iter().map(|s| (s.name.as_str(), s)).collect();
+    let order: Vec<String> = w.order().into_iter().map(str::to_owned).collect();
+    for name in &order {
+        let spec = by_name[name.as_str()];
+        let n: usize = spec.shape.iter().product();
+        let (mean, std) = value_model(spec);
+        let key = tensor_key(opts.seed, name);
+        let mut at = 0usize;
+        while at < n {
+            cancel.check()?;
+            let end = (at + CHUNK).min(n);
+            let mut buf = vec![0u8; (end - at) * 2];
+            buf.par_chunks_mut(TASK * 2).enumerate().for_each(|(t, o)| {
+                let first = at + t * TASK;
+                for (j, b) in o.chunks_exact_mut(2).enumerate() {
+                    let v = mean + std * unit_normal(key, (first + j) as u64);
+                    b.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes());
+                }
+            });
+            progress.advance(buf.len() as u64);
+            w.write(name, buf)?;
+            at = end;
+        }
+    }
+    let files = w.finish()?;
+    progress.end();
+    bytes += files.iter().map(|f| f.entry.size).sum::<u64>();
+    let shards = files
+        .iter()
+        .filter(|f| f.file.ends_with(".safetensors"))
+        .count();
+    stage.commit(&out, opts.force)?;
+    Ok(SynthSummary {
+        path: out,
+        bytes,
+        tensors: plan.len(),
+        shards,
+        seconds: t0.elapsed().as_secs_f64(),
+        peak_rss_bytes: peak_rss_bytes(),
+    })
+}
+
+/// Values generated per chunk handed to the writer.
+const CHUNK: usize = 8 << 20;
+/// Values per parallel task.
+const TASK: usize = 64 << 10;
+
+/// (mean, std) of a tensor's values.
+fn value_model(spec: &layout::TensorSpec) -> (f32, f32) {
+    let is_norm_weight = spec.class == TensorClass::Vector
+        && spec.name.ends_with(".weight")
+        && spec.name.contains("norm");
+    if is_norm_weight {
+        (1.0, 0.02)
+    } else {
+        (0.0, 0.02)
+    }
+}
+
+/// splitmix64's finalizer: a strong 64-bit mix.
+#[inline(always)]
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A per-tensor key from the seed and the name (FNV-1a of the name, mixed).
+fn tensor_key(seed: u64, name: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    mix64(h ^ mix64(seed))
+}
+
+/// An approximately standard normal value for element `i`: the sum of four 16-bit
+/// uniforms from one 64-bit hash, centred and scaled to unit variance.
+#[inline(always)]
+fn unit_normal(key: u64, i: u64) -> f32 {
+    let r = mix64(key.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+    let s = (r & 0xffff) + ((r >> 16) & 0xffff) + ((r >> 32) & 0xffff) + (r >> 48);
+    // Mean of the sum is 2·65535, variance 4·(65536² − 1)/12.
+    const SCALE: f32 = 1.0 / 37_837.23;
+    (s as f32 - 131_070.0) * SCALE
+}
+
+fn generation_config() -> Value {
+    json!({
+        "bos_token_id": 151643,
+        "pad_token_id": 151643,
+        "eos_token_id": [151645, 151643],
+        "do_sample": true,
+        "temperature": 0.7,
+        "top_k": 20,
+        "top_p": 0.8,
+        "repetition_penalty": 1.0
+    })
+}
+
+fn preprocessor_config(cfg: &Qwen3VlConfig) -> Value {
+    let d = PreprocessorConfig::default();
+    json!({
+        "image_processor_type": "Qwen2VLImageProcessorFast",
+        "processor_class": "Qwen3VLProcessor",
+        "do_convert_rgb": true,
+        "do_resize": true,
+        "do_rescale": true,
+        "do_normalize": true,
+        "rescale_factor": d.rescale_factor,
+        "image_mean": d.image_mean,
+        "image_std": d.image_std,
+        "size": {"shortest_edge": d.min_pixels, "longest_edge": d.max_pixels},
+        "patch_size": cfg.vision.patch_size,
+        "temporal_patch_size": cfg.vision.temporal_patch_size,
+        "merge_size": cfg.vision.spatial_merge_size
+    })
+}
+
+/// The staging folder: removed on drop unless committed.
+struct Stage(PathBuf);
+
+impl Stage {
+    fn new(dir: PathBuf) -> Result<Stage> {
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| ConvertError::io(&dir, e))?;
+        }
+        std::fs::create_dir(&dir).map_err(|e| ConvertError::io(&dir, e))?;
+        Ok(Stage(dir))
+    }
+
+    fn commit(self, out: &Path, replace: bool) -> Result<()> {
+        if out.exists() {
+            let empty = std::fs::read_dir(out)
+                .map(|mut d| d.next().is_none())
+                .unwrap_or(false);
+            if !empty && !replace {
+                return Err(ConvertError::input(
+                    out,
+                    "exists and is not empty (pass --force to replace it)",
+                ));
+            }
+            if out.is_dir() {
+                std::fs::remove_dir_all(out).map_err(|e| ConvertError::io(out, e))?;
+            } else {
+                std::fs::remove_file(out).map_err(|e| ConvertError::io(out, e))?;
+            }
+        }
+        std::fs::rename(&self.0, out).map_err(|e| ConvertError::io(out, e))?;
+        // Renamed: nothing left to clean.
+        std::mem::forget(self);
+        Ok(())
+    }
+}
+
+impl Drop for Stage {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unit_normal_has_unit_moments() {
+        let n = 200_000u64;
+        let (mut s, mut s2) = (0f64, 0f64);
+        for i in 0..n {
+            let x = unit_normal(tensor_key(7, "w"), i) as f64;
+            s += x;
+            s2 += x * x;
+        }
+        let mean = s / n as f64;
+        let var = s2 / n as f64 - mean * mean;
+        assert!(mean.abs() < 0.01, "{mean}");
+        assert!((var - 1.0).abs() < 0.02, "{var}");
+        assert_ne!(tensor_key(7, "w"), tensor_key(8, "w"));
+        assert_ne!(tensor_key(7, "w"), tensor_key(7, "v"));
+    }
+
+    #[test]
+    fn tiny_is_a_valid_config_with_the_real_vocab() {
+        let c = tiny_config();
+        assert_eq!(Qwen3VlConfig::from_json(&c.to_hf_json()).unwrap(), c);
+        assert_eq!(c.text.vocab_size, 151_936);
+        for (_, [_, i]) in layout::text_linears(&c) {
+            assert_eq!(i % 32, 0);
+        }
+    }
+}

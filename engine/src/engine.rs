@@ -1,0 +1,375 @@
+//! [`Engine`]: both bundles opened and checked, the vision tower, the decoder, and
+//! generation with greedy or seeded sampling.
+
+use crate::decoder::{TextModel, Weights};
+use crate::error::{EngineError, Result};
+use crate::kv_cache::KvCache;
+use crate::positions::map_image_ids;
+use crate::sampler::Sampler;
+use crate::vision::{ImageFeatures, VisionModel};
+use half::f16;
+use q3vl_bundle::{Bundle, Bundles};
+use q3vl_model::image::{PatchedImage, Resize};
+use q3vl_model::prompt::PromptBuilder;
+use q3vl_model::{PreprocessorConfig, Qwen3VlConfig};
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+/// How to open the engine.
+#[derive(Debug, Clone, Default)]
+pub struct EngineOptions {
+    /// Worker threads (None: all cores). Results do not depend on it.
+    pub threads: Option<usize>,
+    /// Check every file's sha256 against `metadata.json` at open (reads everything).
+    pub verify_checksums: bool,
+    /// Largest conversation (prompt + new tokens) accepted; None: the model's
+    /// `max_position_embeddings`.
+    pub context: Option<usize>,
+}
+
+/// How to generate.
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    /// Tokens to generate at most.
+    pub max_new_tokens: usize,
+    /// 0 (or less): greedy.
+    pub temperature: f32,
+    /// Nucleus mass in (0, 1].
+    pub top_p: f32,
+    /// PRNG seed for sampling.
+    pub seed: u64,
+    /// Keep going past eos (exactly `max_new_tokens` tokens).
+    pub ignore_eos: bool,
+    /// Return the logits that chose each token.
+    pub keep_logits: bool,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        GenerateParams {
+            max_new_tokens: 64,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            ignore_eos: false,
+            keep_logits: false,
+        }
+    }
+}
+
+/// Wall-clock timings of one generation.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Timings {
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Prefill (all prompt tokens at once, plus the first token's logits).
+    pub prefill_ms: f64,
+    /// Decode steps after the first token.
+    pub decode_ms: f64,
+    /// Decode steps run.
+    pub decode_steps: usize,
+    /// Prompt tokens per second of prefill.
+    pub prefill_tok_s: f64,
+    /// Decode steps per second.
+    pub decode_tok_s: f64,
+}
+
+/// What [`Engine::generate`] produced.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// Generated ids; a stopping eos is not included.
+    pub tokens: Vec<u32>,
+    /// With `keep_logits`: the logits that chose each token of `tokens`.
+    pub step_logits: Vec<Vec<f32>>,
+    /// Whether generation stopped at an eos id.
+    pub stopped_at_eos: bool,
+    /// Timings.
+    pub timings: Timings,
+}
+
+/// The runtime engine over one language + vision bundle pair.
+pub struct Engine {
+    bundles: Bundles,
+    text: TextModel,
+    vision: VisionModel,
+    overrides: HashMap<String, Vec<f16>>,
+    eos: Vec<u32>,
+    context: usize,
+    pool: rayon::ThreadPool,
+    threads: usize,
+}
+
+impl Engine {
+    /// Opens the bundles in `out_dir` (a conversion's output folder or a language
+    /// bundle folder), checks sizes (and with `verify_checksums` every sha256), that
+    /// the vision bundle fits the language bundle, and every tensor's shape and dtype.
+    pub fn open(out_dir: &Path, opts: &EngineOptions) -> Result<Engine> {
+        let bundles = Bundles::open(out_dir)?;
+        if opts.verify_checksums {
+            bundles.language.verify_checksums()?;
+            bundles.vision.verify_checksums()?;
+        }
+        check_pair(&bundles.language, &bundles.vision)?;
+        let overrides = HashMap::new();
+        let text = TextModel::load(&bundles.language, &overrides)?;
+        let vision = VisionModel::load(&bundles.vision)?;
+        let tok_dir = bundles.language.dir().join("tokenizer");
+        let mut eos = q3vl_model::config::eos_ids(&tok_dir)?;
+        if eos.is_empty() {
+            eos = q3vl_model::config::eos_ids(bundles.language.dir())?;
+        }
+        let threads = opts
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .max(1);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| EngineError::Input(format!("cannot start {threads} threads: {e}")))?;
+        let max_pos = text.config().max_position_embeddings;
+        Ok(Engine {
+            context: opts.context.unwrap_or(max_pos).min(max_pos),
+            bundles,
+            text,
+            vision,
+            overrides,
+            eos,
+            pool,
+            threads,
+        })
+    }
+
+    /// The language bundle.
+    pub fn language(&self) -> &Bundle {
+        &self.bundles.language
+    }
+
+    /// The vision bundle.
+    pub fn vision_bundle(&self) -> &Bundle {
+        &self.bundles.vision
+    }
+
+    /// The model config (of the language bundle).
+    pub fn config(&self) -> &Qwen3VlConfig {
+        self.bundles.language.config()
+    }
+
+    /// Worker threads in use.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// The stop ids (the bundle tokenizer's `generation_config.json`).
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos
+    }
+
+    /// The chat template and tokenizer of `<language bundle>/tokenizer`.
+    pub fn prompt_builder(&self) -> Result<PromptBuilder> {
+        Ok(PromptBuilder::from_dir(
+            &self.bundles.language.dir().join("tokenizer"),
+            self.config(),
+        )?)
+    }
+
+    /// The vision bundle's preprocessing parameters.
+    pub fn preprocessor(&self) -> Result<PreprocessorConfig> {
+        let dir = self.bundles.vision.dir();
+        if dir.join("preprocessor_config.json").exists() {
+            Ok(PreprocessorConfig::from_dir(dir)?)
+        } else {
+            Ok(PreprocessorConfig::default())
+        }
+    }
+
+    /// The default resize: the fixed side recorded in the vision bundle (448 → 196
+    /// tokens), stretching the image.
+    pub fn fixed_resize(&self) -> Resize {
+        let side = self
+            .bundles
+            .vision
+            .metadata()
+            .preprocessing
+            .as_ref()
+            .map(|p| p.fixed_grid.height)
+            .filter(|&s| s > 0)
+            .unwrap_or(448);
+        Resize::Fixed(side)
+    }
+
+    /// Preprocesses a decoded image (fixed grid unless `dynamic`).
+    pub fn preprocess(&self, img: &q3vl_model::image::Rgb8, dynamic: bool) -> Result<PatchedImage> {
+        let mode = if dynamic { Resize::Dynamic } else { self.fixed_resize() };
+        Ok(q3vl_model::image::preprocess(img, &self.preprocessor()?, mode)?)
+    }
+
+    /// Vision tower on model-ready patch rows (from `model::image::preprocess` or an
+    /// oracle trace): image embeddings and DeepStack features, computed once.
+    pub fn encode_image(&self, pixel_values: &[f32], grid_thw: [usize; 3]) -> Result<ImageFeatures> {
+        self.pool
+            .install(|| self.vision.encode(&self.bundles.vision, pixel_values, grid_thw))
+    }
+
+    /// Greedy/sampled generation from prompt ids (HF ids, `<|image_pad|>` expanded;
+    /// the engine maps them to `vocab + slot` itself). `on_token` sees each token as
+    /// it is chosen (a stopping eos included).
+    pub fn generate(
+        &self,
+        ids: &[u32],
+        image: Option<&ImageFeatures>,
+        params: &GenerateParams,
+        on_token: &mut dyn FnMut(u32),
+    ) -> Result<Generation> {
+        let cfg = self.config();
+        let tc = self.text.config();
+        if ids.is_empty() {
+            return Err(EngineError::Input("the prompt is empty".into()));
+        }
+        if let Some(f) = image {
+            if f.hidden != tc.hidden_size || f.embeds.len() != f.tokens * f.hidden {
+                return Err(EngineError::Input(format!(
+                    "image features are {} wide, the decoder needs {}",
+                    f.hidden, tc.hidden_size
+                )));
+            }
+        }
+        let merge = self.vision.config().spatial_merge_size;
+        let geom = image.map(|f| {
+            let (gh, gw) = f.merged_grid(merge);
+            (f.tokens, gh, gw)
+        });
+        let (mapped, span) =
+            map_image_ids(ids, cfg.image_token_id, tc.vocab_size as u32, geom).map_err(EngineError::Input)?;
+        let need = ids.len() + params.max_new_tokens;
+        if need > self.context {
+            return Err(EngineError::Input(format!(
+                "the prompt ({} tokens) plus --max-new-tokens {} exceeds the context of {} tokens",
+                ids.len(),
+                params.max_new_tokens,
+                self.context
+            )));
+        }
+        let w = Weights {
+            bundle: &self.bundles.language,
+            overrides: &self.overrides,
+        };
+        let img = image.zip(span.as_ref());
+        {
+            let mut cache = KvCache::new(tc.num_hidden_layers, tc.num_key_value_heads, tc.head_dim, need.max(1));
+            let mut sampler = Sampler::new(params.temperature, params.top_p, params.seed);
+            let mut timings = Timings {
+                prompt_tokens: ids.len(),
+                ..Timings::default()
+            };
+            let mut out = Generation {
+                tokens: Vec::new(),
+                step_logits: Vec::new(),
+                stopped_at_eos: false,
+                timings,
+            };
+            if params.max_new_tokens == 0 {
+                return Ok(out);
+            }
+            let t0 = Instant::now();
+            let mut logits = self.pool.install(|| {
+                let h = self.text.forward(&w, &mapped, img, &mut cache)?;
+                self.text.logits(&w, &h)
+            })?;
+            timings.prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
+            let t1 = Instant::now();
+            loop {
+                let next = sampler.sample(&logits);
+                on_token(next);
+                if !params.ignore_eos && self.eos.contains(&next) {
+                    out.stopped_at_eos = true;
+                    break;
+                }
+                out.tokens.push(next);
+                if params.keep_logits {
+                    out.step_logits.push(std::mem::take(&mut logits));
+                }
+                if out.tokens.len() >= params.max_new_tokens {
+                    break;
+                }
+                logits = self.pool.install(|| {
+                    let h = self.text.forward(&w, &[next], img, &mut cache)?;
+                    self.text.logits(&w, &h)
+                })?;
+                timings.decode_steps += 1;
+            }
+            timings.decode_ms = t1.elapsed().as_secs_f64() * 1e3;
+            timings.prefill_tok_s = ids.len() as f64 / (timings.prefill_ms / 1e3).max(1e-9);
+            timings.decode_tok_s = timings.decode_steps as f64 / (timings.decode_ms / 1e3).max(1e-9);
+            out.timings = timings;
+            Ok(out)
+        }
+    }
+
+    /// Test hook: multiplies one f16 scale (`row`, `block`) of the quantized weight
+    /// `tensor` in the engine's own copy of its scales (the mapped file is untouched),
+    /// to make a deliberately wrong kernel for the verifier's gate.
+    pub fn perturb_scale_for_test(&mut self, tensor: &str, row: usize, block: usize, factor: f32) -> Result<()> {
+        let (_, s, [rows, cols]) = self.bundles.language.q8(tensor).ok_or_else(|| EngineError::Tensor {
+            name: tensor.into(),
+            msg: "is not an int8 weight of the language bundle".into(),
+        })?;
+        let nb = cols / crate::kernels::q8::BLOCK;
+        if row >= rows || block >= nb {
+            return Err(EngineError::Tensor {
+                name: tensor.into(),
+                msg: format!("has {rows} rows × {nb} blocks; ({row}, {block}) is outside"),
+            });
+        }
+        let copy = self.overrides.entry(tensor.to_string()).or_insert_with(|| s.to_vec());
+        let i = row * nb + block;
+        copy[i] = f16::from_f32(copy[i].to_f32() * factor);
+        Ok(())
+    }
+
+    /// Bytes one decode step reads: every linear and the head once, one embedding
+    /// row, and the KV cache at `positions` (for the bandwidth bound).
+    pub fn decode_bytes(&self, positions: usize) -> Result<u64> {
+        let w = Weights {
+            bundle: &self.bundles.language,
+            overrides: &self.overrides,
+        };
+        let tc = self.text.config();
+        let mut total = 0u64;
+        for name in self.text.linear_names() {
+            let (_, shape, _) = w.bundle.raw(name)?;
+            let l = crate::weights::Lin::resolve(w.bundle, name, shape[0], shape[1], w.overrides)?;
+            total += l.bytes() as u64;
+        }
+        total += 2 * tc.hidden_size as u64;
+        let kv = 2 * tc.num_hidden_layers * tc.num_key_value_heads * tc.head_dim * 4;
+        Ok(total + (kv * positions) as u64)
+    }
+}
+
+/// The vision bundle must be this language bundle's companion and fit its decoder.
+fn check_pair(lang: &Bundle, vision: &Bundle) -> Result<()> {
+    let (l, v) = (lang.config(), vision.config());
+    let mismatch = |msg: String| EngineError::Mismatch {
+        path: vision.dir().to_path_buf(),
+        msg,
+    };
+    if v.vision.out_hidden_size != l.text.hidden_size {
+        return Err(mismatch(format!(
+            "vision bundle out_hidden_size {} does not match the language bundle's hidden size {} ({})",
+            v.vision.out_hidden_size,
+            l.text.hidden_size,
+            lang.dir().display()
+        )));
+    }
+    if v.vision.deepstack_visual_indexes.len() > l.text.num_hidden_layers {
+        return Err(mismatch("has more DeepStack taps than the decoder has layers".into()));
+    }
+    if v.image_token_id != l.image_token_id {
+        return Err(mismatch(format!(
+            "image_token_id {} differs from the language bundle's {}",
+            v.image_token_id, l.image_token_id
+        )));
+    }
+    Ok(())
+}

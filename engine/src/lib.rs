@@ -1,0 +1,40 @@
+//! q3vl-engine: the runtime behind `q3vl run` and `q3vl bench`.
+//!
+//! - Both bundles are memory-mapped ([`q3vl_bundle::Bundles`]); nothing large is
+//!   copied or widened up front.
+//! - Decoder: int8 per-block-32 weights × activations quantized per 32-block at run
+//!   time ([`kernels::q8`]), f16 weights where the mode keeps them; prefill pushes all
+//!   prompt tokens through each weight at once, decode splits rows across threads.
+//! - Vision: f16 weights widened per tensor right before an f32 GEMM.
+//! - Image tokens use the id-space trick ([`positions`]): `<|image_pad|>` k becomes
+//!   `vocab + k`, and M-RoPE positions follow from (id, index).
+//! - Determinism: every output value is one fixed-order reduction on one thread, so
+//!   tokens and logits are bit-identical whatever the thread count.
+//!
+//! ```no_run
+//! use q3vl_engine::{Engine, EngineOptions, GenerateParams};
+//! # fn main() -> Result<(), q3vl_engine::EngineError> {
+//! let engine = Engine::open(std::path::Path::new("out"), &EngineOptions::default())?;
+//! let prompt = engine.prompt_builder()?.chat("Hello", None)?;
+//! let g = engine.generate(&prompt.ids, None, &GenerateParams::default(), &mut |_| {})?;
+//! println!("{:?}", g.tokens);
+//! # Ok(()) }
+//! ```
+
+pub mod bench;
+pub mod decoder;
+pub mod detokenize;
+pub mod engine;
+pub mod error;
+pub mod kernels;
+pub mod kv_cache;
+pub mod positions;
+pub mod sampler;
+pub mod stamp;
+pub mod vision;
+pub mod weights;
+
+pub use engine::{Engine, EngineOptions, GenerateParams, Generation, Timings};
+pub use error::{EngineError, Result};
+pub use stamp::{stamp_status, StampStatus};
+pub use vision::ImageFeatures;

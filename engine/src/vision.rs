@@ -1,0 +1,297 @@
+//! The vision tower on f16 weights with f32 arithmetic (architecture doc §3): patch
+//! embed, interpolated position embedding, 2D RoPE ViT blocks, DeepStack mergers
+//! and the main merger. Each weight is widened to f32 right before its GEMM and
+//! dropped after, so no f32 copy of the tower is kept.
+
+use crate::error::{EngineError, Result};
+use crate::kernels::gemm::{linear, matmul_ab_serial, matmul_abt_serial};
+use crate::weights::{f16_tensor, vector};
+use half::f16;
+use q3vl_bundle::Bundle;
+use q3vl_model::config::VisionConfig;
+use q3vl_model::layout::{deepstack, vision_block, visual};
+use q3vl_model::rope::{inv_freq, vision_patch_coords};
+use q3vl_model::vision::interpolate_pos_embed;
+use rayon::prelude::*;
+
+/// LayerNorm epsilon of every vision norm.
+const LN_EPS: f32 = 1e-6;
+
+/// One image's features for the decoder, computed once per image.
+#[derive(Debug, Clone)]
+pub struct ImageFeatures {
+    /// `[N, H]` image token embeddings (main merger), in slot order.
+    pub embeds: Vec<f32>,
+    /// One `[N, H]` DeepStack feature per tap, added after decoder layers 0, 1, ...
+    pub deepstack: Vec<Vec<f32>>,
+    /// Image tokens N.
+    pub tokens: usize,
+    /// The patch grid (t, h, w) the tower ran on.
+    pub grid_thw: [usize; 3],
+    /// Width H of each row.
+    pub hidden: usize,
+}
+
+impl ImageFeatures {
+    /// The merged grid (h', w').
+    pub fn merged_grid(&self, merge: usize) -> (usize, usize) {
+        (self.grid_thw[1] / merge, self.grid_thw[2] / merge)
+    }
+}
+
+/// The tower's resident part: config and the small f32 tensors.
+pub struct VisionModel {
+    cfg: VisionConfig,
+    pos_table: Vec<f32>,
+}
+
+fn widen_all(w: &[f16]) -> Vec<f32> {
+    let mut out = vec![0f32; w.len()];
+    crate::kernels::f16dot::widen(w, &mut out);
+    out
+}
+
+impl VisionModel {
+    /// Loads the position table and checks every weight's shape and dtype.
+    pub fn load(b: &Bundle) -> Result<VisionModel> {
+        let cfg = b.config().vision.clone();
+        let g = cfg.pos_grid();
+        let pos_table = vector(b, &visual("pos_embed.weight"), g * g * cfg.hidden_size)?;
+        let m = VisionModel { cfg, pos_table };
+        m.check(b)?;
+        Ok(m)
+    }
+
+    fn check(&self, b: &Bundle) -> Result<()> {
+        let c = &self.cfg;
+        let (d, i, mdim) = (c.hidden_size, c.intermediate_size, c.merged_dim());
+        f16_tensor(b, &visual("patch_embed.proj.weight"), &[d, c.in_channels, c.temporal_patch_size, c.patch_size, c.patch_size])?;
+        for j in 0..c.depth {
+            for (leaf, o, k) in [("attn.qkv", 3 * d, d), ("attn.proj", d, d), ("mlp.linear_fc1", i, d), ("mlp.linear_fc2", d, i)] {
+                f16_tensor(b, &vision_block(j, &format!("{leaf}.weight")), &[o, k])?;
+                vector(b, &vision_block(j, &format!("{leaf}.bias")), o)?;
+            }
+        }
+        let mut mergers = vec![format!("{}.merger", q3vl_model::layout::VISUAL)];
+        for k in 0..c.deepstack_visual_indexes.len() {
+            mergers.push(deepstack(k, "").trim_end_matches('.').to_string());
+        }
+        for p in mergers {
+            f16_tensor(b, &format!("{p}.linear_fc1.weight"), &[mdim, mdim])?;
+            f16_tensor(b, &format!("{p}.linear_fc2.weight"), &[c.out_hidden_size, mdim])?;
+        }
+        Ok(())
+    }
+
+    /// The vision config.
+    pub fn config(&self) -> &VisionConfig {
+        &self.cfg
+    }
+
+    /// `x · Wᵀ + b` for an f16 weight `[n, k]`, widened for this call only.
+    fn lin(&self, b: &Bundle, prefix: &str, x: &[f32], m: usize, k: usize, n: usize) -> Result<Vec<f32>> {
+        let w = widen_all(f16_tensor(b, &format!("{prefix}.weight"), &[n, k])?);
+        let bias = vector(b, &format!("{prefix}.bias"), n)?;
+        let mut out = vec![0f32; m * n];
+        linear(x, m, k, &w, n, Some(&bias), &mut out);
+        Ok(out)
+    }
+
+    fn layer_norm(&self, b: &Bundle, prefix: &str, x: &[f32], n: usize) -> Result<Vec<f32>> {
+        let w = vector(b, &format!("{prefix}.weight"), n)?;
+        let bias = vector(b, &format!("{prefix}.bias"), n)?;
+        let mut out = vec![0f32; x.len()];
+        for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+            let mean = xr.iter().sum::<f32>() / n as f32;
+            let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n as f32;
+            let r = 1.0 / (var + LN_EPS).sqrt();
+            for (((o, &v), &g), &bb) in or.iter_mut().zip(xr).zip(&w).zip(&bias) {
+                *o = (v - mean) * r * g + bb;
+            }
+        }
+        Ok(out)
+    }
+
+    /// A patch merger; `prefix` is e.g. `model.visual.merger`.
+    fn merger(&self, b: &Bundle, prefix: &str, x: &[f32], postshuffle: bool) -> Result<Vec<f32>> {
+        let c = &self.cfg;
+        let md = c.merged_dim();
+        let rows = x.len() / md;
+        let y = if postshuffle {
+            self.layer_norm(b, &format!("{prefix}.norm"), x, md)?
+        } else {
+            self.layer_norm(b, &format!("{prefix}.norm"), x, c.hidden_size)?
+        };
+        let mut y = self.lin(b, &format!("{prefix}.linear_fc1"), &y, rows, md, md)?;
+        for v in &mut y {
+            *v = gelu_erf(*v);
+        }
+        self.lin(b, &format!("{prefix}.linear_fc2"), &y, rows, md, c.out_hidden_size)
+    }
+
+    /// Runs the tower on `[P, patch_dim]` patch rows of grid `(t, h, w)`.
+    pub fn encode(&self, b: &Bundle, pixel_values: &[f32], grid_thw: [usize; 3]) -> Result<ImageFeatures> {
+        let c = &self.cfg;
+        let (d, pd, merge) = (c.hidden_size, c.patch_dim(), c.spatial_merge_size);
+        let p: usize = grid_thw.iter().product();
+        if grid_thw[0] != 1 {
+            return Err(EngineError::Input(format!("grid {grid_thw:?}: only still images (t = 1) are supported")));
+        }
+        if !grid_thw[1].is_multiple_of(merge) || !grid_thw[2].is_multiple_of(merge) || p == 0 {
+            return Err(EngineError::Input(format!("grid {grid_thw:?} is not a positive multiple of the merge size {merge}")));
+        }
+        if pixel_values.len() != p * pd {
+            return Err(EngineError::Input(format!(
+                "pixel_values has {} values, grid {grid_thw:?} needs {p}×{pd}",
+                pixel_values.len()
+            )));
+        }
+        let mut x = self.lin(b, &visual("patch_embed.proj"), pixel_values, p, pd, d)?;
+        let g = c.pos_grid();
+        let pe = interpolate_pos_embed(&self.pos_table, g, d, grid_thw, merge);
+        for (a, v) in x.iter_mut().zip(&pe) {
+            *a += v;
+        }
+        let (heads, hd) = (c.num_heads, c.head_dim());
+        let (cos, sin) = vision_rope(grid_thw, merge, hd, c.rope_theta);
+        let mut ds: Vec<(usize, Vec<f32>)> = Vec::new();
+        for j in 0..c.depth {
+            let h = self.layer_norm(b, &vision_block(j, "norm1"), &x, d)?;
+            let qkv = self.lin(b, &vision_block(j, "attn.qkv"), &h, p, d, 3 * d)?;
+            let a = vision_attention(&qkv, p, heads, hd, &cos, &sin);
+            let o = self.lin(b, &vision_block(j, "attn.proj"), &a, p, d, d)?;
+            for (xv, ov) in x.iter_mut().zip(&o) {
+                *xv += ov;
+            }
+            let h = self.layer_norm(b, &vision_block(j, "norm2"), &x, d)?;
+            let mut h = self.lin(b, &vision_block(j, "mlp.linear_fc1"), &h, p, d, c.intermediate_size)?;
+            for v in &mut h {
+                *v = gelu_tanh(*v);
+            }
+            let o = self.lin(b, &vision_block(j, "mlp.linear_fc2"), &h, p, c.intermediate_size, d)?;
+            for (xv, ov) in x.iter_mut().zip(&o) {
+                *xv += ov;
+            }
+            if let Some(k) = c.deepstack_visual_indexes.iter().position(|&i| i == j) {
+                let prefix = deepstack(k, "");
+                ds.push((k, self.merger(b, prefix.trim_end_matches('.'), &x, true)?));
+            }
+        }
+        ds.sort_by_key(|(k, _)| *k);
+        let embeds = self.merger(b, &visual("merger"), &x, false)?;
+        Ok(ImageFeatures {
+            embeds,
+            deepstack: ds.into_iter().map(|(_, f)| f).collect(),
+            tokens: p / (merge * merge),
+            grid_thw,
+            hidden: c.out_hidden_size,
+        })
+    }
+}
+
+/// The ViT's cos/sin `[P, hd/2]` (the second half repeats the first).
+fn vision_rope(grid_thw: [usize; 3], merge: usize, hd: usize, theta: f64) -> (Vec<f32>, Vec<f32>) {
+    let inv = inv_freq(hd / 2, theta);
+    let coords = vision_patch_coords(grid_thw, merge);
+    let half = hd / 2;
+    let mut cos = Vec::with_capacity(coords.len() * half);
+    let mut sin = Vec::with_capacity(coords.len() * half);
+    for (r, c) in coords {
+        for a in inv.iter().map(|f| r as f32 * f).chain(inv.iter().map(|f| c as f32 * f)) {
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    (cos, sin)
+}
+
+/// Full (non-causal) attention of one image, per head in parallel: RoPE on q and k,
+/// `softmax(q kᵀ / √hd) v`. One head's `P × P` scores live at a time per thread.
+fn vision_attention(qkv: &[f32], p: usize, heads: usize, hd: usize, cos: &[f32], sin: &[f32]) -> Vec<f32> {
+    let d = heads * hd;
+    let half = hd / 2;
+    let scale = (hd as f32).powf(-0.5);
+    let per_head: Vec<Vec<f32>> = (0..heads)
+        .into_par_iter()
+        .map(|h| {
+            let mut q = vec![0f32; p * hd];
+            let mut k = vec![0f32; p * hd];
+            let mut v = vec![0f32; p * hd];
+            for i in 0..p {
+                let row = &qkv[i * 3 * d..(i + 1) * 3 * d];
+                q[i * hd..(i + 1) * hd].copy_from_slice(&row[h * hd..(h + 1) * hd]);
+                k[i * hd..(i + 1) * hd].copy_from_slice(&row[d + h * hd..d + (h + 1) * hd]);
+                v[i * hd..(i + 1) * hd].copy_from_slice(&row[2 * d + h * hd..2 * d + (h + 1) * hd]);
+                let (c, s) = (&cos[i * half..(i + 1) * half], &sin[i * half..(i + 1) * half]);
+                crate::decoder::rope(&mut q[i * hd..(i + 1) * hd], c, s);
+                crate::decoder::rope(&mut k[i * hd..(i + 1) * hd], c, s);
+            }
+            let mut scores = vec![0f32; p * p];
+            matmul_abt_serial(&q, p, hd, &k, p, &mut scores);
+            for row in scores.chunks_exact_mut(p) {
+                let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
+                let mut sum = 0f32;
+                for s in row.iter_mut() {
+                    *s = (*s * scale - max).exp();
+                    sum += *s;
+                }
+                let inv = 1.0 / sum;
+                for s in row.iter_mut() {
+                    *s *= inv;
+                }
+            }
+            let mut out = vec![0f32; p * hd];
+            matmul_ab_serial(&scores, p, p, &v, hd, &mut out);
+            out
+        })
+        .collect();
+    let mut out = vec![0f32; p * d];
+    for (h, o) in per_head.iter().enumerate() {
+        for i in 0..p {
+            out[i * d + h * hd..i * d + (h + 1) * hd].copy_from_slice(&o[i * hd..(i + 1) * hd]);
+        }
+    }
+    out
+}
+
+/// `gelu(x, approximate="tanh")`, the ViT MLP activation.
+fn gelu_tanh(x: f32) -> f32 {
+    let c = (2.0f32 / std::f32::consts::PI).sqrt();
+    0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
+}
+
+/// Exact (erf) GELU, the mergers' activation.
+fn gelu_erf(x: f32) -> f32 {
+    (0.5 * x as f64 * (1.0 + erf(x as f64 / std::f64::consts::SQRT_2))) as f32
+}
+
+/// erf in f64 (Numerical Recipes' erfc Chebyshev fit, relative error < 1.2e-7).
+fn erf(x: f64) -> f64 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let poly = -z * z - 1.265_512_23
+        + t * (1.000_023_68
+            + t * (0.374_091_96
+                + t * (0.096_784_18
+                    + t * (-0.186_288_06
+                        + t * (0.278_868_07
+                            + t * (-1.135_203_98 + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+    let erfc = t * poly.exp();
+    if x >= 0.0 {
+        1.0 - erfc
+    } else {
+        erfc - 1.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn erf_is_accurate() {
+        for (x, want) in [(0.0, 0.0), (0.5, 0.520_499_877_8), (1.0, 0.842_700_792_9), (-2.0, -0.995_322_265), (3.0, 0.999_977_909_5)] {
+            assert!((erf(x) - want).abs() < 2e-7, "erf({x})");
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! Zero-copy views of a bundle's weights, as the kernels consume them.
+
+use crate::error::{EngineError, Result};
+use crate::kernels::f16dot::{dot_f32, widen};
+use crate::kernels::q8::{dot, QActs, BLOCK};
+use half::f16;
+use q3vl_bundle::{Bundle, Dtype};
+use rayon::prelude::*;
+use std::collections::HashMap;
+
+/// Weight rows per parallel task; any value gives the same numbers, since each
+/// output is one whole dot product.
+const ROWS_PER_TASK: usize = 16;
+
+/// A linear layer's weight `[rows = out, cols = in]`, borrowed from the memory map.
+#[derive(Clone, Copy)]
+pub enum Lin<'a> {
+    /// int8 per-block-32 with f16 scales (int8 modes).
+    Q8 {
+        /// `rows × cols` values.
+        q: &'a [i8],
+        /// `rows × cols/32` scales.
+        s: &'a [f16],
+        /// Output features.
+        rows: usize,
+        /// Input features.
+        cols: usize,
+    },
+    /// f16 (fp16 mode, the int8lin head, a tied embedding used as head).
+    F16 {
+        /// `rows × cols` values.
+        w: &'a [f16],
+        /// Output features.
+        rows: usize,
+        /// Input features.
+        cols: usize,
+    },
+}
+
+/// Reinterprets little-endian f16 bytes; None when misaligned.
+pub fn f16_slice(bytes: &[u8]) -> Option<&[f16]> {
+    // SAFETY: f16 is a transparent u16; every bit pattern is valid.
+    let (pre, s, post) = unsafe { bytes.align_to::<f16>() };
+    (pre.is_empty() && post.is_empty()).then_some(s)
+}
+
+impl<'a> Lin<'a> {
+    /// Resolves `name` in `b`, checking it is `[rows, cols]`. `overrides` replaces a
+    /// quantized tensor's scales (the test hook that perturbs one scale).
+    pub fn resolve(
+        b: &'a Bundle,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        overrides: &'a HashMap<String, Vec<f16>>,
+    ) -> Result<Lin<'a>> {
+        let bad = |msg: String| EngineError::Tensor {
+            name: name.into(),
+            msg: format!("{msg} (in {})", b.dir().display()),
+        };
+        if let Some((q, s, shape)) = b.q8(name) {
+            if shape != [rows, cols] {
+                return Err(bad(format!("is {shape:?}, the config needs [{rows}, {cols}]")));
+            }
+            let s = overrides.get(name).map(Vec::as_slice).unwrap_or(s);
+            return Ok(Lin::Q8 { q, s, rows, cols });
+        }
+        let (dtype, shape, bytes) = b.raw(name)?;
+        if shape != [rows, cols] {
+            return Err(bad(format!("is {shape:?}, the config needs [{rows}, {cols}]")));
+        }
+        if dtype != Dtype::F16 {
+            return Err(bad(format!("is {dtype}; the engine reads int8 or F16 weights")));
+        }
+        let w = f16_slice(bytes).ok_or_else(|| bad("is not 2-byte aligned".into()))?;
+        Ok(Lin::F16 { w, rows, cols })
+    }
+
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        match *self {
+            Lin::Q8 { rows, .. } | Lin::F16 { rows, .. } => rows,
+        }
+    }
+
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        match *self {
+            Lin::Q8 { cols, .. } | Lin::F16 { cols, .. } => cols,
+        }
+    }
+
+    /// Whether this weight wants quantized activations.
+    pub fn is_q8(&self) -> bool {
+        matches!(self, Lin::Q8 { .. })
+    }
+
+    /// `out[t, r] = Σ_c x[t, c] · W[r, c]` for `t` tokens. `xq` must be `x` quantized
+    /// when the weight is int8 (shared between the projections reading the same `x`).
+    /// Rows are split across the pool's threads; each output is one dot product.
+    pub fn matmul(&self, x: &[f32], xq: Option<&QActs>, t: usize, out: &mut [f32]) {
+        let (rows, cols) = (self.rows(), self.cols());
+        assert_eq!(x.len(), t * cols);
+        assert_eq!(out.len(), t * rows);
+        // Row-major by weight row, so each task owns a contiguous piece.
+        let mut tr = vec![0f32; rows * t];
+        match *self {
+            Lin::Q8 { q, s, .. } => {
+                let xq = xq.expect("int8 weights need quantized activations");
+                let nb = cols / BLOCK;
+                tr.par_chunks_mut(ROWS_PER_TASK * t)
+                    .enumerate()
+                    .for_each(|(c, chunk)| {
+                        for (i, o) in chunk.chunks_mut(t).enumerate() {
+                            let r = c * ROWS_PER_TASK + i;
+                            let wr = &q[r * cols..(r + 1) * cols];
+                            let sr = &s[r * nb..(r + 1) * nb];
+                            for (tok, ov) in o.iter_mut().enumerate() {
+                                let (xr, xd) = xq.row(tok);
+                                *ov = dot(wr, sr, xr, xd);
+                            }
+                        }
+                    });
+            }
+            Lin::F16 { w, .. } => {
+                tr.par_chunks_mut(ROWS_PER_TASK * t)
+                    .enumerate()
+                    .for_each(|(c, chunk)| {
+                        let mut row = vec![0f32; cols];
+                        for (i, o) in chunk.chunks_mut(t).enumerate() {
+                            let r = c * ROWS_PER_TASK + i;
+                            widen(&w[r * cols..(r + 1) * cols], &mut row);
+                            for (tok, ov) in o.iter_mut().enumerate() {
+                                *ov = dot_f32(&row, &x[tok * cols..(tok + 1) * cols]);
+                            }
+                        }
+                    });
+            }
+        }
+        if t == 1 {
+            out.copy_from_slice(&tr);
+        } else {
+            for r in 0..rows {
+                for tok in 0..t {
+                    out[tok * rows + r] = tr[r * t + tok];
+                }
+            }
+        }
+    }
+
+    /// Bytes read from memory per use (weights and scales).
+    pub fn bytes(&self) -> usize {
+        match *self {
+            Lin::Q8 { q, s, .. } => q.len() + 2 * s.len(),
+            Lin::F16 { w, .. } => 2 * w.len(),
+        }
+    }
+}
+
+/// A small tensor (norm weights, biases, the position table) as f32, length-checked.
+pub fn vector(b: &Bundle, name: &str, len: usize) -> Result<Vec<f32>> {
+    let v = b.dequantized(name)?;
+    if v.len() != len {
+        return Err(EngineError::Tensor {
+            name: name.into(),
+            msg: format!("has {} values, the config needs {len} (in {})", v.len(), b.dir().display()),
+        });
+    }
+    Ok(v)
+}
+
+/// An f16 tensor of `shape` (vision weights), zero-copy.
+pub fn f16_tensor<'a>(b: &'a Bundle, name: &str, shape: &[usize]) -> Result<&'a [f16]> {
+    let (dtype, found, bytes) = b.raw(name)?;
+    let bad = |msg: String| EngineError::Tensor {
+        name: name.into(),
+        msg: format!("{msg} (in {})", b.dir().display()),
+    };
+    let n: usize = shape.iter().product();
+    let found_n: usize = found.iter().product();
+    if found_n != n || (found.len() == shape.len() && found != shape) {
+        return Err(bad(format!("is {found:?}, the config needs {shape:?}")));
+    }
+    if dtype != Dtype::F16 {
+        return Err(bad(format!("is {dtype}, expected F16")));
+    }
+    f16_slice(bytes).ok_or_else(|| bad("is not 2-byte aligned".into()))
+}

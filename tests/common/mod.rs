@@ -1,0 +1,230 @@
+//! Helpers shared by the end-to-end tests: running the `q3vl` binary, small
+//! checkpoints made on the fly, and checks on what a run leaves behind.
+
+#![allow(dead_code)]
+
+use q3vl_model::layout;
+use q3vl_model::Qwen3VlConfig;
+use safetensors::tensor::{Dtype, TensorView};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// The binary under test.
+pub fn q3vl() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_q3vl"))
+}
+
+/// Runs `q3vl ARGS` to completion.
+pub fn run(args: &[&str]) -> Output {
+    q3vl().args(args).output().expect("q3vl runs")
+}
+
+/// Runs and asserts success, returning stdout.
+pub fn ok(args: &[&str]) -> String {
+    let o = run(args);
+    assert!(
+        o.status.success(),
+        "q3vl {args:?} failed ({:?}):\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// Asserts a run failed the way spec/cli.md asks for bad input: exit 2, one line on
+/// stderr that contains every `needles`, no panic. Returns the line.
+pub fn fails(o: &Output, needles: &[&str]) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(2), "expected exit 2, stderr:\n{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line on stderr:\n{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("internal error"),
+        "{err}"
+    );
+    for n in needles {
+        assert!(err.contains(n), "stderr lacks {n:?}:\n{err}");
+    }
+    lines[0].to_string()
+}
+
+/// A path as a `&str` for argument lists.
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// Asserts `out` holds nothing that looks like a bundle (no folder with a
+/// `metadata.json`) and no staging leftovers.
+pub fn no_bundle_left(out: &Path) {
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return;
+    };
+    for e in entries {
+        let p = e.unwrap().path();
+        assert!(
+            !p.join("metadata.json").exists(),
+            "a bundle was left: {}",
+            p.display()
+        );
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        assert!(
+            !name.starts_with(".q3vl-"),
+            "a staging folder was left: {}",
+            p.display()
+        );
+    }
+}
+
+/// Every file under `dir` with its bytes, by relative path.
+pub fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    fn walk(root: &Path, d: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+        for e in std::fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+                out.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// Copies a folder (files only, one level of sub-folders deep is enough here).
+pub fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let p = e.unwrap().path();
+        let to = dst.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_dir(&p, &to);
+        } else {
+            std::fs::copy(&p, &to).unwrap();
+        }
+    }
+}
+
+/// A scratch folder under cargo's per-target temporary directory, emptied first
+/// (kept after the run, so nothing large piles up in /tmp).
+pub fn scratch(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.file_stem().unwrap().to_string_lossy().into_owned();
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{bin}-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// `q3vl synth --size tiny` (real vocab, real tokenizer), made once per test binary;
+/// tests copy it before changing anything.
+pub fn tiny_source() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = scratch("src").join("tiny");
+        ok(&["synth", "--size", "tiny", "--out", s(&dir), "--seed", "1"]);
+        dir
+    })
+}
+
+/// The small config of the hand-made checkpoints: tiny's shape with a 512-token vocab.
+pub fn mini_config() -> Qwen3VlConfig {
+    let mut c = q3vl_convert::synth::tiny_config();
+    c.text.vocab_size = 512;
+    c
+}
+
+/// Deterministic small bf16 values.
+fn values(n: usize, salt: usize) -> Vec<u8> {
+    (0..n)
+        .flat_map(|i| {
+            let x = (((i * 7919 + salt * 104_729) % 2001) as f32 - 1000.0) * 2e-5;
+            half::bf16::from_f32(x).to_le_bytes()
+        })
+        .collect()
+}
+
+/// Writes a checkpoint of `cfg` in HF layout (bf16, one `model.safetensors`, stub
+/// tokenizer files) — fast, for bad-input tests that only need a well-formed source.
+pub fn write_checkpoint(dir: &Path, cfg: &Qwen3VlConfig) {
+    std::fs::create_dir_all(dir).unwrap();
+    let specs = layout::checkpoint_tensors(cfg);
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = specs
+        .iter()
+        .enumerate()
+        .map(|(k, t)| {
+            (
+                t.name.clone(),
+                t.shape.clone(),
+                values(t.shape.iter().product(), k),
+            )
+        })
+        .collect();
+    let views: Vec<(String, TensorView)> = data
+        .iter()
+        .map(|(n, sh, b)| {
+            (
+                n.clone(),
+                TensorView::new(Dtype::BF16, sh.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    write_json(&dir.join("config.json"), &cfg.to_hf_json());
+    std::fs::write(dir.join("tokenizer.json"), "{}").unwrap();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        r#"{"chat_template": "{{ messages }}"}"#,
+    )
+    .unwrap();
+}
+
+/// Writes pretty JSON.
+pub fn write_json(p: &Path, v: &serde_json::Value) {
+    std::fs::write(p, serde_json::to_vec_pretty(v).unwrap()).unwrap();
+}
+
+/// One tensor as `rewrite_weights` hands it around: name, dtype, shape, bytes.
+pub type Tensor = (String, Dtype, Vec<usize>, Vec<u8>);
+
+/// Rewrites `dir/model.safetensors` through `edit`, which sees every tensor and returns
+/// what to store instead (nothing to drop it, two to add one).
+pub fn rewrite_weights(dir: &Path, mut edit: impl FnMut(Tensor) -> Vec<Tensor>) {
+    let p = dir.join("model.safetensors");
+    let buf = std::fs::read(&p).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&buf).unwrap();
+    let mut kept = Vec::new();
+    for (name, v) in st.tensors() {
+        kept.extend(edit((
+            name,
+            v.dtype(),
+            v.shape().to_vec(),
+            v.data().to_vec(),
+        )));
+    }
+    let views: Vec<(String, TensorView)> = kept
+        .iter()
+        .map(|(n, d, sh, b)| (n.clone(), TensorView::new(*d, sh.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, &p).unwrap();
+}
+
+/// A committed fixture (`fixtures/<name>`) converted once per test binary in the
+/// default mode (int8hu); returns the output folder. Tests that damage a bundle copy
+/// it first.
+pub fn converted_fixture(name: &str) -> PathBuf {
+    use std::sync::Mutex;
+    static DONE: Mutex<BTreeMap<String, PathBuf>> = Mutex::new(BTreeMap::new());
+    let mut done = DONE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = done.get(name) {
+        return p.clone();
+    }
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name);
+    let out = scratch(&format!("converted-{name}"));
+    ok(&["convert", "--src", s(&src), "--out", s(&out)]);
+    done.insert(name.to_string(), out.clone());
+    out
+}

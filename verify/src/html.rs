@@ -1,0 +1,203 @@
+//! `report.html`: one self-contained page (inline SVG, no network) that a person
+//! reads at a glance — per-stage 1 − cos on a log axis for the ViT and the decoder
+//! (the fp32 ladder and the bundle's side by side when both ran), the worst tokens,
+//! and the decode gates as token strips.
+
+use crate::ladder::{Profile, StageRow, TraceReport};
+use crate::report::Report;
+use std::fmt::Write as _;
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// 1 − cos, floored so an exact match still has a place on a log axis.
+fn gap(cos: f64) -> f64 {
+    (1.0 - cos).max(1e-12)
+}
+
+const W: f64 = 760.0;
+const H: f64 = 240.0;
+const PAD: f64 = 48.0;
+
+/// One plotted run: label, colour, the stages, and the gate threshold drawn for it.
+type Series<'a> = (&'a str, &'a str, Vec<&'a StageRow>, Option<f64>);
+
+/// One log-scale line plot of 1 − cos per stage; one series per profile.
+fn plot(title: &str, series: &[Series<'_>]) -> String {
+    let n = series.iter().map(|s| s.2.len()).max().unwrap_or(0);
+    let short = |r: &StageRow| -> String {
+        match (r.name.as_str(), r.index) {
+            ("vision.merger", _) => "m".into(),
+            (n, Some(k)) if n.starts_with("vision.deepstack") => format!("ds{k}"),
+            (_, Some(i)) => i.to_string(),
+            (n, None) => n.rsplit('.').next().unwrap_or(n).to_string(),
+        }
+    };
+    if n == 0 {
+        return String::new();
+    }
+    let (lo, hi) = (-12.0f64, 0.0f64);
+    let x = |i: usize| PAD + (W - 2.0 * PAD) * (i as f64 + 0.5) / n as f64;
+    let y = |v: f64| PAD / 2.0 + (H - PAD) * (hi - v.log10().clamp(lo, hi)) / (hi - lo);
+    let mut s = String::new();
+    let _ = write!(s, "<figure><figcaption>{}</figcaption><svg viewBox=\"0 0 {W} {H}\" width=\"{W}\" height=\"{H}\" role=\"img\">", esc(title));
+    for e in (lo as i32..=hi as i32).step_by(2) {
+        let yy = y(10f64.powi(e));
+        let _ = write!(s, "<line x1=\"{PAD}\" x2=\"{}\" y1=\"{yy}\" y2=\"{yy}\" class=\"grid\"/><text x=\"4\" y=\"{}\" class=\"axis\">1e{e}</text>", W - PAD, yy + 4.0);
+    }
+    for (name, color, _, threshold) in series {
+        if let Some(t) = threshold {
+            let yy = y(gap(*t));
+            let _ = write!(s, "<line x1=\"{PAD}\" x2=\"{}\" y1=\"{yy}\" y2=\"{yy}\" class=\"gate\" stroke=\"{color}\"/><text x=\"{}\" y=\"{}\" class=\"axis\">{} gate</text>", W - PAD, W - PAD + 4.0, yy + 4.0, esc(name.split(' ').next().unwrap_or("")));
+        }
+    }
+    for (name, color, rows, _) in series {
+        let pts: Vec<String> = rows.iter().enumerate().map(|(i, r)| format!("{:.1},{:.1}", x(i), y(gap(r.cos)))).collect();
+        let _ = write!(s, "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"><title>{}</title></polyline>", pts.join(" "), esc(name));
+        for (i, r) in rows.iter().enumerate() {
+            let cls = if r.passed { "" } else { " fail" };
+            let _ = write!(
+                s,
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"{color}\" class=\"pt{cls}\"><title>{} {}: cos {:.9}, worst token {} at {}</title></circle>",
+                x(i), y(gap(r.cos)), esc(name), esc(&r.name), r.cos, r.min_token_cos, r.min_token_pos
+            );
+        }
+    }
+    if let Some((_, _, rows, _)) = series.first() {
+        for (i, r) in rows.iter().enumerate() {
+            let _ = write!(s, "<text x=\"{:.1}\" y=\"{}\" class=\"axis\" text-anchor=\"middle\">{}</text>", x(i), H - 6.0, esc(&short(r)));
+        }
+    }
+    let mut lx = PAD;
+    for (name, color, _, _) in series {
+        let _ = write!(s, "<rect x=\"{lx}\" y=\"2\" width=\"10\" height=\"10\" fill=\"{color}\"/><text x=\"{}\" y=\"11\" class=\"axis\">{}</text>", lx + 14.0, esc(name));
+        lx += 160.0;
+    }
+    s.push_str("</svg></figure>");
+    s
+}
+
+fn strip(title: &str, ours: &[u32], oracle: &[u32], margins: &[f64], firm: f64, limit: usize) -> String {
+    let mut s = format!("<div class=\"strip\"><span class=\"lbl\">{}</span>", esc(title));
+    for (i, o) in oracle.iter().enumerate() {
+        let u = ours.get(i).copied();
+        let amb = margins.get(i).is_some_and(|&m| m < firm);
+        let cls = if i >= limit {
+            "out"
+        } else if amb {
+            "amb"
+        } else if u == Some(*o) {
+            "ok"
+        } else {
+            "bad"
+        };
+        let _ = write!(
+            s,
+            "<span class=\"tok {cls}\" title=\"step {i}: ours {}, oracle {o}, margin {:.3}\">{i}</span>",
+            u.map(|u| u.to_string()).unwrap_or("-".into()),
+            margins.get(i).copied().unwrap_or(f64::NAN)
+        );
+    }
+    s.push_str("</div>");
+    s
+}
+
+fn table(t: &TraceReport) -> String {
+    let mut s = String::from("<table><tr><th>stage</th><th>cos</th><th>worst token cos</th><th>@</th><th>update cos</th><th>max abs</th><th></th></tr>");
+    for r in &t.rows {
+        let mark = match (r.gated, r.passed) {
+            (false, _) => "·",
+            (true, true) => "ok",
+            (true, false) => "FAIL",
+        };
+        let _ = write!(
+            s,
+            "<tr class=\"{}\"><td>{}</td><td>{:.9}</td><td>{:.9}</td><td>{}</td><td>{}</td><td>{:.3e}</td><td>{mark}</td></tr>",
+            if r.passed { "" } else { "fail" },
+            esc(&r.name), r.cos, r.min_token_cos, r.min_token_pos,
+            r.update_cos.map(|u| format!("{u:.9}")).unwrap_or("-".into()), r.max_abs
+        );
+    }
+    s.push_str("</table><table><tr><th>gate</th><th></th><th>value</th><th>threshold</th><th>detail</th></tr>");
+    for g in &t.gates {
+        let _ = write!(
+            s,
+            "<tr class=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            if g.passed { "" } else { "fail" },
+            esc(&g.name), if g.passed { "pass" } else { "FAIL" }, esc(&g.value), esc(&g.threshold), esc(&g.detail)
+        );
+    }
+    s.push_str("</table>");
+    s
+}
+
+impl Report {
+    /// The self-contained HTML page.
+    pub fn to_html(&self) -> String {
+        let mut body = String::new();
+        let _ = write!(
+            body,
+            "<h1>q3vl verify</h1><p class=\"{}\"><b>{}</b></p><p>{} · subject <code>{}</code> · gates v{}</p>",
+            if self.passed() { "pass" } else { "fail" },
+            esc(&self.summary_line()), esc(&self.tool), esc(&self.subject), self.gates.version
+        );
+        // Traces that ran under both profiles are plotted together.
+        let mut names: Vec<&std::path::Path> = self.traces.iter().map(|t| t.trace.as_path()).collect();
+        names.dedup();
+        let color = |p: Profile| if p == Profile::Fp32 { "#1f77b4" } else { "#d62728" };
+        for name in names {
+            let runs: Vec<&TraceReport> = self.traces.iter().filter(|t| t.trace == name).collect();
+            let _ = write!(body, "<section><h2>{}</h2><p>prompt: <q>{}</q> · {} tokens{}</p>", esc(&name.display().to_string()), esc(&runs[0].prompt), runs[0].tokens,
+                runs[0].image.as_deref().map(|i| format!(" · image {}", esc(i))).unwrap_or_default());
+            for stage in ["vision", "text"] {
+                let series: Vec<Series<'_>> = runs
+                    .iter()
+                    .map(|t| {
+                        let label = if t.profile == Profile::Fp32 { "fp32 ladder" } else { "bundle" };
+                        let rows = t
+                            .rows
+                            .iter()
+                            .filter(|r| r.stage == stage && (r.index.is_some() || r.name == "vision.merger"))
+                            .collect();
+                        let thr = match (t.profile, stage) {
+                            (Profile::Fp32, _) => Some(self.gates.fp32.stage_cos),
+                            (Profile::Bundle, "text") => Some(self.gates.bundle.layer_cos),
+                            (Profile::Bundle, _) => Some(self.gates.bundle.vision_cos),
+                        };
+                        (label, color(t.profile), rows, thr)
+                    })
+                    .collect();
+                let title = if stage == "vision" {
+                    "ViT blocks, merger (m) and DeepStack (ds): 1 − cos (bundle gates the merger and DeepStack only)"
+                } else {
+                    "decoder layers: 1 − cos"
+                };
+                body.push_str(&plot(title, &series));
+            }
+            for t in &runs {
+                let limit = match t.profile {
+                    Profile::Fp32 => t.oracle_tokens.len(),
+                    Profile::Bundle => self.gates.bundle.free_decode_steps,
+                };
+                body.push_str(&strip(&format!("{:?} greedy decode", t.profile), &t.decode_tokens, &t.oracle_tokens, &t.decode_margins, self.gates.firm_margin, limit));
+                let _ = write!(body, "<h3>{:?} profile</h3>", t.profile);
+                body.push_str(&table(t));
+            }
+            body.push_str("</section>");
+        }
+        format!(
+            "<!doctype html><html><head><meta charset=\"utf-8\"><title>q3vl verify</title><style>{CSS}</style></head><body>{body}</body></html>\n"
+        )
+    }
+}
+
+const CSS: &str = "body{font:14px system-ui,sans-serif;margin:24px;color:#222}h1{margin:0 0 8px}\
+.pass{color:#1a7f37}.fail{color:#c62828}table{border-collapse:collapse;margin:8px 0 16px}\
+td,th{padding:2px 8px;border-bottom:1px solid #eee;text-align:right;font-variant-numeric:tabular-nums}\
+td:first-child,th:first-child{text-align:left}tr.fail td{background:#fdecea}\
+svg{background:#fafafa;border:1px solid #ddd}.grid{stroke:#e4e4e4}.gate{stroke-dasharray:4 3}\
+.axis{font-size:10px;fill:#555}.pt.fail{stroke:#000;stroke-width:2}figure{margin:8px 0}figcaption{font-weight:600}\
+.strip{margin:6px 0}.lbl{display:inline-block;width:200px}.tok{display:inline-block;width:22px;text-align:center;\
+margin:1px;border-radius:3px;font-size:10px;color:#fff}.tok.ok{background:#2e7d32}.tok.bad{background:#c62828}\
+.tok.amb{background:#9e9e9e}.tok.out{background:#cfd8dc;color:#555}";

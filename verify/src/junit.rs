@@ -1,0 +1,62 @@
+//! JUnit XML: one test case per gate, for CI systems.
+
+use crate::report::Report;
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+impl Report {
+    /// The report as JUnit XML: a suite per trace, a case per gate.
+    pub fn to_junit(&self) -> String {
+        let mut suites = String::new();
+        let (mut total, mut failures) = (0, 0);
+        let mut suite = |name: &str, gates: &[crate::GateResult]| {
+            let f = gates.iter().filter(|g| !g.passed).count();
+            total += gates.len();
+            failures += f;
+            suites.push_str(&format!(
+                "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{f}\">\n",
+                esc(name),
+                gates.len()
+            ));
+            for g in gates {
+                suites.push_str(&format!(
+                    "    <testcase classname=\"{}\" name=\"{}\">",
+                    esc(name),
+                    esc(&g.name)
+                ));
+                if g.passed {
+                    suites.push_str(&format!(
+                        "<system-out>{} [{}] {}</system-out>",
+                        esc(&g.value),
+                        esc(&g.threshold),
+                        esc(&g.detail)
+                    ));
+                } else {
+                    suites.push_str(&format!(
+                        "<failure message=\"{} [{}]\">{}</failure>",
+                        esc(&g.value),
+                        esc(&g.threshold),
+                        esc(&g.detail)
+                    ));
+                }
+                suites.push_str("</testcase>\n");
+            }
+            suites.push_str("  </testsuite>\n");
+        };
+        for t in &self.traces {
+            let name = format!("{:?}:{}", t.profile, t.trace.display()).to_lowercase();
+            suite(&name, &t.gates);
+        }
+        if !self.extra_gates.is_empty() {
+            suite("run", &self.extra_gates);
+        }
+        format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites name=\"q3vl verify\" tests=\"{total}\" failures=\"{failures}\">\n{suites}</testsuites>\n"
+        )
+    }
+}
