@@ -189,55 +189,93 @@ fn clip8(acc: i64) -> u8 {
     (acc >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-/// Resizes like PIL's `Image.resize((w, h), BICUBIC)` on an RGB image: a horizontal
-/// pass, then a vertical one, each rounded back to 8 bits.
+/// Resizes like PIL's `Image.resize((w, h), BICUBIC)` on an RGB image: two separable
+/// passes, each rounded back to 8 bits, in Pillow 13's order (see [`vertical_first`]).
 pub fn resize_bicubic(img: &Rgb8, out_w: usize, out_h: usize) -> Rgb8 {
     if img.width == out_w && img.height == out_h {
         return img.clone();
     }
-    let half = 1i64 << (PRECISION_BITS - 1);
-    let mut cur = img.clone();
-    if out_w != cur.width {
-        let taps = coefficients(cur.width, out_w);
-        let mut data = vec![0u8; cur.height * out_w * 3];
-        for y in 0..cur.height {
-            let row = &cur.data[y * cur.width * 3..(y + 1) * cur.width * 3];
-            for (x, t) in taps.iter().enumerate() {
-                for c in 0..3 {
-                    let mut acc = half;
-                    for (i, &k) in t.weights.iter().enumerate() {
-                        acc += row[(t.start + i) * 3 + c] as i64 * k as i64;
-                    }
-                    data[(y * out_w + x) * 3 + c] = clip8(acc);
-                }
-            }
-        }
-        cur = Rgb8 {
-            width: out_w,
-            height: cur.height,
-            data,
+    let (w_pass, h_pass) = (out_w != img.width, out_h != img.height);
+    if vertical_first(img.width, img.height, out_w, out_h) {
+        let cur = if h_pass {
+            resize_vertical(img, out_h)
+        } else {
+            img.clone()
         };
+        if w_pass {
+            resize_horizontal(&cur, out_w)
+        } else {
+            cur
+        }
+    } else {
+        let cur = if w_pass {
+            resize_horizontal(img, out_w)
+        } else {
+            img.clone()
+        };
+        if h_pass {
+            resize_vertical(&cur, out_h)
+        } else {
+            cur
+        }
     }
-    if out_h != cur.height {
-        let taps = coefficients(cur.height, out_h);
-        let w = cur.width;
-        let mut data = vec![0u8; out_h * w * 3];
-        for (y, t) in taps.iter().enumerate() {
-            for x in 0..w * 3 {
+}
+
+/// Which pass Pillow runs first. Since Pillow 13 (python-pillow/Pillow#9549,
+/// `ImagingResampleInner`), the vertical pass goes first when the height shrinks
+/// by more than twice as many pixels as the width does (so a widened image that
+/// loses height does too); otherwise horizontal first, as in earlier Pillow. The
+/// two orders round differently, so the choice changes output bytes.
+fn vertical_first(in_w: usize, in_h: usize, out_w: usize, out_h: usize) -> bool {
+    let dh = in_h as i64 - out_h as i64;
+    let dw = in_w as i64 - out_w as i64;
+    dh > 0 && dh > 2 * dw
+}
+
+/// One horizontal pass: every row resampled to `out_w` columns.
+fn resize_horizontal(img: &Rgb8, out_w: usize) -> Rgb8 {
+    let half = 1i64 << (PRECISION_BITS - 1);
+    let taps = coefficients(img.width, out_w);
+    let mut data = vec![0u8; img.height * out_w * 3];
+    for y in 0..img.height {
+        let row = &img.data[y * img.width * 3..(y + 1) * img.width * 3];
+        for (x, t) in taps.iter().enumerate() {
+            for c in 0..3 {
                 let mut acc = half;
                 for (i, &k) in t.weights.iter().enumerate() {
-                    acc += cur.data[(t.start + i) * w * 3 + x] as i64 * k as i64;
+                    acc += row[(t.start + i) * 3 + c] as i64 * k as i64;
                 }
-                data[y * w * 3 + x] = clip8(acc);
+                data[(y * out_w + x) * 3 + c] = clip8(acc);
             }
         }
-        cur = Rgb8 {
-            width: w,
-            height: out_h,
-            data,
-        };
     }
-    cur
+    Rgb8 {
+        width: out_w,
+        height: img.height,
+        data,
+    }
+}
+
+/// One vertical pass: every column resampled to `out_h` rows.
+fn resize_vertical(img: &Rgb8, out_h: usize) -> Rgb8 {
+    let half = 1i64 << (PRECISION_BITS - 1);
+    let taps = coefficients(img.height, out_h);
+    let w = img.width;
+    let mut data = vec![0u8; out_h * w * 3];
+    for (y, t) in taps.iter().enumerate() {
+        for x in 0..w * 3 {
+            let mut acc = half;
+            for (i, &k) in t.weights.iter().enumerate() {
+                acc += img.data[(t.start + i) * w * 3 + x] as i64 * k as i64;
+            }
+            data[y * w * 3 + x] = clip8(acc);
+        }
+    }
+    Rgb8 {
+        width: w,
+        height: out_h,
+        data,
+    }
 }
 
 /// How the image is brought to a patch grid.
@@ -343,6 +381,25 @@ mod tests {
         let (h, w) = smart_resize(4000, 3000, f, 65536, 1 << 20).unwrap();
         assert!(h * w <= 1 << 20 && h % 32 == 0 && w % 32 == 0);
         assert!(smart_resize(10, 4000, f, 1, 1 << 30).is_err());
+    }
+
+    #[test]
+    fn pass_order_follows_pillow_13() {
+        // (in w, in h, out w, out h): Pillow 13 ran the vertical pass first?
+        for (iw, ih, ow, oh, v) in [
+            (179, 99, 162, 47, true),
+            (67, 159, 30, 64, true),
+            (150, 100, 160, 96, true), // widened, height down
+            (150, 100, 140, 96, false),
+            (151, 126, 72, 29, false),
+            (40, 40, 30, 20, false), // dh == 2·dw: horizontal first
+            (40, 41, 30, 20, true),
+            (20, 15, 33, 26, false), // upscale
+            (20, 60, 20, 27, true),  // height only
+            (60, 20, 37, 20, false), // width only
+        ] {
+            assert_eq!(vertical_first(iw, ih, ow, oh), v, "{iw}x{ih} -> {ow}x{oh}");
+        }
     }
 
     #[test]

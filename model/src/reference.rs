@@ -101,36 +101,52 @@ fn continue_from(
     last: &Tensor,
     c: &Continuation,
 ) -> Result<ContinuationRun> {
-    let steps = match c {
-        Continuation::Greedy(n) => *n,
-        Continuation::Forced(t) => t.len(),
-    };
+    match c {
+        Continuation::Forced(tokens) => forced(dec, next_position, last, tokens),
+        Continuation::Greedy(steps) => greedy(dec, next_position, last, *steps),
+    }
+}
+
+/// Teacher forcing in one batched pass: the tokens (all but the last) go through
+/// the decoder together after the prompt, so a streamed model reads its weights once.
+fn forced(dec: &mut Decoder<'_>, next_position: i64, last: &Tensor, tokens: &[u32]) -> Result<ContinuationRun> {
+    if tokens.is_empty() {
+        return Ok(ContinuationRun { tokens: vec![], logits: None });
+    }
+    let feed = &tokens[..tokens.len() - 1];
+    let mut rows = vec![last.clone()];
+    if !feed.is_empty() {
+        // Decode positions advance on all three axes together.
+        let pos: Vec<[i64; 3]> = (0..feed.len()).map(|k| [next_position + k as i64; 3]).collect();
+        let h = dec.forward(feed, &pos, &ImageFeatures::default(), &mut Taps::off())?;
+        rows.push(dec.logits(&h)?);
+    }
+    Ok(ContinuationRun {
+        tokens: tokens.to_vec(),
+        logits: Some(Tensor::cat(&rows, 0)?),
+    })
+}
+
+/// Free-running greedy decode, one token at a time through the KV cache.
+fn greedy(dec: &mut Decoder<'_>, next_position: i64, last: &Tensor, steps: usize) -> Result<ContinuationRun> {
     let mut tokens = Vec::with_capacity(steps);
     let mut rows = Vec::with_capacity(steps);
     let mut last = last.clone();
     let none = ImageFeatures::default();
     for k in 0..steps {
-        let next = match c {
-            Continuation::Greedy(_) => argmax(&last)?,
-            Continuation::Forced(t) => t[k],
-        };
+        let next = argmax(&last)?;
         rows.push(last.clone());
         tokens.push(next);
         if k + 1 == steps {
             break;
         }
-        // Decode positions advance on all three axes together.
         let p = next_position + k as i64;
         let h = dec.forward(&[next], &[[p; 3]], &none, &mut Taps::off())?;
         last = dec.logits(&h)?;
     }
     Ok(ContinuationRun {
         tokens,
-        logits: if rows.is_empty() {
-            None
-        } else {
-            Some(Tensor::cat(&rows, 0)?)
-        },
+        logits: if rows.is_empty() { None } else { Some(Tensor::cat(&rows, 0)?) },
     })
 }
 

@@ -83,7 +83,7 @@ fn strip(title: &str, ours: &[u32], oracle: &[u32], margins: &[f64], firm: f64, 
     for (i, o) in oracle.iter().enumerate() {
         let u = ours.get(i).copied();
         let amb = margins.get(i).is_some_and(|&m| m < firm);
-        let cls = if i >= limit {
+        let cls = if i >= limit || u.is_none() {
             "out"
         } else if amb {
             "amb"

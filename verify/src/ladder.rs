@@ -271,10 +271,9 @@ pub fn verify_trace(
     let oracle_tokens = trace.decode_tokens()?;
     let (_, dvals) = trace.top_k("decode")?;
     let decode_margins = margins(&dvals);
-    let mut conts = vec![Continuation::Greedy(oracle_tokens.len())];
-    if profile == Profile::Bundle {
-        conts.push(Continuation::Forced(oracle_tokens.clone()));
-    }
+    // One teacher-forced pass along the oracle's tokens serves every decode gate:
+    // free-running greedy decode equals it up to the first mismatch, where the count stops.
+    let conts = vec![Continuation::Forced(oracle_tokens.clone())];
     let pv;
     let image = match grid {
         Some(g) => {
@@ -339,13 +338,13 @@ pub fn verify_trace(
     ));
 
     // 6. HF-seeded decode (bundle): the oracle's tokens fed back, top-1 per step.
+    let forced_top1 = match &run.continuations[0].logits {
+        Some(l) => argmax_rows(l)?,
+        None => vec![],
+    };
     let seeded = if profile == Profile::Bundle {
-        let forced = &run.continuations[1];
-        let tops = match &forced.logits {
-            Some(l) => argmax_rows(l)?,
-            None => vec![],
-        };
-        let s = top1_sweep(&tops, &oracle_tokens, &decode_margins, firm);
+        let tops = &forced_top1;
+        let s = top1_sweep(tops, &oracle_tokens, &decode_margins, firm);
         results.push(GateResult::new(
             "decode.seeded",
             s.mismatches.is_empty(),
@@ -361,8 +360,13 @@ pub fn verify_trace(
         None
     };
 
-    // 7. Free-running greedy decode.
-    let ours_tokens = run.continuations[0].tokens.clone();
+    // 7. Free-running greedy decode: our choices along the oracle's prefix, which is
+    // our own prefix until the first step where we choose differently.
+    let first_diff = forced_top1.iter().zip(&oracle_tokens).position(|(a, b)| a != b);
+    let ours_tokens: Vec<u32> = match first_diff {
+        Some(k) => oracle_tokens[..k].iter().copied().chain([forced_top1[k]]).collect(),
+        None => forced_top1.clone(),
+    };
     let limit = match profile {
         Profile::Fp32 if gates.fp32.decode_steps > 0 => gates.fp32.decode_steps,
         Profile::Fp32 => oracle_tokens.len(),
