@@ -1,7 +1,12 @@
 //! Helpers every subcommand shares: version string, one-line errors, progress bars.
 
 /// `q3vl --version`: the crate version and the git commit it was built from.
-pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("Q3VL_GIT_COMMIT"), ")");
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("Q3VL_GIT_COMMIT"),
+    ")"
+);
 
 /// The error and its causes on one line, `outer: inner: root`.
 pub fn one_line(e: &anyhow::Error) -> String {

@@ -69,11 +69,22 @@ pub fn ctrl_c() -> Cancel {
 /// Runs `q3vl convert`.
 pub fn run(a: ConvertArgs) -> anyhow::Result<Outcome> {
     let mode = Mode::parse(&a.mode).expect("clap checked the mode");
+    let mut known = std::collections::BTreeMap::new();
     let (src, hf_id, revision) = match (&a.src, &a.hf_id) {
         (Some(src), _) => (src.clone(), None, None),
         (None, Some(id)) => {
             let o = crate::fetch::options(id, a.revision.clone(), a.cache_dir.clone());
             let f = q3vl_convert::fetch::fetch(&o)?;
+            // LFS files were just checked against the hub's sha256: no second pass.
+            for (name, file) in &f.files {
+                if let Some(sha256) = &file.sha256 {
+                    let entry = q3vl_bundle::FileEntry {
+                        sha256: sha256.to_lowercase(),
+                        size: file.size,
+                    };
+                    known.insert(name.clone(), entry);
+                }
+            }
             (f.snapshot, Some(id.clone()), Some(f.commit))
         }
         (None, None) => anyhow::bail!("--src or --hf-id is required"),
@@ -87,6 +98,7 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<Outcome> {
     o.revision = revision;
     o.producer = producer();
     o.threads = a.threads;
+    o.known_hashes = known;
     if let Some(n) = a.shard_size {
         o.shard = ShardPolicy { max_shard_bytes: n };
     }

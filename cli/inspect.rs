@@ -74,6 +74,8 @@ pub fn run(a: InspectArgs) -> anyhow::Result<Outcome> {
     }
     let checks: Option<Vec<FileCheck>> = (!a.no_checksums).then(|| b.check_files());
     let bad: Vec<&FileCheck> = checks.iter().flatten().filter(|c| !c.ok()).collect();
+    // A full check re-hashes what the stamp covers, unless --no-checksums asked for speed.
+    let stamp = q3vl_bundle::check_stamp(b.dir(), !a.no_checksums);
     if a.json {
         let doc = json!({
             "path": b.dir(),
@@ -87,6 +89,8 @@ pub fn run(a: InspectArgs) -> anyhow::Result<Outcome> {
                 "found": c.found, "error": c.error,
             })).collect::<Vec<_>>()),
             "checksums_ok": checks.as_ref().map(|_| bad.is_empty()),
+            "stamp": stamp.to_string(),
+            "stamp_valid": stamp == q3vl_bundle::StampStatus::Valid,
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
@@ -173,6 +177,7 @@ pub fn run(a: InspectArgs) -> anyhow::Result<Outcome> {
                 bad.len()
             ),
         }
+        println!("stamp:     {stamp}");
     }
     if let Some(c) = bad.first() {
         let why = match (&c.found, &c.error) {

@@ -3,7 +3,7 @@
 use crate::Outcome;
 use anyhow::{bail, Context};
 use q3vl_engine::detokenize::StreamDecoder;
-use q3vl_engine::{stamp_status, Engine, EngineOptions, GenerateParams};
+use q3vl_engine::{pair_status, Engine, EngineOptions, GenerateParams, StampStatus};
 use serde_json::json;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -58,7 +58,13 @@ pub struct RunArgs {
 
 /// Opens the engine and checks its stamp; returns the stamp line for stderr, which
 /// the caller prints once the run succeeded (an error stays the only line).
-pub fn open_engine(bundle: &Path, threads: Option<usize>, verify: bool, context: Option<usize>, require_verified: bool) -> anyhow::Result<(Engine, String)> {
+pub fn open_engine(
+    bundle: &Path,
+    threads: Option<usize>,
+    verify: bool,
+    context: Option<usize>,
+    require_verified: bool,
+) -> anyhow::Result<(Engine, String)> {
     let opts = EngineOptions {
         threads,
         verify_checksums: verify,
@@ -69,11 +75,12 @@ pub fn open_engine(bundle: &Path, threads: Option<usize>, verify: bool, context:
     }
     let engine = Engine::open(bundle, &opts)?;
     let dir = engine.language().dir().to_path_buf();
-    let status = stamp_status(&dir);
-    if require_verified && !status.is_verified() {
-        bail!("{} (--require-verified)", status.describe(&dir));
+    let status = pair_status(&dir, engine.vision_bundle().dir());
+    let line = format!("{}: {status}", dir.display());
+    if require_verified && status != StampStatus::Valid {
+        bail!("{line} (--require-verified)");
     }
-    Ok((engine, status.describe(&dir)))
+    Ok((engine, line))
 }
 
 /// Runs `q3vl run`.
@@ -82,10 +89,24 @@ pub fn run(a: RunArgs) -> anyhow::Result<Outcome> {
         bail!("--top-p must be in (0, 1], got {}", a.top_p);
     }
     if !a.temperature.is_finite() || a.temperature < 0.0 {
-        bail!("--temperature must be a finite number ≥ 0, got {}", a.temperature);
+        bail!(
+            "--temperature must be a finite number ≥ 0, got {}",
+            a.temperature
+        );
     }
-    let (engine, stamp_line) = open_engine(&a.bundle, a.threads, a.verify_checksums, a.context, a.require_verified)?;
+    let (engine, stamp_line) = open_engine(
+        &a.bundle,
+        a.threads,
+        a.verify_checksums,
+        a.context,
+        a.require_verified,
+    )?;
     let pb = engine.prompt_builder()?;
+    let spinner = crate::common::spinner(if a.image.is_some() {
+        "encoding the image"
+    } else {
+        "prefill"
+    });
     let t_vis = Instant::now();
     let image = match &a.image {
         Some(path) => {
@@ -98,6 +119,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<Outcome> {
         None => None,
     };
     let vision_ms = t_vis.elapsed().as_secs_f64() * 1e3;
+    spinner.set_message("prefill");
     let prompt = pb.chat(&a.prompt, image.as_ref().map(|f| f.grid_thw))?;
     let params = GenerateParams {
         max_new_tokens: a.max_new_tokens,
@@ -114,16 +136,24 @@ pub fn run(a: RunArgs) -> anyhow::Result<Outcome> {
     let mut stdout = std::io::stdout().lock();
     let mut write_err = None;
     let mut on_token = |id: u32| {
+        if !spinner.is_finished() {
+            spinner.finish_and_clear();
+        }
         if a.json || (!a.ignore_eos && eos.contains(&id)) {
             return;
         }
         if let Ok(piece) = stream.push(id, &decode) {
-            if let Err(e) = stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()) {
+            if let Err(e) = stdout
+                .write_all(piece.as_bytes())
+                .and_then(|_| stdout.flush())
+            {
                 write_err.get_or_insert(e);
             }
         }
     };
-    let g = engine.generate(&prompt.ids, image.as_ref(), &params, &mut on_token)?;
+    let g = engine.generate(&prompt.ids, image.as_ref(), &params, &mut on_token);
+    spinner.finish_and_clear();
+    let g = g?;
     if let Some(e) = write_err {
         return Err(anyhow::Error::new(e).context("writing to stdout"));
     }

@@ -8,7 +8,9 @@ use q3vl_bundle::stamp::{hash_covered, remove_stamp, write_stamp, STAMP_FORMAT};
 use q3vl_bundle::{Bundles, Stamp};
 use q3vl_model::prompt::PromptBuilder;
 use q3vl_model::{Checkpoint, PreprocessorConfig, Qwen3VlConfig, WeightSource};
-use q3vl_verify::{verify_trace, BundleSource, Gates, OracleTrace, Profile, Report, Subject, TraceReport};
+use q3vl_verify::{
+    verify_trace, BundleSource, Gates, OracleTrace, Profile, Report, Subject, TraceReport,
+};
 use std::path::{Path, PathBuf};
 
 /// Arguments of `q3vl verify`.
@@ -50,23 +52,35 @@ fn keep_weights(cfg: &Qwen3VlConfig) -> bool {
     f32_bytes < (4usize << 30)
 }
 
+/// The prompt and image pipelines of a checkpoint or bundle, for rebuilding the
+/// trace's inputs.
+struct Pipelines {
+    prompt: PromptBuilder,
+    preprocessor: PreprocessorConfig,
+}
+
+impl Pipelines {
+    fn load(cfg: &Qwen3VlConfig, tokenizer_dir: &Path, preproc_dir: &Path) -> Result<Self> {
+        Ok(Pipelines {
+            prompt: PromptBuilder::from_dir(tokenizer_dir, cfg)?,
+            preprocessor: PreprocessorConfig::from_dir(preproc_dir)?,
+        })
+    }
+}
+
 fn ladder(
     what: &str,
-    cfg: &Qwen3VlConfig,
-    src: &dyn WeightSource,
-    tokenizer_dir: &Path,
-    preproc_dir: &Path,
+    (cfg, src): (&Qwen3VlConfig, &dyn WeightSource),
+    pipes: &Pipelines,
     traces: &[OracleTrace],
     gates: &Gates,
     profile: Profile,
 ) -> Result<Vec<TraceReport>> {
-    let prompt = PromptBuilder::from_dir(tokenizer_dir, cfg)?;
-    let pre = PreprocessorConfig::from_dir(preproc_dir)?;
     let subject = Subject {
         cfg,
         src,
-        prompt: &prompt,
-        preprocessor: &pre,
+        prompt: &pipes.prompt,
+        preprocessor: &pipes.preprocessor,
         keep_weights: keep_weights(cfg),
     };
     traces
@@ -97,7 +111,15 @@ pub fn run(a: VerifyArgs) -> Result<Outcome> {
         let cfg = Qwen3VlConfig::from_dir(src)?;
         let ck = Checkpoint::open(src)?;
         ck.check(&q3vl_model::layout::checkpoint_tensors(&cfg))?;
-        reports.extend(ladder("fp32 ladder", &cfg, &ck, src, src, &traces, &gates, Profile::Fp32)?);
+        let pipes = Pipelines::load(&cfg, src, src)?;
+        reports.extend(ladder(
+            "fp32 ladder",
+            (&cfg, &ck),
+            &pipes,
+            &traces,
+            &gates,
+            Profile::Fp32,
+        )?);
         subject.push(src.display().to_string());
     }
     let bundles = match &a.bundle {
@@ -106,7 +128,15 @@ pub fn run(a: VerifyArgs) -> Result<Outcome> {
             let cfg = b.language.config().clone();
             let src = BundleSource::new(&b);
             let tok = b.language.dir().join("tokenizer");
-            reports.extend(ladder("quantized ladder", &cfg, &src, &tok, b.vision.dir(), &traces, &gates, Profile::Bundle)?);
+            let pipes = Pipelines::load(&cfg, &tok, b.vision.dir())?;
+            reports.extend(ladder(
+                "quantized ladder",
+                (&cfg, &src),
+                &pipes,
+                &traces,
+                &gates,
+                Profile::Bundle,
+            )?);
             subject.push(out.display().to_string());
             Some(b)
         }
@@ -139,8 +169,12 @@ pub fn run(a: VerifyArgs) -> Result<Outcome> {
 }
 
 fn write_reports(a: &VerifyArgs, report: &Report) -> Result<()> {
-    std::fs::create_dir_all(&a.report).with_context(|| format!("--report {}", a.report.display()))?;
-    for (name, text) in [("report.json", report.to_json()), ("report.html", report.to_html())] {
+    std::fs::create_dir_all(&a.report)
+        .with_context(|| format!("--report {}", a.report.display()))?;
+    for (name, text) in [
+        ("report.json", report.to_json()),
+        ("report.html", report.to_html()),
+    ] {
         let p = a.report.join(name);
         std::fs::write(&p, text).with_context(|| p.display().to_string())?;
     }
@@ -176,7 +210,11 @@ fn stamp(b: &Bundles, report: &Report, gates: &Gates, traces: &[OracleTrace]) ->
             traces: traces
                 .iter()
                 .map(|t| {
-                    let name = t.path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+                    let name = t
+                        .path
+                        .file_name()
+                        .map(|n| n.to_string_lossy().to_string())
+                        .unwrap_or_default();
                     (name, t.sha256.clone())
                 })
                 .collect(),

@@ -38,32 +38,57 @@ fn compare(fixture: &str, prompt: &str, image: Option<&str>) {
     let e = engine(&out, 2);
     let pb = e.prompt_builder().unwrap();
     let patched = image.map(|p| {
-        let rgb = q3vl_model::image::load_rgb(&Path::new(env!("CARGO_MANIFEST_DIR")).join(p)).unwrap();
+        let rgb =
+            q3vl_model::image::load_rgb(&Path::new(env!("CARGO_MANIFEST_DIR")).join(p)).unwrap();
         e.preprocess(&rgb, false).unwrap()
     });
     let feats = patched
         .as_ref()
         .map(|p| e.encode_image(&p.pixel_values, p.grid_thw).unwrap());
-    let pr = pb.chat(prompt, patched.as_ref().map(|p| p.grid_thw)).unwrap();
-    let g = e.generate(&pr.ids, feats.as_ref(), &params(), &mut |_| {}).unwrap();
+    let pr = pb
+        .chat(prompt, patched.as_ref().map(|p| p.grid_thw))
+        .unwrap();
+    let g = e
+        .generate(&pr.ids, feats.as_ref(), &params(), &mut |_| {})
+        .unwrap();
 
     let bundles = q3vl_bundle::Bundles::open(&out).unwrap();
     let src = q3vl_verify::BundleSource::new(&bundles);
     let pv = patched.as_ref().map(|p| {
-        Tensor::from_vec(p.pixel_values.clone(), (p.num_patches(), p.patch_dim), &Device::Cpu).unwrap()
+        Tensor::from_vec(
+            p.pixel_values.clone(),
+            (p.num_patches(), p.patch_dim),
+            &Device::Cpu,
+        )
+        .unwrap()
     });
     let img = patched.as_ref().zip(pv.as_ref()).map(|(p, t)| ImageInput {
         pixel_values: t,
         grid_thw: p.grid_thw,
     });
-    let r = reference::run(e.config(), &src, &pr, img, &[Continuation::Greedy(STEPS)], true).unwrap();
+    let r = reference::run(
+        e.config(),
+        &src,
+        &pr,
+        img,
+        &[Continuation::Greedy(STEPS)],
+        true,
+    )
+    .unwrap();
     let want = &r.continuations[0].tokens;
-    assert_eq!(&g.tokens, want, "{fixture}: engine vs reference greedy tokens");
+    assert_eq!(
+        &g.tokens, want,
+        "{fixture}: engine vs reference greedy tokens"
+    );
 }
 
 #[test]
 fn engine_equals_reference_on_shapes_image_prompt() {
-    compare("shapes", "What is in the image?", Some("fixtures/shapes/images/demo_0.png"));
+    compare(
+        "shapes",
+        "What is in the image?",
+        Some("fixtures/shapes/images/demo_0.png"),
+    );
 }
 
 #[test]
@@ -80,17 +105,32 @@ fn tokens_and_logits_do_not_depend_on_threads() {
         .map(|&t| {
             let e = engine(&out, t);
             let pb = e.prompt_builder().unwrap();
-            let rgb = q3vl_model::image::load_rgb(&Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/shapes/images/demo_4.png")).unwrap();
+            let rgb = q3vl_model::image::load_rgb(
+                &Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/shapes/images/demo_4.png"),
+            )
+            .unwrap();
             let p = e.preprocess(&rgb, false).unwrap();
             let f = e.encode_image(&p.pixel_values, p.grid_thw).unwrap();
             let pr = pb.chat("What is in the image?", Some(p.grid_thw)).unwrap();
-            (f, e.generate(&pr.ids, Some(&e.encode_image(&p.pixel_values, p.grid_thw).unwrap()), &params(), &mut |_| {}).unwrap())
+            (
+                f,
+                e.generate(
+                    &pr.ids,
+                    Some(&e.encode_image(&p.pixel_values, p.grid_thw).unwrap()),
+                    &params(),
+                    &mut |_| {},
+                )
+                .unwrap(),
+            )
         })
         .collect();
     assert_eq!(runs[0].0.embeds, runs[1].0.embeds, "vision features");
     assert_eq!(runs[0].1.tokens, runs[1].1.tokens);
     for (a, b) in runs[0].1.step_logits.iter().zip(&runs[1].1.step_logits) {
-        let (ab, bb): (Vec<u32>, Vec<u32>) = (a.iter().map(|v| v.to_bits()).collect(), b.iter().map(|v| v.to_bits()).collect());
+        let (ab, bb): (Vec<u32>, Vec<u32>) = (
+            a.iter().map(|v| v.to_bits()).collect(),
+            b.iter().map(|v| v.to_bits()).collect(),
+        );
         assert_eq!(ab, bb, "logits differ between 1 and 2 threads");
     }
 }
@@ -102,9 +142,62 @@ fn a_perturbed_scale_changes_the_logits() {
     let pb = e.prompt_builder().unwrap();
     let pr = pb.chat("Which colour comes after blue?", None).unwrap();
     let base = e.generate(&pr.ids, None, &params(), &mut |_| {}).unwrap();
-    e.perturb_scale_for_test("model.language_model.layers.0.mlp.down_proj.weight", 0, 0, 4.0).unwrap();
+    e.perturb_scale_for_test(
+        "model.language_model.layers.0.mlp.down_proj.weight",
+        0,
+        0,
+        4.0,
+    )
+    .unwrap();
     let bad = e.generate(&pr.ids, None, &params(), &mut |_| {}).unwrap();
     assert_ne!(base.step_logits[0], bad.step_logits[0]);
-    assert!(e.perturb_scale_for_test("model.language_model.layers.0.mlp.down_proj.weight", 1 << 20, 0, 2.0).is_err());
-    assert!(e.perturb_scale_for_test("model.language_model.norm.weight", 0, 0, 2.0).is_err());
+    assert!(e
+        .perturb_scale_for_test(
+            "model.language_model.layers.0.mlp.down_proj.weight",
+            1 << 20,
+            0,
+            2.0
+        )
+        .is_err());
+    assert!(e
+        .perturb_scale_for_test("model.language_model.norm.weight", 0, 0, 2.0)
+        .is_err());
+}
+
+/// The f16 body/head modes run too (f16 weights × f32 activations) and match the
+/// reference on their own dequantized weights.
+#[test]
+fn int8lin_and_fp16_modes_run_and_match_the_reference() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/shapes");
+    for mode in ["int8lin", "fp16"] {
+        let out = common::scratch(&format!("mode-{mode}"));
+        common::ok(&[
+            "convert",
+            "--src",
+            common::s(&src),
+            "--out",
+            common::s(&out),
+            "--mode",
+            mode,
+        ]);
+        let e = engine(&out, 2);
+        let pr = e
+            .prompt_builder()
+            .unwrap()
+            .chat("Which colour comes after red?", None)
+            .unwrap();
+        let g = e.generate(&pr.ids, None, &params(), &mut |_| {}).unwrap();
+        let bundles = q3vl_bundle::Bundles::open(&out).unwrap();
+        let src = q3vl_verify::BundleSource::new(&bundles);
+        let r = reference::run(
+            e.config(),
+            &src,
+            &pr,
+            None,
+            &[Continuation::Greedy(STEPS)],
+            true,
+        )
+        .unwrap();
+        assert_eq!(g.tokens, r.continuations[0].tokens, "{mode}");
+    }
 }

@@ -7,7 +7,9 @@ use common::{converted_fixture, copy_dir, fails, ok, run, s, scratch};
 use std::path::{Path, PathBuf};
 
 fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(p)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(p)
 }
 
 fn run_json(args: &[&str]) -> serde_json::Value {
@@ -17,8 +19,10 @@ fn run_json(args: &[&str]) -> serde_json::Value {
 #[test]
 fn shapes_answers_what_is_in_the_image() {
     let out = converted_fixture("shapes");
-    let answers: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("shapes/images/answers.json")).unwrap()).unwrap();
+    let answers: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("shapes/images/answers.json")).unwrap(),
+    )
+    .unwrap();
     // The fixture model itself is right on ~80% of images (ACCURACY.md), so ask for
     // most, and for demo_0 (the trace image) exactly.
     let mut right = 0;
@@ -26,8 +30,15 @@ fn shapes_answers_what_is_in_the_image() {
         let name = format!("demo_{k}.png");
         let img = fixture(&format!("shapes/images/{name}"));
         let text = ok(&[
-            "run", "--bundle", s(&out), "--image", s(&img), "--prompt", "What is in the image?",
-            "--max-new-tokens", "16",
+            "run",
+            "--bundle",
+            s(&out),
+            "--image",
+            s(&img),
+            "--prompt",
+            "What is in the image?",
+            "--max-new-tokens",
+            "16",
         ]);
         println!("{name}: {:?} (true: {})", text.trim(), answers[&name]);
         if text.trim() == answers[&name].as_str().unwrap() {
@@ -46,20 +57,48 @@ fn json_output_and_thread_independence() {
     let mut docs = Vec::new();
     for threads in ["1", "2"] {
         docs.push(run_json(&[
-            "run", "--bundle", s(&out), "--image", s(&img), "--prompt", "What is in the image?",
-            "--max-new-tokens", "10", "--ignore-eos", "--json", "--threads", threads,
+            "run",
+            "--bundle",
+            s(&out),
+            "--image",
+            s(&img),
+            "--prompt",
+            "What is in the image?",
+            "--max-new-tokens",
+            "10",
+            "--ignore-eos",
+            "--json",
+            "--threads",
+            threads,
         ]));
     }
     let d = &docs[0];
-    assert_eq!(d["tokens"].as_array().unwrap().len(), 10, "--ignore-eos gives exactly N tokens");
+    assert_eq!(
+        d["tokens"].as_array().unwrap().len(),
+        10,
+        "--ignore-eos gives exactly N tokens"
+    );
     assert!(d["prompt_tokens"].as_u64().unwrap() > 196);
-    for k in ["vision_ms", "prefill_ms", "decode_ms", "prefill_tok_s", "decode_tok_s"] {
+    for k in [
+        "vision_ms",
+        "prefill_ms",
+        "decode_ms",
+        "prefill_tok_s",
+        "decode_tok_s",
+    ] {
         assert!(d["timings"][k].is_number(), "timings.{k}");
     }
     assert_eq!(docs[0]["tokens"], docs[1]["tokens"]);
     assert_eq!(docs[0]["text"], docs[1]["text"]);
     // Text-only: the same decoder with no image rows.
-    let t = run_json(&["run", "--bundle", s(&out), "--prompt", "Which colour comes after blue?", "--json"]);
+    let t = run_json(&[
+        "run",
+        "--bundle",
+        s(&out),
+        "--prompt",
+        "Which colour comes after blue?",
+        "--json",
+    ]);
     assert_eq!(t["text"].as_str().unwrap().trim(), "yellow");
 }
 
@@ -67,8 +106,21 @@ fn json_output_and_thread_independence() {
 fn sampling_is_reproducible_with_a_seed() {
     let out = converted_fixture("tied");
     let args = |seed: &'static str| -> Vec<&'static str> {
-        vec!["run", "--prompt", "hello", "--max-new-tokens", "12", "--ignore-eos", "--json",
-             "--temperature", "1.5", "--top-p", "0.95", "--seed", seed]
+        vec![
+            "run",
+            "--prompt",
+            "hello",
+            "--max-new-tokens",
+            "12",
+            "--ignore-eos",
+            "--json",
+            "--temperature",
+            "1.5",
+            "--top-p",
+            "0.95",
+            "--seed",
+            seed,
+        ]
     };
     let go = |seed| {
         let mut a = args(seed);
@@ -84,7 +136,15 @@ fn bad_image(name: &str, bytes: &[u8], needles: &[&str]) {
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join(name);
     std::fs::write(&p, bytes).unwrap();
-    let o = run(&["run", "--bundle", s(&out), "--image", s(&p), "--prompt", "x"]);
+    let o = run(&[
+        "run",
+        "--bundle",
+        s(&out),
+        "--image",
+        s(&p),
+        "--prompt",
+        "x",
+    ]);
     fails(&o, needles);
 }
 
@@ -94,7 +154,11 @@ fn chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
     for &b in kind.iter().chain(data) {
         crc ^= b as u32;
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     let mut v = (data.len() as u32).to_be_bytes().to_vec();
@@ -108,12 +172,31 @@ fn chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
 fn bad_images_fail_cleanly() {
     let out = converted_fixture("tied");
     let missing = scratch("missing").join("nope.png");
-    fails(&run(&["run", "--bundle", s(&out), "--image", s(&missing), "--prompt", "x"]), &["nope.png"]);
-    bad_image("corrupt.png", b"\x89PNG\r\n\x1a\n this is not a png body at all", &["corrupt.png"]);
+    fails(
+        &run(&[
+            "run",
+            "--bundle",
+            s(&out),
+            "--image",
+            s(&missing),
+            "--prompt",
+            "x",
+        ]),
+        &["nope.png"],
+    );
+    bad_image(
+        "corrupt.png",
+        b"\x89PNG\r\n\x1a\n this is not a png body at all",
+        &["corrupt.png"],
+    );
     let png = std::fs::read(fixture("shapes/images/demo_0.png")).unwrap();
     bad_image("truncated.png", &png[..png.len() / 2], &["truncated.png"]);
     bad_image("notes.txt", b"just some text, not an image", &["notes.txt"]);
-    bad_image("anim.gif", b"GIF89a\x01\x00\x01\x00\x00\x00\x00;", &["anim.gif"]);
+    bad_image(
+        "anim.gif",
+        b"GIF89a\x01\x00\x01\x00\x00\x00\x00;",
+        &["anim.gif"],
+    );
     // A valid header claiming 100000 × 100000 pixels: refused before any allocation.
     let mut huge = b"\x89PNG\r\n\x1a\n".to_vec();
     let mut ihdr = 100_000u32.to_be_bytes().to_vec();
@@ -127,7 +210,15 @@ fn bad_images_fail_cleanly() {
 #[test]
 fn a_prompt_longer_than_the_context_fails() {
     let out = converted_fixture("tied");
-    let o = run(&["run", "--bundle", s(&out), "--prompt", "a long enough prompt", "--context", "8"]);
+    let o = run(&[
+        "run",
+        "--bundle",
+        s(&out),
+        "--prompt",
+        "a long enough prompt",
+        "--context",
+        "8",
+    ]);
     fails(&o, &["context"]);
 }
 
@@ -153,25 +244,57 @@ fn damaged_bundle_fails_the_checksum_check() {
     let lang = std::fs::read_dir(&out)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .find(|p| p.file_name().unwrap().to_string_lossy().contains("_decode_"))
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .contains("_decode_")
+        })
         .unwrap();
     let weights = lang.join("model.safetensors");
     let mut bytes = std::fs::read(&weights).unwrap();
     let n = bytes.len();
     bytes[n - 3] ^= 0x55;
     std::fs::write(&weights, &bytes).unwrap();
-    let o = run(&["run", "--bundle", s(&out), "--prompt", "x", "--verify-checksums", "--max-new-tokens", "1"]);
+    let o = run(&[
+        "run",
+        "--bundle",
+        s(&out),
+        "--prompt",
+        "x",
+        "--verify-checksums",
+        "--max-new-tokens",
+        "1",
+    ]);
     fails(&o, &["model.safetensors"]);
     // A truncated file is caught at open even without --verify-checksums.
     std::fs::write(&weights, &bytes[..n - 100]).unwrap();
-    fails(&run(&["run", "--bundle", s(&out), "--prompt", "x"]), &["model.safetensors"]);
+    fails(
+        &run(&["run", "--bundle", s(&out), "--prompt", "x"]),
+        &["model.safetensors"],
+    );
 }
 
 #[test]
 fn require_verified_refuses_an_unstamped_bundle() {
     let out = converted_fixture("tied");
-    let o = run(&["run", "--bundle", s(&out), "--prompt", "x", "--require-verified"]);
+    let o = run(&[
+        "run",
+        "--bundle",
+        s(&out),
+        "--prompt",
+        "x",
+        "--require-verified",
+    ]);
     fails(&o, &["not verified"]);
-    let o = run(&["run", "--bundle", s(&out), "--prompt", "x", "--max-new-tokens", "2"]);
+    let o = run(&[
+        "run",
+        "--bundle",
+        s(&out),
+        "--prompt",
+        "x",
+        "--max-new-tokens",
+        "2",
+    ]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("not verified"));
 }

@@ -8,7 +8,9 @@ use q3vl_model::Checkpoint;
 use std::path::{Path, PathBuf};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
 }
 
 fn trace(fx: &str, t: &str) -> PathBuf {
@@ -17,14 +19,25 @@ fn trace(fx: &str, t: &str) -> PathBuf {
 
 /// Converts a fixture into `out` and returns `out`.
 fn convert(fx: &str, out: &Path, mode: &str) {
-    ok(&["convert", "--src", s(&fixture(fx)), "--out", s(out), "--mode", mode]);
+    ok(&[
+        "convert",
+        "--src",
+        s(&fixture(fx)),
+        "--out",
+        s(out),
+        "--mode",
+        mode,
+    ]);
 }
 
 /// Rewrites the bytes of one tensor of a safetensors file in place.
 fn edit_tensor(file: &Path, name: &str, f: impl Fn(&mut [u8])) {
     let range = {
         let ck = Checkpoint::open_files(file.parent().unwrap(), &[file.to_path_buf()]).unwrap();
-        ck.info(name).unwrap_or_else(|| panic!("{name} in {}", file.display())).range.clone()
+        ck.info(name)
+            .unwrap_or_else(|| panic!("{name} in {}", file.display()))
+            .range
+            .clone()
     };
     let mut bytes = std::fs::read(file).unwrap();
     f(&mut bytes[range]);
@@ -44,26 +57,46 @@ fn fp32_ladder_passes_on_the_fixtures_and_writes_reports() {
     let rep = dir.path().join("rep");
     let junit = dir.path().join("junit.xml");
     let out = ok(&[
-        "verify", "--src", s(&fixture("tied")),
-        "--trace", s(&trace("tied", "image")), "--trace", s(&trace("tied", "text")),
-        "--report", s(&rep), "--junit", s(&junit),
+        "verify",
+        "--src",
+        s(&fixture("tied")),
+        "--trace",
+        s(&trace("tied", "image")),
+        "--trace",
+        s(&trace("tied", "text")),
+        "--report",
+        s(&rep),
+        "--junit",
+        s(&junit),
     ]);
-    assert!(out.trim_end().lines().last().unwrap().starts_with("PASS"), "{out}");
+    assert!(
+        out.trim_end().lines().last().unwrap().starts_with("PASS"),
+        "{out}"
+    );
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(rep.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["traces"].as_array().unwrap().len(), 2);
     let html = std::fs::read_to_string(rep.join("report.html")).unwrap();
     assert!(html.contains("<svg") && !html.contains("http://") && !html.contains("https://"));
     let x = std::fs::read_to_string(junit).unwrap();
-    assert!(x.contains("<testsuites") && x.contains("failures=\"0\""), "{x}");
+    assert!(
+        x.contains("<testsuites") && x.contains("failures=\"0\""),
+        "{x}"
+    );
 }
 
 #[test]
 fn json_output_is_one_document() {
     let dir = tempfile::tempdir().unwrap();
     let out = ok(&[
-        "verify", "--src", s(&fixture("tied")), "--trace", s(&trace("tied", "text")),
-        "--report", s(dir.path()), "--json",
+        "verify",
+        "--src",
+        s(&fixture("tied")),
+        "--trace",
+        s(&trace("tied", "text")),
+        "--report",
+        s(dir.path()),
+        "--json",
     ]);
     let v: serde_json::Value = serde_json::from_str(&out).expect("stdout is one JSON document");
     assert_eq!(v["format"], "q3vl-verify-report/1");
@@ -76,11 +109,22 @@ fn a_trace_of_another_format_is_bad_input() {
     let bytes = std::fs::read(trace("tied", "text")).unwrap();
     let text = String::from_utf8_lossy(&bytes[..4096.min(bytes.len())]).to_string();
     assert!(text.contains("qwen3vl-oracle-trace/1"));
-    let pos = bytes.windows(22).position(|w| w == b"qwen3vl-oracle-trace/1").unwrap();
+    let pos = bytes
+        .windows(22)
+        .position(|w| w == b"qwen3vl-oracle-trace/1")
+        .unwrap();
     let mut b2 = bytes.clone();
     b2[pos + 21] = b'9';
     std::fs::write(&bad, b2).unwrap();
-    let o = run(&["verify", "--src", s(&fixture("tied")), "--trace", s(&bad), "--report", s(dir.path())]);
+    let o = run(&[
+        "verify",
+        "--src",
+        s(&fixture("tied")),
+        "--trace",
+        s(&bad),
+        "--report",
+        s(dir.path()),
+    ]);
     fails(&o, &["bad.safetensors", "qwen3vl-oracle-trace/9"]);
 }
 
@@ -88,34 +132,53 @@ fn a_trace_of_another_format_is_bad_input() {
 fn a_trace_of_another_model_is_bad_input() {
     let dir = tempfile::tempdir().unwrap();
     let o = run(&[
-        "verify", "--src", s(&fixture("tied")), "--trace", s(&trace("odd", "text")),
-        "--report", s(dir.path()),
+        "verify",
+        "--src",
+        s(&fixture("tied")),
+        "--trace",
+        s(&trace("odd", "text")),
+        "--report",
+        s(dir.path()),
     ]);
     fails(&o, &["does not fit"]);
 }
 
 #[test]
 fn int8_bundles_pass_every_gate_and_get_stamped() {
+    // The trained fixture: its int8hu and int8lin bundles pass every quantized gate.
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("b");
-    convert("tied", &out, "int8hu");
+    convert("shapes", &out, "int8hu");
     let rep = dir.path().join("rep");
     ok(&[
-        "verify", "--bundle", s(&out), "--trace", s(&trace("tied", "image")),
-        "--trace", s(&trace("tied", "text")), "--report", s(&rep), "--stamp",
+        "verify",
+        "--bundle",
+        s(&out),
+        "--trace",
+        s(&trace("shapes", "image")),
+        "--trace",
+        s(&trace("shapes", "text")),
+        "--report",
+        s(&rep),
+        "--stamp",
     ]);
-    let lang = out.join("tied_decode_int8hu");
+    let lang = out.join("shapes_decode_int8hu");
     assert!(lang.join("verification.json").exists());
-    assert!(out.join("tied_vision").join("verification.json").exists());
+    assert!(out.join("shapes_vision").join("verification.json").exists());
     let info = ok(&["inspect", s(&lang)]);
     assert!(info.contains("verified"), "{info}");
-    // Touching a verified file invalidates the stamp.
+    // A same-size edit of a verified file (only a hash can see it) invalidates the stamp.
     let cfg = lang.join("config.json");
-    let mut c = std::fs::read_to_string(&cfg).unwrap();
-    c.push(' ');
+    let c = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replacen(' ', "\t", 1);
     std::fs::write(&cfg, c).unwrap();
     let info = run(&["inspect", s(&lang)]);
-    let all = format!("{}{}", String::from_utf8_lossy(&info.stdout), String::from_utf8_lossy(&info.stderr));
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&info.stdout),
+        String::from_utf8_lossy(&info.stderr)
+    );
     assert!(all.contains("INVALID"), "{all}");
 }
 
@@ -125,21 +188,47 @@ fn one_layer_with_scales_times_1_5_fails_the_ladder_at_that_layer() {
     let out = dir.path().join("b");
     convert("tied", &out, "int8hu");
     let w = out.join("tied_decode_int8hu").join("model.safetensors");
-    edit_tensor(&w, "model.language_model.layers.3.mlp.down_proj.weight.scales", |b| scale_f16(b, 1.5));
+    edit_tensor(
+        &w,
+        "model.language_model.layers.3.mlp.down_proj.weight.scales",
+        |b| scale_f16(b, 1.5),
+    );
     let rep = dir.path().join("rep");
     let o = run(&[
-        "verify", "--bundle", s(&out), "--trace", s(&trace("tied", "text")),
-        "--report", s(&rep), "--stamp",
+        "verify",
+        "--bundle",
+        s(&out),
+        "--trace",
+        s(&trace("tied", "text")),
+        "--report",
+        s(&rep),
+        "--stamp",
     ]);
-    assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(rep.join("report.json")).unwrap()).unwrap();
     let rows = r["traces"][0]["rows"].as_array().unwrap();
     let first_bad = rows.iter().find(|row| row["passed"] == false).unwrap();
     assert_eq!(first_bad["name"], "text.layer.3");
     let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(stdout.trim_end().lines().last().unwrap().contains("text.ladder"), "{stdout}");
-    assert!(!out.join("tied_decode_int8hu").join("verification.json").exists());
+    assert!(
+        stdout
+            .trim_end()
+            .lines()
+            .last()
+            .unwrap()
+            .contains("text.ladder"),
+        "{stdout}"
+    );
+    assert!(!out
+        .join("tied_decode_int8hu")
+        .join("verification.json")
+        .exists());
 }
 
 #[test]
@@ -162,8 +251,24 @@ fn a_wrong_image_fails_the_vision_gate() {
         }
     });
     let rep = dir.path().join("rep");
-    let o = run(&["verify", "--bundle", s(&out), "--trace", s(&img), "--report", s(&rep)]);
+    let o = run(&[
+        "verify",
+        "--bundle",
+        s(&out),
+        "--trace",
+        s(&img),
+        "--report",
+        s(&rep),
+    ]);
     assert_eq!(o.status.code(), Some(1));
     let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(stdout.trim_end().lines().last().unwrap().contains("vision.ladder"), "{stdout}");
+    assert!(
+        stdout
+            .trim_end()
+            .lines()
+            .last()
+            .unwrap()
+            .contains("vision.ladder"),
+        "{stdout}"
+    );
 }

@@ -25,6 +25,8 @@
 //!
 //! The format is little-endian only, like safetensors itself.
 
+#![warn(missing_docs)]
+
 #[cfg(target_endian = "big")]
 compile_error!("q3vl bundles are little-endian; big-endian targets are not supported");
 
@@ -35,8 +37,8 @@ mod metadata;
 pub mod names;
 mod pair;
 mod reader;
-pub mod stamp;
 mod st_writer;
+pub mod stamp;
 mod writer;
 
 pub use checksum::{sha256_file, FileCheck};
@@ -48,8 +50,8 @@ pub use metadata::{
 };
 pub use pair::Bundles;
 pub use reader::Bundle;
-pub use stamp::{check_stamp, Stamp, StampStatus, STAMP_FILE};
 pub use st_writer::{ShardPolicy, TensorPlan, WeightsWriter, WrittenFile};
+pub use stamp::{check_stamp, Stamp, StampStatus, STAMP_FILE};
 pub use writer::{BundleWriter, StagedBundle};
 
 /// Shorthand for results of this crate.

@@ -187,6 +187,10 @@ impl Bundle {
 
     /// A tensor as f32 values, row-major: int8 × its f16 block scale for quantized
     /// weights (exactly `f32(q) * f32(s)`), exact widening for f16/f32 tensors.
+    ///
+    /// For the LM head, ask [`Bundle::head_tensor`] which tensor it is: a tied source
+    /// converted in `int8lin` or `fp16` stores no `lm_head.weight`, and the head is
+    /// the embedding table.
     pub fn dequantized(&self, name: &str) -> Result<Vec<f32>, BundleError> {
         if let Some((q, s, [_, cols])) = self.q8(name) {
             let nb = cols / BLOCK;
@@ -311,5 +315,96 @@ impl Bundle {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metadata::{Kind, TensorMeta};
+    use crate::{BundleWriter, ShardPolicy, TensorPlan, WeightsWriter};
+    use std::collections::BTreeMap;
+
+    /// A two-tensor bundle: an int8 weight [2, 64] with scales, and an f32 vector.
+    fn make(out: &Path) -> PathBuf {
+        let q: Vec<u8> = (0..128).map(|i| (i as i8 - 64) as u8).collect();
+        let s: Vec<u8> = [0.5f32, 0.25, 2.0, -1.0]
+            .iter()
+            .flat_map(|x| f16::from_f32(*x).to_le_bytes())
+            .collect();
+        let v: Vec<u8> = [1.5f32, -2.0]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let mut w = BundleWriter::create(out, "b").unwrap();
+        let plan = vec![
+            TensorPlan::new("w", Dtype::I8, vec![2, 64]),
+            TensorPlan::new("w.scales", Dtype::F16, vec![2, 2]),
+            TensorPlan::new("n", Dtype::F32, vec![2]),
+        ];
+        let mut ww =
+            WeightsWriter::create(w.dir(), &plan, ShardPolicy::default(), &BTreeMap::new())
+                .unwrap();
+        ww.write("w", q).unwrap();
+        ww.write("w.scales", s).unwrap();
+        ww.write("n", v).unwrap();
+        w.record(ww.finish().unwrap());
+        let cfg = q3vl_model::Qwen3VlConfig::preset(q3vl_model::Size::B2).to_hf_json();
+        w.add_file("config.json", &serde_json::to_vec_pretty(&cfg).unwrap())
+            .unwrap();
+        let mut m = Metadata::new(Kind::Language, "b");
+        for (name, class, scheme) in [
+            ("w", "text_linear", Scheme::Int8Clip),
+            ("n", "vector", Scheme::F32),
+        ] {
+            m.tensors.insert(
+                name.into(),
+                TensorMeta {
+                    class: class.into(),
+                    scheme,
+                    source: None,
+                },
+            );
+        }
+        w.finish(m).unwrap().commit(false).unwrap()
+    }
+
+    #[test]
+    fn accessors_agree_with_what_was_written() {
+        let out = tempfile::tempdir().unwrap();
+        let b = Bundle::open(&make(out.path())).unwrap();
+        assert_eq!(b.tensor_names(), vec!["n", "w"]);
+        let (q, s, dims) = b.q8("w").unwrap();
+        assert_eq!(dims, [2, 64]);
+        assert_eq!((q[0], q[127]), (-64, 63));
+        assert_eq!(s[3].to_f32(), -1.0);
+        let d = b.dequantized("w").unwrap();
+        assert_eq!((d[0], d[32], d[64], d[127]), (-32.0, -8.0, 0.0, -63.0));
+        assert_eq!(b.dequantized("n").unwrap(), vec![1.5, -2.0]);
+        assert!(b.q8("n").is_none());
+        let (dt, shape, bytes) = b.raw("w.scales").unwrap();
+        assert_eq!((dt, shape, bytes.len()), (Dtype::F16, &[2usize, 2][..], 8));
+        let e = b.raw("x").unwrap_err().to_string();
+        assert!(e.contains("tensor x"), "{e}");
+        b.verify_checksums().unwrap();
+        assert!(b.check_files().iter().all(FileCheck::ok));
+    }
+
+    #[test]
+    fn damaged_files_are_named() {
+        let out = tempfile::tempdir().unwrap();
+        let dir = make(out.path());
+        let cfg = dir.join("config.json");
+        let mut bytes = std::fs::read(&cfg).unwrap();
+        let nl = bytes.iter().position(|&c| c == b'\n').unwrap();
+        bytes[nl] = b' ';
+        std::fs::write(&cfg, &bytes).unwrap();
+        let b = Bundle::open(&dir).unwrap();
+        let e = b.verify_checksums().unwrap_err().to_string();
+        assert!(e.contains("config.json") && e.contains("sha256"), "{e}");
+        bytes.push(b' ');
+        std::fs::write(&cfg, &bytes).unwrap();
+        let e = Bundle::open(&dir).err().unwrap().to_string();
+        assert!(e.contains("config.json") && e.contains("size"), "{e}");
     }
 }

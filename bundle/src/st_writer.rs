@@ -22,7 +22,9 @@ use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 /// One tensor to be written.
@@ -101,33 +103,48 @@ struct Stream {
     path: PathBuf,
     tx: Option<SyncSender<Vec<u8>>>,
     handle: Option<JoinHandle<Result<FileEntry, BundleError>>>,
+    /// Set when the file is being thrown away (error, Ctrl-C): skip the fsync, which
+    /// could otherwise keep an interrupted run waiting on gigabytes of dirty pages.
+    abandoned: Arc<AtomicBool>,
 }
 
 impl Stream {
     /// Chunks in flight between the caller and the disk (each a few MiB at most).
     const DEPTH: usize = 4;
+    /// Bytes between writeback kicks.
+    const KICK: u64 = 64 << 20;
 
     fn open(path: PathBuf) -> Result<Stream, BundleError> {
         let file = std::fs::File::create(&path).map_err(|e| BundleError::io(&path, e))?;
         let (tx, rx) = sync_channel::<Vec<u8>>(Self::DEPTH);
         let p = path.clone();
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let skip_sync = abandoned.clone();
         let handle = std::thread::Builder::new()
             .name("q3vl-write".into())
             .spawn(move || {
                 let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
                 let mut h = Sha256::new();
                 let mut size = 0u64;
+                let mut kicked = 0u64;
                 // On a write error the thread returns at once; dropping the receiver
                 // makes the caller's next send fail, and the caller then joins here.
                 for chunk in rx {
                     w.write_all(&chunk).map_err(|e| BundleError::io(&p, e))?;
                     h.update(&chunk);
                     size += chunk.len() as u64;
+                    if size - kicked >= Self::KICK {
+                        w.flush().map_err(|e| BundleError::io(&p, e))?;
+                        start_writeback(w.get_ref(), kicked, size - kicked);
+                        kicked = size;
+                    }
                 }
                 let f = w
                     .into_inner()
                     .map_err(|e| BundleError::io(&p, e.into_error()))?;
-                f.sync_all().map_err(|e| BundleError::io(&p, e))?;
+                if !skip_sync.load(Ordering::SeqCst) {
+                    f.sync_all().map_err(|e| BundleError::io(&p, e))?;
+                }
                 Ok(FileEntry {
                     sha256: hex::encode(h.finalize()),
                     size,
@@ -138,6 +155,7 @@ impl Stream {
             path,
             tx: Some(tx),
             handle: Some(handle),
+            abandoned,
         })
     }
 
@@ -179,9 +197,31 @@ impl Stream {
 impl Drop for Stream {
     fn drop(&mut self) {
         if self.handle.is_some() {
+            self.abandoned.store(true, Ordering::SeqCst);
             let _ = self.join();
         }
     }
+}
+
+/// Starts writing `len` bytes at `offset` of `f` back to disk without waiting, so the
+/// disk is busy from the first chunk on instead of idling until the kernel's dirty
+/// threshold, and the final fsync has little left to do. Best effort (Linux only).
+fn start_writeback(f: &std::fs::File, offset: u64, len: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain syscall on an open descriptor; failure is harmless.
+        unsafe {
+            libc::sync_file_range(
+                f.as_raw_fd(),
+                offset as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (f, offset, len);
 }
 
 /// Streams a set of tensors into one safetensors file or a set of shards plus
@@ -197,7 +237,9 @@ pub struct WeightsWriter {
     cur_shard: usize,
     cur_slot: usize,
     stream: Option<Stream>,
-    done: Vec<WrittenFile>,
+    /// Completed files still being synced by their threads (joined in `finish`, so a
+    /// shard's fsync overlaps the next shard's conversion).
+    closing: Vec<(String, Stream)>,
 }
 
 impl WeightsWriter {
@@ -255,7 +297,7 @@ impl WeightsWriter {
             cur_shard: 0,
             cur_slot: 0,
             stream: None,
-            done: Vec::new(),
+            closing: Vec::new(),
         };
         w.settle()?;
         Ok(w)
@@ -324,11 +366,9 @@ impl WeightsWriter {
             }
             let shard = &mut self.shards[self.cur_shard];
             if self.cur_slot == shard.slots.len() {
-                let entry = self.stream.take().expect("stream open").join()?;
-                self.done.push(WrittenFile {
-                    file: shard.file.clone(),
-                    entry,
-                });
+                let mut stream = self.stream.take().expect("stream open");
+                stream.tx = None; // end of data: the thread flushes and syncs
+                self.closing.push((shard.file.clone(), stream));
                 self.cur_shard += 1;
                 self.cur_slot = 0;
                 continue;
@@ -361,7 +401,13 @@ impl WeightsWriter {
                 ),
             });
         }
-        let mut files = std::mem::take(&mut self.done);
+        let mut files = Vec::with_capacity(self.closing.len() + 1);
+        for (file, mut stream) in std::mem::take(&mut self.closing) {
+            files.push(WrittenFile {
+                file,
+                entry: stream.join()?,
+            });
+        }
         if self.shards.len() > 1 {
             let total: u64 = self
                 .shards

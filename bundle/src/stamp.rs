@@ -133,13 +133,19 @@ pub fn check_stamp(dir: &Path, full: bool) -> StampStatus {
         if full || rel == METADATA_FILE {
             match sha256_file(&p) {
                 Ok(found) if &found == want => {}
-                Ok(_) => return StampStatus::Invalid(format!("{rel} changed since it was verified")),
+                Ok(_) => {
+                    return StampStatus::Invalid(format!("{rel} changed since it was verified"))
+                }
                 Err(e) => return StampStatus::Invalid(e.to_string()),
             }
         } else {
             match std::fs::metadata(&p) {
                 Ok(m) if m.len() == want.size => {}
-                Ok(_) => return StampStatus::Invalid(format!("{rel} changed size since it was verified")),
+                Ok(_) => {
+                    return StampStatus::Invalid(format!(
+                        "{rel} changed size since it was verified"
+                    ))
+                }
                 Err(e) => return StampStatus::Invalid(format!("{rel}: {e}")),
             }
         }

@@ -19,8 +19,8 @@ use crate::tokenizer_files::tokenizer_files;
 use crate::vision_meta::preprocessing;
 use q3vl_bundle::names::{language_dir, short_name, vision_dir, CONFIG_FILE, PREPROCESSOR_FILE};
 use q3vl_bundle::{
-    BundleWriter, Kind, Metadata, Mode, Producer, ShardPolicy, Source, StagedBundle, TensorMeta,
-    TensorPlan, WeightsWriter,
+    BundleWriter, FileEntry, Kind, Metadata, Mode, Producer, ShardPolicy, Source, StagedBundle,
+    TensorMeta, TensorPlan, WeightsWriter,
 };
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -50,6 +50,9 @@ pub struct ConvertOptions {
     pub shard: ShardPolicy,
     /// Worker threads (all cores when `None`).
     pub threads: Option<usize>,
+    /// Digests of source files already verified (by `fetch`, against the hub's LFS
+    /// sha256), by file name: these are not hashed again.
+    pub known_hashes: BTreeMap<String, FileEntry>,
 }
 
 impl ConvertOptions {
@@ -66,6 +69,7 @@ impl ConvertOptions {
             producer: Producer::default(),
             shard: ShardPolicy::default(),
             threads: None,
+            known_hashes: BTreeMap::new(),
         }
     }
 }
@@ -189,7 +193,21 @@ fn run(opts: &ConvertOptions, progress: &dyn Progress, cancel: &Cancel) -> Resul
     let (written, hashes) = std::thread::scope(|scope| {
         let hasher = std::thread::Builder::new()
             .name("q3vl-hash-source".into())
-            .spawn_scoped(scope, || hash_files(&src.dir, &src.files, &stop))
+            .spawn_scoped(scope, || {
+                let todo: Vec<String> = src
+                    .files
+                    .iter()
+                    .filter(|f| !opts.known_hashes.contains_key(*f))
+                    .cloned()
+                    .collect();
+                let mut all = hash_files(&src.dir, &todo, &stop)?;
+                for f in &src.files {
+                    if let Some(e) = opts.known_hashes.get(f) {
+                        all.insert(f.clone(), e.clone());
+                    }
+                }
+                Ok(all)
+            })
             .map_err(|e| ConvertError::io(&src.dir, e))?;
         let total: u64 = plan
             .tensors
@@ -202,7 +220,7 @@ fn run(opts: &ConvertOptions, progress: &dyn Progress, cancel: &Cancel) -> Resul
             .sum();
         progress.begin("converting", total);
         let result = (|| -> Result<(Written, Written)> {
-            let mut lang = write_part(
+            let (mut lang, lang_weights) = write_part(
                 opts,
                 &src,
                 &plan,
@@ -226,12 +244,17 @@ fn run(opts: &ConvertOptions, progress: &dyn Progress, cancel: &Cancel) -> Resul
                 );
             }
             lang.metadata.ignored_source_tensors = plan.ignored.clone();
-            let mut vis = write_part(opts, &src, &plan, Part::Vision, &vis_name, progress, cancel)?;
+            let (mut vis, vis_weights) =
+                write_part(opts, &src, &plan, Part::Vision, &vis_name, progress, cancel)?;
             vis.writer.add_file(CONFIG_FILE, &src.config_bytes)?;
             if let Some(b) = &pre_bytes {
                 vis.writer.add_file(PREPROCESSOR_FILE, b)?;
             }
             vis.metadata.preprocessing = Some(pre.clone());
+            // The language files are closed only now, so their final sync overlapped
+            // the vision tower's conversion.
+            lang.writer.record(lang_weights.finish()?);
+            vis.writer.record(vis_weights.finish()?);
             Ok((lang, vis))
         })();
         progress.end();
@@ -360,7 +383,8 @@ fn check_existing_vision(dir: &Path, src: &SourceCheckpoint) -> Result<()> {
     Ok(())
 }
 
-/// Streams one bundle's tensors into a fresh staging folder.
+/// Streams one bundle's tensors into a fresh staging folder; the caller finishes the
+/// returned weights writer.
 fn write_part(
     opts: &ConvertOptions,
     src: &SourceCheckpoint,
@@ -369,8 +393,8 @@ fn write_part(
     name: &str,
     progress: &dyn Progress,
     cancel: &Cancel,
-) -> Result<Written> {
-    let mut writer = BundleWriter::create(&opts.out, name)?;
+) -> Result<(Written, WeightsWriter)> {
+    let writer = BundleWriter::create(&opts.out, name)?;
     let tensors: Vec<&OutTensor> = plan.part(part).collect();
     let stored: Vec<TensorPlan> = tensors.iter().flat_map(|t| t.stored()).collect();
     let mut ww = WeightsWriter::create(writer.dir(), &stored, opts.shard, &BTreeMap::new())?;
@@ -403,7 +427,6 @@ fn write_part(
                 .insert(t.name.clone(), stats.scale_underflow);
         }
     }
-    writer.record(ww.finish()?);
     for t in &tensors {
         metadata.set_scheme(t.class, opts.mode.scheme(t.class));
         metadata.tensors.insert(
@@ -418,7 +441,7 @@ fn write_part(
             metadata.fallbacks.insert(t.name.clone(), why.clone());
         }
     }
-    Ok(Written { writer, metadata })
+    Ok((Written { writer, metadata }, ww))
 }
 
 /// Test hook: with `Q3VL_TEST_HOLD_FILE=PATH` in the environment, the converter creates

@@ -6,6 +6,7 @@
 //! per tensor in the metadata and the conversion summary).
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 /// The largest finite f16.
 pub const F16_MAX: f32 = 65504.0;
@@ -23,19 +24,44 @@ pub struct NarrowReport {
 /// nearest even.
 pub fn narrow_into(values: &[f32], out: &mut [u8]) -> NarrowReport {
     debug_assert_eq!(out.len(), values.len() * 2);
-    let mut rep = NarrowReport::default();
-    let min_normal = f16::MIN_POSITIVE.to_f32();
-    for (i, (&x, o)) in values.iter().zip(out.chunks_exact_mut(2)).enumerate() {
-        let h = f16::from_f32(x);
-        o.copy_from_slice(&h.to_le_bytes());
-        let a = x.abs();
-        if a > F16_MAX {
-            rep.overflow.get_or_insert(i);
-        } else if a != 0.0 && h.to_f32().abs() < min_normal {
-            rep.underflow += 1;
+    // SAFETY: f16 is a plain 16-bit value, valid for every bit pattern; `align_to_mut`
+    // only hands out the correctly aligned middle part.
+    let (pre, mid, _) = unsafe { out.align_to_mut::<f16>() };
+    if pre.is_empty() && mid.len() == values.len() {
+        // Bulk conversion (F16C when the CPU has it), then a branch-free scan.
+        mid.convert_from_f32_slice(values);
+        if cfg!(target_endian = "big") {
+            mid.iter_mut()
+                .for_each(|h| *h = f16::from_bits(h.to_bits().to_le()));
         }
+        return scan(values, mid);
     }
-    rep
+    // An unaligned buffer (not produced by this crate's allocations): one by one.
+    let mut halves = vec![f16::ZERO; values.len()];
+    halves.convert_from_f32_slice(values);
+    for (o, h) in out.chunks_exact_mut(2).zip(&halves) {
+        o.copy_from_slice(&h.to_le_bytes());
+    }
+    scan(values, &halves)
+}
+
+/// Counts underflows (nonzero in, exponent field zero out) and finds the first
+/// overflow.
+fn scan(values: &[f32], halves: &[f16]) -> NarrowReport {
+    let underflow = values
+        .iter()
+        .zip(halves)
+        .map(|(&x, h)| ((h.to_bits() & 0x7c00) == 0 && x != 0.0) as u64)
+        .sum();
+    let overflow = if values.iter().any(|x| x.abs() > F16_MAX) {
+        values.iter().position(|x| x.abs() > F16_MAX)
+    } else {
+        None
+    };
+    NarrowReport {
+        underflow,
+        overflow,
+    }
 }
 
 #[cfg(test)]

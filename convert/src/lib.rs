@@ -6,6 +6,8 @@
 //! - [`convert()`]: the streaming converter (bounded memory, byte-reproducible).
 //! - [`synth`]: random checkpoints of the real shapes, for scale tests and benchmarks.
 
+#![warn(missing_docs)]
+
 pub mod cancel;
 mod convert;
 pub mod error;

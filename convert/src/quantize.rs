@@ -57,15 +57,23 @@ impl QuantKind {
 
 const QMAX: f32 = 127.0;
 
-/// Round half to even for |x| < 2²²: adding and subtracting 1.5·2²³ leaves the integer
-/// the FPU's round-to-nearest-even picks. Same result as `f32::round_ties_even` in that
-/// range, but a plain add/sub that vectorizes on baseline x86-64 (SSE2 has no
-/// `roundps`). Larger |x| only occur for values that are clamped right after, and
-/// the result still has the right sign and magnitude beyond the clamp bounds.
+/// 1.5 · 2²³: adding it to an f32 `x` with |x| < 2²² leaves `round_half_even(x)` in
+/// the low mantissa bits (the FPU rounds the sum to nearest, ties to even, and at that
+/// magnitude the spacing of f32 is exactly 1).
+const MAGIC: f32 = 12_582_912.0;
+/// The bit pattern of [`MAGIC`].
+const MAGIC_BITS: i32 = 0x4B40_0000;
+
+/// `clamp(round_half_even(x), lo, hi)` as an integer, for integer bounds within ±2²².
+///
+/// Clamping first is the same thing, since rounding is monotonic and the bounds are
+/// integers, and it keeps the magic-number rounding in its exact range. This is plain
+/// float add and integer arithmetic, so the block loop vectorizes on baseline x86-64
+/// (SSE2 has no `roundps`, and a saturating float-to-int cast per value is slow).
 #[inline(always)]
-fn round_half_even(x: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
-    (x + MAGIC) - MAGIC
+fn round_clamped(x: f32, lo: f32, hi: f32) -> i32 {
+    let y = x.clamp(lo, hi) + MAGIC;
+    y.to_bits() as i32 - MAGIC_BITS
 }
 
 /// The f16 scale of a block with maximum magnitude `amax`.
@@ -89,7 +97,14 @@ pub struct RowReport {
 pub fn quantize_block(w: &[f32], kind: QuantKind, q: &mut [i8]) -> f16 {
     debug_assert_eq!(w.len(), BLOCK);
     debug_assert_eq!(q.len(), BLOCK);
-    let amax = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+    // Eight independent running maxima: a straight fold is a serial dependency chain.
+    let mut lanes = [0f32; 8];
+    for c in w.chunks_exact(8) {
+        for (m, x) in lanes.iter_mut().zip(c) {
+            *m = m.max(x.abs());
+        }
+    }
+    let amax = lanes.iter().fold(0f32, |m, &x| m.max(x));
     let s = block_scale(amax, kind);
     let sf = s.to_f32();
     if sf == 0.0 {
@@ -98,7 +113,7 @@ pub fn quantize_block(w: &[f32], kind: QuantKind, q: &mut [i8]) -> f16 {
     }
     let lo = kind.qmin();
     for (o, &x) in q.iter_mut().zip(w) {
-        *o = round_half_even(x / sf).clamp(lo, QMAX) as i8;
+        *o = round_clamped(x / sf, lo, QMAX) as i8;
     }
     s
 }
@@ -152,23 +167,28 @@ mod tests {
 
     #[test]
     fn magic_rounding_matches_round_ties_even() {
+        let reference = |x: f32, lo: f32| x.round_ties_even().clamp(lo, QMAX) as i32;
         let mut x = -300.0f32;
         while x <= 300.0 {
-            for d in [0.0, 1e-4, -1e-4] {
+            for d in [0.0, 1e-4, -1e-4, 0.4999999, -0.4999999] {
                 let v = x + d;
-                assert_eq!(round_half_even(v), v.round_ties_even(), "{v}");
+                for lo in [-127.0, -128.0] {
+                    assert_eq!(round_clamped(v, lo, QMAX), reference(v, lo), "{v}");
+                }
             }
             x += 0.25;
         }
         for v in [
-            0.49999997f32,
-            -0.49999997,
-            1e-30,
+            1e-30f32,
             -1e-30,
             4194303.5,
             -4194303.5,
+            1e30,
+            -1e30,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
         ] {
-            assert_eq!(round_half_even(v), v.round_ties_even(), "{v}");
+            assert_eq!(round_clamped(v, -128.0, QMAX), reference(v, -128.0), "{v}");
         }
     }
 

@@ -85,7 +85,9 @@ impl TextModel {
         Lin::resolve(b, &head, cfg.vocab_size, h, overrides)?;
         Lin::resolve(b, EMBED, cfg.vocab_size, h, overrides)?;
         let inv = inv_freq(hd, cfg.rope_theta);
-        let axis = (0..inv.len()).map(|j| mrope_axis(j, cfg.mrope_section)).collect();
+        let axis = (0..inv.len())
+            .map(|j| mrope_axis(j, cfg.mrope_section))
+            .collect();
         Ok(TextModel {
             final_norm: vector(b, &format!("{}.norm.weight", q3vl_model::layout::TEXT), h)?,
             cfg,
@@ -99,7 +101,10 @@ impl TextModel {
     /// `[out, in]` of the seven linears.
     fn shapes(cfg: &TextConfig) -> [(usize, usize); 7] {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-        let (q, kv) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim);
+        let (q, kv) = (
+            cfg.num_attention_heads * cfg.head_dim,
+            cfg.num_key_value_heads * cfg.head_dim,
+        );
         [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]
     }
 
@@ -110,7 +115,11 @@ impl TextModel {
 
     /// Names of the tensors one decode step reads (all linears and the head).
     pub fn linear_names(&self) -> Vec<&str> {
-        let mut v: Vec<&str> = self.layers.iter().flat_map(|l| l.names.iter().map(String::as_str)).collect();
+        let mut v: Vec<&str> = self
+            .layers
+            .iter()
+            .flat_map(|l| l.names.iter().map(String::as_str))
+            .collect();
         v.push(&self.head);
         v
     }
@@ -125,12 +134,18 @@ impl TextModel {
         cache: &mut KvCache,
     ) -> Result<Vec<f32>> {
         let c = &self.cfg;
-        let (hsz, hd, nh, nkv) = (c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads);
+        let (hsz, hd, nh, nkv) = (
+            c.hidden_size,
+            c.head_dim,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+        );
         let t = ids.len();
         let past = cache.len();
         let vocab = c.vocab_size as u32;
         let eps = c.rms_norm_eps as f32;
-        let lin = |name: &str, r: usize, cc: usize| Lin::resolve(w.bundle, name, r, cc, w.overrides);
+        let lin =
+            |name: &str, r: usize, cc: usize| Lin::resolve(w.bundle, name, r, cc, w.overrides);
         // Embedding: the f16 text row, or the image row for ids ≥ vocab.
         let embed = lin(EMBED, c.vocab_size, hsz)?;
         let Lin::F16 { w: table, .. } = embed else {
@@ -179,13 +194,27 @@ impl TextModel {
             l[0].matmul(&h, hq.as_ref(), t, &mut q);
             l[1].matmul(&h, hq.as_ref(), t, &mut k);
             l[2].matmul(&h, hq.as_ref(), t, &mut v);
-            for (qh, tok) in q.chunks_exact_mut(hd).zip((0..t).flat_map(|tk| std::iter::repeat_n(tk, nh))) {
+            for (qh, tok) in q
+                .chunks_exact_mut(hd)
+                .zip((0..t).flat_map(|tk| std::iter::repeat_n(tk, nh)))
+            {
                 rms_norm_in_place(qh, &layer.q_norm, eps);
-                rope(qh, &cos[tok * half..(tok + 1) * half], &sin[tok * half..(tok + 1) * half]);
+                rope(
+                    qh,
+                    &cos[tok * half..(tok + 1) * half],
+                    &sin[tok * half..(tok + 1) * half],
+                );
             }
-            for (kh, tok) in k.chunks_exact_mut(hd).zip((0..t).flat_map(|tk| std::iter::repeat_n(tk, nkv))) {
+            for (kh, tok) in k
+                .chunks_exact_mut(hd)
+                .zip((0..t).flat_map(|tk| std::iter::repeat_n(tk, nkv)))
+            {
                 rms_norm_in_place(kh, &layer.k_norm, eps);
-                rope(kh, &cos[tok * half..(tok + 1) * half], &sin[tok * half..(tok + 1) * half]);
+                rope(
+                    kh,
+                    &cos[tok * half..(tok + 1) * half],
+                    &sin[tok * half..(tok + 1) * half],
+                );
             }
             cache.write(li, &k, &v, t);
             let attn = attention(cache, li, &q, t, past, nh, nkv, hd);
@@ -233,7 +262,13 @@ impl TextModel {
     /// Logits of one final-normed hidden state.
     pub fn logits(&self, w: &Weights<'_>, hidden: &[f32]) -> Result<Vec<f32>> {
         let c = &self.cfg;
-        let head = Lin::resolve(w.bundle, &self.head, c.vocab_size, c.hidden_size, w.overrides)?;
+        let head = Lin::resolve(
+            w.bundle,
+            &self.head,
+            c.vocab_size,
+            c.hidden_size,
+            w.overrides,
+        )?;
         let hq = head.is_q8().then(|| QActs::quantize(hidden, c.hidden_size));
         let mut out = vec![0f32; c.vocab_size];
         head.matmul(hidden, hq.as_ref(), 1, &mut out);
@@ -277,7 +312,16 @@ pub fn rope(x: &mut [f32], cos: &[f32], sin: &[f32]) {
 /// the cache; returns `[t, nh·hd]`. Heads run in parallel; each score and each
 /// output is one fixed-order reduction.
 #[allow(clippy::too_many_arguments)]
-fn attention(cache: &KvCache, layer: usize, q: &[f32], t: usize, past: usize, nh: usize, nkv: usize, hd: usize) -> Vec<f32> {
+fn attention(
+    cache: &KvCache,
+    layer: usize,
+    q: &[f32],
+    t: usize,
+    past: usize,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+) -> Vec<f32> {
     let groups = nh / nkv;
     let scale = (hd as f32).powf(-0.5);
     let per_head: Vec<Vec<f32>> = (0..nh)
@@ -316,7 +360,8 @@ fn attention(cache: &KvCache, layer: usize, q: &[f32], t: usize, past: usize, nh
     let mut out = vec![0f32; t * nh * hd];
     for (h, ph) in per_head.iter().enumerate() {
         for i in 0..t {
-            out[(i * nh + h) * hd..(i * nh + h + 1) * hd].copy_from_slice(&ph[i * hd..(i + 1) * hd]);
+            out[(i * nh + h) * hd..(i * nh + h + 1) * hd]
+                .copy_from_slice(&ph[i * hd..(i + 1) * hd]);
         }
     }
     out

@@ -25,7 +25,10 @@ impl StreamDecoder {
         self.ids.push(id);
         let text = decode(&self.ids)?;
         // An incomplete character decodes to U+FFFD; wait for the rest of it.
-        if text.ends_with('\u{FFFD}') || text.len() < self.emitted || !text.is_char_boundary(self.emitted) {
+        if text.ends_with('\u{FFFD}')
+            || text.len() < self.emitted
+            || !text.is_char_boundary(self.emitted)
+        {
             return Ok(String::new());
         }
         let new = text[self.emitted..].to_string();
@@ -67,14 +70,20 @@ mod tests {
         let mut held = false;
         for &id in &ids {
             let piece = s.push(id, &decode).unwrap();
-            assert!(!piece.contains('\u{FFFD}'), "emitted a broken character: {piece:?}");
+            assert!(
+                !piece.contains('\u{FFFD}'),
+                "emitted a broken character: {piece:?}"
+            );
             held |= piece.is_empty();
             out.push_str(&piece);
         }
         out.push_str(&s.finish(&decode).unwrap());
         assert_eq!(out, text);
         // The emoji are split over several byte tokens, so something was held back.
-        assert!(held, "expected at least one token ending inside a character");
+        assert!(
+            held,
+            "expected at least one token ending inside a character"
+        );
     }
 
     #[test]
@@ -86,7 +95,10 @@ mod tests {
         };
         let mut s = StreamDecoder::new();
         let bytes = "a€".as_bytes();
-        let pieces: Vec<String> = bytes.iter().map(|&b| s.push(b as u32, &decode).unwrap()).collect();
+        let pieces: Vec<String> = bytes
+            .iter()
+            .map(|&b| s.push(b as u32, &decode).unwrap())
+            .collect();
         assert_eq!(pieces, vec!["a", "", "", "€"]);
     }
 }

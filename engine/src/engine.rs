@@ -200,15 +200,29 @@ impl Engine {
 
     /// Preprocesses a decoded image (fixed grid unless `dynamic`).
     pub fn preprocess(&self, img: &q3vl_model::image::Rgb8, dynamic: bool) -> Result<PatchedImage> {
-        let mode = if dynamic { Resize::Dynamic } else { self.fixed_resize() };
-        Ok(q3vl_model::image::preprocess(img, &self.preprocessor()?, mode)?)
+        let mode = if dynamic {
+            Resize::Dynamic
+        } else {
+            self.fixed_resize()
+        };
+        Ok(q3vl_model::image::preprocess(
+            img,
+            &self.preprocessor()?,
+            mode,
+        )?)
     }
 
     /// Vision tower on model-ready patch rows (from `model::image::preprocess` or an
     /// oracle trace): image embeddings and DeepStack features, computed once.
-    pub fn encode_image(&self, pixel_values: &[f32], grid_thw: [usize; 3]) -> Result<ImageFeatures> {
-        self.pool
-            .install(|| self.vision.encode(&self.bundles.vision, pixel_values, grid_thw))
+    pub fn encode_image(
+        &self,
+        pixel_values: &[f32],
+        grid_thw: [usize; 3],
+    ) -> Result<ImageFeatures> {
+        self.pool.install(|| {
+            self.vision
+                .encode(&self.bundles.vision, pixel_values, grid_thw)
+        })
     }
 
     /// Greedy/sampled generation from prompt ids (HF ids, `<|image_pad|>` expanded;
@@ -239,8 +253,8 @@ impl Engine {
             let (gh, gw) = f.merged_grid(merge);
             (f.tokens, gh, gw)
         });
-        let (mapped, span) =
-            map_image_ids(ids, cfg.image_token_id, tc.vocab_size as u32, geom).map_err(EngineError::Input)?;
+        let (mapped, span) = map_image_ids(ids, cfg.image_token_id, tc.vocab_size as u32, geom)
+            .map_err(EngineError::Input)?;
         let need = ids.len() + params.max_new_tokens;
         if need > self.context {
             return Err(EngineError::Input(format!(
@@ -256,7 +270,12 @@ impl Engine {
         };
         let img = image.zip(span.as_ref());
         {
-            let mut cache = KvCache::new(tc.num_hidden_layers, tc.num_key_value_heads, tc.head_dim, need.max(1));
+            let mut cache = KvCache::new(
+                tc.num_hidden_layers,
+                tc.num_key_value_heads,
+                tc.head_dim,
+                need.max(1),
+            );
             let mut sampler = Sampler::new(params.temperature, params.top_p, params.seed);
             let mut timings = Timings {
                 prompt_tokens: ids.len(),
@@ -300,7 +319,8 @@ impl Engine {
             }
             timings.decode_ms = t1.elapsed().as_secs_f64() * 1e3;
             timings.prefill_tok_s = ids.len() as f64 / (timings.prefill_ms / 1e3).max(1e-9);
-            timings.decode_tok_s = timings.decode_steps as f64 / (timings.decode_ms / 1e3).max(1e-9);
+            timings.decode_tok_s =
+                timings.decode_steps as f64 / (timings.decode_ms / 1e3).max(1e-9);
             out.timings = timings;
             Ok(out)
         }
@@ -309,11 +329,21 @@ impl Engine {
     /// Test hook: multiplies one f16 scale (`row`, `block`) of the quantized weight
     /// `tensor` in the engine's own copy of its scales (the mapped file is untouched),
     /// to make a deliberately wrong kernel for the verifier's gate.
-    pub fn perturb_scale_for_test(&mut self, tensor: &str, row: usize, block: usize, factor: f32) -> Result<()> {
-        let (_, s, [rows, cols]) = self.bundles.language.q8(tensor).ok_or_else(|| EngineError::Tensor {
-            name: tensor.into(),
-            msg: "is not an int8 weight of the language bundle".into(),
-        })?;
+    pub fn perturb_scale_for_test(
+        &mut self,
+        tensor: &str,
+        row: usize,
+        block: usize,
+        factor: f32,
+    ) -> Result<()> {
+        let (_, s, [rows, cols]) =
+            self.bundles
+                .language
+                .q8(tensor)
+                .ok_or_else(|| EngineError::Tensor {
+                    name: tensor.into(),
+                    msg: "is not an int8 weight of the language bundle".into(),
+                })?;
         let nb = cols / crate::kernels::q8::BLOCK;
         if row >= rows || block >= nb {
             return Err(EngineError::Tensor {
@@ -321,7 +351,10 @@ impl Engine {
                 msg: format!("has {rows} rows × {nb} blocks; ({row}, {block}) is outside"),
             });
         }
-        let copy = self.overrides.entry(tensor.to_string()).or_insert_with(|| s.to_vec());
+        let copy = self
+            .overrides
+            .entry(tensor.to_string())
+            .or_insert_with(|| s.to_vec());
         let i = row * nb + block;
         copy[i] = f16::from_f32(copy[i].to_f32() * factor);
         Ok(())
@@ -363,7 +396,9 @@ fn check_pair(lang: &Bundle, vision: &Bundle) -> Result<()> {
         )));
     }
     if v.vision.deepstack_visual_indexes.len() > l.text.num_hidden_layers {
-        return Err(mismatch("has more DeepStack taps than the decoder has layers".into()));
+        return Err(mismatch(
+            "has more DeepStack taps than the decoder has layers".into(),
+        ));
     }
     if v.image_token_id != l.image_token_id {
         return Err(mismatch(format!(

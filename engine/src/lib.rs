@@ -36,5 +36,5 @@ pub mod weights;
 
 pub use engine::{Engine, EngineOptions, GenerateParams, Generation, Timings};
 pub use error::{EngineError, Result};
-pub use stamp::{stamp_status, StampStatus};
+pub use stamp::{pair_status, stamp_status, StampStatus};
 pub use vision::ImageFeatures;

@@ -53,9 +53,13 @@ pub fn map_image_ids(
     vocab: u32,
     image: Option<(usize, usize, usize)>,
 ) -> Result<(Vec<u32>, Option<ImageSpan>), String> {
-    let pads: Vec<usize> = (0..ids.len()).filter(|&i| ids[i] == image_token_id).collect();
+    let pads: Vec<usize> = (0..ids.len())
+        .filter(|&i| ids[i] == image_token_id)
+        .collect();
     if let Some(&bad) = ids.iter().find(|&&id| id >= vocab) {
-        return Err(format!("token id {bad} is outside the vocabulary ({vocab} ids)"));
+        return Err(format!(
+            "token id {bad} is outside the vocabulary ({vocab} ids)"
+        ));
     }
     let Some((tokens, gh, gw)) = image else {
         if !pads.is_empty() {
@@ -105,7 +109,8 @@ mod tests {
             ids.extend(std::iter::repeat_n(pad, n));
             ids.extend([151653, 100, 101, 151645, 198, 151644, 77091, 198]);
             let (want, next) = rope_index(&ids, pad, &[[1, gh, gw]], 2).unwrap();
-            let (mapped, span) = map_image_ids(&ids, pad, vocab, Some((n, gh / 2, gw / 2))).unwrap();
+            let (mapped, span) =
+                map_image_ids(&ids, pad, vocab, Some((n, gh / 2, gw / 2))).unwrap();
             let got: Vec<[i64; 3]> = mapped
                 .iter()
                 .enumerate()
@@ -120,7 +125,11 @@ mod tests {
         let ids = [1u32, 2, 3];
         let (want, _) = rope_index(&ids, pad, &[], 2).unwrap();
         let (m, span) = map_image_ids(&ids, pad, vocab, None).unwrap();
-        let got: Vec<_> = m.iter().enumerate().map(|(i, &id)| position(i, id, vocab, span.as_ref())).collect();
+        let got: Vec<_> = m
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| position(i, id, vocab, span.as_ref()))
+            .collect();
         assert_eq!(got, want);
     }
 

@@ -51,7 +51,11 @@ impl Sampler {
     pub fn new(temperature: f32, top_p: f32, seed: u64) -> Self {
         Sampler {
             temperature,
-            top_p: if top_p > 0.0 && top_p <= 1.0 { top_p } else { 1.0 },
+            top_p: if top_p > 0.0 && top_p <= 1.0 {
+                top_p
+            } else {
+                1.0
+            },
             rng: SplitMix64::new(seed),
         }
     }

@@ -65,9 +65,24 @@ impl VisionModel {
     fn check(&self, b: &Bundle) -> Result<()> {
         let c = &self.cfg;
         let (d, i, mdim) = (c.hidden_size, c.intermediate_size, c.merged_dim());
-        f16_tensor(b, &visual("patch_embed.proj.weight"), &[d, c.in_channels, c.temporal_patch_size, c.patch_size, c.patch_size])?;
+        f16_tensor(
+            b,
+            &visual("patch_embed.proj.weight"),
+            &[
+                d,
+                c.in_channels,
+                c.temporal_patch_size,
+                c.patch_size,
+                c.patch_size,
+            ],
+        )?;
         for j in 0..c.depth {
-            for (leaf, o, k) in [("attn.qkv", 3 * d, d), ("attn.proj", d, d), ("mlp.linear_fc1", i, d), ("mlp.linear_fc2", d, i)] {
+            for (leaf, o, k) in [
+                ("attn.qkv", 3 * d, d),
+                ("attn.proj", d, d),
+                ("mlp.linear_fc1", i, d),
+                ("mlp.linear_fc2", d, i),
+            ] {
                 f16_tensor(b, &vision_block(j, &format!("{leaf}.weight")), &[o, k])?;
                 vector(b, &vision_block(j, &format!("{leaf}.bias")), o)?;
             }
@@ -78,7 +93,11 @@ impl VisionModel {
         }
         for p in mergers {
             f16_tensor(b, &format!("{p}.linear_fc1.weight"), &[mdim, mdim])?;
-            f16_tensor(b, &format!("{p}.linear_fc2.weight"), &[c.out_hidden_size, mdim])?;
+            f16_tensor(
+                b,
+                &format!("{p}.linear_fc2.weight"),
+                &[c.out_hidden_size, mdim],
+            )?;
         }
         Ok(())
     }
@@ -89,7 +108,15 @@ impl VisionModel {
     }
 
     /// `x · Wᵀ + b` for an f16 weight `[n, k]`, widened for this call only.
-    fn lin(&self, b: &Bundle, prefix: &str, x: &[f32], m: usize, k: usize, n: usize) -> Result<Vec<f32>> {
+    fn lin(
+        &self,
+        b: &Bundle,
+        prefix: &str,
+        x: &[f32],
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<Vec<f32>> {
         let w = widen_all(f16_tensor(b, &format!("{prefix}.weight"), &[n, k])?);
         let bias = vector(b, &format!("{prefix}.bias"), n)?;
         let mut out = vec![0f32; m * n];
@@ -126,19 +153,35 @@ impl VisionModel {
         for v in &mut y {
             *v = gelu_erf(*v);
         }
-        self.lin(b, &format!("{prefix}.linear_fc2"), &y, rows, md, c.out_hidden_size)
+        self.lin(
+            b,
+            &format!("{prefix}.linear_fc2"),
+            &y,
+            rows,
+            md,
+            c.out_hidden_size,
+        )
     }
 
     /// Runs the tower on `[P, patch_dim]` patch rows of grid `(t, h, w)`.
-    pub fn encode(&self, b: &Bundle, pixel_values: &[f32], grid_thw: [usize; 3]) -> Result<ImageFeatures> {
+    pub fn encode(
+        &self,
+        b: &Bundle,
+        pixel_values: &[f32],
+        grid_thw: [usize; 3],
+    ) -> Result<ImageFeatures> {
         let c = &self.cfg;
         let (d, pd, merge) = (c.hidden_size, c.patch_dim(), c.spatial_merge_size);
         let p: usize = grid_thw.iter().product();
         if grid_thw[0] != 1 {
-            return Err(EngineError::Input(format!("grid {grid_thw:?}: only still images (t = 1) are supported")));
+            return Err(EngineError::Input(format!(
+                "grid {grid_thw:?}: only still images (t = 1) are supported"
+            )));
         }
         if !grid_thw[1].is_multiple_of(merge) || !grid_thw[2].is_multiple_of(merge) || p == 0 {
-            return Err(EngineError::Input(format!("grid {grid_thw:?} is not a positive multiple of the merge size {merge}")));
+            return Err(EngineError::Input(format!(
+                "grid {grid_thw:?} is not a positive multiple of the merge size {merge}"
+            )));
         }
         if pixel_values.len() != p * pd {
             return Err(EngineError::Input(format!(
@@ -164,11 +207,25 @@ impl VisionModel {
                 *xv += ov;
             }
             let h = self.layer_norm(b, &vision_block(j, "norm2"), &x, d)?;
-            let mut h = self.lin(b, &vision_block(j, "mlp.linear_fc1"), &h, p, d, c.intermediate_size)?;
+            let mut h = self.lin(
+                b,
+                &vision_block(j, "mlp.linear_fc1"),
+                &h,
+                p,
+                d,
+                c.intermediate_size,
+            )?;
             for v in &mut h {
                 *v = gelu_tanh(*v);
             }
-            let o = self.lin(b, &vision_block(j, "mlp.linear_fc2"), &h, p, c.intermediate_size, d)?;
+            let o = self.lin(
+                b,
+                &vision_block(j, "mlp.linear_fc2"),
+                &h,
+                p,
+                c.intermediate_size,
+                d,
+            )?;
             for (xv, ov) in x.iter_mut().zip(&o) {
                 *xv += ov;
             }
@@ -197,7 +254,11 @@ fn vision_rope(grid_thw: [usize; 3], merge: usize, hd: usize, theta: f64) -> (Ve
     let mut cos = Vec::with_capacity(coords.len() * half);
     let mut sin = Vec::with_capacity(coords.len() * half);
     for (r, c) in coords {
-        for a in inv.iter().map(|f| r as f32 * f).chain(inv.iter().map(|f| c as f32 * f)) {
+        for a in inv
+            .iter()
+            .map(|f| r as f32 * f)
+            .chain(inv.iter().map(|f| c as f32 * f))
+        {
             cos.push(a.cos());
             sin.push(a.sin());
         }
@@ -207,7 +268,14 @@ fn vision_rope(grid_thw: [usize; 3], merge: usize, hd: usize, theta: f64) -> (Ve
 
 /// Full (non-causal) attention of one image, per head in parallel: RoPE on q and k,
 /// `softmax(q kᵀ / √hd) v`. One head's `P × P` scores live at a time per thread.
-fn vision_attention(qkv: &[f32], p: usize, heads: usize, hd: usize, cos: &[f32], sin: &[f32]) -> Vec<f32> {
+fn vision_attention(
+    qkv: &[f32],
+    p: usize,
+    heads: usize,
+    hd: usize,
+    cos: &[f32],
+    sin: &[f32],
+) -> Vec<f32> {
     let d = heads * hd;
     let half = hd / 2;
     let scale = (hd as f32).powf(-0.5);
@@ -222,7 +290,10 @@ fn vision_attention(qkv: &[f32], p: usize, heads: usize, hd: usize, cos: &[f32],
                 q[i * hd..(i + 1) * hd].copy_from_slice(&row[h * hd..(h + 1) * hd]);
                 k[i * hd..(i + 1) * hd].copy_from_slice(&row[d + h * hd..d + (h + 1) * hd]);
                 v[i * hd..(i + 1) * hd].copy_from_slice(&row[2 * d + h * hd..2 * d + (h + 1) * hd]);
-                let (c, s) = (&cos[i * half..(i + 1) * half], &sin[i * half..(i + 1) * half]);
+                let (c, s) = (
+                    &cos[i * half..(i + 1) * half],
+                    &sin[i * half..(i + 1) * half],
+                );
                 crate::decoder::rope(&mut q[i * hd..(i + 1) * hd], c, s);
                 crate::decoder::rope(&mut k[i * hd..(i + 1) * hd], c, s);
             }
@@ -275,7 +346,8 @@ fn erf(x: f64) -> f64 {
                 + t * (0.096_784_18
                     + t * (-0.186_288_06
                         + t * (0.278_868_07
-                            + t * (-1.135_203_98 + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+                            + t * (-1.135_203_98
+                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
     let erfc = t * poly.exp();
     if x >= 0.0 {
         1.0 - erfc
@@ -290,7 +362,13 @@ mod tests {
 
     #[test]
     fn erf_is_accurate() {
-        for (x, want) in [(0.0, 0.0), (0.5, 0.520_499_877_8), (1.0, 0.842_700_792_9), (-2.0, -0.995_322_265), (3.0, 0.999_977_909_5)] {
+        for (x, want) in [
+            (0.0, 0.0),
+            (0.5, 0.520_499_877_8),
+            (1.0, 0.842_700_792_9),
+            (-2.0, -0.995_322_265),
+            (3.0, 0.999_977_909_5),
+        ] {
             assert!((erf(x) - want).abs() < 2e-7, "erf({x})");
         }
     }

@@ -2,7 +2,7 @@
 
 use crate::error::{EngineError, Result};
 use crate::kernels::f16dot::{dot_f32, widen};
-use crate::kernels::q8::{dot, QActs, BLOCK};
+use crate::kernels::q8::{dot, dot4, widen_scales, QActs, BLOCK};
 use half::f16;
 use q3vl_bundle::{Bundle, Dtype};
 use rayon::prelude::*;
@@ -60,17 +60,23 @@ impl<'a> Lin<'a> {
         };
         if let Some((q, s, shape)) = b.q8(name) {
             if shape != [rows, cols] {
-                return Err(bad(format!("is {shape:?}, the config needs [{rows}, {cols}]")));
+                return Err(bad(format!(
+                    "is {shape:?}, the config needs [{rows}, {cols}]"
+                )));
             }
             let s = overrides.get(name).map(Vec::as_slice).unwrap_or(s);
             return Ok(Lin::Q8 { q, s, rows, cols });
         }
         let (dtype, shape, bytes) = b.raw(name)?;
         if shape != [rows, cols] {
-            return Err(bad(format!("is {shape:?}, the config needs [{rows}, {cols}]")));
+            return Err(bad(format!(
+                "is {shape:?}, the config needs [{rows}, {cols}]"
+            )));
         }
         if dtype != Dtype::F16 {
-            return Err(bad(format!("is {dtype}; the engine reads int8 or F16 weights")));
+            return Err(bad(format!(
+                "is {dtype}; the engine reads int8 or F16 weights"
+            )));
         }
         let w = f16_slice(bytes).ok_or_else(|| bad("is not 2-byte aligned".into()))?;
         Ok(Lin::F16 { w, rows, cols })
@@ -111,13 +117,22 @@ impl<'a> Lin<'a> {
                 tr.par_chunks_mut(ROWS_PER_TASK * t)
                     .enumerate()
                     .for_each(|(c, chunk)| {
+                        let mut sr = vec![0f32; nb];
                         for (i, o) in chunk.chunks_mut(t).enumerate() {
                             let r = c * ROWS_PER_TASK + i;
                             let wr = &q[r * cols..(r + 1) * cols];
-                            let sr = &s[r * nb..(r + 1) * nb];
-                            for (tok, ov) in o.iter_mut().enumerate() {
-                                let (xr, xd) = xq.row(tok);
-                                *ov = dot(wr, sr, xr, xd);
+                            widen_scales(&s[r * nb..(r + 1) * nb], &mut sr);
+                            // Four tokens per pass share the weight loads (prefill).
+                            let mut tok = 0;
+                            while tok + 4 <= t {
+                                let rows = [0, 1, 2, 3].map(|k| xq.row(tok + k));
+                                let v = dot4(wr, &sr, rows.map(|r| r.0), rows.map(|r| r.1));
+                                o[tok..tok + 4].copy_from_slice(&v);
+                                tok += 4;
+                            }
+                            for (k, ov) in o.iter_mut().enumerate().skip(tok) {
+                                let (xr, xd) = xq.row(k);
+                                *ov = dot(wr, &sr, xr, xd);
                             }
                         }
                     });
@@ -163,7 +178,11 @@ pub fn vector(b: &Bundle, name: &str, len: usize) -> Result<Vec<f32>> {
     if v.len() != len {
         return Err(EngineError::Tensor {
             name: name.into(),
-            msg: format!("has {} values, the config needs {len} (in {})", v.len(), b.dir().display()),
+            msg: format!(
+                "has {} values, the config needs {len} (in {})",
+                v.len(),
+                b.dir().display()
+            ),
         });
     }
     Ok(v)

@@ -152,7 +152,9 @@ impl TextConfig {
                 .ok_or_else(|| Error::Config(format!("{p}.rope_theta is missing")))?,
         };
         let rope = rope.ok_or_else(|| {
-            Error::Config(format!("{p}: neither rope_scaling nor rope_parameters is present"))
+            Error::Config(format!(
+                "{p}: neither rope_scaling nor rope_parameters is present"
+            ))
         })?;
         if let Some(kind) = rope
             .get("rope_type")
@@ -167,7 +169,10 @@ impl TextConfig {
         }
         let sec = usize_list(rope, &format!("{p}.rope_scaling"), "mrope_section")?;
         let mrope_section: [usize; 3] = sec.as_slice().try_into().map_err(|_| {
-            Error::Config(format!("{p}.mrope_section must have 3 entries, has {}", sec.len()))
+            Error::Config(format!(
+                "{p}.mrope_section must have 3 entries, has {}",
+                sec.len()
+            ))
         })?;
         if mrope_section.iter().sum::<usize>() * 2 != head_dim {
             return Err(Error::Config(format!(
@@ -176,11 +181,15 @@ impl TextConfig {
             )));
         }
         if t.get("attention_bias").and_then(Value::as_bool) == Some(true) {
-            return Err(Error::Config(format!("{p}.attention_bias=true is not supported")));
+            return Err(Error::Config(format!(
+                "{p}.attention_bias=true is not supported"
+            )));
         }
         if let Some(act) = t.get("hidden_act").and_then(Value::as_str) {
             if act != "silu" {
-                return Err(Error::Config(format!("{p}.hidden_act {act:?} is not supported")));
+                return Err(Error::Config(format!(
+                    "{p}.hidden_act {act:?} is not supported"
+                )));
             }
         }
         let cfg = TextConfig {
@@ -196,7 +205,10 @@ impl TextConfig {
             rms_norm_eps: f64_of(t, p, "rms_norm_eps")?,
             max_position_embeddings: opt_usize(t, p, "max_position_embeddings", 262144)?,
         };
-        if cfg.num_key_value_heads == 0 || cfg.num_attention_heads % cfg.num_key_value_heads != 0
+        if cfg.num_key_value_heads == 0
+            || !cfg
+                .num_attention_heads
+                .is_multiple_of(cfg.num_key_value_heads)
         {
             return Err(Error::Config(format!(
                 "{p}: num_attention_heads {} is not a multiple of num_key_value_heads {}",
@@ -234,7 +246,9 @@ impl VisionConfig {
                 .and_then(Value::as_f64)
                 .unwrap_or(10000.0),
         };
-        if cfg.hidden_size % cfg.num_heads != 0 || (cfg.hidden_size / cfg.num_heads) % 4 != 0 {
+        if !cfg.hidden_size.is_multiple_of(cfg.num_heads)
+            || !(cfg.hidden_size / cfg.num_heads).is_multiple_of(4)
+        {
             return Err(Error::Config(format!(
                 "{p}: head width hidden_size/num_heads = {}/{} must be a multiple of 4",
                 cfg.hidden_size, cfg.num_heads
@@ -247,7 +261,11 @@ impl VisionConfig {
                 cfg.num_position_embeddings
             )));
         }
-        if let Some(&j) = cfg.deepstack_visual_indexes.iter().find(|&&j| j >= cfg.depth) {
+        if let Some(&j) = cfg
+            .deepstack_visual_indexes
+            .iter()
+            .find(|&&j| j >= cfg.depth)
+        {
             return Err(Error::Config(format!(
                 "{p}.deepstack_visual_indexes holds {j}, past depth {}",
                 cfg.depth
@@ -255,7 +273,9 @@ impl VisionConfig {
         }
         if let Some(act) = v.get("hidden_act").and_then(Value::as_str) {
             if act != "gelu_pytorch_tanh" {
-                return Err(Error::Config(format!("{p}.hidden_act {act:?} is not supported")));
+                return Err(Error::Config(format!(
+                    "{p}.hidden_act {act:?} is not supported"
+                )));
             }
         }
         Ok(cfg)
@@ -310,9 +330,8 @@ impl Qwen3VlConfig {
             .and_then(Value::as_bool)
             .or_else(|| v.get("tie_word_embeddings").and_then(Value::as_bool))
             .unwrap_or(false);
-        let id = |k: &str, d: u32| -> Result<u32> {
-            Ok(opt_usize(v, "config", k, d as usize)? as u32)
-        };
+        let id =
+            |k: &str, d: u32| -> Result<u32> { Ok(opt_usize(v, "config", k, d as usize)? as u32) };
         Ok(Qwen3VlConfig {
             text,
             vision,
@@ -549,7 +568,11 @@ pub fn eos_ids(dir: &Path) -> Result<Vec<u32>> {
     let v = read_json(&path)?;
     Ok(match v.get("eos_token_id") {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_u64)
+            .map(|x| x as u32)
+            .collect(),
         _ => vec![],
     })
 }
@@ -597,7 +620,10 @@ mod tests {
             .to_string()
             .contains("llava"));
         let mut v = Qwen3VlConfig::preset(Size::B2).to_hf_json();
-        v["text_config"].as_object_mut().unwrap().remove("hidden_size");
+        v["text_config"]
+            .as_object_mut()
+            .unwrap()
+            .remove("hidden_size");
         assert!(Qwen3VlConfig::from_json(&v)
             .unwrap_err()
             .to_string()

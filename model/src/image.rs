@@ -291,7 +291,7 @@ pub enum Resize {
 /// `patch·merge`, as HF's slow (PIL) processor does.
 pub fn patchify(img: &Rgb8, pp: &PreprocessorConfig) -> Result<PatchedImage> {
     let (p, m, t) = (pp.patch_size, pp.merge_size, pp.temporal_patch_size);
-    if img.height % (p * m) != 0 || img.width % (p * m) != 0 {
+    if !img.height.is_multiple_of(p * m) || !img.width.is_multiple_of(p * m) {
         return Err(Error::Image {
             path: "<image>".into(),
             msg: format!(
@@ -370,7 +370,10 @@ mod tests {
     #[test]
     fn smart_resize_matches_hf_examples() {
         let f = 32;
-        assert_eq!(smart_resize(448, 448, f, 65536, 16777216).unwrap(), (448, 448));
+        assert_eq!(
+            smart_resize(448, 448, f, 65536, 16777216).unwrap(),
+            (448, 448)
+        );
         // Python round(3.5) = 4, round(2.5) = 2: ties go to even.
         assert_eq!(smart_resize(112, 80, f, 1024, 1 << 24).unwrap(), (128, 64));
         assert_eq!(smart_resize(100, 150, f, 4096, 262144).unwrap(), (96, 160));

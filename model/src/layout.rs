@@ -122,7 +122,10 @@ pub fn text_layer_tensors(cfg: &Qwen3VlConfig, i: usize) -> Vec<TensorSpec> {
     let t = &cfg.text;
     let mut out = vec![
         vec1(text_layer(i, "input_layernorm.weight"), t.hidden_size),
-        vec1(text_layer(i, "post_attention_layernorm.weight"), t.hidden_size),
+        vec1(
+            text_layer(i, "post_attention_layernorm.weight"),
+            t.hidden_size,
+        ),
         vec1(text_layer(i, "self_attn.q_norm.weight"), t.head_dim),
         vec1(text_layer(i, "self_attn.k_norm.weight"), t.head_dim),
     ];

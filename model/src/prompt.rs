@@ -249,9 +249,9 @@ pub fn rope_index(
             i += 1;
             continue;
         }
-        let [t, h, w] = *image_grids.get(img).ok_or_else(|| {
-            Error::Prompt("more image-token runs than images".to_string())
-        })?;
+        let [t, h, w] = *image_grids
+            .get(img)
+            .ok_or_else(|| Error::Prompt("more image-token runs than images".to_string()))?;
         let (lh, lw) = (h / merge, w / merge);
         let n = t * lh * lw;
         if i + n > ids.len() || ids[i..i + n].iter().any(|&x| x != image_token_id) {

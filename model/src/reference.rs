@@ -109,15 +109,25 @@ fn continue_from(
 
 /// Teacher forcing in one batched pass: the tokens (all but the last) go through
 /// the decoder together after the prompt, so a streamed model reads its weights once.
-fn forced(dec: &mut Decoder<'_>, next_position: i64, last: &Tensor, tokens: &[u32]) -> Result<ContinuationRun> {
+fn forced(
+    dec: &mut Decoder<'_>,
+    next_position: i64,
+    last: &Tensor,
+    tokens: &[u32],
+) -> Result<ContinuationRun> {
     if tokens.is_empty() {
-        return Ok(ContinuationRun { tokens: vec![], logits: None });
+        return Ok(ContinuationRun {
+            tokens: vec![],
+            logits: None,
+        });
     }
     let feed = &tokens[..tokens.len() - 1];
     let mut rows = vec![last.clone()];
     if !feed.is_empty() {
         // Decode positions advance on all three axes together.
-        let pos: Vec<[i64; 3]> = (0..feed.len()).map(|k| [next_position + k as i64; 3]).collect();
+        let pos: Vec<[i64; 3]> = (0..feed.len())
+            .map(|k| [next_position + k as i64; 3])
+            .collect();
         let h = dec.forward(feed, &pos, &ImageFeatures::default(), &mut Taps::off())?;
         rows.push(dec.logits(&h)?);
     }
@@ -128,7 +138,12 @@ fn forced(dec: &mut Decoder<'_>, next_position: i64, last: &Tensor, tokens: &[u3
 }
 
 /// Free-running greedy decode, one token at a time through the KV cache.
-fn greedy(dec: &mut Decoder<'_>, next_position: i64, last: &Tensor, steps: usize) -> Result<ContinuationRun> {
+fn greedy(
+    dec: &mut Decoder<'_>,
+    next_position: i64,
+    last: &Tensor,
+    steps: usize,
+) -> Result<ContinuationRun> {
     let mut tokens = Vec::with_capacity(steps);
     let mut rows = Vec::with_capacity(steps);
     let mut last = last.clone();
@@ -146,7 +161,11 @@ fn greedy(dec: &mut Decoder<'_>, next_position: i64, last: &Tensor, steps: usize
     }
     Ok(ContinuationRun {
         tokens,
-        logits: if rows.is_empty() { None } else { Some(Tensor::cat(&rows, 0)?) },
+        logits: if rows.is_empty() {
+            None
+        } else {
+            Some(Tensor::cat(&rows, 0)?)
+        },
     })
 }
 
@@ -165,8 +184,5 @@ pub fn argmax(row: &Tensor) -> Result<u32> {
 /// Top-1 of every row of a `[T, V]` logits tensor.
 pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
     let t = logits.dim(0)?;
-    (0..t)
-        .map(|i| argmax(&logits.narrow(0, i, 1)?))
-        .collect()
+    (0..t).map(|i| argmax(&logits.narrow(0, i, 1)?)).collect()
 }
-

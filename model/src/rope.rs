@@ -28,7 +28,9 @@ pub fn mrope_axis(j: usize, section: [usize; 3]) -> usize {
 pub fn mrope_cos_sin(pos: &[[i64; 3]], cfg: &TextConfig) -> Result<(Tensor, Tensor)> {
     let inv = inv_freq(cfg.head_dim, cfg.rope_theta);
     let half = inv.len();
-    let axis: Vec<usize> = (0..half).map(|j| mrope_axis(j, cfg.mrope_section)).collect();
+    let axis: Vec<usize> = (0..half)
+        .map(|j| mrope_axis(j, cfg.mrope_section))
+        .collect();
     let mut cos = Vec::with_capacity(pos.len() * half * 2);
     let mut sin = Vec::with_capacity(pos.len() * half * 2);
     for p in pos {
@@ -140,7 +142,16 @@ mod tests {
         let c = vision_patch_coords([1, 2, 4], 2);
         assert_eq!(
             c,
-            vec![(0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (0, 3), (1, 2), (1, 3)]
+            vec![
+                (0, 0),
+                (0, 1),
+                (1, 0),
+                (1, 1),
+                (0, 2),
+                (0, 3),
+                (1, 2),
+                (1, 3)
+            ]
         );
     }
 }

@@ -62,10 +62,18 @@ impl DecoderLayer {
         let eps = cfg.rms_norm_eps;
         let h = rms_norm(x, &self.input_layernorm, eps)?;
         // Per-head RMSNorm of q and k, before RoPE; v is not normed.
-        let q = rms_norm(&linear(&h, &self.q_proj, None)?.reshape((t, nh, hd))?, &self.q_norm, eps)?
-            .transpose(0, 1)?;
-        let k = rms_norm(&linear(&h, &self.k_proj, None)?.reshape((t, nkv, hd))?, &self.k_norm, eps)?
-            .transpose(0, 1)?;
+        let q = rms_norm(
+            &linear(&h, &self.q_proj, None)?.reshape((t, nh, hd))?,
+            &self.q_norm,
+            eps,
+        )?
+        .transpose(0, 1)?;
+        let k = rms_norm(
+            &linear(&h, &self.k_proj, None)?.reshape((t, nkv, hd))?,
+            &self.k_norm,
+            eps,
+        )?
+        .transpose(0, 1)?;
         let v = linear(&h, &self.v_proj, None)?
             .reshape((t, nkv, hd))?
             .transpose(0, 1)?
@@ -85,13 +93,21 @@ impl DecoderLayer {
             if g == 1 {
                 Ok(z.clone())
             } else {
-                z.unsqueeze(1)?.expand((nkv, g, s, hd))?.reshape((nh, s, hd))
+                z.unsqueeze(1)?
+                    .expand((nkv, g, s, hd))?
+                    .reshape((nh, s, hd))
             }
         };
         let mask = causal_mask(t, past)?;
-        let a = attention(&q, &rep(&k)?, &rep(&v)?, (hd as f64).powf(-0.5), mask.as_ref())?
-            .transpose(0, 1)?
-            .reshape((t, nh * hd))?;
+        let a = attention(
+            &q,
+            &rep(&k)?,
+            &rep(&v)?,
+            (hd as f64).powf(-0.5),
+            mask.as_ref(),
+        )?
+        .transpose(0, 1)?
+        .reshape((t, nh * hd))?;
         let x = (x + linear(&a, &self.o_proj, None)?)?;
         let h = rms_norm(&x, &self.post_attention_layernorm, eps)?;
         let gate = linear(&h, &self.gate_proj, None)?.silu()?;
@@ -108,7 +124,15 @@ fn causal_mask(t: usize, past: usize) -> Result<Option<Tensor>> {
     }
     let s = past + t;
     let m: Vec<f32> = (0..t)
-        .flat_map(|i| (0..s).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY }))
+        .flat_map(|i| {
+            (0..s).map(move |j| {
+                if j <= past + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
         .collect();
     Ok(Some(Tensor::from_vec(m, (t, s), &Device::Cpu)?))
 }
@@ -221,7 +245,9 @@ impl<'a> Decoder<'a> {
                 self.layers[i] = Some(DecoderLayer::load(t, self.src, i)?);
             }
         }
-        let w = self.src.tensor(&format!("{TEXT}.norm.weight"), &[t.hidden_size])?;
+        let w = self
+            .src
+            .tensor(&format!("{TEXT}.norm.weight"), &[t.hidden_size])?;
         let x = rms_norm(&x, &w, t.rms_norm_eps)?;
         taps.put(taps::TEXT_NORM, &x);
         Ok(x)

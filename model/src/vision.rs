@@ -38,7 +38,10 @@ pub fn interpolate_pos_embed(
         let d = src - f;
         let f0 = (f as usize).min(g - 1);
         let f1 = (f as usize + 1).min(g - 1);
-        ([f0, f1], [(1.0 - d).max(0.0), (1.0 - (d - 1.0).abs()).max(0.0)])
+        (
+            [f0, f1],
+            [(1.0 - d).max(0.0), (1.0 - (d - 1.0).abs()).max(0.0)],
+        )
     };
     let coords = rope::vision_patch_coords(grid_thw, merge);
     let mut out = Vec::with_capacity(coords.len() * dim);
@@ -62,7 +65,12 @@ pub fn interpolate_pos_embed(
     out
 }
 
-fn ln(src: &dyn WeightSource, x: &Tensor, prefix: &dyn Fn(&str) -> String, n: usize) -> Result<Tensor> {
+fn ln(
+    src: &dyn WeightSource,
+    x: &Tensor,
+    prefix: &dyn Fn(&str) -> String,
+    n: usize,
+) -> Result<Tensor> {
     let w = src.tensor(&prefix("weight"), &[n])?;
     let b = src.tensor(&prefix("bias"), &[n])?;
     Ok(layer_norm(x, &w, &b, LN_EPS)?)
@@ -86,7 +94,12 @@ fn merger(
     let m = cfg.merged_dim();
     let p = x.dim(0)?;
     let y = if postshuffle {
-        ln(src, &x.reshape((p / 4, m))?, &|l| name(&format!("norm.{l}")), m)?
+        ln(
+            src,
+            &x.reshape((p / 4, m))?,
+            &|l| name(&format!("norm.{l}")),
+            m,
+        )?
     } else {
         ln(src, x, &|l| name(&format!("norm.{l}")), cfg.hidden_size)?.reshape((p / 4, m))?
     };
@@ -109,7 +122,10 @@ fn block(
     // qkv features are [q | k | v], each head-major.
     let qkv = lin(src, &h, &vision_block(j, "attn.qkv"), 3 * d, d)?.reshape((p, 3, heads, hd))?;
     let part = |i: usize| -> candle_core::Result<Tensor> {
-        qkv.narrow(1, i, 1)?.squeeze(1)?.transpose(0, 1)?.contiguous()
+        qkv.narrow(1, i, 1)?
+            .squeeze(1)?
+            .transpose(0, 1)?
+            .contiguous()
     };
     let (q, k, v) = (part(0)?, part(1)?, part(2)?);
     let q = rope::apply(&q, cos, sin)?;
@@ -119,8 +135,21 @@ fn block(
         .reshape((p, d))?;
     let x = (x + lin(src, &a, &vision_block(j, "attn.proj"), d, d)?)?;
     let h = ln(src, &x, &|l| vision_block(j, &format!("norm2.{l}")), d)?;
-    let h = lin(src, &h, &vision_block(j, "mlp.linear_fc1"), cfg.intermediate_size, d)?.gelu()?;
-    let h = lin(src, &h, &vision_block(j, "mlp.linear_fc2"), d, cfg.intermediate_size)?;
+    let h = lin(
+        src,
+        &h,
+        &vision_block(j, "mlp.linear_fc1"),
+        cfg.intermediate_size,
+        d,
+    )?
+    .gelu()?;
+    let h = lin(
+        src,
+        &h,
+        &vision_block(j, "mlp.linear_fc2"),
+        d,
+        cfg.intermediate_size,
+    )?;
     Ok((x + h)?)
 }
 
@@ -141,7 +170,7 @@ pub fn forward(
             pixel_values.dims()
         )));
     }
-    if grid_thw[1] % m != 0 || grid_thw[2] % m != 0 {
+    if !grid_thw[1].is_multiple_of(m) || !grid_thw[2].is_multiple_of(m) {
         return Err(Error::Config(format!(
             "grid {grid_thw:?} is not a multiple of the merge size {m}"
         )));
@@ -150,7 +179,13 @@ pub fn forward(
     let w = src
         .tensor(
             &visual("patch_embed.proj.weight"),
-            &[d, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size],
+            &[
+                d,
+                cfg.in_channels,
+                cfg.temporal_patch_size,
+                cfg.patch_size,
+                cfg.patch_size,
+            ],
         )?
         .reshape((d, pd))?;
     let b = src.tensor(&visual("patch_embed.proj.bias"), &[d])?;

@@ -149,9 +149,10 @@ impl Checkpoint {
 
     /// The raw bytes of a tensor, as stored.
     pub fn bytes(&self, name: &str) -> Result<(&TensorInfo, &[u8])> {
-        let info = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
-            name: name.into(),
-        })?;
+        let info = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| Error::MissingTensor { name: name.into() })?;
         Ok((info, &self.files[info.file].map[info.range.clone()]))
     }
 
@@ -179,9 +180,10 @@ impl Checkpoint {
 
     /// Checks a tensor's presence and shape.
     pub fn check_shape(&self, name: &str, shape: &[usize]) -> Result<()> {
-        let info = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
-            name: name.into(),
-        })?;
+        let info = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| Error::MissingTensor { name: name.into() })?;
         if info.shape != shape {
             return Err(Error::Shape {
                 name: name.into(),
@@ -309,7 +311,8 @@ fn parse_header(path: &Path, buf: &[u8]) -> Result<Vec<(String, TensorInfo)>> {
             .get("dtype")
             .and_then(|x| x.as_str())
             .ok_or_else(|| bad(format!("tensor {name}: no dtype")))?;
-        let dtype = parse_dtype(dtype_s).ok_or_else(|| bad(format!("tensor {name}: unknown dtype {dtype_s}")))?;
+        let dtype = parse_dtype(dtype_s)
+            .ok_or_else(|| bad(format!("tensor {name}: unknown dtype {dtype_s}")))?;
         let shape: Vec<usize> = v
             .get("shape")
             .and_then(|x| x.as_array())
@@ -434,8 +437,14 @@ mod tests {
             .iter()
             .flat_map(|x| half::f16::from_f32(*x).to_bits().to_le_bytes())
             .collect();
-        write(&dir.path().join("a.safetensors"), &[("x", Dtype::BF16, vec![3], bf)]);
-        write(&dir.path().join("b.safetensors"), &[("y", Dtype::F16, vec![2], h)]);
+        write(
+            &dir.path().join("a.safetensors"),
+            &[("x", Dtype::BF16, vec![3], bf)],
+        );
+        write(
+            &dir.path().join("b.safetensors"),
+            &[("y", Dtype::F16, vec![2], h)],
+        );
         std::fs::write(
             dir.path().join("model.safetensors.index.json"),
             r#"{"weight_map": {"x": "a.safetensors", "y": "b.safetensors"}}"#,
@@ -457,7 +466,10 @@ mod tests {
         let full = std::fs::read(&p).unwrap();
         std::fs::write(&p, &full[..full.len() - 4]).unwrap();
         let e = Checkpoint::open(dir.path()).err().unwrap().to_string();
-        assert!(e.contains("model.safetensors") && e.contains("truncated"), "{e}");
+        assert!(
+            e.contains("model.safetensors") && e.contains("truncated"),
+            "{e}"
+        );
         let mut bad = full.clone();
         bad[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
         std::fs::write(&p, &bad).unwrap();
@@ -472,7 +484,9 @@ mod tests {
 
     #[test]
     fn non_finite_is_located() {
-        let e = check_finite("w", &[0.0, 1.0, f32::NAN]).unwrap_err().to_string();
+        let e = check_finite("w", &[0.0, 1.0, f32::NAN])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("tensor w") && e.contains("index 2"), "{e}");
     }
 }

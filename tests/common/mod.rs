@@ -222,7 +222,9 @@ pub fn converted_fixture(name: &str) -> PathBuf {
     if let Some(p) = done.get(name) {
         return p.clone();
     }
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name);
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name);
     let out = scratch(&format!("converted-{name}"));
     ok(&["convert", "--src", s(&src), "--out", s(&out)]);
     done.insert(name.to_string(), out.clone());

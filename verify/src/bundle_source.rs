@@ -58,7 +58,12 @@ impl WeightSource for BundleSource<'_> {
         let b = self.bundle(name);
         let cols = shape[1];
         let mut out = Vec::with_capacity(ids.len() * cols);
-        let bad_id = |id: u32| Error::Prompt(format!("token id {id} is outside {name} ({} rows)", shape[0]));
+        let bad_id = |id: u32| {
+            Error::Prompt(format!(
+                "token id {id} is outside {name} ({} rows)",
+                shape[0]
+            ))
+        };
         if let Some((q, s, dims)) = b.q8(name) {
             check_shape(name, &dims, &shape)?;
             let nb = cols / 32;
@@ -67,7 +72,10 @@ impl WeightSource for BundleSource<'_> {
                 if r >= shape[0] {
                     return Err(bad_id(id));
                 }
-                for (blk, sc) in q[r * cols..(r + 1) * cols].chunks(32).zip(&s[r * nb..(r + 1) * nb]) {
+                for (blk, sc) in q[r * cols..(r + 1) * cols]
+                    .chunks(32)
+                    .zip(&s[r * nb..(r + 1) * nb])
+                {
                     let sf = sc.to_f32();
                     out.extend(blk.iter().map(|&v| v as f32 * sf));
                 }
@@ -93,7 +101,11 @@ impl WeightSource for BundleSource<'_> {
                 if r >= shape[0] {
                     return Err(bad_id(id));
                 }
-                out.extend(q3vl_model::weights::widen(name, st, &bytes[r * row_bytes..(r + 1) * row_bytes])?);
+                out.extend(q3vl_model::weights::widen(
+                    name,
+                    st,
+                    &bytes[r * row_bytes..(r + 1) * row_bytes],
+                )?);
             }
         }
         Ok(Tensor::from_vec(out, (ids.len(), cols), &Device::Cpu)?)

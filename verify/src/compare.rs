@@ -57,7 +57,11 @@ pub fn agreement(ours: &[f32], oracle: &[f32], row: usize) -> Agreement {
         .fold(0.0, f64::max);
     Agreement {
         cos: cosine(ours, oracle),
-        min_token_cos: if min_token_cos.is_finite() { min_token_cos } else { 1.0 },
+        min_token_cos: if min_token_cos.is_finite() {
+            min_token_cos
+        } else {
+            1.0
+        },
         min_token_pos,
         max_abs,
     }

@@ -68,7 +68,10 @@ impl Gates {
         let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
         let g: Gates = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
         if g.format != "q3vl-gates/1" {
-            return Err(bad(format!("format {:?} is not \"q3vl-gates/1\"", g.format)));
+            return Err(bad(format!(
+                "format {:?} is not \"q3vl-gates/1\"",
+                g.format
+            )));
         }
         Ok(g)
     }

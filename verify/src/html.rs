@@ -8,7 +8,9 @@ use crate::report::Report;
 use std::fmt::Write as _;
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// 1 − cos, floored so an exact match still has a place on a log axis.
@@ -53,7 +55,11 @@ fn plot(title: &str, series: &[Series<'_>]) -> String {
         }
     }
     for (name, color, rows, _) in series {
-        let pts: Vec<String> = rows.iter().enumerate().map(|(i, r)| format!("{:.1},{:.1}", x(i), y(gap(r.cos)))).collect();
+        let pts: Vec<String> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| format!("{:.1},{:.1}", x(i), y(gap(r.cos))))
+            .collect();
         let _ = write!(s, "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"><title>{}</title></polyline>", pts.join(" "), esc(name));
         for (i, r) in rows.iter().enumerate() {
             let cls = if r.passed { "" } else { " fail" };
@@ -66,7 +72,13 @@ fn plot(title: &str, series: &[Series<'_>]) -> String {
     }
     if let Some((_, _, rows, _)) = series.first() {
         for (i, r) in rows.iter().enumerate() {
-            let _ = write!(s, "<text x=\"{:.1}\" y=\"{}\" class=\"axis\" text-anchor=\"middle\">{}</text>", x(i), H - 6.0, esc(&short(r)));
+            let _ = write!(
+                s,
+                "<text x=\"{:.1}\" y=\"{}\" class=\"axis\" text-anchor=\"middle\">{}</text>",
+                x(i),
+                H - 6.0,
+                esc(&short(r))
+            );
         }
     }
     let mut lx = PAD;
@@ -78,8 +90,18 @@ fn plot(title: &str, series: &[Series<'_>]) -> String {
     s
 }
 
-fn strip(title: &str, ours: &[u32], oracle: &[u32], margins: &[f64], firm: f64, limit: usize) -> String {
-    let mut s = format!("<div class=\"strip\"><span class=\"lbl\">{}</span>", esc(title));
+fn strip(
+    title: &str,
+    ours: &[u32],
+    oracle: &[u32],
+    margins: &[f64],
+    firm: f64,
+    limit: usize,
+) -> String {
+    let mut s = format!(
+        "<div class=\"strip\"><span class=\"lbl\">{}</span>",
+        esc(title)
+    );
     for (i, o) in oracle.iter().enumerate() {
         let u = ours.get(i).copied();
         let amb = margins.get(i).is_some_and(|&m| m < firm);
@@ -125,7 +147,11 @@ fn table(t: &TraceReport) -> String {
             s,
             "<tr class=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             if g.passed { "" } else { "fail" },
-            esc(&g.name), if g.passed { "pass" } else { "FAIL" }, esc(&g.value), esc(&g.threshold), esc(&g.detail)
+            esc(&g.name),
+            if g.passed { "pass" } else { "FAIL" },
+            esc(&g.value),
+            esc(&g.threshold),
+            esc(&g.detail)
         );
     }
     s.push_str("</table>");
@@ -143,22 +169,45 @@ impl Report {
             esc(&self.summary_line()), esc(&self.tool), esc(&self.subject), self.gates.version
         );
         // Traces that ran under both profiles are plotted together.
-        let mut names: Vec<&std::path::Path> = self.traces.iter().map(|t| t.trace.as_path()).collect();
+        let mut names: Vec<&std::path::Path> =
+            self.traces.iter().map(|t| t.trace.as_path()).collect();
         names.dedup();
-        let color = |p: Profile| if p == Profile::Fp32 { "#1f77b4" } else { "#d62728" };
+        let color = |p: Profile| {
+            if p == Profile::Fp32 {
+                "#1f77b4"
+            } else {
+                "#d62728"
+            }
+        };
         for name in names {
             let runs: Vec<&TraceReport> = self.traces.iter().filter(|t| t.trace == name).collect();
-            let _ = write!(body, "<section><h2>{}</h2><p>prompt: <q>{}</q> · {} tokens{}</p>", esc(&name.display().to_string()), esc(&runs[0].prompt), runs[0].tokens,
-                runs[0].image.as_deref().map(|i| format!(" · image {}", esc(i))).unwrap_or_default());
+            let _ = write!(
+                body,
+                "<section><h2>{}</h2><p>prompt: <q>{}</q> · {} tokens{}</p>",
+                esc(&name.display().to_string()),
+                esc(&runs[0].prompt),
+                runs[0].tokens,
+                runs[0]
+                    .image
+                    .as_deref()
+                    .map(|i| format!(" · image {}", esc(i)))
+                    .unwrap_or_default()
+            );
             for stage in ["vision", "text"] {
                 let series: Vec<Series<'_>> = runs
                     .iter()
                     .map(|t| {
-                        let label = if t.profile == Profile::Fp32 { "fp32 ladder" } else { "bundle" };
+                        let label = if t.profile == Profile::Fp32 {
+                            "fp32 ladder"
+                        } else {
+                            "bundle"
+                        };
                         let rows = t
                             .rows
                             .iter()
-                            .filter(|r| r.stage == stage && (r.index.is_some() || r.name == "vision.merger"))
+                            .filter(|r| {
+                                r.stage == stage && (r.index.is_some() || r.name == "vision.merger")
+                            })
                             .collect();
                         let thr = match (t.profile, stage) {
                             (Profile::Fp32, _) => Some(self.gates.fp32.stage_cos),
@@ -180,7 +229,14 @@ impl Report {
                     Profile::Fp32 => t.oracle_tokens.len(),
                     Profile::Bundle => self.gates.bundle.free_decode_steps,
                 };
-                body.push_str(&strip(&format!("{:?} greedy decode", t.profile), &t.decode_tokens, &t.oracle_tokens, &t.decode_margins, self.gates.firm_margin, limit));
+                body.push_str(&strip(
+                    &format!("{:?} greedy decode", t.profile),
+                    &t.decode_tokens,
+                    &t.oracle_tokens,
+                    &t.decode_margins,
+                    self.gates.firm_margin,
+                    limit,
+                ));
                 let _ = write!(body, "<h3>{:?} profile</h3>", t.profile);
                 body.push_str(&table(t));
             }

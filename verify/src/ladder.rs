@@ -129,7 +129,10 @@ pub fn check_fits(cfg: &Qwen3VlConfig, trace: &OracleTrace) -> Result<()> {
     for i in 0..cfg.text.num_hidden_layers {
         trace.float(&taps::text_layer(i))?;
     }
-    if trace.float_opt(&taps::text_layer(cfg.text.num_hidden_layers)).is_some() {
+    if trace
+        .float_opt(&taps::text_layer(cfg.text.num_hidden_layers))
+        .is_some()
+    {
         return Err(mismatch(
             trace,
             format!(
@@ -140,7 +143,10 @@ pub fn check_fits(cfg: &Qwen3VlConfig, trace: &OracleTrace) -> Result<()> {
     }
     let v = cfg.text.vocab_size as i64;
     if let Some(bad) = trace.int("input_ids")?.1.iter().find(|&&x| x < 0 || x >= v) {
-        return Err(mismatch(trace, format!("input id {bad} is outside the vocabulary ({v})")));
+        return Err(mismatch(
+            trace,
+            format!("input id {bad} is outside the vocabulary ({v})"),
+        ));
     }
     if let Some(grid) = trace.grid_thw()? {
         let pv = trace.float("pixel_values")?.dims().to_vec();
@@ -148,21 +154,33 @@ pub fn check_fits(cfg: &Qwen3VlConfig, trace: &OracleTrace) -> Result<()> {
         if pv != [p, cfg.vision.patch_dim()] {
             return Err(mismatch(
                 trace,
-                format!("pixel_values is {pv:?}, the model needs [{p}, {}]", cfg.vision.patch_dim()),
+                format!(
+                    "pixel_values is {pv:?}, the model needs [{p}, {}]",
+                    cfg.vision.patch_dim()
+                ),
             ));
         }
         let e = trace.float(taps::VISION_EMBED)?.dims().to_vec();
         if e != [p, cfg.vision.hidden_size] {
             return Err(mismatch(
                 trace,
-                format!("vision.embed is {e:?}, the model's vision width is {}", cfg.vision.hidden_size),
+                format!(
+                    "vision.embed is {e:?}, the model's vision width is {}",
+                    cfg.vision.hidden_size
+                ),
             ));
         }
         for j in 0..cfg.vision.depth {
             trace.float(&taps::vision_block(j))?;
         }
-        if trace.float_opt(&taps::vision_block(cfg.vision.depth)).is_some() {
-            return Err(mismatch(trace, format!("the trace has more than {} ViT blocks", cfg.vision.depth)));
+        if trace
+            .float_opt(&taps::vision_block(cfg.vision.depth))
+            .is_some()
+        {
+            return Err(mismatch(
+                trace,
+                format!("the trace has more than {} ViT blocks", cfg.vision.depth),
+            ));
         }
         for k in 0..cfg.vision.deepstack_visual_indexes.len() {
             trace.float(&taps::vision_deepstack(k))?;
@@ -264,7 +282,13 @@ pub fn verify_trace(
 
     // 3. The reference, fed the oracle's own pixel values and ids.
     let prompt = Prompt {
-        next_position: positions.iter().flat_map(|p| p.iter()).copied().max().unwrap_or(-1) + 1,
+        next_position: positions
+            .iter()
+            .flat_map(|p| p.iter())
+            .copied()
+            .max()
+            .unwrap_or(-1)
+            + 1,
         ids: ids.clone(),
         positions,
     };
@@ -285,12 +309,22 @@ pub fn verify_trace(
         }
         None => None,
     };
-    let run = reference::run(cfg, subject.src, &prompt, image, &conts, subject.keep_weights)?;
+    let run = reference::run(
+        cfg,
+        subject.src,
+        &prompt,
+        image,
+        &conts,
+        subject.keep_weights,
+    )?;
 
     // 4. Stage by stage.
     let rows = stage_rows(cfg, trace, &run.taps, gates, profile)?;
     for (stage, gate) in [("vision", "vision.ladder"), ("text", "text.ladder")] {
-        let gated: Vec<&StageRow> = rows.iter().filter(|r| r.stage == stage && r.gated).collect();
+        let gated: Vec<&StageRow> = rows
+            .iter()
+            .filter(|r| r.stage == stage && r.gated)
+            .collect();
         if gated.is_empty() {
             continue;
         }
@@ -298,13 +332,19 @@ pub fn verify_trace(
             .iter()
             .min_by(|a, b| a.cos.total_cmp(&b.cos))
             .expect("non-empty");
-        let failed: Vec<&str> = gated.iter().filter(|r| !r.passed).map(|r| r.name.as_str()).collect();
+        let failed: Vec<&str> = gated
+            .iter()
+            .filter(|r| !r.passed)
+            .map(|r| r.name.as_str())
+            .collect();
         let threshold = match (profile, stage) {
             (Profile::Fp32, _) => format!(
                 "cos ≥ {}, token cos ≥ {}, update cos ≥ {}",
                 gates.fp32.stage_cos, gates.fp32.token_cos_min, gates.fp32.update_cos
             ),
-            (Profile::Bundle, "vision") => format!("merger/DeepStack cos ≥ {}", gates.bundle.vision_cos),
+            (Profile::Bundle, "vision") => {
+                format!("merger/DeepStack cos ≥ {}", gates.bundle.vision_cos)
+            }
             (Profile::Bundle, _) => format!("layer cos ≥ {}", gates.bundle.layer_cos),
         };
         results.push(GateResult::new(
@@ -313,15 +353,27 @@ pub fn verify_trace(
             format!("{:.7}", worst.cos),
             threshold,
             if failed.is_empty() {
-                format!("{} stages; worst {} (cos {:.7})", gated.len(), worst.name, worst.cos)
+                format!(
+                    "{} stages; worst {} (cos {:.7})",
+                    gated.len(),
+                    worst.name,
+                    worst.cos
+                )
             } else {
-                format!("first failing stage {} ({} failing)", failed[0], failed.len())
+                format!(
+                    "first failing stage {} ({} failing)",
+                    failed[0],
+                    failed.len()
+                )
             },
         ));
     }
 
     // 5. Prompt top-1 at firm positions (teacher-forced sweep).
-    let logits = run.taps.get(taps::LOGITS).expect("reference records logits");
+    let logits = run
+        .taps
+        .get(taps::LOGITS)
+        .expect("reference records logits");
     let ours_top1 = argmax_rows(logits)?;
     let (pids, pvals) = trace.top_k("logits")?;
     let oracle_top1: Vec<u32> = pids.iter().map(|r| r[0] as u32).collect();
@@ -362,9 +414,16 @@ pub fn verify_trace(
 
     // 7. Free-running greedy decode: our choices along the oracle's prefix, which is
     // our own prefix until the first step where we choose differently.
-    let first_diff = forced_top1.iter().zip(&oracle_tokens).position(|(a, b)| a != b);
+    let first_diff = forced_top1
+        .iter()
+        .zip(&oracle_tokens)
+        .position(|(a, b)| a != b);
     let ours_tokens: Vec<u32> = match first_diff {
-        Some(k) => oracle_tokens[..k].iter().copied().chain([forced_top1[k]]).collect(),
+        Some(k) => oracle_tokens[..k]
+            .iter()
+            .copied()
+            .chain([forced_top1[k]])
+            .collect(),
         None => forced_top1.clone(),
     };
     let limit = match profile {
@@ -418,7 +477,10 @@ fn stage_rows(
 ) -> Result<Vec<StageRow>> {
     let mut rows = Vec::new();
     let get = |m: &BTreeMap<String, Tensor>, n: &str| -> Result<(Vec<f32>, usize)> {
-        flat(m.get(n).ok_or_else(|| mismatch(trace, format!("the reference produced no {n}")))?)
+        flat(
+            m.get(n)
+                .ok_or_else(|| mismatch(trace, format!("the reference produced no {n}")))?,
+        )
     };
     let oracle = |n: &str| -> Result<(Vec<f32>, usize)> { flat(trace.float(n)?) };
     let fp = &gates.fp32;
@@ -441,7 +503,9 @@ fn stage_rows(
         passed: !gated || passed,
     };
     let fp32_pass = |a: &Agreement, u: Option<f64>| {
-        a.cos >= fp.stage_cos && a.min_token_cos >= fp.token_cos_min && u.is_none_or(|u| u >= fp.update_cos)
+        a.cos >= fp.stage_cos
+            && a.min_token_cos >= fp.token_cos_min
+            && u.is_none_or(|u| u >= fp.update_cos)
     };
 
     if trace.has_image() {
@@ -449,14 +513,30 @@ fn stage_rows(
         let (mut prev_u, w) = get(ours, taps::VISION_EMBED)?;
         let a = agreement(&prev_u, &prev_o, w);
         let g = profile == Profile::Fp32;
-        rows.push(row("vision", taps::VISION_EMBED.into(), None, a, None, g, fp32_pass(&a, None)));
+        rows.push(row(
+            "vision",
+            taps::VISION_EMBED.into(),
+            None,
+            a,
+            None,
+            g,
+            fp32_pass(&a, None),
+        ));
         for j in 0..cfg.vision.depth {
             let n = taps::vision_block(j);
             let (o, _) = oracle(&n)?;
             let (u, w) = get(ours, &n)?;
             let a = agreement(&u, &o, w);
             let up = agreement(&diff(&u, &prev_u), &diff(&o, &prev_o), w).cos;
-            rows.push(row("vision", n, Some(j), a, Some(up), g, fp32_pass(&a, Some(up))));
+            rows.push(row(
+                "vision",
+                n,
+                Some(j),
+                a,
+                Some(up),
+                g,
+                fp32_pass(&a, Some(up)),
+            ));
             (prev_o, prev_u) = (o, u);
         }
         let mut heads = vec![taps::VISION_MERGER.to_string()];
@@ -486,11 +566,23 @@ fn stage_rows(
             }
         }
     };
-    let n_ds = if trace.has_image() { cfg.vision.deepstack_visual_indexes.len() } else { 0 };
+    let n_ds = if trace.has_image() {
+        cfg.vision.deepstack_visual_indexes.len()
+    } else {
+        0
+    };
     let (mut in_o, _) = oracle(taps::TEXT_EMBED)?;
     let (mut in_u, w) = get(ours, taps::TEXT_EMBED)?;
     let a = agreement(&in_u, &in_o, w);
-    rows.push(row("text", taps::TEXT_EMBED.into(), None, a, None, profile == Profile::Fp32, fp32_pass(&a, None)));
+    rows.push(row(
+        "text",
+        taps::TEXT_EMBED.into(),
+        None,
+        a,
+        None,
+        profile == Profile::Fp32,
+        fp32_pass(&a, None),
+    ));
     for i in 0..cfg.text.num_hidden_layers {
         let n = taps::text_layer(i);
         let (o, _) = oracle(&n)?;
@@ -511,12 +603,28 @@ fn stage_rows(
     let (o, _) = oracle(taps::TEXT_NORM)?;
     let (u, w) = get(ours, taps::TEXT_NORM)?;
     let a = agreement(&u, &o, w);
-    rows.push(row("text", taps::TEXT_NORM.into(), None, a, None, profile == Profile::Fp32, fp32_pass(&a, None)));
+    rows.push(row(
+        "text",
+        taps::TEXT_NORM.into(),
+        None,
+        a,
+        None,
+        profile == Profile::Fp32,
+        fp32_pass(&a, None),
+    ));
     if let Some(l) = trace.float_opt(taps::LOGITS) {
         let (o, _) = flat(l)?;
         let (u, w) = get(ours, taps::LOGITS)?;
         if o.len() == u.len() {
-            rows.push(row("logits", taps::LOGITS.into(), None, agreement(&u, &o, w), None, false, true));
+            rows.push(row(
+                "logits",
+                taps::LOGITS.into(),
+                None,
+                agreement(&u, &o, w),
+                None,
+                false,
+                true,
+            ));
         }
     }
     Ok(rows)

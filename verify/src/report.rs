@@ -31,7 +31,10 @@ impl Report {
     /// `trace:gate` names that passed and failed.
     pub fn gate_names(&self) -> (Vec<String>, Vec<String>) {
         let (mut ok, mut bad) = (vec![], vec![]);
-        let mixed = self.traces.iter().any(|t| t.profile != self.traces[0].profile);
+        let mixed = self
+            .traces
+            .iter()
+            .any(|t| t.profile != self.traces[0].profile);
         for t in &self.traces {
             let stem = t
                 .trace
@@ -45,11 +48,19 @@ impl Report {
             };
             for g in &t.gates {
                 let n = format!("{prefix}{stem}:{}", g.name);
-                if g.passed { ok.push(n) } else { bad.push(n) }
+                if g.passed {
+                    ok.push(n)
+                } else {
+                    bad.push(n)
+                }
             }
         }
         for g in &self.extra_gates {
-            if g.passed { ok.push(g.name.clone()) } else { bad.push(g.name.clone()) }
+            if g.passed {
+                ok.push(g.name.clone())
+            } else {
+                bad.push(g.name.clone())
+            }
         }
         (ok, bad)
     }
@@ -60,7 +71,12 @@ impl Report {
         if bad.is_empty() {
             format!("PASS: all {} gates passed", ok.len())
         } else {
-            format!("FAIL: {} of {} gates failed: {}", bad.len(), ok.len() + bad.len(), bad.join(", "))
+            format!(
+                "FAIL: {} of {} gates failed: {}",
+                bad.len(),
+                ok.len() + bad.len(),
+                bad.join(", ")
+            )
         }
     }
 
@@ -73,13 +89,16 @@ impl Report {
                 "trace {} ({} tokens{}), {:?} profile",
                 t.trace.display(),
                 t.tokens,
-                t.image.as_deref().map(|i| format!(", image {i}")).unwrap_or_default(),
+                t.image
+                    .as_deref()
+                    .map(|i| format!(", image {i}"))
+                    .unwrap_or_default(),
                 t.profile
             );
             let _ = writeln!(
                 s,
-                "  {:<22} {:>12} {:>12} {:>6} {:>12} {:>10}  {}",
-                "stage", "cos", "worst tok", "@pos", "update cos", "max abs", ""
+                "  {:<22} {:>12} {:>12} {:>6} {:>12} {:>10}",
+                "stage", "cos", "worst tok", "@pos", "update cos", "max abs"
             );
             for r in &t.rows {
                 let mark = match (r.gated, r.passed) {
@@ -94,7 +113,9 @@ impl Report {
                     r.cos,
                     r.min_token_cos,
                     r.min_token_pos,
-                    r.update_cos.map(|u| format!("{u:.9}")).unwrap_or_else(|| "-".into()),
+                    r.update_cos
+                        .map(|u| format!("{u:.9}"))
+                        .unwrap_or_else(|| "-".into()),
                     r.max_abs,
                     mark
                 );

@@ -69,7 +69,13 @@ impl DecodeMatch {
 
 /// Compares our greedy tokens with the oracle's for up to `limit` steps, stopping
 /// the count at the first ambiguous oracle step.
-pub fn decode_match(ours: &[u32], oracle: &[u32], margins: &[f64], firm: f64, limit: usize) -> DecodeMatch {
+pub fn decode_match(
+    ours: &[u32],
+    oracle: &[u32],
+    margins: &[f64],
+    firm: f64,
+    limit: usize,
+) -> DecodeMatch {
     let n = limit.min(oracle.len()).min(ours.len());
     let first_ambiguous = margins.iter().take(n).position(|&m| m < firm);
     let counted = first_ambiguous.unwrap_or(n);
@@ -96,7 +102,13 @@ mod tests {
 
     #[test]
     fn decode_count_stops_at_first_ambiguous_step() {
-        let d = decode_match(&[1, 2, 7, 8], &[1, 2, 3, 4], &[1.0, 1.0, 0.01, 1.0], 0.1, 24);
+        let d = decode_match(
+            &[1, 2, 7, 8],
+            &[1, 2, 3, 4],
+            &[1.0, 1.0, 0.01, 1.0],
+            0.1,
+            24,
+        );
         assert_eq!((d.counted, d.matched, d.first_ambiguous), (2, 2, Some(2)));
         assert!(d.passed());
         let d = decode_match(&[1, 5, 3], &[1, 2, 3], &[1.0; 3], 0.1, 24);

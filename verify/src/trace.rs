@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 /// The format tag every trace carries in its `__metadata__`.
 pub const FORMAT: &str = "qwen3vl-oracle-trace/1";
 
+/// Per-row top-k ids and their logits.
+pub type TopK = (Vec<Vec<i64>>, Vec<Vec<f32>>);
+
 /// A loaded oracle trace.
 pub struct OracleTrace {
     /// The file it came from.
@@ -117,7 +120,9 @@ impl OracleTrace {
         }
         let (s, _) = self.int("logits.top_ids")?;
         if s.len() != 2 || s[0] != t || s[1] < 2 {
-            return Err(self.bad(format!("logits.top_ids has shape {s:?}, expected [{t}, K≥2]")));
+            return Err(self.bad(format!(
+                "logits.top_ids has shape {s:?}, expected [{t}, K≥2]"
+            )));
         }
         if self.has_image() {
             self.int("image_grid_thw")?;
@@ -192,9 +197,11 @@ impl OracleTrace {
     }
 
     /// `[rows, K]` top-k ids and values of a logits group (`logits` or `decode`).
-    pub fn top_k(&self, group: &str) -> Result<(Vec<Vec<i64>>, Vec<Vec<f32>>)> {
+    pub fn top_k(&self, group: &str) -> Result<TopK> {
         let (s, ids) = self.int(&format!("{group}.top_ids"))?;
-        let vals = self.float(&format!("{group}.top_values"))?.to_vec2::<f32>()?;
+        let vals = self
+            .float(&format!("{group}.top_values"))?
+            .to_vec2::<f32>()?;
         let k = s[1];
         let ids: Vec<Vec<i64>> = ids.chunks(k).map(|c| c.to_vec()).collect();
         if ids.len() != vals.len() {
@@ -205,7 +212,12 @@ impl OracleTrace {
 
     /// The oracle's greedy continuation.
     pub fn decode_tokens(&self) -> Result<Vec<u32>> {
-        Ok(self.int("decode.tokens")?.1.iter().map(|&x| x as u32).collect())
+        Ok(self
+            .int("decode.tokens")?
+            .1
+            .iter()
+            .map(|&x| x as u32)
+            .collect())
     }
 
     /// Names of every floating tensor.

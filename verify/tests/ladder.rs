@@ -8,7 +8,9 @@ use q3vl_verify::{verify_trace, Gates, OracleTrace, Profile, Subject, TraceRepor
 use std::path::{Path, PathBuf};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fixtures")
+        .join(name)
 }
 
 /// Scales one tensor of a checkpoint, as a broken conversion or kernel would.
@@ -21,11 +23,19 @@ struct Perturbed<'a> {
 impl WeightSource for Perturbed<'_> {
     fn tensor(&self, name: &str, shape: &[usize]) -> q3vl_model::Result<Tensor> {
         let t = self.inner.tensor(name, shape)?;
-        Ok(if name == self.name { (t * self.factor)? } else { t })
+        Ok(if name == self.name {
+            (t * self.factor)?
+        } else {
+            t
+        })
     }
     fn rows(&self, name: &str, shape: [usize; 2], ids: &[u32]) -> q3vl_model::Result<Tensor> {
         let t = WeightSource::rows(self.inner, name, shape, ids)?;
-        Ok(if name == self.name { (t * self.factor)? } else { t })
+        Ok(if name == self.name {
+            (t * self.factor)?
+        } else {
+            t
+        })
     }
     fn contains(&self, name: &str) -> bool {
         WeightSource::contains(self.inner, name)
@@ -80,7 +90,12 @@ fn every_fixture_trace_passes_the_fp32_ladder() {
             let r = ladder(f, trace, None);
             let failed: Vec<_> = r.gates.iter().filter(|g| !g.passed).collect();
             assert!(failed.is_empty(), "{f}/{trace}: {failed:#?}");
-            let worst = r.rows.iter().filter(|r| r.gated).map(|r| r.cos).fold(1.0, f64::min);
+            let worst = r
+                .rows
+                .iter()
+                .filter(|r| r.gated)
+                .map(|r| r.cos)
+                .fold(1.0, f64::min);
             eprintln!("{f}/{trace}: worst gated cosine {worst:.9}");
         }
     }
@@ -92,7 +107,13 @@ fn a_perturbed_decoder_layer_fails_there_and_nowhere_earlier() {
     let r = ladder("tied", "text.safetensors", Some((name, 1.5)));
     let first_bad = r.rows.iter().find(|row| !row.passed).expect("a row fails");
     assert_eq!(first_bad.name, "text.layer.2");
-    assert!(!r.gates.iter().find(|g| g.name == "text.ladder").unwrap().passed);
+    assert!(
+        !r.gates
+            .iter()
+            .find(|g| g.name == "text.ladder")
+            .unwrap()
+            .passed
+    );
 }
 
 #[test]
@@ -101,5 +122,11 @@ fn a_perturbed_vit_block_fails_there_and_nowhere_earlier() {
     let r = ladder("tied", "image.safetensors", Some((name, 1.5)));
     let first_bad = r.rows.iter().find(|row| !row.passed).expect("a row fails");
     assert_eq!(first_bad.name, "vision.block.3");
-    assert!(!r.gates.iter().find(|g| g.name == "vision.ladder").unwrap().passed);
+    assert!(
+        !r.gates
+            .iter()
+            .find(|g| g.name == "vision.ladder")
+            .unwrap()
+            .passed
+    );
 }

@@ -16,7 +16,10 @@ pub fn dot_f32_portable(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let mut lanes = [0f32; LANES];
     let full = n / LANES * LANES;
-    for (ca, cb) in a[..full].chunks_exact(LANES).zip(b[..full].chunks_exact(LANES)) {
+    for (ca, cb) in a[..full]
+        .chunks_exact(LANES)
+        .zip(b[..full].chunks_exact(LANES))
+    {
         for l in 0..LANES {
             lanes[l] += ca[l] * cb[l];
         }

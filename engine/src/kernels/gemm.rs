@@ -12,7 +12,15 @@ const COLS_PER_TASK: usize = 64;
 
 /// `out[t, n] = Σ_k x[t, k] · w[n, k] (+ bias[n])`: `x` is `m × k`, `w` is `n × k`
 /// (the PyTorch `Linear` layout), `out` is `m × n`, all row-major.
-pub fn linear(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, bias: Option<&[f32]>, out: &mut [f32]) {
+pub fn linear(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
     assert_eq!(x.len(), m * k);
     assert_eq!(w.len(), n * k);
     assert_eq!(out.len(), m * n);
@@ -75,8 +83,25 @@ pub fn matmul_abt_serial(a: &[f32], m: usize, k: usize, b: &[f32], n: usize, out
     // SAFETY: as in `linear`, every access stays inside the given slices.
     unsafe {
         gemm::gemm(
-            m, n, k, out.as_mut_ptr(), 1, n as isize, false, a.as_ptr(), 1, k as isize,
-            b.as_ptr(), k as isize, 1, 0.0, 1.0, false, false, false, gemm::Parallelism::None,
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
         );
     }
 }
@@ -86,8 +111,25 @@ pub fn matmul_ab_serial(a: &[f32], m: usize, k: usize, b: &[f32], n: usize, out:
     // SAFETY: as in `linear`.
     unsafe {
         gemm::gemm(
-            m, n, k, out.as_mut_ptr(), 1, n as isize, false, a.as_ptr(), 1, k as isize,
-            b.as_ptr(), 1, n as isize, 0.0, 1.0, false, false, false, gemm::Parallelism::None,
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
         );
     }
 }

@@ -32,7 +32,11 @@ impl QActs {
         assert!(cols.is_multiple_of(BLOCK) && x.len().is_multiple_of(cols.max(1)));
         let mut q = vec![0i8; x.len()];
         let mut d = vec![0f32; x.len() / BLOCK];
-        for ((xb, qb), db) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).zip(&mut d) {
+        for ((xb, qb), db) in x
+            .chunks_exact(BLOCK)
+            .zip(q.chunks_exact_mut(BLOCK))
+            .zip(&mut d)
+        {
             *db = quantize_block(xb, qb);
         }
         QActs {
@@ -67,23 +71,32 @@ pub fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
     d
 }
 
-/// One dot-product implementation: `Σ_b sumi_b · (f32(ws[b]) · xd[b])`.
+/// One dot-product implementation: `Σ_b sumi_b · (ws[b] · xd[b])`, where `ws` are
+/// the weight row's f16 scales widened to f32 (exact) once per row.
 ///
 /// # Safety
 /// `w` and `x` have the same length, a multiple of 32, with `len/32` scales each;
-/// the function's target features are present (guaranteed by [`kernel`]).
-pub type DotFn = unsafe fn(w: &[i8], ws: &[f16], x: &[i8], xd: &[f32]) -> f32;
+/// the function's target features are present (guaranteed by [`path_fn`]).
+pub type DotFn = unsafe fn(w: &[i8], ws: &[f32], x: &[i8], xd: &[f32]) -> f32;
+
+/// Four dot products of one weight row with four activation rows (prefill), each
+/// bit-identical to [`DotFn`] on that row: the weight loads are shared, the
+/// per-row reduction order is not changed.
+///
+/// # Safety
+/// As [`DotFn`], for each of the four activation rows.
+pub type Dot4Fn = unsafe fn(w: &[i8], ws: &[f32], x: [&[i8]; 4], xd: [&[f32]; 4]) -> [f32; 4];
 
 /// The shared, fixed-order float accumulation of four block sums.
 #[inline(always)]
-fn acc4(acc: &mut f32, s: [i32; 4], ws: &[f16], xd: &[f32]) {
+fn acc4(acc: &mut f32, s: [i32; 4], ws: &[f32], xd: &[f32]) {
     for k in 0..4 {
-        *acc += s[k] as f32 * (ws[k].to_f32() * xd[k]);
+        *acc += s[k] as f32 * (ws[k] * xd[k]);
     }
 }
 
 /// Portable reference path.
-pub fn dot_portable(w: &[i8], ws: &[f16], x: &[i8], xd: &[f32]) -> f32 {
+pub fn dot_portable(w: &[i8], ws: &[f32], x: &[i8], xd: &[f32]) -> f32 {
     let mut acc = 0f32;
     for ((wb, xb), (s, d)) in w
         .chunks_exact(BLOCK)
@@ -91,20 +104,24 @@ pub fn dot_portable(w: &[i8], ws: &[f16], x: &[i8], xd: &[f32]) -> f32 {
         .zip(ws.iter().zip(xd))
     {
         let sumi: i32 = wb.iter().zip(xb).map(|(&a, &b)| a as i32 * b as i32).sum();
-        acc += sumi as f32 * (s.to_f32() * d);
+        acc += sumi as f32 * (s * d);
     }
     acc
 }
 
 /// The portable path behind the [`DotFn`] signature.
-unsafe fn dot_portable_fn(w: &[i8], ws: &[f16], x: &[i8], xd: &[f32]) -> f32 {
+unsafe fn dot_portable_fn(w: &[i8], ws: &[f32], x: &[i8], xd: &[f32]) -> f32 {
     dot_portable(w, ws, x, xd)
+}
+
+/// Four portable dots.
+unsafe fn dot4_portable_fn(w: &[i8], ws: &[f32], x: [&[i8]; 4], xd: [&[f32]; 4]) -> [f32; 4] {
+    [0, 1, 2, 3].map(|k| dot_portable(w, ws, x[k], xd[k]))
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{acc4, BLOCK};
-    use half::f16;
     use std::arch::x86_64::*;
 
     /// Eight i32 partial sums of one block: |w| (as u8) × x·sign(w) (as i8) with
@@ -134,7 +151,7 @@ mod x86 {
 
     /// AVX2 path: four blocks per step.
     #[target_feature(enable = "avx2")]
-    pub unsafe fn dot_avx2(w: &[i8], ws: &[f16], x: &[i8], xd: &[f32]) -> f32 {
+    pub unsafe fn dot_avx2(w: &[i8], ws: &[f32], x: &[i8], xd: &[f32]) -> f32 {
         let nb = w.len() / BLOCK;
         let (wp, xp) = (w.as_ptr(), x.as_ptr());
         let mut acc = 0f32;
@@ -154,7 +171,59 @@ mod x86 {
             let o = b * BLOCK;
             let z = _mm256_setzero_si256();
             let s = hsum4(block_avx2(wp.add(o), xp.add(o)), z, z, z);
-            acc += s[0] as f32 * (ws[b].to_f32() * xd[b]);
+            acc += s[0] as f32 * (ws[b] * xd[b]);
+            b += 1;
+        }
+        acc
+    }
+
+    /// AVX2, four activation rows against one weight row: |w| is computed once per
+    /// block and shared; each row's sums and accumulation are exactly `dot_avx2`'s.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn dot4_avx2(w: &[i8], ws: &[f32], x: [&[i8]; 4], xd: [&[f32]; 4]) -> [f32; 4] {
+        // No closures here: they would not inherit `avx2` and the intrinsics would
+        // become calls.
+        let nb = w.len() / BLOCK;
+        let wp = w.as_ptr();
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [0f32; 4];
+        let mut b = 0;
+        while b + 4 <= nb {
+            let o = b * BLOCK;
+            let w0 = _mm256_loadu_si256(wp.add(o) as *const __m256i);
+            let w1 = _mm256_loadu_si256(wp.add(o + BLOCK) as *const __m256i);
+            let w2 = _mm256_loadu_si256(wp.add(o + 2 * BLOCK) as *const __m256i);
+            let w3 = _mm256_loadu_si256(wp.add(o + 3 * BLOCK) as *const __m256i);
+            let a0 = _mm256_sign_epi8(w0, w0);
+            let a1 = _mm256_sign_epi8(w1, w1);
+            let a2 = _mm256_sign_epi8(w2, w2);
+            let a3 = _mm256_sign_epi8(w3, w3);
+            for k in 0..4 {
+                let xp = x[k].as_ptr().add(o);
+                let x0 = _mm256_loadu_si256(xp as *const __m256i);
+                let x1 = _mm256_loadu_si256(xp.add(BLOCK) as *const __m256i);
+                let x2 = _mm256_loadu_si256(xp.add(2 * BLOCK) as *const __m256i);
+                let x3 = _mm256_loadu_si256(xp.add(3 * BLOCK) as *const __m256i);
+                let p0 =
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(x0, w0)), ones);
+                let p1 =
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(x1, w1)), ones);
+                let p2 =
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(a2, _mm256_sign_epi8(x2, w2)), ones);
+                let p3 =
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(a3, _mm256_sign_epi8(x3, w3)), ones);
+                let s = hsum4(p0, p1, p2, p3);
+                acc4(&mut acc[k], s, &ws[b..b + 4], &xd[k][b..b + 4]);
+            }
+            b += 4;
+        }
+        while b < nb {
+            let o = b * BLOCK;
+            let z = _mm256_setzero_si256();
+            for k in 0..4 {
+                let s = hsum4(block_avx2(wp.add(o), x[k].as_ptr().add(o)), z, z, z);
+                acc[k] += s[0] as f32 * (ws[b] * xd[k][b]);
+            }
             b += 1;
         }
         acc
@@ -164,28 +233,36 @@ mod x86 {
     /// split, summed by `dpbusd` straight into i32 lanes. This machine has no AVX-512,
     /// so this path is compiled and gated by runtime detection but not exercised here.
     #[target_feature(enable = "avx2,avx512f,avx512vl,avx512bw,avx512vnni")]
-    pub unsafe fn dot_vnni(w: &[i8], ws: &[f16], x: &[i8], xd: &[f32]) -> f32 {
+    pub unsafe fn dot_vnni(w: &[i8], ws: &[f32], x: &[i8], xd: &[f32]) -> f32 {
         let nb = w.len() / BLOCK;
         let (wp, xp) = (w.as_ptr(), x.as_ptr());
-        let one = |o: usize| -> __m256i {
-            let wv = _mm256_loadu_si256(wp.add(o) as *const __m256i);
-            let xv = _mm256_loadu_si256(xp.add(o) as *const __m256i);
-            let aw = _mm256_abs_epi8(wv);
-            let sx = _mm256_sign_epi8(xv, wv);
-            _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sx)
-        };
+        // A macro, not a closure: closures would not inherit the target features.
+        macro_rules! one {
+            ($o:expr) => {{
+                let wv = _mm256_loadu_si256(wp.add($o) as *const __m256i);
+                let xv = _mm256_loadu_si256(xp.add($o) as *const __m256i);
+                let aw = _mm256_abs_epi8(wv);
+                let sx = _mm256_sign_epi8(xv, wv);
+                _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sx)
+            }};
+        }
         let mut acc = 0f32;
         let mut b = 0;
         while b + 4 <= nb {
             let o = b * BLOCK;
-            let s = hsum4(one(o), one(o + BLOCK), one(o + 2 * BLOCK), one(o + 3 * BLOCK));
+            let s = hsum4(
+                one!(o),
+                one!(o + BLOCK),
+                one!(o + 2 * BLOCK),
+                one!(o + 3 * BLOCK),
+            );
             acc4(&mut acc, s, &ws[b..b + 4], &xd[b..b + 4]);
             b += 4;
         }
         while b < nb {
             let z = _mm256_setzero_si256();
-            let s = hsum4(one(b * BLOCK), z, z, z);
-            acc += s[0] as f32 * (ws[b].to_f32() * xd[b]);
+            let s = hsum4(one!(b * BLOCK), z, z, z);
+            acc += s[0] as f32 * (ws[b] * xd[b]);
             b += 1;
         }
         acc
@@ -195,12 +272,11 @@ mod x86 {
 #[cfg(target_arch = "aarch64")]
 mod arm {
     use super::BLOCK;
-    use half::f16;
     use std::arch::aarch64::*;
 
     /// NEON path: widening i8×i8 → i16 products (|p| ≤ 2¹⁴), pairwise-added to i32.
     #[target_feature(enable = "neon")]
-    pub unsafe fn dot_neon(w: &[i8], ws: &[f16], x: &[i8], xd: &[f32]) -> f32 {
+    pub unsafe fn dot_neon(w: &[i8], ws: &[f32], x: &[i8], xd: &[f32]) -> f32 {
         let nb = w.len() / BLOCK;
         let mut acc = 0f32;
         for b in 0..nb {
@@ -214,7 +290,7 @@ mod arm {
                 s = vpadalq_s16(s, lo);
                 s = vpadalq_s16(s, hi);
             }
-            acc += vaddvq_s32(s) as f32 * (ws[b].to_f32() * xd[b]);
+            acc += vaddvq_s32(s) as f32 * (ws[b] * xd[b]);
         }
         acc
     }
@@ -261,7 +337,10 @@ pub fn available_paths() -> Vec<Path> {
 
 /// The function of `path`. Panics if the CPU lacks it (only [`available_paths`] are valid).
 pub fn path_fn(path: Path) -> DotFn {
-    assert!(available_paths().contains(&path), "{path:?} is not available on this CPU");
+    assert!(
+        available_paths().contains(&path),
+        "{path:?} is not available on this CPU"
+    );
     match path {
         #[cfg(target_arch = "x86_64")]
         Path::Avx2 => x86::dot_avx2,
@@ -273,15 +352,29 @@ pub fn path_fn(path: Path) -> DotFn {
     }
 }
 
+/// The four-row function of `path`: AVX2 has its own; the others run four single dots
+/// (bit-identical either way).
+pub fn path_fn4(path: Path) -> Dot4Fn {
+    assert!(
+        available_paths().contains(&path),
+        "{path:?} is not available on this CPU"
+    );
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx2 | Path::Avx512Vnni => x86::dot4_avx2,
+        _ => dot4_portable_fn,
+    }
+}
+
 /// The best path of this CPU, chosen once.
 pub fn best_path() -> Path {
     static BEST: OnceLock<Path> = OnceLock::new();
     *BEST.get_or_init(|| *available_paths().last().expect("portable is always there"))
 }
 
-/// `Σ_b sumi_b · (f32(ws[b]) · xd[b])` on the best path.
+/// `Σ_b sumi_b · (ws[b] · xd[b])` on the best path.
 #[inline]
-pub fn dot(w: &[i8], ws: &[f16], x: &[i8], xd: &[f32]) -> f32 {
+pub fn dot(w: &[i8], ws: &[f32], x: &[i8], xd: &[f32]) -> f32 {
     assert!(w.len() == x.len() && w.len().is_multiple_of(BLOCK));
     assert!(ws.len() == w.len() / BLOCK && xd.len() == ws.len());
     static F: OnceLock<DotFn> = OnceLock::new();
@@ -290,20 +383,45 @@ pub fn dot(w: &[i8], ws: &[f16], x: &[i8], xd: &[f32]) -> f32 {
     unsafe { f(w, ws, x, xd) }
 }
 
+/// Four dots of one weight row on the best path (see [`Dot4Fn`]).
+#[inline]
+pub fn dot4(w: &[i8], ws: &[f32], x: [&[i8]; 4], xd: [&[f32]; 4]) -> [f32; 4] {
+    assert!(w.len().is_multiple_of(BLOCK) && ws.len() == w.len() / BLOCK);
+    for k in 0..4 {
+        assert!(x[k].len() == w.len() && xd[k].len() == ws.len());
+    }
+    static F: OnceLock<Dot4Fn> = OnceLock::new();
+    let f = F.get_or_init(|| path_fn4(best_path()));
+    // SAFETY: lengths checked above; the path was detected on this CPU.
+    unsafe { f(w, ws, x, xd) }
+}
+
+/// Widens a weight row's f16 scales to f32 (exact), once per row.
+pub fn widen_scales(s: &[f16], out: &mut [f32]) {
+    use half::slice::HalfFloatSliceExt;
+    s.convert_to_f32_slice(out);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// A small deterministic generator for test data.
     fn lcg(seed: &mut u64) -> u64 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         *seed >> 33
     }
 
-    fn random_case(seed: &mut u64, nb: usize) -> (Vec<i8>, Vec<f16>, Vec<i8>, Vec<f32>) {
+    fn random_case(seed: &mut u64, nb: usize) -> (Vec<i8>, Vec<f32>, Vec<i8>, Vec<f32>) {
         let n = nb * BLOCK;
-        let mut w: Vec<i8> = (0..n).map(|_| (lcg(seed) % 256) as i32 as u8 as i8).collect();
-        let mut x: Vec<i8> = (0..n).map(|_| ((lcg(seed) % 255) as i32 - 127) as i8).collect();
+        let mut w: Vec<i8> = (0..n)
+            .map(|_| (lcg(seed) % 256) as i32 as u8 as i8)
+            .collect();
+        let mut x: Vec<i8> = (0..n)
+            .map(|_| ((lcg(seed) % 255) as i32 - 127) as i8)
+            .collect();
         // The extremes: weights reach −128 (absmax head) and ±127, activations ±127.
         if n >= 4 {
             w[0] = -128;
@@ -320,7 +438,9 @@ mod tests {
             w[BLOCK..2 * BLOCK].fill(-128);
             x[BLOCK..2 * BLOCK].fill(-127);
         }
-        let ws = (0..nb).map(|_| f16::from_f32((lcg(seed) % 1000) as f32 * 1e-4)).collect();
+        let ws = (0..nb)
+            .map(|_| f16::from_f32((lcg(seed) % 1000) as f32 * 1e-4).to_f32())
+            .collect();
         let xd = (0..nb).map(|_| (lcg(seed) % 1000) as f32 * 3e-3).collect();
         (w, ws, x, xd)
     }
@@ -334,10 +454,28 @@ mod tests {
             for _row in 0..20 {
                 let (w, ws, x, xd) = random_case(&mut seed, nb);
                 let want = dot_portable(&w, &ws, &x, &xd);
+                // Three more activation rows for the four-row kernels.
+                let more: Vec<_> = (0..3).map(|_| random_case(&mut seed, nb)).collect();
+                let xs = [&x[..], &more[0].2[..], &more[1].2[..], &more[2].2[..]];
+                let ds = [&xd[..], &more[0].3[..], &more[1].3[..], &more[2].3[..]];
+                let want4 = xs
+                    .iter()
+                    .zip(ds)
+                    .map(|(xk, dk)| dot_portable(&w, &ws, xk, dk))
+                    .collect::<Vec<_>>();
                 for &p in &paths {
                     // SAFETY: the path is available and the lengths match.
                     let got = unsafe { path_fn(p)(&w, &ws, &x, &xd) };
                     assert_eq!(got.to_bits(), want.to_bits(), "{p:?} nb={nb}");
+                    // SAFETY: as above, for each row.
+                    let got4 = unsafe { path_fn4(p)(&w, &ws, xs, ds) };
+                    for k in 0..4 {
+                        assert_eq!(
+                            got4[k].to_bits(),
+                            want4[k].to_bits(),
+                            "{p:?} four-row k={k} nb={nb}"
+                        );
+                    }
                 }
             }
         }
@@ -347,7 +485,7 @@ mod tests {
     fn extreme_block_sum_is_exact() {
         let w = vec![-128i8; 32];
         let x = vec![-127i8; 32];
-        let got = dot(&w, &[f16::ONE], &x, &[1.0]);
+        let got = dot(&w, &[1.0], &x, &[1.0]);
         assert_eq!(got, (32 * 128 * 127) as f32);
     }
 

@@ -1,0 +1,316 @@
+#!/usr/bin/env python3
+"""Write a `qwen3vl-oracle-trace/1` file: what fp32 Hugging Face computes for one prompt.
+
+    python oracle/trace.py --model DIR --prompt TEXT [--image PATH] --out FILE.safetensors \
+        [--decode-steps 24] [--top-k 16] [--full-logits] [--model-id ID] [--revision SHA]
+
+The format is specified in shared/spec/oracle-trace.md. The model runs in fp32 on the
+checkpoint's bf16 values (`dtype=torch.float32`, `attn_implementation="eager"`); the
+prompt ids come from the checkpoint's chat template and Qwen3VLProcessor (image path
+only, with Qwen2VLImageProcessorPil built from preprocessor_config.json, since the
+oracle has no torchvision); per-layer states are captured with forward hooks that
+clone what they see; greedy decoding uses HF generate with eos never stopping it.
+
+Nothing here is specific to the fixtures: it runs unchanged on a real Qwen3-VL folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+# libgomp's default busy-waiting is 5-8x slower on shared cores; results do not change.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from common import build_inputs, greedy_decode, load_processor, save_safetensors_deterministic  # noqa: E402
+
+FORMAT = "qwen3vl-oracle-trace/1"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def guess_revision(model_dir: Path) -> str:
+    """The HF commit when the folder is a hub-cache snapshot (.../snapshots/<sha>/), else ''."""
+    parts = model_dir.resolve().parts
+    if len(parts) >= 2 and parts[-2] == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", parts[-1]):
+        return parts[-1]
+    return ""
+
+
+def guess_model_id(model_dir: Path) -> str:
+    """'org/name' for a hub-cache snapshot (models--org--name/snapshots/sha), else the folder name."""
+    parts = model_dir.resolve().parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3][len("models--"):].replace("--", "/")
+    return model_dir.resolve().name
+
+
+class Capture:
+    """Forward hooks on the vision tower and the decoder that clone what they see."""
+
+    def __init__(self, model):
+        self.t: dict[str, torch.Tensor] = {}
+        self.handles = []
+        inner = model.model
+        vis = inner.visual
+        lm = inner.language_model
+        self.depth = len(vis.blocks)
+        self.n_deepstack = len(vis.deepstack_merger_list)
+        self.n_layers = len(lm.layers)
+
+        def first_arg(name, squeeze_batch):
+            def hook(mod, args, kwargs):
+                x = args[0] if args else kwargs["hidden_states"]
+                self._put(name, x, squeeze_batch)
+            return hook
+
+        def output(name, squeeze_batch):
+            def hook(mod, args, out):
+                y = out[0] if isinstance(out, (tuple, list)) else out
+                self._put(name, y, squeeze_batch)
+            return hook
+
+        def rope_positions(mod, args, kwargs):
+            pos = args[1] if len(args) > 1 else kwargs["position_ids"]
+            self.t["_rope_position_ids"] = pos.detach().clone()
+
+        self.handles.append(vis.blocks[0].register_forward_pre_hook(first_arg("vision.embed", False), with_kwargs=True))
+        for j, blk in enumerate(vis.blocks):
+            self.handles.append(blk.register_forward_hook(output(f"vision.block.{j}", False)))
+        self.handles.append(vis.merger.register_forward_hook(output("vision.merger", False)))
+        for k, m in enumerate(vis.deepstack_merger_list):
+            self.handles.append(m.register_forward_hook(output(f"vision.deepstack.{k}", False)))
+        self.handles.append(lm.layers[0].register_forward_pre_hook(first_arg("text.embed", True), with_kwargs=True))
+        for i, layer in enumerate(lm.layers[1:], start=1):
+            # inputs of layers 1.. (not written): used to check that text.layer.{i} is pre-DeepStack
+            self.handles.append(layer.register_forward_pre_hook(first_arg(f"_input.{i}", True), with_kwargs=True))
+        for i, layer in enumerate(lm.layers):
+            # the layer's own output: DeepStack is added afterwards by the text model
+            self.handles.append(layer.register_forward_hook(output(f"text.layer.{i}", True)))
+        self.handles.append(lm.norm.register_forward_hook(output("text.norm", True)))
+        self.handles.append(lm.rotary_emb.register_forward_pre_hook(rope_positions, with_kwargs=True))
+
+    def _put(self, name, x, squeeze_batch):
+        if name in self.t:
+            raise RuntimeError(f"hook {name} fired twice in one forward pass")
+        x = x.detach()
+        if squeeze_batch:
+            if x.shape[0] != 1:
+                raise RuntimeError(f"{name}: batch {x.shape[0]}, expected 1")
+            x = x[0]
+        self.t[name] = x.to(torch.float32).clone().contiguous()
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def write_trace(args) -> dict:
+    import transformers
+    from PIL import Image
+    from transformers import Qwen3VLForConditionalGeneration
+
+    model_dir = Path(args.model)
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+
+    processor = load_processor(model_dir)
+    image = None
+    image_name = ""
+    image_sha = ""
+    if args.image:
+        src = Path(args.image)
+        dst = out_path.parent / src.name
+        if src.resolve() != dst.resolve():
+            shutil.copyfile(src, dst)
+        image_name = dst.name
+        image_sha = sha256_file(dst)
+        image = Image.open(dst)
+        image.load()
+    text, inputs = build_inputs(processor, args.prompt, image)
+
+    model = Qwen3VLForConditionalGeneration.from_pretrained(
+        str(model_dir), dtype=torch.float32, attn_implementation="eager"
+    )
+    model.eval()
+    if model.dtype != torch.float32:
+        raise RuntimeError(f"model loaded as {model.dtype}")
+    cfg = model.config
+
+    input_ids = inputs["input_ids"]
+    T = input_ids.shape[1]
+    mm = inputs["mm_token_type_ids"]
+    n_img_tokens = int((input_ids == cfg.image_token_id).sum())
+    if image is not None:
+        merge = cfg.vision_config.spatial_merge_size
+        expect = int(inputs["image_grid_thw"].prod()) // (merge * merge)
+        if n_img_tokens != expect:
+            raise RuntimeError(f"{n_img_tokens} image tokens in the prompt, the grid gives {expect}")
+        if not torch.equal(mm, (input_ids == cfg.image_token_id).to(mm.dtype)):
+            raise RuntimeError("mm_token_type_ids is not 1 exactly at the image-pad positions")
+    elif n_img_tokens:
+        raise RuntimeError("text-only prompt contains image tokens")
+
+    # position ids from HF get_rope_index ([3, 1, T] -> [3, T])
+    with torch.no_grad():
+        pos, _deltas = model.model.get_rope_index(
+            input_ids,
+            mm_token_type_ids=mm,
+            image_grid_thw=inputs.get("image_grid_thw"),
+            video_grid_thw=None,
+            attention_mask=None,
+        )
+    position_ids = pos[:, 0, :].to(torch.int64).contiguous()
+
+    # prompt forward with hooks
+    cap = Capture(model)
+    try:
+        model.model.rope_deltas = None
+        with torch.no_grad():
+            out = model(**inputs, use_cache=False, logits_to_keep=0)
+    finally:
+        cap.remove()
+    logits = out.logits[0].to(torch.float32).contiguous()  # [T, V]
+    used = cap.t.pop("_rope_position_ids")
+    used = used.reshape(used.shape[0], -1, used.shape[-1])[-3:, 0, :]
+    if not torch.equal(used.to(torch.int64), position_ids):
+        raise RuntimeError("the positions the model used differ from get_rope_index")
+
+    # text.layer.i is the layer's own output: the next layer's input is it plus DeepStack i
+    # at the image rows (i < number of taps), and exactly it elsewhere.
+    img_rows = (input_ids[0] == cfg.image_token_id)
+    for i in range(1, cap.n_layers):
+        nxt = cap.t.pop(f"_input.{i}")
+        prev = cap.t[f"text.layer.{i - 1}"].clone()
+        if image is not None and i - 1 < cap.n_deepstack:
+            prev[img_rows] = prev[img_rows] + cap.t[f"vision.deepstack.{i - 1}"]
+        if not torch.equal(nxt, prev):
+            raise RuntimeError(f"input of decoder layer {i} != text.layer.{i - 1} (+ DeepStack {i - 1})")
+
+    K = args.top_k
+    V = logits.shape[-1]
+    if not 2 <= K <= V:
+        raise SystemExit(f"--top-k must be in 2..{V}")
+    top = torch.topk(logits, K, dim=-1, largest=True, sorted=True)
+
+    # greedy decode, eos not stopping it
+    model.model.rope_deltas = None
+    dec_tokens, dec_logits = greedy_decode(model, inputs, args.decode_steps, cross_check=not args.no_cross_check)
+    if args.decode_steps and not torch.allclose(dec_logits[0], logits[-1], rtol=1e-4, atol=1e-4):
+        raise RuntimeError("generate's first step disagrees with the prompt forward's last logits")
+    dtop = torch.topk(dec_logits, K, dim=-1, largest=True, sorted=True)
+
+    tensors: dict[str, torch.Tensor] = {
+        "input_ids": input_ids[0].to(torch.int64),
+        "position_ids": position_ids,
+    }
+    if image is not None:
+        tensors["pixel_values"] = inputs["pixel_values"].to(torch.float32)
+        tensors["image_grid_thw"] = inputs["image_grid_thw"].to(torch.int64).reshape(1, 3)
+        names = ["vision.embed"] + [f"vision.block.{j}" for j in range(cap.depth)] + ["vision.merger"] + [
+            f"vision.deepstack.{k}" for k in range(cap.n_deepstack)
+        ]
+        for n in names:
+            tensors[n] = cap.t[n]
+    tensors["text.embed"] = cap.t["text.embed"]
+    for i in range(cap.n_layers):
+        tensors[f"text.layer.{i}"] = cap.t[f"text.layer.{i}"]
+    tensors["text.norm"] = cap.t["text.norm"]
+    tensors["logits.top_ids"] = top.indices.to(torch.int64)
+    tensors["logits.top_values"] = top.values.to(torch.float32)
+    if args.full_logits:
+        tensors["logits"] = logits
+    tensors["decode.tokens"] = dec_tokens.to(torch.int64)
+    tensors["decode.top_ids"] = dtop.indices.to(torch.int64)
+    tensors["decode.top_values"] = dtop.values.to(torch.float32)
+    if args.full_logits:
+        tensors["decode.logits"] = dec_logits.to(torch.float32)
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+
+    # shape checks against the spec
+    H = cfg.text_config.hidden_size
+    for n in ["text.embed", "text.norm"] + [f"text.layer.{i}" for i in range(cap.n_layers)]:
+        assert tuple(tensors[n].shape) == (T, H), (n, tensors[n].shape)
+    if image is not None:
+        P = tensors["pixel_values"].shape[0]
+        Dv = cfg.vision_config.hidden_size
+        Do = cfg.vision_config.out_hidden_size
+        assert tensors["vision.embed"].shape == (P, Dv)
+        assert tensors["vision.merger"].shape == (P // 4, Do)
+        assert n_img_tokens == P // 4
+    assert tensors["logits.top_ids"].shape == (T, K)
+
+    metadata = {
+        "format": FORMAT,
+        "model": args.model_id or guess_model_id(model_dir),
+        "revision": args.revision if args.revision is not None else guess_revision(model_dir),
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "dtype": "float32",
+        "attn": "eager",
+        "prompt": args.prompt,
+        "image": image_name,
+        "image_sha256": image_sha,
+        "decode_steps": str(args.decode_steps),
+    }
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    save_safetensors_deterministic(tmp, tensors, metadata)
+    tmp.replace(out_path)
+
+    margins = (tensors["decode.top_values"][:, 0] - tensors["decode.top_values"][:, 1]).tolist()
+    pmarg = (tensors["logits.top_values"][:, 0] - tensors["logits.top_values"][:, 1]).tolist()
+    summary = {
+        "out": str(out_path),
+        "T": T,
+        "patches": int(tensors["pixel_values"].shape[0]) if image is not None else 0,
+        "image_tokens": n_img_tokens,
+        "firm_decode_steps": sum(m >= 0.1 for m in margins),
+        "decode_steps": args.decode_steps,
+        "firm_prompt_positions": sum(m >= 0.1 for m in pmarg),
+        "decoded": processor.tokenizer.decode(dec_tokens.tolist()),
+        "bytes": out_path.stat().st_size,
+    }
+    return summary
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="checkpoint folder (HF layout)")
+    ap.add_argument("--prompt", required=True, help="the user text")
+    ap.add_argument("--image", help="image file; copied next to the trace")
+    ap.add_argument("--out", required=True, help="output .safetensors")
+    ap.add_argument("--decode-steps", type=int, default=24)
+    ap.add_argument("--top-k", type=int, default=16)
+    ap.add_argument("--full-logits", action="store_true", help="also store logits [T,V] and decode.logits [D,V]")
+    ap.add_argument("--model-id", help="metadata 'model' (default: hub id of a cache snapshot, else the folder name)")
+    ap.add_argument("--revision", help="metadata 'revision' (default: the snapshot sha when known, else empty)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-cross-check", action="store_true",
+                    help="skip re-running the decode as a manual KV-cache loop (saves time on big models)")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    summary = write_trace(args)
+    summary["seconds"] = round(time.time() - t0, 1)
+    print(json.dumps(summary, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
