@@ -12,6 +12,9 @@ use std::collections::HashMap;
 /// output is one whole dot product.
 const ROWS_PER_TASK: usize = 16;
 
+/// Prefill tokens per tile (32 × 4096 int8 activations = 128 KiB).
+const TOKENS_PER_TILE: usize = 32;
+
 /// A linear layer's weight `[rows = out, cols = in]`, borrowed from the memory map.
 #[derive(Clone, Copy)]
 pub enum Lin<'a> {
@@ -117,23 +120,35 @@ impl<'a> Lin<'a> {
                 tr.par_chunks_mut(ROWS_PER_TASK * t)
                     .enumerate()
                     .for_each(|(c, chunk)| {
-                        let mut sr = vec![0f32; nb];
-                        for (i, o) in chunk.chunks_mut(t).enumerate() {
+                        let n_rows = chunk.len() / t;
+                        let mut sr = vec![0f32; n_rows * nb];
+                        for i in 0..n_rows {
                             let r = c * ROWS_PER_TASK + i;
-                            let wr = &q[r * cols..(r + 1) * cols];
-                            widen_scales(&s[r * nb..(r + 1) * nb], &mut sr);
-                            // Four tokens per pass share the weight loads (prefill).
-                            let mut tok = 0;
-                            while tok + 4 <= t {
-                                let rows = [0, 1, 2, 3].map(|k| xq.row(tok + k));
-                                let v = dot4(wr, &sr, rows.map(|r| r.0), rows.map(|r| r.1));
-                                o[tok..tok + 4].copy_from_slice(&v);
-                                tok += 4;
+                            widen_scales(&s[r * nb..(r + 1) * nb], &mut sr[i * nb..(i + 1) * nb]);
+                        }
+                        // Token tiles small enough that a tile's activations and this
+                        // task's weight rows both stay in L2 while they are reused.
+                        let mut t0 = 0;
+                        while t0 < t {
+                            let t1 = (t0 + TOKENS_PER_TILE).min(t);
+                            for (i, o) in chunk.chunks_mut(t).enumerate() {
+                                let r = c * ROWS_PER_TASK + i;
+                                let wr = &q[r * cols..(r + 1) * cols];
+                                let sri = &sr[i * nb..(i + 1) * nb];
+                                // Four tokens per pass share the weight loads.
+                                let mut tok = t0;
+                                while tok + 4 <= t1 {
+                                    let rows = [0, 1, 2, 3].map(|k| xq.row(tok + k));
+                                    let v = dot4(wr, sri, rows.map(|r| r.0), rows.map(|r| r.1));
+                                    o[tok..tok + 4].copy_from_slice(&v);
+                                    tok += 4;
+                                }
+                                for (k, ov) in o.iter_mut().enumerate().take(t1).skip(tok) {
+                                    let (xr, xd) = xq.row(k);
+                                    *ov = dot(wr, sri, xr, xd);
+                                }
                             }
-                            for (k, ov) in o.iter_mut().enumerate().skip(tok) {
-                                let (xr, xd) = xq.row(k);
-                                *ov = dot(wr, &sr, xr, xd);
-                            }
+                            t0 = t1;
                         }
                     });
             }
