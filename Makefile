@@ -9,16 +9,27 @@ PY := oracle/.venv/bin/python
 
 .PHONY: demo test build fmt clippy oracle fixtures bench bench-convert pipeline clean-demo
 
-## demo: convert the embedded shapes fixture to int8hu, verify it, and show the reports.
+## demo: the whole tool on the embedded shapes fixture: fp32 ladder, int8hu conversion,
+## quantized gates with a stamp, then the engine answering the fixture's demo images.
 demo: build
 	@rm -rf $(DEMO) && mkdir -p $(DEMO)
-	@echo "== fp32 ladder: our reference on fixtures/shapes vs the HF oracle"
+	@echo "== 1. fp32 ladder: our reference on fixtures/shapes against the HF oracle traces"
 	$(Q3VL) verify --src fixtures/shapes --trace fixtures/shapes/traces/image.safetensors \
 	    --trace fixtures/shapes/traces/text.safetensors --report $(DEMO)/fp32-report
-	@echo "== convert fixtures/shapes -> int8hu bundles"
+	@echo "== 2. convert fixtures/shapes to int8hu bundles"
 	$(Q3VL) convert --src fixtures/shapes --out $(DEMO)/bundles --mode int8hu
-	@echo "== inspect the language bundle"
-	$(Q3VL) inspect $(DEMO)/bundles/shapes_decode_int8hu
+	@echo "== 3. quantized gates on the bundles; stamp them if every gate passes"
+	$(Q3VL) verify --bundle $(DEMO)/bundles --trace fixtures/shapes/traces/image.safetensors \
+	    --trace fixtures/shapes/traces/text.safetensors --report $(DEMO)/bundle-report --stamp
+	@echo "== 4. the engine answers 'What is in the image?' (true answer in brackets)"
+	@for img in demo_0 demo_1 demo_2 demo_3 demo_4 demo_5; do \
+	    want=$$(sed -n "s/.*\"$$img.png\": \"\(.*\)\".*/\1/p" fixtures/shapes/images/answers.json); \
+	    got=$$($(Q3VL) run --bundle $(DEMO)/bundles --image fixtures/shapes/images/$$img.png \
+	        --prompt "What is in the image?" --max-new-tokens 16 2>/dev/null); \
+	    mark=$$([ "$$got" = "$$want" ] && echo ok || echo WRONG); \
+	    printf '  %-10s %-36s [%s] %s\n' "$$img" "$$got" "$$want" "$$mark"; \
+	done
+	@echo "reports: $(DEMO)/fp32-report/report.html $(DEMO)/bundle-report/report.html"
 
 ## test: formatting, lints, and every test (unit, fixtures, end to end).
 test: fmt clippy

@@ -13,8 +13,6 @@ pub const PREPROCESSOR_FILE: &str = "preprocessor_config.json";
 pub const SINGLE_WEIGHTS_FILE: &str = "model.safetensors";
 /// The index of a sharded bundle.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
-/// The stamp the verifier writes (not listed in `metadata.json`, not written here).
-pub const VERIFICATION_FILE: &str = "verification.json";
 /// Prefix of the hidden folder a bundle is staged in; such a folder is never a bundle.
 pub const TMP_PREFIX: &str = ".q3vl-tmp-";
 /// Prefix of the hidden folder an old bundle is moved to while `--force` replaces it.

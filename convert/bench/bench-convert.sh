@@ -8,7 +8,7 @@
 # 3. `q3vl convert` from a cold page cache: wall time, and peak RSS both from the
 #    converter's own VmHWM and from /usr/bin/time -v.
 # Targets: peak RSS <= 2 GiB, wall <= 1.25 x floor. Needs ~30 GB free in the work
-# folder, which is deleted at the end (KEEP=1 keeps it). Dropping caches needs root;
+# folder (source + output, then source + the write test), which is deleted at the end (KEEP=1 keeps it). Dropping caches needs root;
 # without it the figures are printed with a warning.
 set -euo pipefail
 
@@ -59,7 +59,12 @@ t1=$(now)
 CONVERT_S=$(secs "$t0" "$t1")
 OUT_BYTES=$(du -cb "$WORK"/out/*/* "$WORK"/out/*/tokenizer/* 2>/dev/null | tail -1 | cut -f1)
 TIME_RSS_KB=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$WORK/time.txt")
+CPU_S=$(awk -F': ' '/User time/ {u=$2} /System time/ {s=$2} END { printf "%.1f s (user %.1f + sys %.1f)", u + s, u, s }' "$WORK/time.txt")
+LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
 HWM=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['peak_rss_bytes'])" "$WORK/convert.json")
+
+# The bundles are measured; free their space before the write test.
+rm -rf "$WORK/out"
 
 echo "== write floor: $OUT_BYTES bytes + fsync" >&2
 BLOCKS=$(( (OUT_BYTES + 16777215) / 16777216 ))
@@ -89,4 +94,6 @@ Command: \`q3vl synth --size 8b --out $WORK/src && q3vl convert --src $WORK/src 
 | **I/O floor** (read + write) | **$FLOOR_S s** |
 | **convert wall** | **$CONVERT_S s** (**${RATIO}x** the floor; target <= 1.25x) |
 | **peak RSS** (VmHWM) | **$RSS_GIB GiB** (target <= 2 GiB); /usr/bin/time: $TIME_RSS_GIB GiB |
+| convert CPU time | $CPU_S |
+| load average after the run | $LOAD (other work on the machine competes for the 2 cores) |
 REPORT
