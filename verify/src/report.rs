@@ -121,28 +121,12 @@ impl Report {
                 );
             }
             for g in &t.gates {
-                let _ = writeln!(
-                    s,
-                    "  gate {:<16} {:<4} {:>14}  [{}]  {}",
-                    g.name,
-                    if g.passed { "pass" } else { "FAIL" },
-                    g.value,
-                    g.threshold,
-                    g.detail
-                );
+                s.push_str(&gate_line("  ", g));
             }
             s.push('\n');
         }
         for g in &self.extra_gates {
-            let _ = writeln!(
-                s,
-                "gate {:<18} {:<4} {:>14}  [{}]  {}",
-                g.name,
-                if g.passed { "pass" } else { "FAIL" },
-                g.value,
-                g.threshold,
-                g.detail
-            );
+            s.push_str(&gate_line("", g));
         }
         s.push_str(&self.summary_line());
         s.push('\n');
@@ -153,4 +137,16 @@ impl Report {
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("report serialises")
     }
+}
+
+/// One gate as a terminal line.
+fn gate_line(indent: &str, g: &GateResult) -> String {
+    format!(
+        "{indent}gate {:<16} {:<4} {:>14}  [{}]  {}\n",
+        g.name,
+        if g.passed { "pass" } else { "FAIL" },
+        g.value,
+        g.threshold,
+        g.detail
+    )
 }
