@@ -120,6 +120,9 @@ impl Report {
                     mark
                 );
             }
+            if let Some((m, true)) = t.pixels {
+                let _ = writeln!(s, "  note image.pixels: max |ours − oracle| = {m:.3e} after a bicubic resize (reported, not gated)");
+            }
             for g in &t.gates {
                 s.push_str(&gate_line("  ", g));
             }
