@@ -168,16 +168,20 @@ impl Bundle {
         self.metadata.head.as_ref().map(|h| h.tensor.as_str())
     }
 
-    /// A stored tensor as it is on disk: dtype, shape and little-endian bytes
-    /// (zero-copy from the memory map). Works for `.scales` tensors too.
-    pub fn raw(&self, name: &str) -> Result<(Dtype, &[usize], &[u8]), BundleError> {
-        let (info, bytes) = self
-            .weights
+    /// A stored tensor's location and bytes, or an error naming it and this bundle.
+    fn stored(&self, name: &str) -> Result<(&q3vl_model::weights::TensorInfo, &[u8]), BundleError> {
+        self.weights
             .bytes(name)
             .map_err(|_| BundleError::MissingTensor {
                 name: name.into(),
                 bundle: self.dir.clone(),
-            })?;
+            })
+    }
+
+    /// A stored tensor as it is on disk: dtype, shape and little-endian bytes
+    /// (zero-copy from the memory map). Works for `.scales` tensors too.
+    pub fn raw(&self, name: &str) -> Result<(Dtype, &[usize], &[u8]), BundleError> {
+        let (info, bytes) = self.stored(name)?;
         let dtype = Dtype::from_safetensors(info.dtype).ok_or_else(|| BundleError::Tensor {
             name: name.into(),
             msg: format!("dtype {:?} is not one a bundle stores", info.dtype),
@@ -205,13 +209,7 @@ impl Bundle {
             }
             return Ok(out);
         }
-        let (info, bytes) = self
-            .weights
-            .bytes(name)
-            .map_err(|_| BundleError::MissingTensor {
-                name: name.into(),
-                bundle: self.dir.clone(),
-            })?;
+        let (info, bytes) = self.stored(name)?;
         if info.dtype == safetensors::tensor::Dtype::I8 {
             return Err(BundleError::Tensor {
                 name: name.into(),

@@ -19,8 +19,8 @@ pub trait WeightSource {
     /// Whether the source holds a tensor of this name.
     fn contains(&self, name: &str) -> bool;
 
-    /// The tensor the LM head reads: the embedding table when the config ties them
-    /// and the source stores no head of its own.
+    /// The tensor the LM head reads. The default is HF's tie semantics: the embedding
+    /// table whenever the config ties them, even if a head is stored (checkpoints).
     fn head_name(&self, cfg: &Qwen3VlConfig) -> &'static str {
         if cfg.tie_word_embeddings {
             EMBED
@@ -56,14 +56,5 @@ impl WeightSource for Checkpoint {
 
     fn contains(&self, name: &str) -> bool {
         Checkpoint::contains(self, name)
-    }
-
-    /// HF applies tie semantics whenever the flag is set, even if a head is stored.
-    fn head_name(&self, cfg: &Qwen3VlConfig) -> &'static str {
-        if cfg.tie_word_embeddings {
-            EMBED
-        } else {
-            LM_HEAD
-        }
     }
 }
