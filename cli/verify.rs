@@ -6,10 +6,11 @@ use anyhow::{Context, Result};
 use clap::Args;
 use q3vl_bundle::stamp::{hash_covered, remove_stamp, write_stamp, STAMP_FORMAT};
 use q3vl_bundle::{Bundles, Stamp};
+use q3vl_engine::{Engine, EngineOptions};
 use q3vl_model::prompt::PromptBuilder;
 use q3vl_model::{Checkpoint, PreprocessorConfig, Qwen3VlConfig, WeightSource};
 use q3vl_verify::{
-    verify_trace, BundleSource, Gates, OracleTrace, Profile, Report, Subject, TraceReport,
+    verify_trace, BundleSource, Gates, NotRun, OracleTrace, Profile, Report, Subject, TraceReport,
 };
 use std::path::{Path, PathBuf};
 
@@ -20,7 +21,9 @@ pub struct VerifyArgs {
     /// (with --bundle too, both ladders run and are plotted side by side).
     #[arg(long, required_unless_present = "bundle")]
     src: Option<PathBuf>,
-    /// A conversion output folder (language + vision bundles): run the quantized gates.
+    /// A conversion output folder (language + vision bundles): run the quantized gates
+    /// and the engine ≡ reference gate (the engine's greedy decode on each trace's
+    /// inputs against the reference's on the same bundle).
     #[arg(long)]
     bundle: Option<PathBuf>,
     /// An oracle trace (`qwen3vl-oracle-trace/1`); repeat for several.
@@ -38,6 +41,11 @@ pub struct VerifyArgs {
     /// With --bundle: write verification.json into each bundle when every gate passed.
     #[arg(long, requires = "bundle")]
     stamp: bool,
+    /// With --bundle: do not run the engine ≡ reference gate (the engine needs the
+    /// whole bundle resident; the streamed ladder alone needs about one layer). The
+    /// report says the gate did not run, and such a run cannot stamp.
+    #[arg(long, requires = "bundle", conflicts_with = "stamp")]
+    no_engine_gate: bool,
     /// Print the report as one JSON document on stdout.
     #[arg(long)]
     json: bool,
@@ -71,6 +79,7 @@ impl Pipelines {
 fn ladder(
     what: &str,
     (cfg, src): (&Qwen3VlConfig, &dyn WeightSource),
+    engine: Option<&Engine>,
     pipes: &Pipelines,
     traces: &[OracleTrace],
     gates: &Gates,
@@ -82,6 +91,7 @@ fn ladder(
         prompt: &pipes.prompt,
         preprocessor: &pipes.preprocessor,
         keep_weights: keep_weights(cfg),
+        engine,
     };
     traces
         .iter()
@@ -115,6 +125,7 @@ pub fn run(a: VerifyArgs) -> Result<Outcome> {
         reports.extend(ladder(
             "fp32 ladder",
             (&cfg, &ck),
+            None,
             &pipes,
             &traces,
             &gates,
@@ -129,9 +140,19 @@ pub fn run(a: VerifyArgs) -> Result<Outcome> {
             let src = BundleSource::new(&b);
             let tok = b.language.dir().join("tokenizer");
             let pipes = Pipelines::load(&cfg, &tok, b.vision.dir())?;
+            // The engine on the same bundles, for the engine ≡ reference gate.
+            let engine = if a.no_engine_gate {
+                None
+            } else {
+                let mut e = Engine::open(out, &EngineOptions::default())
+                    .with_context(|| format!("--bundle {}", out.display()))?;
+                test_perturb(&mut e)?;
+                Some(e)
+            };
             reports.extend(ladder(
                 "quantized ladder",
                 (&cfg, &src),
+                engine.as_ref(),
                 &pipes,
                 &traces,
                 &gates,
@@ -150,7 +171,14 @@ pub fn run(a: VerifyArgs) -> Result<Outcome> {
         subject: subject.join(" + "),
         gates: gates.clone(),
         traces: reports,
-        extra_gates: vec![],
+        not_run: if a.no_engine_gate {
+            vec![NotRun {
+                gate: q3vl_verify::engine_gate::GATE.into(),
+                why: "--no-engine-gate".into(),
+            }]
+        } else {
+            vec![]
+        },
     };
     write_reports(&a, &report)?;
     if a.json {
@@ -166,6 +194,27 @@ pub fn run(a: VerifyArgs) -> Result<Outcome> {
     } else {
         Outcome::GateFailed
     })
+}
+
+/// Test hook: with `Q3VL_TEST_ENGINE_SCALE=TENSOR:ROW:BLOCK:FACTOR` in the environment,
+/// one f16 scale of the engine's own copy of an int8 weight is multiplied by FACTOR
+/// (the bundle is untouched), a deliberately wrong kernel that the engine ≡ reference
+/// gate must catch.
+fn test_perturb(engine: &mut Engine) -> Result<()> {
+    let Ok(spec) = std::env::var("Q3VL_TEST_ENGINE_SCALE") else {
+        return Ok(());
+    };
+    let bad = || anyhow::anyhow!("Q3VL_TEST_ENGINE_SCALE {spec:?} is not TENSOR:ROW:BLOCK:FACTOR");
+    let mut parts = spec.rsplitn(4, ':');
+    let factor: f32 = parts.next().and_then(|x| x.parse().ok()).ok_or_else(bad)?;
+    let block: usize = parts.next().and_then(|x| x.parse().ok()).ok_or_else(bad)?;
+    let row: usize = parts.next().and_then(|x| x.parse().ok()).ok_or_else(bad)?;
+    let tensor = parts.next().ok_or_else(bad)?;
+    engine
+        .perturb_scale_for_test(tensor, row, block, factor)
+        .with_context(|| format!("Q3VL_TEST_ENGINE_SCALE {spec:?}"))?;
+    eprintln!("test hook: engine scale ({row}, {block}) of {tensor} × {factor}");
+    Ok(())
 }
 
 fn write_reports(a: &VerifyArgs, report: &Report) -> Result<()> {

@@ -239,6 +239,28 @@ impl Bundle {
         Some((q, s, [shape[0], shape[1]]))
     }
 
+    /// Drops tensor `name` (and its scales) from this process's resident set. The
+    /// bytes stay in the page cache and fault back in if read again. For readers that
+    /// copy a tensor out (the reference's dequantized weights): without this every
+    /// mapped page they ever read counts towards their peak memory, the whole bundle.
+    pub fn release(&self, name: &str) {
+        for n in [name.to_string(), scales_name(name)] {
+            if let Some(info) = self.weights.info(&n) {
+                self.weights.release(&n, 0..info.range.len());
+            }
+        }
+    }
+
+    /// [`Bundle::release`] for every tensor: the whole bundle leaves the resident set
+    /// (a reader that is done with it for now; it faults back in from the page cache).
+    pub fn release_all(&self) {
+        for n in self.weights.names() {
+            if let Some(info) = self.weights.info(n) {
+                self.weights.release(n, 0..info.range.len());
+            }
+        }
+    }
+
     /// Every listed file's size and sha256 against `metadata.json` (reads the whole
     /// bundle, on all cores).
     pub fn check_files(&self) -> Vec<FileCheck> {

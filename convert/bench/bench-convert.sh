@@ -8,8 +8,9 @@
 # 3. `q3vl convert` from a cold page cache: wall time, and peak RSS both from the
 #    converter's own VmHWM and from /usr/bin/time -v.
 # Targets: peak RSS <= 2 GiB, wall <= 1.25 x floor. Needs ~30 GB free in the work
-# folder (source + output, then source + the write test), which is deleted at the end (KEEP=1 keeps it). Dropping caches needs root;
-# without it the figures are printed with a warning.
+# folder (source + output, then source + the write test), which is deleted at the end (KEEP=1 keeps it).
+# Q3VL_BENCH_SRC=DIR reuses an existing `synth --size 8b` checkpoint instead of writing one (it is
+# never deleted). Dropping caches needs root; without it the figures are printed with a warning.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -36,17 +37,21 @@ drop_caches() {
   fi
 }
 
-echo "== synth 8b -> $WORK/src" >&2
-t0=$(now)
-"$Q3VL_BIN" synth --size 8b --out "$WORK/src" --seed 0 --json > "$WORK/synth.json"
-t1=$(now)
-SRC_BYTES=$(du -cb "$WORK"/src/*.safetensors | tail -1 | cut -f1)
-echo "   $(secs "$t0" "$t1") s, $SRC_BYTES bytes of shards" >&2
+SRC="${Q3VL_BENCH_SRC:-$WORK/src}"
+if [[ -z "${Q3VL_BENCH_SRC:-}" ]]; then
+  echo "== synth 8b -> $SRC" >&2
+  t0=$(now)
+  "$Q3VL_BIN" synth --size 8b --out "$SRC" --seed 0 --json > "$WORK/synth.json"
+  t1=$(now)
+  echo "   $(secs "$t0" "$t1") s" >&2
+fi
+SRC_BYTES=$(du -cb "$SRC"/*.safetensors | tail -1 | cut -f1)
+echo "   source: $SRC_BYTES bytes of shards" >&2
 
 echo "== read floor (cold cache)" >&2
 drop_caches
 t0=$(now)
-cat "$WORK"/src/*.safetensors > /dev/null
+cat "$SRC"/*.safetensors > /dev/null
 t1=$(now)
 READ_S=$(secs "$t0" "$t1")
 
@@ -54,7 +59,7 @@ echo "== convert (cold cache)" >&2
 drop_caches
 t0=$(now)
 /usr/bin/time -v -o "$WORK/time.txt" \
-  "$Q3VL_BIN" convert --src "$WORK/src" --out "$WORK/out" --json > "$WORK/convert.json"
+  "$Q3VL_BIN" convert --src "$SRC" --out "$WORK/out" --json > "$WORK/convert.json"
 t1=$(now)
 CONVERT_S=$(secs "$t0" "$t1")
 OUT_BYTES=$(du -cb "$WORK"/out/*/* "$WORK"/out/*/tokenizer/* 2>/dev/null | tail -1 | cut -f1)
@@ -82,7 +87,7 @@ TIME_RSS_GIB=$(awk -v k="$TIME_RSS_KB" 'BEGIN { printf "%.2f", k / 1048576 }')
 cat <<REPORT
 ## Conversion (8B shape)
 
-Command: \`q3vl synth --size 8b --out $WORK/src && q3vl convert --src $WORK/src --out $WORK/out\`
+Command: \`q3vl synth --size 8b --out $SRC && q3vl convert --src $SRC --out $WORK/out\`
 (mode int8hu, $(nproc) cores, cold page cache: $COLD; \`convert/bench/bench-convert.sh\`)
 
 | what | value |

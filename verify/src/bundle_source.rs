@@ -51,6 +51,9 @@ impl WeightSource for BundleSource<'_> {
         let (_, found, _) = b.raw(name).map_err(bundle_err)?;
         check_shape(name, found, shape)?;
         let v = b.dequantized(name).map_err(bundle_err)?;
+        // The values are copied out: keep the mapped bytes out of the resident set, so
+        // a streamed 8B ladder holds about one layer, not the whole bundle.
+        b.release(name);
         Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
     }
 
@@ -108,6 +111,7 @@ impl WeightSource for BundleSource<'_> {
                 )?);
             }
         }
+        b.release(name);
         Ok(Tensor::from_vec(out, (ids.len(), cols), &Device::Cpu)?)
     }
 

@@ -32,6 +32,9 @@ pub enum VerifyError {
     /// The model side failed (config, weights, image, tokenizer).
     #[error(transparent)]
     Model(#[from] q3vl_model::Error),
+    /// The engine could not open or run the bundle (engine ≡ reference gate).
+    #[error("engine: {0}")]
+    Engine(#[from] q3vl_engine::EngineError),
     /// Writing a report failed.
     #[error("{path}: {source}")]
     Io {

@@ -31,7 +31,8 @@ pub struct BundleGates {
     pub layer_cos: f64,
     /// Free-running greedy steps that must match the oracle.
     pub free_decode_steps: usize,
-    /// Engine-vs-reference greedy steps.
+    /// Engine ≡ reference: greedy steps of the engine that must equal the reference's
+    /// on the bundle's weights (0 = as many as the trace's decode).
     pub engine_steps: usize,
 }
 
@@ -121,5 +122,6 @@ mod tests {
         assert_eq!(g.fp32.stage_cos, 0.99999);
         assert_eq!(g.bundle.vision_cos, 0.9997);
         assert_eq!(g.firm_margin, 0.1);
+        assert_eq!(g.bundle.engine_steps, 24);
     }
 }

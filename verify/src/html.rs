@@ -90,14 +90,29 @@ fn plot(title: &str, series: &[Series<'_>]) -> String {
     s
 }
 
-fn strip(
-    title: &str,
-    ours: &[u32],
-    oracle: &[u32],
-    margins: &[f64],
-    firm: f64,
+/// Two token sequences as one strip of steps: `ours` against `theirs` (whose top-2
+/// margins decide which steps are ambiguous), steps from `limit` on shown as not
+/// counted; `cos` (when given) is the per-step logits cosine.
+struct Strip<'a> {
+    title: &'a str,
+    names: [&'a str; 2],
+    ours: &'a [u32],
+    theirs: &'a [u32],
+    margins: &'a [f64],
+    cos: &'a [f64],
     limit: usize,
-) -> String {
+}
+
+fn strip(st: &Strip<'_>, firm: f64) -> String {
+    let Strip {
+        title,
+        names: [a, b],
+        ours,
+        theirs: oracle,
+        margins,
+        cos,
+        limit,
+    } = *st;
     let mut s = format!(
         "<div class=\"strip\"><span class=\"lbl\">{}</span>",
         esc(title)
@@ -116,9 +131,12 @@ fn strip(
         };
         let _ = write!(
             s,
-            "<span class=\"tok {cls}\" title=\"step {i}: ours {}, oracle {o}, margin {:.3}\">{i}</span>",
+            "<span class=\"tok {cls}\" title=\"step {i}: {a} {}, {b} {o}, margin {:.3}{}\">{i}</span>",
             u.map(|u| u.to_string()).unwrap_or("-".into()),
-            margins.get(i).copied().unwrap_or(f64::NAN)
+            margins.get(i).copied().unwrap_or(f64::NAN),
+            cos.get(i)
+                .map(|c| format!(", logits cos {c:.9}"))
+                .unwrap_or_default()
         );
     }
     s.push_str("</div>");
@@ -229,14 +247,41 @@ impl Report {
                     Profile::Fp32 => t.oracle_tokens.len(),
                     Profile::Bundle => self.gates.bundle.free_decode_steps,
                 };
+                let title = format!("{:?} greedy decode", t.profile);
+                let firm = self.gates.firm_margin;
                 body.push_str(&strip(
-                    &format!("{:?} greedy decode", t.profile),
-                    &t.decode_tokens,
-                    &t.oracle_tokens,
-                    &t.decode_margins,
-                    self.gates.firm_margin,
-                    limit,
+                    &Strip {
+                        title: &title,
+                        names: ["ours", "oracle"],
+                        ours: &t.decode_tokens,
+                        theirs: &t.oracle_tokens,
+                        margins: &t.decode_margins,
+                        cos: &[],
+                        limit,
+                    },
+                    firm,
                 ));
+                if let Some(e) = &t.engine {
+                    // Steps after the first ambiguous reference step are not counted.
+                    let limit = e.count.first_ambiguous.map_or(e.steps, |a| a + 1);
+                    body.push_str(&strip(
+                        &Strip {
+                            title: "engine ≡ reference",
+                            names: ["engine", "reference"],
+                            ours: &e.engine_tokens,
+                            theirs: &e.reference_tokens,
+                            margins: &e.reference_margins,
+                            cos: &e.logits_cos,
+                            limit,
+                        },
+                        firm,
+                    ));
+                    let _ = write!(
+                        body,
+                        "<p>engine vs reference logits: min cos {:.9} at step {} (each step's in its tooltip); teacher-forced, {}/{} firm steps agree</p>",
+                        e.min_logits_cos, e.min_logits_cos_step, e.forced.agree, e.forced.firm
+                    );
+                }
                 let _ = write!(body, "<h3>{:?} profile</h3>", t.profile);
                 body.push_str(&table(t));
             }

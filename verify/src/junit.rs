@@ -52,11 +52,23 @@ impl Report {
             let name = format!("{:?}:{}", t.profile, t.trace.display()).to_lowercase();
             suite(&name, &t.gates);
         }
-        if !self.extra_gates.is_empty() {
-            suite("run", &self.extra_gates);
+        let mut skipped = String::new();
+        if !self.not_run.is_empty() {
+            skipped.push_str(&format!(
+                "  <testsuite name=\"not run\" tests=\"{n}\" failures=\"0\" skipped=\"{n}\">\n",
+                n = self.not_run.len()
+            ));
+            for n in &self.not_run {
+                skipped.push_str(&format!(
+                    "    <testcase classname=\"not run\" name=\"{}\"><skipped message=\"{}\"/></testcase>\n",
+                    esc(&n.gate),
+                    esc(&n.why)
+                ));
+            }
+            skipped.push_str("  </testsuite>\n");
         }
         format!(
-            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites name=\"q3vl verify\" tests=\"{total}\" failures=\"{failures}\">\n{suites}</testsuites>\n"
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites name=\"q3vl verify\" tests=\"{total}\" failures=\"{failures}\">\n{suites}{skipped}</testsuites>\n"
         )
     }
 }

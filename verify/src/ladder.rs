@@ -3,11 +3,13 @@
 //! ladder (original checkpoint) and the quantized ladder (a bundle's weights).
 
 use crate::compare::{agreement, diff, flat, Agreement};
+use crate::engine_gate::{run_engine, EngineMatch};
 use crate::error::{Result, VerifyError};
 use crate::gates::{GateResult, Gates};
 use crate::tokens::{decode_match, margins, top1_sweep, DecodeMatch, Top1Sweep};
 use crate::trace::OracleTrace;
 use candle_core::Tensor;
+use q3vl_engine::Engine;
 use q3vl_model::image::{self, Resize};
 use q3vl_model::prompt::{Prompt, PromptBuilder};
 use q3vl_model::reference::{self, argmax_rows, Continuation, ImageInput};
@@ -38,6 +40,9 @@ pub struct Subject<'a> {
     pub preprocessor: &'a PreprocessorConfig,
     /// Keep decoder layers resident (small models) or stream them (large ones).
     pub keep_weights: bool,
+    /// The engine on the same bundles, for the engine ≡ reference gate (bundle
+    /// profile only; None skips the gate).
+    pub engine: Option<&'a Engine>,
 }
 
 /// One compared stage.
@@ -98,6 +103,8 @@ pub struct TraceReport {
     pub decode_margins: Vec<f64>,
     /// HF-seeded decode (bundle profile).
     pub seeded: Option<Top1Sweep>,
+    /// Engine ≡ reference (bundle profile, when an engine ran).
+    pub engine: Option<EngineMatch>,
     /// Gates, in order.
     pub gates: Vec<GateResult>,
 }
@@ -290,7 +297,7 @@ pub fn verify_trace(
     let decode_margins = margins(&dvals);
     // One teacher-forced pass along the oracle's tokens serves every decode gate:
     // free-running greedy decode equals it up to the first mismatch, where the count stops.
-    let conts = vec![Continuation::Forced(oracle_tokens.clone())];
+    let mut conts = vec![Continuation::Forced(oracle_tokens.clone())];
     let pv;
     let image = match grid {
         Some(g) => {
@@ -301,6 +308,29 @@ pub fn verify_trace(
             })
         }
         None => None,
+    };
+    // Engine ≡ reference: the engine decodes greedily on the same ids and pixel values;
+    // a second teacher-forced pass, along its tokens, gives the reference's choices.
+    let engine_run = match (profile, subject.engine) {
+        (Profile::Bundle, Some(engine)) => {
+            let steps = match gates.bundle.engine_steps {
+                0 => oracle_tokens.len(),
+                n => n,
+            };
+            let pixels = match &image {
+                Some(img) => Some((flat(img.pixel_values)?.0, img.grid_thw)),
+                None => None,
+            };
+            let pixels = pixels.as_ref().map(|(v, g)| (v.as_slice(), *g));
+            let run = run_engine(engine, &ids, pixels, steps)?;
+            // The engine read every weight through its own maps; drop them from the
+            // resident set before the streamed reference runs, so the two peaks do not add.
+            engine.language().release_all();
+            engine.vision_bundle().release_all();
+            conts.push(Continuation::Forced(run.tokens.clone()));
+            Some(run)
+        }
+        _ => None,
     };
     let run = reference::run(
         cfg,
@@ -440,6 +470,16 @@ pub fn verify_trace(
         },
     ));
 
+    // 8. Engine ≡ reference on the bundle's weights.
+    let engine = match &engine_run {
+        Some(e) => {
+            let m = EngineMatch::new(&trace.path, e, run.continuations[1].logits.as_ref(), firm)?;
+            results.push(m.gate(firm));
+            Some(m)
+        }
+        None => None,
+    };
+
     Ok(TraceReport {
         trace: trace.path.clone(),
         trace_sha256: trace.sha256.clone(),
@@ -456,6 +496,7 @@ pub fn verify_trace(
         oracle_tokens,
         decode_margins,
         seeded,
+        engine,
         gates: results,
     })
 }

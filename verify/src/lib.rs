@@ -1,9 +1,11 @@
 //! q3vl's proof of numerics: oracle traces in, stage-by-stage cosines, token gates
 //! and reports out. The fp32 ladder runs the reference on the original checkpoint;
-//! the quantized ladder runs it on a bundle's weights.
+//! the quantized ladder runs it on a bundle's weights, and holds the engine's greedy
+//! decode against it (engine ≡ reference).
 
 pub mod bundle_source;
 pub mod compare;
+pub mod engine_gate;
 pub mod error;
 pub mod gates;
 pub mod html;
@@ -14,8 +16,9 @@ pub mod tokens;
 pub mod trace;
 
 pub use bundle_source::BundleSource;
+pub use engine_gate::{EngineDecode, EngineMatch};
 pub use error::{Result, VerifyError};
 pub use gates::{GateResult, Gates};
 pub use ladder::{verify_trace, Profile, Subject, TraceReport};
-pub use report::Report;
+pub use report::{NotRun, Report};
 pub use trace::OracleTrace;

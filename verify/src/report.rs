@@ -5,6 +5,15 @@ use crate::ladder::TraceReport;
 use serde::Serialize;
 use std::fmt::Write as _;
 
+/// A gate that did not run.
+#[derive(Debug, Clone, Serialize)]
+pub struct NotRun {
+    /// The gate's name.
+    pub gate: String,
+    /// Why it did not run.
+    pub why: String,
+}
+
 /// A whole verification run.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -18,14 +27,15 @@ pub struct Report {
     pub gates: Gates,
     /// One entry per trace.
     pub traces: Vec<TraceReport>,
-    /// Gates that apply to the whole run rather than one trace (e.g. engine ≡ reference).
-    pub extra_gates: Vec<GateResult>,
+    /// Gates the user chose not to run, with why (e.g. `engine.reference`
+    /// under `--no-engine-gate`): reported as not run, never as passed.
+    pub not_run: Vec<NotRun>,
 }
 
 impl Report {
     /// Whether every gate of every trace passed.
     pub fn passed(&self) -> bool {
-        self.traces.iter().all(TraceReport::passed) && self.extra_gates.iter().all(|g| g.passed)
+        self.traces.iter().all(TraceReport::passed)
     }
 
     /// `trace:gate` names that passed and failed.
@@ -55,24 +65,27 @@ impl Report {
                 }
             }
         }
-        for g in &self.extra_gates {
-            if g.passed {
-                ok.push(g.name.clone())
-            } else {
-                bad.push(g.name.clone())
-            }
-        }
         (ok, bad)
     }
 
     /// The last stdout line: which gates passed and failed.
     pub fn summary_line(&self) -> String {
         let (ok, bad) = self.gate_names();
+        let not_run = if self.not_run.is_empty() {
+            String::new()
+        } else {
+            let n: Vec<String> = self
+                .not_run
+                .iter()
+                .map(|n| format!("{} ({})", n.gate, n.why))
+                .collect();
+            format!("; not run: {}", n.join(", "))
+        };
         if bad.is_empty() {
-            format!("PASS: all {} gates passed", ok.len())
+            format!("PASS: all {} gates passed{not_run}", ok.len())
         } else {
             format!(
-                "FAIL: {} of {} gates failed: {}",
+                "FAIL: {} of {} gates failed: {}{not_run}",
                 bad.len(),
                 ok.len() + bad.len(),
                 bad.join(", ")
@@ -123,13 +136,26 @@ impl Report {
             if let Some((m, true)) = t.pixels {
                 let _ = writeln!(s, "  note image.pixels: max |ours − oracle| = {m:.3e} after a bicubic resize (reported, not gated)");
             }
+            if let Some(e) = &t.engine {
+                let _ = writeln!(
+                    s,
+                    "  note engine vs reference: {} steps, logits cos min {:.9} at step {}, teacher-forced top-1 agrees at {}/{} firm steps, tokens {}",
+                    e.steps,
+                    e.min_logits_cos,
+                    e.min_logits_cos_step,
+                    e.forced.agree,
+                    e.forced.firm,
+                    if e.engine_tokens == e.reference_tokens {
+                        "all equal".to_string()
+                    } else {
+                        format!("engine {:?}, reference {:?}", e.engine_tokens, e.reference_tokens)
+                    }
+                );
+            }
             for g in &t.gates {
                 s.push_str(&gate_line("  ", g));
             }
             s.push('\n');
-        }
-        for g in &self.extra_gates {
-            s.push_str(&gate_line("", g));
         }
         s.push_str(&self.summary_line());
         s.push('\n');

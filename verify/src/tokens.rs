@@ -24,6 +24,27 @@ pub fn margins(top_values: &[Vec<f32>]) -> Vec<f64> {
         .collect()
 }
 
+/// Top-1 of one logits row (the first on ties, as torch's argmax) and its margin
+/// over the runner-up (0 on a tie).
+pub fn top2(row: &[f32]) -> (u32, f64) {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] {
+            best = i;
+        }
+    }
+    let second = row
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != best)
+        .map(|(_, &x)| x as f64)
+        .fold(f64::NEG_INFINITY, f64::max);
+    (
+        best as u32,
+        row.get(best).map_or(0.0, |&b| b as f64) - second,
+    )
+}
+
 /// Compares our top-1 at every position with the oracle's, skipping ambiguous ones.
 pub fn top1_sweep(ours: &[u32], oracle_top1: &[u32], margins: &[f64], firm: f64) -> Top1Sweep {
     let mut s = Top1Sweep {
@@ -98,6 +119,13 @@ mod tests {
         assert_eq!((s.firm, s.agree), (2, 1));
         assert_eq!(s.ambiguous, vec![1]);
         assert_eq!(s.mismatches, vec![(2, 3, 4)]);
+    }
+
+    #[test]
+    fn top2_takes_the_first_of_equal_logits() {
+        assert_eq!(top2(&[0.5, 2.0, 1.75, 2.0]), (1, 0.0));
+        assert_eq!(top2(&[3.0, 1.0, 2.5]), (0, 0.5));
+        assert_eq!(top2(&[1.0]).0, 0);
     }
 
     #[test]

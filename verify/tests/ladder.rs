@@ -69,6 +69,7 @@ fn ladder(fx: &str, trace: &str, src: Option<(&str, f64)>) -> TraceReport {
         prompt: &prompt,
         preprocessor: &pre,
         keep_weights: true,
+        engine: None,
     };
     let t = OracleTrace::open(&dir.join("traces").join(trace)).unwrap();
     verify_trace(&subject, &t, &Gates::builtin(), Profile::Fp32).unwrap()
