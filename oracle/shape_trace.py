@@ -28,13 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from common import build_inputs, load_processor, save_safetensors_deterministic  # noqa: E402
-from trace import FORMAT, sha256_file  # noqa: E402
+from trace import sha256_file, trace_metadata  # noqa: E402
 
 
 def write(args) -> dict:
     import shutil
 
-    import transformers
     from PIL import Image
     from transformers import AutoConfig, Qwen3VLForConditionalGeneration
 
@@ -96,19 +95,7 @@ def write(args) -> dict:
     t["decode.top_ids"], t["decode.top_values"] = top(D)
     t["decode.tokens"] = t["decode.top_ids"][:, 0].clone()
     t = {k: v.contiguous() for k, v in t.items()}
-    meta = {
-        "format": FORMAT,
-        "model": "shape-only:" + model_dir.resolve().name,
-        "revision": "",
-        "transformers": transformers.__version__,
-        "torch": torch.__version__,
-        "dtype": "float32",
-        "attn": "eager",
-        "prompt": args.prompt,
-        "image": image_name,
-        "image_sha256": image_sha,
-        "decode_steps": str(D),
-    }
+    meta = trace_metadata("shape-only:" + model_dir.resolve().name, "", args.prompt, image_name, image_sha, D)
     tmp = out.with_name(out.name + ".tmp")
     save_safetensors_deterministic(tmp, t, meta)
     tmp.replace(out)

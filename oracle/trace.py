@@ -61,6 +61,25 @@ def guess_model_id(model_dir: Path) -> str:
     return model_dir.resolve().name
 
 
+def trace_metadata(model: str, revision: str, prompt: str, image: str, image_sha: str, steps: int) -> dict:
+    """The trace's `__metadata__` (shared/spec/oracle-trace.md)."""
+    import transformers
+
+    return {
+        "format": FORMAT,
+        "model": model,
+        "revision": revision,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "dtype": "float32",
+        "attn": "eager",
+        "prompt": prompt,
+        "image": image,
+        "image_sha256": image_sha,
+        "decode_steps": str(steps),
+    }
+
+
 class Capture:
     """Forward hooks on the vision tower and the decoder that clone what they see."""
 
@@ -123,7 +142,6 @@ class Capture:
 
 
 def write_trace(args) -> dict:
-    import transformers
     from PIL import Image
     from transformers import Qwen3VLForConditionalGeneration
 
@@ -258,19 +276,11 @@ def write_trace(args) -> dict:
         assert n_img_tokens == P // 4
     assert tensors["logits.top_ids"].shape == (T, K)
 
-    metadata = {
-        "format": FORMAT,
-        "model": args.model_id or guess_model_id(model_dir),
-        "revision": args.revision if args.revision is not None else guess_revision(model_dir),
-        "transformers": transformers.__version__,
-        "torch": torch.__version__,
-        "dtype": "float32",
-        "attn": "eager",
-        "prompt": args.prompt,
-        "image": image_name,
-        "image_sha256": image_sha,
-        "decode_steps": str(args.decode_steps),
-    }
+    metadata = trace_metadata(
+        args.model_id or guess_model_id(model_dir),
+        args.revision if args.revision is not None else guess_revision(model_dir),
+        args.prompt, image_name, image_sha, args.decode_steps,
+    )
     tmp = out_path.with_name(out_path.name + ".tmp")
     save_safetensors_deterministic(tmp, tensors, metadata)
     tmp.replace(out_path)
