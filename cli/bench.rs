@@ -1,8 +1,14 @@
 //! `q3vl bench`: vision encode, prefill and decode speed and peak memory on this
-//! machine, next to the decode bound from the memory bandwidth measured in the same run.
+//! machine, next to the decode bound from the memory bandwidth measured in the same
+//! run, and the kernels' own rates on the 8B shapes (the decoder's int8-weight
+//! linears for prefill and decode, the int8 × int8 kernel for comparison, and the
+//! vision f32 GEMM).
 
 use crate::Outcome;
-use q3vl_engine::bench::{memory_read_bandwidth, peak_rss_bytes};
+use q3vl_engine::bench::{
+    f16_linear_rate, memory_read_bandwidth, peak_rss_bytes, process_cpu_seconds, q8_linear_rate,
+    q8_matmul_rate, q8_sweep_rate, KernelRate,
+};
 use q3vl_engine::GenerateParams;
 use serde_json::json;
 use std::path::PathBuf;
@@ -12,8 +18,19 @@ use std::time::Instant;
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// A conversion's output folder (or its language bundle folder).
+    #[arg(long, required_unless_present = "kernels_only")]
+    pub bundle: Option<PathBuf>,
+    /// Only the kernel micro-benchmarks (no bundle needed).
     #[arg(long)]
-    pub bundle: PathBuf,
+    pub kernels_only: bool,
+    /// Shapes of the prefill int8-weight linear micro-benchmark, `ROWSxCOLSxTOKENS`
+    /// (repeatable; default: the 8B q_proj over a 211-token prompt).
+    #[arg(long, value_parser = parse_shape)]
+    pub q8_shape: Vec<(usize, usize, usize)>,
+    /// Shapes of the vision f32 GEMM micro-benchmark, `MxKxN` (patches × in → out;
+    /// repeatable; default: the 8B qkv, fc1 and fc2 of one 448² image).
+    #[arg(long, value_parser = parse_shape)]
+    pub gemm_shape: Vec<(usize, usize, usize)>,
     /// Print one JSON document.
     #[arg(long)]
     pub json: bool,
@@ -48,9 +65,153 @@ fn test_image(side: usize) -> q3vl_model::image::Rgb8 {
     }
 }
 
+/// The micro-benchmark shapes (Qwen3-VL-8B): the prefill linear (a 4096 × 4096 int8
+/// weight over a 211-token prompt; the engine's W8A32 GEMM, and the int8 × int8
+/// W8A8 kernel for comparison) and the vision GEMMs of one 448² image (784 patches;
+/// qkv, fc1, fc2).
+const Q8_SHAPE: (usize, usize, usize) = (4096, 4096, 211);
+/// One decode step's largest matrix (gate/up, 8B), larger than the last-level cache.
+const Q8_DECODE_SHAPE: (usize, usize) = (12288, 4096);
+const VISION_SHAPES: [(&str, usize, usize, usize); 3] = [
+    ("qkv", 784, 1152, 3456),
+    ("fc1", 784, 1152, 4304),
+    ("fc2", 784, 4304, 1152),
+];
+
+/// `AxBxC`, all positive; the middle one (the reduction length) a multiple of 32.
+fn parse_shape(s: &str) -> Result<(usize, usize, usize), String> {
+    let v: Vec<usize> = s
+        .split('x')
+        .map(|p| p.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{s}: {e}"))?;
+    match v[..] {
+        [a, b, c] if a > 0 && b > 0 && c > 0 && b % 32 == 0 => Ok((a, b, c)),
+        _ => Err(format!(
+            "{s}: expected three positive sizes AxBxC, the middle a multiple of 32"
+        )),
+    }
+}
+
+/// Kernel rates: (name, rate) lines for the table and the JSON document.
+fn kernel_rates(
+    q8_shapes: &[(usize, usize, usize)],
+    gemm_shapes: &[(usize, usize, usize)],
+) -> Vec<(String, KernelRate)> {
+    let mut v = Vec::new();
+    let default = [Q8_SHAPE];
+    let shapes = if q8_shapes.is_empty() {
+        &default[..]
+    } else {
+        q8_shapes
+    };
+    for &(r, c, t) in shapes {
+        v.push((
+            format!("w8a32 {r}x{c} x {t} tok"),
+            q8_linear_rate(r, c, t, 7),
+        ));
+        v.push((
+            format!("w8a8 {r}x{c} x {t} tok"),
+            q8_matmul_rate(r, c, t, 7),
+        ));
+    }
+    let (r, c) = Q8_DECODE_SHAPE;
+    v.push((format!("w8a32 {r}x{c} x 1 tok"), q8_linear_rate(r, c, 1, 7)));
+    if gemm_shapes.is_empty() {
+        for (name, m, k, n) in VISION_SHAPES {
+            v.push((
+                format!("vision {name} {m}x{k} -> {n}"),
+                f16_linear_rate(m, k, n, 5),
+            ));
+        }
+    }
+    for &(m, k, n) in gemm_shapes {
+        v.push((
+            format!("vision {m}x{k} -> {n}"),
+            f16_linear_rate(m, k, n, 5),
+        ));
+    }
+    v
+}
+
+fn print_kernel_rates(rates: &[(String, KernelRate)]) {
+    for (name, r) in rates {
+        let unit = if name.starts_with("w8a8") {
+            "GOPS int8"
+        } else {
+            "GFLOP/s"
+        };
+        println!(
+            "kernel {name:<30} {:.1} {unit} ({:.1} ms; {:.1} per CPU-s)",
+            r.g_per_s, r.ms, r.g_per_cpu_s
+        );
+    }
+}
+
+fn rates_json(rates: &[(String, KernelRate)]) -> serde_json::Value {
+    serde_json::Value::Object(
+        rates
+            .iter()
+            .map(|(n, r)| {
+                (
+                    n.clone(),
+                    json!({"ms": r.ms, "g_per_s": r.g_per_s, "g_per_cpu_s": r.g_per_cpu_s}),
+                )
+            })
+            .collect(),
+    )
+}
+
+/// `q3vl bench --kernels-only`: the micro-benchmarks, plus the decode sweep over a
+/// bundle's int8 weights when `--bundle` is given.
+fn kernels_only(a: &BenchArgs) -> anyhow::Result<Outcome> {
+    let engine = match &a.bundle {
+        Some(b) => Some(crate::run::open_engine(b, a.threads, false, None, false)?.0),
+        None => None,
+    };
+    let threads = engine.as_ref().map_or_else(
+        || {
+            a.threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        },
+        |e| e.threads(),
+    );
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()?;
+    let rates = pool.install(|| kernel_rates(&a.q8_shape, &a.gemm_shape));
+    let sweep = engine
+        .as_ref()
+        .map(|e| pool.install(|| q8_sweep_rate(e.language(), 5)));
+    if a.json {
+        println!(
+            "{}",
+            json!({
+                "threads": threads,
+                "kernels": rates_json(&rates),
+                "decode_sweep_gb_s": sweep.map(|v| v / 1e9),
+            })
+        );
+    } else {
+        println!("threads                 {threads}");
+        print_kernel_rates(&rates);
+        if let Some(v) = sweep {
+            println!(
+                "decode sweep            {:.2} GB/s (every int8 weight x 1 token)",
+                v / 1e9
+            );
+        }
+    }
+    Ok(Outcome::Success)
+}
+
 /// Runs `q3vl bench`.
 pub fn run(a: BenchArgs) -> anyhow::Result<Outcome> {
-    let (engine, stamp_line) = crate::run::open_engine(&a.bundle, a.threads, false, None, false)?;
+    if a.kernels_only {
+        return kernels_only(&a);
+    }
+    let bundle = a.bundle.as_ref().expect("clap requires --bundle");
+    let (engine, stamp_line) = crate::run::open_engine(bundle, a.threads, false, None, false)?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(engine.threads())
         .build()?;
@@ -60,27 +221,43 @@ pub fn run(a: BenchArgs) -> anyhow::Result<Outcome> {
         unreachable!("fixed_resize is fixed")
     };
     let patched = engine.preprocess(&test_image(side), false)?;
-    let t = Instant::now();
+    let cpu = || process_cpu_seconds().unwrap_or(f64::NAN);
+    let (t, c0) = (Instant::now(), cpu());
     let feats = engine.encode_image(&patched.pixel_values, patched.grid_thw)?;
     let vision_ms = t.elapsed().as_secs_f64() * 1e3;
+    let vision_cpu = cpu() - c0;
     let prompt = pb.chat("Describe this image.", Some(patched.grid_thw))?;
     let params = GenerateParams {
         max_new_tokens: a.decode_tokens + 1,
         ignore_eos: true,
         ..GenerateParams::default()
     };
-    let g = engine.generate(&prompt.ids, Some(&feats), &params, &mut |_| {})?;
+    // The first token arrives right after prefill: split the CPU time there.
+    let c1 = cpu();
+    let mut c_first = f64::NAN;
+    let g = engine.generate(&prompt.ids, Some(&feats), &params, &mut |_| {
+        if c_first.is_nan() {
+            c_first = cpu();
+        }
+    })?;
+    let (prefill_cpu, decode_cpu) = (c_first - c1, cpu() - c_first);
     let tm = g.timings;
     let mid = prompt.ids.len() + a.decode_tokens / 2;
     let bytes_per_token = engine.decode_bytes(mid)?;
     let bound = bandwidth / bytes_per_token as f64;
     let ratio = tm.decode_tok_s / bound;
     let rss = peak_rss_bytes();
+    // After the peak RSS: the micro-benchmarks' buffers are not the engine's.
+    let rates = pool.install(|| kernel_rates(&a.q8_shape, &a.gemm_shape));
+    let sweep = pool.install(|| q8_sweep_rate(engine.language(), 3));
     if a.json {
         let doc = json!({
             "threads": engine.threads(),
             "bandwidth_gb_s": bandwidth / 1e9,
             "vision_ms": vision_ms,
+            "vision_cpu_s": vision_cpu,
+            "prefill_cpu_s": prefill_cpu,
+            "decode_cpu_s": decode_cpu,
             "image_tokens": feats.tokens,
             "prompt_tokens": prompt.ids.len(),
             "prefill_ms": tm.prefill_ms,
@@ -91,23 +268,25 @@ pub fn run(a: BenchArgs) -> anyhow::Result<Outcome> {
             "decode_bound_tok_s": bound,
             "decode_fraction_of_bound": ratio,
             "peak_rss_bytes": rss,
+            "kernels": rates_json(&rates),
+            "decode_sweep_gb_s": sweep / 1e9,
         });
         println!("{doc}");
     } else {
         println!("threads                 {}", engine.threads());
         println!("memory read bandwidth   {:.2} GB/s", bandwidth / 1e9);
         println!(
-            "vision encode ({side}²)    {vision_ms:.0} ms ({} image tokens)",
+            "vision encode ({side}²)    {vision_ms:.0} ms ({} image tokens; {vision_cpu:.1} CPU-s)",
             feats.tokens
         );
         println!(
-            "prefill                 {} tokens, {:.0} ms, {:.2} tok/s",
+            "prefill                 {} tokens, {:.0} ms, {:.2} tok/s ({prefill_cpu:.1} CPU-s)",
             prompt.ids.len(),
             tm.prefill_ms,
             tm.prefill_tok_s
         );
         println!(
-            "decode                  {} steps, {:.3} tok/s",
+            "decode                  {} steps, {:.3} tok/s ({decode_cpu:.1} CPU-s)",
             tm.decode_steps, tm.decode_tok_s
         );
         println!(
@@ -122,6 +301,12 @@ pub fn run(a: BenchArgs) -> anyhow::Result<Outcome> {
                 r as f64 / (1u64 << 30) as f64
             );
         }
+        println!(
+            "decode sweep            {:.2} GB/s ({:.1}% of bandwidth; every int8 weight x 1 token, no other work)",
+            sweep / 1e9,
+            sweep / bandwidth * 100.0
+        );
+        print_kernel_rates(&rates);
     }
     eprintln!("{stamp_line}");
     Ok(Outcome::Success)

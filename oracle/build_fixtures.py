@@ -1220,8 +1220,8 @@ Simulated bundles (`oracle/quant_sim.py`: the weights rounded exactly as `q3vl c
 them, run in torch; prompt + teacher-forced decode positions; margins in favour of the fp32 top-1).
 `q3vl verify --bundle` measures the same figures with the Rust reference; the seed was chosen so
 that they stay within half the ladder gate's budget and a quarter of the vision gate's. Rows
-`M/engine` also round the activations entering every int8 product as the engine does (per block
-of 32, amax / 127), for the engine ≡ reference gate: they are measured against the weights-only
+`M/engine` also round the activations entering every int8 product as an int8 x int8 (W8A8) engine
+would (per block of 32, amax / 127; the engine now keeps activations in f32, so this is a pessimistic bound), for the engine ≡ reference gate: they are measured against the weights-only
 bundle M (the reference on the bundle), over the decode steps that gate counts; their ladder is
 reported, not required:
 

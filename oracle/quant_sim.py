@@ -40,8 +40,9 @@ def _f16(w: torch.Tensor) -> torch.Tensor:
 
 
 def _q8_acts(x: torch.Tensor) -> torch.Tensor:
-    """The engine's activation rounding before an int8 product (engine/src/kernels/q8.rs
-    `quantize_block`): per block of 32 along the last axis, d = amax / 127 in f32,
+    """An int8 x int8 engine's activation rounding before an int8 product (engine/src/kernels/q8.rs
+    `quantize_block`; the W8A8 kernel there is tested but the engine runs W8A32, so this bounds
+    the engine from above): per block of 32 along the last axis, d = amax / 127 in f32,
     q = clamp(round_half_even(x / d), -127, 127), value q * d."""
     shape = x.shape
     b = x.float().reshape(-1, shape[-1] // 32, 32)

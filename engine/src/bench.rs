@@ -1,8 +1,166 @@
-//! Machine measurements for `q3vl bench`: streaming memory read bandwidth and peak
-//! resident memory.
+//! Machine measurements for `q3vl bench`: streaming memory read bandwidth, peak
+//! resident memory, CPU time, and kernel micro-benchmarks on random data of the real
+//! shapes (the decoder's int8-weight linears for prefill and decode, the int8 × int8
+//! kernel for comparison, and the vision f32 GEMM).
 
+use crate::kernels::q8::{self, QActs};
+use half::f16;
 use rayon::prelude::*;
 use std::time::Instant;
+
+/// One micro-benchmark's result: best-of wall time and the rate it implies.
+#[derive(Debug, Clone, Copy)]
+pub struct KernelRate {
+    /// Best wall time of one call, milliseconds.
+    pub ms: f64,
+    /// Operations (2 per multiply-add) per second, in units of 10⁹.
+    pub g_per_s: f64,
+    /// Operations per CPU-second of all threads (best call), in units of 10⁹: on a
+    /// shared machine, a steadier per-core figure than the wall-time rate.
+    pub g_per_cpu_s: f64,
+}
+
+/// CPU time of every thread of this process, in seconds, with nanosecond
+/// resolution (`/proc/self/task/*/schedstat`); None where unavailable.
+pub fn threads_cpu_seconds() -> Option<f64> {
+    let mut ns = 0u64;
+    for e in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        // A thread may end between the listing and the read: skip it.
+        let Ok(s) = std::fs::read_to_string(e.path().join("schedstat")) else {
+            continue;
+        };
+        ns += s.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(ns as f64 * 1e-9)
+}
+
+/// Runs `f` `reps` times; the best wall time and the best CPU time (seconds).
+fn best_of(reps: usize, mut f: impl FnMut()) -> (f64, f64) {
+    let (mut wall, mut cpu) = (f64::MAX, f64::MAX);
+    for _ in 0..reps.max(1) {
+        let c0 = threads_cpu_seconds();
+        let t = Instant::now();
+        f();
+        wall = wall.min(t.elapsed().as_secs_f64());
+        if let (Some(a), Some(b)) = (c0, threads_cpu_seconds()) {
+            cpu = cpu.min(b - a);
+        }
+    }
+    (wall, cpu)
+}
+
+/// A deterministic generator for benchmark data.
+fn lcg(seed: &mut u64) -> u64 {
+    *seed = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    *seed >> 33
+}
+
+/// Random int8 weights, f16 scales and f32 activations of a shape.
+fn q8_case(rows: usize, cols: usize, tokens: usize) -> (Vec<i8>, Vec<f16>, Vec<f32>) {
+    let mut seed = 1;
+    let q: Vec<i8> = (0..rows * cols)
+        .map(|_| lcg(&mut seed) as u8 as i8)
+        .collect();
+    let s: Vec<f16> = (0..rows * cols / q8::BLOCK)
+        .map(|_| f16::from_f32((lcg(&mut seed) % 1000) as f32 * 1e-5))
+        .collect();
+    let x: Vec<f32> = (0..tokens * cols)
+        .map(|_| (lcg(&mut seed) % 2001) as f32 * 1e-3 - 1.0)
+        .collect();
+    (q, s, x)
+}
+
+/// The engine's int8-weight linear ([`crate::weights::Lin::matmul`]): an int8
+/// `rows × cols` weight against `tokens` f32 activation rows — the W8A32 GEMM for
+/// several tokens (prefill), the W8A32 matrix-vector kernel for one (decode); on the
+/// current rayon pool, best of `reps`.
+pub fn q8_linear_rate(rows: usize, cols: usize, tokens: usize, reps: usize) -> KernelRate {
+    let (q, s, x) = q8_case(rows, cols, tokens);
+    let mut out = vec![0f32; tokens * rows];
+    let (wall, cpu) = best_of(reps, || {
+        if tokens == 1 {
+            q8::matvec(&q, &s, rows, cols, &x, &mut out);
+        } else {
+            crate::kernels::gemm::linear_q8(&x, tokens, cols, &q, &s, rows, &mut out);
+        }
+        std::hint::black_box(&out);
+    });
+    let ops = 2.0 * (rows * cols * tokens) as f64;
+    KernelRate {
+        ms: wall * 1e3,
+        g_per_s: ops / wall / 1e9,
+        g_per_cpu_s: ops / cpu / 1e9,
+    }
+}
+
+/// The int8 × int8 (W8A8, Q8_0-style) matrix product [`q8::matmul`], activations
+/// quantized per call, for comparison with [`q8_linear_rate`]; best of `reps`.
+pub fn q8_matmul_rate(rows: usize, cols: usize, tokens: usize, reps: usize) -> KernelRate {
+    let (q, s, x) = q8_case(rows, cols, tokens);
+    let mut out = vec![0f32; tokens * rows];
+    let (wall, cpu) = best_of(reps, || {
+        let xq = QActs::quantize(&x, cols);
+        q8::matmul(&q, &s, rows, cols, &xq, &mut out);
+        std::hint::black_box(&out);
+    });
+    let ops = 2.0 * (rows * cols * tokens) as f64;
+    KernelRate {
+        ms: wall * 1e3,
+        g_per_s: ops / wall / 1e9,
+        g_per_cpu_s: ops / cpu / 1e9,
+    }
+}
+
+/// The vision GEMM: `m` rows of f32 activations against an f16 `n × k` weight with
+/// bias ([`crate::kernels::gemm::linear_f16`]), on the current rayon pool; best of `reps`.
+pub fn f16_linear_rate(m: usize, k: usize, n: usize, reps: usize) -> KernelRate {
+    let mut seed = 2;
+    let w: Vec<f16> = (0..n * k)
+        .map(|_| f16::from_f32((lcg(&mut seed) % 2001) as f32 * 1e-4 - 0.1))
+        .collect();
+    let bias: Vec<f32> = (0..n).map(|i| i as f32 * 1e-3).collect();
+    let x: Vec<f32> = (0..m * k)
+        .map(|_| (lcg(&mut seed) % 2001) as f32 * 1e-3 - 1.0)
+        .collect();
+    let mut out = vec![0f32; m * n];
+    let (wall, cpu) = best_of(reps, || {
+        crate::kernels::gemm::linear_f16(&x, m, k, &w, n, Some(&bias), &mut out);
+        std::hint::black_box(&out);
+    });
+    let ops = 2.0 * (m * n * k) as f64;
+    KernelRate {
+        ms: wall * 1e3,
+        g_per_s: ops / wall / 1e9,
+        g_per_cpu_s: ops / cpu / 1e9,
+    }
+}
+
+/// The decode step's matrix products alone: every int8 weight of `bundle` against
+/// one f32 activation row ([`q8::matvec`]), straight from the memory map, on the
+/// current rayon pool. Returns the best sweep's weight bytes (values and scales) per
+/// second over `reps` sweeps.
+pub fn q8_sweep_rate(bundle: &q3vl_bundle::Bundle, reps: usize) -> f64 {
+    let weights: Vec<_> = bundle
+        .tensor_names()
+        .into_iter()
+        .filter_map(|n| bundle.q8(n))
+        .collect();
+    let bytes: usize = weights.iter().map(|(q, s, _)| q.len() + 2 * s.len()).sum();
+    let cols_max = weights.iter().map(|(_, _, [_, c])| *c).max().unwrap_or(0);
+    let x: Vec<f32> = (0..cols_max)
+        .map(|i| ((i % 17) as f32 - 8.0) * 0.01)
+        .collect();
+    let (wall, _) = best_of(reps, || {
+        for (q, s, [rows, cols]) in &weights {
+            let mut out = vec![0f32; *rows];
+            q8::matvec(q, s, *rows, *cols, &x[..*cols], &mut out);
+            std::hint::black_box(&out);
+        }
+    });
+    bytes as f64 / wall
+}
 
 /// Multi-threaded streaming read bandwidth in bytes/s: every thread sums its part of
 /// a `bytes`-sized buffer (choose ≫ last-level cache); best of `reps` passes.
@@ -33,6 +191,18 @@ pub fn memory_read_bandwidth(bytes: usize, reps: usize) -> f64 {
     best
 }
 
+/// CPU time (user + system) this process has used so far, in seconds, where /proc
+/// is available (10 ms resolution). On a shared machine, CPU time per phase is a
+/// steadier figure than wall time.
+pub fn process_cpu_seconds() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14, 15.
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
 /// Peak resident set size (VmHWM) in bytes, where /proc is available.
 pub fn peak_rss_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -46,10 +216,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn kernel_rates_are_positive() {
+        assert!(q8_matmul_rate(8, 64, 5, 1).g_per_s > 0.0);
+        assert!(q8_linear_rate(8, 64, 5, 1).g_per_s > 0.0);
+        assert!(q8_linear_rate(8, 64, 1, 1).g_per_s > 0.0);
+        assert!(f16_linear_rate(7, 32, 16, 1).g_per_s > 0.0);
+    }
+
+    #[test]
     fn measures_something() {
         assert!(memory_read_bandwidth(1 << 20, 1) > 0.0);
         if cfg!(target_os = "linux") {
             assert!(peak_rss_bytes().unwrap() > 0);
+            // CPU times are optional (schedstat may be compiled out).
+            assert!(process_cpu_seconds().is_none_or(|c| c >= 0.0));
+            assert!(threads_cpu_seconds().is_none_or(|c| c >= 0.0));
         }
     }
 }

@@ -6,7 +6,8 @@
 
 use crate::error::Result;
 use crate::kernels::f16dot::{dot_f32, widen};
-use crate::kernels::q8::QActs;
+use crate::kernels::gemm::{gemm_serial, BSrc};
+use crate::kernels::vmath;
 use crate::kv_cache::KvCache;
 use crate::positions::{position, ImageSpan};
 use crate::vision::ImageFeatures;
@@ -19,7 +20,13 @@ use q3vl_model::rope::{inv_freq, mrope_axis};
 use rayon::prelude::*;
 use std::collections::HashMap;
 
-/// The seven body linears, in the order [`LayerNames`] holds them.
+/// Elements per parallel task of the element-wise passes.
+const ELEMS_PER_TASK: usize = 1 << 14;
+
+/// Prefill query rows per attention block (bounds the scores a thread holds).
+const QUERY_BLOCK: usize = 64;
+
+/// The seven body linears, in the order [`LayerParams`] holds their names.
 pub const LINEARS: [&str; 7] = [
     "self_attn.q_proj.weight",
     "self_attn.k_proj.weight",
@@ -187,13 +194,12 @@ impl TextModel {
                 .map(|(n, (r, cc))| lin(n, r, cc))
                 .collect::<Result<_>>()?;
             rms_norm_rows(&x, &layer.input_norm, eps, &mut h);
-            let hq = l[0].is_q8().then(|| QActs::quantize(&h, hsz));
             let mut q = vec![0f32; t * nh * hd];
             let mut k = vec![0f32; t * nkv * hd];
             let mut v = vec![0f32; t * nkv * hd];
-            l[0].matmul(&h, hq.as_ref(), t, &mut q);
-            l[1].matmul(&h, hq.as_ref(), t, &mut k);
-            l[2].matmul(&h, hq.as_ref(), t, &mut v);
+            l[0].matmul(&h, t, &mut q);
+            l[1].matmul(&h, t, &mut k);
+            l[2].matmul(&h, t, &mut v);
             for (qh, tok) in q
                 .chunks_exact_mut(hd)
                 .zip((0..t).flat_map(|tk| std::iter::repeat_n(tk, nh)))
@@ -218,24 +224,21 @@ impl TextModel {
             }
             cache.write(li, &k, &v, t);
             let attn = attention(cache, li, &q, t, past, nh, nkv, hd);
-            let aq = l[3].is_q8().then(|| QActs::quantize(&attn, nh * hd));
             let mut o = vec![0f32; t * hsz];
-            l[3].matmul(&attn, aq.as_ref(), t, &mut o);
+            l[3].matmul(&attn, t, &mut o);
             for (xv, ov) in x.iter_mut().zip(&o) {
                 *xv += ov;
             }
             rms_norm_rows(&x, &layer.post_norm, eps, &mut h);
-            let hq = l[4].is_q8().then(|| QActs::quantize(&h, hsz));
             let inter = c.intermediate_size;
             let mut g = vec![0f32; t * inter];
             let mut u = vec![0f32; t * inter];
-            l[4].matmul(&h, hq.as_ref(), t, &mut g);
-            l[5].matmul(&h, hq.as_ref(), t, &mut u);
-            for (gv, uv) in g.iter_mut().zip(&u) {
-                *gv = *gv / (1.0 + (-*gv).exp()) * uv;
-            }
-            let gq = l[6].is_q8().then(|| QActs::quantize(&g, inter));
-            l[6].matmul(&g, gq.as_ref(), t, &mut o);
+            l[4].matmul(&h, t, &mut g);
+            l[5].matmul(&h, t, &mut u);
+            g.par_chunks_mut(ELEMS_PER_TASK)
+                .zip(u.par_chunks(ELEMS_PER_TASK))
+                .for_each(|(gc, uc)| vmath::silu_mul(gc, uc));
+            l[6].matmul(&g, t, &mut o);
             for (xv, ov) in x.iter_mut().zip(&o) {
                 *xv += ov;
             }
@@ -269,9 +272,8 @@ impl TextModel {
             c.hidden_size,
             w.overrides,
         )?;
-        let hq = head.is_q8().then(|| QActs::quantize(hidden, c.hidden_size));
         let mut out = vec![0f32; c.vocab_size];
-        head.matmul(hidden, hq.as_ref(), 1, &mut out);
+        head.matmul(hidden, 1, &mut out);
         Ok(out)
     }
 }
@@ -309,8 +311,9 @@ pub fn rope(x: &mut [f32], cos: &[f32], sin: &[f32]) {
 }
 
 /// Causal GQA attention of `t` queries (`q: [t, nh·hd]`, at indices `past..`) over
-/// the cache; returns `[t, nh·hd]`. Heads run in parallel; each score and each
-/// output is one fixed-order reduction.
+/// the cache; returns `[t, nh·hd]`. Heads run in parallel. One query (decode) takes
+/// fixed-order dot products; several (prefill) go through the packed GEMM in
+/// blocks of [`QUERY_BLOCK`] queries: scores, causal softmax, then `P · V`.
 #[allow(clippy::too_many_arguments)]
 fn attention(
     cache: &KvCache,
@@ -329,30 +332,72 @@ fn attention(
         .map(|h| {
             let (ks, vs) = cache.head(layer, h / groups, past + t);
             let mut out = vec![0f32; t * hd];
-            let mut scores = vec![0f32; past + t];
-            for i in 0..t {
-                let n = past + i + 1;
-                let qi = &q[(i * nh + h) * hd..(i * nh + h + 1) * hd];
+            if t == 1 {
+                let n = past + 1;
+                let qi = &q[h * hd..(h + 1) * hd];
+                let mut scores = vec![0f32; n];
                 let mut max = f32::NEG_INFINITY;
-                for (j, s) in scores[..n].iter_mut().enumerate() {
+                for (j, s) in scores.iter_mut().enumerate() {
                     *s = dot_f32(qi, &ks[j * hd..(j + 1) * hd]) * scale;
                     max = max.max(*s);
                 }
                 let mut sum = 0f32;
-                for s in &mut scores[..n] {
+                for s in &mut scores {
                     *s = (*s - max).exp();
                     sum += *s;
                 }
-                let o = &mut out[i * hd..(i + 1) * hd];
-                for (j, &p) in scores[..n].iter().enumerate() {
-                    for (ov, &vv) in o.iter_mut().zip(&vs[j * hd..(j + 1) * hd]) {
+                for (j, &p) in scores.iter().enumerate() {
+                    for (ov, &vv) in out.iter_mut().zip(&vs[j * hd..(j + 1) * hd]) {
                         *ov += p * vv;
                     }
                 }
                 let inv = 1.0 / sum;
-                for ov in o.iter_mut() {
+                for ov in out.iter_mut() {
                     *ov *= inv;
                 }
+                return out;
+            }
+            let mut scores = vec![0f32; QUERY_BLOCK.min(t) * (past + t)];
+            let mut i0 = 0;
+            while i0 < t {
+                let qb = QUERY_BLOCK.min(t - i0);
+                // Keys visible to the block's last query.
+                let n = past + i0 + qb;
+                let s = &mut scores[..qb * n];
+                gemm_serial(
+                    &q[i0 * nh * hd + h * hd..],
+                    qb,
+                    hd,
+                    nh * hd,
+                    BSrc::F32 {
+                        data: ks,
+                        rs: hd,
+                        cs: 1,
+                    },
+                    n,
+                    s,
+                    n,
+                );
+                for (r, row) in s.chunks_exact_mut(n).enumerate() {
+                    let visible = past + i0 + r + 1;
+                    vmath::softmax_row(&mut row[..visible], scale);
+                    row[visible..].fill(0.0);
+                }
+                gemm_serial(
+                    s,
+                    qb,
+                    n,
+                    n,
+                    BSrc::F32 {
+                        data: vs,
+                        rs: 1,
+                        cs: hd,
+                    },
+                    hd,
+                    &mut out[i0 * hd..(i0 + qb) * hd],
+                    hd,
+                );
+                i0 += qb;
             }
             out
         })

@@ -2,10 +2,11 @@
 //!
 //! - Both bundles are memory-mapped ([`q3vl_bundle::Bundles`]); nothing large is
 //!   copied or widened up front.
-//! - Decoder: int8 per-block-32 weights × activations quantized per 32-block at run
-//!   time ([`kernels::q8`]), f16 weights where the mode keeps them; prefill pushes all
-//!   prompt tokens through each weight at once, decode splits rows across threads.
-//! - Vision: f16 weights widened per tensor right before an f32 GEMM.
+//! - Decoder: int8 per-block-32 weights dequantized exactly on the fly against f32
+//!   activations ([`kernels::q8`]), f16 weights where the mode keeps them; prefill
+//!   pushes all prompt tokens through each weight at once (packed GEMM), decode
+//!   streams each weight once (matrix-vector kernel), rows split across threads.
+//! - Vision: f16 weights widened tile by tile inside a packed f32 GEMM.
 //! - Image tokens use the id-space trick ([`positions`]): `<|image_pad|>` k becomes
 //!   `vocab + k`, and M-RoPE positions follow from (id, index).
 //! - Determinism: every output value is one fixed-order reduction on one thread, so

@@ -1,12 +1,13 @@
 //! The vision tower on f16 weights with f32 arithmetic (architecture doc §3): patch
 //! embed, interpolated position embedding, 2D RoPE ViT blocks, DeepStack mergers
-//! and the main merger. Each weight is widened to f32 right before its GEMM and
-//! dropped after, so no f32 copy of the tower is kept.
+//! and the main merger. Every linear runs all patches at once through the packed
+//! GEMM ([`crate::kernels::gemm::linear_f16`]), which widens each f16 weight tile
+//! to f32 while packing it, so no f32 copy of the tower is kept.
 
 use crate::error::{EngineError, Result};
-use crate::kernels::gemm::{linear, matmul_ab_serial, matmul_abt_serial};
+use crate::kernels::gemm::{gemm_serial_packed, linear_f16, BSrc, PackedB};
+use crate::kernels::vmath;
 use crate::weights::{f16_tensor, vector};
-use half::f16;
 use q3vl_bundle::Bundle;
 use q3vl_model::config::VisionConfig;
 use q3vl_model::layout::{deepstack, vision_block, visual};
@@ -45,11 +46,11 @@ pub struct VisionModel {
     pos_table: Vec<f32>,
 }
 
-fn widen_all(w: &[f16]) -> Vec<f32> {
-    let mut out = vec![0f32; w.len()];
-    crate::kernels::f16dot::widen(w, &mut out);
-    out
-}
+/// Elements per parallel task of the element-wise passes.
+const ELEMS_PER_TASK: usize = 1 << 14;
+
+/// Query rows per attention block: one block's scores (`QUERY_BLOCK × P`) stay in L2.
+const QUERY_BLOCK: usize = 96;
 
 impl VisionModel {
     /// Loads the position table and checks every weight's shape and dtype.
@@ -107,7 +108,7 @@ impl VisionModel {
         &self.cfg
     }
 
-    /// `x · Wᵀ + b` for an f16 weight `[n, k]`, widened for this call only.
+    /// `x · Wᵀ + b` for an f16 weight `[n, k]` (widened tile by tile inside the GEMM).
     fn lin(
         &self,
         b: &Bundle,
@@ -117,10 +118,10 @@ impl VisionModel {
         k: usize,
         n: usize,
     ) -> Result<Vec<f32>> {
-        let w = widen_all(f16_tensor(b, &format!("{prefix}.weight"), &[n, k])?);
+        let w = f16_tensor(b, &format!("{prefix}.weight"), &[n, k])?;
         let bias = vector(b, &format!("{prefix}.bias"), n)?;
         let mut out = vec![0f32; m * n];
-        linear(x, m, k, &w, n, Some(&bias), &mut out);
+        linear_f16(x, m, k, w, n, Some(&bias), &mut out);
         Ok(out)
     }
 
@@ -128,14 +129,16 @@ impl VisionModel {
         let w = vector(b, &format!("{prefix}.weight"), n)?;
         let bias = vector(b, &format!("{prefix}.bias"), n)?;
         let mut out = vec![0f32; x.len()];
-        for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-            let mean = xr.iter().sum::<f32>() / n as f32;
-            let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n as f32;
-            let r = 1.0 / (var + LN_EPS).sqrt();
-            for (((o, &v), &g), &bb) in or.iter_mut().zip(xr).zip(&w).zip(&bias) {
-                *o = (v - mean) * r * g + bb;
-            }
-        }
+        x.par_chunks(n)
+            .zip(out.par_chunks_mut(n))
+            .for_each(|(xr, or)| {
+                let mean = xr.iter().sum::<f32>() / n as f32;
+                let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n as f32;
+                let r = 1.0 / (var + LN_EPS).sqrt();
+                for (((o, &v), &g), &bb) in or.iter_mut().zip(xr).zip(&w).zip(&bias) {
+                    *o = (v - mean) * r * g + bb;
+                }
+            });
         Ok(out)
     }
 
@@ -150,9 +153,11 @@ impl VisionModel {
             self.layer_norm(b, &format!("{prefix}.norm"), x, c.hidden_size)?
         };
         let mut y = self.lin(b, &format!("{prefix}.linear_fc1"), &y, rows, md, md)?;
-        for v in &mut y {
-            *v = gelu_erf(*v);
-        }
+        y.par_chunks_mut(ELEMS_PER_TASK).for_each(|c| {
+            for v in c {
+                *v = gelu_erf(*v);
+            }
+        });
         self.lin(
             b,
             &format!("{prefix}.linear_fc2"),
@@ -215,9 +220,7 @@ impl VisionModel {
                 d,
                 c.intermediate_size,
             )?;
-            for v in &mut h {
-                *v = gelu_tanh(*v);
-            }
+            h.par_chunks_mut(ELEMS_PER_TASK).for_each(vmath::gelu_tanh);
             let o = self.lin(
                 b,
                 &vision_block(j, "mlp.linear_fc2"),
@@ -267,7 +270,8 @@ fn vision_rope(grid_thw: [usize; 3], merge: usize, hd: usize, theta: f64) -> (Ve
 }
 
 /// Full (non-causal) attention of one image, per head in parallel: RoPE on q and k,
-/// `softmax(q kᵀ / √hd) v`. One head's `P × P` scores live at a time per thread.
+/// `softmax(q kᵀ / √hd) v`. K and V are packed once per head; queries run in blocks
+/// of [`QUERY_BLOCK`] rows, so a thread holds one block's scores at a time.
 fn vision_attention(
     qkv: &[f32],
     p: usize,
@@ -297,22 +301,38 @@ fn vision_attention(
                 crate::decoder::rope(&mut q[i * hd..(i + 1) * hd], c, s);
                 crate::decoder::rope(&mut k[i * hd..(i + 1) * hd], c, s);
             }
-            let mut scores = vec![0f32; p * p];
-            matmul_abt_serial(&q, p, hd, &k, p, &mut scores);
-            for row in scores.chunks_exact_mut(p) {
-                let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
-                let mut sum = 0f32;
-                for s in row.iter_mut() {
-                    *s = (*s * scale - max).exp();
-                    sum += *s;
-                }
-                let inv = 1.0 / sum;
-                for s in row.iter_mut() {
-                    *s *= inv;
-                }
-            }
+            // B[j, kk] = k[j, kk] for the scores, v[kk, j] for the output.
+            let kp = PackedB::new(
+                BSrc::F32 {
+                    data: &k,
+                    rs: hd,
+                    cs: 1,
+                },
+                p,
+                hd,
+            );
+            let vp = PackedB::new(
+                BSrc::F32 {
+                    data: &v,
+                    rs: 1,
+                    cs: hd,
+                },
+                hd,
+                p,
+            );
             let mut out = vec![0f32; p * hd];
-            matmul_ab_serial(&scores, p, p, &v, hd, &mut out);
+            let mut scores = vec![0f32; QUERY_BLOCK.min(p) * p];
+            let mut q0 = 0;
+            while q0 < p {
+                let qb = QUERY_BLOCK.min(p - q0);
+                let s = &mut scores[..qb * p];
+                gemm_serial_packed(&q[q0 * hd..], qb, hd, &kp, s, p);
+                for row in s.chunks_exact_mut(p) {
+                    vmath::softmax_row(row, scale);
+                }
+                gemm_serial_packed(s, qb, p, &vp, &mut out[q0 * hd..(q0 + qb) * hd], hd);
+                q0 += qb;
+            }
             out
         })
         .collect();
@@ -323,12 +343,6 @@ fn vision_attention(
         }
     }
     out
-}
-
-/// `gelu(x, approximate="tanh")`, the ViT MLP activation.
-fn gelu_tanh(x: f32) -> f32 {
-    let c = (2.0f32 / std::f32::consts::PI).sqrt();
-    0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
 }
 
 /// Exact (erf) GELU, the mergers' activation.

@@ -2,18 +2,14 @@
 
 use crate::error::{EngineError, Result};
 use crate::kernels::f16dot::{dot_f32, widen};
-use crate::kernels::q8::{dot, dot4, widen_scales, QActs, BLOCK};
 use half::f16;
 use q3vl_bundle::{Bundle, Dtype};
 use rayon::prelude::*;
 use std::collections::HashMap;
 
-/// Weight rows per parallel task; any value gives the same numbers, since each
+/// f16 weight rows per parallel task; any value gives the same numbers, since each
 /// output is one whole dot product.
 const ROWS_PER_TASK: usize = 16;
-
-/// Prefill tokens per tile (32 × 4096 int8 activations = 128 KiB).
-const TOKENS_PER_TILE: usize = 32;
 
 /// A linear layer's weight `[rows = out, cols = in]`, borrowed from the memory map.
 #[derive(Clone, Copy)]
@@ -104,55 +100,28 @@ impl<'a> Lin<'a> {
         matches!(self, Lin::Q8 { .. })
     }
 
-    /// `out[t, r] = Σ_c x[t, c] · W[r, c]` for `t` tokens. `xq` must be `x` quantized
-    /// when the weight is int8 (shared between the projections reading the same `x`).
-    /// Rows are split across the pool's threads; each output is one dot product.
-    pub fn matmul(&self, x: &[f32], xq: Option<&QActs>, t: usize, out: &mut [f32]) {
+    /// `out[t, r] = Σ_c x[t, c] · W[r, c]` for `t` tokens. int8 weights are
+    /// dequantized exactly on the fly (f32 activations): one token goes through the
+    /// W8A32 matrix-vector kernel ([`crate::kernels::q8::matvec`]), several (prefill)
+    /// through the packed GEMM over all tokens at once
+    /// ([`crate::kernels::gemm::linear_q8`]). Rows or columns are split across the
+    /// pool's threads; each output is one fixed-order reduction, whatever the thread
+    /// count.
+    pub fn matmul(&self, x: &[f32], t: usize, out: &mut [f32]) {
         let (rows, cols) = (self.rows(), self.cols());
         assert_eq!(x.len(), t * cols);
         assert_eq!(out.len(), t * rows);
-        // Row-major by weight row, so each task owns a contiguous piece.
-        let mut tr = vec![0f32; rows * t];
         match *self {
             Lin::Q8 { q, s, .. } => {
-                let xq = xq.expect("int8 weights need quantized activations");
-                let nb = cols / BLOCK;
-                tr.par_chunks_mut(ROWS_PER_TASK * t)
-                    .enumerate()
-                    .for_each(|(c, chunk)| {
-                        let n_rows = chunk.len() / t;
-                        let mut sr = vec![0f32; n_rows * nb];
-                        for i in 0..n_rows {
-                            let r = c * ROWS_PER_TASK + i;
-                            widen_scales(&s[r * nb..(r + 1) * nb], &mut sr[i * nb..(i + 1) * nb]);
-                        }
-                        // Token tiles small enough that a tile's activations and this
-                        // task's weight rows both stay in L2 while they are reused.
-                        let mut t0 = 0;
-                        while t0 < t {
-                            let t1 = (t0 + TOKENS_PER_TILE).min(t);
-                            for (i, o) in chunk.chunks_mut(t).enumerate() {
-                                let r = c * ROWS_PER_TASK + i;
-                                let wr = &q[r * cols..(r + 1) * cols];
-                                let sri = &sr[i * nb..(i + 1) * nb];
-                                // Four tokens per pass share the weight loads.
-                                let mut tok = t0;
-                                while tok + 4 <= t1 {
-                                    let rows = [0, 1, 2, 3].map(|k| xq.row(tok + k));
-                                    let v = dot4(wr, sri, rows.map(|r| r.0), rows.map(|r| r.1));
-                                    o[tok..tok + 4].copy_from_slice(&v);
-                                    tok += 4;
-                                }
-                                for (k, ov) in o.iter_mut().enumerate().take(t1).skip(tok) {
-                                    let (xr, xd) = xq.row(k);
-                                    *ov = dot(wr, sri, xr, xd);
-                                }
-                            }
-                            t0 = t1;
-                        }
-                    });
+                if t == 1 {
+                    crate::kernels::q8::matvec(q, s, rows, cols, x, out);
+                } else {
+                    crate::kernels::gemm::linear_q8(x, t, cols, q, s, rows, out);
+                }
             }
             Lin::F16 { w, .. } => {
+                // Row-major by weight row, so each task owns a contiguous piece.
+                let mut tr = vec![0f32; rows * t];
                 tr.par_chunks_mut(ROWS_PER_TASK * t)
                     .enumerate()
                     .for_each(|(c, chunk)| {
@@ -165,14 +134,10 @@ impl<'a> Lin<'a> {
                             }
                         }
                     });
-            }
-        }
-        if t == 1 {
-            out.copy_from_slice(&tr);
-        } else {
-            for r in 0..rows {
-                for tok in 0..t {
-                    out[tok * rows + r] = tr[r * t + tok];
+                for r in 0..rows {
+                    for tok in 0..t {
+                        out[tok * rows + r] = tr[r * t + tok];
+                    }
                 }
             }
         }

@@ -1,17 +1,571 @@
-//! f32 matrix products for the vision tower, on the `gemm` crate's packed AVX2/FMA
-//! kernels.
+//! f32 matrix products for the vision tower (and prefill attention): a packed,
+//! cache-blocked GEMM with a 6 × 16 AVX2/FMA register kernel. The "weight" operand
+//! can be f16 (the vision tower's tensors), widened to f32 once per cache tile while
+//! it is packed, so no f32 copy of a tensor is ever made.
 //!
-//! Determinism: the output columns are cut into fixed-width slices (independent of
-//! the thread count), each computed by its own single-threaded `gemm` call over the
-//! full reduction, so a value never depends on how many threads ran.
+//! Blocking (per task of up to 256 output columns): for each [`KC`]-long slice of
+//! the reduction the weight tile (`columns × KC`) is packed and stays in L2; `MC`
+//! rows of activations at a time stay in L2 and are read in place; each register
+//! tile (`MR × NR`) sums its slice in registers and adds it to the output.
+//!
+//! Determinism: an output element is always the same chain, `((0 + s₀) + s₁) + …`
+//! over the `KC` slices in order, each slice a sequential fused multiply-add chain
+//! over its `k`; how columns are split into tasks (which depends on the thread
+//! count) never changes that chain.
 
+use half::f16;
 use rayon::prelude::*;
+use std::sync::OnceLock;
 
-/// Output columns per task.
-const COLS_PER_TASK: usize = 64;
+/// Rows of the register tile.
+pub const MR: usize = 6;
+/// Columns of the register tile.
+pub const NR: usize = 16;
+/// Reduction slice per packing pass.
+pub const KC: usize = 256;
+/// Rows of activations per L2 block.
+const MC: usize = 16 * MR;
+/// Columns of `B` packed at a time by the serial entries and [`PackedB`] (a
+/// multiple of [`NR`]); also the narrowest parallel task.
+pub const NC: usize = 64;
+/// The widest parallel task of [`linear_f16`], in output columns: its `B` tile
+/// (`MAX_TASK_COLS × KC` f32, 256 KiB) stays in L2.
+const MAX_TASK_COLS: usize = 256;
 
-/// `out[t, n] = Σ_k x[t, k] · w[n, k] (+ bias[n])`: `x` is `m × k`, `w` is `n × k`
-/// (the PyTorch `Linear` layout), `out` is `m × n`, all row-major.
+/// The "weight" operand `B`, read as `B[j, kk]` for output column `j` and reduction
+/// index `kk`.
+#[derive(Clone, Copy)]
+pub enum BSrc<'a> {
+    /// f16, `B[j, kk] = w[j·k + kk]` (a PyTorch `Linear` weight `[n, k]`).
+    F16(&'a [f16]),
+    /// int8 per-block-32 (spec/quantization.md), dequantized exactly while packing:
+    /// `B[j, kk] = f32(q[j·k + kk]) · f32(s[j·k/32 + kk/32])` (8 × 11 significant
+    /// bits, so the f32 product is exact).
+    Q8 {
+        /// `[n, k]` values.
+        q: &'a [i8],
+        /// `[n, k/32]` block scales.
+        s: &'a [f16],
+    },
+    /// f32 with strides: `B[j, kk] = data[j·rs + kk·cs]`.
+    F32 {
+        /// The values.
+        data: &'a [f32],
+        /// Stride between output columns.
+        rs: usize,
+        /// Stride along the reduction.
+        cs: usize,
+    },
+}
+
+/// The activation operand: `A[i, kk] = data[i·lda + kk]`, read in place (rows
+/// `MR` at a time; only a last partial panel is copied, zero-padded).
+#[derive(Clone, Copy)]
+struct AView<'a> {
+    data: &'a [f32],
+    m: usize,
+    k: usize,
+    lda: usize,
+}
+
+impl<'a> AView<'a> {
+    fn new(data: &'a [f32], m: usize, k: usize, lda: usize) -> AView<'a> {
+        assert!(lda >= k && (m == 0 || data.len() >= (m - 1) * lda + k));
+        AView { data, m, k, lda }
+    }
+}
+
+/// One register tile: `c[i·ldc + j] (=|+=) Σ_kk a[i·lda + kk] · b[kk·NR + j]` for
+/// `i < MR`, `j < NR`, `kk` in order; stores when `first`, else adds.
+///
+/// # Safety
+/// `a` addresses `MR` rows of `kc` floats with stride `lda`, `b` holds `kc·NR`, `c`
+/// addresses an `MR × NR` tile with row stride `ldc`, and the function's target
+/// features are present.
+type MicroFn = unsafe fn(
+    kc: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    first: bool,
+);
+
+/// Portable register tile (unfused multiply-add; the SIMD path fuses, so the two
+/// agree to rounding, not bit for bit).
+unsafe fn micro_portable(
+    kc: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    first: bool,
+) {
+    let mut acc = [[0f32; NR]; MR];
+    for kk in 0..kc {
+        for (i, row) in acc.iter_mut().enumerate() {
+            // SAFETY: see `MicroFn`.
+            let av = unsafe { *a.add(i * lda + kk) };
+            for (j, v) in row.iter_mut().enumerate() {
+                *v += av * unsafe { *b.add(kk * NR + j) };
+            }
+        }
+    }
+    for (i, row) in acc.iter().enumerate() {
+        for (j, v) in row.iter().enumerate() {
+            // SAFETY: see `MicroFn`.
+            let p = unsafe { c.add(i * ldc + j) };
+            unsafe { *p = if first { *v } else { *p + *v } };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{MR, NR};
+    use half::f16;
+    use std::arch::x86_64::*;
+
+    /// The 6 × 16 AVX2/FMA register tile: 12 accumulators, two B loads and six A
+    /// broadcasts (one per row, straight from the activations) per `kk`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn micro_avx2(
+        kc: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        first: bool,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+        let rows: [*const f32; MR] = std::array::from_fn(|i| a.add(i * lda));
+        for kk in 0..kc {
+            let b0 = _mm256_loadu_ps(b.add(kk * NR));
+            let b1 = _mm256_loadu_ps(b.add(kk * NR + 8));
+            for (i, r) in acc.iter_mut().enumerate() {
+                let av = _mm256_broadcast_ss(&*rows[i].add(kk));
+                r[0] = _mm256_fmadd_ps(av, b0, r[0]);
+                r[1] = _mm256_fmadd_ps(av, b1, r[1]);
+            }
+        }
+        for (i, r) in acc.iter().enumerate() {
+            let p = c.add(i * ldc);
+            if first {
+                _mm256_storeu_ps(p, r[0]);
+                _mm256_storeu_ps(p.add(8), r[1]);
+            } else {
+                _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), r[0]));
+                _mm256_storeu_ps(p.add(8), _mm256_add_ps(_mm256_loadu_ps(p.add(8)), r[1]));
+            }
+        }
+    }
+
+    /// Transposes an 8 × 8 block of f32 rows in registers.
+    #[inline(always)]
+    unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        [
+            _mm256_permute2f128_ps::<0x20>(s0, s4),
+            _mm256_permute2f128_ps::<0x20>(s1, s5),
+            _mm256_permute2f128_ps::<0x20>(s2, s6),
+            _mm256_permute2f128_ps::<0x20>(s3, s7),
+            _mm256_permute2f128_ps::<0x31>(s0, s4),
+            _mm256_permute2f128_ps::<0x31>(s1, s5),
+            _mm256_permute2f128_ps::<0x31>(s2, s6),
+            _mm256_permute2f128_ps::<0x31>(s3, s7),
+        ]
+    }
+
+    /// Packs one full `NR`-column panel of f16 rows (`w` at the panel's first row
+    /// and reduction index, row stride `k`) into `dst[kk·NR + jj]`, widening with
+    /// F16C and transposing 8 × 8 blocks in registers.
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn pack_f16_panel(w: *const f16, k: usize, kc: usize, dst: *mut f32) {
+        let full = kc / 8 * 8;
+        let mut kk = 0;
+        while kk < full {
+            for half in 0..NR / 8 {
+                let rows: [__m256; 8] = std::array::from_fn(|i| {
+                    let src = w.add((half * 8 + i) * k + kk) as *const __m128i;
+                    _mm256_cvtph_ps(_mm_loadu_si128(src))
+                });
+                let cols = transpose8(rows);
+                for (q, v) in cols.iter().enumerate() {
+                    _mm256_storeu_ps(dst.add((kk + q) * NR + half * 8), *v);
+                }
+            }
+            kk += 8;
+        }
+        for kk in full..kc {
+            for jj in 0..NR {
+                *dst.add(kk * NR + jj) = (*w.add(jj * k + kk)).to_f32();
+            }
+        }
+    }
+
+    /// Packs one full `NR`-column panel of int8 rows (`q` at the panel's first row
+    /// and reduction index, row stride `k`; `s` its block scales, row stride
+    /// `k / 32`), dequantizing `f32(q) · f32(s)` (exact) and transposing 8 × 8
+    /// blocks in registers. `kc` is a multiple of 32.
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn pack_q8_panel(q: *const i8, s: *const f16, k: usize, kc: usize, dst: *mut f32) {
+        let nb = k / 32;
+        let mut kk = 0;
+        while kk < kc {
+            for half in 0..NR / 8 {
+                let rows: [__m256; 8] = std::array::from_fn(|i| {
+                    let r = half * 8 + i;
+                    let v = _mm_loadl_epi64(q.add(r * k + kk) as *const __m128i);
+                    let sc = _mm256_set1_ps((*s.add(r * nb + kk / 32)).to_f32());
+                    _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), sc)
+                });
+                let cols = transpose8(rows);
+                for (c, v) in cols.iter().enumerate() {
+                    _mm256_storeu_ps(dst.add((kk + c) * NR + half * 8), *v);
+                }
+            }
+            kk += 8;
+        }
+    }
+
+    /// Widens `n` f16 values (exact), eight at a time with F16C.
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn widen_f16c(src: *const f16, dst: *mut f32, n: usize) {
+        let mut i = 0;
+        while i + 8 <= n {
+            let h = _mm_loadu_si128(src.add(i) as *const __m128i);
+            _mm256_storeu_ps(dst.add(i), _mm256_cvtph_ps(h));
+            i += 8;
+        }
+        while i < n {
+            *dst.add(i) = (*src.add(i)).to_f32();
+            i += 1;
+        }
+    }
+}
+
+fn micro() -> MicroFn {
+    static F: OnceLock<MicroFn> = OnceLock::new();
+    *F.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return x86::micro_avx2;
+            }
+        }
+        micro_portable
+    })
+}
+
+/// Whether this CPU has AVX2 and F16C.
+#[cfg(target_arch = "x86_64")]
+fn f16c() -> bool {
+    static F16C: OnceLock<bool> = OnceLock::new();
+    *F16C.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c"))
+}
+
+/// Widens f16 to f32 (exact) on the fastest path of this CPU.
+pub fn widen_f16(src: &[f16], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len());
+    #[cfg(target_arch = "x86_64")]
+    if f16c() {
+        // SAFETY: lengths are equal; the features were detected.
+        unsafe { x86::widen_f16c(src.as_ptr(), dst.as_mut_ptr(), src.len()) };
+        return;
+    }
+    use half::slice::HalfFloatSliceExt;
+    src.convert_to_f32_slice(dst);
+}
+
+/// Packs `B[j, k0..k0+kc]` for `j` in `j0..j1` into `NR`-column panels
+/// `[panel][kk][NR]`, zero-padding the last panel.
+#[allow(clippy::too_many_arguments)]
+fn pack_b(
+    b: BSrc<'_>,
+    k: usize,
+    j0: usize,
+    j1: usize,
+    k0: usize,
+    kc: usize,
+    out: &mut [f32],
+    row: &mut [f32],
+) {
+    let panels = (j1 - j0).div_ceil(NR);
+    for p in 0..panels {
+        let dst = &mut out[p * kc * NR..(p + 1) * kc * NR];
+        let jp = j0 + p * NR;
+        #[cfg(target_arch = "x86_64")]
+        if jp + NR <= j1 && f16c() {
+            match b {
+                BSrc::F16(w) => {
+                    // SAFETY: rows jp..jp+NR of w hold k values each (w is n × k
+                    // with n ≥ j1), k0 + kc ≤ k, dst holds kc·NR; the features were
+                    // detected.
+                    unsafe {
+                        x86::pack_f16_panel(w.as_ptr().add(jp * k + k0), k, kc, dst.as_mut_ptr())
+                    };
+                    continue;
+                }
+                BSrc::Q8 { q, s } if k0.is_multiple_of(32) && kc.is_multiple_of(32) => {
+                    // SAFETY: as above for the n × k values and n × k/32 scales;
+                    // the slice starts and ends on block boundaries.
+                    unsafe {
+                        x86::pack_q8_panel(
+                            q.as_ptr().add(jp * k + k0),
+                            s.as_ptr().add(jp * (k / 32) + k0 / 32),
+                            k,
+                            kc,
+                            dst.as_mut_ptr(),
+                        )
+                    };
+                    continue;
+                }
+                _ => {}
+            }
+        }
+        for jj in 0..NR {
+            let j = jp + jj;
+            if j >= j1 {
+                for kk in 0..kc {
+                    dst[kk * NR + jj] = 0.0;
+                }
+                continue;
+            }
+            match b {
+                BSrc::F16(w) => {
+                    widen_f16(&w[j * k + k0..j * k + k0 + kc], &mut row[..kc]);
+                    for (kk, &v) in row[..kc].iter().enumerate() {
+                        dst[kk * NR + jj] = v;
+                    }
+                }
+                BSrc::F32 { data, rs, cs } => {
+                    for kk in 0..kc {
+                        dst[kk * NR + jj] = data[j * rs + (k0 + kk) * cs];
+                    }
+                }
+                BSrc::Q8 { q, s } => {
+                    let nb = k / 32;
+                    for kk in 0..kc {
+                        let c = k0 + kk;
+                        dst[kk * NR + jj] = q[j * k + c] as f32 * s[j * nb + c / 32].to_f32();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A `B` operand packed once in full, in the order the GEMM walks it: column
+/// chunks of [`NC`] (each padded to [`NR`]), then `KC` slices, then `NR`-column
+/// panels `[kk][NR]`. For operands reused by many products (attention's K and V).
+pub struct PackedB {
+    data: Vec<f32>,
+    n: usize,
+    k: usize,
+}
+
+impl PackedB {
+    /// Packs `b` (`n` columns, reduction length `k`).
+    pub fn new(b: BSrc<'_>, n: usize, k: usize) -> PackedB {
+        let np = n.div_ceil(NR) * NR;
+        let mut data = vec![0f32; np * k];
+        let mut row = vec![0f32; KC];
+        let mut n0 = 0;
+        while n0 < n {
+            let n1 = (n0 + NC).min(n);
+            let wp = (n1 - n0).div_ceil(NR) * NR;
+            let mut k0 = 0;
+            while k0 < k {
+                let kc = KC.min(k - k0);
+                let off = n0 * k + wp * k0;
+                pack_b(
+                    b,
+                    k,
+                    n0,
+                    n1,
+                    k0,
+                    kc,
+                    &mut data[off..off + wp * kc],
+                    &mut row,
+                );
+                k0 += kc;
+            }
+            n0 = n1;
+        }
+        PackedB { data, n, k }
+    }
+
+    /// The packed tile of columns `n0..` (a chunk start) and the slice at `k0`.
+    fn tile(&self, n0: usize, n1: usize, k0: usize) -> &[f32] {
+        let wp = (n1 - n0).div_ceil(NR) * NR;
+        &self.data[n0 * self.k + wp * k0..]
+    }
+}
+
+/// Where [`gemm_cols`] gets its `B` tiles.
+#[derive(Clone, Copy)]
+enum BOp<'a> {
+    /// Packed tile by tile from the source (weights: no full copy).
+    Src(BSrc<'a>),
+    /// Already packed.
+    Packed(&'a PackedB),
+}
+
+/// A raw output pointer that tasks share; each task writes its own columns only.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+
+impl OutPtr {
+    /// The pointer (a method, so closures capture the `Sync` wrapper, not the field).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+// SAFETY: tasks write disjoint column ranges of the output.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// `C[i, j] = Σ_kk A[i, kk] · B[j, kk]` for all rows and the columns `j0..j1`, on
+/// the calling thread, `chunk` columns of `B` packed at a time (a multiple of [`NR`];
+/// [`NC`] for a [`PackedB`]). `c` points at `C[0, 0]` with row stride `ldc`.
+///
+/// # Safety
+/// `c` addresses `a.m` rows of `ldc` floats with `j1 ≤ ldc`, and no other thread
+/// touches columns `j0..j1` meanwhile.
+unsafe fn gemm_cols(
+    a: AView<'_>,
+    b: BOp<'_>,
+    j0: usize,
+    j1: usize,
+    chunk: usize,
+    c: *mut f32,
+    ldc: usize,
+) {
+    let (m, k) = (a.m, a.k);
+    let kern = micro();
+    let mut bp = match b {
+        BOp::Src(_) => vec![0f32; chunk * KC],
+        BOp::Packed(_) => Vec::new(),
+    };
+    let mut row = vec![0f32; KC];
+    let mut tile = [0f32; MR * NR];
+    // The last partial row panel, copied and zero-padded.
+    let tail_rows = m % MR;
+    let mut atail = vec![0f32; if tail_rows > 0 { MR * KC } else { 0 }];
+    let mut n0 = j0;
+    while n0 < j1 {
+        let n1 = (n0 + chunk).min(j1);
+        let mut k0 = 0;
+        while k0 < k {
+            let kc = KC.min(k - k0);
+            let first = k0 == 0;
+            let bt: &[f32] = match b {
+                BOp::Src(src) => {
+                    pack_b(src, k, n0, n1, k0, kc, &mut bp, &mut row);
+                    &bp
+                }
+                BOp::Packed(pb) => pb.tile(n0, n1, k0),
+            };
+            if tail_rows > 0 {
+                let r0 = m - tail_rows;
+                for i in 0..tail_rows {
+                    let src = &a.data[(r0 + i) * a.lda + k0..(r0 + i) * a.lda + k0 + kc];
+                    atail[i * kc..(i + 1) * kc].copy_from_slice(src);
+                }
+            }
+            let mut ic = 0;
+            while ic < m {
+                let mc = MC.min(m - ic);
+                for p in 0..(n1 - n0).div_ceil(NR) {
+                    let jc = n0 + p * NR;
+                    let cols = NR.min(n1 - jc);
+                    let bptr = bt[p * kc * NR..(p + 1) * kc * NR].as_ptr();
+                    let mut ir = ic;
+                    while ir < ic + mc {
+                        let rows = MR.min(m - ir);
+                        let (aptr, lda) = if rows == MR {
+                            (a.data[ir * a.lda + k0..].as_ptr(), a.lda)
+                        } else {
+                            (atail.as_ptr(), kc)
+                        };
+                        // SAFETY: the rows hold kc floats at stride lda, the panel
+                        // kc·NR; the tile is inside C (or is the local buffer).
+                        unsafe {
+                            if rows == MR && cols == NR {
+                                kern(kc, aptr, lda, bptr, c.add(ir * ldc + jc), ldc, first);
+                            } else {
+                                kern(kc, aptr, lda, bptr, tile.as_mut_ptr(), NR, true);
+                                for i in 0..rows {
+                                    for j in 0..cols {
+                                        let p = c.add((ir + i) * ldc + jc + j);
+                                        let v = tile[i * NR + j];
+                                        *p = if first { v } else { *p + v };
+                                    }
+                                }
+                            }
+                        }
+                        ir += MR;
+                    }
+                }
+                ic += mc;
+            }
+            k0 += kc;
+        }
+        n0 = n1;
+    }
+}
+
+/// `out[i, j] = Σ_kk x[i, kk] · w[j, kk] (+ bias[j])`: `x` is `m × k` f32, `w` is the
+/// f16 `n × k` weight (PyTorch `Linear` layout), `out` is `m × n`, all row-major.
+/// Parallel over tasks of [`NC`] columns on the current rayon pool.
+pub fn linear_f16(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f16],
+    n: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    assert_eq!(x.len(), m * k);
+    assert_eq!(w.len(), n * k);
+    assert_eq!(out.len(), m * n);
+    linear_src(x, m, k, BSrc::F16(w), n, bias, out);
+}
+
+/// `out[i, j] = Σ_kk x[i, kk] · W[j, kk]` for an int8 per-block-32 weight `W`
+/// (`q`: `[n, k]`, `s`: `[n, k/32]` f16 scales), dequantized exactly tile by tile
+/// while packing: the reference's arithmetic on the bundle's weights, up to the
+/// summation order. Parallel as [`linear_f16`].
+#[allow(clippy::too_many_arguments)]
+pub fn linear_q8(x: &[f32], m: usize, k: usize, q: &[i8], s: &[f16], n: usize, out: &mut [f32]) {
+    assert!(k.is_multiple_of(32));
+    assert_eq!(x.len(), m * k);
+    assert_eq!(q.len(), n * k);
+    assert_eq!(s.len(), n * k / 32);
+    assert_eq!(out.len(), m * n);
+    linear_src(x, m, k, BSrc::Q8 { q, s }, n, None, out);
+}
+
+/// [`linear_f16`] for an f32 weight.
 pub fn linear(
     x: &[f32],
     m: usize,
@@ -24,142 +578,309 @@ pub fn linear(
     assert_eq!(x.len(), m * k);
     assert_eq!(w.len(), n * k);
     assert_eq!(out.len(), m * n);
+    linear_src(
+        x,
+        m,
+        k,
+        BSrc::F32 {
+            data: w,
+            rs: k,
+            cs: 1,
+        },
+        n,
+        bias,
+        out,
+    );
+}
+
+fn linear_src(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    b: BSrc<'_>,
+    n: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
     if m == 0 || n == 0 {
         return;
     }
-    // Each task writes a column slice of every output row; collect them, then scatter.
-    let tasks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(COLS_PER_TASK))
-        .into_par_iter()
-        .map(|c| {
-            let c0 = c * COLS_PER_TASK;
-            let nc = COLS_PER_TASK.min(n - c0);
-            let mut part = vec![0f32; m * nc];
-            // SAFETY: every pointer/stride pair addresses inside its slice: part is
-            // m × nc row-major, x is m × k row-major, w[c0..c0+nc] is nc × k row-major,
-            // read as its transpose (k × nc) through swapped strides.
+    if k == 0 {
+        out.fill(0.0);
+    } else {
+        let a = AView::new(x, m, k, k);
+        // A few tasks per thread for balance; wider tasks stream the activations
+        // fewer times. The split never changes a value (see the module docs).
+        let threads = rayon::current_num_threads().max(1);
+        let width = (n.div_ceil(3 * threads).div_ceil(NR) * NR).clamp(NC, MAX_TASK_COLS);
+        let optr = OutPtr(out.as_mut_ptr());
+        (0..n.div_ceil(width)).into_par_iter().for_each(|t| {
+            let j0 = t * width;
+            // SAFETY: `out` is m × n; this task alone writes columns j0..j0+width.
             unsafe {
-                gemm::gemm(
-                    m,
-                    nc,
-                    k,
-                    part.as_mut_ptr(),
-                    1,
-                    nc as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    w.as_ptr().add(c0 * k),
-                    k as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
+                gemm_cols(
+                    a,
+                    BOp::Src(b),
+                    j0,
+                    (j0 + width).min(n),
+                    width,
+                    optr.get(),
+                    n,
+                )
+            };
+        });
+    }
+    if let Some(bv) = bias {
+        assert_eq!(bv.len(), n);
+        out.par_chunks_mut(n).for_each(|row| {
+            for (o, v) in row.iter_mut().zip(bv) {
+                *o += v;
             }
-            (c0, part)
-        })
-        .collect();
-    for (c0, part) in tasks {
-        let nc = part.len() / m;
+        });
+    }
+}
+
+/// `c = a · bᵀ` on the calling thread: `a` is `m × k` with row stride `lda`, `b`
+/// as in [`BSrc`] (`n` columns), `c` is `m × n` with row stride `ldc`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_serial(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    lda: usize,
+    b: BSrc<'_>,
+    n: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    assert!(n <= ldc && (m == 0 || c.len() >= (m - 1) * ldc + n));
+    match b {
+        BSrc::F16(w) => assert!(w.len() >= n * k),
+        BSrc::Q8 { q, s } => {
+            assert!(k.is_multiple_of(32) && q.len() >= n * k && s.len() >= n * k / 32)
+        }
+        BSrc::F32 { data, rs, cs } => {
+            assert!(n == 0 || k == 0 || data.len() > (n - 1) * rs + (k - 1) * cs)
+        }
+    }
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
         for r in 0..m {
-            out[r * n + c0..r * n + c0 + nc].copy_from_slice(&part[r * nc..(r + 1) * nc]);
+            c[r * ldc..r * ldc + n].fill(0.0);
         }
+        return;
     }
-    if let Some(b) = bias {
-        for row in out.chunks_exact_mut(n) {
-            for (o, bv) in row.iter_mut().zip(b) {
-                *o += bv;
-            }
-        }
-    }
+    let a = AView::new(a, m, k, lda);
+    // SAFETY: c holds m rows of ldc ≥ n floats (checked), used by this thread only.
+    unsafe { gemm_cols(a, BOp::Src(b), 0, n, NC, c.as_mut_ptr(), ldc) };
 }
 
-/// `out = a · bᵀ` for `a: m × k`, `b: n × k` on the calling thread (attention scores).
-pub fn matmul_abt_serial(a: &[f32], m: usize, k: usize, b: &[f32], n: usize, out: &mut [f32]) {
-    // SAFETY: as in `linear`, every access stays inside the given slices.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b.as_ptr(),
-            k as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
+/// `c = a · bᵀ` on the calling thread with a pre-packed `b` ([`PackedB`]); `a` is
+/// `m × b.k` with row stride `lda`, `c` is `m × b.n` with row stride `ldc`. The
+/// results equal [`gemm_serial`]'s on the same operands bit for bit.
+pub fn gemm_serial_packed(a: &[f32], m: usize, lda: usize, b: &PackedB, c: &mut [f32], ldc: usize) {
+    let (n, k) = (b.n, b.k);
+    assert!(n <= ldc && (m == 0 || c.len() >= (m - 1) * ldc + n));
+    if m == 0 || n == 0 {
+        return;
     }
-}
-
-/// `out = a · b` for `a: m × k`, `b: k × n` on the calling thread (attention × V).
-pub fn matmul_ab_serial(a: &[f32], m: usize, k: usize, b: &[f32], n: usize, out: &mut [f32]) {
-    // SAFETY: as in `linear`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b.as_ptr(),
-            1,
-            n as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
+    if k == 0 {
+        for r in 0..m {
+            c[r * ldc..r * ldc + n].fill(0.0);
+        }
+        return;
     }
+    let a = AView::new(a, m, k, lda);
+    // SAFETY: c holds m rows of ldc ≥ n floats (checked), used by this thread only.
+    unsafe { gemm_cols(a, BOp::Packed(b), 0, n, NC, c.as_mut_ptr(), ldc) };
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn linear_matches_naive() {
-        let (m, k, n) = (5, 37, 130);
-        let x: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
-        let w: Vec<f32> = (0..n * k).map(|i| ((i * 5) % 11) as f32 - 5.0).collect();
-        let b: Vec<f32> = (0..n).map(|i| i as f32).collect();
-        let mut out = vec![0f32; m * n];
-        linear(&x, m, k, &w, n, Some(&b), &mut out);
-        for r in 0..m {
-            for c in 0..n {
-                let want: f32 = (0..k).map(|i| x[r * k + i] * w[c * k + i]).sum::<f32>() + b[c];
-                assert_eq!(out[r * n + c], want);
+    fn naive(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f64> {
+        let mut o = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                o[i * n + j] = (0..k)
+                    .map(|q| x[i * k + q] as f64 * w[j * k + q] as f64)
+                    .sum();
             }
         }
-        let mut o2 = vec![0f32; m * n];
-        matmul_abt_serial(&x, m, k, &w, n, &mut o2);
-        let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
-        let mut o3 = vec![0f32; m * n];
-        matmul_ab_serial(&x, m, k, &wt, n, &mut o3);
-        for i in 0..m * n {
-            assert_eq!(o2[i] + b[i % n], out[i]);
-            assert_eq!(o3[i], o2[i]);
+        o
+    }
+
+    fn close(got: &[f32], want: &[f64], x: &[f32], w: &[f32], m: usize, k: usize, n: usize) {
+        for i in 0..m {
+            for j in 0..n {
+                let mag: f64 = (0..k)
+                    .map(|q| (x[i * k + q] as f64 * w[j * k + q] as f64).abs())
+                    .sum();
+                let d = (got[i * n + j] as f64 - want[i * n + j]).abs();
+                assert!(
+                    d <= mag * 1e-6 + 1e-30,
+                    "({i},{j}): {} vs {}",
+                    got[i * n + j],
+                    want[i * n + j]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn linear_matches_naive_on_odd_shapes() {
+        for (m, k, n) in [
+            (1usize, 1usize, 1usize),
+            (5, 37, 130),
+            (7, 300, 17),
+            (13, 513, 70),
+            (100, 64, 33),
+        ] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7) % 13) as f32 * 0.25 - 1.5)
+                .collect();
+            let w16: Vec<f16> = (0..n * k)
+                .map(|i| f16::from_f32(((i * 5) % 11) as f32 * 0.125 - 0.6))
+                .collect();
+            let w: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
+            let b: Vec<f32> = (0..n).map(|i| i as f32 * 0.5).collect();
+            let want = naive(&x, m, k, &w, n);
+            let mut o16 = vec![f32::NAN; m * n];
+            linear_f16(&x, m, k, &w16, n, None, &mut o16);
+            close(&o16, &want, &x, &w, m, k, n);
+            let mut o32 = vec![f32::NAN; m * n];
+            linear(&x, m, k, &w, n, Some(&b), &mut o32);
+            for i in 0..m * n {
+                assert_eq!(o32[i], o16[i] + b[i % n], "bias is added after the sum");
+            }
+            // The serial entry, with strided B (the transpose of w) and padded rows.
+            let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
+            let mut os = vec![f32::NAN; m * (n + 3)];
+            gemm_serial(
+                &x,
+                m,
+                k,
+                k,
+                BSrc::F32 {
+                    data: &wt,
+                    rs: 1,
+                    cs: n,
+                },
+                n,
+                &mut os,
+                n + 3,
+            );
+            for i in 0..m {
+                for j in 0..n {
+                    assert_eq!(os[i * (n + 3) + j].to_bits(), o16[i * n + j].to_bits());
+                }
+            }
+            let pb = PackedB::new(
+                BSrc::F32 {
+                    data: &wt,
+                    rs: 1,
+                    cs: n,
+                },
+                n,
+                k,
+            );
+            let mut op = vec![f32::NAN; m * (n + 3)];
+            gemm_serial_packed(&x, m, k, &pb, &mut op, n + 3);
+            for i in 0..m {
+                for j in 0..n {
+                    assert_eq!(op[i * (n + 3) + j].to_bits(), o16[i * n + j].to_bits());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn linear_q8_equals_the_gemm_on_dequantized_weights() {
+        // n = 130: eight full panels (the SIMD dequantizing pack) and a partial one.
+        for (m, k, n) in [(1usize, 32usize, 1usize), (7, 288, 130), (13, 544, 40)] {
+            let q: Vec<i8> = (0..n * k).map(|i| ((i * 7919) % 256) as u8 as i8).collect();
+            let s: Vec<f16> = (0..n * k / 32)
+                .map(|i| f16::from_f32(((i * 31) % 97) as f32 * 1e-3 + 1e-4))
+                .collect();
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| q[i] as f32 * s[i / 32].to_f32())
+                .collect();
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 13) % 29) as f32 * 0.1 - 1.4)
+                .collect();
+            let mut a = vec![f32::NAN; m * n];
+            let mut b = vec![f32::NAN; m * n];
+            linear_q8(&x, m, k, &q, &s, n, &mut a);
+            linear(&x, m, k, &w, n, None, &mut b);
+            assert!(
+                a.iter().zip(&b).all(|(u, v)| u.to_bits() == v.to_bits()),
+                "{m}x{k}x{n}"
+            );
+            close(&a, &naive(&x, m, k, &w, n), &x, &w, m, k, n);
+        }
+    }
+
+    #[test]
+    fn linear_does_not_depend_on_threads() {
+        let (m, k, n) = (31usize, 700usize, 200usize);
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7919) % 1013) as f32 * 1e-3 - 0.5)
+            .collect();
+        let w: Vec<f16> = (0..n * k)
+            .map(|i| f16::from_f32(((i * 104729) % 997) as f32 * 1e-3 - 0.5))
+            .collect();
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut o = vec![0f32; m * n];
+            pool.install(|| linear_f16(&x, m, k, &w, n, None, &mut o));
+            o
+        };
+        let one = run(1);
+        for t in [2, 3] {
+            let o = run(t);
+            assert!(
+                one.iter().zip(&o).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "threads={t}"
+            );
+        }
+    }
+
+    #[test]
+    fn portable_and_simd_register_tiles_agree_to_rounding() {
+        let kc = 300;
+        let a: Vec<f32> = (0..kc * MR)
+            .map(|i| ((i * 31) % 17) as f32 * 0.1 - 0.8)
+            .collect();
+        let b: Vec<f32> = (0..kc * NR)
+            .map(|i| ((i * 13) % 19) as f32 * 0.1 - 0.9)
+            .collect();
+        let mut want = vec![0f32; MR * NR];
+        let mut got = vec![0f32; MR * NR];
+        // SAFETY: a, b and the tiles are sized for kc.
+        unsafe {
+            micro_portable(kc, a.as_ptr(), kc, b.as_ptr(), want.as_mut_ptr(), NR, true);
+            micro()(kc, a.as_ptr(), kc, b.as_ptr(), got.as_mut_ptr(), NR, true);
+        }
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{g} vs {w}");
+        }
+    }
+
+    #[test]
+    fn widen_is_exact() {
+        let src: Vec<f16> = (0..37u16)
+            .map(|i| f16::from_bits(i.wrapping_mul(1777)))
+            .collect();
+        let mut dst = vec![0f32; 37];
+        widen_f16(&src, &mut dst);
+        for (s, d) in src.iter().zip(&dst) {
+            assert!(s.to_f32().to_bits() == d.to_bits() || (s.is_nan() && d.is_nan()));
         }
     }
 }

@@ -1,16 +1,52 @@
-//! int8 weights (per-block-32, f16 scales) × int8 activations (per-block-32, f32
-//! scales), the decoder's hot loop.
+//! int8 per-block-32 weights (f16 scales) in the decoder's products.
 //!
-//! Per block the products are summed exactly in i32; the SIMD paths only speed up
-//! that integer sum. The f32 accumulation `acc += sumi · (dw · dx)` then runs block
-//! by block in the same order on every path, so every path returns bit-identical
-//! results (the tests check it).
+//! - **W8A32** (what the engine runs): f32 activations times the exactly dequantized
+//!   weights, i.e. the reference's arithmetic on the bundle up to summation order.
+//!   Decode (one token) uses [`matvec`], a streaming matrix-vector kernel; prefill
+//!   uses the packed f32 GEMM over all tokens ([`crate::kernels::gemm::linear_q8`]),
+//!   which dequantizes each weight tile while packing it.
+//! - **W8A8** ([`matmul`], Q8_0-style: activations quantized per block of 32 by
+//!   [`QActs`]): the blocked int8 × int8 kernel with register tiles of
+//!   [`TILE_R`] weight rows × [`TILE_C`] tokens. Kept, tested and benchmarked
+//!   (`q3vl bench --kernels-only`) but not used by the engine: on AVX2 (Zen 3) its
+//!   `maddubs`/`madd`/`fma` sequence runs no faster than the f32 FMA GEMM
+//!   (≈ 70 GOPS vs ≈ 75–85 GFLOP/s per core), and the activation rounding it adds
+//!   moved greedy tokens away from the reference on an untrained fixture.
+//!
+//! # The W8A8 arithmetic (every path, bit for bit)
+//!
+//! For one weight row `w` and one activation row `x` with `nb` blocks:
+//!
+//! ```text
+//! acc[0..8] = 0                                          (f32 lanes)
+//! for b in 0..nb:
+//!     sc = ws[b] · xd[b]                                 (f32 product, rounded)
+//!     for l in 0..8:
+//!         s = Σ_{j<4} w[32b+4l+j] · x[32b+4l+j]          (exact, i32)
+//!         acc[l] = fma(f32(s), sc, acc[l])               (fused multiply-add)
+//! result = ((acc0+acc4) + (acc2+acc6)) + ((acc1+acc5) + (acc3+acc7))
+//! ```
+//!
+//! Lane `l` is what `maddubs`+`madd` (AVX2), `dpbusd` (VNNI) and a pairwise-add
+//! tree (NEON) produce for bytes `4l..4l+3`, so the SIMD paths only change how the
+//! exact integer lane sums are computed; the float operations are the same ones in
+//! the same order. One output never depends on the tile it was computed in, on the
+//! task split or on the thread count.
 
 use half::f16;
+use rayon::prelude::*;
 use std::sync::OnceLock;
 
 /// Elements per quantization block (spec/quantization.md).
 pub const BLOCK: usize = 32;
+
+/// f32 accumulator lanes per dot product (see the module docs).
+pub const LANES: usize = 8;
+
+/// Weight rows per register tile.
+pub const TILE_R: usize = 2;
+/// Activation rows (tokens) per register tile.
+pub const TILE_C: usize = 4;
 
 /// Activations quantized per 32-block: `rows × cols` int8 values and one f32 scale
 /// per block (`d = amax / 127`, `q = round_half_even(x / d)`, so |q| ≤ 127).
@@ -27,18 +63,19 @@ pub struct QActs {
 }
 
 impl QActs {
-    /// Quantizes `x` (`rows × cols`, cols a multiple of 32).
+    /// Quantizes `x` (`rows × cols`, cols a multiple of 32). Rows are quantized in
+    /// parallel; each block's result does not depend on that.
     pub fn quantize(x: &[f32], cols: usize) -> QActs {
         assert!(cols.is_multiple_of(BLOCK) && x.len().is_multiple_of(cols.max(1)));
         let mut q = vec![0i8; x.len()];
         let mut d = vec![0f32; x.len() / BLOCK];
-        for ((xb, qb), db) in x
-            .chunks_exact(BLOCK)
-            .zip(q.chunks_exact_mut(BLOCK))
-            .zip(&mut d)
-        {
-            *db = quantize_block(xb, qb);
-        }
+        // Chunks of whole blocks, large enough to be worth a task.
+        const PER_TASK: usize = 64 * 1024;
+        let chunk = PER_TASK.max(BLOCK);
+        x.par_chunks(chunk)
+            .zip(q.par_chunks_mut(chunk))
+            .zip(d.par_chunks_mut(chunk / BLOCK))
+            .for_each(|((xc, qc), dc)| quantize_blocks(xc, qc, dc));
         QActs {
             q,
             d,
@@ -57,6 +94,24 @@ impl QActs {
     }
 }
 
+/// Quantizes whole blocks, on AVX2 where the CPU has it (the same operations, so
+/// the same bytes as [`quantize_block`]).
+fn quantize_blocks(x: &[f32], q: &mut [i8], d: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if best_path() != Path::Portable {
+        // SAFETY: every x86 path beyond portable includes AVX2; lengths agree.
+        unsafe { x86::quantize_blocks_avx2(x, q, d) };
+        return;
+    }
+    for ((xb, qb), db) in x
+        .chunks_exact(BLOCK)
+        .zip(q.chunks_exact_mut(BLOCK))
+        .zip(d.iter_mut())
+    {
+        *db = quantize_block(xb, qb);
+    }
+}
+
 /// Quantizes one block; returns its scale (0 for an all-zero block).
 pub fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -71,201 +126,311 @@ pub fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
     d
 }
 
-/// One dot-product implementation: `Σ_b sumi_b · (ws[b] · xd[b])`, where `ws` are
-/// the weight row's f16 scales widened to f32 (exact) once per row.
-///
-/// # Safety
-/// `w` and `x` have the same length, a multiple of 32, with `len/32` scales each;
-/// the function's target features are present (guaranteed by [`path_fn`]).
-pub type DotFn = unsafe fn(w: &[i8], ws: &[f32], x: &[i8], xd: &[f32]) -> f32;
-
-/// Four dot products of one weight row with four activation rows (prefill), each
-/// bit-identical to [`DotFn`] on that row: the weight loads are shared, the
-/// per-row reduction order is not changed.
-///
-/// # Safety
-/// As [`DotFn`], for each of the four activation rows.
-pub type Dot4Fn = unsafe fn(w: &[i8], ws: &[f32], x: [&[i8]; 4], xd: [&[f32]; 4]) -> [f32; 4];
-
-/// The shared, fixed-order float accumulation of four block sums.
+/// The fixed final reduction of the eight lanes (see the module docs).
 #[inline(always)]
-fn acc4(acc: &mut f32, s: [i32; 4], ws: &[f32], xd: &[f32]) {
-    for k in 0..4 {
-        *acc += s[k] as f32 * (ws[k] * xd[k]);
-    }
+fn hsum_lanes(a: [f32; LANES]) -> f32 {
+    let s = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
+    (s[0] + s[2]) + (s[1] + s[3])
 }
 
-/// Portable reference path.
+/// One dot product on the portable path, with the per-block scale products `sc`
+/// already formed (`sc[b] = ws[b] · xd[b]`).
+fn dot_sc_portable(w: &[i8], x: &[i8], sc: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    for ((wb, xb), &s) in w.chunks_exact(BLOCK).zip(x.chunks_exact(BLOCK)).zip(sc) {
+        for (l, a) in acc.iter_mut().enumerate() {
+            let mut sum = 0i32;
+            for j in 4 * l..4 * l + 4 {
+                sum += wb[j] as i32 * xb[j] as i32;
+            }
+            *a = (sum as f32).mul_add(s, *a);
+        }
+    }
+    hsum_lanes(acc)
+}
+
+/// Portable reference: `Σ_b Σ_l fma(lane sums)` as in the module docs.
 pub fn dot_portable(w: &[i8], ws: &[f32], x: &[i8], xd: &[f32]) -> f32 {
-    let mut acc = 0f32;
-    for ((wb, xb), (s, d)) in w
-        .chunks_exact(BLOCK)
-        .zip(x.chunks_exact(BLOCK))
-        .zip(ws.iter().zip(xd))
-    {
-        let sumi: i32 = wb.iter().zip(xb).map(|(&a, &b)| a as i32 * b as i32).sum();
-        acc += sumi as f32 * (s * d);
+    let sc: Vec<f32> = ws.iter().zip(xd).map(|(a, b)| a * b).collect();
+    dot_sc_portable(w, x, &sc)
+}
+
+/// A register tile: `out[r·C + c] = dot(w row r, x row c)` for `R × C` pairs, where
+/// weight row `r` starts at `w + r·ldw` with its f16 block scales at `ws + r·nb`,
+/// and activation row `c` at `x + c·ldx` with f32 scales at `xd + c·nb`. The tile
+/// first forms the scale products `f32(ws[b])·xd[b]` of every pair into `sc`
+/// (`R·C·nb` floats).
+///
+/// # Safety
+/// Every row holds `nb · 32` readable bytes and its `nb` scales, `sc` has room for
+/// `R·C·nb` floats, `out` for `R·C`, and the function's target features are present.
+pub type TileFn = unsafe fn(
+    w: *const i8,
+    ws: *const f16,
+    ldw: usize,
+    x: *const i8,
+    xd: *const f32,
+    ldx: usize,
+    nb: usize,
+    sc: *mut f32,
+    out: *mut f32,
+);
+
+/// `sc[(r·C + c)·nb + b] = f32(ws[r·nb + b]) · xd[c·nb + b]`, the scale products
+/// of a tile (plain loop).
+///
+/// # Safety
+/// As [`TileFn`].
+#[inline(always)]
+unsafe fn scale_products<const R: usize, const C: usize>(
+    ws: *const f16,
+    xd: *const f32,
+    nb: usize,
+    sc: *mut f32,
+) {
+    for r in 0..R {
+        for c in 0..C {
+            // SAFETY: see `TileFn`.
+            let (a, b, d) = unsafe {
+                (
+                    std::slice::from_raw_parts(ws.add(r * nb), nb),
+                    std::slice::from_raw_parts(xd.add(c * nb), nb),
+                    std::slice::from_raw_parts_mut(sc.add((r * C + c) * nb), nb),
+                )
+            };
+            for ((o, p), q) in d.iter_mut().zip(a).zip(b) {
+                *o = p.to_f32() * q;
+            }
+        }
     }
-    acc
 }
 
-/// The portable path behind the [`DotFn`] signature.
-unsafe fn dot_portable_fn(w: &[i8], ws: &[f32], x: &[i8], xd: &[f32]) -> f32 {
-    dot_portable(w, ws, x, xd)
+/// The tile functions of one path, indexed `[R - 1][C - 1]`.
+type TileTable = [[TileFn; TILE_C]; TILE_R];
+
+/// The portable tile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_portable<const R: usize, const C: usize>(
+    w: *const i8,
+    ws: *const f16,
+    ldw: usize,
+    x: *const i8,
+    xd: *const f32,
+    ldx: usize,
+    nb: usize,
+    sc: *mut f32,
+    out: *mut f32,
+) {
+    // SAFETY: see `TileFn`.
+    unsafe { scale_products::<R, C>(ws, xd, nb, sc) };
+    let n = nb * BLOCK;
+    for r in 0..R {
+        // SAFETY: the caller guarantees every row and the scale products are readable.
+        let wr = unsafe { std::slice::from_raw_parts(w.add(r * ldw), n) };
+        for c in 0..C {
+            let (xr, s) = unsafe {
+                (
+                    std::slice::from_raw_parts(x.add(c * ldx), n),
+                    std::slice::from_raw_parts(sc.add((r * C + c) * nb), nb),
+                )
+            };
+            unsafe { *out.add(r * C + c) = dot_sc_portable(wr, xr, s) };
+        }
+    }
 }
 
-/// Four portable dots.
-unsafe fn dot4_portable_fn(w: &[i8], ws: &[f32], x: [&[i8]; 4], xd: [&[f32]; 4]) -> [f32; 4] {
-    [0, 1, 2, 3].map(|k| dot_portable(w, ws, x[k], xd[k]))
+/// Builds a `[R][C]` table of one generic tile function.
+macro_rules! tile_table {
+    ($f:ident) => {
+        [
+            [$f::<1, 1>, $f::<1, 2>, $f::<1, 3>, $f::<1, 4>],
+            [$f::<2, 1>, $f::<2, 2>, $f::<2, 3>, $f::<2, 4>],
+        ]
+    };
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{acc4, BLOCK};
+    use super::BLOCK;
+    use half::f16;
     use std::arch::x86_64::*;
 
-    /// Eight i32 partial sums of one block: |w| (as u8) × x·sign(w) (as i8) with
-    /// maddubs then madd. |w| = 128 is fine as u8, and x is never −128 after
-    /// quantization, so x·sign(w) cannot overflow; pair sums stay ≤ 2·128·127 < 2¹⁵.
+    /// Software prefetch distance along a weight row, in bytes (a prefetch never
+    /// faults, so running past the row's end is harmless).
+    const PREFETCH: usize = 1024;
+
+    /// The fixed lane reduction of the module docs on one `__m256`.
     #[inline(always)]
-    unsafe fn block_avx2(w: *const i8, x: *const i8) -> __m256i {
-        let wv = _mm256_loadu_si256(w as *const __m256i);
-        let xv = _mm256_loadu_si256(x as *const __m256i);
-        let aw = _mm256_sign_epi8(wv, wv);
-        let sx = _mm256_sign_epi8(xv, wv);
-        let p16 = _mm256_maddubs_epi16(aw, sx);
-        _mm256_madd_epi16(p16, _mm256_set1_epi16(1))
+    unsafe fn hsum(v: __m256) -> f32 {
+        // (a0+a4, a1+a5, a2+a6, a3+a7)
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        // (s0+s2, s1+s3)
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        // (s0+s2) + (s1+s3)
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
     }
 
-    /// Horizontal sums of four blocks' partials, in block order.
+    /// [`super::scale_products`] with F16C: eight blocks' scales widened at a time
+    /// (exact), then the same f32 products.
     #[inline(always)]
-    unsafe fn hsum4(p0: __m256i, p1: __m256i, p2: __m256i, p3: __m256i) -> [i32; 4] {
-        let h01 = _mm256_hadd_epi32(p0, p1);
-        let h23 = _mm256_hadd_epi32(p2, p3);
-        let h = _mm256_hadd_epi32(h01, h23);
-        let s = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-        let mut out = [0i32; 4];
-        _mm_storeu_si128(out.as_mut_ptr() as *mut __m128i, s);
-        out
+    unsafe fn scale_products_f16c<const R: usize, const C: usize>(
+        ws: *const f16,
+        xd: *const f32,
+        nb: usize,
+        sc: *mut f32,
+    ) {
+        let full = nb / 8 * 8;
+        for r in 0..R {
+            let wr = ws.add(r * nb);
+            for c in 0..C {
+                let (xr, dst) = (xd.add(c * nb), sc.add((r * C + c) * nb));
+                let mut b = 0;
+                while b < full {
+                    let wv = _mm256_cvtph_ps(_mm_loadu_si128(wr.add(b) as *const __m128i));
+                    _mm256_storeu_ps(dst.add(b), _mm256_mul_ps(wv, _mm256_loadu_ps(xr.add(b))));
+                    b += 8;
+                }
+                while b < nb {
+                    *dst.add(b) = (*wr.add(b)).to_f32() * *xr.add(b);
+                    b += 1;
+                }
+            }
+        }
     }
 
-    /// AVX2 path: four blocks per step.
+    /// [`super::quantize_block`] on every block of `x`: the amax is a max (exact,
+    /// order-free), then the same division, round-half-even and clamp per value.
     #[target_feature(enable = "avx2")]
-    pub unsafe fn dot_avx2(w: &[i8], ws: &[f32], x: &[i8], xd: &[f32]) -> f32 {
-        let nb = w.len() / BLOCK;
-        let (wp, xp) = (w.as_ptr(), x.as_ptr());
-        let mut acc = 0f32;
-        let mut b = 0;
-        while b + 4 <= nb {
-            let o = b * BLOCK;
-            let s = hsum4(
-                block_avx2(wp.add(o), xp.add(o)),
-                block_avx2(wp.add(o + BLOCK), xp.add(o + BLOCK)),
-                block_avx2(wp.add(o + 2 * BLOCK), xp.add(o + 2 * BLOCK)),
-                block_avx2(wp.add(o + 3 * BLOCK), xp.add(o + 3 * BLOCK)),
+    pub unsafe fn quantize_blocks_avx2(x: &[f32], q: &mut [i8], d: &mut [f32]) {
+        assert!(x.len() == q.len() && x.len() == d.len() * BLOCK);
+        let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+        for (b, db) in d.iter_mut().enumerate() {
+            let p = x.as_ptr().add(b * BLOCK);
+            let v = [0, 8, 16, 24].map(|o| _mm256_loadu_ps(p.add(o)));
+            let a = v.map(|vv| _mm256_and_ps(vv, abs_mask));
+            let m = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let m = _mm_max_ss(m, _mm_movehdup_ps(m));
+            let amax = _mm_cvtss_f32(m);
+            let dd = amax / 127.0;
+            let qp = q.as_mut_ptr().add(b * BLOCK);
+            if dd == 0.0 || !dd.is_finite() {
+                _mm256_storeu_si256(qp as *mut __m256i, _mm256_setzero_si256());
+                *db = if dd.is_finite() { 0.0 } else { dd };
+                continue;
+            }
+            let vd = _mm256_set1_ps(dd);
+            let i = v.map(|vv| {
+                let r = _mm256_round_ps(
+                    _mm256_div_ps(vv, vd),
+                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+                );
+                _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi))
+            });
+            let w = _mm256_packs_epi16(
+                _mm256_packs_epi32(i[0], i[1]),
+                _mm256_packs_epi32(i[2], i[3]),
             );
-            acc4(&mut acc, s, &ws[b..b + 4], &xd[b..b + 4]);
-            b += 4;
+            _mm256_storeu_si256(qp as *mut __m256i, _mm256_permutevar8x32_epi32(w, order));
+            *db = dd;
         }
-        while b < nb {
-            let o = b * BLOCK;
-            let z = _mm256_setzero_si256();
-            let s = hsum4(block_avx2(wp.add(o), xp.add(o)), z, z, z);
-            acc += s[0] as f32 * (ws[b] * xd[b]);
-            b += 1;
-        }
-        acc
     }
 
-    /// AVX2, four activation rows against one weight row: |w| is computed once per
-    /// block and shared; each row's sums and accumulation are exactly `dot_avx2`'s.
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn dot4_avx2(w: &[i8], ws: &[f32], x: [&[i8]; 4], xd: [&[f32]; 4]) -> [f32; 4] {
-        // No closures here: they would not inherit `avx2` and the intrinsics would
-        // become calls.
-        let nb = w.len() / BLOCK;
-        let wp = w.as_ptr();
+    /// AVX2 tile: per block, |w| (u8) × x·sign(w) (i8) with `maddubs`, pairs summed
+    /// to the eight i32 lanes with `madd`, converted and fused-multiply-added with the
+    /// block's scale product. |w| = 128 is fine as u8 and x is never −128 after
+    /// quantization, so x·sign(w) cannot overflow; i16 pair sums stay ≤ 2·128·127.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tile_avx2<const R: usize, const C: usize>(
+        w: *const i8,
+        ws: *const f16,
+        ldw: usize,
+        x: *const i8,
+        xd: *const f32,
+        ldx: usize,
+        nb: usize,
+        sc: *mut f32,
+        out: *mut f32,
+    ) {
+        scale_products_f16c::<R, C>(ws, xd, nb, sc);
         let ones = _mm256_set1_epi16(1);
-        let mut acc = [0f32; 4];
-        let mut b = 0;
-        while b + 4 <= nb {
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        for b in 0..nb {
             let o = b * BLOCK;
-            let w0 = _mm256_loadu_si256(wp.add(o) as *const __m256i);
-            let w1 = _mm256_loadu_si256(wp.add(o + BLOCK) as *const __m256i);
-            let w2 = _mm256_loadu_si256(wp.add(o + 2 * BLOCK) as *const __m256i);
-            let w3 = _mm256_loadu_si256(wp.add(o + 3 * BLOCK) as *const __m256i);
-            let a0 = _mm256_sign_epi8(w0, w0);
-            let a1 = _mm256_sign_epi8(w1, w1);
-            let a2 = _mm256_sign_epi8(w2, w2);
-            let a3 = _mm256_sign_epi8(w3, w3);
-            for k in 0..4 {
-                let xp = x[k].as_ptr().add(o);
-                let x0 = _mm256_loadu_si256(xp as *const __m256i);
-                let x1 = _mm256_loadu_si256(xp.add(BLOCK) as *const __m256i);
-                let x2 = _mm256_loadu_si256(xp.add(2 * BLOCK) as *const __m256i);
-                let x3 = _mm256_loadu_si256(xp.add(3 * BLOCK) as *const __m256i);
-                let p0 =
-                    _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(x0, w0)), ones);
-                let p1 =
-                    _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(x1, w1)), ones);
-                let p2 =
-                    _mm256_madd_epi16(_mm256_maddubs_epi16(a2, _mm256_sign_epi8(x2, w2)), ones);
-                let p3 =
-                    _mm256_madd_epi16(_mm256_maddubs_epi16(a3, _mm256_sign_epi8(x3, w3)), ones);
-                let s = hsum4(p0, p1, p2, p3);
-                acc4(&mut acc[k], s, &ws[b..b + 4], &xd[k][b..b + 4]);
+            let mut xv = [_mm256_setzero_si256(); C];
+            for (c, v) in xv.iter_mut().enumerate() {
+                *v = _mm256_loadu_si256(x.add(c * ldx + o) as *const __m256i);
             }
-            b += 4;
-        }
-        while b < nb {
-            let o = b * BLOCK;
-            let z = _mm256_setzero_si256();
-            for k in 0..4 {
-                let s = hsum4(block_avx2(wp.add(o), x[k].as_ptr().add(o)), z, z, z);
-                acc[k] += s[0] as f32 * (ws[b] * xd[k][b]);
+            for (r, accr) in acc.iter_mut().enumerate() {
+                if b % 2 == 0 {
+                    // Decode streams the weights from memory: ask for them early.
+                    _mm_prefetch(w.add(r * ldw + o + PREFETCH), _MM_HINT_T0);
+                }
+                let wv = _mm256_loadu_si256(w.add(r * ldw + o) as *const __m256i);
+                let aw = _mm256_sign_epi8(wv, wv);
+                for (c, a) in accr.iter_mut().enumerate() {
+                    let sx = _mm256_sign_epi8(xv[c], wv);
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
+                    let s = _mm256_broadcast_ss(&*sc.add((r * C + c) * nb + b));
+                    *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, *a);
+                }
             }
-            b += 1;
         }
-        acc
+        for (r, accr) in acc.iter().enumerate() {
+            for (c, a) in accr.iter().enumerate() {
+                *out.add(r * C + c) = hsum(*a);
+            }
+        }
     }
 
-    /// AVX-512 VNNI path (256-bit `vpdpbusd`, needs AVX512VL): the same |w| / x·sign(w)
-    /// split, summed by `dpbusd` straight into i32 lanes. This machine has no AVX-512,
-    /// so this path is compiled and gated by runtime detection but not exercised here.
-    #[target_feature(enable = "avx2,avx512f,avx512vl,avx512bw,avx512vnni")]
-    pub unsafe fn dot_vnni(w: &[i8], ws: &[f32], x: &[i8], xd: &[f32]) -> f32 {
-        let nb = w.len() / BLOCK;
-        let (wp, xp) = (w.as_ptr(), x.as_ptr());
-        // A macro, not a closure: closures would not inherit the target features.
-        macro_rules! one {
-            ($o:expr) => {{
-                let wv = _mm256_loadu_si256(wp.add($o) as *const __m256i);
-                let xv = _mm256_loadu_si256(xp.add($o) as *const __m256i);
-                let aw = _mm256_abs_epi8(wv);
-                let sx = _mm256_sign_epi8(xv, wv);
-                _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sx)
-            }};
-        }
-        let mut acc = 0f32;
-        let mut b = 0;
-        while b + 4 <= nb {
+    /// AVX-512 VNNI tile (256-bit `vpdpbusd`, needs AVX512VL): the same |w| /
+    /// x·sign(w) split, each lane's four products summed by `dpbusd` straight into
+    /// i32. This machine has no AVX-512, so this path is compiled and gated by
+    /// runtime detection but not exercised here.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tile_vnni<const R: usize, const C: usize>(
+        w: *const i8,
+        ws: *const f16,
+        ldw: usize,
+        x: *const i8,
+        xd: *const f32,
+        ldx: usize,
+        nb: usize,
+        sc: *mut f32,
+        out: *mut f32,
+    ) {
+        scale_products_f16c::<R, C>(ws, xd, nb, sc);
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        for b in 0..nb {
             let o = b * BLOCK;
-            let s = hsum4(
-                one!(o),
-                one!(o + BLOCK),
-                one!(o + 2 * BLOCK),
-                one!(o + 3 * BLOCK),
-            );
-            acc4(&mut acc, s, &ws[b..b + 4], &xd[b..b + 4]);
-            b += 4;
+            let mut xv = [_mm256_setzero_si256(); C];
+            for (c, v) in xv.iter_mut().enumerate() {
+                *v = _mm256_loadu_si256(x.add(c * ldx + o) as *const __m256i);
+            }
+            for (r, accr) in acc.iter_mut().enumerate() {
+                if b % 2 == 0 {
+                    _mm_prefetch(w.add(r * ldw + o + PREFETCH), _MM_HINT_T0);
+                }
+                let wv = _mm256_loadu_si256(w.add(r * ldw + o) as *const __m256i);
+                let aw = _mm256_abs_epi8(wv);
+                for (c, a) in accr.iter_mut().enumerate() {
+                    let sx = _mm256_sign_epi8(xv[c], wv);
+                    let p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sx);
+                    let s = _mm256_broadcast_ss(&*sc.add((r * C + c) * nb + b));
+                    *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, *a);
+                }
+            }
         }
-        while b < nb {
-            let z = _mm256_setzero_si256();
-            let s = hsum4(one!(b * BLOCK), z, z, z);
-            acc += s[0] as f32 * (ws[b] * xd[b]);
-            b += 1;
+        for (r, accr) in acc.iter().enumerate() {
+            for (c, a) in accr.iter().enumerate() {
+                *out.add(r * C + c) = hsum(*a);
+            }
         }
-        acc
     }
 }
 
@@ -274,34 +439,64 @@ mod arm {
     use super::BLOCK;
     use std::arch::aarch64::*;
 
-    /// NEON path: widening i8×i8 → i16 products (|p| ≤ 2¹⁴), pairwise-added to i32.
+    /// Lanes 0..4 (bytes 0..16) or 4..8 (bytes 16..32) of one block: widening
+    /// i8×i8 → i16 products (|p| ≤ 2¹⁴), pairwise-added to i32 twice, so lane `l`
+    /// holds bytes `4l..4l+3` as on x86.
+    #[inline(always)]
+    unsafe fn half_lanes(w: int8x16_t, x: int8x16_t) -> int32x4_t {
+        let lo = vpaddlq_s16(vmull_s8(vget_low_s8(w), vget_low_s8(x)));
+        let hi = vpaddlq_s16(vmull_high_s8(w, x));
+        vpaddq_s32(lo, hi)
+    }
+
+    /// NEON tile: two `float32x4` accumulators per pair (lanes 0..4 and 4..8).
     #[target_feature(enable = "neon")]
-    pub unsafe fn dot_neon(w: &[i8], ws: &[f32], x: &[i8], xd: &[f32]) -> f32 {
-        let nb = w.len() / BLOCK;
-        let mut acc = 0f32;
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tile_neon<const R: usize, const C: usize>(
+        w: *const i8,
+        ws: *const half::f16,
+        ldw: usize,
+        x: *const i8,
+        xd: *const f32,
+        ldx: usize,
+        nb: usize,
+        sc: *mut f32,
+        out: *mut f32,
+    ) {
+        super::scale_products::<R, C>(ws, xd, nb, sc);
+        let mut lo = [[vdupq_n_f32(0.0); C]; R];
+        let mut hi = [[vdupq_n_f32(0.0); C]; R];
         for b in 0..nb {
             let o = b * BLOCK;
-            let mut s = vdupq_n_s32(0);
-            for h in 0..2 {
-                let wv = vld1q_s8(w.as_ptr().add(o + 16 * h));
-                let xv = vld1q_s8(x.as_ptr().add(o + 16 * h));
-                let lo = vmull_s8(vget_low_s8(wv), vget_low_s8(xv));
-                let hi = vmull_high_s8(wv, xv);
-                s = vpadalq_s16(s, lo);
-                s = vpadalq_s16(s, hi);
+            for r in 0..R {
+                let w0 = vld1q_s8(w.add(r * ldw + o));
+                let w1 = vld1q_s8(w.add(r * ldw + o + 16));
+                for c in 0..C {
+                    let x0 = vld1q_s8(x.add(c * ldx + o));
+                    let x1 = vld1q_s8(x.add(c * ldx + o + 16));
+                    let s = vdupq_n_f32(*sc.add((r * C + c) * nb + b));
+                    lo[r][c] = vfmaq_f32(lo[r][c], vcvtq_f32_s32(half_lanes(w0, x0)), s);
+                    hi[r][c] = vfmaq_f32(hi[r][c], vcvtq_f32_s32(half_lanes(w1, x1)), s);
+                }
             }
-            acc += vaddvq_s32(s) as f32 * (ws[b] * xd[b]);
         }
-        acc
+        for r in 0..R {
+            for c in 0..C {
+                // (a0+a4, a1+a5, a2+a6, a3+a7), then (s0+s2, s1+s3), then their sum.
+                let s = vaddq_f32(lo[r][c], hi[r][c]);
+                let t = vadd_f32(vget_low_f32(s), vget_high_f32(s));
+                *out.add(r * C + c) = vget_lane_f32::<0>(t) + vget_lane_f32::<1>(t);
+            }
+        }
     }
 }
 
-/// Which dot-product path runs.
+/// Which kernel path runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Path {
     /// Plain Rust.
     Portable,
-    /// x86-64 AVX2.
+    /// x86-64 AVX2 + FMA + F16C.
     Avx2,
     /// x86-64 AVX-512 VNNI (with VL/BW).
     Avx512Vnni,
@@ -314,10 +509,13 @@ pub fn available_paths() -> Vec<Path> {
     let mut v = vec![Path::Portable];
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx2") {
+        let avx2 = is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c");
+        if avx2 {
             v.push(Path::Avx2);
         }
-        if is_x86_feature_detected!("avx2")
+        if avx2
             && is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512vl")
             && is_x86_feature_detected!("avx512bw")
@@ -335,34 +533,37 @@ pub fn available_paths() -> Vec<Path> {
     v
 }
 
-/// The function of `path`. Panics if the CPU lacks it (only [`available_paths`] are valid).
-pub fn path_fn(path: Path) -> DotFn {
+/// The tile table of `path`. Panics if the CPU lacks it (only [`available_paths`]
+/// are valid).
+fn tiles(path: Path) -> &'static TileTable {
     assert!(
         available_paths().contains(&path),
         "{path:?} is not available on this CPU"
     );
+    static PORTABLE: TileTable = tile_table!(tile_portable);
+    #[cfg(target_arch = "x86_64")]
+    static AVX2: TileTable = {
+        use x86::tile_avx2;
+        tile_table!(tile_avx2)
+    };
+    #[cfg(target_arch = "x86_64")]
+    static VNNI: TileTable = {
+        use x86::tile_vnni;
+        tile_table!(tile_vnni)
+    };
+    #[cfg(target_arch = "aarch64")]
+    static NEON: TileTable = {
+        use arm::tile_neon;
+        tile_table!(tile_neon)
+    };
     match path {
         #[cfg(target_arch = "x86_64")]
-        Path::Avx2 => x86::dot_avx2,
+        Path::Avx2 => &AVX2,
         #[cfg(target_arch = "x86_64")]
-        Path::Avx512Vnni => x86::dot_vnni,
+        Path::Avx512Vnni => &VNNI,
         #[cfg(target_arch = "aarch64")]
-        Path::Neon => arm::dot_neon,
-        _ => dot_portable_fn,
-    }
-}
-
-/// The four-row function of `path`: AVX2 has its own; the others run four single dots
-/// (bit-identical either way).
-pub fn path_fn4(path: Path) -> Dot4Fn {
-    assert!(
-        available_paths().contains(&path),
-        "{path:?} is not available on this CPU"
-    );
-    match path {
-        #[cfg(target_arch = "x86_64")]
-        Path::Avx2 | Path::Avx512Vnni => x86::dot4_avx2,
-        _ => dot4_portable_fn,
+        Path::Neon => &NEON,
+        _ => &PORTABLE,
     }
 }
 
@@ -372,34 +573,378 @@ pub fn best_path() -> Path {
     *BEST.get_or_init(|| *available_paths().last().expect("portable is always there"))
 }
 
-/// `Σ_b sumi_b · (ws[b] · xd[b])` on the best path.
-#[inline]
-pub fn dot(w: &[i8], ws: &[f32], x: &[i8], xd: &[f32]) -> f32 {
+/// One dot product on `path` (the 1 × 1 tile); `ws` are the weight row's f16
+/// block scales.
+pub fn dot_on(path: Path, w: &[i8], ws: &[f16], x: &[i8], xd: &[f32]) -> f32 {
     assert!(w.len() == x.len() && w.len().is_multiple_of(BLOCK));
     assert!(ws.len() == w.len() / BLOCK && xd.len() == ws.len());
-    static F: OnceLock<DotFn> = OnceLock::new();
-    let f = F.get_or_init(|| path_fn(best_path()));
+    let mut sc = vec![0f32; ws.len()];
+    let mut out = 0f32;
     // SAFETY: lengths checked above; the path was detected on this CPU.
-    unsafe { f(w, ws, x, xd) }
+    unsafe {
+        tiles(path)[0][0](
+            w.as_ptr(),
+            ws.as_ptr(),
+            0,
+            x.as_ptr(),
+            xd.as_ptr(),
+            0,
+            ws.len(),
+            sc.as_mut_ptr(),
+            &mut out,
+        )
+    };
+    out
 }
 
-/// Four dots of one weight row on the best path (see [`Dot4Fn`]).
-#[inline]
-pub fn dot4(w: &[i8], ws: &[f32], x: [&[i8]; 4], xd: [&[f32]; 4]) -> [f32; 4] {
-    assert!(w.len().is_multiple_of(BLOCK) && ws.len() == w.len() / BLOCK);
-    for k in 0..4 {
-        assert!(x[k].len() == w.len() && xd[k].len() == ws.len());
+/// `Σ_b Σ_l fma(...)` (module docs) on the best path.
+pub fn dot(w: &[i8], ws: &[f16], x: &[i8], xd: &[f32]) -> f32 {
+    dot_on(best_path(), w, ws, x, xd)
+}
+
+/// Weight rows per parallel task: a panel of about 128 KiB of weights, which stays
+/// in L2 while every token tile passes over it. Any value gives the same numbers.
+fn rows_per_task(rows: usize, cols: usize, tokens: usize) -> usize {
+    let panel = ((128 << 10) / cols.max(1)).clamp(TILE_R, 64) / TILE_R * TILE_R;
+    if tokens == 1 {
+        // Decode streams every weight once; small tasks balance the threads.
+        return panel.min(16).min(rows.max(1));
     }
-    static F: OnceLock<Dot4Fn> = OnceLock::new();
-    let f = F.get_or_init(|| path_fn4(best_path()));
-    // SAFETY: lengths checked above; the path was detected on this CPU.
-    unsafe { f(w, ws, x, xd) }
+    panel.min(rows.max(1))
 }
 
-/// Widens a weight row's f16 scales to f32 (exact), once per row.
-pub fn widen_scales(s: &[f16], out: &mut [f32]) {
-    use half::slice::HalfFloatSliceExt;
-    s.convert_to_f32_slice(out);
+/// A raw output pointer that tasks share; each task writes its own rows only.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+
+impl OutPtr {
+    /// The pointer (a method, so closures capture the `Sync` wrapper, not the field).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+// SAFETY: tasks write disjoint elements (their own weight rows of every token).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// `out[t, r] = Σ_c x[t, c] · W[r, c]` (the module's arithmetic) for int8 `W`
+/// (`rows × cols`, f16 block scales `s`) and quantized activations `x` (`t × cols`);
+/// `out` is `t × rows`, row-major. Parallel over tasks of weight rows on the current
+/// rayon pool; each task runs token tiles of [`TILE_C`] over register tiles of
+/// [`TILE_R`] rows, so its weight panel is read from memory once and reused from
+/// cache by every token.
+pub fn matmul(q: &[i8], s: &[f16], rows: usize, cols: usize, x: &QActs, out: &mut [f32]) {
+    matmul_on(best_path(), q, s, rows, cols, x, out)
+}
+
+/// [`matmul`] on a given path (tests compare the paths).
+pub fn matmul_on(
+    path: Path,
+    q: &[i8],
+    s: &[f16],
+    rows: usize,
+    cols: usize,
+    x: &QActs,
+    out: &mut [f32],
+) {
+    assert!(cols.is_multiple_of(BLOCK) && x.cols == cols);
+    let (nb, t) = (cols / BLOCK, x.rows);
+    assert_eq!(q.len(), rows * cols);
+    assert_eq!(s.len(), rows * nb);
+    assert_eq!(x.q.len(), t * cols);
+    assert_eq!(x.d.len(), t * nb);
+    assert_eq!(out.len(), t * rows);
+    if rows == 0 || t == 0 || nb == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let table = tiles(path);
+    let mc = rows_per_task(rows, cols, t);
+    let optr = OutPtr(out.as_mut_ptr());
+    (0..rows.div_ceil(mc)).into_par_iter().for_each(|task| {
+        let r0 = task * mc;
+        let r1 = (r0 + mc).min(rows);
+        let mut sc = vec![0f32; TILE_R * TILE_C.min(t) * nb];
+        let mut tile = [0f32; TILE_R * TILE_C];
+        let mut t0 = 0;
+        while t0 < t {
+            let cc = TILE_C.min(t - t0);
+            let mut r = r0;
+            while r < r1 {
+                let rc = TILE_R.min(r1 - r);
+                // SAFETY: rows r..r+rc of q (and their scales in s) and tokens
+                // t0..t0+cc of x are in bounds (checked lengths), sc has room for
+                // rc·cc·nb products, tile for rc·cc, and the table's path was
+                // detected on this CPU.
+                unsafe {
+                    table[rc - 1][cc - 1](
+                        q.as_ptr().add(r * cols),
+                        s.as_ptr().add(r * nb),
+                        cols,
+                        x.q.as_ptr().add(t0 * cols),
+                        x.d.as_ptr().add(t0 * nb),
+                        cols,
+                        nb,
+                        sc.as_mut_ptr(),
+                        tile.as_mut_ptr(),
+                    );
+                }
+                for i in 0..rc {
+                    for c in 0..cc {
+                        // SAFETY: (t0 + c, r + i) is inside `out` (t × rows), and only
+                        // this task writes row r + i.
+                        unsafe { *optr.get().add((t0 + c) * rows + r + i) = tile[i * cc + c] };
+                    }
+                }
+                r += rc;
+            }
+            t0 += cc;
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------
+// W8A32: int8 weights × f32 activations (the engine's decode matrix-vector product).
+// ---------------------------------------------------------------------------------
+
+/// One W8A32 dot product on the portable path, the reference of [`GemvFn`]:
+///
+/// ```text
+/// acc[0..8] = 0
+/// for b in 0..nb:
+///     for l in 0..8:
+///         t = x[32b+l]·f32(w[32b+l])
+///         t = fma(x[32b+8+l], f32(w[32b+8+l]), t)      (then +16, +24)
+///         acc[l] = fma(t, f32(ws[b]), acc[l])
+/// result = hsum_lanes(acc)                             (as for W8A8)
+/// ```
+pub fn dot_f32_portable(w: &[i8], ws: &[f16], x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    for ((wb, xb), s) in w.chunks_exact(BLOCK).zip(x.chunks_exact(BLOCK)).zip(ws) {
+        let s = s.to_f32();
+        for (l, a) in acc.iter_mut().enumerate() {
+            let mut t = xb[l] * wb[l] as f32;
+            for v in 1..4 {
+                t = xb[8 * v + l].mul_add(wb[8 * v + l] as f32, t);
+            }
+            *a = t.mul_add(s, *a);
+        }
+    }
+    hsum_lanes(acc)
+}
+
+/// `R` W8A32 dot products of weight rows `w + r·ldw` (f16 scales at `ws + r·nb`)
+/// with one f32 activation row `x`, into `out[r]`; `sc` is scratch for `R·nb`
+/// widened scales.
+///
+/// # Safety
+/// Every row holds `nb · 32` bytes and `nb` scales, `x` holds `nb · 32` floats, `sc`
+/// has room for `R·nb`, `out` for `R`, and the function's target features are present.
+pub type GemvFn = unsafe fn(
+    w: *const i8,
+    ws: *const f16,
+    ldw: usize,
+    x: *const f32,
+    nb: usize,
+    sc: *mut f32,
+    out: *mut f32,
+);
+
+/// Weight rows per W8A32 register tile (at most 4, the tables' size). One row at a
+/// time keeps a single sequential stream per thread, which the prefetchers follow
+/// best: measured 14-16 GB/s for the 2B decode sweep, against 11-12 GB/s with 2 or 4
+/// rows sharing the activation loads.
+pub const GEMV_R: usize = 1;
+
+unsafe fn gemv_portable<const R: usize>(
+    w: *const i8,
+    ws: *const f16,
+    ldw: usize,
+    x: *const f32,
+    nb: usize,
+    _sc: *mut f32,
+    out: *mut f32,
+) {
+    let n = nb * BLOCK;
+    // SAFETY: see `GemvFn`.
+    let xr = unsafe { std::slice::from_raw_parts(x, n) };
+    for r in 0..R {
+        let (wr, sr) = unsafe {
+            (
+                std::slice::from_raw_parts(w.add(r * ldw), n),
+                std::slice::from_raw_parts(ws.add(r * nb), nb),
+            )
+        };
+        unsafe { *out.add(r) = dot_f32_portable(wr, sr, xr) };
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86_gemv {
+    use super::BLOCK;
+    use half::f16;
+    use std::arch::x86_64::*;
+
+    /// Prefetch distance along a weight row (bytes).
+    const PREFETCH: usize = 2048;
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    /// AVX2 W8A32 tile: eight int8 at a time sign-extended and converted (exact),
+    /// the block's four products fused in lane order, then scaled into the lanes.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn gemv_avx2<const R: usize>(
+        w: *const i8,
+        ws: *const f16,
+        ldw: usize,
+        x: *const f32,
+        nb: usize,
+        sc: *mut f32,
+        out: *mut f32,
+    ) {
+        // Widen the rows' scales once (exact).
+        let full = nb / 8 * 8;
+        for r in 0..R {
+            let (src, dst) = (ws.add(r * nb), sc.add(r * nb));
+            let mut b = 0;
+            while b < full {
+                _mm256_storeu_ps(
+                    dst.add(b),
+                    _mm256_cvtph_ps(_mm_loadu_si128(src.add(b) as *const __m128i)),
+                );
+                b += 8;
+            }
+            while b < nb {
+                *dst.add(b) = (*src.add(b)).to_f32();
+                b += 1;
+            }
+        }
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            let o = b * BLOCK;
+            let xv: [__m256; 4] = std::array::from_fn(|v| _mm256_loadu_ps(x.add(o + 8 * v)));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let wp = w.add(r * ldw + o);
+                if b % 2 == 0 {
+                    // One prefetch per cache line, well ahead of the stream.
+                    _mm_prefetch(wp.add(PREFETCH), _MM_HINT_T0);
+                }
+                let wv: [__m256; 4] = std::array::from_fn(|v| {
+                    let bytes = _mm_loadl_epi64(wp.add(8 * v) as *const __m128i);
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes))
+                });
+                let mut t = _mm256_mul_ps(xv[0], wv[0]);
+                t = _mm256_fmadd_ps(xv[1], wv[1], t);
+                t = _mm256_fmadd_ps(xv[2], wv[2], t);
+                t = _mm256_fmadd_ps(xv[3], wv[3], t);
+                *a = _mm256_fmadd_ps(t, _mm256_broadcast_ss(&*sc.add(r * nb + b)), *a);
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            *out.add(r) = hsum(*a);
+        }
+    }
+}
+
+/// The W8A32 tiles of `path`, indexed by rows − 1 (only AVX2 has its own; the
+/// others run the portable tile, bit-identical by construction).
+fn gemv_tiles(path: Path) -> &'static [GemvFn; 4] {
+    assert!(
+        available_paths().contains(&path),
+        "{path:?} is not available on this CPU"
+    );
+    static PORTABLE: [GemvFn; 4] = [
+        gemv_portable::<1>,
+        gemv_portable::<2>,
+        gemv_portable::<3>,
+        gemv_portable::<4>,
+    ];
+    #[cfg(target_arch = "x86_64")]
+    static AVX2: [GemvFn; 4] = {
+        use x86_gemv::gemv_avx2;
+        [
+            gemv_avx2::<1>,
+            gemv_avx2::<2>,
+            gemv_avx2::<3>,
+            gemv_avx2::<4>,
+        ]
+    };
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx2 | Path::Avx512Vnni => &AVX2,
+        _ => &PORTABLE,
+    }
+}
+
+/// `out[t, r] = Σ_c x[t, c] · W[r, c]` for int8 `W` (`rows × cols`, f16 block scales
+/// `s`) and f32 activations `x` (`tokens × cols`), each output one W8A32 dot product
+/// ([`dot_f32_portable`]'s arithmetic on every path); `out` is `tokens × rows`.
+/// Parallel over tasks of weight rows; meant for decode (one token), where the
+/// weights stream from memory once.
+pub fn matvec(q: &[i8], s: &[f16], rows: usize, cols: usize, x: &[f32], out: &mut [f32]) {
+    matvec_on(best_path(), q, s, rows, cols, x, out)
+}
+
+/// [`matvec`] on a given path (tests compare the paths).
+pub fn matvec_on(
+    path: Path,
+    q: &[i8],
+    s: &[f16],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    out: &mut [f32],
+) {
+    assert!(cols.is_multiple_of(BLOCK) && cols > 0);
+    let (nb, t) = (cols / BLOCK, x.len() / cols);
+    assert_eq!(x.len(), t * cols);
+    assert_eq!(q.len(), rows * cols);
+    assert_eq!(s.len(), rows * nb);
+    assert_eq!(out.len(), t * rows);
+    if rows == 0 || t == 0 {
+        return;
+    }
+    let table = gemv_tiles(path);
+    // About 32 KiB of weights per task: small tasks balance the threads.
+    let mc = ((32 << 10) / cols).clamp(GEMV_R, 64) / GEMV_R * GEMV_R;
+    let optr = OutPtr(out.as_mut_ptr());
+    (0..rows.div_ceil(mc)).into_par_iter().for_each(|task| {
+        let r0 = task * mc;
+        let r1 = (r0 + mc).min(rows);
+        let mut sc = vec![0f32; GEMV_R * nb];
+        let mut tile = [0f32; GEMV_R];
+        for tok in 0..t {
+            let mut r = r0;
+            while r < r1 {
+                let rc = GEMV_R.min(r1 - r);
+                // SAFETY: rows r..r+rc of q and s and token tok of x are in bounds
+                // (checked lengths); sc and tile are sized for GEMV_R rows; the
+                // table's path was detected on this CPU.
+                unsafe {
+                    table[rc - 1](
+                        q.as_ptr().add(r * cols),
+                        s.as_ptr().add(r * nb),
+                        cols,
+                        x.as_ptr().add(tok * cols),
+                        nb,
+                        sc.as_mut_ptr(),
+                        tile.as_mut_ptr(),
+                    );
+                }
+                for (i, v) in tile.iter().take(rc).enumerate() {
+                    // SAFETY: (tok, r + i) is inside `out`; only this task writes
+                    // rows r0..r1.
+                    unsafe { *optr.get().add(tok * rows + r + i) = *v };
+                }
+                r += rc;
+            }
+        }
+    });
 }
 
 #[cfg(test)]
@@ -414,66 +959,272 @@ mod tests {
         *seed >> 33
     }
 
-    fn random_case(seed: &mut u64, nb: usize) -> (Vec<i8>, Vec<f32>, Vec<i8>, Vec<f32>) {
+    /// Random weights (−128..=127, as the absmax head allows), activations
+    /// (−127..=127, as quantization produces) and scales, with the extremes planted.
+    fn random_rows(seed: &mut u64, nrows: usize, nb: usize, weights: bool) -> Vec<i8> {
         let n = nb * BLOCK;
-        let mut w: Vec<i8> = (0..n)
-            .map(|_| (lcg(seed) % 256) as i32 as u8 as i8)
+        let mut v: Vec<i8> = (0..nrows * n)
+            .map(|_| {
+                if weights {
+                    (lcg(seed) % 256) as u8 as i8
+                } else {
+                    ((lcg(seed) % 255) as i32 - 127) as i8
+                }
+            })
             .collect();
-        let mut x: Vec<i8> = (0..n)
-            .map(|_| ((lcg(seed) % 255) as i32 - 127) as i8)
-            .collect();
-        // The extremes: weights reach −128 (absmax head) and ±127, activations ±127.
-        if n >= 4 {
-            w[0] = -128;
-            w[1] = 127;
-            w[2] = -127;
-            w[3] = -128;
-            x[0] = -127;
-            x[1] = 127;
-            x[2] = -127;
-            x[3] = 127;
+        let (lo, hi) = if weights {
+            (-128i8, 127i8)
+        } else {
+            (-127, 127)
+        };
+        for r in 0..nrows {
+            let row = &mut v[r * n..(r + 1) * n];
+            // Extremes at the start of every row, one block of all-extreme values
+            // (the largest possible sums), and one block of all-max / all-min.
+            row[..4].copy_from_slice(&[lo, hi, -127, lo]);
+            if nb > 1 {
+                row[BLOCK..2 * BLOCK].fill(lo);
+            }
+            if nb > 2 {
+                let b = 2 + (r % (nb - 2));
+                row[b * BLOCK..(b + 1) * BLOCK].fill(if r % 2 == 0 { hi } else { lo });
+            }
         }
-        // One block of all extremes: the largest possible sums.
-        if nb > 1 {
-            w[BLOCK..2 * BLOCK].fill(-128);
-            x[BLOCK..2 * BLOCK].fill(-127);
-        }
-        let ws = (0..nb)
-            .map(|_| f16::from_f32((lcg(seed) % 1000) as f32 * 1e-4).to_f32())
-            .collect();
-        let xd = (0..nb).map(|_| (lcg(seed) % 1000) as f32 * 3e-3).collect();
-        (w, ws, x, xd)
+        v
+    }
+
+    fn random_scales(seed: &mut u64, n: usize, f16_exact: bool) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let v = (lcg(seed) % 1000) as f32 * 3e-4 + 1e-5;
+                if f16_exact {
+                    f16::from_f32(v).to_f32()
+                } else {
+                    v
+                }
+            })
+            .collect()
     }
 
     #[test]
-    fn every_path_matches_portable_bit_for_bit() {
+    fn every_tile_of_every_path_matches_portable_bit_for_bit() {
         let mut seed = 7;
         let paths = available_paths();
-        println!("dot paths on this CPU: {paths:?}");
+        println!("q8 paths on this CPU: {paths:?}");
         for nb in [1usize, 2, 3, 4, 5, 7, 9, 33, 128, 131] {
-            for _row in 0..20 {
-                let (w, ws, x, xd) = random_case(&mut seed, nb);
-                let want = dot_portable(&w, &ws, &x, &xd);
-                // Three more activation rows for the four-row kernels.
-                let more: Vec<_> = (0..3).map(|_| random_case(&mut seed, nb)).collect();
-                let xs = [&x[..], &more[0].2[..], &more[1].2[..], &more[2].2[..]];
-                let ds = [&xd[..], &more[0].3[..], &more[1].3[..], &more[2].3[..]];
-                let want4 = xs
-                    .iter()
-                    .zip(ds)
-                    .map(|(xk, dk)| dot_portable(&w, &ws, xk, dk))
-                    .collect::<Vec<_>>();
+            for _case in 0..6 {
+                let w = random_rows(&mut seed, TILE_R, nb, true);
+                let x = random_rows(&mut seed, TILE_C, nb, false);
+                let ws = random_scales(&mut seed, TILE_R * nb, true);
+                let ws16: Vec<f16> = ws.iter().map(|&v| f16::from_f32(v)).collect();
+                let xd = random_scales(&mut seed, TILE_C * nb, false);
+                let n = nb * BLOCK;
+                let want: Vec<Vec<f32>> = (0..TILE_R)
+                    .map(|r| {
+                        (0..TILE_C)
+                            .map(|c| {
+                                dot_portable(
+                                    &w[r * n..(r + 1) * n],
+                                    &ws[r * nb..(r + 1) * nb],
+                                    &x[c * n..(c + 1) * n],
+                                    &xd[c * nb..(c + 1) * nb],
+                                )
+                            })
+                            .collect()
+                    })
+                    .collect();
                 for &p in &paths {
-                    // SAFETY: the path is available and the lengths match.
-                    let got = unsafe { path_fn(p)(&w, &ws, &x, &xd) };
-                    assert_eq!(got.to_bits(), want.to_bits(), "{p:?} nb={nb}");
-                    // SAFETY: as above, for each row.
-                    let got4 = unsafe { path_fn4(p)(&w, &ws, xs, ds) };
-                    for k in 0..4 {
+                    for rc in 1..=TILE_R {
+                        for cc in 1..=TILE_C {
+                            let mut sc = vec![0f32; rc * cc * nb];
+                            let mut out = vec![0f32; rc * cc];
+                            // SAFETY: rc rows of w and cc rows of x, each n bytes with
+                            // nb scales; sc and out sized above; the path is available.
+                            unsafe {
+                                tiles(p)[rc - 1][cc - 1](
+                                    w.as_ptr(),
+                                    ws16.as_ptr(),
+                                    n,
+                                    x.as_ptr(),
+                                    xd.as_ptr(),
+                                    n,
+                                    nb,
+                                    sc.as_mut_ptr(),
+                                    out.as_mut_ptr(),
+                                )
+                            };
+                            for i in 0..rc {
+                                for c in 0..cc {
+                                    assert_eq!(
+                                        out[i * cc + c].to_bits(),
+                                        want[i][c].to_bits(),
+                                        "{p:?} tile {rc}x{cc} pair ({i},{c}) nb={nb}"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                    let got = dot_on(p, &w[..n], &ws16[..nb], &x[..n], &xd[..nb]);
+                    assert_eq!(got.to_bits(), want[0][0].to_bits(), "{p:?} dot nb={nb}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn portable_dot_is_close_to_exact() {
+        let mut seed = 3;
+        for nb in [1usize, 4, 128] {
+            let w = random_rows(&mut seed, 1, nb, true);
+            let x = random_rows(&mut seed, 1, nb, false);
+            let ws = random_scales(&mut seed, nb, true);
+            let xd = random_scales(&mut seed, nb, false);
+            let exact: f64 = (0..nb)
+                .map(|b| {
+                    let s: i64 = (0..BLOCK)
+                        .map(|j| w[b * BLOCK + j] as i64 * x[b * BLOCK + j] as i64)
+                        .sum();
+                    s as f64 * ws[b] as f64 * xd[b] as f64
+                })
+                .sum();
+            let mag: f64 = (0..nb)
+                .map(|b| 32.0 * 128.0 * 127.0 * ws[b] as f64 * xd[b] as f64)
+                .sum();
+            let got = dot_portable(&w, &ws, &x, &xd) as f64;
+            assert!(
+                (got - exact).abs() <= mag * 1e-6,
+                "nb={nb}: {got} vs {exact}"
+            );
+        }
+    }
+
+    #[test]
+    fn matmul_is_independent_of_paths_tiles_and_threads() {
+        let mut seed = 11;
+        // Rows and tokens that are not multiples of the tiles or of the task size.
+        for (rows, nb, t) in [
+            (1usize, 1usize, 1usize),
+            (5, 3, 7),
+            (67, 4, 13),
+            (130, 9, 1),
+            (33, 131, 6),
+        ] {
+            let cols = nb * BLOCK;
+            let q = random_rows(&mut seed, rows, nb, true);
+            let s: Vec<f16> = random_scales(&mut seed, rows * nb, true)
+                .into_iter()
+                .map(f16::from_f32)
+                .collect();
+            let xf: Vec<f32> = (0..t * cols)
+                .map(|i| ((lcg(&mut seed) % 2001) as f32 - 1000.0) * 1e-3 * (1 + i % 5) as f32)
+                .collect();
+            let x = QActs::quantize(&xf, cols);
+            let mut want = vec![0f32; t * rows];
+            for tok in 0..t {
+                let (xr, xd) = x.row(tok);
+                for r in 0..rows {
+                    let ws: Vec<f32> = s[r * nb..(r + 1) * nb].iter().map(|v| v.to_f32()).collect();
+                    want[tok * rows + r] = dot_portable(&q[r * cols..(r + 1) * cols], &ws, xr, xd);
+                }
+            }
+            for &p in &available_paths() {
+                for threads in [1usize, 2, 3] {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    let mut out = vec![f32::NAN; t * rows];
+                    pool.install(|| matmul_on(p, &q, &s, rows, cols, &x, &mut out));
+                    for i in 0..t * rows {
                         assert_eq!(
-                            got4[k].to_bits(),
-                            want4[k].to_bits(),
-                            "{p:?} four-row k={k} nb={nb}"
+                            out[i].to_bits(),
+                            want[i].to_bits(),
+                            "{p:?} threads={threads} rows={rows} nb={nb} t={t} i={i}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn w8a32_paths_match_portable_bit_for_bit_and_are_accurate() {
+        let mut seed = 23;
+        for (rows, nb, t) in [
+            (1usize, 1usize, 1usize),
+            (7, 3, 2),
+            (13, 9, 1),
+            (9, 131, 1),
+            (64, 16, 3),
+        ] {
+            let cols = nb * BLOCK;
+            let q = random_rows(&mut seed, rows, nb, true);
+            let s: Vec<f16> = random_scales(&mut seed, rows * nb, true)
+                .into_iter()
+                .map(f16::from_f32)
+                .collect();
+            let x: Vec<f32> = (0..t * cols)
+                .map(|i| ((lcg(&mut seed) % 20001) as f32 - 10000.0) * 1e-4 * (1 + i % 3) as f32)
+                .collect();
+            let mut want = vec![0f32; t * rows];
+            for tok in 0..t {
+                for r in 0..rows {
+                    let (w, sr, xr) = (
+                        &q[r * cols..(r + 1) * cols],
+                        &s[r * nb..(r + 1) * nb],
+                        &x[tok * cols..(tok + 1) * cols],
+                    );
+                    want[tok * rows + r] = dot_f32_portable(w, sr, xr);
+                    let exact: f64 = (0..cols)
+                        .map(|c| w[c] as f64 * sr[c / 32].to_f64() * xr[c] as f64)
+                        .sum();
+                    let mag: f64 = (0..cols)
+                        .map(|c| (w[c] as f64 * sr[c / 32].to_f64() * xr[c] as f64).abs())
+                        .sum();
+                    let got = want[tok * rows + r] as f64;
+                    assert!(
+                        (got - exact).abs() <= mag * 1e-6 + 1e-30,
+                        "{got} vs {exact}"
+                    );
+                }
+            }
+            for &p in &available_paths() {
+                // Every tile height of the table, not only the one the driver uses.
+                for rc in 1..=rows.min(4) {
+                    let mut sc = vec![0f32; rc * nb];
+                    let mut got = [0f32; 4];
+                    // SAFETY: rc rows of q and s, one row of x; buffers sized above.
+                    unsafe {
+                        gemv_tiles(p)[rc - 1](
+                            q.as_ptr(),
+                            s.as_ptr(),
+                            cols,
+                            x.as_ptr(),
+                            nb,
+                            sc.as_mut_ptr(),
+                            got.as_mut_ptr(),
+                        )
+                    };
+                    for r in 0..rc {
+                        assert_eq!(
+                            got[r].to_bits(),
+                            want[r].to_bits(),
+                            "{p:?} tile {rc} row {r}"
+                        );
+                    }
+                }
+                for threads in [1usize, 2, 3] {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    let mut out = vec![f32::NAN; t * rows];
+                    pool.install(|| matvec_on(p, &q, &s, rows, cols, &x, &mut out));
+                    for i in 0..t * rows {
+                        assert_eq!(
+                            out[i].to_bits(),
+                            want[i].to_bits(),
+                            "{p:?} threads={threads} rows={rows} nb={nb} t={t} i={i}"
                         );
                     }
                 }
@@ -485,8 +1236,10 @@ mod tests {
     fn extreme_block_sum_is_exact() {
         let w = vec![-128i8; 32];
         let x = vec![-127i8; 32];
-        let got = dot(&w, &[1.0], &x, &[1.0]);
-        assert_eq!(got, (32 * 128 * 127) as f32);
+        for &p in &available_paths() {
+            let got = dot_on(p, &w, &[f16::ONE], &x, &[1.0]);
+            assert_eq!(got, (32 * 128 * 127) as f32, "{p:?}");
+        }
     }
 
     #[test]
@@ -504,5 +1257,36 @@ mod tests {
         let z = QActs::quantize(&[0.0; 32], 32);
         assert_eq!(z.d[0], 0.0);
         assert!(z.q.iter().all(|&v| v == 0));
+        // Ties, tiny and huge values, zeros, and blocks that end up all-zero.
+        let mut seed = 5u64;
+        let mut odd: Vec<f32> = (0..32 * 64)
+            .map(|i| match i % 7 {
+                0 => ((lcg(&mut seed) % 255) as f32 - 127.0) * 0.5,
+                1 => 0.0,
+                2 => -1e-30,
+                3 => 3e38 * if i % 2 == 0 { 1.0 } else { -1.0 },
+                _ => ((lcg(&mut seed) % 20001) as f32 - 10000.0) * 1e-3,
+            })
+            .collect();
+        odd[64..96].fill(0.0);
+        odd[96..128].fill(-0.0);
+        let qo = QActs::quantize(&odd, 64);
+        for (b, xb) in odd.chunks_exact(32).enumerate() {
+            let mut qq = [0i8; 32];
+            let d = quantize_block(xb, &mut qq);
+            assert_eq!(d.to_bits(), qo.d[b].to_bits(), "block {b}");
+            assert_eq!(&qq[..], &qo.q[b * 32..(b + 1) * 32], "block {b}");
+        }
+        // Large inputs are quantized in parallel chunks; the result is per block.
+        let big: Vec<f32> = (0..3 * 70_000 / 32 * 32)
+            .map(|i| ((i * 37) % 101) as f32 - 50.0)
+            .collect();
+        let qb = QActs::quantize(&big, 32);
+        for (b, xb) in big.chunks_exact(32).enumerate() {
+            let mut qq = [0i8; 32];
+            let d = quantize_block(xb, &mut qq);
+            assert_eq!(d.to_bits(), qb.d[b].to_bits());
+            assert_eq!(&qq[..], &qb.q[b * 32..(b + 1) * 32]);
+        }
     }
 }
