@@ -75,6 +75,17 @@ fn verify(
     )
 }
 
+/// `q3vl verify --bundle OUT --trace <shapes text trace> EXTRA...`, for the runs
+/// expected to stop at bad input (exit 2) before any gate.
+fn verify_shapes_text(out: &Path, extra: &[&str]) -> std::process::Command {
+    let mut cmd = common::q3vl();
+    let ts = traces("shapes");
+    cmd.args(["verify", "--bundle", s(out), "--trace", s(&ts[1])])
+        .args(extra)
+        .env_remove("Q3VL_TEST_ENGINE_SCALE");
+    cmd
+}
+
 /// Each trace's engine gate result and its `engine` section.
 fn engine_gates(report: &Value) -> Vec<(String, Value, Value)> {
     report["traces"]
@@ -196,18 +207,9 @@ fn a_malformed_engine_hook_is_bad_input() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("b");
     convert("shapes", "int8hu", &out);
-    let mut cmd = common::q3vl();
-    let ts = traces("shapes");
-    cmd.args([
-        "verify",
-        "--bundle",
-        s(&out),
-        "--trace",
-        s(&ts[1]),
-        "--report",
-        s(&dir.path().join("rep")),
-    ])
-    .env("Q3VL_TEST_ENGINE_SCALE", "model.norm.weight:0:0:2");
+    let rep = dir.path().join("rep");
+    let mut cmd = verify_shapes_text(&out, &["--report", s(&rep)]);
+    cmd.env("Q3VL_TEST_ENGINE_SCALE", "model.norm.weight:0:0:2");
     common::fails(&cmd.output().unwrap(), &["Q3VL_TEST_ENGINE_SCALE"]);
 }
 
@@ -269,16 +271,6 @@ fn without_the_engine_gate_the_report_says_it_did_not_run() {
         "{junit}"
     );
     // A run that skipped a gate cannot stamp.
-    let mut cmd = common::q3vl();
-    let ts = traces("shapes");
-    cmd.args([
-        "verify",
-        "--bundle",
-        s(&out),
-        "--trace",
-        s(&ts[1]),
-        "--no-engine-gate",
-        "--stamp",
-    ]);
+    let mut cmd = verify_shapes_text(&out, &["--no-engine-gate", "--stamp"]);
     common::fails(&cmd.output().unwrap(), &["--no-engine-gate"]);
 }

@@ -20,6 +20,17 @@ pub struct KernelRate {
     pub g_per_cpu_s: f64,
 }
 
+impl KernelRate {
+    /// The rate of `ops` operations done in `wall` seconds using `cpu` CPU-seconds.
+    fn of(ops: f64, wall: f64, cpu: f64) -> KernelRate {
+        KernelRate {
+            ms: wall * 1e3,
+            g_per_s: ops / wall / 1e9,
+            g_per_cpu_s: ops / cpu / 1e9,
+        }
+    }
+}
+
 /// CPU time of every thread of this process, in seconds, with nanosecond
 /// resolution (`/proc/self/task/*/schedstat`); None where unavailable.
 pub fn threads_cpu_seconds() -> Option<f64> {
@@ -87,12 +98,7 @@ pub fn q8_linear_rate(rows: usize, cols: usize, tokens: usize, reps: usize) -> K
         }
         std::hint::black_box(&out);
     });
-    let ops = 2.0 * (rows * cols * tokens) as f64;
-    KernelRate {
-        ms: wall * 1e3,
-        g_per_s: ops / wall / 1e9,
-        g_per_cpu_s: ops / cpu / 1e9,
-    }
+    KernelRate::of(2.0 * (rows * cols * tokens) as f64, wall, cpu)
 }
 
 /// The int8 × int8 (W8A8, Q8_0-style) matrix product [`q8::matmul`], activations
@@ -105,12 +111,7 @@ pub fn q8_matmul_rate(rows: usize, cols: usize, tokens: usize, reps: usize) -> K
         q8::matmul(&q, &s, rows, cols, &xq, &mut out);
         std::hint::black_box(&out);
     });
-    let ops = 2.0 * (rows * cols * tokens) as f64;
-    KernelRate {
-        ms: wall * 1e3,
-        g_per_s: ops / wall / 1e9,
-        g_per_cpu_s: ops / cpu / 1e9,
-    }
+    KernelRate::of(2.0 * (rows * cols * tokens) as f64, wall, cpu)
 }
 
 /// The vision GEMM: `m` rows of f32 activations against an f16 `n × k` weight with
@@ -129,12 +130,7 @@ pub fn f16_linear_rate(m: usize, k: usize, n: usize, reps: usize) -> KernelRate 
         crate::kernels::gemm::linear_f16(&x, m, k, &w, n, Some(&bias), &mut out);
         std::hint::black_box(&out);
     });
-    let ops = 2.0 * (m * n * k) as f64;
-    KernelRate {
-        ms: wall * 1e3,
-        g_per_s: ops / wall / 1e9,
-        g_per_cpu_s: ops / cpu / 1e9,
-    }
+    KernelRate::of(2.0 * (m * n * k) as f64, wall, cpu)
 }
 
 /// The decode step's matrix products alone: every int8 weight of `bundle` against

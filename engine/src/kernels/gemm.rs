@@ -13,6 +13,7 @@
 //! over its `k`; how columns are split into tasks (which depends on the thread
 //! count) never changes that chain.
 
+use super::OutPtr;
 use half::f16;
 use rayon::prelude::*;
 use std::sync::OnceLock;
@@ -429,20 +430,6 @@ enum BOp<'a> {
     Packed(&'a PackedB),
 }
 
-/// A raw output pointer that tasks share; each task writes its own columns only.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-
-impl OutPtr {
-    /// The pointer (a method, so closures capture the `Sync` wrapper, not the field).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-// SAFETY: tasks write disjoint column ranges of the output.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
 /// `C[i, j] = Σ_kk A[i, kk] · B[j, kk]` for all rows and the columns `j0..j1`, on
 /// the calling thread, `chunk` columns of `B` packed at a time (a multiple of [`NR`];
 /// [`NC`] for a [`PackedB`]). `c` points at `C[0, 0]` with row stride `ldc`.
@@ -663,18 +650,7 @@ pub fn gemm_serial(
             assert!(n == 0 || k == 0 || data.len() > (n - 1) * rs + (k - 1) * cs)
         }
     }
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        for r in 0..m {
-            c[r * ldc..r * ldc + n].fill(0.0);
-        }
-        return;
-    }
-    let a = AView::new(a, m, k, lda);
-    // SAFETY: c holds m rows of ldc ≥ n floats (checked), used by this thread only.
-    unsafe { gemm_cols(a, BOp::Src(b), 0, n, NC, c.as_mut_ptr(), ldc) };
+    serial(a, m, k, lda, BOp::Src(b), n, c, ldc);
 }
 
 /// `c = a · bᵀ` on the calling thread with a pre-packed `b` ([`PackedB`]); `a` is
@@ -683,6 +659,22 @@ pub fn gemm_serial(
 pub fn gemm_serial_packed(a: &[f32], m: usize, lda: usize, b: &PackedB, c: &mut [f32], ldc: usize) {
     let (n, k) = (b.n, b.k);
     assert!(n <= ldc && (m == 0 || c.len() >= (m - 1) * ldc + n));
+    serial(a, m, k, lda, BOp::Packed(b), n, c, ldc);
+}
+
+/// The single-threaded product both serial entry points share, once their operand
+/// checks have passed: `c[.., ..n] = a · bᵀ` (zeros when `k` is 0).
+#[allow(clippy::too_many_arguments)]
+fn serial(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    lda: usize,
+    b: BOp<'_>,
+    n: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -693,8 +685,9 @@ pub fn gemm_serial_packed(a: &[f32], m: usize, lda: usize, b: &PackedB, c: &mut 
         return;
     }
     let a = AView::new(a, m, k, lda);
-    // SAFETY: c holds m rows of ldc ≥ n floats (checked), used by this thread only.
-    unsafe { gemm_cols(a, BOp::Packed(b), 0, n, NC, c.as_mut_ptr(), ldc) };
+    // SAFETY: c holds m rows of ldc ≥ n floats (checked by the callers), used by this
+    // thread only.
+    unsafe { gemm_cols(a, b, 0, n, NC, c.as_mut_ptr(), ldc) };
 }
 
 #[cfg(test)]

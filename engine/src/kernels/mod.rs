@@ -1,6 +1,8 @@
-//! Compute kernels: the int8×int8 block matrix product (Q8_0-style) of the decoder,
-//! f16-weight × f32 dot products, the packed f32 GEMM the vision tower and prefill
-//! attention use, and vectorized element-wise math.
+//! Compute kernels: int8 per-block-32 weights against f32 activations (the decoder's
+//! decode matvec; its prefill goes through the packed GEMM, which dequantizes tiles),
+//! the int8×int8 (Q8_0-style) block product kept for comparison, f16-weight × f32 dot
+//! products, the packed f32 GEMM of the vision tower and prefill, and vectorized
+//! element-wise math.
 //!
 //! Determinism rule shared by every kernel here: one output element is always
 //! produced by one dot product whose reduction runs in a fixed order on one thread,
@@ -10,3 +12,18 @@ pub mod f16dot;
 pub mod gemm;
 pub mod q8;
 pub mod vmath;
+
+/// A raw output pointer that parallel tasks share; each task writes only its own,
+/// disjoint elements (the callers' SAFETY comments say which).
+#[derive(Clone, Copy)]
+pub(crate) struct OutPtr(pub(crate) *mut f32);
+
+impl OutPtr {
+    /// The pointer (a method, so closures capture the `Sync` wrapper, not the field).
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+// SAFETY: every user writes disjoint elements from different tasks.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}

@@ -33,6 +33,7 @@
 //! the same order. One output never depends on the tile it was computed in, on the
 //! task split or on the thread count.
 
+use super::OutPtr;
 use half::f16;
 use rayon::prelude::*;
 use std::sync::OnceLock;
@@ -613,20 +614,6 @@ fn rows_per_task(rows: usize, cols: usize, tokens: usize) -> usize {
     panel.min(rows.max(1))
 }
 
-/// A raw output pointer that tasks share; each task writes its own rows only.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-
-impl OutPtr {
-    /// The pointer (a method, so closures capture the `Sync` wrapper, not the field).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-// SAFETY: tasks write disjoint elements (their own weight rows of every token).
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
 /// `out[t, r] = Σ_c x[t, c] · W[r, c]` (the module's arithmetic) for int8 `W`
 /// (`rows × cols`, f16 block scales `s`) and quantized activations `x` (`t × cols`);
 /// `out` is `t × rows`, row-major. Parallel over tasks of weight rows on the current
@@ -993,6 +980,16 @@ mod tests {
         v
     }
 
+    /// An int8 weight of `rows × nb` blocks (extremes planted) and its f16 scales.
+    fn random_weight(seed: &mut u64, rows: usize, nb: usize) -> (Vec<i8>, Vec<f16>) {
+        let q = random_rows(seed, rows, nb, true);
+        let s = random_scales(seed, rows * nb, true)
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
+        (q, s)
+    }
+
     fn random_scales(seed: &mut u64, n: usize, f16_exact: bool) -> Vec<f32> {
         (0..n)
             .map(|_| {
@@ -1110,11 +1107,7 @@ mod tests {
             (33, 131, 6),
         ] {
             let cols = nb * BLOCK;
-            let q = random_rows(&mut seed, rows, nb, true);
-            let s: Vec<f16> = random_scales(&mut seed, rows * nb, true)
-                .into_iter()
-                .map(f16::from_f32)
-                .collect();
+            let (q, s) = random_weight(&mut seed, rows, nb);
             let xf: Vec<f32> = (0..t * cols)
                 .map(|i| ((lcg(&mut seed) % 2001) as f32 - 1000.0) * 1e-3 * (1 + i % 5) as f32)
                 .collect();
@@ -1158,11 +1151,7 @@ mod tests {
             (64, 16, 3),
         ] {
             let cols = nb * BLOCK;
-            let q = random_rows(&mut seed, rows, nb, true);
-            let s: Vec<f16> = random_scales(&mut seed, rows * nb, true)
-                .into_iter()
-                .map(f16::from_f32)
-                .collect();
+            let (q, s) = random_weight(&mut seed, rows, nb);
             let x: Vec<f32> = (0..t * cols)
                 .map(|i| ((lcg(&mut seed) % 20001) as f32 - 10000.0) * 1e-4 * (1 + i % 3) as f32)
                 .collect();
