@@ -31,6 +31,7 @@
 compile_error!("q3vl bundles are little-endian; big-endian targets are not supported");
 
 mod checksum;
+mod direct_file;
 mod dtype;
 mod error;
 mod metadata;

@@ -10,17 +10,19 @@
 //! of 4 and int8 weights multiples of 32 (their `in` is), so nothing after them shifts.
 //!
 //! Files are written by a background thread that also hashes them, so hashing and disk
-//! writes overlap with the caller's compute. A tensor written out of stream order (a
+//! writes overlap with the caller's compute; the bytes bypass the page cache where the
+//! file system allows ([`DirectFile`]). A tensor written out of stream order (a
 //! weight's scales, produced chunk by chunk with the weight) is held in memory until the
 //! stream reaches it; callers keep that to the small scales tensors.
 
+use crate::direct_file::DirectFile;
 use crate::error::BundleError;
 use crate::metadata::FileEntry;
 use crate::names::{scales_name, shard_file, INDEX_FILE, SINGLE_WEIGHTS_FILE};
 use crate::Dtype;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
@@ -111,11 +113,9 @@ struct Stream {
 impl Stream {
     /// Chunks in flight between the caller and the disk (each a few MiB at most).
     const DEPTH: usize = 4;
-    /// Bytes between writeback kicks.
-    const KICK: u64 = 64 << 20;
 
     fn open(path: PathBuf) -> Result<Stream, BundleError> {
-        let file = std::fs::File::create(&path).map_err(|e| BundleError::io(&path, e))?;
+        let mut file = DirectFile::create(&path).map_err(|e| BundleError::io(&path, e))?;
         let (tx, rx) = sync_channel::<Vec<u8>>(Self::DEPTH);
         let p = path.clone();
         let abandoned = Arc::new(AtomicBool::new(false));
@@ -123,28 +123,16 @@ impl Stream {
         let handle = std::thread::Builder::new()
             .name("q3vl-write".into())
             .spawn(move || {
-                let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
                 let mut h = Sha256::new();
-                let mut size = 0u64;
-                let mut kicked = 0u64;
                 // On a write error the thread returns at once; dropping the receiver
                 // makes the caller's next send fail, and the caller then joins here.
                 for chunk in rx {
-                    w.write_all(&chunk).map_err(|e| BundleError::io(&p, e))?;
                     h.update(&chunk);
-                    size += chunk.len() as u64;
-                    if size - kicked >= Self::KICK {
-                        w.flush().map_err(|e| BundleError::io(&p, e))?;
-                        start_writeback(w.get_ref(), kicked, size - kicked);
-                        kicked = size;
-                    }
+                    file.write_all(&chunk).map_err(|e| BundleError::io(&p, e))?;
                 }
-                let f = w
-                    .into_inner()
-                    .map_err(|e| BundleError::io(&p, e.into_error()))?;
-                if !skip_sync.load(Ordering::SeqCst) {
-                    f.sync_all().map_err(|e| BundleError::io(&p, e))?;
-                }
+                let size = file
+                    .finish(!skip_sync.load(Ordering::SeqCst))
+                    .map_err(|e| BundleError::io(&p, e))?;
                 Ok(FileEntry {
                     sha256: hex::encode(h.finalize()),
                     size,
@@ -201,27 +189,6 @@ impl Drop for Stream {
             let _ = self.join();
         }
     }
-}
-
-/// Starts writing `len` bytes at `offset` of `f` back to disk without waiting, so the
-/// disk is busy from the first chunk on instead of idling until the kernel's dirty
-/// threshold, and the final fsync has little left to do. Best effort (Linux only).
-fn start_writeback(f: &std::fs::File, offset: u64, len: u64) {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        // SAFETY: a plain syscall on an open descriptor; failure is harmless.
-        unsafe {
-            libc::sync_file_range(
-                f.as_raw_fd(),
-                offset as libc::off64_t,
-                len as libc::off64_t,
-                libc::SYNC_FILE_RANGE_WRITE,
-            );
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = (f, offset, len);
 }
 
 /// Streams a set of tensors into one safetensors file or a set of shards plus

@@ -22,6 +22,7 @@ pub struct NarrowReport {
 
 /// Converts `values` to little-endian f16 bytes in `out` (2 bytes per value), round to
 /// nearest even.
+#[inline(always)]
 pub fn narrow_into(values: &[f32], out: &mut [u8]) -> NarrowReport {
     debug_assert_eq!(out.len(), values.len() * 2);
     // SAFETY: f16 is a plain 16-bit value, valid for every bit pattern; `align_to_mut`
@@ -47,13 +48,18 @@ pub fn narrow_into(values: &[f32], out: &mut [u8]) -> NarrowReport {
 
 /// Counts underflows (nonzero in, exponent field zero out) and finds the first
 /// overflow.
+#[inline(always)]
 fn scan(values: &[f32], halves: &[f16]) -> NarrowReport {
     let underflow = values
         .iter()
         .zip(halves)
         .map(|(&x, h)| ((h.to_bits() & 0x7c00) == 0 && x != 0.0) as u64)
         .sum();
-    let overflow = if values.iter().any(|x| x.abs() > F16_MAX) {
+    // A branch-free fold first (it vectorizes), the search only when it is needed.
+    let over = values
+        .iter()
+        .fold(false, |acc, x| acc | (x.abs() > F16_MAX));
+    let overflow = if over {
         values.iter().position(|x| x.abs() > F16_MAX)
     } else {
         None

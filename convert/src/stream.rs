@@ -18,6 +18,7 @@ use q3vl_bundle::{Scheme, WeightsWriter};
 use q3vl_model::weights::widen_into;
 use q3vl_model::Checkpoint;
 use rayon::prelude::*;
+use safetensors::Dtype;
 
 /// Source values per chunk (8 MiB of bf16).
 const CHUNK_ELEMS: usize = 4 << 20;
@@ -60,10 +61,107 @@ impl Found {
     }
 }
 
+/// The first non-finite value and its index (offset by `base`).
+#[inline(always)]
 fn first_nonfinite(v: &[f32], base: usize) -> Option<(usize, f32)> {
+    // A branch-free fold first (it vectorizes), the search only when it is needed.
+    let bad = v.iter().fold(false, |acc, x| acc | !x.is_finite());
+    if !bad {
+        return None;
+    }
     v.iter()
         .position(|x| !x.is_finite())
         .map(|i| (base + i, v[i]))
+}
+
+/// A piece of one source tensor: its raw bytes and the flat index of its first value.
+#[derive(Clone, Copy)]
+struct Row<'a> {
+    name: &'a str,
+    dtype: Dtype,
+    src: &'a [u8],
+    at: usize,
+}
+
+/// Widens, checks and quantizes one row (`scale_overflow` holds `(0, block)`).
+#[inline(always)]
+fn int8_row_body(row: Row, buf: &mut [f32], kind: QuantKind, q: &mut [i8], s: &mut [f16]) -> Found {
+    let mut f = Found::default();
+    if widen_into(row.name, row.dtype, row.src, buf).is_err() {
+        return f;
+    }
+    f.nonfinite = first_nonfinite(buf, row.at);
+    if f.nonfinite.is_none() {
+        let rep = quantize_row(buf, kind, q, s);
+        f.underflow = rep.zero_scale_blocks as u64;
+        f.scale_overflow = rep.scale_overflow.map(|b| (0, b));
+    }
+    f
+}
+
+/// Widens, checks and narrows one task's values to f16 bytes.
+#[inline(always)]
+fn f16_task_body(row: Row, vals: &mut [f32], out: &mut [u8]) -> Found {
+    let mut f = Found::default();
+    if widen_into(row.name, row.dtype, row.src, vals).is_err() {
+        return f;
+    }
+    f.nonfinite = first_nonfinite(vals, row.at);
+    let rep = narrow_into(vals, out);
+    f.underflow = rep.underflow;
+    f.overflow = rep.overflow.map(|j| (row.at + j, vals[j]));
+    f
+}
+
+// The same loops compiled for AVX2: the converter's arithmetic is plain IEEE float
+// and integer work without fused operations, so wider vectors give the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn int8_row_avx2(
+    row: Row,
+    buf: &mut [f32],
+    kind: QuantKind,
+    q: &mut [i8],
+    s: &mut [f16],
+) -> Found {
+    int8_row_body(row, buf, kind, q, s)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn f16_task_avx2(row: Row, vals: &mut [f32], out: &mut [u8]) -> Found {
+    f16_task_body(row, vals, out)
+}
+
+/// Whether the AVX2 builds of the row loops can run here.
+fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVX2.get_or_init(|| is_x86_feature_detected!("avx2"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// [`int8_row_body`], in its AVX2 build where the CPU has it.
+fn int8_row(row: Row, buf: &mut [f32], kind: QuantKind, q: &mut [i8], s: &mut [f16]) -> Found {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: the CPU supports AVX2 (checked at run time).
+        return unsafe { int8_row_avx2(row, buf, kind, q, s) };
+    }
+    int8_row_body(row, buf, kind, q, s)
+}
+
+/// [`f16_task_body`], in its AVX2 build where the CPU has it.
+fn f16_task(row: Row, vals: &mut [f32], out: &mut [u8]) -> Found {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: the CPU supports AVX2 (checked at run time).
+        return unsafe { f16_task_avx2(row, vals, out) };
+    }
+    f16_task_body(row, vals, out)
 }
 
 /// Converts tensor `t` from `ck` into `w`, polling `cancel` between chunks.
@@ -106,16 +204,14 @@ pub fn stream_tensor(
                     .map_init(
                         || vec![0f32; cols],
                         |buf, (i, ((qrow, srow), srcrow))| {
-                            let mut f = Found::default();
-                            if widen_into(&t.source, dtype, srcrow, buf).is_err() {
-                                return f;
-                            }
-                            f.nonfinite = first_nonfinite(buf, base + i * cols);
-                            if f.nonfinite.is_none() {
-                                let rep = quantize_row(buf, kind, qrow, srow);
-                                f.underflow = rep.zero_scale_blocks as u64;
-                                f.scale_overflow = rep.scale_overflow.map(|b| (r0 + i, b));
-                            }
+                            let row = Row {
+                                name: &t.source,
+                                dtype,
+                                src: srcrow,
+                                at: base + i * cols,
+                            };
+                            let mut f = int8_row(row, buf, kind, qrow, srow);
+                            f.scale_overflow = f.scale_overflow.map(|(_, b)| (r0 + i, b));
                             f
                         },
                     )
@@ -138,17 +234,13 @@ pub fn stream_tensor(
                     .map_init(
                         || vec![0f32; TASK_ELEMS],
                         |buf, (i, (o, sb))| {
-                            let mut f = Found::default();
-                            let vals = &mut buf[..sb.len() / es];
-                            if widen_into(&t.source, dtype, sb, vals).is_err() {
-                                return f;
-                            }
-                            let at = base + i * TASK_ELEMS;
-                            f.nonfinite = first_nonfinite(vals, at);
-                            let rep = narrow_into(vals, o);
-                            f.underflow = rep.underflow;
-                            f.overflow = rep.overflow.map(|j| (at + j, vals[j]));
-                            f
+                            let row = Row {
+                                name: &t.source,
+                                dtype,
+                                src: sb,
+                                at: base + i * TASK_ELEMS,
+                            };
+                            f16_task(row, &mut buf[..sb.len() / es], o)
                         },
                     )
                     .reduce(Found::default, Found::merge);
@@ -208,4 +300,86 @@ fn i8_bytes(v: Vec<i8>) -> Vec<u8> {
     // SAFETY: i8 and u8 have the same size and alignment, every bit pattern is valid
     // for both, and the original vector is not dropped.
     unsafe { Vec::from_raw_parts(ptr as *mut u8, len, cap) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// bf16 bytes of a row with every kind of block: random magnitudes over many
+    /// decades, exact .5 ties of the scale, zeros, tiny values whose scale flushes,
+    /// and values at the f16 limits.
+    fn bf16_row(cols: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        (0..cols)
+            .map(|c| {
+                let r = next();
+                let v = match (c / 32) % 5 {
+                    0 => f32::from_bits(
+                        ((r >> 32) as u32 & 0x807f_ffff) | (((r % 40) as u32 + 100) << 23),
+                    ),
+                    1 => ((r % 511) as f32 - 255.0) * 0.5,
+                    2 => 0.0,
+                    3 => ((r % 7) as f32 - 3.0) * 1e-9,
+                    _ => ((r % 3) as f32 - 1.0) * 65504.0,
+                };
+                (v.to_bits() >> 16) as u16
+            })
+            .flat_map(|h| h.to_le_bytes())
+            .collect()
+    }
+
+    #[test]
+    fn simd_builds_of_the_row_loops_give_the_same_bytes() {
+        let cols = 32 * 40;
+        for seed in 0..20 {
+            let src = bf16_row(cols, seed);
+            let row = Row {
+                name: "t",
+                dtype: Dtype::BF16,
+                src: &src,
+                at: 0,
+            };
+            for kind in [QuantKind::Clip, QuantKind::AbsMax] {
+                let (mut q1, mut s1) = (vec![0i8; cols], vec![f16::ZERO; cols / BLOCK]);
+                let (mut q2, mut s2) = (q1.clone(), s1.clone());
+                let mut buf = vec![0f32; cols];
+                let f1 = int8_row_body(row, &mut buf, kind, &mut q1, &mut s1);
+                let f2 = int8_row(row, &mut buf, kind, &mut q2, &mut s2);
+                assert_eq!(q1, q2, "seed {seed} {kind:?}");
+                let bits = |s: &[f16]| s.iter().map(|h| h.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&s1), bits(&s2), "seed {seed} {kind:?}");
+                assert_eq!(format!("{f1:?}"), format!("{f2:?}"));
+                assert!(f1.underflow > 0, "the row has flushed scales");
+            }
+            let (mut o1, mut o2) = (vec![0u8; cols * 2], vec![0u8; cols * 2]);
+            let mut vals = vec![0f32; cols];
+            let f1 = f16_task_body(row, &mut vals, &mut o1);
+            let f2 = f16_task(row, &mut vals, &mut o2);
+            assert_eq!(o1, o2, "seed {seed}");
+            assert_eq!(format!("{f1:?}"), format!("{f2:?}"));
+        }
+    }
+
+    #[test]
+    fn a_non_finite_value_is_found_at_its_index() {
+        let mut src = bf16_row(64, 1);
+        src[2 * 37..2 * 38].copy_from_slice(&((f32::NAN.to_bits() >> 16) as u16).to_le_bytes());
+        let row = Row {
+            name: "t",
+            dtype: Dtype::BF16,
+            src: &src,
+            at: 1000,
+        };
+        let mut buf = vec![0f32; 64];
+        let (mut q, mut s) = (vec![0i8; 64], vec![f16::ZERO; 2]);
+        let f = int8_row(row, &mut buf, QuantKind::Clip, &mut q, &mut s);
+        assert_eq!(f.nonfinite.map(|(i, _)| i), Some(1037));
+    }
 }

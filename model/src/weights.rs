@@ -249,6 +249,7 @@ impl Checkpoint {
 
 /// Widens raw little-endian bytes of a floating dtype into `out` (exact), without
 /// allocating; `out.len()` must be the element count of `bytes`.
+#[inline(always)]
 pub fn widen_into(name: &str, dtype: Dtype, bytes: &[u8], out: &mut [f32]) -> Result<()> {
     match dtype {
         Dtype::BF16 => {

@@ -8,8 +8,6 @@
 //! polynomial `1 + r + r²·P(r)`, scaled by `2ⁿ`. Inputs are clamped to ≤ 88 and
 //! inputs below −87 give 0. Relative error ≲ 2·10⁻⁷.
 
-use std::sync::OnceLock;
-
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 const LN2_HI: f32 = 0.693_359_4;
 const LN2_LO: f32 = -2.121_944_4e-4;
@@ -198,18 +196,11 @@ fn gelu_tanh_one(v: f32) -> f32 {
     v / (1.0 + exp_portable(-2.0 * u))
 }
 
+/// Whether the AVX2/FMA builds can run (only x86-64 has them).
+#[cfg(target_arch = "x86_64")]
 fn simd() -> bool {
-    static S: OnceLock<bool> = OnceLock::new();
-    *S.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    })
+    static S: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *S.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
 }
 
 /// `x[i] = exp(x[i])`.
