@@ -5,9 +5,8 @@ SHELL := /bin/bash
 CARGO ?= cargo
 Q3VL := target/release/q3vl
 DEMO := target/demo
-PY := oracle/.venv/bin/python
 
-.PHONY: demo test build fmt clippy oracle fixtures bench bench-convert pipeline clean-demo
+.PHONY: demo test build fmt clippy oracle fixtures bench bench-convert bench-peer bench-engine pipeline clean-demo
 
 ## demo: the whole tool on the embedded shapes fixture: fp32 ladder, int8hu conversion,
 ## quantized gates with a stamp, then the engine answering the fixture's demo images.
@@ -45,11 +44,13 @@ build:
 	$(CARGO) build --release --bin q3vl
 
 ## oracle: the pinned Python environment of the fp32 HF oracle (about 5 GB).
-oracle: $(PY)
-$(PY): oracle/requirements.txt
+# A stamp file, not the interpreter: that is a symlink whose target's age says nothing.
+ORACLE_STAMP := oracle/.venv/.q3vl-installed
+oracle: $(ORACLE_STAMP)
+$(ORACLE_STAMP): oracle/requirements.txt
 	python3 -m venv oracle/.venv
 	oracle/.venv/bin/pip install -q -r oracle/requirements.txt
-	@touch $(PY)
+	@touch $(ORACLE_STAMP)
 
 ## fixtures: rebuild the committed tiny checkpoints and their traces with the oracle.
 fixtures: oracle
@@ -59,7 +60,23 @@ fixtures: oracle
 bench-convert: build
 	bash convert/bench/bench-convert.sh
 
-bench: bench-convert
+## bench-peer: llama.cpp (llama-cpp-python 0.3.36's vendored tree, q8_0) beside q3vl on one synthetic
+## 8B checkpoint: prefill, decode, vision, peak RSS (Q3VL_PEER_SIZE=2b|4b; needs `make oracle`).
+bench-peer: build
+	Q3VL_BIN=$(Q3VL) bash engine/bench/bench-peer.sh
+
+## bench-engine: 8B-shaped engine speed (vision, prefill, decode) against the bandwidth bound.
+bench-engine: build
+	bash engine/bench/bench-engine.sh
+
+## bench: both benchmarks, on one synthetic 8B checkpoint (Q3VL_BENCH_SRC=DIR reuses one).
+bench: build
+	@set -e; src=$${Q3VL_BENCH_SRC:-}; own=; \
+	if [ -z "$$src" ]; then src=/tmp/q3vl-bench-src; own=1; rm -rf $$src; \
+	    $(Q3VL) synth --size 8b --out $$src --seed 0 > /dev/null; fi; \
+	trap '[ -n "$$own" ] && rm -rf '"$$src" EXIT; \
+	Q3VL_BIN=$(Q3VL) Q3VL_BENCH_SRC=$$src bash convert/bench/bench-convert.sh; \
+	Q3VL_BIN=$(Q3VL) Q3VL_BENCH_SRC=$$src bash engine/bench/bench-engine.sh
 
 ## pipeline: fetch → convert → oracle trace → verify --stamp → release (see scripts/pipeline.sh).
 pipeline: build
