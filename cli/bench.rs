@@ -43,6 +43,21 @@ pub struct BenchArgs {
     /// Size of the bandwidth test buffer in MiB (choose ≫ the last-level cache).
     #[arg(long, default_value_t = 1024)]
     pub bandwidth_mib: usize,
+    /// Times to repeat the vision encode and the prefill + decode run; rates are
+    /// reported as mean ± standard deviation (like llama-bench's repetitions).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub reps: u32,
+}
+
+/// Mean and sample standard deviation (0 for a single value).
+fn mean_sd(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    if v.len() < 2 {
+        return (mean, 0.0);
+    }
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, var.sqrt())
 }
 
 /// A synthetic 448×448-ish test picture (a smooth gradient with a square).
@@ -215,37 +230,54 @@ pub fn run(a: BenchArgs) -> anyhow::Result<Outcome> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(engine.threads())
         .build()?;
-    let bandwidth = pool.install(|| memory_read_bandwidth(a.bandwidth_mib << 20, 5));
+    // The bound uses the best bandwidth seen before and after the timed phases, so a
+    // slow moment of the bandwidth test cannot flatter the decode ratio.
+    let bw_before = pool.install(|| memory_read_bandwidth(a.bandwidth_mib << 20, 5));
     let pb = engine.prompt_builder()?;
     let q3vl_model::image::Resize::Fixed(side) = engine.fixed_resize() else {
         unreachable!("fixed_resize is fixed")
     };
     let patched = engine.preprocess(&test_image(side), false)?;
-    let cpu = || process_cpu_seconds().unwrap_or(f64::NAN);
-    let (t, c0) = (Instant::now(), cpu());
-    let feats = engine.encode_image(&patched.pixel_values, patched.grid_thw)?;
-    let vision_ms = t.elapsed().as_secs_f64() * 1e3;
-    let vision_cpu = cpu() - c0;
     let prompt = pb.chat("Describe this image.", Some(patched.grid_thw))?;
     let params = GenerateParams {
         max_new_tokens: a.decode_tokens + 1,
         ignore_eos: true,
         ..GenerateParams::default()
     };
-    // The first token arrives right after prefill: split the CPU time there.
-    let c1 = cpu();
-    let mut c_first = f64::NAN;
-    let g = engine.generate(&prompt.ids, Some(&feats), &params, &mut |_| {
-        if c_first.is_nan() {
-            c_first = cpu();
-        }
-    })?;
-    let (prefill_cpu, decode_cpu) = (c_first - c1, cpu() - c_first);
-    let tm = g.timings;
+    let cpu = || process_cpu_seconds().unwrap_or(f64::NAN);
+    let (mut vision, mut prefill, mut decode) = (Vec::new(), Vec::new(), Vec::new());
+    let mut prefill_ms = 0.0;
+    let (mut vision_cpu, mut prefill_cpu, mut decode_cpu) = (0.0, 0.0, 0.0);
+    let mut last = None;
+    for _ in 0..a.reps {
+        let (t, c0) = (Instant::now(), cpu());
+        let feats = engine.encode_image(&patched.pixel_values, patched.grid_thw)?;
+        vision.push(t.elapsed().as_secs_f64() * 1e3);
+        vision_cpu += (cpu() - c0) / a.reps as f64;
+        // The first token arrives right after prefill: split the CPU time there.
+        let c1 = cpu();
+        let mut c_first = f64::NAN;
+        let g = engine.generate(&prompt.ids, Some(&feats), &params, &mut |_| {
+            if c_first.is_nan() {
+                c_first = cpu();
+            }
+        })?;
+        prefill_cpu += (c_first - c1) / a.reps as f64;
+        decode_cpu += (cpu() - c_first) / a.reps as f64;
+        prefill_ms += g.timings.prefill_ms / a.reps as f64;
+        prefill.push(g.timings.prefill_tok_s);
+        decode.push(g.timings.decode_tok_s);
+        last = Some((feats.tokens, g.timings));
+    }
+    let (image_tokens, tm) = last.expect("at least one repetition");
+    let ((vision_ms, vision_sd), (prefill_tok_s, prefill_sd), (decode_tok_s, decode_sd)) =
+        (mean_sd(&vision), mean_sd(&prefill), mean_sd(&decode));
+    let bw_after = pool.install(|| memory_read_bandwidth(a.bandwidth_mib << 20, 5));
+    let bandwidth = bw_before.max(bw_after);
     let mid = prompt.ids.len() + a.decode_tokens / 2;
     let bytes_per_token = engine.decode_bytes(mid)?;
     let bound = bandwidth / bytes_per_token as f64;
-    let ratio = tm.decode_tok_s / bound;
+    let ratio = decode_tok_s / bound;
     let rss = peak_rss_bytes();
     // After the peak RSS: the micro-benchmarks' buffers are not the engine's.
     let rates = pool.install(|| kernel_rates(&a.q8_shape, &a.gemm_shape));
@@ -253,17 +285,23 @@ pub fn run(a: BenchArgs) -> anyhow::Result<Outcome> {
     if a.json {
         let doc = json!({
             "threads": engine.threads(),
+            "reps": a.reps,
             "bandwidth_gb_s": bandwidth / 1e9,
+            "bandwidth_before_gb_s": bw_before / 1e9,
+            "bandwidth_after_gb_s": bw_after / 1e9,
             "vision_ms": vision_ms,
+            "vision_ms_sd": vision_sd,
             "vision_cpu_s": vision_cpu,
             "prefill_cpu_s": prefill_cpu,
             "decode_cpu_s": decode_cpu,
-            "image_tokens": feats.tokens,
+            "image_tokens": image_tokens,
             "prompt_tokens": prompt.ids.len(),
-            "prefill_ms": tm.prefill_ms,
-            "prefill_tok_s": tm.prefill_tok_s,
+            "prefill_ms": prefill_ms,
+            "prefill_tok_s": prefill_tok_s,
+            "prefill_tok_s_sd": prefill_sd,
             "decode_steps": tm.decode_steps,
-            "decode_tok_s": tm.decode_tok_s,
+            "decode_tok_s": decode_tok_s,
+            "decode_tok_s_sd": decode_sd,
             "decode_bytes_per_token": bytes_per_token,
             "decode_bound_tok_s": bound,
             "decode_fraction_of_bound": ratio,
@@ -274,20 +312,23 @@ pub fn run(a: BenchArgs) -> anyhow::Result<Outcome> {
         println!("{doc}");
     } else {
         println!("threads                 {}", engine.threads());
-        println!("memory read bandwidth   {:.2} GB/s", bandwidth / 1e9);
         println!(
-            "vision encode ({side}²)    {vision_ms:.0} ms ({} image tokens; {vision_cpu:.1} CPU-s)",
-            feats.tokens
+            "memory read bandwidth   {:.2} GB/s (best of {:.2} before and {:.2} after)",
+            bandwidth / 1e9,
+            bw_before / 1e9,
+            bw_after / 1e9
+        );
+        println!("repetitions             {} (mean ± sd)", a.reps);
+        println!(
+            "vision encode ({side}²)    {vision_ms:.0} ± {vision_sd:.0} ms ({image_tokens} image tokens; {vision_cpu:.1} CPU-s)"
         );
         println!(
-            "prefill                 {} tokens, {:.0} ms, {:.2} tok/s ({prefill_cpu:.1} CPU-s)",
+            "prefill                 {} tokens, {prefill_ms:.0} ms, {prefill_tok_s:.2} ± {prefill_sd:.2} tok/s ({prefill_cpu:.1} CPU-s)",
             prompt.ids.len(),
-            tm.prefill_ms,
-            tm.prefill_tok_s
         );
         println!(
-            "decode                  {} steps, {:.3} tok/s ({decode_cpu:.1} CPU-s)",
-            tm.decode_steps, tm.decode_tok_s
+            "decode                  {} steps, {decode_tok_s:.3} ± {decode_sd:.3} tok/s ({decode_cpu:.1} CPU-s)",
+            tm.decode_steps
         );
         println!(
             "decode bytes / token    {:.3} GB",

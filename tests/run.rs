@@ -296,3 +296,63 @@ fn require_verified_refuses_an_unstamped_bundle() {
     ]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("not verified"));
 }
+
+/// `q3vl bench` on the fixture bundle, with tiny kernel shapes: every figure is
+/// present and positive, repetitions are counted, and the bound uses the better of the
+/// two bandwidth passes.
+#[test]
+fn bench_reports_every_figure_and_its_bound() {
+    let out = converted_fixture("shapes");
+    let doc = run_json(&[
+        "bench",
+        "--bundle",
+        s(&out),
+        "--json",
+        "--reps",
+        "2",
+        "--decode-tokens",
+        "3",
+        "--bandwidth-mib",
+        "16",
+        "--q8-shape",
+        "64x64x4",
+        "--gemm-shape",
+        "8x32x16",
+    ]);
+    let f = |k: &str| {
+        doc[k]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{k} missing: {doc}"))
+    };
+    assert_eq!(doc["reps"], 2);
+    assert_eq!(doc["decode_steps"], 3);
+    for k in [
+        "vision_ms",
+        "prefill_tok_s",
+        "decode_tok_s",
+        "decode_bound_tok_s",
+        "decode_bytes_per_token",
+        "peak_rss_bytes",
+    ] {
+        assert!(f(k) > 0.0, "{k} = {}", f(k));
+    }
+    for k in ["vision_ms_sd", "prefill_tok_s_sd", "decode_tok_s_sd"] {
+        assert!(f(k) >= 0.0, "{k} = {}", f(k));
+    }
+    let best = f("bandwidth_before_gb_s").max(f("bandwidth_after_gb_s"));
+    assert_eq!(f("bandwidth_gb_s"), best);
+    let bound = f("bandwidth_gb_s") * 1e9 / f("decode_bytes_per_token");
+    assert!((f("decode_bound_tok_s") / bound - 1.0).abs() < 1e-9);
+    assert!((f("decode_fraction_of_bound") * bound / f("decode_tok_s") - 1.0).abs() < 1e-9);
+    assert!(doc["image_tokens"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn bench_rejects_zero_repetitions() {
+    let out = converted_fixture("shapes");
+    let line = fails(
+        &run(&["bench", "--bundle", s(&out), "--reps", "0"]),
+        &["--reps"],
+    );
+    assert!(!line.contains('\n'), "{line}");
+}

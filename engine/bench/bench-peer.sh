@@ -34,6 +34,7 @@ ORACLE_PY=${Q3VL_PEER_TORCH_PY:-$ROOT/oracle/.venv/bin/python}
 KEEP=${KEEP:-0}
 PROMPT="Describe this image briefly."
 DECODE=32   # decode steps timed by both engines
+REPS=${Q3VL_BENCH_REPS:-3}   # q3vl bench repetitions (llama-bench makes 5): mean ± sd
 SIDE=448    # q3vl's fixed image grid: 448/16 = 28 patches a side, merged 2x2 -> 196 tokens
 
 case "$SIZE" in 2b | 4b | 8b) ;; *) echo "Q3VL_PEER_SIZE must be 2b, 4b or 8b" >&2; exit 2 ;; esac
@@ -147,7 +148,7 @@ Q_CONVERT_RSS=$(time_rss "$WORK/q3vl-convert.time")
 Q3VL_BYTES=$(du -sb "$WORK/q3vl" | cut -f1)
 echo "== q3vl bench (--threads $THREADS --decode-tokens $DECODE)" >&2
 /usr/bin/time -v -o "$WORK/q3vl-bench.time" "$Q3VL_BIN" bench --bundle "$WORK/q3vl" --json \
-  --threads "$THREADS" --decode-tokens "$DECODE" > "$WORK/q3vl-bench.json" 2> "$WORK/q3vl-bench.log" \
+  --threads "$THREADS" --decode-tokens "$DECODE" --reps "$REPS" > "$WORK/q3vl-bench.json" 2> "$WORK/q3vl-bench.log" \
   || { tail -n 40 "$WORK/q3vl-bench.log" >&2; exit 1; }
 echo "== q3vl run (image + prompt, 1 new token)" >&2
 # --context 4096 like llama-mtmd-cli's -c below: neither engine sizes a KV cache for 256k.
@@ -155,6 +156,9 @@ echo "== q3vl run (image + prompt, 1 new token)" >&2
   --prompt "$PROMPT" --max-new-tokens 1 --threads "$THREADS" --context 4096 --json \
   > "$WORK/q3vl-run.json" 2> "$WORK/q3vl-run.log" || { tail -n 40 "$WORK/q3vl-run.log" >&2; exit 1; }
 Q_PREFILL=$(jget "$WORK/q3vl-bench.json" prefill_tok_s)
+Q_PREFILL_SD=$(jget "$WORK/q3vl-bench.json" prefill_tok_s_sd)
+Q_DECODE_SD=$(jget "$WORK/q3vl-bench.json" decode_tok_s_sd)
+Q_VISION_SD=$(jget "$WORK/q3vl-bench.json" vision_ms_sd)
 Q_PROMPT=$(jget "$WORK/q3vl-bench.json" prompt_tokens)
 Q_IMGTOK=$(jget "$WORK/q3vl-bench.json" image_tokens)
 Q_DECODE=$(jget "$WORK/q3vl-bench.json" decode_tok_s)
@@ -251,17 +255,17 @@ q3vl: \`q3vl convert --mode int8hu\` ($(gb "$Q3VL_BYTES") of bundles).
 Commands (in \`$WORK\`, \`engine/bench/bench-peer.sh\`):
 - \`${LB_CMD[*]}\`
 - \`${MT_CMD[*]}\`
-- \`q3vl bench --bundle q3vl --json --threads $THREADS --decode-tokens $DECODE\`
+- \`q3vl bench --bundle q3vl --json --threads $THREADS --decode-tokens $DECODE --reps $REPS\`
 - \`q3vl run --bundle q3vl --image img448.png --prompt "$PROMPT" --max-new-tokens 1 --threads $THREADS --context 4096\`
 
 Ratio: >1 means q3vl is better (q3vl/llama.cpp for rates, llama.cpp/q3vl for times and memory).
 
 | what | llama.cpp | q3vl | ratio |
 |---|---|---|---|
-| prefill tok/s ($Q_PROMPT tokens) | $(f "$L_PREFILL" 1 2) ± $(f "$L_PREFILL_SD" 1 2) (pp$Q_PROMPT, text tokens) | $(f "$Q_PREFILL" 1 2) ($Q_PROMPT tokens, $Q_IMGTOK of them image) | $(r "$Q_PREFILL" "$L_PREFILL") |
-| decode tok/s | $(f "$L_DECODE" 1 3) ± $(f "$L_DECODE_SD" 1 3) (tg$DECODE, empty context) | $(f "$Q_DECODE" 1 3) ($DECODE steps after the $Q_PROMPT-token prompt) | $(r "$Q_DECODE" "$L_DECODE") |
+| prefill tok/s ($Q_PROMPT tokens) | $(f "$L_PREFILL" 1 2) ± $(f "$L_PREFILL_SD" 1 2) (pp$Q_PROMPT, text tokens) | $(f "$Q_PREFILL" 1 2) ± $(f "$Q_PREFILL_SD" 1 2) ($Q_PROMPT tokens, $Q_IMGTOK of them image) | $(r "$Q_PREFILL" "$L_PREFILL") |
+| decode tok/s | $(f "$L_DECODE" 1 3) ± $(f "$L_DECODE_SD" 1 3) (tg$DECODE, empty context) | $(f "$Q_DECODE" 1 3) ± $(f "$Q_DECODE_SD" 1 3) ($DECODE steps after the $Q_PROMPT-token prompt) | $(r "$Q_DECODE" "$L_DECODE") |
 | decode / bound ($(f "$Q_BOUND" 1 3) tok/s) | $(pct "$L_DECODE" "$Q_BOUND") | $(pct "$Q_DECODE" "$Q_BOUND") | |
-| vision encode ms (${SIDE}², $IMG_NOTE) | $L_VISION | $(f "$Q_VISION" 1 0) (\`run\`: $(f "$Q_RUN_VISION" 1 0)) | $(r "$L_VISION" "$Q_VISION") |
+| vision encode ms (${SIDE}², $IMG_NOTE) | $L_VISION | $(f "$Q_VISION" 1 0) ± $(f "$Q_VISION_SD" 1 0) (\`run\`: $(f "$Q_RUN_VISION" 1 0)) | $(r "$L_VISION" "$Q_VISION") |
 | peak RSS, image + prompt + 1 token (mtmd-cli / q3vl run) | $(gib "$L_RUN_RSS") | $(gib "$Q_RUN_RSS") | $(r "$L_RUN_RSS" "$Q_RUN_RSS") |
 | peak RSS, benchmark (llama-bench: text only / q3vl bench: vision + text) | $(gib "$L_BENCH_RSS") | $(gib "$Q_BENCH_RSS") | $(r "$L_BENCH_RSS" "$Q_BENCH_RSS") |
 | conversion wall s (one after the other; page cache not dropped) | $L_CONVERT_TEXT_S text + $L_CONVERT_MMPROJ_S mmproj | $Q_CONVERT_S (both bundles, checksums) | $(r "$((L_CONVERT_TEXT_S + L_CONVERT_MMPROJ_S))" "$Q_CONVERT_S") |
