@@ -13,18 +13,8 @@
 # never deleted). Dropping caches needs root; without it the figures are printed with a warning.
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-WORK=${Q3VL_BENCH_DIR:-/tmp/q3vl-bench}
-KEEP=${KEEP:-0}
-if [[ -z "${Q3VL_BIN:-}" ]]; then
-  (cd "$ROOT" && cargo build --release --quiet --bin q3vl)
-  Q3VL_BIN="$ROOT/target/release/q3vl"
-fi
-
-cleanup() { if [[ "$KEEP" != 1 ]]; then rm -rf "$WORK"; fi; }
-trap cleanup EXIT
-rm -rf "$WORK"
-mkdir -p "$WORK"
+source "$(dirname "$0")/../../scripts/bench-setup.sh"
+bench_setup /tmp/q3vl-bench
 
 now() { date +%s.%N; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }

@@ -13,19 +13,9 @@
 # unless KEEP=1. Q3VL_BENCH_SIZE=2b|4b|8b (default 8b) picks the shape.
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-WORK=${Q3VL_BENCH_DIR:-/tmp/q3vl-bench-engine}
 SIZE=${Q3VL_BENCH_SIZE:-8b}
-KEEP=${KEEP:-0}
-if [[ -z "${Q3VL_BIN:-}" ]]; then
-  (cd "$ROOT" && cargo build --release --quiet --bin q3vl)
-  Q3VL_BIN="$ROOT/target/release/q3vl"
-fi
-
-cleanup() { if [[ "$KEEP" != 1 ]]; then rm -rf "$WORK"; fi; }
-trap cleanup EXIT
-rm -rf "$WORK"
-mkdir -p "$WORK"
+source "$(dirname "$0")/../../scripts/bench-setup.sh"
+bench_setup /tmp/q3vl-bench-engine
 
 SRC="${Q3VL_BENCH_SRC:-$WORK/src}"
 if [[ -z "${Q3VL_BENCH_SRC:-}" ]]; then

@@ -24,33 +24,25 @@
 # PYTHONPATH; nothing is installed into the oracle venv. Both venvs come from the same python3.
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+source "$(dirname "$0")/../../scripts/bench-setup.sh"
 LLAMA_PY_VERSION=0.3.36
 SIZE=${Q3VL_PEER_SIZE:-${Q3VL_BENCH_SIZE:-8b}}
 PEER=${Q3VL_PEER_DIR:-/tmp/q3vl-peer}
-WORK=${Q3VL_BENCH_DIR:-/tmp/q3vl-bench-peer}
 THREADS=${Q3VL_PEER_THREADS:-2}
 ORACLE_PY=${Q3VL_PEER_TORCH_PY:-$ROOT/oracle/.venv/bin/python}
-KEEP=${KEEP:-0}
 PROMPT="Describe this image briefly."
 DECODE=32   # decode steps timed by both engines
 REPS=${Q3VL_BENCH_REPS:-3}   # q3vl bench repetitions (llama-bench makes 5): mean ± sd
 SIDE=448    # q3vl's fixed image grid: 448/16 = 28 patches a side, merged 2x2 -> 196 tokens
 
 case "$SIZE" in 2b | 4b | 8b) ;; *) echo "Q3VL_PEER_SIZE must be 2b, 4b or 8b" >&2; exit 2 ;; esac
-if [[ -z "${Q3VL_BIN:-}" ]]; then
-  (cd "$ROOT" && cargo build --release --quiet --bin q3vl)
-  Q3VL_BIN="$ROOT/target/release/q3vl"
-fi
 if [[ ! -x "$ORACLE_PY" ]]; then
   echo "no $ORACLE_PY: run \`make oracle\` first (torch + transformers for llama.cpp's converter)" >&2
   exit 2
 fi
 
-cleanup() { if [[ "$KEEP" != 1 ]]; then rm -rf "$WORK"; fi; }
-trap cleanup EXIT
-rm -rf "$WORK"
-mkdir -p "$WORK" "$PEER"
+bench_setup /tmp/q3vl-bench-peer
+mkdir -p "$PEER"
 
 now() { date +%s.%N; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.0f", b - a }'; }
@@ -173,23 +165,18 @@ Q_RUN_RSS=$(time_rss "$WORK/q3vl-run.time")
 if [[ "$KEEP" != 1 ]]; then rm -rf "$WORK/q3vl"; fi
 
 # ---- 4. llama.cpp --------------------------------------------------------------------------
-convert_gguf() {
-  local pysite
-  pysite=$("$ORACLE_PY" -c 'import site; print(site.getsitepackages()[0])')
-  # Same interpreter version in both venvs, or the oracle's compiled packages would not load.
-  [[ $("$VENV/bin/python" -c 'import sys; print(sys.version_info[:2])') == $("$ORACLE_PY" -c 'import sys; print(sys.version_info[:2])') ]] \
-    || { echo "python of $VENV and $ORACLE_PY differ" >&2; exit 1; }
-  PYTHONPATH="$pysite:$LCPP/gguf-py" nice -n 10 "$VENV/bin/python" "$LCPP/convert_hf_to_gguf.py" "$@"
-}
+# Same interpreter version in both venvs, or the oracle's compiled packages would not load.
+[[ $("$VENV/bin/python" -c 'import sys; print(sys.version_info[:2])') == $("$ORACLE_PY" -c 'import sys; print(sys.version_info[:2])') ]] \
+  || { echo "python of $VENV and $ORACLE_PY differ" >&2; exit 1; }
+PYSITE=$("$ORACLE_PY" -c 'import site; print(site.getsitepackages()[0])')
+CONVERT_GGUF=(env "PYTHONPATH=$PYSITE:$LCPP/gguf-py" nice -n 10 "$VENV/bin/python" "$LCPP/convert_hf_to_gguf.py")
 echo "== convert_hf_to_gguf: text q8_0, mmproj f16" >&2
 t0=$(now)
 logged "$WORK/gguf-text.log" /usr/bin/time -v -o "$WORK/gguf-text.time" \
-  bash -c "$(declare -f convert_gguf); VENV='$VENV' ORACLE_PY='$ORACLE_PY' LCPP='$LCPP' convert_gguf \"\$@\"" _ \
-  "$SRC" --outtype q8_0 --outfile "$WORK/text.gguf"
+  "${CONVERT_GGUF[@]}" "$SRC" --outtype q8_0 --outfile "$WORK/text.gguf"
 t1=$(now)
 logged "$WORK/gguf-mmproj.log" /usr/bin/time -v -o "$WORK/gguf-mmproj.time" \
-  bash -c "$(declare -f convert_gguf); VENV='$VENV' ORACLE_PY='$ORACLE_PY' LCPP='$LCPP' convert_gguf \"\$@\"" _ \
-  "$SRC" --mmproj --outtype f16 --outfile "$WORK/mmproj.gguf"
+  "${CONVERT_GGUF[@]}" "$SRC" --mmproj --outtype f16 --outfile "$WORK/mmproj.gguf"
 t2=$(now)
 L_CONVERT_TEXT_S=$(secs "$t0" "$t1")
 L_CONVERT_MMPROJ_S=$(secs "$t1" "$t2")

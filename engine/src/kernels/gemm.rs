@@ -693,6 +693,7 @@ fn serial(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::testing::{assert_same_bits, on_threads};
 
     fn naive(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f64> {
         let mut o = vec![0f64; m * n];
@@ -826,21 +827,13 @@ mod tests {
             .map(|i| f16::from_f32(((i * 104729) % 997) as f32 * 1e-3 - 0.5))
             .collect();
         let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
             let mut o = vec![0f32; m * n];
-            pool.install(|| linear_f16(&x, m, k, &w, n, None, &mut o));
+            on_threads(threads, || linear_f16(&x, m, k, &w, n, None, &mut o));
             o
         };
         let one = run(1);
         for t in [2, 3] {
-            let o = run(t);
-            assert!(
-                one.iter().zip(&o).all(|(a, b)| a.to_bits() == b.to_bits()),
-                "threads={t}"
-            );
+            assert_same_bits(&run(t), &one, &format!("threads={t}"));
         }
     }
 

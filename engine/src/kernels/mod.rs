@@ -27,3 +27,24 @@ impl OutPtr {
 // SAFETY: every user writes disjoint elements from different tasks.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
+
+/// Test helpers shared by the kernels' thread-independence tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    /// Runs `f` on a fresh rayon pool of `threads` threads.
+    pub(crate) fn on_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(f)
+    }
+
+    /// Asserts `got` equals `want` bit for bit, naming the first differing index.
+    pub(crate) fn assert_same_bits(got: &[f32], want: &[f32], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: lengths");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert_eq!(g.to_bits(), w.to_bits(), "{what} i={i}: {g} vs {w}");
+        }
+    }
+}

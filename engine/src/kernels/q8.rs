@@ -937,6 +937,7 @@ pub fn matvec_on(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::testing::{assert_same_bits, on_threads};
 
     /// A small deterministic generator for test data.
     fn lcg(seed: &mut u64) -> u64 {
@@ -1122,19 +1123,10 @@ mod tests {
             }
             for &p in &available_paths() {
                 for threads in [1usize, 2, 3] {
-                    let pool = rayon::ThreadPoolBuilder::new()
-                        .num_threads(threads)
-                        .build()
-                        .unwrap();
                     let mut out = vec![f32::NAN; t * rows];
-                    pool.install(|| matmul_on(p, &q, &s, rows, cols, &x, &mut out));
-                    for i in 0..t * rows {
-                        assert_eq!(
-                            out[i].to_bits(),
-                            want[i].to_bits(),
-                            "{p:?} threads={threads} rows={rows} nb={nb} t={t} i={i}"
-                        );
-                    }
+                    on_threads(threads, || matmul_on(p, &q, &s, rows, cols, &x, &mut out));
+                    let what = format!("{p:?} threads={threads} rows={rows} nb={nb} t={t}");
+                    assert_same_bits(&out, &want, &what);
                 }
             }
         }
@@ -1203,19 +1195,10 @@ mod tests {
                     }
                 }
                 for threads in [1usize, 2, 3] {
-                    let pool = rayon::ThreadPoolBuilder::new()
-                        .num_threads(threads)
-                        .build()
-                        .unwrap();
                     let mut out = vec![f32::NAN; t * rows];
-                    pool.install(|| matvec_on(p, &q, &s, rows, cols, &x, &mut out));
-                    for i in 0..t * rows {
-                        assert_eq!(
-                            out[i].to_bits(),
-                            want[i].to_bits(),
-                            "{p:?} threads={threads} rows={rows} nb={nb} t={t} i={i}"
-                        );
-                    }
+                    on_threads(threads, || matvec_on(p, &q, &s, rows, cols, &x, &mut out));
+                    let what = format!("{p:?} threads={threads} rows={rows} nb={nb} t={t}");
+                    assert_same_bits(&out, &want, &what);
                 }
             }
         }
