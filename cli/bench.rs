@@ -81,7 +81,7 @@ fn test_image(side: usize) -> q3vl_model::image::Rgb8 {
 }
 
 /// The micro-benchmark shapes (Qwen3-VL-8B): the prefill linear (a 4096 × 4096 int8
-/// weight over a 211-token prompt; the engine's W8A32 GEMM, and the int8 × int8
+/// weight over a 211-token prompt; the engine's f32 GEMM on int8 weights, and the int8 × int8
 /// W8A8 kernel for comparison) and the vision GEMMs of one 448² image (784 patches;
 /// qkv, fc1, fc2).
 const Q8_SHAPE: (usize, usize, usize) = (4096, 4096, 211);
@@ -122,7 +122,7 @@ fn kernel_rates(
     };
     for &(r, c, t) in shapes {
         v.push((
-            format!("w8a32 {r}x{c} x {t} tok"),
+            format!("prefill gemm {r}x{c} x {t} tok"),
             q8_linear_rate(r, c, t, 7),
         ));
         v.push((
@@ -131,7 +131,10 @@ fn kernel_rates(
         ));
     }
     let (r, c) = Q8_DECODE_SHAPE;
-    v.push((format!("w8a32 {r}x{c} x 1 tok"), q8_linear_rate(r, c, 1, 7)));
+    v.push((
+        format!("decode w8a16 {r}x{c} x 1 tok"),
+        q8_linear_rate(r, c, 1, 7),
+    ));
     if gemm_shapes.is_empty() {
         for (name, m, k, n) in VISION_SHAPES {
             v.push((

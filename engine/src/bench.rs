@@ -84,15 +84,16 @@ fn q8_case(rows: usize, cols: usize, tokens: usize) -> (Vec<i8>, Vec<f16>, Vec<f
 }
 
 /// The engine's int8-weight linear ([`crate::weights::Lin::matmul`]): an int8
-/// `rows × cols` weight against `tokens` f32 activation rows — the W8A32 GEMM for
-/// several tokens (prefill), the W8A32 matrix-vector kernel for one (decode); on the
+/// `rows × cols` weight against `tokens` f32 activation rows — the packed f32 GEMM
+/// for several tokens (prefill), the int16-activation matrix-vector kernel for one
+/// (decode); on the
 /// current rayon pool, best of `reps`.
 pub fn q8_linear_rate(rows: usize, cols: usize, tokens: usize, reps: usize) -> KernelRate {
     let (q, s, x) = q8_case(rows, cols, tokens);
     let mut out = vec![0f32; tokens * rows];
     let (wall, cpu) = best_of(reps, || {
         if tokens == 1 {
-            q8::matvec(&q, &s, rows, cols, &x, &mut out);
+            crate::kernels::matvec::matvec(&q, &s, rows, cols, &x, &mut out);
         } else {
             crate::kernels::gemm::linear_q8(&x, tokens, cols, &q, &s, rows, &mut out);
         }
@@ -134,7 +135,7 @@ pub fn f16_linear_rate(m: usize, k: usize, n: usize, reps: usize) -> KernelRate 
 }
 
 /// The decode step's matrix products alone: every int8 weight of `bundle` against
-/// one f32 activation row ([`q8::matvec`]), straight from the memory map, on the
+/// one activation row ([`crate::kernels::matvec::matvec`]), straight from the memory map, on the
 /// current rayon pool. Returns the best sweep's weight bytes (values and scales) per
 /// second over `reps` sweeps.
 pub fn q8_sweep_rate(bundle: &q3vl_bundle::Bundle, reps: usize) -> f64 {
@@ -151,7 +152,7 @@ pub fn q8_sweep_rate(bundle: &q3vl_bundle::Bundle, reps: usize) -> f64 {
     let (wall, _) = best_of(reps, || {
         for (q, s, [rows, cols]) in &weights {
             let mut out = vec![0f32; *rows];
-            q8::matvec(q, s, *rows, *cols, &x[..*cols], &mut out);
+            crate::kernels::matvec::matvec(q, s, *rows, *cols, &x[..*cols], &mut out);
             std::hint::black_box(&out);
         }
     });

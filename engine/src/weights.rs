@@ -100,11 +100,11 @@ impl<'a> Lin<'a> {
         matches!(self, Lin::Q8 { .. })
     }
 
-    /// `out[t, r] = Σ_c x[t, c] · W[r, c]` for `t` tokens. int8 weights are
-    /// dequantized exactly on the fly (f32 activations): one token goes through the
-    /// W8A32 matrix-vector kernel ([`crate::kernels::q8::matvec`]), several (prefill)
-    /// through the packed GEMM over all tokens at once
-    /// ([`crate::kernels::gemm::linear_q8`]). Rows or columns are split across the
+    /// `out[t, r] = Σ_c x[t, c] · W[r, c]` for `t` tokens. For int8 weights one
+    /// token (decode) goes through the streaming matrix-vector kernel on int16
+    /// block-quantized activations ([`crate::kernels::matvec`]), several (prefill)
+    /// through the packed f32 GEMM over all tokens at once, the weights dequantized
+    /// exactly tile by tile ([`crate::kernels::gemm::linear_q8`]). Rows or columns are split across the
     /// pool's threads; each output is one fixed-order reduction, whatever the thread
     /// count.
     pub fn matmul(&self, x: &[f32], t: usize, out: &mut [f32]) {
@@ -114,7 +114,7 @@ impl<'a> Lin<'a> {
         match *self {
             Lin::Q8 { q, s, .. } => {
                 if t == 1 {
-                    crate::kernels::q8::matvec(q, s, rows, cols, x, out);
+                    crate::kernels::matvec::matvec(q, s, rows, cols, x, out);
                 } else {
                     crate::kernels::gemm::linear_q8(x, t, cols, q, s, rows, out);
                 }

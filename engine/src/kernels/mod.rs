@@ -1,7 +1,7 @@
-//! Compute kernels: int8 per-block-32 weights against f32 activations (the decoder's
-//! decode matvec; its prefill goes through the packed GEMM, which dequantizes tiles),
-//! the int8×int8 (Q8_0-style) block product kept for comparison, f16-weight × f32 dot
-//! products, the packed f32 GEMM of the vision tower and prefill, and vectorized
+//! Compute kernels: the decode matrix-vector product of int8 per-block-32 weights
+//! and int16 block-quantized activations, the packed f32 GEMM of the vision tower and
+//! prefill (int8 and f16 weights widened tile by tile), the int8×int8 (Q8_0-style)
+//! block product kept for comparison, f16-weight × f32 dot products, and vectorized
 //! element-wise math.
 //!
 //! Determinism rule shared by every kernel here: one output element is always
@@ -10,6 +10,7 @@
 
 pub mod f16dot;
 pub mod gemm;
+pub mod matvec;
 pub mod q8;
 pub mod vmath;
 

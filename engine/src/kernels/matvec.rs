@@ -1,0 +1,493 @@
+//! The decode matrix-vector product ("W8A16"): int8 per-block-32 weights with f16
+//! scales, times activations rounded per block of 32 to int16.
+//!
+//! Why int16 activations: decode streams every weight once per token, so the
+//! kernel must retire 32 weight bytes in fewer cycles than memory delivers them.
+//! With f32 activations each 8 weights cost a widen, a convert and an FMA, and the
+//! kernel topped out at about 8 GB/s per core, below what two cores can read. With
+//! int16 activations 16 products are one `vpmaddwd`, and half the instructions
+//! remain. Rounding to 16 bits per block moves an activation by at most 2⁻¹⁶ of its
+//! block's largest value, far below the int8 weights' own step (int8 activations,
+//! llama.cpp's Q8_0 way, moved greedy tokens away from the reference on an
+//! untrained fixture; see [`super::q8`]).
+//!
+//! # The arithmetic (every path, bit for bit)
+//!
+//! The activation row `x` is quantized once per product ([`Acts16`]): per block
+//! `d = amax / 32767`, `q = round_half_even(x / d)`, so `|q| ≤ 32767`. Then for one
+//! weight row `w` with `nb` blocks:
+//!
+//! ```text
+//! acc[0..8] = 0                                             (f32 lanes)
+//! for b in 0..nb:
+//!     sc = f32(ws[b]) · xd[b]                               (f32 product, rounded)
+//!     for l in 0..8:
+//!         s = Σ_{j ∈ {2l, 2l+1, 16+2l, 17+2l}} w[32b+j] · q[32b+j]   (exact, i32)
+//!         acc[l] = fma(f32(s), sc, acc[l])                  (fused multiply-add)
+//! result = ((acc0+acc4) + (acc2+acc6)) + ((acc1+acc5) + (acc3+acc7))
+//! ```
+//!
+//! Lane `l`'s bytes are the ones `vpmaddwd` pairs into lane `l` when the block's two
+//! 16-byte halves are sign-extended to int16. `|s| ≤ 4 · 128 · 32767 < 2²⁴`, so
+//! `f32(s)` is exact and the SIMD path only changes how the exact integer lane sums
+//! are formed. An output never depends on the task split or the thread count.
+
+use super::OutPtr;
+use half::f16;
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// Elements per quantization block (spec/quantization.md).
+pub const BLOCK: usize = 32;
+
+/// Largest activation magnitude after quantization.
+const QMAX: f32 = 32767.0;
+
+/// Activations quantized per block of 32 to int16, one f32 scale per block.
+#[derive(Debug, Clone, Default)]
+pub struct Acts16 {
+    /// Row-major int16 values.
+    pub q: Vec<i16>,
+    /// Row-major block scales, `cols / 32` per row.
+    pub d: Vec<f32>,
+    /// Row length; a multiple of 32.
+    pub cols: usize,
+}
+
+impl Acts16 {
+    /// Quantizes `x` (rows of `cols`, a multiple of 32) block by block.
+    pub fn quantize(x: &[f32], cols: usize) -> Acts16 {
+        assert!(cols.is_multiple_of(BLOCK) && cols > 0 && x.len().is_multiple_of(cols));
+        let mut q = vec![0i16; x.len()];
+        let mut d = vec![0f32; x.len() / BLOCK];
+        for ((xb, qb), db) in x
+            .chunks_exact(BLOCK)
+            .zip(q.chunks_exact_mut(BLOCK))
+            .zip(d.iter_mut())
+        {
+            *db = quantize_block16(xb, qb);
+        }
+        Acts16 { q, d, cols }
+    }
+
+    /// Row `r`'s values and scales.
+    pub fn row(&self, r: usize) -> (&[i16], &[f32]) {
+        let nb = self.cols / BLOCK;
+        (
+            &self.q[r * self.cols..(r + 1) * self.cols],
+            &self.d[r * nb..(r + 1) * nb],
+        )
+    }
+}
+
+/// Quantizes one block to int16; returns its scale: 0 for an all-zero block, and
+/// NaN or ±∞ when the block holds one (its values are then 0, so every product
+/// with the block is NaN, as in f32 arithmetic).
+pub fn quantize_block16(x: &[f32], q: &mut [i16]) -> f32 {
+    let mut amax = 0f32;
+    for v in x {
+        if v.is_nan() {
+            q.fill(0);
+            return f32::NAN;
+        }
+        amax = amax.max(v.abs());
+    }
+    let d = amax / QMAX;
+    if d == 0.0 || !d.is_finite() {
+        q.fill(0);
+        return d;
+    }
+    for (o, &v) in q.iter_mut().zip(x) {
+        // Adding 1.5 · 2²³ rounds |v / d| ≤ 32767 + ε half-to-even in the default
+        // rounding mode (as `round_ties_even` does, without a libm call per value).
+        const MAGIC: f32 = 12_582_912.0;
+        *o = (((v / d) + MAGIC) - MAGIC).clamp(-QMAX, QMAX) as i16;
+    }
+    d
+}
+
+/// One dot product on the portable path: the module's arithmetic.
+pub fn dot_portable(w: &[i8], ws: &[f16], xq: &[i16], xd: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    for (((wb, qb), s), d) in w
+        .chunks_exact(BLOCK)
+        .zip(xq.chunks_exact(BLOCK))
+        .zip(ws)
+        .zip(xd)
+    {
+        let sc = s.to_f32() * d;
+        for (l, a) in acc.iter_mut().enumerate() {
+            let s: i32 = [2 * l, 2 * l + 1, 16 + 2 * l, 17 + 2 * l]
+                .iter()
+                .map(|&j| wb[j] as i32 * qb[j] as i32)
+                .sum();
+            *a = (s as f32).mul_add(sc, *a);
+        }
+    }
+    let s = [
+        acc[0] + acc[4],
+        acc[1] + acc[5],
+        acc[2] + acc[6],
+        acc[3] + acc[7],
+    ];
+    (s[0] + s[2]) + (s[1] + s[3])
+}
+
+/// One row's dot product: weight row `w` (`nb · 32` bytes, f16 scales `ws`), the
+/// quantized activation row `xq`/`xd`, and `sc`, scratch for `nb` floats.
+///
+/// # Safety
+/// Every pointer addresses the lengths above, and the function's target features
+/// are present.
+type RowFn = unsafe fn(
+    w: *const i8,
+    ws: *const f16,
+    xq: *const i16,
+    xd: *const f32,
+    nb: usize,
+    sc: *mut f32,
+) -> f32;
+
+/// The portable row (the reference of every path).
+unsafe fn row_portable(
+    w: *const i8,
+    ws: *const f16,
+    xq: *const i16,
+    xd: *const f32,
+    nb: usize,
+    _sc: *mut f32,
+) -> f32 {
+    let n = nb * BLOCK;
+    // SAFETY: see `RowFn`.
+    unsafe {
+        dot_portable(
+            std::slice::from_raw_parts(w, n),
+            std::slice::from_raw_parts(ws, nb),
+            std::slice::from_raw_parts(xq, n),
+            std::slice::from_raw_parts(xd, nb),
+        )
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::BLOCK;
+    use half::f16;
+    use std::arch::x86_64::*;
+
+    /// Prefetch distance along a weight row (bytes): the hardware prefetchers stop at
+    /// 4 KiB pages, and the weights are file-backed (4 KiB pages).
+    const PREFETCH: usize = 2048;
+
+    /// AVX2 row: the scale products first (one pass over the row's scales), then per
+    /// block two sign-extensions to int16, two `vpmaddwd`, one add, one convert and
+    /// one FMA.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn row_avx2(
+        w: *const i8,
+        ws: *const f16,
+        xq: *const i16,
+        xd: *const f32,
+        nb: usize,
+        sc: *mut f32,
+    ) -> f32 {
+        let full = nb / 8 * 8;
+        let mut b = 0;
+        while b < full {
+            let s = _mm256_cvtph_ps(_mm_loadu_si128(ws.add(b) as *const __m128i));
+            _mm256_storeu_ps(sc.add(b), _mm256_mul_ps(s, _mm256_loadu_ps(xd.add(b))));
+            b += 8;
+        }
+        while b < nb {
+            *sc.add(b) = (*ws.add(b)).to_f32() * *xd.add(b);
+            b += 1;
+        }
+        let mut acc = _mm256_setzero_ps();
+        for b in 0..nb {
+            let o = b * BLOCK;
+            let wp = w.add(o);
+            if b % 2 == 0 {
+                // One prefetch per cache line, well ahead of the stream.
+                _mm_prefetch(wp.add(PREFETCH), _MM_HINT_T0);
+            }
+            let w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(wp as *const __m128i));
+            let w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(wp.add(16) as *const __m128i));
+            let p0 = _mm256_madd_epi16(w0, _mm256_loadu_si256(xq.add(o) as *const __m256i));
+            let p1 = _mm256_madd_epi16(w1, _mm256_loadu_si256(xq.add(o + 16) as *const __m256i));
+            let s = _mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1));
+            acc = _mm256_fmadd_ps(s, _mm256_broadcast_ss(&*sc.add(b)), acc);
+        }
+        // ((a0+a4) + (a2+a6)) + ((a1+a5) + (a3+a7)), the module's order.
+        let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+}
+
+/// The kernel paths of the decode product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// Plain Rust, any CPU.
+    Portable,
+    /// AVX2 + FMA + F16C (x86-64).
+    Avx2,
+}
+
+/// The paths this CPU can run, best last.
+pub fn available_paths() -> Vec<Path> {
+    let mut v = vec![Path::Portable];
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+    {
+        v.push(Path::Avx2);
+    }
+    v
+}
+
+/// The best path of this CPU, chosen once.
+pub fn best_path() -> Path {
+    static BEST: OnceLock<Path> = OnceLock::new();
+    *BEST.get_or_init(|| *available_paths().last().expect("portable is always there"))
+}
+
+fn row_fn(path: Path) -> RowFn {
+    assert!(
+        available_paths().contains(&path),
+        "{path:?} is not available on this CPU"
+    );
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx2 => x86::row_avx2,
+        _ => row_portable,
+    }
+}
+
+/// `out[t, r] = Σ_c x[t, c] · W[r, c]` for int8 `W` (`rows × cols`, f16 block scales
+/// `s`) and f32 activations `x` (`tokens × cols`), quantized here to int16 per block
+/// ([`Acts16`]); `out` is `tokens × rows`. Each output is one dot product with the
+/// module's arithmetic. Parallel over tasks of weight rows on the current rayon pool;
+/// meant for decode (one token), where the weights stream from memory once.
+pub fn matvec(q: &[i8], s: &[f16], rows: usize, cols: usize, x: &[f32], out: &mut [f32]) {
+    matvec_on(best_path(), q, s, rows, cols, x, out)
+}
+
+/// [`matvec`] on a given path (tests compare the paths).
+pub fn matvec_on(
+    path: Path,
+    q: &[i8],
+    s: &[f16],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    out: &mut [f32],
+) {
+    assert!(cols.is_multiple_of(BLOCK) && cols > 0);
+    let (nb, t) = (cols / BLOCK, x.len() / cols);
+    assert_eq!(x.len(), t * cols);
+    assert_eq!(q.len(), rows * cols);
+    assert_eq!(s.len(), rows * nb);
+    assert_eq!(out.len(), t * rows);
+    if rows == 0 || t == 0 {
+        return;
+    }
+    let row = row_fn(path);
+    let xa = Acts16::quantize(x, cols);
+    // About 32 KiB of weights per task: small tasks balance the threads; one row at
+    // a time keeps a single sequential stream per thread, which the prefetchers
+    // follow best.
+    let mc = ((32 << 10) / cols).clamp(1, 64);
+    let optr = OutPtr(out.as_mut_ptr());
+    (0..rows.div_ceil(mc)).into_par_iter().for_each_init(
+        || vec![0f32; nb],
+        |sc, task| {
+            let (r0, r1) = (task * mc, ((task + 1) * mc).min(rows));
+            for tok in 0..t {
+                let (xq, xd) = xa.row(tok);
+                for r in r0..r1 {
+                    // SAFETY: row r of q and s and token tok of xa are in bounds (checked
+                    // lengths); sc holds nb floats; the path was detected on this CPU.
+                    let v = unsafe {
+                        row(
+                            q.as_ptr().add(r * cols),
+                            s.as_ptr().add(r * nb),
+                            xq.as_ptr(),
+                            xd.as_ptr(),
+                            nb,
+                            sc.as_mut_ptr(),
+                        )
+                    };
+                    // SAFETY: (tok, r) is inside `out`; only this task writes rows r0..r1.
+                    unsafe { *optr.get().add(tok * rows + r) = v };
+                }
+            }
+        },
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testing::{assert_same_bits, on_threads};
+
+    /// A small deterministic generator for test data.
+    fn lcg(seed: &mut u64) -> u64 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        *seed >> 33
+    }
+
+    /// Random int8 weights (−128..=127, as the absmax head allows) with the extremes
+    /// planted, and f16 scales over several decades.
+    fn random_weight(seed: &mut u64, rows: usize, nb: usize) -> (Vec<i8>, Vec<f16>) {
+        let mut q: Vec<i8> = (0..rows * nb * BLOCK)
+            .map(|_| (lcg(seed) % 256) as u8 as i8)
+            .collect();
+        q[0] = -128;
+        if q.len() > 1 {
+            q[1] = 127;
+        }
+        let s = (0..rows * nb)
+            .map(|_| {
+                f16::from_f32(
+                    (1 + lcg(seed) % 1000) as f32 * 10f32.powi(-((lcg(seed) % 5) as i32) - 2),
+                )
+            })
+            .collect();
+        (q, s)
+    }
+
+    #[test]
+    fn quantization_is_bounded_and_within_half_a_step() {
+        let mut seed = 3u64;
+        let x: Vec<f32> = (0..32 * 40)
+            .map(|i| match i % 5 {
+                0 => 0.0,
+                1 => ((lcg(&mut seed) % 20001) as f32 - 10000.0) * 1e-3,
+                2 => -1e-30,
+                _ => ((lcg(&mut seed) % 2001) as f32 - 1000.0) * 10f32.powi(i % 7 - 3),
+            })
+            .collect();
+        let a = Acts16::quantize(&x, 64);
+        for (i, v) in x.iter().enumerate() {
+            let d = a.d[i / 32];
+            assert!(a.q[i].unsigned_abs() <= 32767);
+            assert!(
+                (a.q[i] as f32 * d - v).abs() <= d * 0.5 * (1.0 + 1e-6),
+                "{i}"
+            );
+        }
+        // The block's largest magnitude maps to ±32767.
+        for (b, xb) in x.chunks_exact(32).enumerate() {
+            let k = (0..32)
+                .max_by(|&i, &j| xb[i].abs().total_cmp(&xb[j].abs()))
+                .unwrap();
+            assert_eq!(a.q[b * 32 + k].unsigned_abs(), 32767, "block {b}");
+        }
+        // Exactly half-way values round to even (a block whose step is exactly 1).
+        for (i, v) in x.iter().enumerate() {
+            let d = a.d[i / 32];
+            assert_eq!(a.q[i], (v / d).round_ties_even() as i16, "{i}");
+        }
+        let mut ties = [0f32; 32];
+        ties[0] = 32767.0;
+        for (i, t) in ties.iter_mut().enumerate().skip(1) {
+            *t = (i as f32 - 16.0) + 0.5;
+        }
+        let ta = Acts16::quantize(&ties, 32);
+        assert_eq!(ta.d[0], 1.0);
+        for (i, t) in ties.iter().enumerate() {
+            assert_eq!(ta.q[i], t.round_ties_even() as i16, "tie {t}");
+        }
+        let z = Acts16::quantize(&[0.0; 32], 32);
+        assert_eq!(z.d[0], 0.0);
+        assert!(z.q.iter().all(|&v| v == 0));
+    }
+
+    #[test]
+    fn non_finite_activations_give_nan_not_garbage() {
+        let (q, s) = random_weight(&mut 9, 3, 2);
+        for bad in [f32::NAN, f32::INFINITY] {
+            let mut x = vec![0.5f32; 64];
+            x[40] = bad;
+            for &p in &available_paths() {
+                let mut out = vec![0f32; 3];
+                matvec_on(p, &q, &s, 3, 64, &x, &mut out);
+                assert!(out.iter().all(|v| v.is_nan()), "{p:?} {bad}: {out:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn extreme_block_sum_is_exact_on_every_path() {
+        // 32 · 128 · 32767: the largest block sum, from eight lanes each at
+        // 4 · 128 · 32767, just under 2²⁴; exact only if every lane sum is.
+        let w = vec![-128i8; 32];
+        let x = vec![-1.0f32; 32];
+        let xa = Acts16::quantize(&x, 32);
+        assert!(xa.q.iter().all(|&v| v == -32767));
+        assert_eq!(
+            dot_portable(&w, &[f16::ONE], &xa.q, &[1.0]),
+            (32 * 128 * 32767) as f32
+        );
+        let want = dot_portable(&w, &[f16::ONE], &xa.q, &xa.d);
+        for &p in &available_paths() {
+            let mut out = [0f32];
+            matvec_on(p, &w, &[f16::ONE], 1, 32, &x, &mut out);
+            assert_eq!(out[0].to_bits(), want.to_bits(), "{p:?}");
+        }
+    }
+
+    #[test]
+    fn paths_match_portable_bit_for_bit_and_are_accurate() {
+        let mut seed = 23;
+        for (rows, nb, t) in [
+            (1usize, 1usize, 1usize),
+            (7, 3, 2),
+            (13, 9, 1),
+            (9, 131, 1),
+            (64, 16, 3),
+            (300, 4, 1),
+        ] {
+            let cols = nb * BLOCK;
+            let (q, s) = random_weight(&mut seed, rows, nb);
+            let x: Vec<f32> = (0..t * cols)
+                .map(|i| ((lcg(&mut seed) % 20001) as f32 - 10000.0) * 1e-4 * (1 + i % 3) as f32)
+                .collect();
+            let xa = Acts16::quantize(&x, cols);
+            let mut want = vec![0f32; t * rows];
+            for tok in 0..t {
+                let (xq, xd) = xa.row(tok);
+                let xr = &x[tok * cols..(tok + 1) * cols];
+                for r in 0..rows {
+                    let (w, sr) = (&q[r * cols..(r + 1) * cols], &s[r * nb..(r + 1) * nb]);
+                    let got = dot_portable(w, sr, xq, xd);
+                    want[tok * rows + r] = got;
+                    // Against the exact product on the unrounded activations: the
+                    // int16 rounding is at most half a step of each block.
+                    let term = |c: usize| w[c] as f64 * sr[c / 32].to_f64() * xr[c] as f64;
+                    let exact: f64 = (0..cols).map(term).sum();
+                    let slack: f64 = (0..cols)
+                        .map(|c| (w[c] as f64 * sr[c / 32].to_f64()).abs() * xd[c / 32] as f64)
+                        .sum::<f64>()
+                        * 0.5;
+                    let mag: f64 = (0..cols).map(|c| term(c).abs()).sum();
+                    assert!(
+                        (got as f64 - exact).abs() <= slack + mag * 1e-6 + 1e-30,
+                        "{got} vs {exact}"
+                    );
+                }
+            }
+            for &p in &available_paths() {
+                for threads in [1usize, 2, 3] {
+                    let mut out = vec![f32::NAN; t * rows];
+                    on_threads(threads, || matvec_on(p, &q, &s, rows, cols, &x, &mut out));
+                    let what = format!("{p:?} threads={threads} rows={rows} nb={nb} t={t}");
+                    assert_same_bits(&out, &want, &what);
+                }
+            }
+        }
+    }
+}
