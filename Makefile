@@ -6,7 +6,7 @@ CARGO ?= cargo
 Q3VL := target/release/q3vl
 DEMO := target/demo
 
-.PHONY: demo test build fmt clippy oracle fixtures bench bench-convert bench-peer bench-engine pipeline clean-demo
+.PHONY: demo test test-aarch64 build fmt clippy oracle fixtures bench bench-convert bench-peer bench-engine pipeline clean-demo
 
 ## demo: the whole tool on the embedded shapes fixture: fp32 ladder, int8hu conversion,
 ## quantized gates with a stamp, then the engine answering the fixture's demo images.
@@ -33,6 +33,15 @@ demo: build
 ## test: formatting, lints, and every test (unit, fixtures, end to end).
 test: fmt clippy
 	$(CARGO) test --workspace --all-targets
+
+## test-aarch64: the kernels' tests (the NEON paths against the portable ones, bit for bit)
+## cross-compiled for aarch64 and run under qemu-user. Needs the Debian packages qemu-user,
+## gcc-aarch64-linux-gnu and libc6-dev-arm64-cross, and the Rust target aarch64-unknown-linux-gnu.
+AARCH64_ENV := CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
+	CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu"
+test-aarch64:
+	$(AARCH64_ENV) $(CARGO) clippy -p q3vl-kernels --target aarch64-unknown-linux-gnu --all-targets -- -D warnings
+	$(AARCH64_ENV) $(CARGO) test -p q3vl-kernels --target aarch64-unknown-linux-gnu
 
 fmt:
 	$(CARGO) fmt --all --check

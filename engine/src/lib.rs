@@ -2,10 +2,11 @@
 //!
 //! - Both bundles are memory-mapped ([`q3vl_bundle::Bundles`]); nothing large is
 //!   copied or widened up front.
-//! - Decoder: int8 per-block-32 weights dequantized exactly on the fly against f32
-//!   activations ([`kernels::q8`]), f16 weights where the mode keeps them; prefill
-//!   pushes all prompt tokens through each weight at once (packed GEMM), decode
-//!   streams each weight once (matrix-vector kernel), rows split across threads.
+//! - Decoder: int8 per-block-32 weights used as int8 ([`q3vl_kernels`]), f16 weights
+//!   where the mode keeps them. Prefill pushes all prompt tokens through each weight
+//!   at once (a packed f32 GEMM that dequantizes weight tiles exactly while packing);
+//!   decode streams each weight once (a matrix-vector kernel on int16 block-quantized
+//!   activations), rows split across threads.
 //! - Vision: f16 weights widened tile by tile inside a packed f32 GEMM.
 //! - Image tokens use the id-space trick ([`positions`]): `<|image_pad|>` k becomes
 //!   `vocab + k`, and M-RoPE positions follow from (id, index).
@@ -27,7 +28,8 @@ pub mod decoder;
 pub mod detokenize;
 pub mod engine;
 pub mod error;
-pub mod kernels;
+/// The compute kernels (the `q3vl-kernels` crate), under their engine-local name.
+pub use q3vl_kernels as kernels;
 pub mod kv_cache;
 pub mod positions;
 pub mod sampler;

@@ -269,9 +269,11 @@ fn vision_rope(grid_thw: [usize; 3], merge: usize, hd: usize, theta: f64) -> (Ve
     (cos, sin)
 }
 
-/// Full (non-causal) attention of one image, per head in parallel: RoPE on q and k,
-/// `softmax(q kᵀ / √hd) v`. K and V are packed once per head; queries run in blocks
-/// of [`QUERY_BLOCK`] rows, so a thread holds one block's scores at a time.
+/// Full (non-causal) attention of one image: RoPE on q and k, `softmax(q kᵀ / √hd) v`.
+/// First, per head in parallel, the queries are rotated and K and V packed once;
+/// then every (head, block of [`QUERY_BLOCK`] queries) is its own task, so a thread
+/// holds one block's scores at a time and the two cores stay balanced (16 heads
+/// alone split unevenly whenever one core runs slower).
 fn vision_attention(
     qkv: &[f32],
     p: usize,
@@ -283,7 +285,7 @@ fn vision_attention(
     let d = heads * hd;
     let half = hd / 2;
     let scale = (hd as f32).powf(-0.5);
-    let per_head: Vec<Vec<f32>> = (0..heads)
+    let prepared: Vec<(Vec<f32>, PackedB, PackedB)> = (0..heads)
         .into_par_iter()
         .map(|h| {
             let mut q = vec![0f32; p * hd];
@@ -320,26 +322,34 @@ fn vision_attention(
                 hd,
                 p,
             );
-            let mut out = vec![0f32; p * hd];
-            let mut scores = vec![0f32; QUERY_BLOCK.min(p) * p];
-            let mut q0 = 0;
-            while q0 < p {
+            (q, kp, vp)
+        })
+        .collect();
+    let qblocks = p.div_ceil(QUERY_BLOCK);
+    let blocks: Vec<Vec<f32>> = (0..heads * qblocks)
+        .into_par_iter()
+        .map_init(
+            || vec![0f32; QUERY_BLOCK.min(p) * p],
+            |scores, t| {
+                let (q, kp, vp) = &prepared[t / qblocks];
+                let q0 = (t % qblocks) * QUERY_BLOCK;
                 let qb = QUERY_BLOCK.min(p - q0);
                 let s = &mut scores[..qb * p];
-                gemm_serial_packed(&q[q0 * hd..], qb, hd, &kp, s, p);
+                gemm_serial_packed(&q[q0 * hd..], qb, hd, kp, s, p);
                 for row in s.chunks_exact_mut(p) {
                     vmath::softmax_row(row, scale);
                 }
-                gemm_serial_packed(s, qb, p, &vp, &mut out[q0 * hd..(q0 + qb) * hd], hd);
-                q0 += qb;
-            }
-            out
-        })
+                let mut o = vec![0f32; qb * hd];
+                gemm_serial_packed(s, qb, p, vp, &mut o, hd);
+                o
+            },
+        )
         .collect();
     let mut out = vec![0f32; p * d];
-    for (h, o) in per_head.iter().enumerate() {
-        for i in 0..p {
-            out[i * d + h * hd..i * d + (h + 1) * hd].copy_from_slice(&o[i * hd..(i + 1) * hd]);
+    for (t, o) in blocks.iter().enumerate() {
+        let (h, q0) = (t / qblocks, (t % qblocks) * QUERY_BLOCK);
+        for (i, row) in o.chunks_exact(hd).enumerate() {
+            out[(q0 + i) * d + h * hd..(q0 + i) * d + (h + 1) * hd].copy_from_slice(row);
         }
     }
     out

@@ -7,8 +7,8 @@
 //! engine: on AVX2 without VNNI its `maddubs`/`madd`/`fma` sequence runs no faster
 //! than the f32 FMA GEMM, and the 8-bit activation rounding moved greedy tokens away
 //! from the reference on an untrained fixture. The engine's decoder runs prefill on
-//! the packed f32 GEMM ([`crate::kernels::gemm::linear_q8`], weights dequantized
-//! exactly tile by tile) and decode on [`crate::kernels::matvec`] (int16
+//! the packed f32 GEMM ([`crate::gemm::linear_q8`], weights dequantized
+//! exactly tile by tile) and decode on [`crate::matvec`] (int16
 //! activations).
 //!
 //! # The W8A8 arithmetic (every path, bit for bit)
@@ -691,7 +691,7 @@ pub fn matmul_on(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::testing::{assert_same_bits, on_threads};
+    use crate::testing::{assert_same_bits, on_threads};
 
     /// A small deterministic generator for test data.
     fn lcg(seed: &mut u64) -> u64 {

@@ -1,4 +1,8 @@
-//! Compute kernels: the decode matrix-vector product of int8 per-block-32 weights
+//! q3vl-kernels: the compute kernels of the q3vl engine, with no dependency beyond
+//! `half` and `rayon` (so they can be tested alone, also on other architectures:
+//! `make test-aarch64`).
+//!
+//! The decode matrix-vector product of int8 per-block-32 weights
 //! and int16 block-quantized activations, the packed f32 GEMM of the vision tower and
 //! prefill (int8 and f16 weights widened tile by tile), the int8×int8 (Q8_0-style)
 //! block product kept for comparison, f16-weight × f32 dot products, and vectorized
