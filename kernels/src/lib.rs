@@ -45,6 +45,14 @@ pub(crate) mod testing {
             .install(f)
     }
 
+    /// A small deterministic generator for test data (a 64-bit LCG's high bits).
+    pub(crate) fn lcg(seed: &mut u64) -> u64 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        *seed >> 33
+    }
+
     /// Asserts `got` equals `want` bit for bit, naming the first differing index.
     pub(crate) fn assert_same_bits(got: &[f32], want: &[f32], what: &str) {
         assert_eq!(got.len(), want.len(), "{what}: lengths");

@@ -387,15 +387,7 @@ pub fn matvec_on(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{assert_same_bits, on_threads};
-
-    /// A small deterministic generator for test data.
-    fn lcg(seed: &mut u64) -> u64 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        *seed >> 33
-    }
+    use crate::testing::{assert_same_bits, lcg, on_threads};
 
     /// Random int8 weights (−128..=127, as the absmax head allows) with the extremes
     /// planted, and f16 scales over several decades.

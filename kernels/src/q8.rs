@@ -691,15 +691,7 @@ pub fn matmul_on(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{assert_same_bits, on_threads};
-
-    /// A small deterministic generator for test data.
-    fn lcg(seed: &mut u64) -> u64 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        *seed >> 33
-    }
+    use crate::testing::{assert_same_bits, lcg, on_threads};
 
     /// Random weights (−128..=127, as the absmax head allows), activations
     /// (−127..=127, as quantization produces) and scales, with the extremes planted.
