@@ -15,6 +15,7 @@
 pub mod f16dot;
 pub mod gemm;
 pub mod matvec;
+pub mod path;
 pub mod q8;
 pub mod vmath;
 
@@ -36,6 +37,9 @@ unsafe impl Sync for OutPtr {}
 /// Test helpers shared by the kernels' thread-independence tests.
 #[cfg(test)]
 pub(crate) mod testing {
+    use crate::q8::BLOCK;
+    use half::f16;
+
     /// Runs `f` on a fresh rayon pool of `threads` threads.
     pub(crate) fn on_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
         rayon::ThreadPoolBuilder::new()
@@ -51,6 +55,64 @@ pub(crate) mod testing {
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         *seed >> 33
+    }
+
+    /// Random weights (−128..=127, as the absmax head allows), activations
+    /// (−127..=127, as quantization produces) and scales, with the extremes planted.
+    pub(crate) fn random_rows(seed: &mut u64, nrows: usize, nb: usize, weights: bool) -> Vec<i8> {
+        let n = nb * BLOCK;
+        let mut v: Vec<i8> = (0..nrows * n)
+            .map(|_| {
+                if weights {
+                    (lcg(seed) % 256) as u8 as i8
+                } else {
+                    ((lcg(seed) % 255) as i32 - 127) as i8
+                }
+            })
+            .collect();
+        let (lo, hi) = if weights {
+            (-128i8, 127i8)
+        } else {
+            (-127, 127)
+        };
+        for r in 0..nrows {
+            let row = &mut v[r * n..(r + 1) * n];
+            // Extremes at the start of every row, one block of all-extreme values
+            // (the largest possible sums), and one block of all-max / all-min.
+            row[..4].copy_from_slice(&[lo, hi, -127, lo]);
+            if nb > 1 {
+                row[BLOCK..2 * BLOCK].fill(lo);
+            }
+            if nb > 2 {
+                let b = 2 + (r % (nb - 2));
+                row[b * BLOCK..(b + 1) * BLOCK].fill(if r % 2 == 0 { hi } else { lo });
+            }
+        }
+        v
+    }
+
+    /// An int8 weight of `rows × nb` blocks (extremes planted) and its f16 scales.
+    pub(crate) fn random_weight(seed: &mut u64, rows: usize, nb: usize) -> (Vec<i8>, Vec<f16>) {
+        let q = random_rows(seed, rows, nb, true);
+        let s = random_scales(seed, rows * nb, true)
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
+        (q, s)
+    }
+
+    /// Positive block scales in [1e-5, 0.3), rounded to f16 when `f16_exact`.
+    pub(crate) fn random_scales(seed: &mut u64, n: usize, f16_exact: bool) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let v = (lcg(seed) % 1000) as f32 * 3e-4 + 1e-5;
+                if f16_exact {
+                    f16::from_f32(v).to_f32()
+                } else {
+                    v
+                }
+            })
+            .collect()
     }
 
     /// Asserts `got` equals `want` bit for bit, naming the first differing index.

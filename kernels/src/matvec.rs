@@ -33,9 +33,9 @@
 //! are formed. An output never depends on the task split or the thread count.
 
 use super::OutPtr;
+pub use crate::path::{available_paths, best_path, Path};
 use half::f16;
 use rayon::prelude::*;
-use std::sync::OnceLock;
 
 /// Elements per quantization block (spec/quantization.md).
 pub const BLOCK: usize = 32;
@@ -274,48 +274,15 @@ mod neon {
     }
 }
 
-/// The kernel paths of the decode product.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Path {
-    /// Plain Rust, any CPU.
-    Portable,
-    /// AVX2 + FMA + F16C (x86-64).
-    Avx2,
-    /// NEON (aarch64).
-    Neon,
-}
-
-/// The paths this CPU can run, best last.
-pub fn available_paths() -> Vec<Path> {
-    let mut v = vec![Path::Portable];
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2")
-        && is_x86_feature_detected!("fma")
-        && is_x86_feature_detected!("f16c")
-    {
-        v.push(Path::Avx2);
-    }
-    #[cfg(target_arch = "aarch64")]
-    if std::arch::is_aarch64_feature_detected!("neon") {
-        v.push(Path::Neon);
-    }
-    v
-}
-
-/// The best path of this CPU, chosen once.
-pub fn best_path() -> Path {
-    static BEST: OnceLock<Path> = OnceLock::new();
-    *BEST.get_or_init(|| *available_paths().last().expect("portable is always there"))
-}
-
 fn row_fn(path: Path) -> RowFn {
     assert!(
         available_paths().contains(&path),
         "{path:?} is not available on this CPU"
     );
     match path {
+        // AVX-512 VNNI CPUs run the AVX2 row (no `vpdpwssd` row yet).
         #[cfg(target_arch = "x86_64")]
-        Path::Avx2 => x86::row_avx2,
+        Path::Avx2 | Path::Avx512Vnni => x86::row_avx2,
         #[cfg(target_arch = "aarch64")]
         Path::Neon => neon::row_neon,
         _ => row_portable,
@@ -387,27 +354,7 @@ pub fn matvec_on(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{assert_same_bits, lcg, on_threads};
-
-    /// Random int8 weights (−128..=127, as the absmax head allows) with the extremes
-    /// planted, and f16 scales over several decades.
-    fn random_weight(seed: &mut u64, rows: usize, nb: usize) -> (Vec<i8>, Vec<f16>) {
-        let mut q: Vec<i8> = (0..rows * nb * BLOCK)
-            .map(|_| (lcg(seed) % 256) as u8 as i8)
-            .collect();
-        q[0] = -128;
-        if q.len() > 1 {
-            q[1] = 127;
-        }
-        let s = (0..rows * nb)
-            .map(|_| {
-                f16::from_f32(
-                    (1 + lcg(seed) % 1000) as f32 * 10f32.powi(-((lcg(seed) % 5) as i32) - 2),
-                )
-            })
-            .collect();
-        (q, s)
-    }
+    use crate::testing::{assert_same_bits, lcg, on_threads, random_weight};
 
     #[test]
     fn quantization_is_bounded_and_within_half_a_step() {

@@ -32,9 +32,9 @@
 //! task split or on the thread count.
 
 use super::OutPtr;
+pub use crate::path::{available_paths, best_path, Path};
 use half::f16;
 use rayon::prelude::*;
-use std::sync::OnceLock;
 
 /// Elements per quantization block (spec/quantization.md).
 pub const BLOCK: usize = 32;
@@ -490,48 +490,6 @@ mod arm {
     }
 }
 
-/// Which kernel path runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Path {
-    /// Plain Rust.
-    Portable,
-    /// x86-64 AVX2 + FMA + F16C.
-    Avx2,
-    /// x86-64 AVX-512 VNNI (with VL/BW).
-    Avx512Vnni,
-    /// aarch64 NEON.
-    Neon,
-}
-
-/// The paths this CPU can run, best last.
-pub fn available_paths() -> Vec<Path> {
-    let mut v = vec![Path::Portable];
-    #[cfg(target_arch = "x86_64")]
-    {
-        let avx2 = is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c");
-        if avx2 {
-            v.push(Path::Avx2);
-        }
-        if avx2
-            && is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512vl")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vnni")
-        {
-            v.push(Path::Avx512Vnni);
-        }
-    }
-    #[cfg(target_arch = "aarch64")]
-    {
-        if std::arch::is_aarch64_feature_detected!("neon") {
-            v.push(Path::Neon);
-        }
-    }
-    v
-}
-
 /// The tile table of `path`. Panics if the CPU lacks it (only [`available_paths`]
 /// are valid).
 fn tiles(path: Path) -> &'static TileTable {
@@ -564,12 +522,6 @@ fn tiles(path: Path) -> &'static TileTable {
         Path::Neon => &NEON,
         _ => &PORTABLE,
     }
-}
-
-/// The best path of this CPU, chosen once.
-pub fn best_path() -> Path {
-    static BEST: OnceLock<Path> = OnceLock::new();
-    *BEST.get_or_init(|| *available_paths().last().expect("portable is always there"))
 }
 
 /// One dot product on `path` (the 1 × 1 tile); `ws` are the weight row's f16
@@ -691,64 +643,9 @@ pub fn matmul_on(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{assert_same_bits, lcg, on_threads};
-
-    /// Random weights (−128..=127, as the absmax head allows), activations
-    /// (−127..=127, as quantization produces) and scales, with the extremes planted.
-    fn random_rows(seed: &mut u64, nrows: usize, nb: usize, weights: bool) -> Vec<i8> {
-        let n = nb * BLOCK;
-        let mut v: Vec<i8> = (0..nrows * n)
-            .map(|_| {
-                if weights {
-                    (lcg(seed) % 256) as u8 as i8
-                } else {
-                    ((lcg(seed) % 255) as i32 - 127) as i8
-                }
-            })
-            .collect();
-        let (lo, hi) = if weights {
-            (-128i8, 127i8)
-        } else {
-            (-127, 127)
-        };
-        for r in 0..nrows {
-            let row = &mut v[r * n..(r + 1) * n];
-            // Extremes at the start of every row, one block of all-extreme values
-            // (the largest possible sums), and one block of all-max / all-min.
-            row[..4].copy_from_slice(&[lo, hi, -127, lo]);
-            if nb > 1 {
-                row[BLOCK..2 * BLOCK].fill(lo);
-            }
-            if nb > 2 {
-                let b = 2 + (r % (nb - 2));
-                row[b * BLOCK..(b + 1) * BLOCK].fill(if r % 2 == 0 { hi } else { lo });
-            }
-        }
-        v
-    }
-
-    /// An int8 weight of `rows × nb` blocks (extremes planted) and its f16 scales.
-    fn random_weight(seed: &mut u64, rows: usize, nb: usize) -> (Vec<i8>, Vec<f16>) {
-        let q = random_rows(seed, rows, nb, true);
-        let s = random_scales(seed, rows * nb, true)
-            .into_iter()
-            .map(f16::from_f32)
-            .collect();
-        (q, s)
-    }
-
-    fn random_scales(seed: &mut u64, n: usize, f16_exact: bool) -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                let v = (lcg(seed) % 1000) as f32 * 3e-4 + 1e-5;
-                if f16_exact {
-                    f16::from_f32(v).to_f32()
-                } else {
-                    v
-                }
-            })
-            .collect()
-    }
+    use crate::testing::{
+        assert_same_bits, lcg, on_threads, random_rows, random_scales, random_weight,
+    };
 
     #[test]
     fn every_tile_of_every_path_matches_portable_bit_for_bit() {
