@@ -5,7 +5,7 @@
 //! to f32 while packing it, so no f32 copy of the tower is kept.
 
 use crate::error::{EngineError, Result};
-use crate::kernels::gemm::{gemm_serial_packed, linear_f16, BSrc, PackedB};
+use crate::kernels::gemm::{gemm_serial, gemm_serial_packed, linear_f16, BSrc, PackedB};
 use crate::kernels::vmath;
 use crate::weights::{f16_tensor, vector};
 use q3vl_bundle::Bundle;
@@ -285,17 +285,20 @@ fn vision_attention(
     let d = heads * hd;
     let half = hd / 2;
     let scale = (hd as f32).powf(-0.5);
-    let prepared: Vec<(Vec<f32>, PackedB, PackedB)> = (0..heads)
+    let prepared: Vec<(Vec<f32>, PackedB, Vec<f32>)> = (0..heads)
         .into_par_iter()
         .map(|h| {
             let mut q = vec![0f32; p * hd];
             let mut k = vec![0f32; p * hd];
-            let mut v = vec![0f32; p * hd];
+            // V is kept transposed (`[hd][p]`): see the output product below.
+            let mut vt = vec![0f32; hd * p];
             for i in 0..p {
                 let row = &qkv[i * 3 * d..(i + 1) * 3 * d];
                 q[i * hd..(i + 1) * hd].copy_from_slice(&row[h * hd..(h + 1) * hd]);
                 k[i * hd..(i + 1) * hd].copy_from_slice(&row[d + h * hd..d + (h + 1) * hd]);
-                v[i * hd..(i + 1) * hd].copy_from_slice(&row[2 * d + h * hd..2 * d + (h + 1) * hd]);
+                for (r, &x) in row[2 * d + h * hd..2 * d + (h + 1) * hd].iter().enumerate() {
+                    vt[r * p + i] = x;
+                }
                 let (c, s) = (
                     &cos[i * half..(i + 1) * half],
                     &sin[i * half..(i + 1) * half],
@@ -303,7 +306,7 @@ fn vision_attention(
                 crate::decoder::rope(&mut q[i * hd..(i + 1) * hd], c, s);
                 crate::decoder::rope(&mut k[i * hd..(i + 1) * hd], c, s);
             }
-            // B[j, kk] = k[j, kk] for the scores, v[kk, j] for the output.
+            // B[j, kk] = k[j, kk] for the scores.
             let kp = PackedB::new(
                 BSrc::F32 {
                     data: &k,
@@ -313,16 +316,7 @@ fn vision_attention(
                 p,
                 hd,
             );
-            let vp = PackedB::new(
-                BSrc::F32 {
-                    data: &v,
-                    rs: 1,
-                    cs: hd,
-                },
-                hd,
-                p,
-            );
-            (q, kp, vp)
+            (q, kp, vt)
         })
         .collect();
     let qblocks = p.div_ceil(QUERY_BLOCK);
@@ -331,7 +325,7 @@ fn vision_attention(
         .map_init(
             || vec![0f32; QUERY_BLOCK.min(p) * p],
             |scores, t| {
-                let (q, kp, vp) = &prepared[t / qblocks];
+                let (q, kp, vt) = &prepared[t / qblocks];
                 let q0 = (t % qblocks) * QUERY_BLOCK;
                 let qb = QUERY_BLOCK.min(p - q0);
                 let s = &mut scores[..qb * p];
@@ -339,17 +333,38 @@ fn vision_attention(
                 for row in s.chunks_exact_mut(p) {
                     vmath::softmax_row(row, scale);
                 }
-                let mut o = vec![0f32; qb * hd];
-                gemm_serial_packed(s, qb, p, vp, &mut o, hd);
-                o
+                // The output transposed, oᵀ = vᵀ · sᵀ (`[hd][qb]`): for hd = 72 its
+                // tiles are all full (72 = 12 × 6 rows, 96 = 6 × 16 columns), where
+                // o = s · v would leave the last 16-column panel half empty. Each
+                // element is the same fused chain over the keys either way (a · b =
+                // b · a exactly).
+                let mut ot = vec![0f32; hd * qb];
+                gemm_serial(
+                    vt,
+                    hd,
+                    p,
+                    p,
+                    BSrc::F32 {
+                        data: s,
+                        rs: p,
+                        cs: 1,
+                    },
+                    qb,
+                    &mut ot,
+                    qb,
+                );
+                ot
             },
         )
         .collect();
     let mut out = vec![0f32; p * d];
     for (t, o) in blocks.iter().enumerate() {
         let (h, q0) = (t / qblocks, (t % qblocks) * QUERY_BLOCK);
-        for (i, row) in o.chunks_exact(hd).enumerate() {
-            out[(q0 + i) * d + h * hd..(q0 + i) * d + (h + 1) * hd].copy_from_slice(row);
+        let qb = o.len() / hd;
+        for (r, col) in o.chunks_exact(qb).enumerate() {
+            for (i, &x) in col.iter().enumerate() {
+                out[(q0 + i) * d + h * hd + r] = x;
+            }
         }
     }
     out
@@ -383,6 +398,60 @@ fn erf(x: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `vision_attention` against softmax(q kᵀ/√hd) v in f64, with the rotation
+    /// applied the same way, on the 8B head size (72: the transposed output
+    /// product's full tiles) and more queries than one block (a short last block).
+    #[test]
+    fn attention_matches_naive() {
+        let (p, heads, hd) = (QUERY_BLOCK + 7, 2usize, 72usize);
+        let d = heads * hd;
+        let qkv: Vec<f32> = (0..p * 3 * d)
+            .map(|i| ((i * 7919) % 1999) as f32 * 1e-3 - 1.0)
+            .collect();
+        let half = hd / 2;
+        let cos: Vec<f32> = (0..p * half).map(|i| (i as f32 * 0.01).cos()).collect();
+        let sin: Vec<f32> = (0..p * half).map(|i| (i as f32 * 0.01).sin()).collect();
+        let got = vision_attention(&qkv, p, heads, hd, &cos, &sin);
+        for h in 0..heads {
+            let rot = |off: usize, i: usize| {
+                let mut v = qkv[i * 3 * d + off + h * hd..i * 3 * d + off + (h + 1) * hd].to_vec();
+                crate::decoder::rope(
+                    &mut v,
+                    &cos[i * half..(i + 1) * half],
+                    &sin[i * half..(i + 1) * half],
+                );
+                v
+            };
+            let ks: Vec<Vec<f32>> = (0..p).map(|j| rot(d, j)).collect();
+            for i in 0..p {
+                let q = rot(0, i);
+                let s: Vec<f64> = ks
+                    .iter()
+                    .map(|k| {
+                        q.iter()
+                            .zip(k)
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let mx = s.iter().cloned().fold(f64::MIN, f64::max);
+                let e: Vec<f64> = s.iter().map(|v| (v - mx).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for r in 0..hd {
+                    let want: f64 = (0..p)
+                        .map(|j| e[j] / z * qkv[j * 3 * d + 2 * d + h * hd + r] as f64)
+                        .sum();
+                    let g = got[i * d + h * hd + r] as f64;
+                    assert!(
+                        (g - want).abs() < 1e-5,
+                        "head {h} query {i} dim {r}: {g} vs {want}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn erf_is_accurate() {
