@@ -249,19 +249,22 @@ mod x86 {
         ]
     }
 
-    /// Packs one full `NR`-column panel of f16 rows (`w` at the panel's first row
-    /// and reduction index, row stride `k`) into `dst[kk·NR + jj]`, widening with
-    /// F16C and transposing 8 × 8 blocks in registers.
-    #[target_feature(enable = "avx2,f16c")]
-    pub unsafe fn pack_f16_panel(w: *const f16, k: usize, kc: usize, dst: *mut f32) {
+    /// Packs one full `NR`-column panel into `dst[kk·NR + jj]` for `kk < kc`:
+    /// `eight(jj, kk)` reads `B[jj, kk..kk + 8]` of the panel as f32, `one(jj, kk)`
+    /// one value (for the last `kc % 8`); 8 × 8 blocks are transposed in registers.
+    /// Inlined into its callers, whose target features the closures share.
+    #[inline(always)]
+    unsafe fn pack_panel(
+        kc: usize,
+        dst: *mut f32,
+        eight: impl Fn(usize, usize) -> __m256,
+        one: impl Fn(usize, usize) -> f32,
+    ) {
         let full = kc / 8 * 8;
         let mut kk = 0;
         while kk < full {
             for half in 0..NR / 8 {
-                let rows: [__m256; 8] = std::array::from_fn(|i| {
-                    let src = w.add((half * 8 + i) * k + kk) as *const __m128i;
-                    _mm256_cvtph_ps(_mm_loadu_si128(src))
-                });
+                let rows: [__m256; 8] = std::array::from_fn(|i| eight(half * 8 + i, kk));
                 let cols = transpose8(rows);
                 for (q, v) in cols.iter().enumerate() {
                     _mm256_storeu_ps(dst.add((kk + q) * NR + half * 8), *v);
@@ -271,34 +274,33 @@ mod x86 {
         }
         for kk in full..kc {
             for jj in 0..NR {
-                *dst.add(kk * NR + jj) = (*w.add(jj * k + kk)).to_f32();
+                *dst.add(kk * NR + jj) = one(jj, kk);
             }
         }
     }
 
+    /// Packs one full `NR`-column panel of f16 rows (`w` at the panel's first row
+    /// and reduction index, row stride `k`), widening with F16C.
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn pack_f16_panel(w: *const f16, k: usize, kc: usize, dst: *mut f32) {
+        pack_panel(
+            kc,
+            dst,
+            |jj, kk| _mm256_cvtph_ps(_mm_loadu_si128(w.add(jj * k + kk) as *const __m128i)),
+            |jj, kk| (*w.add(jj * k + kk)).to_f32(),
+        )
+    }
+
     /// Packs one full `NR`-column panel of f32 rows (`w` at the panel's first row
-    /// and reduction index, row stride `rs`) into `dst[kk·NR + jj]`, transposing
-    /// 8 × 8 blocks in registers.
+    /// and reduction index, row stride `rs`).
     #[target_feature(enable = "avx2")]
     pub unsafe fn pack_f32_panel(w: *const f32, rs: usize, kc: usize, dst: *mut f32) {
-        let full = kc / 8 * 8;
-        let mut kk = 0;
-        while kk < full {
-            for half in 0..NR / 8 {
-                let rows: [__m256; 8] =
-                    std::array::from_fn(|i| _mm256_loadu_ps(w.add((half * 8 + i) * rs + kk)));
-                let cols = transpose8(rows);
-                for (q, v) in cols.iter().enumerate() {
-                    _mm256_storeu_ps(dst.add((kk + q) * NR + half * 8), *v);
-                }
-            }
-            kk += 8;
-        }
-        for kk in full..kc {
-            for jj in 0..NR {
-                *dst.add(kk * NR + jj) = *w.add(jj * rs + kk);
-            }
-        }
+        pack_panel(
+            kc,
+            dst,
+            |jj, kk| _mm256_loadu_ps(w.add(jj * rs + kk)),
+            |jj, kk| *w.add(jj * rs + kk),
+        )
     }
 
     /// Packs one full `NR`-column panel of int8 rows (`q` at the panel's first row
