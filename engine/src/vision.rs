@@ -270,7 +270,7 @@ fn vision_rope(grid_thw: [usize; 3], merge: usize, hd: usize, theta: f64) -> (Ve
 }
 
 /// Full (non-causal) attention of one image: RoPE on q and k, `softmax(q kᵀ / √hd) v`.
-/// First, per head in parallel, the queries are rotated and K and V packed once;
+/// First, per head in parallel, the queries are rotated, K packed and V transposed once;
 /// then every (head, block of [`QUERY_BLOCK`] queries) is its own task, so a thread
 /// holds one block's scores at a time and the two cores stay balanced (16 heads
 /// alone split unevenly whenever one core runs slower).
