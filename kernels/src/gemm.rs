@@ -647,9 +647,7 @@ pub fn linear_f16(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    assert_eq!(x.len(), m * k);
     assert_eq!(w.len(), n * k);
-    assert_eq!(out.len(), m * n);
     linear_src(x, m, k, BSrc::F16(w), n, bias, out);
 }
 
@@ -660,10 +658,8 @@ pub fn linear_f16(
 #[allow(clippy::too_many_arguments)]
 pub fn linear_q8(x: &[f32], m: usize, k: usize, q: &[i8], s: &[f16], n: usize, out: &mut [f32]) {
     assert!(k.is_multiple_of(32));
-    assert_eq!(x.len(), m * k);
     assert_eq!(q.len(), n * k);
     assert_eq!(s.len(), n * k / 32);
-    assert_eq!(out.len(), m * n);
     linear_src(x, m, k, BSrc::Q8 { q, s }, n, None, out);
 }
 
@@ -677,9 +673,7 @@ pub fn linear(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    assert_eq!(x.len(), m * k);
     assert_eq!(w.len(), n * k);
-    assert_eq!(out.len(), m * n);
     linear_src(
         x,
         m,
@@ -704,6 +698,10 @@ fn linear_src(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
+    // The activation and output shapes, checked once for every weight kind (the
+    // public entries check their weight).
+    assert_eq!(x.len(), m * k);
+    assert_eq!(out.len(), m * n);
     if m == 0 || n == 0 {
         return;
     }
