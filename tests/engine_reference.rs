@@ -80,6 +80,57 @@ fn compare(fixture: &str, prompt: &str, image: Option<&str>) {
         &g.tokens, want,
         "{fixture}: engine vs reference greedy tokens"
     );
+
+    // Scoring the prompt runs the last layer for every token; generation runs it for
+    // the last token alone. That token's logits must be the same bits, and every
+    // position must agree with the reference's prompt logits.
+    let rows = e.prompt_logits(&pr.ids, feats.as_ref()).unwrap();
+    assert_eq!(rows.len(), pr.ids.len());
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    assert_eq!(
+        bits(rows.last().unwrap()),
+        bits(&g.step_logits[0]),
+        "{fixture}: last prompt row vs the first generated step's logits"
+    );
+    let reference: Vec<Vec<f32>> = r.taps["logits"].to_vec2().unwrap();
+    assert_eq!(reference.len(), rows.len());
+    for (i, (got, want)) in rows.iter().zip(&reference).enumerate() {
+        let cos = cosine(got, want);
+        assert!(
+            cos >= 0.99999,
+            "{fixture}: prompt position {i}: logits cos {cos}"
+        );
+        let (top, margin) = top1_and_margin(want);
+        if margin >= 0.1 {
+            assert_eq!(
+                top1_and_margin(got).0,
+                top,
+                "{fixture}: prompt position {i}: top-1"
+            );
+        }
+    }
+}
+
+/// Cosine similarity, accumulated in f64.
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        let (x, y) = (x as f64, y as f64);
+        ab += x * y;
+        aa += x * x;
+        bb += y * y;
+    }
+    ab / (aa.sqrt() * bb.sqrt())
+}
+
+/// The arg-max and its lead over the runner-up.
+fn top1_and_margin(v: &[f32]) -> (usize, f32) {
+    let top = (0..v.len()).max_by(|&i, &j| v[i].total_cmp(&v[j])).unwrap();
+    let second = (0..v.len())
+        .filter(|&i| i != top)
+        .map(|i| v[i])
+        .fold(f32::NEG_INFINITY, f32::max);
+    (top, v[top] - second)
 }
 
 #[test]

@@ -2,7 +2,10 @@
 //! row), pre-norm layers with q/k RMSNorm and interleaved M-RoPE, GQA causal
 //! attention over the KV cache, SwiGLU MLP, DeepStack additions after the first
 //! layers, final norm and head. Prefill runs all prompt tokens through each matrix
-//! product at once; decode is the same code with one token.
+//! product at once; decode is the same code with one token. Generation needs only the
+//! last token's output, so a prefill's last layer caches every token's K and V but
+//! runs q, attention, o and the MLP for the last row alone ([`Rows::Last`]; 1/36 of
+//! an 8B prefill's work, with the same bits for that row).
 
 use crate::error::Result;
 use crate::kernels::f16dot::{dot_f32, widen};
@@ -11,7 +14,7 @@ use crate::kernels::vmath;
 use crate::kv_cache::KvCache;
 use crate::positions::{position, ImageSpan};
 use crate::vision::ImageFeatures;
-use crate::weights::{vector, Lin};
+use crate::weights::{vector, Lin, Pass};
 use half::f16;
 use q3vl_bundle::Bundle;
 use q3vl_model::config::TextConfig;
@@ -44,6 +47,16 @@ pub struct LayerParams {
     q_norm: Vec<f32>,
     k_norm: Vec<f32>,
     names: [String; 7],
+}
+
+/// Which tokens' final hidden states a forward pass returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rows {
+    /// The last token's (what generation needs): the last layer then computes its
+    /// attention output and MLP for that token alone.
+    Last,
+    /// Every new token's (scoring a prompt).
+    All,
 }
 
 /// The decoder's resident state: small tensors and names; big weights stay mapped.
@@ -132,13 +145,14 @@ impl TextModel {
     }
 
     /// Runs `ids` (already in id space) at sequence indices `cache.len()..`, filling
-    /// the cache; returns the final-normed hidden state of the last token.
+    /// the cache; returns the final-normed hidden states of `rows` (`[rows, H]`).
     pub fn forward(
         &self,
         w: &Weights<'_>,
         ids: &[u32],
         image: Option<(&ImageFeatures, &ImageSpan)>,
         cache: &mut KvCache,
+        rows: Rows,
     ) -> Result<Vec<f32>> {
         let c = &self.cfg;
         let (hsz, hd, nh, nkv) = (
@@ -185,6 +199,7 @@ impl TextModel {
             }
         }
         let shapes = Self::shapes(c);
+        let pass = Pass::of(t);
         let mut h = vec![0f32; t * hsz];
         for (li, layer) in self.layers.iter().enumerate() {
             let l: Vec<Lin<'_>> = layer
@@ -193,16 +208,26 @@ impl TextModel {
                 .zip(shapes)
                 .map(|(n, (r, cc))| lin(n, r, cc))
                 .collect::<Result<_>>()?;
+            // Rows r0.. of this layer's output are still needed: all of them, except in
+            // the last layer, where only the last token's feeds the head. Every token's
+            // K and V are still computed and cached. Each kept row is computed exactly
+            // as with all rows present (the products and attention work row by row).
+            let r0 = if li + 1 == self.layers.len() && rows == Rows::Last {
+                t - 1
+            } else {
+                0
+            };
+            let tq = t - r0;
             rms_norm_rows(&x, &layer.input_norm, eps, &mut h);
-            let mut q = vec![0f32; t * nh * hd];
+            let mut q = vec![0f32; tq * nh * hd];
             let mut k = vec![0f32; t * nkv * hd];
             let mut v = vec![0f32; t * nkv * hd];
-            l[0].matmul(&h, t, &mut q);
-            l[1].matmul(&h, t, &mut k);
-            l[2].matmul(&h, t, &mut v);
+            l[0].matmul(pass, &h[r0 * hsz..], tq, &mut q);
+            l[1].matmul(pass, &h, t, &mut k);
+            l[2].matmul(pass, &h, t, &mut v);
             for (qh, tok) in q
                 .chunks_exact_mut(hd)
-                .zip((0..t).flat_map(|tk| std::iter::repeat_n(tk, nh)))
+                .zip((r0..t).flat_map(|tk| std::iter::repeat_n(tk, nh)))
             {
                 rms_norm_in_place(qh, &layer.q_norm, eps);
                 rope(
@@ -223,29 +248,31 @@ impl TextModel {
                 );
             }
             cache.write(li, &k, &v, t);
-            let attn = attention(cache, li, &q, t, past, nh, nkv, hd);
-            let mut o = vec![0f32; t * hsz];
-            l[3].matmul(&attn, t, &mut o);
-            for (xv, ov) in x.iter_mut().zip(&o) {
+            let attn = attention(cache, li, &q, t, r0, past, nh, nkv, hd);
+            let xk = &mut x[r0 * hsz..];
+            let hk = &mut h[..tq * hsz];
+            let mut o = vec![0f32; tq * hsz];
+            l[3].matmul(pass, &attn, tq, &mut o);
+            for (xv, ov) in xk.iter_mut().zip(&o) {
                 *xv += ov;
             }
-            rms_norm_rows(&x, &layer.post_norm, eps, &mut h);
+            rms_norm_rows(xk, &layer.post_norm, eps, hk);
             let inter = c.intermediate_size;
-            let mut g = vec![0f32; t * inter];
-            let mut u = vec![0f32; t * inter];
-            l[4].matmul(&h, t, &mut g);
-            l[5].matmul(&h, t, &mut u);
+            let mut g = vec![0f32; tq * inter];
+            let mut u = vec![0f32; tq * inter];
+            l[4].matmul(pass, hk, tq, &mut g);
+            l[5].matmul(pass, hk, tq, &mut u);
             g.par_chunks_mut(ELEMS_PER_TASK)
                 .zip(u.par_chunks(ELEMS_PER_TASK))
                 .for_each(|(gc, uc)| vmath::silu_mul(gc, uc));
-            l[6].matmul(&g, t, &mut o);
-            for (xv, ov) in x.iter_mut().zip(&o) {
+            l[6].matmul(pass, &g, tq, &mut o);
+            for (xv, ov) in xk.iter_mut().zip(&o) {
                 *xv += ov;
             }
             // DeepStack: after layer li, add feature li at the image rows.
             if let Some((f, _)) = image {
                 if let Some(ds) = f.deepstack.get(li) {
-                    for (row, &id) in x.chunks_exact_mut(hsz).zip(ids) {
+                    for (row, &id) in xk.chunks_exact_mut(hsz).zip(&ids[r0..]) {
                         if id >= vocab {
                             let slot = (id - vocab) as usize;
                             for (a, b) in row.iter_mut().zip(&ds[slot * hsz..(slot + 1) * hsz]) {
@@ -257,12 +284,17 @@ impl TextModel {
             }
         }
         cache.advance(t);
-        let mut last = vec![0f32; hsz];
-        rms_norm_rows(&x[(t - 1) * hsz..], &self.final_norm, eps, &mut last);
-        Ok(last)
+        let r0 = match rows {
+            Rows::Last => t - 1,
+            Rows::All => 0,
+        };
+        let mut out = vec![0f32; (t - r0) * hsz];
+        rms_norm_rows(&x[r0 * hsz..], &self.final_norm, eps, &mut out);
+        Ok(out)
     }
 
-    /// Logits of one final-normed hidden state.
+    /// Logits of final-normed hidden states (`[rows, H]` → `[rows, vocab]`), each row
+    /// by the decode kernel, so a row's logits do not depend on the others.
     pub fn logits(&self, w: &Weights<'_>, hidden: &[f32]) -> Result<Vec<f32>> {
         let c = &self.cfg;
         let head = Lin::resolve(
@@ -272,8 +304,9 @@ impl TextModel {
             c.hidden_size,
             w.overrides,
         )?;
-        let mut out = vec![0f32; c.vocab_size];
-        head.matmul(hidden, 1, &mut out);
+        let t = hidden.len() / c.hidden_size;
+        let mut out = vec![0f32; t * c.vocab_size];
+        head.matmul(Pass::Decode, hidden, t, &mut out);
         Ok(out)
     }
 }
@@ -310,16 +343,19 @@ pub fn rope(x: &mut [f32], cos: &[f32], sin: &[f32]) {
     }
 }
 
-/// Causal GQA attention of `t` queries (`q: [t, nh·hd]`, at indices `past..`) over
-/// the cache; returns `[t, nh·hd]`. Heads run in parallel. One query (decode) takes
-/// fixed-order dot products; several (prefill) go through the packed GEMM in
-/// blocks of [`QUERY_BLOCK`] queries: scores, causal softmax, then `P · V`.
+/// Causal GQA attention over the cache for queries `r0..t` of the pass's `t` new
+/// tokens (at indices `past..`; `q: [t − r0, nh·hd]`); returns `[t − r0, nh·hd]`.
+/// Heads run in parallel. A decode pass (`t = 1`) takes fixed-order dot products; a
+/// prefill goes through the packed GEMM in blocks of [`QUERY_BLOCK`] queries:
+/// scores, causal softmax, then `P · V`. A query's result does not depend on `r0`
+/// (see the block loop).
 #[allow(clippy::too_many_arguments)]
 fn attention(
     cache: &KvCache,
     layer: usize,
     q: &[f32],
     t: usize,
+    r0: usize,
     past: usize,
     nh: usize,
     nkv: usize,
@@ -331,7 +367,7 @@ fn attention(
         .into_par_iter()
         .map(|h| {
             let (ks, vs) = cache.head(layer, h / groups, past + t);
-            let mut out = vec![0f32; t * hd];
+            let mut out = vec![0f32; (t - r0) * hd];
             if t == 1 {
                 let n = past + 1;
                 let qi = &q[h * hd..(h + 1) * hd];
@@ -358,14 +394,16 @@ fn attention(
                 return out;
             }
             let mut scores = vec![0f32; QUERY_BLOCK.min(t) * (past + t)];
-            let mut i0 = 0;
+            let mut i0 = r0;
             while i0 < t {
-                let qb = QUERY_BLOCK.min(t - i0);
+                // Blocks end where they would with every query present (at multiples
+                // of QUERY_BLOCK), so each query sees the same `n` keys whatever `r0`.
+                let qb = (QUERY_BLOCK - i0 % QUERY_BLOCK).min(t - i0);
                 // Keys visible to the block's last query.
                 let n = past + i0 + qb;
                 let s = &mut scores[..qb * n];
                 gemm_serial(
-                    &q[i0 * nh * hd + h * hd..],
+                    &q[(i0 - r0) * nh * hd + h * hd..],
                     qb,
                     hd,
                     nh * hd,
@@ -394,7 +432,7 @@ fn attention(
                         cs: hd,
                     },
                     hd,
-                    &mut out[i0 * hd..(i0 + qb) * hd],
+                    &mut out[(i0 - r0) * hd..(i0 - r0 + qb) * hd],
                     hd,
                 );
                 i0 += qb;
@@ -402,9 +440,9 @@ fn attention(
             out
         })
         .collect();
-    let mut out = vec![0f32; t * nh * hd];
+    let mut out = vec![0f32; (t - r0) * nh * hd];
     for (h, ph) in per_head.iter().enumerate() {
-        for i in 0..t {
+        for i in 0..t - r0 {
             out[(i * nh + h) * hd..(i * nh + h + 1) * hd]
                 .copy_from_slice(&ph[i * hd..(i + 1) * hd]);
         }

@@ -1,10 +1,10 @@
 //! [`Engine`]: both bundles opened and checked, the vision tower, the decoder, and
 //! generation with greedy or seeded sampling.
 
-use crate::decoder::{TextModel, Weights};
+use crate::decoder::{Rows, TextModel, Weights};
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
-use crate::positions::map_image_ids;
+use crate::positions::{map_image_ids, ImageSpan};
 use crate::sampler::Sampler;
 use crate::vision::{ImageFeatures, VisionModel};
 use half::f16;
@@ -225,16 +225,13 @@ impl Engine {
         })
     }
 
-    /// Greedy/sampled generation from prompt ids (HF ids, `<|image_pad|>` expanded;
-    /// the engine maps them to `vocab + slot` itself). `on_token` sees each token as
-    /// it is chosen (a stopping eos included).
-    pub fn generate(
+    /// Checks the prompt and the image features against each other and maps the
+    /// `<|image_pad|>` ids to `vocab + slot`.
+    fn map_prompt(
         &self,
         ids: &[u32],
         image: Option<&ImageFeatures>,
-        params: &GenerateParams,
-        on_token: &mut dyn FnMut(u32),
-    ) -> Result<Generation> {
+    ) -> Result<(Vec<u32>, Option<ImageSpan>)> {
         let cfg = self.config();
         let tc = self.text.config();
         if ids.is_empty() {
@@ -253,8 +250,62 @@ impl Engine {
             let (gh, gw) = f.merged_grid(merge);
             (f.tokens, gh, gw)
         });
-        let (mapped, span) = map_image_ids(ids, cfg.image_token_id, tc.vocab_size as u32, geom)
-            .map_err(EngineError::Input)?;
+        map_image_ids(ids, cfg.image_token_id, tc.vocab_size as u32, geom)
+            .map_err(EngineError::Input)
+    }
+
+    /// The logits at every prompt position (`[ids.len()][vocab]`): what the model
+    /// predicts after each prefix, for scoring a text (perplexity) or checking a
+    /// prompt position by position. One prefill pass; the last row equals the first
+    /// step's logits of [`Engine::generate`] bit for bit.
+    pub fn prompt_logits(
+        &self,
+        ids: &[u32],
+        image: Option<&ImageFeatures>,
+    ) -> Result<Vec<Vec<f32>>> {
+        let tc = self.text.config();
+        let (mapped, span) = self.map_prompt(ids, image)?;
+        if ids.len() > self.context {
+            return Err(EngineError::Input(format!(
+                "the prompt ({} tokens) exceeds the context of {} tokens",
+                ids.len(),
+                self.context
+            )));
+        }
+        let w = Weights {
+            bundle: &self.bundles.language,
+            overrides: &self.overrides,
+        };
+        let mut cache = KvCache::new(
+            tc.num_hidden_layers,
+            tc.num_key_value_heads,
+            tc.head_dim,
+            ids.len(),
+        );
+        let logits = self.pool.install(|| {
+            let h =
+                self.text
+                    .forward(&w, &mapped, image.zip(span.as_ref()), &mut cache, Rows::All)?;
+            self.text.logits(&w, &h)
+        })?;
+        Ok(logits
+            .chunks_exact(tc.vocab_size)
+            .map(<[f32]>::to_vec)
+            .collect())
+    }
+
+    /// Greedy/sampled generation from prompt ids (HF ids, `<|image_pad|>` expanded;
+    /// the engine maps them to `vocab + slot` itself). `on_token` sees each token as
+    /// it is chosen (a stopping eos included).
+    pub fn generate(
+        &self,
+        ids: &[u32],
+        image: Option<&ImageFeatures>,
+        params: &GenerateParams,
+        on_token: &mut dyn FnMut(u32),
+    ) -> Result<Generation> {
+        let tc = self.text.config();
+        let (mapped, span) = self.map_prompt(ids, image)?;
         let need = ids.len() + params.max_new_tokens;
         if need > self.context {
             return Err(EngineError::Input(format!(
@@ -292,7 +343,9 @@ impl Engine {
             }
             let t0 = Instant::now();
             let mut logits = self.pool.install(|| {
-                let h = self.text.forward(&w, &mapped, img, &mut cache)?;
+                let h = self
+                    .text
+                    .forward(&w, &mapped, img, &mut cache, Rows::Last)?;
                 self.text.logits(&w, &h)
             })?;
             timings.prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -312,7 +365,9 @@ impl Engine {
                     break;
                 }
                 logits = self.pool.install(|| {
-                    let h = self.text.forward(&w, &[next], img, &mut cache)?;
+                    let h = self
+                        .text
+                        .forward(&w, &[next], img, &mut cache, Rows::Last)?;
                     self.text.logits(&w, &h)
                 })?;
                 timings.decode_steps += 1;

@@ -11,6 +11,29 @@ use std::collections::HashMap;
 /// output is one whole dot product.
 const ROWS_PER_TASK: usize = 16;
 
+/// Which arithmetic a forward pass's int8 products use. The prefill GEMM and the
+/// decode matrix-vector kernel round differently, so the choice belongs to the pass,
+/// not to the number of rows a product has (a prefill's last layer computes one row,
+/// in the prefill's arithmetic).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// Several new tokens at once: the packed f32 GEMM.
+    Prefill,
+    /// One new token: the int16-activation matrix-vector kernel.
+    Decode,
+}
+
+impl Pass {
+    /// The pass that runs `t` new tokens.
+    pub fn of(t: usize) -> Pass {
+        if t == 1 {
+            Pass::Decode
+        } else {
+            Pass::Prefill
+        }
+    }
+}
+
 /// A linear layer's weight `[rows = out, cols = in]`, borrowed from the memory map.
 #[derive(Clone, Copy)]
 pub enum Lin<'a> {
@@ -100,25 +123,22 @@ impl<'a> Lin<'a> {
         matches!(self, Lin::Q8 { .. })
     }
 
-    /// `out[t, r] = Σ_c x[t, c] · W[r, c]` for `t` tokens. For int8 weights one
-    /// token (decode) goes through the streaming matrix-vector kernel on int16
-    /// block-quantized activations ([`crate::kernels::matvec`]), several (prefill)
-    /// through the packed f32 GEMM over all tokens at once, the weights dequantized
-    /// exactly tile by tile ([`crate::kernels::gemm::linear_q8`]). Rows or columns are split across the
-    /// pool's threads; each output is one fixed-order reduction, whatever the thread
-    /// count.
-    pub fn matmul(&self, x: &[f32], t: usize, out: &mut [f32]) {
+    /// `out[t, r] = Σ_c x[t, c] · W[r, c]` for `t` tokens, in `pass`'s arithmetic.
+    /// For int8 weights a decode pass goes through the streaming matrix-vector
+    /// kernel on int16 block-quantized activations ([`crate::kernels::matvec`]), a
+    /// prefill pass through the packed f32 GEMM over all its rows at once, the
+    /// weights dequantized exactly tile by tile ([`crate::kernels::gemm::linear_q8`]).
+    /// Rows or columns are split across the pool's threads; each output is one
+    /// fixed-order reduction, whatever the thread count or the number of rows.
+    pub fn matmul(&self, pass: Pass, x: &[f32], t: usize, out: &mut [f32]) {
         let (rows, cols) = (self.rows(), self.cols());
         assert_eq!(x.len(), t * cols);
         assert_eq!(out.len(), t * rows);
         match *self {
-            Lin::Q8 { q, s, .. } => {
-                if t == 1 {
-                    crate::kernels::matvec::matvec(q, s, rows, cols, x, out);
-                } else {
-                    crate::kernels::gemm::linear_q8(x, t, cols, q, s, rows, out);
-                }
-            }
+            Lin::Q8 { q, s, .. } => match pass {
+                Pass::Decode => crate::kernels::matvec::matvec(q, s, rows, cols, x, out),
+                Pass::Prefill => crate::kernels::gemm::linear_q8(x, t, cols, q, s, rows, out),
+            },
             Lin::F16 { w, .. } => {
                 // Row-major by weight row, so each task owns a contiguous piece.
                 let mut tr = vec![0f32; rows * t];
