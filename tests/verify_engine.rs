@@ -232,12 +232,23 @@ fn every_fixture_bundle_passes_every_gate_in_every_mode() {
                 let c = &e["count"];
                 assert!(c["counted"].as_u64().unwrap() >= 16, "{fx} {mode}: {c}");
                 assert_eq!(e["steps"], 24);
+                // Every prompt position was scored, and the firm ones all agree.
+                let p = &e["prompt"];
+                assert!(p["firm"].as_u64().unwrap() > 0, "{fx} {mode}: {p}");
+                assert_eq!(p["firm"], p["agree"], "{fx} {mode}: {p}");
+                assert_eq!(
+                    e["prompt_logits_cos"].as_array().unwrap().len(),
+                    p["firm"].as_u64().unwrap() as usize + p["ambiguous"].as_array().unwrap().len()
+                );
                 lines.push(format!(
-                    "{fx} {mode} {}: {} min logits cos {:.9}, stop {}",
+                    "{fx} {mode} {}: {} min logits cos {:.9}, stop {}; prompt {}/{}, min cos {:.9}",
                     Path::new(&trace).file_stem().unwrap().to_string_lossy(),
                     g["value"].as_str().unwrap(),
                     e["min_logits_cos"].as_f64().unwrap(),
-                    c["first_ambiguous"]
+                    c["first_ambiguous"],
+                    p["agree"],
+                    p["firm"],
+                    e["min_prompt_logits_cos"].as_f64().unwrap()
                 ));
             }
         }

@@ -278,8 +278,15 @@ impl Report {
                     ));
                     let _ = write!(
                         body,
-                        "<p>engine vs reference logits: min cos {:.9} at step {} (each step's in its tooltip); teacher-forced, {}/{} firm steps agree</p>",
-                        e.min_logits_cos, e.min_logits_cos_step, e.forced.agree, e.forced.firm
+                        "<p>engine vs reference logits: min cos {:.9} at step {} (each step's in its tooltip); teacher-forced, {}/{} firm steps agree. Prompt: top-1 agrees at {}/{} firm positions, min logits cos {:.9} at position {}</p>",
+                        e.min_logits_cos,
+                        e.min_logits_cos_step,
+                        e.forced.agree,
+                        e.forced.firm,
+                        e.prompt.agree,
+                        e.prompt.firm,
+                        e.min_prompt_logits_cos,
+                        e.min_prompt_logits_cos_position
                     );
                 }
                 let _ = write!(body, "<h3>{:?} profile</h3>", t.profile);

@@ -473,7 +473,13 @@ pub fn verify_trace(
     // 8. Engine ≡ reference on the bundle's weights.
     let engine = match &engine_run {
         Some(e) => {
-            let m = EngineMatch::new(&trace.path, e, run.continuations[1].logits.as_ref(), firm)?;
+            let m = EngineMatch::new(
+                &trace.path,
+                e,
+                run.continuations[1].logits.as_ref(),
+                logits,
+                firm,
+            )?;
             results.push(m.gate(firm));
             Some(m)
         }

@@ -139,12 +139,14 @@ impl Report {
             if let Some(e) = &t.engine {
                 let _ = writeln!(
                     s,
-                    "  note engine vs reference: {} steps, logits cos min {:.9} at step {}, teacher-forced top-1 agrees at {}/{} firm steps, tokens {}",
+                    "  note engine vs reference: {} steps, logits cos min {:.9} at step {}, teacher-forced top-1 agrees at {}/{} firm steps; prompt logits cos min {:.9} at position {}; tokens {}",
                     e.steps,
                     e.min_logits_cos,
                     e.min_logits_cos_step,
                     e.forced.agree,
                     e.forced.firm,
+                    e.min_prompt_logits_cos,
+                    e.min_prompt_logits_cos_position,
                     if e.engine_tokens == e.reference_tokens {
                         "all equal".to_string()
                     } else {
