@@ -53,3 +53,21 @@ pub fn spinner(msg: &str) -> indicatif::ProgressBar {
     pb.enable_steady_tick(std::time::Duration::from_millis(120));
     pb
 }
+
+/// Keeps freed large buffers in the heap for reuse (Linux glibc; elsewhere nothing).
+///
+/// The engine allocates the same activation buffers layer after layer, tens of MB per
+/// vision block. glibc maps each block above its mmap threshold afresh and unmaps it
+/// on free, so every layer page-faulted and zeroed its buffers anew: on the 8B vision
+/// encode, 199k minor faults and 0.7–0.8 s of system time, against 65–70k and 0.3 s
+/// with the threshold at its 32 MiB maximum and no heap trimming. Called by the
+/// commands that run the engine, before it allocates.
+pub fn reuse_large_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes the allocator's thresholds; it is called before the
+    // engine's threads start allocating.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}

@@ -65,6 +65,7 @@ pub fn open_engine(
     context: Option<usize>,
     require_verified: bool,
 ) -> anyhow::Result<(Engine, String)> {
+    crate::common::reuse_large_buffers();
     let opts = EngineOptions {
         threads,
         verify_checksums: verify,
