@@ -6,15 +6,17 @@
 #    $Q3VL_PEER_DIR (default /tmp/q3vl-peer) and reused by later runs.
 # 2. `q3vl synth --size $Q3VL_PEER_SIZE` (2b, 4b or 8b; else $Q3VL_BENCH_SIZE, else 8b: ~17.5 GB) writes
 #    a random checkpoint of the real shape, or Q3VL_BENCH_SRC=DIR names an existing one (never deleted).
-# 3. q3vl: `convert --mode int8hu`, then `bench --json` (vision, prefill, decode, the decode
-#    bound) and `run` on a 448x448 image with one new token (peak RSS of a real answer).
-# 4. llama.cpp: its own convert_hf_to_gguf.py writes the text model as q8_0 and the vision
-#    projector as f16; `llama-bench` times prefill and decode, `llama-mtmd-cli` encodes the
-#    same 448x448 image (its own "image slice encoded in N ms" line) and answers one token.
+# 3. Both conversions: `q3vl convert --mode int8hu`; llama.cpp's own convert_hf_to_gguf.py
+#    writes the text model as q8_0 and the vision projector as f16.
+# 4. $Q3VL_PEER_ROUNDS (default 3) interleaved rounds, each measuring both engines back to back:
+#    `q3vl bench --json` (vision, prefill, decode, the decode bound) and `q3vl run` on a
+#    448x448 image with one new token (vision time, peak RSS of a real answer); `llama-bench`
+#    (prefill, decode) and `llama-mtmd-cli` on the same image (its own "mtmd batch encoding
+#    done in N ms" line, one new token). Every ratio comes from one round.
 # Every run uses $Q3VL_PEER_THREADS threads (default 2). The markdown table goes to stdout.
 # Big files (source when synthesized, bundles, gguf) live in $Q3VL_BENCH_DIR (default
-# /tmp/q3vl-bench-peer) and are deleted at the end unless KEEP=1. Disk: about
-# source + max(bundles, gguf), ~28 GB for 8b; KEEP=1 holds all three (~38 GB).
+# /tmp/q3vl-bench-peer) and are deleted at the end unless KEEP=1. Disk: source + bundles +
+# gguf while converting (~38 GB for 8b), then bundles + gguf (~20 GB).
 #
 # Python for llama.cpp's converter: it needs torch, transformers, numpy (from the oracle venv,
 # `make oracle`, the same CPU torch the repo already pins: a PyPI torch wheel pulls ~3 GB of
@@ -32,7 +34,7 @@ THREADS=${Q3VL_PEER_THREADS:-2}
 ORACLE_PY=${Q3VL_PEER_TORCH_PY:-$ROOT/oracle/.venv/bin/python}
 PROMPT="Describe this image briefly."
 DECODE=32   # decode steps timed by both engines
-REPS=${Q3VL_BENCH_REPS:-3}   # q3vl bench repetitions (llama-bench makes 5): mean ± sd
+ROUNDS=${Q3VL_PEER_ROUNDS:-3}   # interleaved rounds of both engines (section 4)
 SIDE=448    # q3vl's fixed image grid: 448/16 = 28 patches a side, merged 2x2 -> 196 tokens
 
 case "$SIZE" in 2b | 4b | 8b) ;; *) echo "Q3VL_PEER_SIZE must be 2b, 4b or 8b" >&2; exit 2 ;; esac
@@ -130,7 +132,7 @@ open(path, "wb").write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBB
                        + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b""))
 PY
 
-# ---- 3. q3vl -------------------------------------------------------------------------------
+# ---- 3. conversions ------------------------------------------------------------------------
 echo "== q3vl convert --mode int8hu" >&2
 t0=$(now)
 logged "$WORK/q3vl-convert.log" /usr/bin/time -v -o "$WORK/q3vl-convert.time" \
@@ -138,33 +140,7 @@ logged "$WORK/q3vl-convert.log" /usr/bin/time -v -o "$WORK/q3vl-convert.time" \
 Q_CONVERT_S=$(secs "$t0" "$(now)")
 Q_CONVERT_RSS=$(time_rss "$WORK/q3vl-convert.time")
 Q3VL_BYTES=$(du -sb "$WORK/q3vl" | cut -f1)
-echo "== q3vl bench (--threads $THREADS --decode-tokens $DECODE)" >&2
-/usr/bin/time -v -o "$WORK/q3vl-bench.time" "$Q3VL_BIN" bench --bundle "$WORK/q3vl" --json \
-  --threads "$THREADS" --decode-tokens "$DECODE" --reps "$REPS" > "$WORK/q3vl-bench.json" 2> "$WORK/q3vl-bench.log" \
-  || { tail -n 40 "$WORK/q3vl-bench.log" >&2; exit 1; }
-echo "== q3vl run (image + prompt, 1 new token)" >&2
-# --context 4096 like llama-mtmd-cli's -c below: neither engine sizes a KV cache for 256k.
-/usr/bin/time -v -o "$WORK/q3vl-run.time" "$Q3VL_BIN" run --bundle "$WORK/q3vl" --image "$IMG" \
-  --prompt "$PROMPT" --max-new-tokens 1 --threads "$THREADS" --context 4096 --json \
-  > "$WORK/q3vl-run.json" 2> "$WORK/q3vl-run.log" || { tail -n 40 "$WORK/q3vl-run.log" >&2; exit 1; }
-Q_PREFILL=$(jget "$WORK/q3vl-bench.json" prefill_tok_s)
-Q_PREFILL_SD=$(jget "$WORK/q3vl-bench.json" prefill_tok_s_sd)
-Q_DECODE_SD=$(jget "$WORK/q3vl-bench.json" decode_tok_s_sd)
-Q_VISION_SD=$(jget "$WORK/q3vl-bench.json" vision_ms_sd)
-Q_PROMPT=$(jget "$WORK/q3vl-bench.json" prompt_tokens)
-Q_IMGTOK=$(jget "$WORK/q3vl-bench.json" image_tokens)
-Q_DECODE=$(jget "$WORK/q3vl-bench.json" decode_tok_s)
-Q_VISION=$(jget "$WORK/q3vl-bench.json" vision_ms)
-Q_BW=$(jget "$WORK/q3vl-bench.json" bandwidth_gb_s)
-Q_BPT=$(jget "$WORK/q3vl-bench.json" decode_bytes_per_token)
-Q_BOUND=$(jget "$WORK/q3vl-bench.json" decode_bound_tok_s)
-Q_RUN_VISION=$(python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['timings']['vision_ms'])" "$WORK/q3vl-run.json" 2> /dev/null || echo nan)
-Q_BENCH_RSS=$(time_rss "$WORK/q3vl-bench.time")
-Q_RUN_RSS=$(time_rss "$WORK/q3vl-run.time")
-# The bundles are measured; free their space before the gguf files are written.
-if [[ "$KEEP" != 1 ]]; then rm -rf "$WORK/q3vl"; fi
 
-# ---- 4. llama.cpp --------------------------------------------------------------------------
 # Same interpreter version in both venvs, or the oracle's compiled packages would not load.
 [[ $("$VENV/bin/python" -c 'import sys; print(sys.version_info[:2])') == $("$ORACLE_PY" -c 'import sys; print(sys.version_info[:2])') ]] \
   || { echo "python of $VENV and $ORACLE_PY differ" >&2; exit 1; }
@@ -185,83 +161,162 @@ drop_src
 TEXT_BYTES=$(stat -c %s "$WORK/text.gguf")
 MMPROJ_BYTES=$(stat -c %s "$WORK/mmproj.gguf")
 
-echo "== llama-bench -p $Q_PROMPT -n $DECODE -t $THREADS" >&2
+# ---- 4. interleaved rounds -------------------------------------------------------------------
+# This host's speed drifts by tens of percent within minutes, so one engine measured after the
+# other compares two different machines. Each round measures both engines back to back (the
+# order alternating: q3vl first in odd rounds, llama.cpp first in even ones), each ratio comes
+# from one round, and the report gives every round and the median.
 # The prompt length is q3vl's own benchmark prompt (chat template + 196 image tokens), so both
-# engines prefill the same number of tokens (llama-bench's are text tokens, random ids).
-LB_CMD=(llama-bench -m text.gguf -p "$Q_PROMPT" -n "$DECODE" -t "$THREADS" -o json)
-/usr/bin/time -v -o "$WORK/llama-bench.time" "$BUILD/bin/llama-bench" -m "$WORK/text.gguf" \
-  -p "$Q_PROMPT" -n "$DECODE" -t "$THREADS" -o json > "$WORK/llama-bench.json" 2> "$WORK/llama-bench.log" \
-  || { tail -n 40 "$WORK/llama-bench.log" >&2; exit 1; }
-read -r L_PREFILL L_PREFILL_SD L_DECODE L_DECODE_SD < <(python3 - "$WORK/llama-bench.json" << 'PY'
-import json, sys
-rows = json.load(open(sys.argv[1]))
-pp = next(r for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0)
-tg = next(r for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0)
-print(pp["avg_ts"], pp["stddev_ts"], tg["avg_ts"], tg["stddev_ts"])
-PY
-)
-L_BENCH_RSS=$(time_rss "$WORK/llama-bench.time")
-
-echo "== llama-mtmd-cli (image + prompt, 1 new token)" >&2
-# -v: the debug log is the only place that shows the image size fed to the encoder and its
-# token count; it costs nothing measurable after loading.
+# engines prefill the same number of tokens (llama-bench's are text tokens, random ids); it is
+# known after q3vl's first bench.
+Q_PROMPT=""
+STARTED=$(date -u +%Y-%m-%dT%H:%MZ)
+q3vl_round() {
+  local r=$1
+  echo "== round $r: q3vl bench (--threads $THREADS --decode-tokens $DECODE), q3vl run" >&2
+  /usr/bin/time -v -o "$WORK/q3vl-bench.$r.time" "$Q3VL_BIN" bench --bundle "$WORK/q3vl" --json \
+    --threads "$THREADS" --decode-tokens "$DECODE" > "$WORK/q3vl-bench.$r.json" 2> "$WORK/q3vl-bench.$r.log" \
+    || { tail -n 40 "$WORK/q3vl-bench.$r.log" >&2; exit 1; }
+  Q_PROMPT=$(jget "$WORK/q3vl-bench.$r.json" prompt_tokens)
+  # --context 4096 like llama-mtmd-cli's -c below: neither engine sizes a KV cache for 256k.
+  /usr/bin/time -v -o "$WORK/q3vl-run.$r.time" "$Q3VL_BIN" run --bundle "$WORK/q3vl" --image "$IMG" \
+    --prompt "$PROMPT" --max-new-tokens 1 --threads "$THREADS" --context 4096 --json \
+    > "$WORK/q3vl-run.$r.json" 2> "$WORK/q3vl-run.$r.log" || { tail -n 40 "$WORK/q3vl-run.$r.log" >&2; exit 1; }
+}
+llama_round() {
+  local r=$1
+  echo "== round $r: llama-bench -p $Q_PROMPT -n $DECODE -t $THREADS -r 1, llama-mtmd-cli" >&2
+  /usr/bin/time -v -o "$WORK/llama-bench.$r.time" "$BUILD/bin/llama-bench" -m "$WORK/text.gguf" \
+    -p "$Q_PROMPT" -n "$DECODE" -t "$THREADS" -r 1 -o json > "$WORK/llama-bench.$r.json" 2> "$WORK/llama-bench.$r.log" \
+    || { tail -n 40 "$WORK/llama-bench.$r.log" >&2; exit 1; }
+  # -v: the debug log is the only place that shows the image size fed to the encoder and its
+  # token count; it costs nothing measurable after loading.
+  /usr/bin/time -v -o "$WORK/mtmd.$r.time" "$BUILD/bin/llama-mtmd-cli" -m "$WORK/text.gguf" \
+    --mmproj "$WORK/mmproj.gguf" --image "$IMG" -p "$PROMPT" -n 1 -t "$THREADS" -c 4096 --temp 0 -v \
+    > "$WORK/mtmd.$r.log" 2>&1 < /dev/null || { grep -v 'D create_tensor\|D clip_model_loader\|llama_model_loader: -' "$WORK/mtmd.$r.log" | tail -n 40 >&2; exit 1; }
+}
+for ((r = 1; r <= ROUNDS; r++)); do
+  if ((r % 2 == 1)); then q3vl_round "$r"; llama_round "$r"; else llama_round "$r"; q3vl_round "$r"; fi
+done
+LB_CMD=(llama-bench -m text.gguf -p "$Q_PROMPT" -n "$DECODE" -t "$THREADS" -r 1 -o json)
 MT_CMD=(llama-mtmd-cli -m text.gguf --mmproj mmproj.gguf --image img448.png -p "\"$PROMPT\"" -n 1 -t "$THREADS" -c 4096 --temp 0 -v)
-/usr/bin/time -v -o "$WORK/mtmd.time" "$BUILD/bin/llama-mtmd-cli" -m "$WORK/text.gguf" \
-  --mmproj "$WORK/mmproj.gguf" --image "$IMG" -p "$PROMPT" -n 1 -t "$THREADS" -c 4096 --temp 0 -v \
-  > "$WORK/mtmd.log" 2>&1 < /dev/null || { grep -v 'D create_tensor\|D clip_model_loader\|llama_model_loader: -' "$WORK/mtmd.log" | tail -n 40 >&2; exit 1; }
-# The vision encode alone (clip graph, no LM work): tools/mtmd/mtmd-cli.cpp prints
-# "mtmd batch encoding done in N ms" around mtmd_batch_encode; older versions' helper printed
-# "image slice encoded in N ms" (tools/mtmd/mtmd-helper.cpp, still there for other callers).
-L_VISION=$(sed -n -e 's/.*mtmd batch encoding done in \([0-9]*\) ms.*/\1/p' \
-  -e 's/.*image slice encoded in \([0-9]*\) ms.*/\1/p' "$WORK/mtmd.log" | head -1)
-# mtmd_batch_encode_impl: "encoding batch with 1 entries and total N tokens";
-# clip_encode: "copying image 1/1 to input buffer (nx=W, ny=H)" (the size after llama.cpp's resize).
-L_IMGTOK=$(sed -n 's/.*encoding batch with .* total \([0-9]*\) tokens.*/\1/p' "$WORK/mtmd.log" | head -1)
-L_IMGSIZE=$(sed -n 's/.*copying image .* (nx=\([0-9]*\), ny=\([0-9]*\)).*/\1x\2/p' "$WORK/mtmd.log" | head -1)
-L_RUN_RSS=$(time_rss "$WORK/mtmd.time")
-[[ -n "$L_VISION" ]] || { echo "no 'mtmd batch encoding done' line in $WORK/mtmd.log" >&2; exit 1; }
 
 # ---- 5. report -----------------------------------------------------------------------------
 r() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2fx", a / b }'; }
-f() { awk -v a="$1" -v d="$2" "BEGIN { printf \"%.${3:-1}f\", a / d }"; }
-pct() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.0f%%", 100 * a / b }'; }
-IMG_NOTE="both $Q_IMGTOK image tokens"
-[[ "$L_IMGTOK" == "$Q_IMGTOK" && "$L_IMGSIZE" == "${SIDE}x$SIDE" ]] \
-  || IMG_NOTE="llama.cpp resized to ${L_IMGSIZE:-?}, ${L_IMGTOK:-?} image tokens; q3vl $Q_IMGTOK"
 
 cat << REPORT
 ## llama.cpp beside q3vl ($SIZE shape)
 
-Measured $(date -u +%Y-%m-%dT%H:%MZ) on $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs), $(nproc) cores,
+Measured from $STARTED to $(date -u +%H:%MZ) on $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs), $(nproc) cores,
 $THREADS threads for every run; random-weight checkpoint \`q3vl synth --size $SIZE --seed 0\`.
 llama.cpp from llama-cpp-python==$LLAMA_PY_VERSION (vendor/llama.cpp, ggml ${LCPP_COMMIT:-?}), built with
 \`-DGGML_NATIVE=ON -DCMAKE_BUILD_TYPE=Release\` ($BUILT); its weights: \`convert_hf_to_gguf.py --outtype q8_0\`
 (text.gguf, $(gb "$TEXT_BYTES")) and \`--mmproj --outtype f16\` (mmproj.gguf, $(gb "$MMPROJ_BYTES")).
 q3vl: \`q3vl convert --mode int8hu\` ($(gb "$Q3VL_BYTES") of bundles).
 
-Commands (in \`$WORK\`, \`engine/bench/bench-peer.sh\`):
+$ROUNDS interleaved rounds (in \`$WORK\`, \`engine/bench/bench-peer.sh\`), each running, back to back
+(q3vl first in odd rounds, llama.cpp first in even ones):
+- \`q3vl bench --bundle q3vl --json --threads $THREADS --decode-tokens $DECODE\`
+- \`q3vl run --bundle q3vl --image img448.png --prompt "$PROMPT" --max-new-tokens 1 --threads $THREADS --context 4096\`
 - \`${LB_CMD[*]}\`
 - \`${MT_CMD[*]}\`
-- \`q3vl bench --bundle q3vl --json --threads $THREADS --decode-tokens $DECODE --reps $REPS\`
-- \`q3vl run --bundle q3vl --image img448.png --prompt "$PROMPT" --max-new-tokens 1 --threads $THREADS --context 4096\`
 
 Ratio: >1 means q3vl is better (q3vl/llama.cpp for rates, llama.cpp/q3vl for times and memory).
+Each round's ratio compares two measurements taken minutes apart; the summary gives the median
+round and the range.
 
-| what | llama.cpp | q3vl | ratio |
+REPORT
+python3 - "$WORK" "$ROUNDS" "$SIDE" "$DECODE" << 'PY'
+import json, re, statistics, sys
+work, rounds, side, decode = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+
+def rss(path):
+    for line in open(path):
+        if "Maximum resident set size" in line:
+            return int(line.split(":")[1]) * 1024
+    raise SystemExit(f"no peak RSS in {path}")
+
+def mtmd(path):
+    log = open(path, errors="replace").read()
+    # tools/mtmd/mtmd-cli.cpp prints "mtmd batch encoding done in N ms" around
+    # mtmd_batch_encode (older helpers: "image slice encoded in N ms"); the debug log names
+    # the encoder's input size and the image token count.
+    ms = re.search(r"(?:mtmd batch encoding done|image slice encoded) in (\d+) ms", log)
+    if not ms:
+        raise SystemExit(f"no 'mtmd batch encoding done' line in {path}")
+    tok = re.search(r"encoding batch with .* total (\d+) tokens", log)
+    size = re.search(r"copying image .* \(nx=(\d+), ny=(\d+)\)", log)
+    return float(ms.group(1)), tok and int(tok.group(1)), size and f"{size.group(1)}x{size.group(2)}"
+
+rows = []
+for r in range(1, rounds + 1):
+    qb = json.load(open(f"{work}/q3vl-bench.{r}.json"))
+    qr = json.load(open(f"{work}/q3vl-run.{r}.json"))
+    lb = json.load(open(f"{work}/llama-bench.{r}.json"))
+    pp = next(x for x in lb if x["n_prompt"] > 0 and x["n_gen"] == 0)
+    tg = next(x for x in lb if x["n_gen"] > 0 and x["n_prompt"] == 0)
+    lv, ltok, lsize = mtmd(f"{work}/mtmd.{r}.log")
+    rows.append(dict(
+        q_prefill=qb["prefill_tok_s"], l_prefill=pp["avg_ts"],
+        q_decode=qb["decode_tok_s"], l_decode=tg["avg_ts"], bound=qb["decode_bound_tok_s"],
+        bw=qb["bandwidth_gb_s"], bpt=qb["decode_bytes_per_token"],
+        q_vision=qr["timings"]["vision_ms"], q_bench_vision=qb["vision_ms"], l_vision=lv,
+        q_imgtok=qb["image_tokens"], l_imgtok=ltok, l_size=lsize, prompt=qb["prompt_tokens"],
+        q_run_rss=rss(f"{work}/q3vl-run.{r}.time"), l_run_rss=rss(f"{work}/mtmd.{r}.time"),
+        q_bench_rss=rss(f"{work}/q3vl-bench.{r}.time"), l_bench_rss=rss(f"{work}/llama-bench.{r}.time"),
+    ))
+for x in rows:
+    x["r_prefill"] = x["q_prefill"] / x["l_prefill"]
+    x["r_decode"] = x["q_decode"] / x["l_decode"]
+    x["r_vision"] = x["l_vision"] / x["q_vision"]
+
+gib = lambda b: f"{b / 2**30:.2f} GiB"
+print("| round | prefill tok/s, q3vl / llama.cpp | ratio | decode tok/s, q3vl / llama.cpp | ratio | decode / bound, q3vl / llama.cpp (bound) | vision ms, q3vl run / mtmd-cli (q3vl bench) | ratio |")
+print("|---|---|---|---|---|---|---|---|")
+for i, x in enumerate(rows, 1):
+    print(f"| {i} | {x['q_prefill']:.2f} / {x['l_prefill']:.2f} | {x['r_prefill']:.2f}x "
+          f"| {x['q_decode']:.3f} / {x['l_decode']:.3f} | {x['r_decode']:.2f}x "
+          f"| {100 * x['q_decode'] / x['bound']:.0f}% / {100 * x['l_decode'] / x['bound']:.0f}% ({x['bound']:.3f} tok/s) "
+          f"| {x['q_vision']:.0f} / {x['l_vision']:.0f} ({x['q_bench_vision']:.0f}) | {x['r_vision']:.2f}x |")
+print()
+med = lambda k: statistics.median(x[k] for x in rows)
+rng = lambda k, f="{:.2f}": f"{f.format(min(x[k] for x in rows))}–{f.format(max(x[k] for x in rows))}"
+x0 = rows[0]
+img = f"both {x0['q_imgtok']} image tokens"
+if x0["l_imgtok"] != x0["q_imgtok"] or x0["l_size"] != f"{side}x{side}":
+    img = f"llama.cpp resized to {x0['l_size']}, {x0['l_imgtok']} image tokens; q3vl {x0['q_imgtok']}"
+print("| what | llama.cpp (range over rounds) | q3vl (range over rounds) | median round's ratio (range) |")
+print("|---|---|---|---|")
+print(f"| prefill tok/s ({x0['prompt']} tokens; llama.cpp: text tokens; q3vl: {x0['q_imgtok']} of them image) "
+      f"| {rng('l_prefill')} | {rng('q_prefill')} | {med('r_prefill'):.2f}x ({rng('r_prefill')}) |")
+print(f"| decode tok/s ({decode} steps; llama.cpp: empty context; q3vl: after the prompt) "
+      f"| {rng('l_decode', '{:.3f}')} | {rng('q_decode', '{:.3f}')} | {med('r_decode'):.2f}x ({rng('r_decode')}) |")
+for x in rows:
+    x["q_frac"] = 100 * x["q_decode"] / x["bound"]
+    x["l_frac"] = 100 * x["l_decode"] / x["bound"]
+print(f"| decode / bound (same round's bandwidth / {x0['bpt'] / 1e9:.2f} GB per step) "
+      f"| {rng('l_frac', '{:.0f}%')} | {rng('q_frac', '{:.0f}%')} | |")
+print(f"| vision encode ms ({side}², {img}) | {rng('l_vision', '{:.0f}')} | {rng('q_vision', '{:.0f}')} "
+      f"| {med('r_vision'):.2f}x ({rng('r_vision')}) |")
+print(f"| peak RSS, image + prompt + 1 token (mtmd-cli / q3vl run), largest round "
+      f"| {gib(max(x['l_run_rss'] for x in rows))} | {gib(max(x['q_run_rss'] for x in rows))} | |")
+print(f"| peak RSS, benchmark (llama-bench: text only / q3vl bench: vision + text), largest round "
+      f"| {gib(max(x['l_bench_rss'] for x in rows))} | {gib(max(x['q_bench_rss'] for x in rows))} | |")
+print()
+print(f"Decode bound: each round's `q3vl bench` memory read bandwidth "
+      f"({rng('bw')} GB/s) / {x0['bpt'] / 1e9:.2f} GB read per decode step by q3vl, used for both engines.")
+print()
+PY
+
+cat << REPORT
+| conversion | llama.cpp | q3vl | ratio |
 |---|---|---|---|
-| prefill tok/s ($Q_PROMPT tokens) | $(f "$L_PREFILL" 1 2) ± $(f "$L_PREFILL_SD" 1 2) (pp$Q_PROMPT, text tokens) | $(f "$Q_PREFILL" 1 2) ± $(f "$Q_PREFILL_SD" 1 2) ($Q_PROMPT tokens, $Q_IMGTOK of them image) | $(r "$Q_PREFILL" "$L_PREFILL") |
-| decode tok/s | $(f "$L_DECODE" 1 3) ± $(f "$L_DECODE_SD" 1 3) (tg$DECODE, empty context) | $(f "$Q_DECODE" 1 3) ± $(f "$Q_DECODE_SD" 1 3) ($DECODE steps after the $Q_PROMPT-token prompt) | $(r "$Q_DECODE" "$L_DECODE") |
-| decode / bound ($(f "$Q_BOUND" 1 3) tok/s) | $(pct "$L_DECODE" "$Q_BOUND") | $(pct "$Q_DECODE" "$Q_BOUND") | |
-| vision encode ms (${SIDE}², $IMG_NOTE) | $L_VISION | $(f "$Q_VISION" 1 0) ± $(f "$Q_VISION_SD" 1 0) (\`run\`: $(f "$Q_RUN_VISION" 1 0)) | $(r "$L_VISION" "$Q_VISION") |
-| peak RSS, image + prompt + 1 token (mtmd-cli / q3vl run) | $(gib "$L_RUN_RSS") | $(gib "$Q_RUN_RSS") | $(r "$L_RUN_RSS" "$Q_RUN_RSS") |
-| peak RSS, benchmark (llama-bench: text only / q3vl bench: vision + text) | $(gib "$L_BENCH_RSS") | $(gib "$Q_BENCH_RSS") | $(r "$L_BENCH_RSS" "$Q_BENCH_RSS") |
-| conversion wall s (one after the other; page cache not dropped) | $L_CONVERT_TEXT_S text + $L_CONVERT_MMPROJ_S mmproj | $Q_CONVERT_S (both bundles, checksums) | $(r "$((L_CONVERT_TEXT_S + L_CONVERT_MMPROJ_S))" "$Q_CONVERT_S") |
-| conversion peak RSS | $(gib "$L_CONVERT_RSS") (text) | $(gib "$Q_CONVERT_RSS") | $(r "$L_CONVERT_RSS" "$Q_CONVERT_RSS") |
+| wall s (one after the other; page cache not dropped) | $L_CONVERT_TEXT_S text + $L_CONVERT_MMPROJ_S mmproj | $Q_CONVERT_S (both bundles, checksums) | $(r "$((L_CONVERT_TEXT_S + L_CONVERT_MMPROJ_S))" "$Q_CONVERT_S") |
+| peak RSS | $(gib "$L_CONVERT_RSS") (text) | $(gib "$Q_CONVERT_RSS") | $(r "$L_CONVERT_RSS" "$Q_CONVERT_RSS") |
 | weights on disk | $(gb $((TEXT_BYTES + MMPROJ_BYTES))) (q8_0 text + f16 mmproj) | $(gb "$Q3VL_BYTES") (int8hu) | |
 
-Decode bound (from \`q3vl bench\`): memory read bandwidth $(f "$Q_BW" 1 2) GB/s / $(gb "$Q_BPT") read per
-decode step by q3vl = $(f "$Q_BOUND" 1 3) tok/s, used for both engines (llama.cpp reads its q8_0 text.gguf,
-$(gb "$TEXT_BYTES"), per step, less the token-embedding table when the head is untied). Peak RSS is /usr/bin/time's maximum resident set
-(mapped weight pages count); \`q3vl bench\`'s also holds its ${SIDE}² image pass and bandwidth test buffer.
-Load average after the runs: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine competes for the cores).
+llama.cpp reads its q8_0 text.gguf ($(gb "$TEXT_BYTES")) per decode step, less the token-embedding
+table when the head is untied. Peak RSS is /usr/bin/time's maximum resident set (mapped weight
+pages count); \`q3vl bench\`'s also holds its ${SIDE}² image pass and bandwidth test buffer.
+Load average after the runs: $(cut -d' ' -f1-3 /proc/loadavg).
 REPORT
