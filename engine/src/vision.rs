@@ -1,11 +1,13 @@
 //! The vision tower on f16 weights with f32 arithmetic (architecture doc §3): patch
 //! embed, interpolated position embedding, 2D RoPE ViT blocks, DeepStack mergers
 //! and the main merger. Every linear runs all patches at once through the packed
-//! GEMM ([`crate::kernels::gemm::linear_f16`]), which widens each f16 weight tile
+//! GEMM ([`crate::kernels::gemm::linear_f16_new`]), which widens each f16 weight tile
 //! to f32 while packing it, so no f32 copy of the tower is kept.
 
 use crate::error::{EngineError, Result};
-use crate::kernels::gemm::{gemm_serial, gemm_serial_packed, linear_f16, BSrc, PackedB};
+use crate::kernels::gemm::{
+    gemm_serial_packed, gemm_serial_packed_a, linear_f16_new, BSrc, PackedA, PackedB,
+};
 use crate::kernels::vmath;
 use crate::weights::{f16_tensor, vector};
 use q3vl_bundle::Bundle;
@@ -120,9 +122,7 @@ impl VisionModel {
     ) -> Result<Vec<f32>> {
         let w = f16_tensor(b, &format!("{prefix}.weight"), &[n, k])?;
         let bias = vector(b, &format!("{prefix}.bias"), n)?;
-        let mut out = vec![0f32; m * n];
-        linear_f16(x, m, k, w, n, Some(&bias), &mut out);
-        Ok(out)
+        Ok(linear_f16_new(x, m, k, w, n, Some(&bias)))
     }
 
     fn layer_norm(&self, b: &Bundle, prefix: &str, x: &[f32], n: usize) -> Result<Vec<f32>> {
@@ -270,7 +270,8 @@ fn vision_rope(grid_thw: [usize; 3], merge: usize, hd: usize, theta: f64) -> (Ve
 }
 
 /// Full (non-causal) attention of one image: RoPE on q and k, `softmax(q kᵀ / √hd) v`.
-/// First, per head in parallel, the queries are rotated, K packed and V transposed once;
+/// First, per head in parallel, the queries are rotated, K packed and V packed
+/// (transposed) once;
 /// then every (head, block of [`QUERY_BLOCK`] queries) is its own task, so a thread
 /// holds one block's scores at a time and the two cores stay balanced (16 heads
 /// alone split unevenly whenever one core runs slower).
@@ -285,20 +286,15 @@ fn vision_attention(
     let d = heads * hd;
     let half = hd / 2;
     let scale = (hd as f32).powf(-0.5);
-    let prepared: Vec<(Vec<f32>, PackedB, Vec<f32>)> = (0..heads)
+    let prepared: Vec<(Vec<f32>, PackedB, PackedA)> = (0..heads)
         .into_par_iter()
         .map(|h| {
             let mut q = vec![0f32; p * hd];
             let mut k = vec![0f32; p * hd];
-            // V is kept transposed (`[hd][p]`): see the output product below.
-            let mut vt = vec![0f32; hd * p];
             for i in 0..p {
                 let row = &qkv[i * 3 * d..(i + 1) * 3 * d];
                 q[i * hd..(i + 1) * hd].copy_from_slice(&row[h * hd..(h + 1) * hd]);
                 k[i * hd..(i + 1) * hd].copy_from_slice(&row[d + h * hd..d + (h + 1) * hd]);
-                for (r, &x) in row[2 * d + h * hd..2 * d + (h + 1) * hd].iter().enumerate() {
-                    vt[r * p + i] = x;
-                }
                 let (c, s) = (
                     &cos[i * half..(i + 1) * half],
                     &sin[i * half..(i + 1) * half],
@@ -316,6 +312,9 @@ fn vision_attention(
                 p,
                 hd,
             );
+            // A = vᵀ for the output product (see below), packed once for all query
+            // blocks straight from V's columns of `qkv`.
+            let vt = PackedA::from_transposed(&qkv[2 * d + h * hd..], hd, p, 3 * d);
             (q, kp, vt)
         })
         .collect();
@@ -339,11 +338,8 @@ fn vision_attention(
                 // element is the same fused chain over the keys either way (a · b =
                 // b · a exactly).
                 let mut ot = vec![0f32; hd * qb];
-                gemm_serial(
+                gemm_serial_packed_a(
                     vt,
-                    hd,
-                    p,
-                    p,
                     BSrc::F32 {
                         data: s,
                         rs: p,
@@ -357,16 +353,19 @@ fn vision_attention(
             },
         )
         .collect();
+    // Back to `[P, heads·hd]`, in parallel over query rows: token i of head h is
+    // column i − q0 of its block's oᵀ.
     let mut out = vec![0f32; p * d];
-    for (t, o) in blocks.iter().enumerate() {
-        let (h, q0) = (t / qblocks, (t % qblocks) * QUERY_BLOCK);
-        let qb = o.len() / hd;
-        for (r, col) in o.chunks_exact(qb).enumerate() {
-            for (i, &x) in col.iter().enumerate() {
-                out[(q0 + i) * d + h * hd + r] = x;
+    out.par_chunks_mut(d).enumerate().for_each(|(i, row)| {
+        let (qi, c) = (i / QUERY_BLOCK, i % QUERY_BLOCK);
+        for (h, dst) in row.chunks_exact_mut(hd).enumerate() {
+            let o = &blocks[h * qblocks + qi];
+            let qb = o.len() / hd;
+            for (r, v) in dst.iter_mut().enumerate() {
+                *v = o[r * qb + c];
             }
         }
-    }
+    });
     out
 }
 

@@ -59,13 +59,23 @@ pub enum BSrc<'a> {
     },
 }
 
-/// The activation operand `A[i, kk] = data[i·lda + kk]`, packed once per product in
-/// the order the register tile reads it: for each [`KC`] slice, panels of [`MR`] rows
+/// Where [`PackedA`] reads `A[i, kk]`.
+#[derive(Clone, Copy)]
+enum ASrc<'a> {
+    /// Row-major: `data[i·lda + kk]`.
+    Rows { data: &'a [f32], lda: usize },
+    /// Transposed: `data[kk·ld + i]`.
+    Cols { data: &'a [f32], ld: usize },
+}
+
+/// The activation operand `A[i, kk] = data[i·lda + kk]`, packed in the order the
+/// register tile reads it (once per product, or once for many products through
+/// [`gemm_serial_packed_a`]): for each [`KC`] slice, panels of [`MR`] rows
 /// stored `[kk][MR]` (rows past `m` are zero). The tile then reads one contiguous
 /// stream instead of `MR` strided rows, which keeps it near the FMA peak when the
 /// rows come from L2 (measured: 53 → 80+ GFLOP/s on one core for the 8B vision
 /// linears).
-pub(crate) struct PackedA {
+pub struct PackedA {
     data: Vec<f32>,
     m: usize,
     /// `m` rounded up to [`MR`].
@@ -74,10 +84,23 @@ pub(crate) struct PackedA {
 }
 
 impl PackedA {
-    /// Packs `m × k` rows of stride `lda`; in parallel over row panels when
-    /// `parallel` (on the current rayon pool).
-    fn new(data: &[f32], m: usize, k: usize, lda: usize, parallel: bool) -> PackedA {
+    /// Packs `m × k` rows of stride `lda` on the calling thread.
+    pub fn new(data: &[f32], m: usize, k: usize, lda: usize) -> PackedA {
         assert!(lda >= k && (m == 0 || data.len() >= (m - 1) * lda + k));
+        PackedA::pack(ASrc::Rows { data, lda }, m, k, false)
+    }
+
+    /// Packs the `m × k` operand stored transposed, `A[i, kk] = data[kk·ld + i]`,
+    /// on the calling thread (attention's V, whose rows are keys, is `A = vᵀ` of the
+    /// output product: packed straight from the projection's output, no copy).
+    pub fn from_transposed(data: &[f32], m: usize, k: usize, ld: usize) -> PackedA {
+        assert!(ld >= m && (k == 0 || data.len() >= (k - 1) * ld + m));
+        PackedA::pack(ASrc::Cols { data, ld }, m, k, false)
+    }
+
+    /// Packs `a` (`m × k`, bounds checked by the callers); in parallel over row
+    /// panels when `parallel` (on the current rayon pool).
+    fn pack(a: ASrc<'_>, m: usize, k: usize, parallel: bool) -> PackedA {
         let mp = m.div_ceil(MR) * MR;
         // Not zeroed first: the panels below write every element, the padding rows'
         // zeros included (a memset of the whole buffer cost about 1% of a vision encode).
@@ -88,19 +111,39 @@ impl PackedA {
             let mut k0 = 0;
             while k0 < k {
                 let kc = KC.min(k - k0);
-                let base = k0 * mp + pi * kc * MR;
-                // SAFETY (both writes): base + kk·MR + i < k0·mp + (pi + 1)·kc·MR ≤
-                // mp·k (the capacity), and only the task of panel pi writes this
-                // panel's elements.
-                for i in 0..rows {
-                    let src = &data[(pi * MR + i) * lda + k0..(pi * MR + i) * lda + k0 + kc];
-                    for (kk, &v) in src.iter().enumerate() {
-                        unsafe { *out.get().add(base + kk * MR + i) = v };
+                // SAFETY: the panel's kc·MR elements start at k0·mp + pi·kc·MR and end
+                // at or before k0·mp + (pi + 1)·kc·MR ≤ mp·k (the capacity); only the
+                // task of panel pi writes them.
+                let dst = unsafe { out.get().add(k0 * mp + pi * kc * MR) };
+                match a {
+                    ASrc::Rows { data, lda } => {
+                        let row = |i: usize| &data[(pi * MR + i) * lda + k0..][..kc];
+                        #[cfg(target_arch = "x86_64")]
+                        if rows == MR && avx2() {
+                            // SAFETY: each row holds kc values, dst kc·MR; the
+                            // features were detected.
+                            unsafe { x86::pack_a_panel(std::array::from_fn(row), kc, dst) };
+                            k0 += kc;
+                            continue;
+                        }
+                        for i in 0..MR {
+                            let src = if i < rows { row(i) } else { &[][..] };
+                            for kk in 0..kc {
+                                let v = src.get(kk).copied().unwrap_or(0.0);
+                                // SAFETY: inside the panel (see above).
+                                unsafe { *dst.add(kk * MR + i) = v };
+                            }
+                        }
                     }
-                }
-                for i in rows..MR {
-                    for kk in 0..kc {
-                        unsafe { *out.get().add(base + kk * MR + i) = 0.0 };
+                    ASrc::Cols { data, ld } => {
+                        for kk in 0..kc {
+                            let col = &data[(k0 + kk) * ld + pi * MR..][..rows];
+                            for i in 0..MR {
+                                let v = col.get(i).copied().unwrap_or(0.0);
+                                // SAFETY: inside the panel (see above).
+                                unsafe { *dst.add(kk * MR + i) = v };
+                            }
+                        }
                     }
                 }
                 k0 += kc;
@@ -279,6 +322,45 @@ mod x86 {
         }
     }
 
+    /// Packs one full `MR`-row panel of `A` (`rows[i]` holds `A[i, k0..k0 + kc]`)
+    /// into `dst[kk·MR + i]`: eight values of each row at a time, transposed in
+    /// registers (two rows of zeros fill the 8 × 8 block). Each column's eight
+    /// lanes are stored whole, its two extra lanes overwritten by the next column's
+    /// store, except the block's last column, stored as 4 + 2 lanes so nothing past
+    /// it is touched (a masked store would do it in one, but `vmaskmovps` to memory
+    /// is microcoded on AMD: the packing took 2.4% of a vision encode with it).
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn pack_a_panel(rows: [&[f32]; MR], kc: usize, dst: *mut f32) {
+        const { assert!(MR == 6) };
+        let full = kc / 8 * 8;
+        let mut kk = 0;
+        while kk < full {
+            let r: [__m256; 8] = std::array::from_fn(|i| {
+                if i < MR {
+                    _mm256_loadu_ps(rows[i].as_ptr().add(kk))
+                } else {
+                    _mm256_setzero_ps()
+                }
+            });
+            let cols = transpose8(r);
+            for (q, v) in cols[..7].iter().enumerate() {
+                _mm256_storeu_ps(dst.add((kk + q) * MR), *v);
+            }
+            let last = dst.add((kk + 7) * MR);
+            _mm_storeu_ps(last, _mm256_castps256_ps128(cols[7]));
+            _mm_storel_epi64(
+                last.add(4) as *mut __m128i,
+                _mm_castps_si128(_mm256_extractf128_ps::<1>(cols[7])),
+            );
+            kk += 8;
+        }
+        for kk in full..kc {
+            for (i, row) in rows.iter().enumerate() {
+                *dst.add(kk * MR + i) = row[kk];
+            }
+        }
+    }
+
     /// Packs one full `NR`-column panel of f16 rows (`w` at the panel's first row
     /// and reduction index, row stride `k`), widening with F16C.
     #[target_feature(enable = "avx2,f16c")]
@@ -363,6 +445,13 @@ fn micro() -> MicroFn {
         }
         micro_portable
     })
+}
+
+/// Whether this CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+fn avx2() -> bool {
+    static AVX2: OnceLock<bool> = OnceLock::new();
+    *AVX2.get_or_init(|| is_x86_feature_detected!("avx2"))
 }
 
 /// Whether this CPU has AVX2 and F16C.
@@ -716,36 +805,87 @@ fn linear_src(
             }
         }
     } else {
-        // The activations are packed once, shared by every column task.
-        let a = PackedA::new(x, m, k, k, true);
-        // About eight tasks per thread: a thread that finishes early steals the
-        // next one, so the last task leaves the other thread idle for a small
-        // fraction of the product (with three per thread, the 8B vision's
-        // 1152-column products were six tasks, and one slow task idled a core for a
-        // sixth of the time). Narrower tasks re-read the packed activations from
-        // cache more often, which costs little. The split never changes a value
-        // (see the module docs).
-        let threads = rayon::current_num_threads().max(1);
-        let width = (n.div_ceil(8 * threads).div_ceil(NR) * NR).clamp(NC, MAX_TASK_COLS);
-        let optr = OutPtr(out.as_mut_ptr());
-        (0..n.div_ceil(width)).into_par_iter().for_each(|t| {
-            let j0 = t * width;
-            // SAFETY: `out` is m × n; this task alone writes columns j0..j0+width;
-            // a bias holds n values.
-            unsafe {
-                gemm_cols(
-                    &a,
-                    BOp::Src(b),
-                    j0,
-                    (j0 + width).min(n),
-                    width,
-                    optr.get(),
-                    n,
-                    bias,
-                )
-            };
-        });
+        // SAFETY: `out` holds m·n floats (checked above), borrowed for the call.
+        unsafe { linear_product(x, m, k, b, n, bias, out.as_mut_ptr()) };
     }
+}
+
+/// [`linear_f16`] into a new vector, which is never zeroed: the product writes
+/// every element (zeroing a vision tower's outputs first cost about 1% of an encode,
+/// on the allocating thread alone).
+pub fn linear_f16_new(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f16],
+    n: usize,
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    assert_eq!(w.len(), n * k);
+    if m == 0 || n == 0 || k == 0 {
+        let mut out = vec![0f32; m * n];
+        linear_src(x, m, k, BSrc::F16(w), n, bias, &mut out);
+        return out;
+    }
+    assert_eq!(x.len(), m * k);
+    if let Some(bv) = bias {
+        assert_eq!(bv.len(), n);
+    }
+    let mut out: Vec<f32> = Vec::with_capacity(m * n);
+    // SAFETY: the capacity is m·n floats; the product writes each of them (every
+    // register tile's first reduction slice stores its elements), so all are
+    // initialized before the length is set.
+    unsafe {
+        linear_product(x, m, k, BSrc::F16(w), n, bias, out.as_mut_ptr());
+        out.set_len(m * n);
+    }
+    out
+}
+
+/// The parallel product behind the linear entries, once their shapes are checked
+/// (`x`: `m × k` with `m, n, k > 0`; a bias of `n`): writes every element of the
+/// `m × n` output at `out`.
+///
+/// # Safety
+/// `out` addresses `m·n` floats that nothing else touches during the call.
+unsafe fn linear_product(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    b: BSrc<'_>,
+    n: usize,
+    bias: Option<&[f32]>,
+    out: *mut f32,
+) {
+    // The activations are packed once, shared by every column task.
+    let a = PackedA::pack(ASrc::Rows { data: x, lda: k }, m, k, true);
+    // About eight tasks per thread: a thread that finishes early steals the
+    // next one, so the last task leaves the other thread idle for a small
+    // fraction of the product (with three per thread, the 8B vision's
+    // 1152-column products were six tasks, and one slow task idled a core for a
+    // sixth of the time). Narrower tasks re-read the packed activations from
+    // cache more often, which costs little. The split never changes a value
+    // (see the module docs).
+    let threads = rayon::current_num_threads().max(1);
+    let width = (n.div_ceil(8 * threads).div_ceil(NR) * NR).clamp(NC, MAX_TASK_COLS);
+    let optr = OutPtr(out);
+    (0..n.div_ceil(width)).into_par_iter().for_each(|t| {
+        let j0 = t * width;
+        // SAFETY: `out` is m × n; this task alone writes columns j0..j0+width;
+        // a bias holds n values.
+        unsafe {
+            gemm_cols(
+                &a,
+                BOp::Src(b),
+                j0,
+                (j0 + width).min(n),
+                width,
+                optr.get(),
+                n,
+                bias,
+            )
+        };
+    });
 }
 
 /// `c = a · bᵀ` on the calling thread: `a` is `m × k` with row stride `lda`, `b`
@@ -762,6 +902,34 @@ pub fn gemm_serial(
     ldc: usize,
 ) {
     assert!(n <= ldc && (m == 0 || c.len() >= (m - 1) * ldc + n));
+    check_b(b, n, k);
+    serial(a, m, k, lda, BOp::Src(b), n, c, ldc);
+}
+
+/// `c = a · bᵀ` on the calling thread with a pre-packed `a` ([`PackedA`], for an
+/// operand shared by many products: attention's transposed V); `b` as in [`BSrc`]
+/// (`n` columns), `c` is `a.m × n` with row stride `ldc`. The results equal
+/// [`gemm_serial`]'s on the same operands bit for bit.
+pub fn gemm_serial_packed_a(a: &PackedA, b: BSrc<'_>, n: usize, c: &mut [f32], ldc: usize) {
+    let (m, k) = (a.m, a.k);
+    assert!(n <= ldc && (m == 0 || c.len() >= (m - 1) * ldc + n));
+    check_b(b, n, k);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for r in 0..m {
+            c[r * ldc..r * ldc + n].fill(0.0);
+        }
+        return;
+    }
+    // SAFETY: c holds m rows of ldc ≥ n floats (checked above), used by this thread
+    // only.
+    unsafe { gemm_cols(a, BOp::Src(b), 0, n, NC, c.as_mut_ptr(), ldc, None) };
+}
+
+/// Panics unless `b` holds `n` columns of `k` values.
+fn check_b(b: BSrc<'_>, n: usize, k: usize) {
     match b {
         BSrc::F16(w) => assert!(w.len() >= n * k),
         BSrc::Q8 { q, s } => {
@@ -771,7 +939,6 @@ pub fn gemm_serial(
             assert!(n == 0 || k == 0 || data.len() > (n - 1) * rs + (k - 1) * cs)
         }
     }
-    serial(a, m, k, lda, BOp::Src(b), n, c, ldc);
 }
 
 /// `c = a · bᵀ` on the calling thread with a pre-packed `b` ([`PackedB`]); `a` is
@@ -805,7 +972,8 @@ fn serial(
         }
         return;
     }
-    let a = PackedA::new(a, m, k, lda, false);
+    assert!(lda >= k && a.len() >= (m - 1) * lda + k);
+    let a = PackedA::pack(ASrc::Rows { data: a, lda }, m, k, false);
     // SAFETY: c holds m rows of ldc ≥ n floats (checked by the callers), used by this
     // thread only.
     unsafe { gemm_cols(&a, b, 0, n, NC, c.as_mut_ptr(), ldc, None) };
@@ -871,6 +1039,13 @@ mod tests {
             for i in 0..m * n {
                 assert_eq!(o32[i], o16[i] + b[i % n], "bias is added after the sum");
             }
+            // Into a new (never zeroed) vector: the same bits.
+            assert_same_bits(&linear_f16_new(&x, m, k, &w16, n, Some(&b)), &o32, "new");
+            assert_same_bits(
+                &linear_f16_new(&x[..0], m, 0, &[], n, Some(&b)),
+                &b.repeat(m),
+                "k = 0",
+            );
             // The serial entry, with strided B (the transpose of w) and padded rows.
             let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
             let mut os = vec![f32::NAN; m * (n + 3)];
@@ -907,6 +1082,35 @@ mod tests {
             for i in 0..m {
                 for j in 0..n {
                     assert_eq!(op[i * (n + 3) + j].to_bits(), o16[i * n + j].to_bits());
+                }
+            }
+            // A packed once, from its rows or from its transpose (column stride m + 2).
+            let mut xt = vec![f32::NAN; k * (m + 2)];
+            for i in 0..m {
+                for kk in 0..k {
+                    xt[kk * (m + 2) + i] = x[i * k + kk];
+                }
+            }
+            for pa in [
+                PackedA::new(&x, m, k, k),
+                PackedA::from_transposed(&xt, m, k, m + 2),
+            ] {
+                let mut oa = vec![f32::NAN; m * (n + 3)];
+                gemm_serial_packed_a(
+                    &pa,
+                    BSrc::F32 {
+                        data: &wt,
+                        rs: 1,
+                        cs: n,
+                    },
+                    n,
+                    &mut oa,
+                    n + 3,
+                );
+                for i in 0..m {
+                    for j in 0..n {
+                        assert_eq!(oa[i * (n + 3) + j].to_bits(), o16[i * n + j].to_bits());
+                    }
                 }
             }
         }
