@@ -1048,42 +1048,26 @@ mod tests {
             );
             // The serial entry, with strided B (the transpose of w) and padded rows.
             let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
-            let mut os = vec![f32::NAN; m * (n + 3)];
-            gemm_serial(
-                &x,
-                m,
-                k,
-                k,
-                BSrc::F32 {
-                    data: &wt,
-                    rs: 1,
-                    cs: n,
-                },
-                n,
-                &mut os,
-                n + 3,
-            );
-            for i in 0..m {
-                for j in 0..n {
-                    assert_eq!(os[i * (n + 3) + j].to_bits(), o16[i * n + j].to_bits());
+            let bt = BSrc::F32 {
+                data: &wt,
+                rs: 1,
+                cs: n,
+            };
+            // Every serial entry writes rows of stride n + 3 holding linear_f16's bits.
+            let same_as_linear = |out: &[f32]| {
+                for i in 0..m {
+                    for j in 0..n {
+                        assert_eq!(out[i * (n + 3) + j].to_bits(), o16[i * n + j].to_bits());
+                    }
                 }
-            }
-            let pb = PackedB::new(
-                BSrc::F32 {
-                    data: &wt,
-                    rs: 1,
-                    cs: n,
-                },
-                n,
-                k,
-            );
+            };
+            let mut os = vec![f32::NAN; m * (n + 3)];
+            gemm_serial(&x, m, k, k, bt, n, &mut os, n + 3);
+            same_as_linear(&os);
+            let pb = PackedB::new(bt, n, k);
             let mut op = vec![f32::NAN; m * (n + 3)];
             gemm_serial_packed(&x, m, k, &pb, &mut op, n + 3);
-            for i in 0..m {
-                for j in 0..n {
-                    assert_eq!(op[i * (n + 3) + j].to_bits(), o16[i * n + j].to_bits());
-                }
-            }
+            same_as_linear(&op);
             // A packed once, from its rows or from its transpose (column stride m + 2).
             let mut xt = vec![f32::NAN; k * (m + 2)];
             for i in 0..m {
@@ -1096,22 +1080,8 @@ mod tests {
                 PackedA::from_transposed(&xt, m, k, m + 2),
             ] {
                 let mut oa = vec![f32::NAN; m * (n + 3)];
-                gemm_serial_packed_a(
-                    &pa,
-                    BSrc::F32 {
-                        data: &wt,
-                        rs: 1,
-                        cs: n,
-                    },
-                    n,
-                    &mut oa,
-                    n + 3,
-                );
-                for i in 0..m {
-                    for j in 0..n {
-                        assert_eq!(oa[i * (n + 3) + j].to_bits(), o16[i * n + j].to_bits());
-                    }
-                }
+                gemm_serial_packed_a(&pa, bt, n, &mut oa, n + 3);
+                same_as_linear(&oa);
             }
         }
     }
