@@ -126,12 +126,16 @@ impl PackedA {
                             k0 += kc;
                             continue;
                         }
-                        for i in 0..MR {
-                            let src = if i < rows { row(i) } else { &[][..] };
-                            for kk in 0..kc {
-                                let v = src.get(kk).copied().unwrap_or(0.0);
+                        for i in 0..rows {
+                            for (kk, &v) in row(i).iter().enumerate() {
                                 // SAFETY: inside the panel (see above).
                                 unsafe { *dst.add(kk * MR + i) = v };
+                            }
+                        }
+                        for i in rows..MR {
+                            for kk in 0..kc {
+                                // SAFETY: inside the panel (see above).
+                                unsafe { *dst.add(kk * MR + i) = 0.0 };
                             }
                         }
                     }
@@ -787,15 +791,10 @@ fn linear_src(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    // The activation and output shapes, checked once for every weight kind (the
-    // public entries check their weight).
-    assert_eq!(x.len(), m * k);
     assert_eq!(out.len(), m * n);
+    check_linear(x, m, k, n, bias);
     if m == 0 || n == 0 {
         return;
-    }
-    if let Some(bv) = bias {
-        assert_eq!(bv.len(), n);
     }
     if k == 0 {
         for row in out.chunks_exact_mut(n) {
@@ -827,10 +826,7 @@ pub fn linear_f16_new(
         linear_src(x, m, k, BSrc::F16(w), n, bias, &mut out);
         return out;
     }
-    assert_eq!(x.len(), m * k);
-    if let Some(bv) = bias {
-        assert_eq!(bv.len(), n);
-    }
+    check_linear(x, m, k, n, bias);
     let mut out: Vec<f32> = Vec::with_capacity(m * n);
     // SAFETY: the capacity is m·n floats; the product writes each of them (every
     // register tile's first reduction slice stores its elements), so all are
@@ -840,6 +836,15 @@ pub fn linear_f16_new(
         out.set_len(m * n);
     }
     out
+}
+
+/// The activation and bias shapes of a linear, checked once for every weight kind
+/// (the public entries check their weight).
+fn check_linear(x: &[f32], m: usize, k: usize, n: usize, bias: Option<&[f32]>) {
+    assert_eq!(x.len(), m * k);
+    if let Some(bv) = bias {
+        assert_eq!(bv.len(), n);
+    }
 }
 
 /// The parallel product behind the linear entries, once their shapes are checked
@@ -914,18 +919,27 @@ pub fn gemm_serial_packed_a(a: &PackedA, b: BSrc<'_>, n: usize, c: &mut [f32], l
     let (m, k) = (a.m, a.k);
     assert!(n <= ldc && (m == 0 || c.len() >= (m - 1) * ldc + n));
     check_b(b, n, k);
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        for r in 0..m {
-            c[r * ldc..r * ldc + n].fill(0.0);
-        }
+    if empty_product(m, n, k, c, ldc) {
         return;
     }
     // SAFETY: c holds m rows of ldc ≥ n floats (checked above), used by this thread
     // only.
     unsafe { gemm_cols(a, BOp::Src(b), 0, n, NC, c.as_mut_ptr(), ldc, None) };
+}
+
+/// The serial products' degenerate shapes: nothing to write when `m` or `n` is 0,
+/// zeros when `k` is 0. Returns whether the product is done.
+fn empty_product(m: usize, n: usize, k: usize, c: &mut [f32], ldc: usize) -> bool {
+    if m == 0 || n == 0 {
+        return true;
+    }
+    if k == 0 {
+        for r in 0..m {
+            c[r * ldc..r * ldc + n].fill(0.0);
+        }
+        return true;
+    }
+    false
 }
 
 /// Panics unless `b` holds `n` columns of `k` values.
@@ -963,17 +977,10 @@ fn serial(
     c: &mut [f32],
     ldc: usize,
 ) {
-    if m == 0 || n == 0 {
+    if empty_product(m, n, k, c, ldc) {
         return;
     }
-    if k == 0 {
-        for r in 0..m {
-            c[r * ldc..r * ldc + n].fill(0.0);
-        }
-        return;
-    }
-    assert!(lda >= k && a.len() >= (m - 1) * lda + k);
-    let a = PackedA::pack(ASrc::Rows { data: a, lda }, m, k, false);
+    let a = PackedA::new(a, m, k, lda);
     // SAFETY: c holds m rows of ldc ≥ n floats (checked by the callers), used by this
     // thread only.
     unsafe { gemm_cols(&a, b, 0, n, NC, c.as_mut_ptr(), ldc, None) };
