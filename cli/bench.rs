@@ -6,8 +6,8 @@
 
 use crate::Outcome;
 use q3vl_engine::bench::{
-    f16_linear_rate, memory_read_bandwidth, peak_rss_bytes, process_cpu_seconds, q8_linear_rate,
-    q8_matmul_rate, q8_sweep_rate, KernelRate,
+    f16_linear_rate, memory_read_bandwidth, peak_rss_bytes, process_cpu_seconds, q8_f32_gemm_rate,
+    q8_linear_rate, q8_matmul_rate, q8_sweep_rate, KernelRate,
 };
 use q3vl_engine::GenerateParams;
 use serde_json::json;
@@ -122,8 +122,12 @@ fn kernel_rates(
     };
     for &(r, c, t) in shapes {
         v.push((
-            format!("prefill gemm {r}x{c} x {t} tok"),
+            format!("prefill w8a16 gemm {r}x{c} x {t} tok"),
             q8_linear_rate(r, c, t, 7),
+        ));
+        v.push((
+            format!("f32 gemm (dequantized) {r}x{c} x {t} tok"),
+            q8_f32_gemm_rate(r, c, t, 7),
         ));
         v.push((
             format!("w8a8 {r}x{c} x {t} tok"),

@@ -1,9 +1,10 @@
 //! Machine measurements for `q3vl bench`: streaming memory read bandwidth, peak
 //! resident memory, CPU time, and kernel micro-benchmarks on random data of the real
 //! shapes (the decoder's int8-weight linears for prefill and decode, the int8 × int8
-//! kernel for comparison, and the vision f32 GEMM).
+//! and f32 GEMM kernels for comparison, and the vision f32 GEMM).
 
 use crate::kernels::q8::{self, QActs};
+use crate::weights::{Lin, Pass};
 use half::f16;
 use rayon::prelude::*;
 use std::time::Instant;
@@ -84,19 +85,35 @@ fn q8_case(rows: usize, cols: usize, tokens: usize) -> (Vec<i8>, Vec<f16>, Vec<f
 }
 
 /// The engine's int8-weight linear ([`crate::weights::Lin::matmul`]): an int8
-/// `rows × cols` weight against `tokens` f32 activation rows — the packed f32 GEMM
-/// for several tokens (prefill), the int16-activation matrix-vector kernel for one
-/// (decode); on the
-/// current rayon pool, best of `reps`.
+/// `rows × cols` weight against `tokens` f32 activation rows, in the arithmetic of
+/// the pass that runs that many tokens (the int16-activation GEMM for a prefill, the
+/// int16-activation matrix-vector kernel for a decode step); on the current rayon
+/// pool, best of `reps`.
 pub fn q8_linear_rate(rows: usize, cols: usize, tokens: usize, reps: usize) -> KernelRate {
+    let (q, s, x) = q8_case(rows, cols, tokens);
+    let lin = Lin::Q8 {
+        q: &q,
+        s: &s,
+        rows,
+        cols,
+    };
+    let mut out = vec![0f32; tokens * rows];
+    let (wall, cpu) = best_of(reps, || {
+        lin.matmul(Pass::of(tokens), &x, tokens, &mut out);
+        std::hint::black_box(&out);
+    });
+    KernelRate::of(2.0 * (rows * cols * tokens) as f64, wall, cpu)
+}
+
+/// The packed f32 GEMM on the same int8 weights dequantized tile by tile
+/// ([`crate::kernels::gemm::linear_q8`], the reference's arithmetic, and the engine's
+/// prefill before the int16 GEMM), for comparison with [`q8_linear_rate`]; best of
+/// `reps`.
+pub fn q8_f32_gemm_rate(rows: usize, cols: usize, tokens: usize, reps: usize) -> KernelRate {
     let (q, s, x) = q8_case(rows, cols, tokens);
     let mut out = vec![0f32; tokens * rows];
     let (wall, cpu) = best_of(reps, || {
-        if tokens == 1 {
-            crate::kernels::matvec::matvec(&q, &s, rows, cols, &x, &mut out);
-        } else {
-            crate::kernels::gemm::linear_q8(&x, tokens, cols, &q, &s, rows, &mut out);
-        }
+        crate::kernels::gemm::linear_q8(&x, tokens, cols, &q, &s, rows, &mut out);
         std::hint::black_box(&out);
     });
     KernelRate::of(2.0 * (rows * cols * tokens) as f64, wall, cpu)
@@ -216,6 +233,7 @@ mod tests {
     fn kernel_rates_are_positive() {
         assert!(q8_matmul_rate(8, 64, 5, 1).g_per_s > 0.0);
         assert!(q8_linear_rate(8, 64, 5, 1).g_per_s > 0.0);
+        assert!(q8_f32_gemm_rate(8, 64, 5, 1).g_per_s > 0.0);
         assert!(q8_linear_rate(8, 64, 1, 1).g_per_s > 0.0);
         assert!(f16_linear_rate(7, 32, 16, 1).g_per_s > 0.0);
     }

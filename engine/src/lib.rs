@@ -3,10 +3,10 @@
 //! - Both bundles are memory-mapped ([`q3vl_bundle::Bundles`]); nothing large is
 //!   copied or widened up front.
 //! - Decoder: int8 per-block-32 weights used as int8 ([`q3vl_kernels`]), f16 weights
-//!   where the mode keeps them. Prefill pushes all prompt tokens through each weight
-//!   at once (a packed f32 GEMM that dequantizes weight tiles exactly while packing);
-//!   decode streams each weight once (a matrix-vector kernel on int16 block-quantized
-//!   activations), rows split across threads.
+//!   where the mode keeps them. Activations are rounded per block of 32 to int16 for
+//!   every int8 product. Prefill pushes all prompt tokens through each weight at once
+//!   (a packed int8 × int16 GEMM, output columns split across threads); decode
+//!   streams each weight once (a matrix-vector kernel, rows split across threads).
 //! - Vision: f16 weights widened tile by tile inside a packed f32 GEMM.
 //! - Image tokens use the id-space trick ([`positions`]): `<|image_pad|>` k becomes
 //!   `vocab + k`, and M-RoPE positions follow from (id, index).

@@ -17,7 +17,7 @@ const ROWS_PER_TASK: usize = 16;
 /// in the prefill's arithmetic).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pass {
-    /// Several new tokens at once: the packed f32 GEMM.
+    /// Several new tokens at once: the int16-activation GEMM.
     Prefill,
     /// One new token: the int16-activation matrix-vector kernel.
     Decode,
@@ -126,8 +126,8 @@ impl<'a> Lin<'a> {
     /// `out[t, r] = Σ_c x[t, c] · W[r, c]` for `t` tokens, in `pass`'s arithmetic.
     /// For int8 weights a decode pass goes through the streaming matrix-vector
     /// kernel on int16 block-quantized activations ([`crate::kernels::matvec`]), a
-    /// prefill pass through the packed f32 GEMM over all its rows at once, the
-    /// weights dequantized exactly tile by tile ([`crate::kernels::gemm::linear_q8`]).
+    /// prefill pass through the int8 × int16 GEMM over all its rows at once, its
+    /// activations quantized the same way ([`crate::kernels::gemm16`]).
     /// Rows or columns are split across the pool's threads; each output is one
     /// fixed-order reduction, whatever the thread count or the number of rows.
     pub fn matmul(&self, pass: Pass, x: &[f32], t: usize, out: &mut [f32]) {
@@ -137,7 +137,7 @@ impl<'a> Lin<'a> {
         match *self {
             Lin::Q8 { q, s, .. } => match pass {
                 Pass::Decode => crate::kernels::matvec::matvec(q, s, rows, cols, x, out),
-                Pass::Prefill => crate::kernels::gemm::linear_q8(x, t, cols, q, s, rows, out),
+                Pass::Prefill => crate::kernels::gemm16::linear_w8a16(x, t, cols, q, s, rows, out),
             },
             Lin::F16 { w, .. } => {
                 // Row-major by weight row, so each task owns a contiguous piece.

@@ -267,7 +267,7 @@ mod x86 {
 
     /// Transposes an 8 × 8 block of f32 rows in registers.
     #[inline(always)]
-    unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    pub(crate) unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
         let t0 = _mm256_unpacklo_ps(r[0], r[1]);
         let t1 = _mm256_unpackhi_ps(r[0], r[1]);
         let t2 = _mm256_unpacklo_ps(r[2], r[3]);
@@ -437,6 +437,10 @@ mod x86 {
         }
     }
 }
+
+/// The 8 × 8 register transpose, shared with the int16 weight packing.
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::transpose8;
 
 fn micro() -> MicroFn {
     static F: OnceLock<MicroFn> = OnceLock::new();
@@ -747,7 +751,8 @@ pub fn linear_f16(
 /// `out[i, j] = Σ_kk x[i, kk] · W[j, kk]` for an int8 per-block-32 weight `W`
 /// (`q`: `[n, k]`, `s`: `[n, k/32]` f16 scales), dequantized exactly tile by tile
 /// while packing: the reference's arithmetic on the bundle's weights, up to the
-/// summation order. Parallel as [`linear_f16`].
+/// summation order. Parallel as [`linear_f16`]. The engine's prefill used this until
+/// [`crate::gemm16`] replaced it; `q3vl bench` still measures it beside that.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_q8(x: &[f32], m: usize, k: usize, q: &[i8], s: &[f16], n: usize, out: &mut [f32]) {
     assert!(k.is_multiple_of(32));

@@ -2,11 +2,12 @@
 //! `half` and `rayon` (so they can be tested alone, also on other architectures:
 //! `make test-aarch64`).
 //!
-//! The decode matrix-vector product of int8 per-block-32 weights
-//! and int16 block-quantized activations, the packed f32 GEMM of the vision tower and
-//! prefill (int8 and f16 weights widened tile by tile), the int8×int8 (Q8_0-style)
-//! block product kept for comparison, f16-weight × f32 dot products, and vectorized
-//! element-wise math.
+//! The products of int8 per-block-32 weights and int16 block-quantized activations
+//! (decode's matrix-vector kernel, prefill's packed GEMM), the packed f32 GEMM of the
+//! vision tower and attention (f16 weights widened tile by tile; int8 weights
+//! dequantized, the reference's arithmetic, kept for comparison), the int8×int8
+//! (Q8_0-style) block product kept for comparison, f16-weight × f32 dot products, and
+//! vectorized element-wise math.
 //!
 //! Determinism rule shared by every kernel here: one output element is always
 //! produced by one dot product whose reduction runs in a fixed order on one thread,
@@ -14,6 +15,7 @@
 
 pub mod f16dot;
 pub mod gemm;
+pub mod gemm16;
 pub mod matvec;
 pub mod path;
 pub mod q8;

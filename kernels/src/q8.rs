@@ -7,9 +7,8 @@
 //! engine: on AVX2 without VNNI its `maddubs`/`madd`/`fma` sequence runs no faster
 //! than the f32 FMA GEMM, and the 8-bit activation rounding moved greedy tokens away
 //! from the reference on an untrained fixture. The engine's decoder runs prefill on
-//! the packed f32 GEMM ([`crate::gemm::linear_q8`], weights dequantized
-//! exactly tile by tile) and decode on [`crate::matvec`] (int16
-//! activations).
+//! the packed int8 × int16 GEMM ([`crate::gemm16`]) and decode on [`crate::matvec`],
+//! both on int16 block-quantized activations.
 //!
 //! # The W8A8 arithmetic (every path, bit for bit)
 //!

@@ -1,0 +1,700 @@
+//! The prefill product of int8 weights ("W8A16 GEMM"): int8 per-block-32 weights
+//! with f16 scales, times activation rows quantized per block of 32 to int16 (as
+//! the decode kernel quantizes its one row, [`crate::matvec::Acts16`]), all prompt
+//! rows at once.
+//!
+//! Why: prefill is compute-bound. Without AVX-512 VNNI the f32 FMA tile retires 8
+//! multiply-adds per instruction, at most two per cycle; `vpmaddwd` retires 16
+//! exact int16 products per instruction. On this project's 2-core Zen 3 host one
+//! core ran 38.6 G f32 multiply-adds per second through independent FMAs and 55
+//! G through `vpmaddwd` + `vpaddd` (a throughput loop, BENCHMARKS.md), so the
+//! integer tile has about 1.4x the f32 tile's ceiling, and its weight panels are
+//! half as large (int16, not f32). int8 activations would allow `vpmaddubsw` and
+//! twice that again, but they moved greedy tokens off the reference
+//! ([`crate::q8`]); int16 rounding moves an activation by at most 2⁻¹⁶ of its block's
+//! largest value.
+//!
+//! # The arithmetic (every path, bit for bit)
+//!
+//! Each activation row is quantized per block as in [`crate::matvec`]: `d[i, b] =
+//! amax / 32767`, `q[i, ·] = round_half_even(x / d)`. Then, for output `(i, j)`:
+//!
+//! ```text
+//! acc = 0                                                        (f32)
+//! for b in 0..k/32:
+//!     S  = Σ_{t < 32} w[j, 32b + t] · q[i, 32b + t]              (exact, i32)
+//!     sc = f32(ws[j, b]) · d[i, b]                               (f32 product, rounded)
+//!     acc = fma(f32(S), sc, acc)                                 (f32(S) rounded to even)
+//! out[i, j] = acc
+//! ```
+//!
+//! `|S| ≤ 32 · 128 · 32767 < 2³¹`, so the integer sums cannot overflow, and how a
+//! path forms them (pairs in `vpmaddwd`, then adds) cannot change them. The chain
+//! over blocks runs in order on one thread, so an output does not depend on the
+//! task split, the thread count or the number of rows in the product.
+//!
+//! # Blocking
+//! As the f32 GEMM ([`crate::gemm`]): parallel tasks of output columns; per task
+//! and [`KC`]-long slice the weight tile is packed (int8 widened to int16 pairs,
+//! transposed so one vector holds 8 columns' pair) and stays in L2; the activations
+//! are quantized and packed once per product into [`MR`]-row panels; a 6 × 16
+//! register tile sums one block in 12 int32 accumulators, then folds the block into
+//! its f32 accumulators.
+
+use crate::matvec::{quantize_block16, BLOCK};
+use crate::OutPtr;
+use half::f16;
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// Rows of the register tile.
+pub const MR: usize = 6;
+/// Columns of the register tile.
+pub const NR: usize = 16;
+/// Reduction slice per weight packing pass (a multiple of [`BLOCK`]).
+pub const KC: usize = 256;
+/// Rows of activations per L2 block.
+const MC: usize = 16 * MR;
+/// The narrowest and the widest parallel task, in output columns.
+const MIN_TASK_COLS: usize = 64;
+const MAX_TASK_COLS: usize = 256;
+/// int16 pairs per block.
+const PAIRS: usize = BLOCK / 2;
+
+/// The activations of one product, quantized per block to int16 and packed in the
+/// order the register tile reads them: per [`MR`]-row panel and block, the 16 pairs
+/// `(q[i, 2p], q[i, 2p+1])` as one `i32` each, stored `[p][MR]`, and the block's
+/// scales `[MR]` (rows past `m` are zero, and so are their results).
+struct PackedActs {
+    pairs: Vec<i32>,
+    scales: Vec<f32>,
+    m: usize,
+    nb: usize,
+}
+
+impl PackedActs {
+    /// Quantizes and packs `x` (`m × k`, row-major, `k` a multiple of 32), in
+    /// parallel over row panels.
+    fn new(x: &[f32], m: usize, k: usize) -> PackedActs {
+        let nb = k / BLOCK;
+        let panels = m.div_ceil(MR);
+        let mut pairs = vec![0i32; panels * nb * PAIRS * MR];
+        let mut scales = vec![0f32; panels * nb * MR];
+        pairs
+            .par_chunks_mut(nb * PAIRS * MR)
+            .zip(scales.par_chunks_mut(nb * MR))
+            .enumerate()
+            .for_each(|(pi, (pp, sp))| {
+                let mut q = [0i16; BLOCK];
+                for i in 0..MR.min(m - pi * MR) {
+                    let row = &x[(pi * MR + i) * k..][..k];
+                    for b in 0..nb {
+                        sp[b * MR + i] = quantize_block16(&row[b * BLOCK..][..BLOCK], &mut q);
+                        for p in 0..PAIRS {
+                            let pair =
+                                (q[2 * p] as u16 as u32) | ((q[2 * p + 1] as u16 as u32) << 16);
+                            pp[(b * PAIRS + p) * MR + i] = pair as i32;
+                        }
+                    }
+                }
+            });
+        PackedActs {
+            pairs,
+            scales,
+            m,
+            nb,
+        }
+    }
+
+    /// Panel `ir / MR`'s pairs and scales from block `b0` on.
+    fn panel(&self, ir: usize, b0: usize) -> (*const i32, *const f32) {
+        let pi = ir / MR;
+        (
+            self.pairs[((pi * self.nb + b0) * PAIRS) * MR..].as_ptr(),
+            self.scales[(pi * self.nb + b0) * MR..].as_ptr(),
+        )
+    }
+}
+
+/// One register tile over `nbk` blocks: for `i < MR`, `j < NR`, the module's chain
+/// continued from `c[i·ldc + j]` (from 0 when `first`), stored back to `c`.
+/// `a`/`ad`: the activation panel's pairs `[b][p][MR]` and scales `[b][MR]`;
+/// `b`/`bd`: the weight panel's pairs `[b][p][NR]` and scales `[b][NR]` (f32).
+///
+/// # Safety
+/// The pointers address `nbk` blocks of those layouts, `c` an `MR × NR` tile of row
+/// stride `ldc`, and the function's target features are present.
+type MicroFn = unsafe fn(
+    nbk: usize,
+    a: *const i32,
+    ad: *const f32,
+    b: *const i32,
+    bd: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    first: bool,
+);
+
+/// The portable register tile: the module's arithmetic, written out.
+#[allow(clippy::too_many_arguments)]
+unsafe fn micro_portable(
+    nbk: usize,
+    a: *const i32,
+    ad: *const f32,
+    b: *const i32,
+    bd: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    first: bool,
+) {
+    let mut acc = [[0f32; NR]; MR];
+    if !first {
+        for (i, row) in acc.iter_mut().enumerate() {
+            for (j, v) in row.iter_mut().enumerate() {
+                // SAFETY: see `MicroFn`.
+                *v = unsafe { *c.add(i * ldc + j) };
+            }
+        }
+    }
+    let lo = |v: i32| v as i16 as i32;
+    let hi = |v: i32| v >> 16;
+    for blk in 0..nbk {
+        for (i, row) in acc.iter_mut().enumerate() {
+            // Integer sums are exact, so the loop order is free: columns innermost,
+            // where a compiler can vectorize (the main path on aarch64).
+            let mut s = [0i32; NR];
+            for p in 0..PAIRS {
+                // SAFETY: see `MicroFn`.
+                let x = unsafe { *a.add((blk * PAIRS + p) * MR + i) };
+                // SAFETY: see `MicroFn`.
+                let w = unsafe { std::slice::from_raw_parts(b.add((blk * PAIRS + p) * NR), NR) };
+                for (sj, &wj) in s.iter_mut().zip(w) {
+                    *sj += lo(x) * lo(wj) + hi(x) * hi(wj);
+                }
+            }
+            // SAFETY: see `MicroFn`.
+            let d = unsafe { *ad.add(blk * MR + i) };
+            for (j, (v, sj)) in row.iter_mut().zip(s).enumerate() {
+                // SAFETY: see `MicroFn`.
+                let sc = unsafe { *bd.add(blk * NR + j) } * d;
+                *v = (sj as f32).mul_add(sc, *v);
+            }
+        }
+    }
+    for (i, row) in acc.iter().enumerate() {
+        for (j, v) in row.iter().enumerate() {
+            // SAFETY: see `MicroFn`.
+            unsafe { *c.add(i * ldc + j) = *v };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{MR, NR, PAIRS};
+    use crate::gemm::transpose8;
+    use std::arch::x86_64::*;
+
+    /// The 6 × 16 AVX2 register tile: per pair, two weight loads, six activation
+    /// broadcasts and twelve `vpmaddwd` + `vpaddd` into int32 accumulators; per
+    /// block, each accumulator converted and fused into its f32 accumulator (kept
+    /// on the stack: 12 int32 and 12 f32 vectors do not fit in 16 registers).
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn micro_avx2(
+        nbk: usize,
+        a: *const i32,
+        ad: *const f32,
+        b: *const i32,
+        bd: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        first: bool,
+    ) {
+        let mut f = [[_mm256_setzero_ps(); 2]; MR];
+        if !first {
+            for (i, r) in f.iter_mut().enumerate() {
+                let p = c.add(i * ldc);
+                r[0] = _mm256_loadu_ps(p);
+                r[1] = _mm256_loadu_ps(p.add(8));
+            }
+        } else {
+            // The C tile is usually out of cache; ask for it while the tile computes.
+            for i in 0..MR {
+                let p = c.add(i * ldc) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(p);
+                _mm_prefetch::<_MM_HINT_T0>(p.add(4 * NR - 1));
+            }
+        }
+        let (mut ap, mut bp) = (a, b);
+        for blk in 0..nbk {
+            let mut acc = [[_mm256_setzero_si256(); 2]; MR];
+            for _ in 0..PAIRS {
+                let b0 = _mm256_loadu_si256(bp as *const __m256i);
+                let b1 = _mm256_loadu_si256(bp.add(8) as *const __m256i);
+                for (i, r) in acc.iter_mut().enumerate() {
+                    let av = _mm256_set1_epi32(*ap.add(i));
+                    r[0] = _mm256_add_epi32(r[0], _mm256_madd_epi16(av, b0));
+                    r[1] = _mm256_add_epi32(r[1], _mm256_madd_epi16(av, b1));
+                }
+                ap = ap.add(MR);
+                bp = bp.add(NR);
+            }
+            let s0 = _mm256_loadu_ps(bd.add(blk * NR));
+            let s1 = _mm256_loadu_ps(bd.add(blk * NR + 8));
+            for (i, (r, fr)) in acc.iter().zip(f.iter_mut()).enumerate() {
+                let d = _mm256_broadcast_ss(&*ad.add(blk * MR + i));
+                fr[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(r[0]), _mm256_mul_ps(s0, d), fr[0]);
+                fr[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(r[1]), _mm256_mul_ps(s1, d), fr[1]);
+            }
+        }
+        for (i, r) in f.iter().enumerate() {
+            let p = c.add(i * ldc);
+            _mm256_storeu_ps(p, r[0]);
+            _mm256_storeu_ps(p.add(8), r[1]);
+        }
+    }
+
+    /// Packs one full `NR`-row weight panel's `nbk` blocks (`q` at the panel's first
+    /// row and block, row stride `k` bytes) into `dst[(b·PAIRS + p)·NR + jj]`: row
+    /// `jj`'s pair `p` of block `b`, sign-extended to two int16. Eight rows' eight
+    /// pairs are one 8 × 8 transpose of 32-bit lanes.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn pack_panel(q: *const i8, k: usize, nbk: usize, dst: *mut i32) {
+        for blk in 0..nbk {
+            for half in 0..NR / 8 {
+                for p0 in (0..PAIRS).step_by(8) {
+                    let rows: [__m256; 8] = std::array::from_fn(|r| {
+                        let src = q.add((half * 8 + r) * k + blk * 32 + 2 * p0);
+                        let v = _mm_loadu_si128(src as *const __m128i);
+                        _mm256_castsi256_ps(_mm256_cvtepi8_epi16(v))
+                    });
+                    let cols = transpose8(rows);
+                    for (pp, v) in cols.iter().enumerate() {
+                        let o = (blk * PAIRS + p0 + pp) * NR + half * 8;
+                        _mm256_storeu_ps(dst.add(o) as *mut f32, *v);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn micro() -> MicroFn {
+    static F: OnceLock<MicroFn> = OnceLock::new();
+    *F.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return x86::micro_avx2;
+            }
+        }
+        micro_portable
+    })
+}
+
+/// Packs weight rows `j0..j1`, blocks `b0..b0 + nbk`, into `NR`-row panels
+/// (`pairs`: `[panel][b][p][NR]`, `scales`: `[panel][b][NR]`), zero-padding the
+/// last panel.
+#[allow(clippy::too_many_arguments)]
+fn pack_weights(
+    q: &[i8],
+    s: &[f16],
+    k: usize,
+    j0: usize,
+    j1: usize,
+    b0: usize,
+    nbk: usize,
+    pairs: &mut [i32],
+    scales: &mut [f32],
+) {
+    let nb = k / BLOCK;
+    for p in 0..(j1 - j0).div_ceil(NR) {
+        let jp = j0 + p * NR;
+        let dst = &mut pairs[p * nbk * PAIRS * NR..][..nbk * PAIRS * NR];
+        let sd = &mut scales[p * nbk * NR..][..nbk * NR];
+        for jj in 0..NR {
+            let j = jp + jj;
+            for blk in 0..nbk {
+                sd[blk * NR + jj] = if j < j1 {
+                    s[j * nb + b0 + blk].to_f32()
+                } else {
+                    0.0
+                };
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if jp + NR <= j1 && avx2() {
+            // SAFETY: rows jp..jp+NR of q hold k values each (q is n × k with n ≥ j1),
+            // blocks b0..b0+nbk lie inside k, dst holds nbk·PAIRS·NR; the feature was
+            // detected.
+            unsafe {
+                x86::pack_panel(
+                    q.as_ptr().add(jp * k + b0 * BLOCK),
+                    k,
+                    nbk,
+                    dst.as_mut_ptr(),
+                )
+            };
+            continue;
+        }
+        for jj in 0..NR {
+            let j = jp + jj;
+            for blk in 0..nbk {
+                for pp in 0..PAIRS {
+                    dst[(blk * PAIRS + pp) * NR + jj] = if j < j1 {
+                        let c = j * k + (b0 + blk) * BLOCK + 2 * pp;
+                        let (lo, hi) = (q[c] as i16 as u16 as u32, q[c + 1] as i16 as u16 as u32);
+                        (lo | (hi << 16)) as i32
+                    } else {
+                        0
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// Whether this CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+fn avx2() -> bool {
+    static AVX2: OnceLock<bool> = OnceLock::new();
+    *AVX2.get_or_init(|| is_x86_feature_detected!("avx2"))
+}
+
+thread_local! {
+    /// A task's weight tile buffers, reused by the thread's next task.
+    static TILE: std::cell::Cell<(Vec<i32>, Vec<f32>)> =
+        const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+}
+
+/// Output columns `j0..j1` of every row, on the calling thread.
+///
+/// # Safety
+/// `c` addresses `a.m` rows of `ldc ≥ j1` floats, and no other thread touches
+/// columns `j0..j1` meanwhile.
+unsafe fn gemm_cols(
+    a: &PackedActs,
+    q: &[i8],
+    s: &[f16],
+    j0: usize,
+    j1: usize,
+    c: *mut f32,
+    ldc: usize,
+) {
+    let (m, nb) = (a.m, a.nb);
+    let k = nb * BLOCK;
+    let kern = micro();
+    let panels = (j1 - j0).div_ceil(NR);
+    let kcb = KC / BLOCK;
+    let (mut bq, mut bs) = TILE.take();
+    bq.resize(panels * kcb * PAIRS * NR, 0);
+    bs.resize(panels * kcb * NR, 0.0);
+    let mut tile = [0f32; MR * NR];
+    let mut b0 = 0;
+    while b0 < nb {
+        let nbk = kcb.min(nb - b0);
+        let first = b0 == 0;
+        pack_weights(q, s, k, j0, j1, b0, nbk, &mut bq, &mut bs);
+        let mut ic = 0;
+        while ic < m {
+            let mc = MC.min(m - ic);
+            for p in 0..panels {
+                let jc = j0 + p * NR;
+                let cols = NR.min(j1 - jc);
+                let bptr = bq[p * nbk * PAIRS * NR..].as_ptr();
+                let bdptr = bs[p * nbk * NR..].as_ptr();
+                let mut ir = ic;
+                while ir < ic + mc {
+                    let rows = MR.min(m - ir);
+                    let (aptr, adptr) = a.panel(ir, b0);
+                    // SAFETY: the panels hold nbk blocks; the tile is inside C (or is
+                    // the local buffer, loaded with C's partial sums when continuing).
+                    unsafe {
+                        if rows == MR && cols == NR {
+                            kern(
+                                nbk,
+                                aptr,
+                                adptr,
+                                bptr,
+                                bdptr,
+                                c.add(ir * ldc + jc),
+                                ldc,
+                                first,
+                            );
+                        } else {
+                            for i in 0..rows {
+                                for j in 0..cols {
+                                    tile[i * NR + j] = if first {
+                                        0.0
+                                    } else {
+                                        *c.add((ir + i) * ldc + jc + j)
+                                    };
+                                }
+                            }
+                            kern(nbk, aptr, adptr, bptr, bdptr, tile.as_mut_ptr(), NR, first);
+                            for i in 0..rows {
+                                for j in 0..cols {
+                                    *c.add((ir + i) * ldc + jc + j) = tile[i * NR + j];
+                                }
+                            }
+                        }
+                    }
+                    ir += MR;
+                }
+            }
+            ic += mc;
+        }
+        b0 += nbk;
+    }
+    TILE.set((bq, bs));
+}
+
+/// `out[i, j]` for an int8 per-block-32 weight `W` (`q`: `[n, k]`, `s`: `[n, k/32]`
+/// f16 scales) and f32 activations `x` (`m × k`): the module's arithmetic. Parallel
+/// over tasks of output columns on the current rayon pool; the results do not
+/// depend on the split.
+pub fn linear_w8a16(x: &[f32], m: usize, k: usize, q: &[i8], s: &[f16], n: usize, out: &mut [f32]) {
+    assert!(k.is_multiple_of(BLOCK));
+    assert_eq!(x.len(), m * k);
+    assert_eq!(q.len(), n * k);
+    assert_eq!(s.len(), n * k / BLOCK);
+    assert_eq!(out.len(), m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let a = PackedActs::new(x, m, k);
+    // About eight tasks per thread, as the f32 GEMM (see `gemm::linear_product`).
+    let threads = rayon::current_num_threads().max(1);
+    let width = (n.div_ceil(8 * threads).div_ceil(NR) * NR).clamp(MIN_TASK_COLS, MAX_TASK_COLS);
+    let optr = OutPtr(out.as_mut_ptr());
+    (0..n.div_ceil(width)).into_par_iter().for_each(|t| {
+        let j0 = t * width;
+        // SAFETY: `out` is m × n; this task alone writes columns j0..j0+width.
+        unsafe { gemm_cols(&a, q, s, j0, (j0 + width).min(n), optr.get(), n) };
+    });
+}
+
+/// One output of the module's arithmetic, straight from the definition (the
+/// tests' reference).
+#[cfg(test)]
+fn naive(x: &[f32], q: &[i8], s: &[f16]) -> f32 {
+    let mut acc = 0f32;
+    let mut xq = [0i16; BLOCK];
+    for b in 0..x.len() / BLOCK {
+        let d = quantize_block16(&x[b * BLOCK..][..BLOCK], &mut xq);
+        let sum: i32 = (0..BLOCK)
+            .map(|t| q[b * BLOCK + t] as i32 * xq[t] as i32)
+            .sum();
+        acc = (sum as f32).mul_add(s[b].to_f32() * d, acc);
+    }
+    acc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{assert_same_bits, lcg, on_threads, random_weight};
+
+    /// Activations with every block's magnitude different, extremes included, so
+    /// the quantized values reach ±32767.
+    fn acts(seed: &mut u64, m: usize, k: usize) -> Vec<f32> {
+        (0..m * k)
+            .map(|i| {
+                let scale = [1e-3, 1.0, 37.0, 0.25][(i / BLOCK) % 4];
+                ((lcg(seed) % 20001) as f32 - 10000.0) / 10000.0 * scale
+            })
+            .collect()
+    }
+
+    fn reference(x: &[f32], m: usize, k: usize, q: &[i8], s: &[f16], n: usize) -> Vec<f32> {
+        let nb = k / BLOCK;
+        let mut out = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = naive(&x[i * k..][..k], &q[j * k..][..k], &s[j * nb..][..nb]);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_the_definition_bit_for_bit_on_odd_shapes() {
+        let mut seed = 11;
+        // m around the tile (6) and MC (96); n around NR (16) and a task; k around
+        // KC (256: 8 blocks), including one block.
+        for &(m, k, n) in &[
+            (1, 32, 1),
+            (5, 64, 17),
+            (6, 256, 16),
+            (7, 288, 33),
+            (13, 544, 70),
+            (97, 96, 300),
+        ] {
+            let x = acts(&mut seed, m, k);
+            let (q, s) = random_weight(&mut seed, n, k / BLOCK);
+            let mut out = vec![f32::NAN; m * n];
+            linear_w8a16(&x, m, k, &q, &s, n, &mut out);
+            assert_same_bits(
+                &out,
+                &reference(&x, m, k, &q, &s, n),
+                &format!("{m}x{k}x{n}"),
+            );
+        }
+    }
+
+    #[test]
+    fn the_portable_tile_equals_the_simd_tile() {
+        // The SIMD path is the one `linear_w8a16` runs here; run the portable tile
+        // through the same driver by calling it on the packed operands.
+        let mut seed = 5;
+        let (m, k, n) = (MR, 3 * KC / 2, NR);
+        let x = acts(&mut seed, m, k);
+        let (q, s) = random_weight(&mut seed, n, k / BLOCK);
+        let a = PackedActs::new(&x, m, k);
+        let nb = k / BLOCK;
+        let mut bq = vec![0i32; nb * PAIRS * NR];
+        let mut bs = vec![0f32; nb * NR];
+        pack_weights(&q, &s, k, 0, n, 0, nb, &mut bq, &mut bs);
+        let (ap, ad) = a.panel(0, 0);
+        let mut port = vec![0f32; m * n];
+        let mut simd = vec![0f32; m * n];
+        // Two calls (the second continues the first's sums), as two KC slices do.
+        let half = nb / 2;
+        for (out, kern) in [(&mut port, micro_portable as MicroFn), (&mut simd, micro())] {
+            // SAFETY: the operands hold nb blocks; out is MR × NR.
+            unsafe {
+                kern(
+                    half,
+                    ap,
+                    ad,
+                    bq.as_ptr(),
+                    bs.as_ptr(),
+                    out.as_mut_ptr(),
+                    NR,
+                    true,
+                );
+                let (ap2, ad2) = a.panel(0, half);
+                kern(
+                    nb - half,
+                    ap2,
+                    ad2,
+                    bq[half * PAIRS * NR..].as_ptr(),
+                    bs[half * NR..].as_ptr(),
+                    out.as_mut_ptr(),
+                    NR,
+                    false,
+                );
+            }
+        }
+        assert_same_bits(&simd, &port, "simd vs portable");
+        assert_same_bits(
+            &port,
+            &reference(&x, m, k, &q, &s, n),
+            "portable vs definition",
+        );
+    }
+
+    #[test]
+    fn the_weight_packing_paths_agree() {
+        let mut seed = 3;
+        let (n, k) = (40, 320);
+        let (q, s) = random_weight(&mut seed, n, k / BLOCK);
+        let nbk = 8;
+        let panels = n.div_ceil(NR);
+        let mut fast = (
+            vec![0i32; panels * nbk * PAIRS * NR],
+            vec![0f32; panels * nbk * NR],
+        );
+        pack_weights(&q, &s, k, 0, n, 2, nbk, &mut fast.0, &mut fast.1);
+        // The scalar packing, one column past a full panel at a time.
+        for p in 0..panels {
+            for jj in 0..NR {
+                let j = p * NR + jj;
+                for blk in 0..nbk {
+                    for pp in 0..PAIRS {
+                        let got = fast.0[((p * nbk + blk) * PAIRS + pp) * NR + jj];
+                        let (lo, hi) = if j < n {
+                            let c = j * k + (2 + blk) * BLOCK + 2 * pp;
+                            (q[c] as i32, q[c + 1] as i32)
+                        } else {
+                            (0, 0)
+                        };
+                        assert_eq!(
+                            (got as i16 as i32, got >> 16),
+                            (lo, hi),
+                            "j={j} b={blk} p={pp}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn results_do_not_depend_on_the_thread_count() {
+        let mut seed = 9;
+        let (m, k, n) = (20, 512, 700);
+        let x = acts(&mut seed, m, k);
+        let (q, s) = random_weight(&mut seed, n, k / BLOCK);
+        let run = |threads| {
+            on_threads(threads, || {
+                let mut out = vec![0f32; m * n];
+                linear_w8a16(&x, m, k, &q, &s, n, &mut out);
+                out
+            })
+        };
+        let one = run(1);
+        assert_same_bits(&run(2), &one, "2 threads");
+        assert_same_bits(&run(3), &one, "3 threads");
+    }
+
+    #[test]
+    fn a_row_does_not_depend_on_the_other_rows() {
+        let mut seed = 21;
+        let (m, k, n) = (15, 256, 48);
+        let x = acts(&mut seed, m, k);
+        let (q, s) = random_weight(&mut seed, n, k / BLOCK);
+        let mut all = vec![0f32; m * n];
+        linear_w8a16(&x, m, k, &q, &s, n, &mut all);
+        let mut last = vec![0f32; n];
+        linear_w8a16(&x[(m - 1) * k..], 1, k, &q, &s, n, &mut last);
+        assert_same_bits(&last, &all[(m - 1) * n..], "last row alone");
+    }
+
+    #[test]
+    fn is_close_to_the_f32_product_and_propagates_nan() {
+        let mut seed = 17;
+        let (m, k, n) = (8, 256, 24);
+        let mut x = acts(&mut seed, m, k);
+        let (q, s) = random_weight(&mut seed, n, k / BLOCK);
+        let mut f32out = vec![0f32; m * n];
+        crate::gemm::linear_q8(&x, m, k, &q, &s, n, &mut f32out);
+        let mut out = vec![0f32; m * n];
+        linear_w8a16(&x, m, k, &q, &s, n, &mut out);
+        for (i, (a, b)) in out.iter().zip(&f32out).enumerate() {
+            // Per block the rounding moves each activation by at most amax/65534.
+            let bound = 1e-4 * f32out.iter().map(|v| v.abs()).fold(0.0, f32::max);
+            assert!((a - b).abs() <= bound, "i={i}: {a} vs {b}");
+        }
+        x[3 * k + 40] = f32::NAN;
+        linear_w8a16(&x, m, k, &q, &s, n, &mut out);
+        assert!(out[3 * n..4 * n].iter().all(|v| v.is_nan()));
+        assert!(out[..3 * n]
+            .iter()
+            .chain(&out[4 * n..])
+            .all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn empty_shapes() {
+        let mut out = vec![1f32; 6];
+        linear_w8a16(&[], 2, 0, &[], &[], 3, &mut out);
+        assert!(out.iter().all(|&v| v == 0.0));
+        linear_w8a16(&[], 0, 32, &[0; 96], &[f16::ONE; 3], 3, &mut []);
+    }
+}
