@@ -42,10 +42,11 @@
 //! its f32 accumulators.
 
 use crate::matvec::{quantize_block16, BLOCK};
+#[cfg(target_arch = "x86_64")]
+use crate::path::{best_path, Path};
 use crate::OutPtr;
 use half::f16;
 use rayon::prelude::*;
-use std::sync::OnceLock;
 
 /// Rows of the register tile.
 pub const MR: usize = 6;
@@ -116,7 +117,8 @@ impl PackedActs {
     }
 }
 
-/// One register tile over `nbk` blocks: for `i < MR`, `j < NR`, the module's chain
+/// One register tile over `nbk` blocks: for `i < MR` (or the tile's own row
+/// count, see [`micro`]), `j < NR`, the module's chain
 /// continued from `c[i·ldc + j]` (from 0 when `first`), stored back to `c`.
 /// `a`/`ad`: the activation panel's pairs `[b][p][MR]` and scales `[b][MR]`;
 /// `b`/`bd`: the weight panel's pairs `[b][p][NR]` and scales `[b][NR]` (f32).
@@ -193,15 +195,18 @@ unsafe fn micro_portable(
 mod x86 {
     use super::{MR, NR, PAIRS};
     use crate::gemm::transpose8;
+    use half::f16;
     use std::arch::x86_64::*;
 
-    /// The 6 × 16 AVX2 register tile: per pair, two weight loads, six activation
-    /// broadcasts and twelve `vpmaddwd` + `vpaddd` into int32 accumulators; per
-    /// block, each accumulator converted and fused into its f32 accumulator (kept
-    /// on the stack: 12 int32 and 12 f32 vectors do not fit in 16 registers).
+    /// The `R` × 16 AVX2 register tile (`R ≤ MR`: the first `R` rows of the panel;
+    /// fewer for a product's last rows): per pair, two weight loads, `R` activation
+    /// broadcasts and `2R` `vpmaddwd` + `vpaddd` into int32 accumulators, two pairs
+    /// per loop iteration; per block, each accumulator converted and fused into its
+    /// f32 accumulator (kept on the stack: 12 int32 and 12 f32 vectors do not fit in
+    /// 16 registers).
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn micro_avx2(
+    pub unsafe fn micro_avx2<const R: usize>(
         nbk: usize,
         a: *const i32,
         ad: *const f32,
@@ -211,7 +216,7 @@ mod x86 {
         ldc: usize,
         first: bool,
     ) {
-        let mut f = [[_mm256_setzero_ps(); 2]; MR];
+        let mut f = [[_mm256_setzero_ps(); 2]; R];
         if !first {
             for (i, r) in f.iter_mut().enumerate() {
                 let p = c.add(i * ldc);
@@ -220,7 +225,7 @@ mod x86 {
             }
         } else {
             // The C tile is usually out of cache; ask for it while the tile computes.
-            for i in 0..MR {
+            for i in 0..R {
                 let p = c.add(i * ldc) as *const i8;
                 _mm_prefetch::<_MM_HINT_T0>(p);
                 _mm_prefetch::<_MM_HINT_T0>(p.add(4 * NR - 1));
@@ -228,17 +233,19 @@ mod x86 {
         }
         let (mut ap, mut bp) = (a, b);
         for blk in 0..nbk {
-            let mut acc = [[_mm256_setzero_si256(); 2]; MR];
-            for _ in 0..PAIRS {
-                let b0 = _mm256_loadu_si256(bp as *const __m256i);
-                let b1 = _mm256_loadu_si256(bp.add(8) as *const __m256i);
-                for (i, r) in acc.iter_mut().enumerate() {
-                    let av = _mm256_set1_epi32(*ap.add(i));
-                    r[0] = _mm256_add_epi32(r[0], _mm256_madd_epi16(av, b0));
-                    r[1] = _mm256_add_epi32(r[1], _mm256_madd_epi16(av, b1));
+            let mut acc = [[_mm256_setzero_si256(); 2]; R];
+            for _ in 0..PAIRS / 2 {
+                for u in 0..2 {
+                    let b0 = _mm256_loadu_si256(bp.add(u * NR) as *const __m256i);
+                    let b1 = _mm256_loadu_si256(bp.add(u * NR + 8) as *const __m256i);
+                    for (i, r) in acc.iter_mut().enumerate() {
+                        let av = _mm256_set1_epi32(*ap.add(u * MR + i));
+                        r[0] = _mm256_add_epi32(r[0], _mm256_madd_epi16(av, b0));
+                        r[1] = _mm256_add_epi32(r[1], _mm256_madd_epi16(av, b1));
+                    }
                 }
-                ap = ap.add(MR);
-                bp = bp.add(NR);
+                ap = ap.add(2 * MR);
+                bp = bp.add(2 * NR);
             }
             let s0 = _mm256_loadu_ps(bd.add(blk * NR));
             let s1 = _mm256_loadu_ps(bd.add(blk * NR + 8));
@@ -252,6 +259,32 @@ mod x86 {
             let p = c.add(i * ldc);
             _mm256_storeu_ps(p, r[0]);
             _mm256_storeu_ps(p.add(8), r[1]);
+        }
+    }
+
+    /// Widens one full `NR`-row panel's block scales (`s` at the panel's first row
+    /// and block, row stride `nb`) into `dst[b·NR + jj]`. A full slice (8 blocks) is
+    /// two 8 × 8 transposes: one 16-byte load per row, where a scalar loop took a
+    /// dependent load and a feature check per scale (4% of an 8B prefill).
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn pack_scales(s: *const f16, nb: usize, nbk: usize, dst: *mut f32) {
+        if nbk == 8 {
+            for half in 0..NR / 8 {
+                let rows: [__m256; 8] = std::array::from_fn(|r| {
+                    let src = s.add((half * 8 + r) * nb) as *const __m128i;
+                    _mm256_cvtph_ps(_mm_loadu_si128(src))
+                });
+                for (blk, v) in transpose8(rows).iter().enumerate() {
+                    _mm256_storeu_ps(dst.add(blk * NR + half * 8), *v);
+                }
+            }
+        } else {
+            for jj in 0..NR {
+                for blk in 0..nbk {
+                    let h = _mm_cvtsi32_si128((*s.add(jj * nb + blk)).to_bits() as i32);
+                    *dst.add(blk * NR + jj) = _mm_cvtss_f32(_mm_cvtph_ps(h));
+                }
+            }
         }
     }
 
@@ -280,17 +313,23 @@ mod x86 {
     }
 }
 
-fn micro() -> MicroFn {
-    static F: OnceLock<MicroFn> = OnceLock::new();
-    *F.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                return x86::micro_avx2;
-            }
-        }
-        micro_portable
-    })
+/// The register tile of this CPU's path for the first `rows` (1..=MR) rows of a
+/// panel (AVX-512 VNNI CPUs run the AVX2 tile: no `vpdpwssd` tile yet). The portable
+/// tile always computes all [`MR`].
+fn micro(rows: usize) -> MicroFn {
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        return match rows {
+            1 => x86::micro_avx2::<1>,
+            2 => x86::micro_avx2::<2>,
+            3 => x86::micro_avx2::<3>,
+            4 => x86::micro_avx2::<4>,
+            5 => x86::micro_avx2::<5>,
+            _ => x86::micro_avx2::<MR>,
+        };
+    }
+    let _ = rows;
+    micro_portable
 }
 
 /// Packs weight rows `j0..j1`, blocks `b0..b0 + nbk`, into `NR`-row panels
@@ -313,6 +352,22 @@ fn pack_weights(
         let jp = j0 + p * NR;
         let dst = &mut pairs[p * nbk * PAIRS * NR..][..nbk * PAIRS * NR];
         let sd = &mut scales[p * nbk * NR..][..nbk * NR];
+        #[cfg(target_arch = "x86_64")]
+        if jp + NR <= j1 && simd() {
+            // SAFETY: rows jp..jp+NR of q hold k values and of s nb scales each (q is
+            // n × k, s is n × nb, n ≥ j1); blocks b0..b0+nbk lie inside the rows; dst
+            // holds nbk·PAIRS·NR, sd nbk·NR; the path's features are present.
+            unsafe {
+                x86::pack_panel(
+                    q.as_ptr().add(jp * k + b0 * BLOCK),
+                    k,
+                    nbk,
+                    dst.as_mut_ptr(),
+                );
+                x86::pack_scales(s.as_ptr().add(jp * nb + b0), nb, nbk, sd.as_mut_ptr());
+            }
+            continue;
+        }
         for jj in 0..NR {
             let j = jp + jj;
             for blk in 0..nbk {
@@ -322,21 +377,6 @@ fn pack_weights(
                     0.0
                 };
             }
-        }
-        #[cfg(target_arch = "x86_64")]
-        if jp + NR <= j1 && avx2() {
-            // SAFETY: rows jp..jp+NR of q hold k values each (q is n × k with n ≥ j1),
-            // blocks b0..b0+nbk lie inside k, dst holds nbk·PAIRS·NR; the feature was
-            // detected.
-            unsafe {
-                x86::pack_panel(
-                    q.as_ptr().add(jp * k + b0 * BLOCK),
-                    k,
-                    nbk,
-                    dst.as_mut_ptr(),
-                )
-            };
-            continue;
         }
         for jj in 0..NR {
             let j = jp + jj;
@@ -355,11 +395,10 @@ fn pack_weights(
     }
 }
 
-/// Whether this CPU has AVX2.
+/// Whether the AVX2 path (AVX2, FMA, F16C) runs.
 #[cfg(target_arch = "x86_64")]
-fn avx2() -> bool {
-    static AVX2: OnceLock<bool> = OnceLock::new();
-    *AVX2.get_or_init(|| is_x86_feature_detected!("avx2"))
+fn simd() -> bool {
+    matches!(best_path(), Path::Avx2 | Path::Avx512Vnni)
 }
 
 thread_local! {
@@ -384,7 +423,7 @@ unsafe fn gemm_cols(
 ) {
     let (m, nb) = (a.m, a.nb);
     let k = nb * BLOCK;
-    let kern = micro();
+    let kern = micro(MR);
     let panels = (j1 - j0).div_ceil(NR);
     let kcb = KC / BLOCK;
     let (mut bq, mut bs) = TILE.take();
@@ -432,7 +471,17 @@ unsafe fn gemm_cols(
                                     };
                                 }
                             }
-                            kern(nbk, aptr, adptr, bptr, bdptr, tile.as_mut_ptr(), NR, first);
+                            // The last rows of a product take a shorter tile.
+                            micro(rows)(
+                                nbk,
+                                aptr,
+                                adptr,
+                                bptr,
+                                bdptr,
+                                tile.as_mut_ptr(),
+                                NR,
+                                first,
+                            );
                             for i in 0..rows {
                                 for j in 0..cols {
                                     *c.add((ir + i) * ldc + jc + j) = tile[i * NR + j];
@@ -529,6 +578,9 @@ mod tests {
         // KC (256: 8 blocks), including one block.
         for &(m, k, n) in &[
             (1, 32, 1),
+            (2, 64, 16),
+            (3, 32, 20),
+            (4, 96, 18),
             (5, 64, 17),
             (6, 256, 16),
             (7, 288, 33),
@@ -565,7 +617,10 @@ mod tests {
         let mut simd = vec![0f32; m * n];
         // Two calls (the second continues the first's sums), as two KC slices do.
         let half = nb / 2;
-        for (out, kern) in [(&mut port, micro_portable as MicroFn), (&mut simd, micro())] {
+        for (out, kern) in [
+            (&mut port, micro_portable as MicroFn),
+            (&mut simd, micro(MR)),
+        ] {
             // SAFETY: the operands hold nb blocks; out is MR × NR.
             unsafe {
                 kern(
@@ -602,33 +657,41 @@ mod tests {
     #[test]
     fn the_weight_packing_paths_agree() {
         let mut seed = 3;
-        let (n, k) = (40, 320);
-        let (q, s) = random_weight(&mut seed, n, k / BLOCK);
-        let nbk = 8;
+        let (n, k) = (40, 352);
+        let nb = k / BLOCK;
+        let (q, s) = random_weight(&mut seed, n, nb);
         let panels = n.div_ceil(NR);
-        let mut fast = (
-            vec![0i32; panels * nbk * PAIRS * NR],
-            vec![0f32; panels * nbk * NR],
-        );
-        pack_weights(&q, &s, k, 0, n, 2, nbk, &mut fast.0, &mut fast.1);
-        // The scalar packing, one column past a full panel at a time.
-        for p in 0..panels {
-            for jj in 0..NR {
-                let j = p * NR + jj;
-                for blk in 0..nbk {
-                    for pp in 0..PAIRS {
-                        let got = fast.0[((p * nbk + blk) * PAIRS + pp) * NR + jj];
-                        let (lo, hi) = if j < n {
-                            let c = j * k + (2 + blk) * BLOCK + 2 * pp;
-                            (q[c] as i32, q[c + 1] as i32)
+        // A full slice (the transposed scales) and a short last one, from block 2:
+        // two full panels (the SIMD packing) and a partial one (the scalar packing).
+        for nbk in [KC / BLOCK, 3] {
+            let mut pairs = vec![0i32; panels * nbk * PAIRS * NR];
+            let mut scales = vec![0f32; panels * nbk * NR];
+            pack_weights(&q, &s, k, 0, n, 2, nbk, &mut pairs, &mut scales);
+            for p in 0..panels {
+                for jj in 0..NR {
+                    let j = p * NR + jj;
+                    for blk in 0..nbk {
+                        let want = if j < n {
+                            s[j * nb + 2 + blk].to_f32()
                         } else {
-                            (0, 0)
+                            0.0
                         };
-                        assert_eq!(
-                            (got as i16 as i32, got >> 16),
-                            (lo, hi),
-                            "j={j} b={blk} p={pp}"
-                        );
+                        let got = scales[(p * nbk + blk) * NR + jj];
+                        assert_eq!(got.to_bits(), want.to_bits(), "scale j={j} b={blk}");
+                        for pp in 0..PAIRS {
+                            let got = pairs[((p * nbk + blk) * PAIRS + pp) * NR + jj];
+                            let (lo, hi) = if j < n {
+                                let c = j * k + (2 + blk) * BLOCK + 2 * pp;
+                                (q[c] as i32, q[c + 1] as i32)
+                            } else {
+                                (0, 0)
+                            };
+                            assert_eq!(
+                                (got as i16 as i32, got >> 16),
+                                (lo, hi),
+                                "nbk={nbk} j={j} b={blk} p={pp}"
+                            );
+                        }
                     }
                 }
             }
