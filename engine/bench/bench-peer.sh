@@ -221,6 +221,10 @@ $ROUNDS interleaved rounds (in \`$WORK\`, \`engine/bench/bench-peer.sh\`), each 
 - \`${LB_CMD[*]}\`
 - \`${MT_CMD[*]}\`
 
+Both benchmarks time warm weights: llama-bench runs an untimed warm-up pass, and
+\`q3vl bench\` pages in every mapped tensor (untimed) before its timed passes. Both \`run\`s
+start from whatever the page cache holds.
+
 Ratio: >1 means q3vl is better (q3vl/llama.cpp for rates, llama.cpp/q3vl for times and memory).
 Each round's ratio compares two measurements taken minutes apart; the summary gives the median
 round and the range.
