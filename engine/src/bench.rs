@@ -176,16 +176,22 @@ pub fn q8_sweep_rate(bundle: &q3vl_bundle::Bundle, reps: usize) -> f64 {
     bytes as f64 / wall
 }
 
-/// Reads one byte of every 4 KiB page of every tensor of `bundle` (in parallel), so
-/// the mapped weights are resident before a timed pass, as `llama-bench`'s warm-up run
-/// makes them for llama.cpp; returns the bytes covered. Without it, whichever engine ran
+/// Reads one byte of every 4 KiB page of every tensor of `bundle` that a forward pass
+/// reads in full (in parallel), so those weights are resident before a timed pass, as
+/// `llama-bench`'s warm-up run makes them for llama.cpp; returns the bytes covered. The
+/// token embedding table is skipped unless it is also the head: a pass reads only its
+/// prompt's rows, and paging in all of it (1.2 GB at 8B) would inflate the peak RSS. Without it, whichever engine ran
 /// last evicts part of the other's weights from the page cache (two 8B models do not
 /// both fit beside their working memory in 24 GiB), and the first timed prefill reads
 /// them from disk.
 pub fn touch_pages(bundle: &q3vl_bundle::Bundle) -> usize {
     const PAGE: usize = 4096;
     let mut tensors: Vec<&[u8]> = Vec::new();
+    let head = bundle.head_tensor();
     for n in bundle.tensor_names() {
+        if n == q3vl_model::layout::EMBED && head.is_some_and(|h| h != n) {
+            continue;
+        }
         if let Some((q, s, _)) = bundle.q8(n) {
             // SAFETY: i8 and f16 have no invalid bit patterns; same memory, as bytes.
             tensors.push(unsafe { std::slice::from_raw_parts(q.as_ptr() as *const u8, q.len()) });
