@@ -84,25 +84,34 @@ fn q8_case(rows: usize, cols: usize, tokens: usize) -> (Vec<i8>, Vec<f16>, Vec<f
     (q, s, x)
 }
 
+/// Times `product(weights, scales, activations, out)` on [`q8_case`]'s data of one
+/// shape: best of `reps`, as multiply-adds × 2 per second.
+fn q8_rate(
+    rows: usize,
+    cols: usize,
+    tokens: usize,
+    reps: usize,
+    mut product: impl FnMut(&[i8], &[f16], &[f32], &mut [f32]),
+) -> KernelRate {
+    let (q, s, x) = q8_case(rows, cols, tokens);
+    let mut out = vec![0f32; tokens * rows];
+    let (wall, cpu) = best_of(reps, || {
+        product(&q, &s, &x, &mut out);
+        std::hint::black_box(&out);
+    });
+    KernelRate::of(2.0 * (rows * cols * tokens) as f64, wall, cpu)
+}
+
 /// The engine's int8-weight linear ([`crate::weights::Lin::matmul`]): an int8
 /// `rows × cols` weight against `tokens` f32 activation rows, in the arithmetic of
 /// the pass that runs that many tokens (the int16-activation GEMM for a prefill, the
 /// int16-activation matrix-vector kernel for a decode step); on the current rayon
 /// pool, best of `reps`.
 pub fn q8_linear_rate(rows: usize, cols: usize, tokens: usize, reps: usize) -> KernelRate {
-    let (q, s, x) = q8_case(rows, cols, tokens);
-    let lin = Lin::Q8 {
-        q: &q,
-        s: &s,
-        rows,
-        cols,
-    };
-    let mut out = vec![0f32; tokens * rows];
-    let (wall, cpu) = best_of(reps, || {
-        lin.matmul(Pass::of(tokens), &x, tokens, &mut out);
-        std::hint::black_box(&out);
-    });
-    KernelRate::of(2.0 * (rows * cols * tokens) as f64, wall, cpu)
+    q8_rate(rows, cols, tokens, reps, |q, s, x, out| {
+        let lin = Lin::Q8 { q, s, rows, cols };
+        lin.matmul(Pass::of(tokens), x, tokens, out);
+    })
 }
 
 /// The packed f32 GEMM on the same int8 weights dequantized tile by tile
@@ -110,26 +119,18 @@ pub fn q8_linear_rate(rows: usize, cols: usize, tokens: usize, reps: usize) -> K
 /// prefill before the int16 GEMM), for comparison with [`q8_linear_rate`]; best of
 /// `reps`.
 pub fn q8_f32_gemm_rate(rows: usize, cols: usize, tokens: usize, reps: usize) -> KernelRate {
-    let (q, s, x) = q8_case(rows, cols, tokens);
-    let mut out = vec![0f32; tokens * rows];
-    let (wall, cpu) = best_of(reps, || {
-        crate::kernels::gemm::linear_q8(&x, tokens, cols, &q, &s, rows, &mut out);
-        std::hint::black_box(&out);
-    });
-    KernelRate::of(2.0 * (rows * cols * tokens) as f64, wall, cpu)
+    q8_rate(rows, cols, tokens, reps, |q, s, x, out| {
+        crate::kernels::gemm::linear_q8(x, tokens, cols, q, s, rows, out)
+    })
 }
 
 /// The int8 × int8 (W8A8, Q8_0-style) matrix product [`q8::matmul`], activations
 /// quantized per call, for comparison with [`q8_linear_rate`]; best of `reps`.
 pub fn q8_matmul_rate(rows: usize, cols: usize, tokens: usize, reps: usize) -> KernelRate {
-    let (q, s, x) = q8_case(rows, cols, tokens);
-    let mut out = vec![0f32; tokens * rows];
-    let (wall, cpu) = best_of(reps, || {
-        let xq = QActs::quantize(&x, cols);
-        q8::matmul(&q, &s, rows, cols, &xq, &mut out);
-        std::hint::black_box(&out);
-    });
-    KernelRate::of(2.0 * (rows * cols * tokens) as f64, wall, cpu)
+    q8_rate(rows, cols, tokens, reps, |q, s, x, out| {
+        let xq = QActs::quantize(x, cols);
+        q8::matmul(q, s, rows, cols, &xq, out);
+    })
 }
 
 /// The vision GEMM: `m` rows of f32 activations against an f16 `n × k` weight with

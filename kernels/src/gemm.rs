@@ -852,6 +852,19 @@ fn check_linear(x: &[f32], m: usize, k: usize, n: usize, bias: Option<&[f32]>) {
     }
 }
 
+/// The output columns of one parallel task of an `n`-column product on the current
+/// rayon pool (a multiple of [`NR`], from [`NC`] to 256; the int16 GEMM uses it too).
+/// About eight tasks per thread: a thread that finishes early steals the next one, so
+/// the last task leaves the other thread idle for a small fraction of the product
+/// (with three per thread, the 8B vision's 1152-column products were six tasks, and
+/// one slow task idled a core for a sixth of the time). Narrower tasks re-read the
+/// packed activations from cache more often, which costs little. The split never
+/// changes a value (see the module docs).
+pub(crate) fn task_width(n: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    (n.div_ceil(8 * threads).div_ceil(NR) * NR).clamp(NC, MAX_TASK_COLS)
+}
+
 /// The parallel product behind the linear entries, once their shapes are checked
 /// (`x`: `m × k` with `m, n, k > 0`; a bias of `n`): writes every element of the
 /// `m × n` output at `out`.
@@ -869,15 +882,7 @@ unsafe fn linear_product(
 ) {
     // The activations are packed once, shared by every column task.
     let a = PackedA::pack(ASrc::Rows { data: x, lda: k }, m, k, true);
-    // About eight tasks per thread: a thread that finishes early steals the
-    // next one, so the last task leaves the other thread idle for a small
-    // fraction of the product (with three per thread, the 8B vision's
-    // 1152-column products were six tasks, and one slow task idled a core for a
-    // sixth of the time). Narrower tasks re-read the packed activations from
-    // cache more often, which costs little. The split never changes a value
-    // (see the module docs).
-    let threads = rayon::current_num_threads().max(1);
-    let width = (n.div_ceil(8 * threads).div_ceil(NR) * NR).clamp(NC, MAX_TASK_COLS);
+    let width = task_width(n);
     let optr = OutPtr(out);
     (0..n.div_ceil(width)).into_par_iter().for_each(|t| {
         let j0 = t * width;

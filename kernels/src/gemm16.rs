@@ -51,14 +51,11 @@ use rayon::prelude::*;
 /// Rows of the register tile.
 pub const MR: usize = 6;
 /// Columns of the register tile.
-pub const NR: usize = 16;
+pub const NR: usize = crate::gemm::NR;
 /// Reduction slice per weight packing pass (a multiple of [`BLOCK`]).
 pub const KC: usize = 256;
 /// Rows of activations per L2 block.
 const MC: usize = 16 * MR;
-/// The narrowest and the widest parallel task, in output columns.
-const MIN_TASK_COLS: usize = 64;
-const MAX_TASK_COLS: usize = 256;
 /// int16 pairs per block.
 const PAIRS: usize = BLOCK / 2;
 
@@ -517,9 +514,8 @@ pub fn linear_w8a16(x: &[f32], m: usize, k: usize, q: &[i8], s: &[f16], n: usize
         return;
     }
     let a = PackedActs::new(x, m, k);
-    // About eight tasks per thread, as the f32 GEMM (see `gemm::linear_product`).
-    let threads = rayon::current_num_threads().max(1);
-    let width = (n.div_ceil(8 * threads).div_ceil(NR) * NR).clamp(MIN_TASK_COLS, MAX_TASK_COLS);
+    // NR is the f32 GEMM's too, so its task split fits this tile.
+    let width = crate::gemm::task_width(n);
     let optr = OutPtr(out.as_mut_ptr());
     (0..n.div_ceil(width)).into_par_iter().for_each(|t| {
         let j0 = t * width;
