@@ -6,6 +6,7 @@
 use crate::kernels::q8::{self, QActs};
 use crate::weights::{Lin, Pass};
 use half::f16;
+use q3vl_bundle::names::scales_name;
 use rayon::prelude::*;
 use std::time::Instant;
 
@@ -193,14 +194,12 @@ pub fn touch_pages(bundle: &q3vl_bundle::Bundle) -> usize {
         if n == q3vl_model::layout::EMBED && head.is_some_and(|h| h != n) {
             continue;
         }
-        if let Some((q, s, _)) = bundle.q8(n) {
-            // SAFETY: i8 and f16 have no invalid bit patterns; same memory, as bytes.
-            tensors.push(unsafe { std::slice::from_raw_parts(q.as_ptr() as *const u8, q.len()) });
-            // SAFETY: as above; an f16 is two bytes.
-            tensors
-                .push(unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u8, 2 * s.len()) });
-        } else if let Ok((_, _, b)) = bundle.raw(n) {
-            tensors.push(b);
+        // A quantized weight is two stored tensors: its int8 values and its scales.
+        let scales = bundle.q8(n).map(|_| scales_name(n));
+        for stored in std::iter::once(n.to_owned()).chain(scales) {
+            if let Ok((_, _, b)) = bundle.raw(&stored) {
+                tensors.push(b);
+            }
         }
     }
     let sum: u64 = tensors

@@ -59,6 +59,17 @@ const MC: usize = 16 * MR;
 /// int16 pairs per block.
 const PAIRS: usize = BLOCK / 2;
 
+/// Two int16 values of consecutive reduction indices as one 32-bit lane, the low
+/// half first: the operand layout of `vpmaddwd`.
+fn pair(lo: i16, hi: i16) -> i32 {
+    ((lo as u16 as u32) | ((hi as u16 as u32) << 16)) as i32
+}
+
+/// The two int16 values of a [`pair`], widened.
+fn unpair(v: i32) -> (i32, i32) {
+    (v as i16 as i32, v >> 16)
+}
+
 /// The activations of one product, quantized per block to int16 and packed in the
 /// order the register tile reads them: per [`MR`]-row panel and block, the 16 pairs
 /// `(q[i, 2p], q[i, 2p+1])` as one `i32` each, stored `[p][MR]`, and the block's
@@ -89,9 +100,7 @@ impl PackedActs {
                     for b in 0..nb {
                         sp[b * MR + i] = quantize_block16(&row[b * BLOCK..][..BLOCK], &mut q);
                         for p in 0..PAIRS {
-                            let pair =
-                                (q[2 * p] as u16 as u32) | ((q[2 * p + 1] as u16 as u32) << 16);
-                            pp[(b * PAIRS + p) * MR + i] = pair as i32;
+                            pp[(b * PAIRS + p) * MR + i] = pair(q[2 * p], q[2 * p + 1]);
                         }
                     }
                 }
@@ -114,38 +123,29 @@ impl PackedActs {
     }
 }
 
-/// One register tile over `nbk` blocks: for `i < MR` (or the tile's own row
-/// count, see [`micro`]), `j < NR`, the module's chain
-/// continued from `c[i·ldc + j]` (from 0 when `first`), stored back to `c`.
-/// `a`/`ad`: the activation panel's pairs `[b][p][MR]` and scales `[b][MR]`;
-/// `b`/`bd`: the weight panel's pairs `[b][p][NR]` and scales `[b][NR]` (f32).
+/// The operands of one register tile: the activation panel's pairs `a` (`[b][p][MR]`)
+/// and scales `ad` (`[b][MR]`), the weight panel's pairs `b` (`[b][p][NR]`) and f32
+/// scales `bd` (`[b][NR]`).
+#[derive(Clone, Copy)]
+struct Panels {
+    a: *const i32,
+    ad: *const f32,
+    b: *const i32,
+    bd: *const f32,
+}
+
+/// One register tile over `nbk` blocks of `p`: for `i < MR` (or the tile's own row
+/// count, see [`micro`]), `j < NR`, the module's chain continued from `c[i·ldc + j]`
+/// (from 0 when `first`), stored back to `c`.
 ///
 /// # Safety
-/// The pointers address `nbk` blocks of those layouts, `c` an `MR × NR` tile of row
+/// `p`'s pointers address `nbk` blocks of their layouts, `c` an `MR × NR` tile of row
 /// stride `ldc`, and the function's target features are present.
-type MicroFn = unsafe fn(
-    nbk: usize,
-    a: *const i32,
-    ad: *const f32,
-    b: *const i32,
-    bd: *const f32,
-    c: *mut f32,
-    ldc: usize,
-    first: bool,
-);
+type MicroFn = unsafe fn(nbk: usize, p: Panels, c: *mut f32, ldc: usize, first: bool);
 
 /// The portable register tile: the module's arithmetic, written out.
-#[allow(clippy::too_many_arguments)]
-unsafe fn micro_portable(
-    nbk: usize,
-    a: *const i32,
-    ad: *const f32,
-    b: *const i32,
-    bd: *const f32,
-    c: *mut f32,
-    ldc: usize,
-    first: bool,
-) {
+unsafe fn micro_portable(nbk: usize, p: Panels, c: *mut f32, ldc: usize, first: bool) {
+    let Panels { a, ad, b, bd } = p;
     let mut acc = [[0f32; NR]; MR];
     if !first {
         for (i, row) in acc.iter_mut().enumerate() {
@@ -155,8 +155,6 @@ unsafe fn micro_portable(
             }
         }
     }
-    let lo = |v: i32| v as i16 as i32;
-    let hi = |v: i32| v >> 16;
     for blk in 0..nbk {
         for (i, row) in acc.iter_mut().enumerate() {
             // Integer sums are exact, so the loop order is free: columns innermost,
@@ -167,8 +165,10 @@ unsafe fn micro_portable(
                 let x = unsafe { *a.add((blk * PAIRS + p) * MR + i) };
                 // SAFETY: see `MicroFn`.
                 let w = unsafe { std::slice::from_raw_parts(b.add((blk * PAIRS + p) * NR), NR) };
+                let (x0, x1) = unpair(x);
                 for (sj, &wj) in s.iter_mut().zip(w) {
-                    *sj += lo(x) * lo(wj) + hi(x) * hi(wj);
+                    let (w0, w1) = unpair(wj);
+                    *sj += x0 * w0 + x1 * w1;
                 }
             }
             // SAFETY: see `MicroFn`.
@@ -190,7 +190,7 @@ unsafe fn micro_portable(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{MR, NR, PAIRS};
+    use super::{Panels, MR, NR, PAIRS};
     use crate::gemm::transpose8;
     use half::f16;
     use std::arch::x86_64::*;
@@ -202,17 +202,14 @@ mod x86 {
     /// f32 accumulator (kept on the stack: 12 int32 and 12 f32 vectors do not fit in
     /// 16 registers).
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
     pub unsafe fn micro_avx2<const R: usize>(
         nbk: usize,
-        a: *const i32,
-        ad: *const f32,
-        b: *const i32,
-        bd: *const f32,
+        p: Panels,
         c: *mut f32,
         ldc: usize,
         first: bool,
     ) {
+        let Panels { a, ad, b, bd } = p;
         let mut f = [[_mm256_setzero_ps(); 2]; R];
         if !first {
             for (i, r) in f.iter_mut().enumerate() {
@@ -381,8 +378,7 @@ fn pack_weights(
                 for pp in 0..PAIRS {
                     dst[(blk * PAIRS + pp) * NR + jj] = if j < j1 {
                         let c = j * k + (b0 + blk) * BLOCK + 2 * pp;
-                        let (lo, hi) = (q[c] as i16 as u16 as u32, q[c + 1] as i16 as u16 as u32);
-                        (lo | (hi << 16)) as i32
+                        pair(q[c] as i16, q[c + 1] as i16)
                     } else {
                         0
                     };
@@ -438,26 +434,25 @@ unsafe fn gemm_cols(
             for p in 0..panels {
                 let jc = j0 + p * NR;
                 let cols = NR.min(j1 - jc);
-                let bptr = bq[p * nbk * PAIRS * NR..].as_ptr();
-                let bdptr = bs[p * nbk * NR..].as_ptr();
+                let (b, bd) = (
+                    bq[p * nbk * PAIRS * NR..].as_ptr(),
+                    bs[p * nbk * NR..].as_ptr(),
+                );
                 let mut ir = ic;
                 while ir < ic + mc {
                     let rows = MR.min(m - ir);
-                    let (aptr, adptr) = a.panel(ir, b0);
+                    let (pa, pad) = a.panel(ir, b0);
+                    let ops = Panels {
+                        a: pa,
+                        ad: pad,
+                        b,
+                        bd,
+                    };
                     // SAFETY: the panels hold nbk blocks; the tile is inside C (or is
                     // the local buffer, loaded with C's partial sums when continuing).
                     unsafe {
                         if rows == MR && cols == NR {
-                            kern(
-                                nbk,
-                                aptr,
-                                adptr,
-                                bptr,
-                                bdptr,
-                                c.add(ir * ldc + jc),
-                                ldc,
-                                first,
-                            );
+                            kern(nbk, ops, c.add(ir * ldc + jc), ldc, first);
                         } else {
                             for i in 0..rows {
                                 for j in 0..cols {
@@ -469,16 +464,7 @@ unsafe fn gemm_cols(
                                 }
                             }
                             // The last rows of a product take a shorter tile.
-                            micro(rows)(
-                                nbk,
-                                aptr,
-                                adptr,
-                                bptr,
-                                bdptr,
-                                tile.as_mut_ptr(),
-                                NR,
-                                first,
-                            );
+                            micro(rows)(nbk, ops, tile.as_mut_ptr(), NR, first);
                             for i in 0..rows {
                                 for j in 0..cols {
                                     *c.add((ir + i) * ldc + jc + j) = tile[i * NR + j];
@@ -619,27 +605,21 @@ mod tests {
         ] {
             // SAFETY: the operands hold nb blocks; out is MR × NR.
             unsafe {
-                kern(
-                    half,
-                    ap,
+                let first = Panels {
+                    a: ap,
                     ad,
-                    bq.as_ptr(),
-                    bs.as_ptr(),
-                    out.as_mut_ptr(),
-                    NR,
-                    true,
-                );
+                    b: bq.as_ptr(),
+                    bd: bs.as_ptr(),
+                };
+                kern(half, first, out.as_mut_ptr(), NR, true);
                 let (ap2, ad2) = a.panel(0, half);
-                kern(
-                    nb - half,
-                    ap2,
-                    ad2,
-                    bq[half * PAIRS * NR..].as_ptr(),
-                    bs[half * NR..].as_ptr(),
-                    out.as_mut_ptr(),
-                    NR,
-                    false,
-                );
+                let second = Panels {
+                    a: ap2,
+                    ad: ad2,
+                    b: bq[half * PAIRS * NR..].as_ptr(),
+                    bd: bs[half * NR..].as_ptr(),
+                };
+                kern(nb - half, second, out.as_mut_ptr(), NR, false);
             }
         }
         assert_same_bits(&simd, &port, "simd vs portable");
