@@ -9,6 +9,7 @@ use q3vl_engine::bench::{
     f16_linear_rate, memory_read_bandwidth, peak_rss_bytes, process_cpu_seconds, q8_f32_gemm_rate,
     q8_linear_rate, q8_matmul_rate, q8_sweep_rate, touch_pages, KernelRate,
 };
+use q3vl_engine::kernels::path::best_path;
 use q3vl_engine::GenerateParams;
 use serde_json::json;
 use std::path::PathBuf;
@@ -210,12 +211,14 @@ fn kernels_only(a: &BenchArgs) -> anyhow::Result<Outcome> {
             "{}",
             json!({
                 "threads": threads,
+                "kernel_path": best_path().name(),
                 "kernels": rates_json(&rates),
                 "decode_sweep_gb_s": sweep.map(|v| v / 1e9),
             })
         );
     } else {
         println!("threads                 {threads}");
+        println!("kernel path             {}", best_path().name());
         print_kernel_rates(&rates);
         if let Some(v) = sweep {
             println!(
@@ -297,6 +300,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<Outcome> {
     if a.json {
         let doc = json!({
             "threads": engine.threads(),
+            "kernel_path": best_path().name(),
             "reps": a.reps,
             "bandwidth_gb_s": bandwidth / 1e9,
             "bandwidth_before_gb_s": bw_before / 1e9,
@@ -326,6 +330,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<Outcome> {
         println!("{doc}");
     } else {
         println!("threads                 {}", engine.threads());
+        println!("kernel path             {}", best_path().name());
         println!(
             "memory read bandwidth   {:.2} GB/s (best of {:.2} before and {:.2} after)",
             bandwidth / 1e9,

@@ -81,6 +81,11 @@ fn main() -> ExitCode {
         }
     };
     common::install_panic_hook();
+    // Checked before any work: every kernel reads it when it first runs.
+    if let Err(e) = q3vl_engine::kernels::path::requested_path() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     match std::panic::catch_unwind(|| run(cli)) {
         Ok(Ok(Outcome::Success)) => ExitCode::SUCCESS,
         Ok(Ok(Outcome::GateFailed)) => ExitCode::from(1),

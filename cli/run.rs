@@ -176,6 +176,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<Outcome> {
                 "decode_tok_s": t.decode_tok_s,
                 "decode_steps": t.decode_steps,
                 "threads": engine.threads(),
+                "kernel_path": q3vl_engine::kernels::path::best_path().name(),
             },
         });
         println!("{doc}");

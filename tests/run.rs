@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{converted_fixture, copy_dir, fails, ok, run, s, scratch};
+use common::{converted_fixture, copy_dir, fails, ok, q3vl, run, s, scratch};
 use std::path::{Path, PathBuf};
 
 fn fixture(p: &str) -> PathBuf {
@@ -381,4 +381,68 @@ fn bench_rejects_zero_repetitions() {
         &["--reps"],
     );
     assert!(!line.contains('\n'), "{line}");
+}
+
+/// `Q3VL_KERNEL_PATH` runs every kernel on a lower path: on each path this CPU has,
+/// the engine gives the same tokens (the int8 kernels give the same bits on every
+/// path; the f32 ones agree to rounding) and reports the path; a path the CPU lacks,
+/// or no path at all, is one line naming the variable, exit 2.
+#[test]
+fn every_kernel_path_gives_the_same_tokens() {
+    let out = converted_fixture("shapes");
+    let img = fixture("shapes/images/demo_4.png");
+    let args = [
+        "run",
+        "--bundle",
+        s(&out),
+        "--image",
+        s(&img),
+        "--prompt",
+        "What is in the image?",
+        "--max-new-tokens",
+        "8",
+        "--ignore-eos",
+        "--json",
+    ];
+    let with_path = |p: &str| {
+        let o = q3vl()
+            .args(args)
+            .env("Q3VL_KERNEL_PATH", p)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{p}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    let best = run_json(&args);
+    let best_path = best["timings"]["kernel_path"].as_str().unwrap().to_owned();
+    let mut paths = vec!["portable"];
+    if cfg!(target_arch = "x86_64") && best_path != "portable" {
+        paths.push("avx2");
+    }
+    for p in paths {
+        let d = with_path(p);
+        assert_eq!(d["timings"]["kernel_path"], p);
+        assert_eq!(d["tokens"], best["tokens"], "{p} vs {best_path}");
+    }
+    let bogus = q3vl()
+        .args(args)
+        .env("Q3VL_KERNEL_PATH", "sse9")
+        .output()
+        .unwrap();
+    fails(&bogus, &["Q3VL_KERNEL_PATH", "sse9", "portable"]);
+    let foreign = if cfg!(target_arch = "x86_64") {
+        "neon"
+    } else {
+        "avx2"
+    };
+    let o = q3vl()
+        .args(args)
+        .env("Q3VL_KERNEL_PATH", foreign)
+        .output()
+        .unwrap();
+    fails(&o, &["Q3VL_KERNEL_PATH", foreign]);
 }

@@ -65,6 +65,8 @@ impl Bundle {
         }
         let config = Qwen3VlConfig::from_dir(dir)?;
         let weights = Checkpoint::open(dir)?;
+        // Readers of a bundle (the engine above all) read its weights whole, often.
+        weights.advise_huge_pages();
         let b = Bundle {
             dir: dir.to_path_buf(),
             metadata,

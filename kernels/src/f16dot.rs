@@ -77,7 +77,7 @@ fn f32_kernel() -> F32Dot {
     *F.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            if crate::path::avx2() {
                 return x86::dot_f32_avx2;
             }
         }

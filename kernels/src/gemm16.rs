@@ -42,7 +42,6 @@
 //! its f32 accumulators.
 
 use crate::matvec::{quantize_block16, BLOCK};
-#[cfg(target_arch = "x86_64")]
 use crate::path::{best_path, Path};
 use crate::OutPtr;
 use half::f16;
@@ -256,6 +255,67 @@ mod x86 {
         }
     }
 
+    /// The `R` × `16·P` AVX-512 VNNI register tile over `P` adjacent weight panels
+    /// (panel `u`'s pairs and scales lie `u · nbk` blocks after the first's, as
+    /// [`super::pack_weights`] stores them): per pair, `P` weight loads and `R · P`
+    /// `vpdpwssd` with the activation pair broadcast from memory; per block, each
+    /// int32 accumulator converted and fused into its f32 accumulator. With `R = 6`,
+    /// `P = 2` the 12 + 12 accumulators stay in registers (the AVX2 tile spills its
+    /// f32 ones), and 12 independent `vpdpwssd` chains cover the instruction's latency.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
+    pub unsafe fn micro_vnni<const R: usize, const P: usize>(
+        nbk: usize,
+        p: Panels,
+        c: *mut f32,
+        ldc: usize,
+        first: bool,
+    ) {
+        let Panels { a, ad, b, bd } = p;
+        let (bstride, sstride) = (nbk * PAIRS * NR, nbk * NR);
+        let mut f = [[_mm512_setzero_ps(); P]; R];
+        for (i, r) in f.iter_mut().enumerate() {
+            let p = c.add(i * ldc);
+            for (u, v) in r.iter_mut().enumerate() {
+                if first {
+                    // The C tile is usually out of cache; ask for it while the tile computes.
+                    _mm_prefetch::<_MM_HINT_T0>(p.add(u * NR) as *const i8);
+                } else {
+                    *v = _mm512_loadu_ps(p.add(u * NR));
+                }
+            }
+        }
+        let (mut ap, mut bp) = (a, b);
+        for blk in 0..nbk {
+            let mut acc = [[_mm512_setzero_si512(); P]; R];
+            for _ in 0..PAIRS {
+                let bv: [__m512i; P] =
+                    std::array::from_fn(|u| _mm512_loadu_si512(bp.add(u * bstride) as *const _));
+                for (i, r) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_epi32(*ap.add(i));
+                    for (u, v) in r.iter_mut().enumerate() {
+                        *v = _mm512_dpwssd_epi32(*v, av, bv[u]);
+                    }
+                }
+                ap = ap.add(MR);
+                bp = bp.add(NR);
+            }
+            let s: [__m512; P] =
+                std::array::from_fn(|u| _mm512_loadu_ps(bd.add(u * sstride + blk * NR)));
+            for (i, (r, fr)) in acc.iter().zip(f.iter_mut()).enumerate() {
+                let d = _mm512_set1_ps(*ad.add(blk * MR + i));
+                for u in 0..P {
+                    let sc = _mm512_mul_ps(s[u], d);
+                    fr[u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(r[u]), sc, fr[u]);
+                }
+            }
+        }
+        for (i, r) in f.iter().enumerate() {
+            for (u, v) in r.iter().enumerate() {
+                _mm512_storeu_ps(c.add(i * ldc + u * NR), *v);
+            }
+        }
+    }
+
     /// Widens one full `NR`-row panel's block scales (`s` at the panel's first row
     /// and block, row stride `nb`) into `dst[b·NR + jj]`. A full slice (8 blocks) is
     /// two 8 × 8 transposes: one 16-byte load per row, where a scalar loop took a
@@ -307,23 +367,54 @@ mod x86 {
     }
 }
 
-/// The register tile of this CPU's path for the first `rows` (1..=MR) rows of a
-/// panel (AVX-512 VNNI CPUs run the AVX2 tile: no `vpdpwssd` tile yet). The portable
-/// tile always computes all [`MR`].
-fn micro(rows: usize) -> MicroFn {
+/// The register tile of `path` for the first `rows` (1..=MR) rows of one panel. The
+/// portable tile always computes all [`MR`].
+fn micro(path: Path, rows: usize) -> MicroFn {
     #[cfg(target_arch = "x86_64")]
-    if simd() {
-        return match rows {
-            1 => x86::micro_avx2::<1>,
-            2 => x86::micro_avx2::<2>,
-            3 => x86::micro_avx2::<3>,
-            4 => x86::micro_avx2::<4>,
-            5 => x86::micro_avx2::<5>,
-            _ => x86::micro_avx2::<MR>,
-        };
+    match path {
+        Path::Avx512Vnni => {
+            return match rows {
+                1 => x86::micro_vnni::<1, 1>,
+                2 => x86::micro_vnni::<2, 1>,
+                3 => x86::micro_vnni::<3, 1>,
+                4 => x86::micro_vnni::<4, 1>,
+                5 => x86::micro_vnni::<5, 1>,
+                _ => x86::micro_vnni::<MR, 1>,
+            }
+        }
+        Path::Avx2 => {
+            return match rows {
+                1 => x86::micro_avx2::<1>,
+                2 => x86::micro_avx2::<2>,
+                3 => x86::micro_avx2::<3>,
+                4 => x86::micro_avx2::<4>,
+                5 => x86::micro_avx2::<5>,
+                _ => x86::micro_avx2::<MR>,
+            }
+        }
+        _ => {}
     }
-    let _ = rows;
+    let _ = (path, rows);
     micro_portable
+}
+
+/// The tile of `path` over two adjacent full panels (`rows` × 2[`NR`]), where the
+/// path has one: AVX-512 holds a panel's 16 columns in one register, so one panel
+/// alone leaves too few independent accumulators.
+fn micro_pair(path: Path, rows: usize) -> Option<MicroFn> {
+    #[cfg(target_arch = "x86_64")]
+    if path == Path::Avx512Vnni {
+        return Some(match rows {
+            1 => x86::micro_vnni::<1, 2>,
+            2 => x86::micro_vnni::<2, 2>,
+            3 => x86::micro_vnni::<3, 2>,
+            4 => x86::micro_vnni::<4, 2>,
+            5 => x86::micro_vnni::<5, 2>,
+            _ => x86::micro_vnni::<MR, 2>,
+        });
+    }
+    let _ = (path, rows);
+    None
 }
 
 /// Packs weight rows `j0..j1`, blocks `b0..b0 + nbk`, into `NR`-row panels
@@ -331,6 +422,7 @@ fn micro(rows: usize) -> MicroFn {
 /// last panel.
 #[allow(clippy::too_many_arguments)]
 fn pack_weights(
+    path: Path,
     q: &[i8],
     s: &[f16],
     k: usize,
@@ -342,12 +434,14 @@ fn pack_weights(
     scales: &mut [f32],
 ) {
     let nb = k / BLOCK;
+    // Only x86 has a SIMD packing.
+    let _ = path;
     for p in 0..(j1 - j0).div_ceil(NR) {
         let jp = j0 + p * NR;
         let dst = &mut pairs[p * nbk * PAIRS * NR..][..nbk * PAIRS * NR];
         let sd = &mut scales[p * nbk * NR..][..nbk * NR];
         #[cfg(target_arch = "x86_64")]
-        if jp + NR <= j1 && simd() {
+        if jp + NR <= j1 && simd(path) {
             // SAFETY: rows jp..jp+NR of q hold k values and of s nb scales each (q is
             // n × k, s is n × nb, n ≥ j1); blocks b0..b0+nbk lie inside the rows; dst
             // holds nbk·PAIRS·NR, sd nbk·NR; the path's features are present.
@@ -388,10 +482,10 @@ fn pack_weights(
     }
 }
 
-/// Whether the AVX2 path (AVX2, FMA, F16C) runs.
+/// Whether `path` has the AVX2 packing (AVX2, F16C).
 #[cfg(target_arch = "x86_64")]
-fn simd() -> bool {
-    matches!(best_path(), Path::Avx2 | Path::Avx512Vnni)
+fn simd(path: Path) -> bool {
+    matches!(path, Path::Avx2 | Path::Avx512Vnni)
 }
 
 thread_local! {
@@ -405,7 +499,9 @@ thread_local! {
 /// # Safety
 /// `c` addresses `a.m` rows of `ldc ≥ j1` floats, and no other thread touches
 /// columns `j0..j1` meanwhile.
+#[allow(clippy::too_many_arguments)]
 unsafe fn gemm_cols(
+    path: Path,
     a: &PackedActs,
     q: &[i8],
     s: &[f16],
@@ -416,7 +512,7 @@ unsafe fn gemm_cols(
 ) {
     let (m, nb) = (a.m, a.nb);
     let k = nb * BLOCK;
-    let kern = micro(MR);
+    let (kern, kern_pair) = (micro(path, MR), micro_pair(path, MR));
     let panels = (j1 - j0).div_ceil(NR);
     let kcb = KC / BLOCK;
     let (mut bq, mut bs) = TILE.take();
@@ -427,17 +523,20 @@ unsafe fn gemm_cols(
     while b0 < nb {
         let nbk = kcb.min(nb - b0);
         let first = b0 == 0;
-        pack_weights(q, s, k, j0, j1, b0, nbk, &mut bq, &mut bs);
+        pack_weights(path, q, s, k, j0, j1, b0, nbk, &mut bq, &mut bs);
         let mut ic = 0;
         while ic < m {
             let mc = MC.min(m - ic);
-            for p in 0..panels {
+            let mut p = 0;
+            while p < panels {
                 let jc = j0 + p * NR;
                 let cols = NR.min(j1 - jc);
                 let (b, bd) = (
                     bq[p * nbk * PAIRS * NR..].as_ptr(),
                     bs[p * nbk * NR..].as_ptr(),
                 );
+                // Two full panels at once where the path has a tile for them.
+                let pair = kern_pair.filter(|_| jc + 2 * NR <= j1);
                 let mut ir = ic;
                 while ir < ic + mc {
                     let rows = MR.min(m - ir);
@@ -448,11 +547,21 @@ unsafe fn gemm_cols(
                         b,
                         bd,
                     };
-                    // SAFETY: the panels hold nbk blocks; the tile is inside C (or is
-                    // the local buffer, loaded with C's partial sums when continuing).
+                    // SAFETY: the panels hold nbk blocks (two panels for a pair tile,
+                    // which is called only when both are full); the tile is inside C
+                    // (a tile of fewer rows writes only its rows), or is the local
+                    // buffer, loaded with C's partial sums when continuing.
                     unsafe {
-                        if rows == MR && cols == NR {
-                            kern(nbk, ops, c.add(ir * ldc + jc), ldc, first);
+                        let out = c.add(ir * ldc + jc);
+                        if let Some(kp) = pair {
+                            let kp = if rows == MR {
+                                kp
+                            } else {
+                                micro_pair(path, rows).unwrap_or(kp)
+                            };
+                            kp(nbk, ops, out, ldc, first);
+                        } else if rows == MR && cols == NR {
+                            kern(nbk, ops, out, ldc, first);
                         } else {
                             for i in 0..rows {
                                 for j in 0..cols {
@@ -464,7 +573,7 @@ unsafe fn gemm_cols(
                                 }
                             }
                             // The last rows of a product take a shorter tile.
-                            micro(rows)(nbk, ops, tile.as_mut_ptr(), NR, first);
+                            micro(path, rows)(nbk, ops, tile.as_mut_ptr(), NR, first);
                             for i in 0..rows {
                                 for j in 0..cols {
                                     *c.add((ir + i) * ldc + jc + j) = tile[i * NR + j];
@@ -474,6 +583,7 @@ unsafe fn gemm_cols(
                     }
                     ir += MR;
                 }
+                p += if pair.is_some() { 2 } else { 1 };
             }
             ic += mc;
         }
@@ -487,6 +597,26 @@ unsafe fn gemm_cols(
 /// over tasks of output columns on the current rayon pool; the results do not
 /// depend on the split.
 pub fn linear_w8a16(x: &[f32], m: usize, k: usize, q: &[i8], s: &[f16], n: usize, out: &mut [f32]) {
+    linear_w8a16_on(best_path(), x, m, k, q, s, n, out)
+}
+
+/// [`linear_w8a16`] on a given path (tests compare the paths; every path gives the
+/// same bits).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_w8a16_on(
+    path: Path,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    q: &[i8],
+    s: &[f16],
+    n: usize,
+    out: &mut [f32],
+) {
+    assert!(
+        crate::path::available_paths().contains(&path),
+        "{path:?} is not available on this CPU"
+    );
     assert!(k.is_multiple_of(BLOCK));
     assert_eq!(x.len(), m * k);
     assert_eq!(q.len(), n * k);
@@ -506,7 +636,7 @@ pub fn linear_w8a16(x: &[f32], m: usize, k: usize, q: &[i8], s: &[f16], n: usize
     (0..n.div_ceil(width)).into_par_iter().for_each(|t| {
         let j0 = t * width;
         // SAFETY: `out` is m × n; this task alone writes columns j0..j0+width.
-        unsafe { gemm_cols(&a, q, s, j0, (j0 + width).min(n), optr.get(), n) };
+        unsafe { gemm_cols(path, &a, q, s, j0, (j0 + width).min(n), optr.get(), n) };
     });
 }
 
@@ -554,10 +684,10 @@ mod tests {
     }
 
     #[test]
-    fn matches_the_definition_bit_for_bit_on_odd_shapes() {
+    fn every_path_matches_the_definition_bit_for_bit_on_odd_shapes() {
         let mut seed = 11;
-        // m around the tile (6) and MC (96); n around NR (16) and a task; k around
-        // KC (256: 8 blocks), including one block.
+        // m around the tile (6) and MC (96); n around NR (16), two panels (32) and a
+        // task; k around KC (256: 8 blocks), including one block.
         for &(m, k, n) in &[
             (1, 32, 1),
             (2, 64, 16),
@@ -565,69 +695,73 @@ mod tests {
             (4, 96, 18),
             (5, 64, 17),
             (6, 256, 16),
+            (6, 288, 32),
             (7, 288, 33),
+            (11, 64, 48),
             (13, 544, 70),
             (97, 96, 300),
         ] {
             let x = acts(&mut seed, m, k);
             let (q, s) = random_weight(&mut seed, n, k / BLOCK);
-            let mut out = vec![f32::NAN; m * n];
-            linear_w8a16(&x, m, k, &q, &s, n, &mut out);
-            assert_same_bits(
-                &out,
-                &reference(&x, m, k, &q, &s, n),
-                &format!("{m}x{k}x{n}"),
-            );
+            let want = reference(&x, m, k, &q, &s, n);
+            for path in crate::path::available_paths() {
+                let mut out = vec![f32::NAN; m * n];
+                linear_w8a16_on(path, &x, m, k, &q, &s, n, &mut out);
+                assert_same_bits(&out, &want, &format!("{path:?} {m}x{k}x{n}"));
+            }
         }
     }
 
     #[test]
-    fn the_portable_tile_equals_the_simd_tile() {
-        // The SIMD path is the one `linear_w8a16` runs here; run the portable tile
-        // through the same driver by calling it on the packed operands.
+    fn every_tile_equals_the_portable_tile() {
+        // Each path's tiles (every row count; one panel, and two where the path has a
+        // pair tile) on the same packed operands as the portable tile, in two calls
+        // (the second continues the first's sums), as two KC slices do.
         let mut seed = 5;
-        let (m, k, n) = (MR, 3 * KC / 2, NR);
+        let (m, k, n) = (MR, 3 * KC / 2, 2 * NR);
         let x = acts(&mut seed, m, k);
         let (q, s) = random_weight(&mut seed, n, k / BLOCK);
         let a = PackedActs::new(&x, m, k);
         let nb = k / BLOCK;
-        let mut bq = vec![0i32; nb * PAIRS * NR];
-        let mut bs = vec![0f32; nb * NR];
-        pack_weights(&q, &s, k, 0, n, 0, nb, &mut bq, &mut bs);
-        let (ap, ad) = a.panel(0, 0);
-        let mut port = vec![0f32; m * n];
-        let mut simd = vec![0f32; m * n];
-        // Two calls (the second continues the first's sums), as two KC slices do.
         let half = nb / 2;
-        for (out, kern) in [
-            (&mut port, micro_portable as MicroFn),
-            (&mut simd, micro(MR)),
-        ] {
-            // SAFETY: the operands hold nb blocks; out is MR × NR.
-            unsafe {
-                let first = Panels {
+        let run = |path: Path, kern: MicroFn, width: usize| {
+            // The weights packed in two slices (half, then the rest), each slice's
+            // panels adjacent, as `gemm_cols` packs them.
+            let mut out = vec![f32::NAN; m * width];
+            for (b0, nbk) in [(0, half), (half, nb - half)] {
+                let mut bq = vec![0i32; 2 * nbk * PAIRS * NR];
+                let mut bs = vec![0f32; 2 * nbk * NR];
+                pack_weights(path, &q, &s, k, 0, n, b0, nbk, &mut bq, &mut bs);
+                let (ap, ad) = a.panel(0, b0);
+                let ops = Panels {
                     a: ap,
                     ad,
                     b: bq.as_ptr(),
                     bd: bs.as_ptr(),
                 };
-                kern(half, first, out.as_mut_ptr(), NR, true);
-                let (ap2, ad2) = a.panel(0, half);
-                let second = Panels {
-                    a: ap2,
-                    ad: ad2,
-                    b: bq[half * PAIRS * NR..].as_ptr(),
-                    bd: bs[half * NR..].as_ptr(),
-                };
-                kern(nb - half, second, out.as_mut_ptr(), NR, false);
+                // SAFETY: the operands hold nbk blocks of two panels; out is MR × width.
+                unsafe { kern(nbk, ops, out.as_mut_ptr(), width, b0 == 0) };
+            }
+            out
+        };
+        let port = run(Path::Portable, micro_portable, NR);
+        let want = reference(&x, m, k, &q, &s, n);
+        let cols = |v: &[f32], w: usize, rows: usize, c: usize| -> Vec<f32> {
+            (0..rows).flat_map(|i| v[i * w..][..c].to_vec()).collect()
+        };
+        assert_same_bits(&port, &cols(&want, n, m, NR), "portable vs definition");
+        for path in crate::path::available_paths() {
+            for rows in 1..=MR {
+                let one = run(path, micro(path, rows), NR);
+                let what = format!("{path:?} tile of {rows} rows");
+                assert_same_bits(&one[..rows * NR], &port[..rows * NR], &what);
+                if let Some(kp) = micro_pair(path, rows) {
+                    let two = run(path, kp, n);
+                    let what = format!("{path:?} pair tile of {rows} rows");
+                    assert_same_bits(&two[..rows * n], &want[..rows * n], &what);
+                }
             }
         }
-        assert_same_bits(&simd, &port, "simd vs portable");
-        assert_same_bits(
-            &port,
-            &reference(&x, m, k, &q, &s, n),
-            "portable vs definition",
-        );
     }
 
     #[test]
@@ -642,31 +776,37 @@ mod tests {
         for nbk in [KC / BLOCK, 3] {
             let mut pairs = vec![0i32; panels * nbk * PAIRS * NR];
             let mut scales = vec![0f32; panels * nbk * NR];
-            pack_weights(&q, &s, k, 0, n, 2, nbk, &mut pairs, &mut scales);
-            for p in 0..panels {
-                for jj in 0..NR {
-                    let j = p * NR + jj;
-                    for blk in 0..nbk {
-                        let want = if j < n {
-                            s[j * nb + 2 + blk].to_f32()
-                        } else {
-                            0.0
-                        };
-                        let got = scales[(p * nbk + blk) * NR + jj];
-                        assert_eq!(got.to_bits(), want.to_bits(), "scale j={j} b={blk}");
-                        for pp in 0..PAIRS {
-                            let got = pairs[((p * nbk + blk) * PAIRS + pp) * NR + jj];
-                            let (lo, hi) = if j < n {
-                                let c = j * k + (2 + blk) * BLOCK + 2 * pp;
-                                (q[c] as i32, q[c + 1] as i32)
+            for path in crate::path::available_paths() {
+                pack_weights(path, &q, &s, k, 0, n, 2, nbk, &mut pairs, &mut scales);
+                for p in 0..panels {
+                    for jj in 0..NR {
+                        let j = p * NR + jj;
+                        for blk in 0..nbk {
+                            let want = if j < n {
+                                s[j * nb + 2 + blk].to_f32()
                             } else {
-                                (0, 0)
+                                0.0
                             };
+                            let got = scales[(p * nbk + blk) * NR + jj];
                             assert_eq!(
-                                (got as i16 as i32, got >> 16),
-                                (lo, hi),
-                                "nbk={nbk} j={j} b={blk} p={pp}"
+                                got.to_bits(),
+                                want.to_bits(),
+                                "{path:?} scale j={j} b={blk}"
                             );
+                            for pp in 0..PAIRS {
+                                let got = pairs[((p * nbk + blk) * PAIRS + pp) * NR + jj];
+                                let (lo, hi) = if j < n {
+                                    let c = j * k + (2 + blk) * BLOCK + 2 * pp;
+                                    (q[c] as i32, q[c + 1] as i32)
+                                } else {
+                                    (0, 0)
+                                };
+                                assert_eq!(
+                                    (got as i16 as i32, got >> 16),
+                                    (lo, hi),
+                                    "{path:?} nbk={nbk} j={j} b={blk} p={pp}"
+                                );
+                            }
                         }
                     }
                 }

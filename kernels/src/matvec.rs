@@ -240,19 +240,49 @@ mod x86 {
     }
 
     /// Prefetch distance along a task's weight rows (bytes): the hardware prefetchers
-    /// stop at 4 KiB pages, and the weights are file-backed (4 KiB pages). Measured on
-    /// the 8B bundle's weights (every int8 matrix × one token, interleaved runs of one
-    /// process): 2 KiB with `prefetcht0` read at 13.5 GB/s, 8 KiB with `prefetchnta`
-    /// at 15.2–16.7 GB/s, a plain sum over the same bytes at 19.0–19.3 (in
-    /// separate `q3vl bench` runs the two were within the host's noise). The
-    /// non-temporal hint suits weights read once per token.
+    /// stop at 4 KiB pages. Which hint is best depends on the CPU (see [`prefetch`]).
     const PREFETCH: usize = 8192;
+
+    /// Whether the rows prefetch into L2 (`prefetcht1`, on Intel CPUs) rather than
+    /// with the non-temporal hint (elsewhere). Measured on the 8B bundle's int8
+    /// weights × one token, 2 threads, best of 3 passes over 2 GiB:
+    /// - 2-core Zen 3 host: `prefetchnta` at 8 KiB read 15.2–16.7 GB/s, `prefetcht0`
+    ///   at 2 KiB 13.5 (a plain sum over the same bytes: 19.0–19.3);
+    /// - 2-core Xeon host (AVX-512): `prefetchnta` at 8 KiB 13.5 GB/s, no prefetch
+    ///   18.7, `prefetcht0` at 8 KiB 23.0, `prefetcht1` at 4–32 KiB 25.2–26.3 (a
+    ///   plain sum: 34.8). On Intel the non-temporal hint fills L1 only, so the L2
+    ///   streamer never sees the stream.
+    pub fn prefetch_l2() -> bool {
+        static L2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *L2.get_or_init(|| {
+            // SAFETY: CPUID leaf 0 exists on every x86-64 CPU.
+            #[allow(unused_unsafe)]
+            let r = unsafe { __cpuid(0) };
+            // "GenuineIntel" in EBX, EDX, ECX.
+            (r.ebx, r.edx, r.ecx) == (0x756e_6547, 0x4965_6e69, 0x6c65_746e)
+        })
+    }
+
+    /// One prefetch of the weight stream with the hint chosen by [`prefetch_l2`].
+    /// Wrapping: the address may pass the end of the weights (a prefetch never faults).
+    #[inline(always)]
+    fn prefetch<const L2: bool>(p: *const i8) {
+        let p = p.wrapping_add(PREFETCH);
+        // SAFETY: a prefetch reads nothing and never faults.
+        unsafe {
+            if L2 {
+                _mm_prefetch::<_MM_HINT_T1>(p)
+            } else {
+                _mm_prefetch::<_MM_HINT_NTA>(p)
+            }
+        }
+    }
 
     /// AVX2 row: the scale products first (one pass over the row's scales), then per
     /// block two sign-extensions to int16, two `vpmaddwd`, one add, one convert and
     /// one FMA.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn row_avx2(
+    pub unsafe fn row_avx2<const L2: bool>(
         w: *const i8,
         ws: *const f16,
         xq: *const i16,
@@ -287,8 +317,7 @@ mod x86 {
         let pairs = nb / 2 * 2;
         let mut b = 0;
         while b < pairs {
-            // wrapping: the address may pass the end of the weights (a prefetch never faults).
-            _mm_prefetch(w.wrapping_add(b * BLOCK + PREFETCH), _MM_HINT_NTA);
+            prefetch::<L2>(w.wrapping_add(b * BLOCK));
             let s0 = block(b);
             let s1 = block(b + 1);
             acc = _mm256_fmadd_ps(s0, _mm256_broadcast_ss(&*sc.add(b)), acc);
@@ -299,6 +328,68 @@ mod x86 {
             acc = _mm256_fmadd_ps(block(b), _mm256_broadcast_ss(&*sc.add(b)), acc);
         }
         // ((a0+a4) + (a2+a6)) + ((a1+a5) + (a3+a7)), the module's order.
+        let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    /// AVX-512 row: the module's arithmetic on two blocks (one cache line of
+    /// weights) per 512-bit `vpmaddwd` pair. Each product vector holds a block's 16
+    /// pair sums, bytes 0–15 in lanes 0–7 and bytes 16–31 in lanes 8–15; two
+    /// 128-bit shuffles gather both blocks' low and high halves, so one add forms
+    /// both blocks' eight exact lane sums and one convert turns them to f32. The two
+    /// fused adds then run in block order, as on every path.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    pub unsafe fn row_avx512<const L2: bool>(
+        w: *const i8,
+        ws: *const f16,
+        xq: *const i16,
+        xd: *const f32,
+        nb: usize,
+        sc: *mut f32,
+    ) -> f32 {
+        let full = nb / 16 * 16;
+        let mut b = 0;
+        while b < full {
+            let s = _mm512_cvtph_ps(_mm256_loadu_si256(ws.add(b) as *const __m256i));
+            _mm512_storeu_ps(sc.add(b), _mm512_mul_ps(s, _mm512_loadu_ps(xd.add(b))));
+            b += 16;
+        }
+        while b < nb {
+            *sc.add(b) = (*ws.add(b)).to_f32() * *xd.add(b);
+            b += 1;
+        }
+        let mut acc = _mm256_setzero_ps();
+        let pairs = nb / 2 * 2;
+        let mut b = 0;
+        while b < pairs {
+            let o = b * BLOCK;
+            prefetch::<L2>(w.wrapping_add(o));
+            let w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(w.add(o) as *const __m256i));
+            let w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(w.add(o + 32) as *const __m256i));
+            let p0 = _mm512_madd_epi16(w0, _mm512_loadu_si512(xq.add(o) as *const _));
+            let p1 = _mm512_madd_epi16(w1, _mm512_loadu_si512(xq.add(o + 32) as *const _));
+            let lo = _mm512_shuffle_i64x2::<0x44>(p0, p1);
+            let hi = _mm512_shuffle_i64x2::<0xEE>(p0, p1);
+            let f = _mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi));
+            let f1 = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(f)));
+            acc = _mm256_fmadd_ps(
+                _mm512_castps512_ps256(f),
+                _mm256_broadcast_ss(&*sc.add(b)),
+                acc,
+            );
+            acc = _mm256_fmadd_ps(f1, _mm256_broadcast_ss(&*sc.add(b + 1)), acc);
+            b += 2;
+        }
+        if b < nb {
+            let o = b * BLOCK;
+            let w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(o) as *const __m128i));
+            let w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(o + 16) as *const __m128i));
+            let p0 = _mm256_madd_epi16(w0, _mm256_loadu_si256(xq.add(o) as *const __m256i));
+            let p1 = _mm256_madd_epi16(w1, _mm256_loadu_si256(xq.add(o + 16) as *const __m256i));
+            let s = _mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1));
+            acc = _mm256_fmadd_ps(s, _mm256_broadcast_ss(&*sc.add(b)), acc);
+        }
         let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
@@ -361,9 +452,16 @@ fn row_fn(path: Path) -> RowFn {
         "{path:?} is not available on this CPU"
     );
     match path {
-        // AVX-512 VNNI CPUs run the AVX2 row (no `vpdpwssd` row yet).
         #[cfg(target_arch = "x86_64")]
-        Path::Avx2 | Path::Avx512Vnni => x86::row_avx2,
+        Path::Avx2 if x86::prefetch_l2() => x86::row_avx2::<true>,
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx2 => x86::row_avx2::<false>,
+        // No `vpdpwssd` here: each block's sums are folded into f32 at once, so
+        // there is no integer chain for it to fuse into.
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx512Vnni if x86::prefetch_l2() => x86::row_avx512::<true>,
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx512Vnni => x86::row_avx512::<false>,
         #[cfg(target_arch = "aarch64")]
         Path::Neon => neon::row_neon,
         _ => row_portable,
@@ -557,6 +655,48 @@ mod tests {
             let mut out = [0f32];
             matvec_on(p, &w, &[f16::ONE], 1, 32, &x, &mut out);
             assert_eq!(out[0].to_bits(), want.to_bits(), "{p:?}");
+        }
+    }
+
+    /// Both prefetch hints of each x86 row (only one runs on a given CPU) give the
+    /// portable row's bits.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn both_prefetch_variants_of_each_row_match_portable() {
+        let mut seed = 31;
+        for nb in [1usize, 2, 17, 128] {
+            let cols = nb * BLOCK;
+            let (q, s) = random_weight(&mut seed, 1, nb);
+            let x: Vec<f32> = (0..cols)
+                .map(|_| ((lcg(&mut seed) % 20001) as f32 - 10000.0) * 1e-3)
+                .collect();
+            let xa = Acts16::quantize(&x, cols);
+            let want = dot_portable(&q, &s, &xa.q, &xa.d);
+            let mut rows: Vec<(RowFn, &str)> = Vec::new();
+            if available_paths().contains(&Path::Avx2) {
+                rows.push((x86::row_avx2::<true>, "avx2 t1"));
+                rows.push((x86::row_avx2::<false>, "avx2 nta"));
+            }
+            if available_paths().contains(&Path::Avx512Vnni) {
+                rows.push((x86::row_avx512::<true>, "avx512 t1"));
+                rows.push((x86::row_avx512::<false>, "avx512 nta"));
+            }
+            let mut sc = vec![0f32; nb];
+            for (row, what) in rows {
+                // SAFETY: one row of nb blocks, its scales and activations; sc holds nb
+                // floats; the row's path is available.
+                let got = unsafe {
+                    row(
+                        q.as_ptr(),
+                        s.as_ptr(),
+                        xa.q.as_ptr(),
+                        xa.d.as_ptr(),
+                        nb,
+                        sc.as_mut_ptr(),
+                    )
+                };
+                assert_eq!(got.to_bits(), want.to_bits(), "{what} nb={nb}");
+            }
         }
     }
 

@@ -1,6 +1,10 @@
 //! The SIMD paths of the kernels and which of them this CPU can run, detected once
 //! and shared by every kernel (each maps a path to its own implementation; a path a
 //! kernel has no code for runs the best one it has below it).
+//!
+//! `Q3VL_KERNEL_PATH` (see [`PATH_VAR`]) picks a lower path than the best one, to
+//! measure one path against another on one machine or to reproduce what a CPU
+//! without the best path computes (every path gives the same tokens).
 
 use std::sync::OnceLock;
 
@@ -15,6 +19,49 @@ pub enum Path {
     Avx512Vnni,
     /// aarch64 NEON.
     Neon,
+}
+
+impl Path {
+    /// The path's name, as `Q3VL_KERNEL_PATH` takes it and reports print it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Path::Portable => "portable",
+            Path::Avx2 => "avx2",
+            Path::Avx512Vnni => "avx512vnni",
+            Path::Neon => "neon",
+        }
+    }
+}
+
+/// The environment variable naming the kernel path to run instead of the best.
+pub const PATH_VAR: &str = "Q3VL_KERNEL_PATH";
+
+/// The path `Q3VL_KERNEL_PATH` asks for: `Ok(None)` when it is unset or empty, an
+/// error naming the variable when it names no path or one this CPU cannot run.
+pub fn requested_path() -> Result<Option<Path>, String> {
+    let Ok(v) = std::env::var(PATH_VAR) else {
+        return Ok(None);
+    };
+    if v.is_empty() {
+        return Ok(None);
+    }
+    let avail = available_paths();
+    let names: Vec<&str> = avail.iter().map(|p| p.name()).collect();
+    match avail.iter().find(|p| p.name() == v.to_ascii_lowercase()) {
+        Some(p) => Ok(Some(*p)),
+        None => Err(format!(
+            "{PATH_VAR}={v:?} is not a kernel path this CPU runs (it runs: {})",
+            names.join(", ")
+        )),
+    }
+}
+
+/// Whether the running path has AVX2, FMA and F16C (the AVX2 and AVX-512 paths):
+/// the f32 kernels, which have no AVX-512 code of their own, run their AVX2 code
+/// on both.
+#[cfg(target_arch = "x86_64")]
+pub fn avx2() -> bool {
+    matches!(best_path(), Path::Avx2 | Path::Avx512Vnni)
 }
 
 /// The paths this CPU can run, best last.
@@ -46,8 +93,15 @@ pub fn available_paths() -> Vec<Path> {
     v
 }
 
-/// The best path of this CPU, chosen once.
+/// The path every kernel runs, chosen once: the one `Q3VL_KERNEL_PATH` names, else
+/// the best of this CPU (a bad value is the caller's to report, through
+/// [`requested_path`]; here it falls back to the best).
 pub fn best_path() -> Path {
     static BEST: OnceLock<Path> = OnceLock::new();
-    *BEST.get_or_init(|| *available_paths().last().expect("portable is always there"))
+    *BEST.get_or_init(|| {
+        requested_path()
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| *available_paths().last().expect("portable is always there"))
+    })
 }

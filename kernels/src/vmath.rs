@@ -218,8 +218,7 @@ fn gelu_tanh_one(v: f32) -> f32 {
 /// Whether the AVX2/FMA builds can run (only x86-64 has them).
 #[cfg(target_arch = "x86_64")]
 fn simd() -> bool {
-    static S: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *S.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    crate::path::avx2()
 }
 
 /// `x[i] = exp(x[i])`.

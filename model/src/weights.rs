@@ -214,6 +214,21 @@ impl Checkpoint {
 /// Page-cache hints for streaming readers (the converter): they keep a pass over a
 /// checkpoint larger than RAM from growing the process's resident set.
 impl Checkpoint {
+    /// Asks for 2 MiB pages for every mapped file (Linux `MADV_HUGEPAGE`; best
+    /// effort, elsewhere nothing): a reader that streams all of its weights once per
+    /// token wants each 2 MiB read through one TLB entry. Pages read from disk after
+    /// this land in 2 MiB page-cache folios mapped whole; pages already cached stay
+    /// as they are. Measured on a 2-core Xeon host over 2 GiB of a mapped 8B
+    /// bundle: a plain sum read 25.3 GB/s with 9% of the range mapped by 2 MiB
+    /// entries and 34.8 GB/s with all of it, after evicting the file and mapping it
+    /// with this advice.
+    pub fn advise_huge_pages(&self) {
+        #[cfg(target_os = "linux")]
+        for f in &self.files {
+            let _ = f.map.advise(memmap2::Advice::HugePage);
+        }
+    }
+
     /// Asks the kernel to read `range` (bytes within tensor `name`) ahead.
     /// Hints are best effort: failures are ignored.
     pub fn prefetch(&self, name: &str, range: std::ops::Range<usize>) {
