@@ -7,7 +7,7 @@
 use crate::Outcome;
 use q3vl_engine::bench::{
     f16_linear_rate, memory_read_bandwidth, peak_rss_bytes, process_cpu_seconds, q8_f32_gemm_rate,
-    q8_linear_rate, q8_matmul_rate, q8_sweep_rate, touch_pages, KernelRate,
+    q8_linear_rate, q8_matmul_rate, q8_sweep_rate, touch_pages, weights_read_bandwidth, KernelRate,
 };
 use q3vl_engine::kernels::path::best_path;
 use q3vl_engine::GenerateParams;
@@ -297,6 +297,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<Outcome> {
     // After the peak RSS: the micro-benchmarks' buffers are not the engine's.
     let rates = pool.install(|| kernel_rates(&a.q8_shape, &a.gemm_shape));
     let sweep = pool.install(|| q8_sweep_rate(engine.language(), 3));
+    let weights_read = pool.install(|| weights_read_bandwidth(engine.language(), 3));
     if a.json {
         let doc = json!({
             "threads": engine.threads(),
@@ -326,6 +327,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<Outcome> {
             "peak_rss_bytes": rss,
             "kernels": rates_json(&rates),
             "decode_sweep_gb_s": sweep / 1e9,
+            "weights_read_gb_s": weights_read / 1e9,
         });
         println!("{doc}");
     } else {
@@ -369,6 +371,11 @@ pub fn run(a: BenchArgs) -> anyhow::Result<Outcome> {
             "decode sweep            {:.2} GB/s ({:.1}% of bandwidth; every int8 weight x 1 token, no other work)",
             sweep / 1e9,
             sweep / bandwidth * 100.0
+        );
+        println!(
+            "weights read            {:.2} GB/s (a plain sum over the same mapped bytes; the sweep is {:.1}% of it)",
+            weights_read / 1e9,
+            sweep / weights_read * 100.0
         );
         print_kernel_rates(&rates);
     }

@@ -67,7 +67,19 @@ gb() { awk -v b="$1" 'BEGIN { printf "%.2f GB", b / 1e9 }'; }
 # ---- 1. llama.cpp source and build (cached in $PEER) ---------------------------------------
 LSRC="$PEER/llama-cpp-python-$LLAMA_PY_VERSION"
 LCPP="$LSRC/vendor/llama.cpp"
-BUILD="$PEER/build-$LLAMA_PY_VERSION"
+# AMX: on a host whose CPU reports amx_int8, -march=native compiles ggml's AMX matmul, and on
+# the 2-core Xeon VM it faulted at its first `ldtilecfg` (SIGSEGV under gdb, SIGILL in
+# llama-bench; the kernel grants the tile state, ARCH_REQ_XCOMP_PERM returns 0). The build
+# then turns the AMX ISA off (everything else stays native: AVX-512, VNNI, BF16);
+# Q3VL_PEER_AMX=1 keeps it, for hosts where it works.
+AMX_FLAGS=()
+AMX_NOTE=""
+if grep -qw amx_int8 /proc/cpuinfo && [[ "${Q3VL_PEER_AMX:-0}" != 1 ]]; then
+  AMX_FLAGS=(-DCMAKE_C_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    -DCMAKE_CXX_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16")
+  AMX_NOTE=" with AMX off (-mno-amx-tile -mno-amx-int8 -mno-amx-bf16: its AMX matmul faults on this host)"
+fi
+BUILD="$PEER/build-$LLAMA_PY_VERSION${AMX_FLAGS:+-noamx}"
 VENV="$PEER/venv"
 if [[ ! -f "$LCPP/convert_hf_to_gguf.py" ]]; then
   echo "== fetch llama-cpp-python==$LLAMA_PY_VERSION (sdist) -> $LSRC" >&2
@@ -98,15 +110,16 @@ if [[ ! -x "$BUILD/bin/llama-bench" || ! -x "$BUILD/bin/llama-mtmd-cli" ]]; then
   t0=$(now)
   logged "$PEER/cmake.log" "$VENV/bin/cmake" -S "$LCPP" -B "$BUILD" -G Ninja \
     -DCMAKE_MAKE_PROGRAM="$VENV/bin/ninja" -DGGML_NATIVE=ON -DCMAKE_BUILD_TYPE=Release \
-    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF
+    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF "${AMX_FLAGS[@]}"
   logged "$PEER/build.log" nice -n 10 "$VENV/bin/cmake" --build "$BUILD" -j2 \
     --target llama-bench llama-mtmd-cli
   t1=$(now)
-  secs "$t0" "$t1" > "$PEER/build-seconds"
-  BUILT="built by this run in $(cat "$PEER/build-seconds") s"
+  secs "$t0" "$t1" > "$BUILD/build-seconds"
+  BUILT="built by this run in $(cat "$BUILD/build-seconds") s"
 else
-  BUILT="cached; built by an earlier run in $(cat "$PEER/build-seconds" 2> /dev/null || echo '?') s"
+  BUILT="cached; built by an earlier run in $(cat "$BUILD/build-seconds" 2> /dev/null || echo '?') s"
 fi
+BUILT="$BUILT$AMX_NOTE"
 echo "   llama.cpp: $BUILT" >&2
 LCPP_COMMIT=$(sed -n 's/.*ggml commit: *//p' "$PEER/cmake.log" 2> /dev/null | head -1)
 

@@ -178,6 +178,46 @@ pub fn q8_sweep_rate(bundle: &q3vl_bundle::Bundle, reps: usize) -> f64 {
     bytes as f64 / wall
 }
 
+/// A plain read of the bytes [`q8_sweep_rate`] reads (every int8 weight of `bundle` and
+/// its scales, straight from the memory map; a sum, no products), on the current rayon
+/// pool: best bytes per second over `reps` passes. Beside [`memory_read_bandwidth`] it
+/// separates the kernel's efficiency from the speed of the weights' own pages, which
+/// is not always the anonymous buffer's (page-cache placement; on a 2-core Xeon host
+/// a file's 2 MiB-mapped pages read at 27–28 GB/s in one hour and 34.8 in another,
+/// while a fresh anonymous buffer read at 34 in both).
+pub fn weights_read_bandwidth(bundle: &q3vl_bundle::Bundle, reps: usize) -> f64 {
+    let mut parts: Vec<&[u8]> = Vec::new();
+    for n in bundle.tensor_names() {
+        if bundle.q8(n).is_some() {
+            for stored in [n.to_owned(), scales_name(n)] {
+                if let Ok((_, _, b)) = bundle.raw(&stored) {
+                    parts.push(b);
+                }
+            }
+        }
+    }
+    let bytes: usize = parts.iter().map(|b| b.len()).sum();
+    let (wall, _) = best_of(reps, || {
+        let s: u64 = parts
+            .par_iter()
+            .flat_map(|b| b.par_chunks(1 << 20))
+            .map(|c| {
+                // Four independent lanes, as in `memory_read_bandwidth`.
+                let mut acc = [0u64; 4];
+                for q in c.chunks_exact(32) {
+                    for (l, a) in acc.iter_mut().enumerate() {
+                        let v = u64::from_le_bytes(q[8 * l..8 * l + 8].try_into().unwrap());
+                        *a = a.wrapping_add(v);
+                    }
+                }
+                acc.iter().fold(0u64, |a, b| a.wrapping_add(*b))
+            })
+            .reduce(|| 0, u64::wrapping_add);
+        std::hint::black_box(s);
+    });
+    bytes as f64 / wall
+}
+
 /// Reads one byte of every 4 KiB page of every tensor of `bundle` that a forward pass
 /// reads in full (in parallel), so those weights are resident before a timed pass, as
 /// `llama-bench`'s warm-up run makes them for llama.cpp; returns the bytes covered. The
