@@ -372,31 +372,29 @@ mod x86 {
     }
 }
 
+/// The instance of tile `f` for `rows` (1..=MR; more means MR) rows, its other const
+/// parameters after the row count.
+#[cfg(target_arch = "x86_64")]
+macro_rules! tile_for_rows {
+    ($rows:expr, $($f:ident)::+ $(, $more:expr)*) => {
+        match $rows {
+            1 => $($f)::+::<1 $(, $more)*> as MicroFn,
+            2 => $($f)::+::<2 $(, $more)*>,
+            3 => $($f)::+::<3 $(, $more)*>,
+            4 => $($f)::+::<4 $(, $more)*>,
+            5 => $($f)::+::<5 $(, $more)*>,
+            _ => $($f)::+::<MR $(, $more)*>,
+        }
+    };
+}
+
 /// The register tile of `path` for the first `rows` (1..=MR) rows of one panel. The
 /// portable tile always computes all [`MR`].
 fn micro(path: Path, rows: usize) -> MicroFn {
     #[cfg(target_arch = "x86_64")]
     match path {
-        Path::Avx512Vnni => {
-            return match rows {
-                1 => x86::micro_vnni::<1, 1>,
-                2 => x86::micro_vnni::<2, 1>,
-                3 => x86::micro_vnni::<3, 1>,
-                4 => x86::micro_vnni::<4, 1>,
-                5 => x86::micro_vnni::<5, 1>,
-                _ => x86::micro_vnni::<MR, 1>,
-            }
-        }
-        Path::Avx2 => {
-            return match rows {
-                1 => x86::micro_avx2::<1>,
-                2 => x86::micro_avx2::<2>,
-                3 => x86::micro_avx2::<3>,
-                4 => x86::micro_avx2::<4>,
-                5 => x86::micro_avx2::<5>,
-                _ => x86::micro_avx2::<MR>,
-            }
-        }
+        Path::Avx512Vnni => return tile_for_rows!(rows, x86::micro_vnni, 1),
+        Path::Avx2 => return tile_for_rows!(rows, x86::micro_avx2),
         _ => {}
     }
     let _ = (path, rows);
@@ -409,14 +407,7 @@ fn micro(path: Path, rows: usize) -> MicroFn {
 fn micro_pair(path: Path, rows: usize) -> Option<MicroFn> {
     #[cfg(target_arch = "x86_64")]
     if path == Path::Avx512Vnni {
-        return Some(match rows {
-            1 => x86::micro_vnni::<1, 2>,
-            2 => x86::micro_vnni::<2, 2>,
-            3 => x86::micro_vnni::<3, 2>,
-            4 => x86::micro_vnni::<4, 2>,
-            5 => x86::micro_vnni::<5, 2>,
-            _ => x86::micro_vnni::<MR, 2>,
-        });
+        return Some(tile_for_rows!(rows, x86::micro_vnni, 2));
     }
     let _ = (path, rows);
     None

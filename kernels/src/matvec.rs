@@ -278,6 +278,45 @@ mod x86 {
         }
     }
 
+    /// The row's scale products `sc[b] = f32(ws[b]) · xd[b]`, eight at a time.
+    #[target_feature(enable = "avx2,f16c")]
+    #[inline]
+    unsafe fn scale_products(ws: *const f16, xd: *const f32, nb: usize, sc: *mut f32) {
+        let full = nb / 8 * 8;
+        let mut b = 0;
+        while b < full {
+            let s = _mm256_cvtph_ps(_mm_loadu_si128(ws.add(b) as *const __m128i));
+            _mm256_storeu_ps(sc.add(b), _mm256_mul_ps(s, _mm256_loadu_ps(xd.add(b))));
+            b += 8;
+        }
+        while b < nb {
+            *sc.add(b) = (*ws.add(b)).to_f32() * *xd.add(b);
+            b += 1;
+        }
+    }
+
+    /// Block `b`'s eight exact lane sums, converted to f32.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn block_sums(w: *const i8, xq: *const i16, b: usize) -> __m256 {
+        let o = b * BLOCK;
+        let w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(o) as *const __m128i));
+        let w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(o + 16) as *const __m128i));
+        let p0 = _mm256_madd_epi16(w0, _mm256_loadu_si256(xq.add(o) as *const __m256i));
+        let p1 = _mm256_madd_epi16(w1, _mm256_loadu_si256(xq.add(o + 16) as *const __m256i));
+        _mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1))
+    }
+
+    /// The eight lane accumulators summed in the module's order:
+    /// `((a0+a4) + (a2+a6)) + ((a1+a5) + (a3+a7))`.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn lane_total(acc: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
     /// AVX2 row: the scale products first (one pass over the row's scales), then per
     /// block two sign-extensions to int16, two `vpmaddwd`, one add, one convert and
     /// one FMA.
@@ -290,47 +329,24 @@ mod x86 {
         nb: usize,
         sc: *mut f32,
     ) -> f32 {
-        let full = nb / 8 * 8;
-        let mut b = 0;
-        while b < full {
-            let s = _mm256_cvtph_ps(_mm_loadu_si128(ws.add(b) as *const __m128i));
-            _mm256_storeu_ps(sc.add(b), _mm256_mul_ps(s, _mm256_loadu_ps(xd.add(b))));
-            b += 8;
-        }
-        while b < nb {
-            *sc.add(b) = (*ws.add(b)).to_f32() * *xd.add(b);
-            b += 1;
-        }
+        scale_products(ws, xd, nb, sc);
         let mut acc = _mm256_setzero_ps();
-        // One block's lane sums, converted to f32.
-        let block = |b: usize| {
-            let o = b * BLOCK;
-            let wp = w.add(o);
-            let w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(wp as *const __m128i));
-            let w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(wp.add(16) as *const __m128i));
-            let p0 = _mm256_madd_epi16(w0, _mm256_loadu_si256(xq.add(o) as *const __m256i));
-            let p1 = _mm256_madd_epi16(w1, _mm256_loadu_si256(xq.add(o + 16) as *const __m256i));
-            _mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1))
-        };
         // Two blocks (one cache line of weights) per iteration: one prefetch and no
         // branch for it; still one chain of fused adds in block order.
         let pairs = nb / 2 * 2;
         let mut b = 0;
         while b < pairs {
             prefetch::<L2>(w.wrapping_add(b * BLOCK));
-            let s0 = block(b);
-            let s1 = block(b + 1);
+            let s0 = block_sums(w, xq, b);
+            let s1 = block_sums(w, xq, b + 1);
             acc = _mm256_fmadd_ps(s0, _mm256_broadcast_ss(&*sc.add(b)), acc);
             acc = _mm256_fmadd_ps(s1, _mm256_broadcast_ss(&*sc.add(b + 1)), acc);
             b += 2;
         }
         if b < nb {
-            acc = _mm256_fmadd_ps(block(b), _mm256_broadcast_ss(&*sc.add(b)), acc);
+            acc = _mm256_fmadd_ps(block_sums(w, xq, b), _mm256_broadcast_ss(&*sc.add(b)), acc);
         }
-        // ((a0+a4) + (a2+a6)) + ((a1+a5) + (a3+a7)), the module's order.
-        let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+        lane_total(acc)
     }
 
     /// AVX-512 row: the module's arithmetic on two blocks (one cache line of
@@ -348,17 +364,7 @@ mod x86 {
         nb: usize,
         sc: *mut f32,
     ) -> f32 {
-        let full = nb / 16 * 16;
-        let mut b = 0;
-        while b < full {
-            let s = _mm512_cvtph_ps(_mm256_loadu_si256(ws.add(b) as *const __m256i));
-            _mm512_storeu_ps(sc.add(b), _mm512_mul_ps(s, _mm512_loadu_ps(xd.add(b))));
-            b += 16;
-        }
-        while b < nb {
-            *sc.add(b) = (*ws.add(b)).to_f32() * *xd.add(b);
-            b += 1;
-        }
+        scale_products(ws, xd, nb, sc);
         let mut acc = _mm256_setzero_ps();
         let pairs = nb / 2 * 2;
         let mut b = 0;
@@ -382,17 +388,9 @@ mod x86 {
             b += 2;
         }
         if b < nb {
-            let o = b * BLOCK;
-            let w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(o) as *const __m128i));
-            let w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(o + 16) as *const __m128i));
-            let p0 = _mm256_madd_epi16(w0, _mm256_loadu_si256(xq.add(o) as *const __m256i));
-            let p1 = _mm256_madd_epi16(w1, _mm256_loadu_si256(xq.add(o + 16) as *const __m256i));
-            let s = _mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1));
-            acc = _mm256_fmadd_ps(s, _mm256_broadcast_ss(&*sc.add(b)), acc);
+            acc = _mm256_fmadd_ps(block_sums(w, xq, b), _mm256_broadcast_ss(&*sc.add(b)), acc);
         }
-        let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+        lane_total(acc)
     }
 }
 
