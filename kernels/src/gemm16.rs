@@ -45,6 +45,8 @@
 //! 4096 × 4096 × 211 product ran at 257–260 GFLOP/s on the AVX2 tile and 483–519 on
 //! the VNNI tile (`Q3VL_KERNEL_PATH=avx2` against the default, `q3vl bench
 //! --kernels-only`).
+//! On aarch64 a NEON tile (`smlal` into int32, `addp` per block) runs one row at a
+//! time; it is tested bit for bit under qemu (`make test-aarch64`), not timed.
 
 use crate::matvec::{quantize_block16, BLOCK};
 use crate::path::{best_path, Path};
@@ -162,7 +164,7 @@ unsafe fn micro_portable(nbk: usize, p: Panels, c: *mut f32, ldc: usize, first: 
     for blk in 0..nbk {
         for (i, row) in acc.iter_mut().enumerate() {
             // Integer sums are exact, so the loop order is free: columns innermost,
-            // where a compiler can vectorize (the main path on aarch64).
+            // where a compiler can vectorize.
             let mut s = [0i32; NR];
             for p in 0..PAIRS {
                 // SAFETY: see `MicroFn`.
@@ -372,9 +374,61 @@ mod x86 {
     }
 }
 
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use super::{Panels, MR, NR, PAIRS};
+    use std::arch::aarch64::*;
+
+    /// The `R` × 16 NEON register tile, one row at a time: per pair, the row's
+    /// activation pair broadcast and four weight vectors (four columns' pairs each)
+    /// multiplied into eight int32 accumulators with `smlal`/`smlal2`, each lane one
+    /// product half of a column; per block, `addp` joins each column's two halves
+    /// (exact: 32 products of at most 128 · 32767), and the sums are converted and
+    /// fused into the row's four f32 accumulators.
+    #[target_feature(enable = "neon")]
+    pub unsafe fn micro_neon<const R: usize>(
+        nbk: usize,
+        p: Panels,
+        c: *mut f32,
+        ldc: usize,
+        first: bool,
+    ) {
+        let Panels { a, ad, b, bd } = p;
+        for i in 0..R {
+            let crow = c.add(i * ldc);
+            let mut f: [float32x4_t; 4] = if first {
+                [vdupq_n_f32(0.0); 4]
+            } else {
+                std::array::from_fn(|q| vld1q_f32(crow.add(4 * q)))
+            };
+            for blk in 0..nbk {
+                let mut acc = [vdupq_n_s32(0); 8];
+                for pp in 0..PAIRS {
+                    let o = blk * PAIRS + pp;
+                    let av = vreinterpretq_s16_s32(vdupq_n_s32(*a.add(o * MR + i)));
+                    let bp = b.add(o * NR) as *const i16;
+                    for q in 0..NR / 4 {
+                        let bv = vld1q_s16(bp.add(8 * q));
+                        acc[2 * q] = vmlal_s16(acc[2 * q], vget_low_s16(bv), vget_low_s16(av));
+                        acc[2 * q + 1] = vmlal_high_s16(acc[2 * q + 1], bv, av);
+                    }
+                }
+                let d = vdupq_n_f32(*ad.add(blk * MR + i));
+                for (q, fq) in f.iter_mut().enumerate() {
+                    let s = vpaddq_s32(acc[2 * q], acc[2 * q + 1]);
+                    let sc = vmulq_f32(vld1q_f32(bd.add(blk * NR + 4 * q)), d);
+                    *fq = vfmaq_f32(*fq, vcvtq_f32_s32(s), sc);
+                }
+            }
+            for (q, fq) in f.iter().enumerate() {
+                vst1q_f32(crow.add(4 * q), *fq);
+            }
+        }
+    }
+}
+
 /// The instance of tile `f` for `rows` (1..=MR; more means MR) rows, its other const
 /// parameters after the row count.
-#[cfg(target_arch = "x86_64")]
 macro_rules! tile_for_rows {
     ($rows:expr, $($f:ident)::+ $(, $more:expr)*) => {
         match $rows {
@@ -396,6 +450,10 @@ fn micro(path: Path, rows: usize) -> MicroFn {
         Path::Avx512Vnni => return tile_for_rows!(rows, x86::micro_vnni, 1),
         Path::Avx2 => return tile_for_rows!(rows, x86::micro_avx2),
         _ => {}
+    }
+    #[cfg(target_arch = "aarch64")]
+    if path == Path::Neon {
+        return tile_for_rows!(rows, neon::micro_neon);
     }
     let _ = (path, rows);
     micro_portable
