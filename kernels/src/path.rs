@@ -4,7 +4,8 @@
 //!
 //! `Q3VL_KERNEL_PATH` (see [`PATH_VAR`]) picks a lower path than the best one, to
 //! measure one path against another on one machine or to reproduce what a CPU
-//! without the best path computes (every path gives the same tokens).
+//! without the best path computes (the int8 products give the same bits on every
+//! path; the f32 ones agree to rounding).
 
 use std::sync::OnceLock;
 
@@ -36,9 +37,31 @@ impl Path {
 /// The environment variable naming the kernel path to run instead of the best.
 pub const PATH_VAR: &str = "Q3VL_KERNEL_PATH";
 
+/// A `Q3VL_KERNEL_PATH` value that names no path this CPU runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathRequestError {
+    /// The variable's value.
+    pub value: String,
+    /// The paths this CPU runs, by name.
+    pub available: Vec<&'static str>,
+}
+
+impl std::fmt::Display for PathRequestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{PATH_VAR}={:?} is not a kernel path this CPU runs (it runs: {})",
+            self.value,
+            self.available.join(", ")
+        )
+    }
+}
+
+impl std::error::Error for PathRequestError {}
+
 /// The path `Q3VL_KERNEL_PATH` asks for: `Ok(None)` when it is unset or empty, an
 /// error naming the variable when it names no path or one this CPU cannot run.
-pub fn requested_path() -> Result<Option<Path>, String> {
+pub fn requested_path() -> Result<Option<Path>, PathRequestError> {
     let Ok(v) = std::env::var(PATH_VAR) else {
         return Ok(None);
     };
@@ -46,19 +69,18 @@ pub fn requested_path() -> Result<Option<Path>, String> {
         return Ok(None);
     }
     let avail = available_paths();
-    let names: Vec<&str> = avail.iter().map(|p| p.name()).collect();
     match avail.iter().find(|p| p.name() == v.to_ascii_lowercase()) {
         Some(p) => Ok(Some(*p)),
-        None => Err(format!(
-            "{PATH_VAR}={v:?} is not a kernel path this CPU runs (it runs: {})",
-            names.join(", ")
-        )),
+        None => Err(PathRequestError {
+            value: v,
+            available: avail.iter().map(|p| p.name()).collect(),
+        }),
     }
 }
 
 /// Whether the running path has AVX2, FMA and F16C (the AVX2 and AVX-512 paths):
-/// the f32 kernels, which have no AVX-512 code of their own, run their AVX2 code
-/// on both.
+/// the f32 kernels run their AVX2 code on both (the f32 GEMM adds an AVX-512 tile
+/// on the latter).
 #[cfg(target_arch = "x86_64")]
 pub fn avx2() -> bool {
     matches!(best_path(), Path::Avx2 | Path::Avx512Vnni)
