@@ -19,7 +19,6 @@
 use super::OutPtr;
 use half::f16;
 use rayon::prelude::*;
-use std::sync::OnceLock;
 
 /// Rows of the register tile.
 pub const MR: usize = 6;
@@ -490,17 +489,13 @@ mod x86 {
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86::transpose8;
 
+/// The register tile of the running path (chosen once, in [`crate::path`]).
 fn micro() -> MicroFn {
-    static F: OnceLock<MicroFn> = OnceLock::new();
-    *F.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if crate::path::avx2() {
-                return x86::micro_avx2;
-            }
-        }
-        micro_portable
-    })
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        return x86::micro_avx2;
+    }
+    micro_portable
 }
 
 /// The register tile over two adjacent full panels (`MR` × 2[`NR`]), where this
@@ -513,23 +508,14 @@ fn micro_pair() -> Option<MicroFn> {
     None
 }
 
-/// Whether the running path has AVX2 (and F16C).
 #[cfg(target_arch = "x86_64")]
-fn avx2() -> bool {
-    crate::path::avx2()
-}
-
-/// Whether the running path has AVX2 and F16C.
-#[cfg(target_arch = "x86_64")]
-fn f16c() -> bool {
-    crate::path::avx2()
-}
+use crate::path::avx2;
 
 /// Widens f16 to f32 (exact) on the fastest path of this CPU.
 pub fn widen_f16(src: &[f16], dst: &mut [f32]) {
     assert_eq!(src.len(), dst.len());
     #[cfg(target_arch = "x86_64")]
-    if f16c() {
+    if avx2() {
         // SAFETY: lengths are equal; the features were detected.
         unsafe { x86::widen_f16c(src.as_ptr(), dst.as_mut_ptr(), src.len()) };
         return;
@@ -556,7 +542,7 @@ fn pack_b(
         let dst = &mut out[p * kc * NR..(p + 1) * kc * NR];
         let jp = j0 + p * NR;
         #[cfg(target_arch = "x86_64")]
-        if jp + NR <= j1 && f16c() {
+        if jp + NR <= j1 && avx2() {
             match b {
                 BSrc::F16(w) => {
                     // SAFETY: rows jp..jp+NR of w hold k values each (w is n × k
@@ -1270,7 +1256,8 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn the_avx512_pair_tile_equals_two_avx2_tiles_bit_for_bit() {
-        if micro_pair().is_none() || !is_x86_feature_detected!("avx2") {
+        // The hardware decides, not Q3VL_KERNEL_PATH: the tile is tested wherever it can run.
+        if !crate::path::available_paths().contains(&crate::path::Path::Avx512Vnni) {
             eprintln!("no AVX-512 on this CPU: the pair tile is not run here");
             return;
         }

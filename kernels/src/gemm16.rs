@@ -566,7 +566,7 @@ unsafe fn gemm_cols(
 ) {
     let (m, nb) = (a.m, a.nb);
     let k = nb * BLOCK;
-    let (kern, kern_pair) = (micro(path, MR), micro_pair(path, MR));
+    let (kern, has_pair) = (micro(path, MR), micro_pair(path, MR).is_some());
     let panels = (j1 - j0).div_ceil(NR);
     let kcb = KC / BLOCK;
     let (mut bq, mut bs) = TILE.take();
@@ -590,7 +590,7 @@ unsafe fn gemm_cols(
                     bs[p * nbk * NR..].as_ptr(),
                 );
                 // Two full panels at once where the path has a tile for them.
-                let pair = kern_pair.filter(|_| jc + 2 * NR <= j1);
+                let pair = has_pair && jc + 2 * NR <= j1;
                 let mut ir = ic;
                 while ir < ic + mc {
                     let rows = MR.min(m - ir);
@@ -607,12 +607,7 @@ unsafe fn gemm_cols(
                     // buffer, loaded with C's partial sums when continuing.
                     unsafe {
                         let out = c.add(ir * ldc + jc);
-                        if let Some(kp) = pair {
-                            let kp = if rows == MR {
-                                kp
-                            } else {
-                                micro_pair(path, rows).unwrap_or(kp)
-                            };
+                        if let Some(kp) = micro_pair(path, rows).filter(|_| pair) {
                             kp(nbk, ops, out, ldc, first);
                         } else if rows == MR && cols == NR {
                             kern(nbk, ops, out, ldc, first);
@@ -637,7 +632,7 @@ unsafe fn gemm_cols(
                     }
                     ir += MR;
                 }
-                p += if pair.is_some() { 2 } else { 1 };
+                p += if pair { 2 } else { 1 };
             }
             ic += mc;
         }
