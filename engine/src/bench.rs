@@ -6,7 +6,6 @@
 use crate::kernels::q8::{self, QActs};
 use crate::weights::{Lin, Pass};
 use half::f16;
-use q3vl_bundle::names::scales_name;
 use rayon::prelude::*;
 use std::time::Instant;
 
@@ -154,7 +153,8 @@ pub fn f16_linear_rate(m: usize, k: usize, n: usize, reps: usize) -> KernelRate 
 }
 
 /// The decode step's matrix products alone: every int8 weight of `bundle` against
-/// one activation row ([`crate::kernels::matvec::matvec`]), straight from the memory map, on the
+/// one activation row, with the pool's other threads kept awake as in a decode step
+/// ([`crate::awake`]) ([`crate::kernels::matvec::matvec`]), straight from the memory map, on the
 /// current rayon pool. Returns the best sweep's weight bytes (values and scales) per
 /// second over `reps` sweeps.
 pub fn q8_sweep_rate(bundle: &q3vl_bundle::Bundle, reps: usize) -> f64 {
@@ -168,12 +168,17 @@ pub fn q8_sweep_rate(bundle: &q3vl_bundle::Bundle, reps: usize) -> f64 {
     let x: Vec<f32> = (0..cols_max)
         .map(|i| ((i % 17) as f32 - 8.0) * 0.01)
         .collect();
+    let rows_max = weights.iter().map(|(_, _, [r, _])| *r).max().unwrap_or(0);
+    let mut out = vec![0f32; rows_max];
     let (wall, _) = best_of(reps, || {
-        for (q, s, [rows, cols]) in &weights {
-            let mut out = vec![0f32; *rows];
-            crate::kernels::matvec::matvec(q, s, *rows, *cols, &x[..*cols], &mut out);
-            std::hint::black_box(&out);
-        }
+        // As in a decode step: the pool's other threads kept awake between products.
+        crate::awake::awake_here(|| {
+            for (q, s, [rows, cols]) in &weights {
+                let o = &mut out[..*rows];
+                crate::kernels::matvec::matvec(q, s, *rows, *cols, &x[..*cols], o);
+                std::hint::black_box(o);
+            }
+        })
     });
     bytes as f64 / wall
 }
@@ -186,7 +191,7 @@ pub fn q8_sweep_rate(bundle: &q3vl_bundle::Bundle, reps: usize) -> f64 {
 /// a file's 2 MiB-mapped pages read at 27–28 GB/s in one hour and 34.8 in another,
 /// while a fresh anonymous buffer read at 34 in both).
 pub fn weights_read_bandwidth(bundle: &q3vl_bundle::Bundle, reps: usize) -> f64 {
-    let parts = stored_bytes(bundle, |n| bundle.q8(n).is_some());
+    let parts = bundle.stored_bytes(|n| bundle.q8(n).is_some());
     let bytes: usize = parts.iter().map(|b| b.len()).sum();
     let (wall, _) = best_of(reps, || {
         let s: u64 = parts
@@ -204,24 +209,6 @@ pub fn weights_read_bandwidth(bundle: &q3vl_bundle::Bundle, reps: usize) -> f64 
     bytes as f64 / wall
 }
 
-/// The mapped bytes of every stored tensor of the weights `keep` accepts (a quantized
-/// weight is two stored tensors: its int8 values and its scales).
-fn stored_bytes(bundle: &q3vl_bundle::Bundle, keep: impl Fn(&str) -> bool) -> Vec<&[u8]> {
-    let mut parts = Vec::new();
-    for n in bundle.tensor_names() {
-        if !keep(n) {
-            continue;
-        }
-        let scales = bundle.q8(n).map(|_| scales_name(n));
-        for stored in std::iter::once(n.to_owned()).chain(scales) {
-            if let Ok((_, _, b)) = bundle.raw(&stored) {
-                parts.push(b);
-            }
-        }
-    }
-    parts
-}
-
 /// A wrapping sum of `words` in four independent lanes, so the loads, not the adds,
 /// are the bottleneck.
 fn lane_sum(words: &[u64]) -> u64 {
@@ -234,35 +221,15 @@ fn lane_sum(words: &[u64]) -> u64 {
     acc.iter().fold(0u64, |a, b| a.wrapping_add(*b))
 }
 
-/// Reads one byte of every 4 KiB page of every tensor of `bundle` that a forward pass
-/// reads in full (in parallel), so those weights are resident before a timed pass, as
-/// `llama-bench`'s warm-up run makes them for llama.cpp; returns the bytes covered. The
-/// token embedding table is skipped unless it is also the head: a pass reads only its
-/// prompt's rows, and paging in all of it (1.2 GB at 8B) would inflate the peak RSS. Without it, whichever engine ran
-/// last evicts part of the other's weights from the page cache (two 8B models do not
-/// both fit beside their working memory in 24 GiB), and the first timed prefill reads
-/// them from disk.
+/// Makes every tensor of `bundle` that a forward pass reads in full resident
+/// ([`crate::engine::read_whole`], through [`q3vl_bundle::Bundle::populate`]) before a timed
+/// pass, as `llama-bench`'s warm-up run does for llama.cpp; returns the bytes covered.
+/// [`crate::Engine::open`] has done this once already; a second pass is cheap unless
+/// something (the other engine of `make bench-peer`) evicted part of the weights, in
+/// which case the first timed prefill would otherwise read them from disk.
 pub fn touch_pages(bundle: &q3vl_bundle::Bundle) -> usize {
-    const PAGE: usize = 4096;
     let head = bundle.head_tensor();
-    let tensors = stored_bytes(bundle, |n| {
-        n != q3vl_model::layout::EMBED || head.is_none_or(|h| h == n)
-    });
-    let sum: u64 = tensors
-        .par_iter()
-        .flat_map(|b| b.par_chunks(1 << 20))
-        .map(|chunk| {
-            chunk
-                .iter()
-                .step_by(PAGE)
-                // SAFETY: a reference to a byte of the mapped tensor; volatile, so the
-                // read is not optimised away.
-                .map(|b| unsafe { std::ptr::read_volatile(b) } as u64)
-                .sum::<u64>()
-        })
-        .sum();
-    std::hint::black_box(sum);
-    tensors.iter().map(|b| b.len()).sum()
+    bundle.populate(|n| crate::engine::read_whole(n, head))
 }
 
 /// Multi-threaded streaming read bandwidth in bytes/s: every thread sums its part of

@@ -1,6 +1,7 @@
 //! [`Engine`]: both bundles opened and checked, the vision tower, the decoder, and
 //! generation with greedy or seeded sampling.
 
+use crate::awake::install_awake;
 use crate::decoder::{Rows, TextModel, Weights};
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
@@ -88,6 +89,14 @@ pub struct Generation {
     pub timings: Timings,
 }
 
+/// Whether a forward pass reads tensor `name` in full: every tensor but the token
+/// embedding table, unless it is also the head (or no head is recorded). A pass reads
+/// only its prompt's embedding rows; paging in all of the table (1.2 GB at 8B) would
+/// grow the resident set for nothing.
+pub(crate) fn read_whole(name: &str, head: Option<&str>) -> bool {
+    name != q3vl_model::layout::EMBED || head.is_none_or(|h| h == name)
+}
+
 /// The runtime engine over one language + vision bundle pair.
 pub struct Engine {
     bundles: Bundles,
@@ -111,6 +120,11 @@ impl Engine {
             bundles.vision.verify_checksums()?;
         }
         check_pair(&bundles.language, &bundles.vision)?;
+        // Paged in now, in order, so the weights sit in 2 MiB folios (see
+        // `Bundle::populate`); the first forward pass would page them in anyway.
+        let head = bundles.language.head_tensor();
+        bundles.language.populate(|n| read_whole(n, head));
+        bundles.vision.populate(|_| true);
         let overrides = HashMap::new();
         let text = TextModel::load(&bundles.language, &overrides)?;
         let vision = VisionModel::load(&bundles.vision)?;
@@ -219,7 +233,7 @@ impl Engine {
         pixel_values: &[f32],
         grid_thw: [usize; 3],
     ) -> Result<ImageFeatures> {
-        self.pool.install(|| {
+        install_awake(&self.pool, || {
             self.vision
                 .encode(&self.bundles.vision, pixel_values, grid_thw)
         })
@@ -282,7 +296,7 @@ impl Engine {
             tc.head_dim,
             ids.len(),
         );
-        let logits = self.pool.install(|| {
+        let logits = install_awake(&self.pool, || {
             let h =
                 self.text
                     .forward(&w, &mapped, image.zip(span.as_ref()), &mut cache, Rows::All)?;
@@ -342,7 +356,7 @@ impl Engine {
                 return Ok(out);
             }
             let t0 = Instant::now();
-            let mut logits = self.pool.install(|| {
+            let mut logits = install_awake(&self.pool, || {
                 let h = self
                     .text
                     .forward(&w, &mapped, img, &mut cache, Rows::Last)?;
@@ -364,7 +378,7 @@ impl Engine {
                 if out.tokens.len() >= params.max_new_tokens {
                     break;
                 }
-                logits = self.pool.install(|| {
+                logits = install_awake(&self.pool, || {
                     let h = self
                         .text
                         .forward(&w, &[next], img, &mut cache, Rows::Last)?;

@@ -12,6 +12,9 @@
 //!   `vocab + k`, and M-RoPE positions follow from (id, index).
 //! - Determinism: every output value is one fixed-order reduction on one thread, so
 //!   tokens and logits are bit-identical whatever the thread count.
+//! - Threads: a forward pass keeps the pool's other threads awake between its many
+//!   short parallel sections ([`awake`]); the bundles' weights are paged in once, in
+//!   file order, when the engine opens ([`q3vl_bundle::Bundle::populate`]).
 //!
 //! ```no_run
 //! use q3vl_engine::{Engine, EngineOptions, GenerateParams};
@@ -23,6 +26,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod awake;
 pub mod bench;
 pub mod decoder;
 pub mod detokenize;

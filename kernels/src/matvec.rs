@@ -18,19 +18,28 @@
 //! weight row `w` with `nb` blocks:
 //!
 //! ```text
-//! acc[0..8] = 0                                             (f32 lanes)
+//! acc[0..16] = 0                                            (f32 lanes)
 //! for b in 0..nb:
 //!     sc = f32(ws[b]) · xd[b]                               (f32 product, rounded)
-//!     for l in 0..8:
-//!         s = Σ_{j ∈ {2l, 2l+1, 16+2l, 17+2l}} w[32b+j] · q[32b+j]   (exact, i32)
-//!         acc[l] = fma(f32(s), sc, acc[l])                  (fused multiply-add)
-//! result = ((acc0+acc4) + (acc2+acc6)) + ((acc1+acc5) + (acc3+acc7))
+//!     for j in 0..16:
+//!         p = w[32b+2j] · q[32b+2j] + w[32b+2j+1] · q[32b+2j+1]   (exact, i32)
+//!         acc[j] = fma(f32(p), sc, acc[j])                  (fused multiply-add)
+//! t[l] = acc[l] + acc[l+8]                                  (l < 8)
+//! result = ((t0+t4) + (t2+t6)) + ((t1+t5) + (t3+t7))
 //! ```
 //!
-//! Lane `l`'s bytes are the ones `vpmaddwd` pairs into lane `l` when the block's two
-//! 16-byte halves are sign-extended to int16. `|s| ≤ 4 · 128 · 32767 < 2²⁴`, so
-//! `f32(s)` is exact and the SIMD path only changes how the exact integer lane sums
-//! are formed. An output never depends on the task split or the thread count.
+//! Lane `j` holds the pair `vpmaddwd` forms in lane `j` when a block's 32 bytes are
+//! sign-extended to int16 in one 512-bit register (on AVX2 and NEON, lanes 0–7
+//! come from the block's first 16 bytes and 8–15 from the second). `|p| ≤ 2 · 128 ·
+//! 32767 < 2²⁴`, so `f32(p)` is exact and a path only changes how it forms the
+//! exact pair sums. An output never depends on the task split or the thread count.
+//!
+//! Why one lane per pair: on AVX-512 a block is then one sign-extension, one
+//! `vpmaddwd`, one convert and one FMA, with no shuffle to fold the block's halves.
+//! Over 4.2 GB of the 8B bundle's mapped weights (2 threads kept awake, three
+//! alternating runs on a 2-core Xeon host), the earlier definition (eight lanes, each
+//! two pairs' sum) read 28.3–29.4 GB/s and this one, with [`RowsFn`]'s loop,
+//! 29.6–30.2, where a plain sum over the same bytes read 34.2–35.0.
 
 use super::OutPtr;
 pub use crate::path::{available_paths, best_path, Path};
@@ -122,7 +131,7 @@ pub fn quantize_block16_portable(x: &[f32], q: &mut [i16]) -> f32 {
 
 /// One dot product on the portable path: the module's arithmetic.
 pub fn dot_portable(w: &[i8], ws: &[f16], xq: &[i16], xd: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
+    let mut acc = [0f32; 16];
     for (((wb, qb), s), d) in w
         .chunks_exact(BLOCK)
         .zip(xq.chunks_exact(BLOCK))
@@ -130,21 +139,14 @@ pub fn dot_portable(w: &[i8], ws: &[f16], xq: &[i16], xd: &[f32]) -> f32 {
         .zip(xd)
     {
         let sc = s.to_f32() * d;
-        for (l, a) in acc.iter_mut().enumerate() {
-            let s: i32 = [2 * l, 2 * l + 1, 16 + 2 * l, 17 + 2 * l]
-                .iter()
-                .map(|&j| wb[j] as i32 * qb[j] as i32)
-                .sum();
-            *a = (s as f32).mul_add(sc, *a);
+        for (j, a) in acc.iter_mut().enumerate() {
+            let p =
+                wb[2 * j] as i32 * qb[2 * j] as i32 + wb[2 * j + 1] as i32 * qb[2 * j + 1] as i32;
+            *a = (p as f32).mul_add(sc, *a);
         }
     }
-    let s = [
-        acc[0] + acc[4],
-        acc[1] + acc[5],
-        acc[2] + acc[6],
-        acc[3] + acc[7],
-    ];
-    (s[0] + s[2]) + (s[1] + s[3])
+    let t: [f32; 8] = std::array::from_fn(|l| acc[l] + acc[l + 8]);
+    ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7]))
 }
 
 /// One row's dot product: weight row `w` (`nb · 32` bytes, f16 scales `ws`), the
@@ -153,6 +155,7 @@ pub fn dot_portable(w: &[i8], ws: &[f16], xq: &[i16], xd: &[f32]) -> f32 {
 /// # Safety
 /// Every pointer addresses the lengths above, and the function's target features
 /// are present.
+#[allow(dead_code)] // the rows are called through `RowsFn`; the tests call them alone
 type RowFn = unsafe fn(
     w: *const i8,
     ws: *const f16,
@@ -161,6 +164,75 @@ type RowFn = unsafe fn(
     nb: usize,
     sc: *mut f32,
 ) -> f32;
+
+/// `n` consecutive rows' dot products into `out[0..n]`: rows `w`, `w + nb · 32`, …
+/// with scales `ws`, `ws + nb`, …, against one quantized activation row.
+///
+/// Why a loop inside each path's function rather than a call per row: with the
+/// output written by the caller after each call, decode over the 8B bundle's mapped
+/// weights read 27.7 GB/s; with the loop inside the path's target features (the row
+/// inlined) 28.6, against 29.0 for the rows alone with no output kept (medians of 5,
+/// a 2-core Xeon host).
+///
+/// # Safety
+/// As [`RowFn`] for each of the `n` rows, and `out` addresses `n` floats.
+type RowsFn = unsafe fn(
+    w: *const i8,
+    ws: *const f16,
+    x: ActRow,
+    nb: usize,
+    sc: *mut f32,
+    n: usize,
+    out: *mut f32,
+);
+
+/// One quantized activation row, as a [`RowsFn`] reads it: `nb · 32` int16 values
+/// and `nb` scales.
+#[derive(Clone, Copy)]
+struct ActRow {
+    q: *const i16,
+    d: *const f32,
+}
+
+/// Rows a [`RowsFn`] gathers on the stack before writing them out.
+const ROWS_MAX: usize = 64;
+
+/// Defines a [`RowsFn`] named `$name` looping `$row` under the attributes given.
+macro_rules! rows_of {
+    ($(#[$attr:meta])* $vis:vis $name:ident, $row:expr) => {
+        $(#[$attr])*
+        $vis unsafe fn $name(
+            w: *const i8,
+            ws: *const f16,
+            x: $crate::matvec::ActRow,
+            nb: usize,
+            sc: *mut f32,
+            n: usize,
+            out: *mut f32,
+        ) {
+            // Results gather on the stack and reach `out` once per 64 rows.
+            let mut done = 0;
+            while done < n {
+                let m = (n - done).min($crate::matvec::ROWS_MAX);
+                let mut loc = [0f32; $crate::matvec::ROWS_MAX];
+                for (i, v) in loc[..m].iter_mut().enumerate() {
+                    let r = done + i;
+                    // SAFETY: see `RowsFn`.
+                    *v = unsafe { $row(w.add(r * nb * BLOCK), ws.add(r * nb), x.q, x.d, nb, sc) };
+                }
+                // SAFETY: out addresses n floats (`RowsFn`); done + m ≤ n.
+                unsafe { std::ptr::copy_nonoverlapping(loc.as_ptr(), out.add(done), m) };
+                done += m;
+            }
+        }
+    };
+}
+
+rows_of!(
+    /// [`row_portable`] over consecutive rows.
+    rows_portable,
+    row_portable
+);
 
 /// The portable row (the reference of every path).
 unsafe fn row_portable(
@@ -295,32 +367,49 @@ mod x86 {
         }
     }
 
-    /// Block `b`'s eight exact lane sums, converted to f32.
-    #[target_feature(enable = "avx2")]
+    /// Block `b` folded into the pair lanes: `lo` takes pairs 0–7 (the block's first
+    /// 16 bytes), `hi` pairs 8–15, each `fma(f32(p), sc, acc)`.
+    #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn block_sums(w: *const i8, xq: *const i16, b: usize) -> __m256 {
+    unsafe fn block_avx2(
+        w: *const i8,
+        xq: *const i16,
+        b: usize,
+        sc: f32,
+        lo: __m256,
+        hi: __m256,
+    ) -> (__m256, __m256) {
         let o = b * BLOCK;
         let w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(o) as *const __m128i));
         let w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(o + 16) as *const __m128i));
         let p0 = _mm256_madd_epi16(w0, _mm256_loadu_si256(xq.add(o) as *const __m256i));
         let p1 = _mm256_madd_epi16(w1, _mm256_loadu_si256(xq.add(o + 16) as *const __m256i));
-        _mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1))
+        let s = _mm256_set1_ps(sc);
+        (
+            _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), s, lo),
+            _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), s, hi),
+        )
     }
 
-    /// The eight lane accumulators summed in the module's order:
-    /// `((a0+a4) + (a2+a6)) + ((a1+a5) + (a3+a7))`.
+    /// The folded lanes `t` summed in the module's order:
+    /// `((t0+t4) + (t2+t6)) + ((t1+t5) + (t3+t7))`.
     #[target_feature(enable = "avx2")]
     #[inline]
-    unsafe fn lane_total(acc: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    unsafe fn lane_total(t: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
     }
 
     /// AVX2 row: the scale products first (one pass over the row's scales), then per
-    /// block two sign-extensions to int16, two `vpmaddwd`, one add, one convert and
-    /// one FMA.
+    /// block two sign-extensions to int16, two `vpmaddwd`, two converts and two FMAs
+    /// (pairs 0–7 and 8–15 in two registers).
+    ///
+    /// Kept out of line: inlined into the loop over a task's rows, the AVX-512 row
+    /// (the same instructions) read the 8B bundle's weights at 24.5 GB/s instead of
+    /// 28.6 on a 2-core Xeon host.
     #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline(never)]
     pub unsafe fn row_avx2<const L2: bool>(
         w: *const i8,
         ws: *const f16,
@@ -330,32 +419,63 @@ mod x86 {
         sc: *mut f32,
     ) -> f32 {
         scale_products(ws, xd, nb, sc);
-        let mut acc = _mm256_setzero_ps();
+        let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         // Two blocks (one cache line of weights) per iteration: one prefetch and no
-        // branch for it; still one chain of fused adds in block order.
+        // branch for it.
         let pairs = nb / 2 * 2;
         let mut b = 0;
         while b < pairs {
             prefetch::<L2>(w.wrapping_add(b * BLOCK));
-            let s0 = block_sums(w, xq, b);
-            let s1 = block_sums(w, xq, b + 1);
-            acc = _mm256_fmadd_ps(s0, _mm256_broadcast_ss(&*sc.add(b)), acc);
-            acc = _mm256_fmadd_ps(s1, _mm256_broadcast_ss(&*sc.add(b + 1)), acc);
+            (lo, hi) = block_avx2(w, xq, b, *sc.add(b), lo, hi);
+            (lo, hi) = block_avx2(w, xq, b + 1, *sc.add(b + 1), lo, hi);
             b += 2;
         }
         if b < nb {
-            acc = _mm256_fmadd_ps(block_sums(w, xq, b), _mm256_broadcast_ss(&*sc.add(b)), acc);
+            (lo, hi) = block_avx2(w, xq, b, *sc.add(b), lo, hi);
         }
-        lane_total(acc)
+        lane_total(_mm256_add_ps(lo, hi))
     }
 
-    /// AVX-512 row: the module's arithmetic on two blocks (one cache line of
-    /// weights) per 512-bit `vpmaddwd` pair. Each product vector holds a block's 16
-    /// pair sums, bytes 0–15 in lanes 0–7 and bytes 16–31 in lanes 8–15; two
-    /// 128-bit shuffles gather both blocks' low and high halves, so one add forms
-    /// both blocks' eight exact lane sums and one convert turns them to f32. The two
-    /// fused adds then run in block order, as on every path.
+    rows_of!(
+        /// [`row_avx2`] (L2 prefetch) over consecutive rows.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub rows_avx2_l2,
+        row_avx2::<true>
+    );
+    rows_of!(
+        /// [`row_avx2`] (non-temporal prefetch) over consecutive rows.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub rows_avx2_nta,
+        row_avx2::<false>
+    );
+    rows_of!(
+        /// [`row_avx512`] (L2 prefetch) over consecutive rows.
+        #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+        pub rows_avx512_l2,
+        row_avx512::<true>
+    );
+    rows_of!(
+        /// [`row_avx512`] (non-temporal prefetch) over consecutive rows.
+        #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+        pub rows_avx512_nta,
+        row_avx512::<false>
+    );
+
+    /// Block `b` folded into the 16 pair lanes: one sign-extension, one `vpmaddwd`,
+    /// one convert, one FMA.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
+    unsafe fn block_avx512(w: *const i8, xq: *const i16, b: usize, sc: f32, acc: __m512) -> __m512 {
+        let o = b * BLOCK;
+        let w16 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(w.add(o) as *const __m256i));
+        let p = _mm512_madd_epi16(w16, _mm512_loadu_si512(xq.add(o) as *const _));
+        _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_set1_ps(sc), acc)
+    }
+
+    /// AVX-512 row: the module's arithmetic as written, one block per 512-bit
+    /// `vpmaddwd`; the two halves of the accumulator are added once at the end.
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    #[inline(never)] // see `row_avx2`
     pub unsafe fn row_avx512<const L2: bool>(
         w: *const i8,
         ws: *const f16,
@@ -365,32 +485,20 @@ mod x86 {
         sc: *mut f32,
     ) -> f32 {
         scale_products(ws, xd, nb, sc);
-        let mut acc = _mm256_setzero_ps();
+        let mut acc = _mm512_setzero_ps();
         let pairs = nb / 2 * 2;
         let mut b = 0;
         while b < pairs {
-            let o = b * BLOCK;
-            prefetch::<L2>(w.wrapping_add(o));
-            let w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(w.add(o) as *const __m256i));
-            let w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(w.add(o + 32) as *const __m256i));
-            let p0 = _mm512_madd_epi16(w0, _mm512_loadu_si512(xq.add(o) as *const _));
-            let p1 = _mm512_madd_epi16(w1, _mm512_loadu_si512(xq.add(o + 32) as *const _));
-            let lo = _mm512_shuffle_i64x2::<0x44>(p0, p1);
-            let hi = _mm512_shuffle_i64x2::<0xEE>(p0, p1);
-            let f = _mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi));
-            let f1 = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(f)));
-            acc = _mm256_fmadd_ps(
-                _mm512_castps512_ps256(f),
-                _mm256_broadcast_ss(&*sc.add(b)),
-                acc,
-            );
-            acc = _mm256_fmadd_ps(f1, _mm256_broadcast_ss(&*sc.add(b + 1)), acc);
+            prefetch::<L2>(w.wrapping_add(b * BLOCK));
+            acc = block_avx512(w, xq, b, *sc.add(b), acc);
+            acc = block_avx512(w, xq, b + 1, *sc.add(b + 1), acc);
             b += 2;
         }
         if b < nb {
-            acc = _mm256_fmadd_ps(block_sums(w, xq, b), _mm256_broadcast_ss(&*sc.add(b)), acc);
+            acc = block_avx512(w, xq, b, *sc.add(b), acc);
         }
-        lane_total(acc)
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc)));
+        lane_total(_mm256_add_ps(_mm512_castps512_ps256(acc), hi))
     }
 }
 
@@ -400,10 +508,17 @@ mod neon {
     use half::f16;
     use std::arch::aarch64::*;
 
+    rows_of!(
+        /// [`row_neon`] over consecutive rows.
+        #[target_feature(enable = "neon")]
+        pub rows_neon,
+        row_neon
+    );
+
     /// NEON row: per block the four 8-byte quarters widened to int16, multiplied
     /// into int32 (`smull`), adjacent products added pairwise (`addp`, so lane `l`
-    /// of a half holds bytes `2l, 2l+1`), the two halves added, converted, and
-    /// fused into lanes 0–3 and 4–7.
+    /// of a quarter's result holds its bytes `2l, 2l+1`), converted, and fused into
+    /// the pair lanes 0–3, 4–7, 8–11 and 12–15.
     #[target_feature(enable = "neon")]
     pub unsafe fn row_neon(
         w: *const i8,
@@ -413,56 +528,58 @@ mod neon {
         nb: usize,
         _sc: *mut f32,
     ) -> f32 {
-        let (mut acc03, mut acc47) = (vdupq_n_f32(0.0), vdupq_n_f32(0.0));
+        let mut acc = [vdupq_n_f32(0.0); 4];
         for b in 0..nb {
             let o = b * BLOCK;
             let sc = vdupq_n_f32((*ws.add(b)).to_f32() * *xd.add(b));
-            // Lanes 0-3 and 4-7 of one 16-byte half starting at byte h.
+            // Pair lanes h/2 .. h/2+3 and h/2+4 .. h/2+7 of the 16-byte half at byte h.
             let half = |h: usize| {
                 let wv = vld1q_s8(w.add(o + h));
                 let (wl, wh) = (vmovl_s8(vget_low_s8(wv)), vmovl_high_s8(wv));
                 let (x0, x1) = (vld1q_s16(xq.add(o + h)), vld1q_s16(xq.add(o + h + 8)));
-                let l03 = vpaddq_s32(
+                let p0 = vpaddq_s32(
                     vmull_s16(vget_low_s16(wl), vget_low_s16(x0)),
                     vmull_high_s16(wl, x0),
                 );
-                let l47 = vpaddq_s32(
+                let p1 = vpaddq_s32(
                     vmull_s16(vget_low_s16(wh), vget_low_s16(x1)),
                     vmull_high_s16(wh, x1),
                 );
-                (l03, l47)
+                (p0, p1)
             };
-            let (a03, a47) = half(0);
-            let (b03, b47) = half(16);
-            acc03 = vfmaq_f32(acc03, vcvtq_f32_s32(vaddq_s32(a03, b03)), sc);
-            acc47 = vfmaq_f32(acc47, vcvtq_f32_s32(vaddq_s32(a47, b47)), sc);
+            let (p0, p1) = half(0);
+            let (p2, p3) = half(16);
+            for (a, p) in acc.iter_mut().zip([p0, p1, p2, p3]) {
+                *a = vfmaq_f32(*a, vcvtq_f32_s32(p), sc);
+            }
         }
-        // [a0+a4, a1+a5, a2+a6, a3+a7], then the module's order.
-        let s = vaddq_f32(acc03, acc47);
+        // t[0..4] and t[4..8], then [t0+t4, t1+t5, t2+t6, t3+t7], then the module's
+        // order.
+        let s = vaddq_f32(vaddq_f32(acc[0], acc[2]), vaddq_f32(acc[1], acc[3]));
         (vgetq_lane_f32::<0>(s) + vgetq_lane_f32::<2>(s))
             + (vgetq_lane_f32::<1>(s) + vgetq_lane_f32::<3>(s))
     }
 }
 
-fn row_fn(path: Path) -> RowFn {
+fn rows_fn(path: Path) -> RowsFn {
     assert!(
         available_paths().contains(&path),
         "{path:?} is not available on this CPU"
     );
     match path {
         #[cfg(target_arch = "x86_64")]
-        Path::Avx2 if x86::prefetch_l2() => x86::row_avx2::<true>,
+        Path::Avx2 if x86::prefetch_l2() => x86::rows_avx2_l2,
         #[cfg(target_arch = "x86_64")]
-        Path::Avx2 => x86::row_avx2::<false>,
+        Path::Avx2 => x86::rows_avx2_nta,
         // No `vpdpwssd` here: each block's sums are folded into f32 at once, so
         // there is no integer chain for it to fuse into.
         #[cfg(target_arch = "x86_64")]
-        Path::Avx512Vnni if x86::prefetch_l2() => x86::row_avx512::<true>,
+        Path::Avx512Vnni if x86::prefetch_l2() => x86::rows_avx512_l2,
         #[cfg(target_arch = "x86_64")]
-        Path::Avx512Vnni => x86::row_avx512::<false>,
+        Path::Avx512Vnni => x86::rows_avx512_nta,
         #[cfg(target_arch = "aarch64")]
-        Path::Neon => neon::row_neon,
-        _ => row_portable,
+        Path::Neon => neon::rows_neon,
+        _ => rows_portable,
     }
 }
 
@@ -494,7 +611,7 @@ pub fn matvec_on(
     if rows == 0 || t == 0 {
         return;
     }
-    let row = row_fn(path);
+    let rows_of_path = rows_fn(path);
     let xa = Acts16::quantize(x, cols);
     // About 32 KiB of weights per task: small tasks balance the threads; one row at
     // a time keeps a single sequential stream per thread, which the prefetchers
@@ -507,22 +624,24 @@ pub fn matvec_on(
             let (r0, r1) = (task * mc, ((task + 1) * mc).min(rows));
             for tok in 0..t {
                 let (xq, xd) = xa.row(tok);
-                for r in r0..r1 {
-                    // SAFETY: row r of q and s and token tok of xa are in bounds (checked
-                    // lengths); sc holds nb floats; the path was detected on this CPU.
-                    let v = unsafe {
-                        row(
-                            q.as_ptr().add(r * cols),
-                            s.as_ptr().add(r * nb),
-                            xq.as_ptr(),
-                            xd.as_ptr(),
-                            nb,
-                            sc.as_mut_ptr(),
-                        )
-                    };
-                    // SAFETY: (tok, r) is inside `out`; only this task writes rows r0..r1.
-                    unsafe { *optr.get().add(tok * rows + r) = v };
-                }
+                // SAFETY: rows r0..r1 of q and s and token tok of xa are in bounds
+                // (checked lengths); sc holds nb floats; the path was detected on this
+                // CPU; outputs (tok, r0..r1) are inside `out` and only this task writes
+                // them.
+                unsafe {
+                    rows_of_path(
+                        q.as_ptr().add(r0 * cols),
+                        s.as_ptr().add(r0 * nb),
+                        ActRow {
+                            q: xq.as_ptr(),
+                            d: xd.as_ptr(),
+                        },
+                        nb,
+                        sc.as_mut_ptr(),
+                        r1 - r0,
+                        optr.get().add(tok * rows + r0),
+                    )
+                };
             }
         },
     );
@@ -638,8 +757,8 @@ mod tests {
 
     #[test]
     fn extreme_block_sum_is_exact_on_every_path() {
-        // 32 · 128 · 32767: the largest block sum, from eight lanes each at
-        // 4 · 128 · 32767, just under 2²⁴; exact only if every lane sum is.
+        // 32 · 128 · 32767: the largest block sum, from sixteen pair lanes each at
+        // 2 · 128 · 32767, under 2²⁴; exact only if every lane sum is.
         let w = vec![-128i8; 32];
         let x = vec![-1.0f32; 32];
         let xa = Acts16::quantize(&x, 32);
@@ -695,6 +814,79 @@ mod tests {
                 };
                 assert_eq!(got.to_bits(), want.to_bits(), "{what} nb={nb}");
             }
+        }
+    }
+
+    /// The definition, restated from the module docs one operation at a time: a change
+    /// to `dot_portable` that changes its bits must change the docs too.
+    #[test]
+    fn portable_dot_is_the_documented_arithmetic() {
+        let mut seed = 77;
+        for nb in [1usize, 2, 5, 40] {
+            let (w, ws) = random_weight(&mut seed, 1, nb);
+            let x: Vec<f32> = (0..nb * BLOCK)
+                .map(|i| ((lcg(&mut seed) % 20001) as f32 - 10000.0) * 1e-3 * (1 + i % 7) as f32)
+                .collect();
+            let xa = Acts16::quantize(&x, nb * BLOCK);
+            let mut acc = [0f32; 16];
+            for (b, (s, d)) in ws.iter().zip(&xa.d).enumerate() {
+                let sc = s.to_f32() * d;
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let (i0, i1) = (32 * b + 2 * j, 32 * b + 2 * j + 1);
+                    let p = w[i0] as i32 * xa.q[i0] as i32 + w[i1] as i32 * xa.q[i1] as i32;
+                    *a = (p as f32).mul_add(sc, *a);
+                }
+            }
+            let t: Vec<f32> = (0..8).map(|l| acc[l] + acc[l + 8]).collect();
+            let want = ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7]));
+            let got = dot_portable(&w, &ws, &xa.q, &xa.d);
+            assert_eq!(got.to_bits(), want.to_bits(), "nb={nb}");
+        }
+    }
+
+    /// Each path's task loop over more rows than it gathers at once (and an odd count)
+    /// gives each row's portable bits in place.
+    #[test]
+    fn task_loops_cover_every_row() {
+        let mut seed = 5;
+        let (rows, nb) = (2 * ROWS_MAX + 23, 3);
+        let cols = nb * BLOCK;
+        let (q, s) = random_weight(&mut seed, rows, nb);
+        let x: Vec<f32> = (0..cols)
+            .map(|_| ((lcg(&mut seed) % 2001) as f32 - 1000.0) * 1e-2)
+            .collect();
+        let xa = Acts16::quantize(&x, cols);
+        let want: Vec<f32> = (0..rows)
+            .map(|r| {
+                dot_portable(
+                    &q[r * cols..(r + 1) * cols],
+                    &s[r * nb..(r + 1) * nb],
+                    &xa.q,
+                    &xa.d,
+                )
+            })
+            .collect();
+        for &p in &available_paths() {
+            let mut out = vec![f32::NAN; rows + 1];
+            let mut sc = vec![0f32; nb];
+            // SAFETY: `rows` rows of q and s, one activation row, nb scratch floats,
+            // `rows` outputs; the path is available.
+            unsafe {
+                rows_fn(p)(
+                    q.as_ptr(),
+                    s.as_ptr(),
+                    ActRow {
+                        q: xa.q.as_ptr(),
+                        d: xa.d.as_ptr(),
+                    },
+                    nb,
+                    sc.as_mut_ptr(),
+                    rows,
+                    out.as_mut_ptr(),
+                )
+            };
+            assert_same_bits(&out[..rows], &want, &format!("{p:?}"));
+            assert!(out[rows].is_nan(), "{p:?} wrote past its rows");
         }
     }
 
