@@ -347,6 +347,11 @@ fn bench_reports_every_figure_and_its_bound() {
     assert!((f("decode_fraction_of_bound") * bound / f("decode_tok_s") - 1.0).abs() < 1e-9);
     assert!(doc["image_tokens"].as_u64().unwrap() > 0);
     assert!(f("weights_read_gb_s") > 0.0 && f("decode_sweep_gb_s") > 0.0);
+    // The language bundle's maps are resident after the warm-up, and a fraction of them
+    // (none, on a fixture far under 2 MiB per tensor) is on 2 MiB pages.
+    assert!(doc["weights_resident_bytes"].as_u64().unwrap() > 0);
+    let huge = f("weights_huge_page_fraction");
+    assert!((0.0..=1.0).contains(&huge), "{huge}");
     // The untimed warm-up pages in every tensor of both bundles but the token
     // embedding, which has a separate head here: the sum of the safetensors headers'
     // tensor extents.

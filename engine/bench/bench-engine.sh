@@ -55,6 +55,8 @@ print(f"| decode, {b['decode_steps']} steps | {b['decode_tok_s']:.3f} ± {b['dec
 print(f"| **decode / bound** | **{100 * b['decode_fraction_of_bound']:.1f}%** | >= 95% |")
 print(f"| decode sweep (every int8 weight x 1 token) | {b['decode_sweep_gb_s']:.2f} GB/s | |")
 print(f"| weights read (a plain sum over the same mapped bytes) | {b['weights_read_gb_s']:.2f} GB/s | |")
+if b.get("weights_huge_page_fraction") is not None:
+    print(f"| weights on 2 MiB pages | {100 * b['weights_huge_page_fraction']:.1f}% of {b['weights_resident_bytes'] / 1e9:.2f} GB resident | |")
 print(f"| **peak RSS** | **{rss / gib:.2f} GiB** | bundle {bundle / gib:.2f} GiB + 1 GiB = "
       f"{(bundle + gib) / gib:.2f} GiB |")
 for name, r in k.items():

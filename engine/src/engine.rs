@@ -107,6 +107,8 @@ pub struct Engine {
     context: usize,
     pool: rayon::ThreadPool,
     threads: usize,
+    /// The vision tower is paged in at its first use (a text-only run never reads it).
+    vision_paged: std::sync::Once,
 }
 
 impl Engine {
@@ -124,7 +126,6 @@ impl Engine {
         // `Bundle::populate`); the first forward pass would page them in anyway.
         let head = bundles.language.head_tensor();
         bundles.language.populate(|n| read_whole(n, head));
-        bundles.vision.populate(|_| true);
         let overrides = HashMap::new();
         let text = TextModel::load(&bundles.language, &overrides)?;
         let vision = VisionModel::load(&bundles.vision)?;
@@ -151,7 +152,16 @@ impl Engine {
             eos,
             pool,
             threads,
+            vision_paged: std::sync::Once::new(),
         })
+    }
+
+    /// Pages the vision tower in, in file order (as [`Engine::open`] does the language
+    /// bundle), once per engine; [`Engine::encode_image`] calls it first.
+    pub fn page_in_vision(&self) {
+        self.vision_paged.call_once(|| {
+            self.bundles.vision.populate(|_| true);
+        });
     }
 
     /// The language bundle.
@@ -233,6 +243,7 @@ impl Engine {
         pixel_values: &[f32],
         grid_thw: [usize; 3],
     ) -> Result<ImageFeatures> {
+        self.page_in_vision();
         install_awake(&self.pool, || {
             self.vision
                 .encode(&self.bundles.vision, pixel_values, grid_thw)

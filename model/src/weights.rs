@@ -229,6 +229,45 @@ impl Checkpoint {
         }
     }
 
+    /// How much of this checkpoint's mapped files is resident, and how much of that is
+    /// mapped by 2 MiB entries (`Rss` and `FilePmdMapped` of `/proc/self/smaps`), in
+    /// bytes; `None` where smaps cannot be read. Whether a streaming reader gets 2 MiB
+    /// entries depends on how its pages entered the page cache (see
+    /// [`Checkpoint::advise_huge_pages`]), so benchmarks report it.
+    pub fn resident_huge_bytes(&self) -> Option<(u64, u64)> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let starts: Vec<usize> = self.files.iter().map(|f| f.map.as_ptr() as usize).collect();
+        let (mut rss, mut huge) = (0u64, 0u64);
+        let mut ours = false;
+        for line in smaps.lines() {
+            // A mapping's header: "start-end perms offset dev inode path".
+            let first = line.split_whitespace().next().unwrap_or("");
+            if let Some((a, b)) = first.split_once('-') {
+                if let (Ok(a), Ok(_)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                {
+                    ours = starts.contains(&a);
+                    continue;
+                }
+            }
+            if !ours {
+                continue;
+            }
+            let kib = |field: &str| -> Option<u64> {
+                line.strip_prefix(field)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            };
+            if let Some(v) = kib("Rss:") {
+                rss += v << 10;
+            } else if let Some(v) = kib("FilePmdMapped:") {
+                huge += v << 10;
+            }
+        }
+        Some((rss, huge))
+    }
+
     /// Asks the kernel to read `range` (bytes within tensor `name`) ahead.
     /// Hints are best effort: failures are ignored.
     pub fn prefetch(&self, name: &str, range: std::ops::Range<usize>) {
@@ -440,6 +479,28 @@ mod tests {
             .map(|(n, d, s, b)| (n.to_string(), TensorView::new(*d, s.clone(), b).unwrap()))
             .collect();
         safetensors::serialize_to_file(views, None, path).unwrap();
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn resident_bytes_of_the_maps_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = 256 << 10;
+        let bytes: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+        write(
+            &dir.path().join("model.safetensors"),
+            &[("w", Dtype::U8, vec![n], bytes)],
+        );
+        let c = Checkpoint::open(dir.path()).unwrap();
+        let (_, b) = c.bytes("w").unwrap();
+        let sum: u64 = b.iter().step_by(4096).map(|&v| v as u64).sum();
+        assert!(sum > 0);
+        let (rss, huge) = c.resident_huge_bytes().unwrap();
+        // Every page of the tensor was read through this process's map.
+        assert!(rss >= n as u64, "rss {rss}");
+        assert!(huge <= rss);
+        // Nothing of another mapping is counted: the map is under 1 MiB.
+        assert!(rss < 1 << 20, "rss {rss}");
     }
 
     #[test]
