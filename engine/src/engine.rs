@@ -114,7 +114,9 @@ pub struct Engine {
 impl Engine {
     /// Opens the bundles in `out_dir` (a conversion's output folder or a language
     /// bundle folder), checks sizes (and with `verify_checksums` every sha256), that
-    /// the vision bundle fits the language bundle, and every tensor's shape and dtype.
+    /// the vision bundle fits the language bundle, and every tensor's shape and dtype;
+    /// then pages in the language weights a forward pass reads whole, in file order
+    /// ([`q3vl_bundle::Bundle::populate`]).
     pub fn open(out_dir: &Path, opts: &EngineOptions) -> Result<Engine> {
         let bundles = Bundles::open(out_dir)?;
         if opts.verify_checksums {

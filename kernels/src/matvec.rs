@@ -168,11 +168,11 @@ type RowFn = unsafe fn(
 /// `n` consecutive rows' dot products into `out[0..n]`: rows `w`, `w + nb · 32`, …
 /// with scales `ws`, `ws + nb`, …, against one quantized activation row.
 ///
-/// Why a loop inside each path's function rather than a call per row: with the
-/// output written by the caller after each call, decode over the 8B bundle's mapped
-/// weights read 27.7 GB/s; with the loop inside the path's target features (the row
-/// inlined) 28.6, against 29.0 for the rows alone with no output kept (medians of 5,
-/// a 2-core Xeon host).
+/// Why a loop inside each path's function rather than a call per row from the
+/// driver: decode over the 8B bundle's mapped weights read 27.7 GB/s with the driver
+/// storing each call's result, 28.6 with the loop inside the path's target features
+/// storing them, and 29.0 with no result kept at all (medians of 5, a 2-core Xeon
+/// host). The row itself stays a call (see `row_avx2`).
 ///
 /// # Safety
 /// As [`RowFn`] for each of the `n` rows, and `out` addresses `n` floats.
