@@ -221,17 +221,6 @@ fn lane_sum(words: &[u64]) -> u64 {
     acc.iter().fold(0u64, |a, b| a.wrapping_add(*b))
 }
 
-/// Makes every tensor of `bundle` that a forward pass reads in full resident
-/// ([`crate::engine::read_whole`], through [`q3vl_bundle::Bundle::populate`]) before a timed
-/// pass, as `llama-bench`'s warm-up run does for llama.cpp; returns the bytes covered.
-/// [`crate::Engine::open`] has done this once already; a second pass is cheap unless
-/// something (the other engine of `make bench-peer`) evicted part of the weights, in
-/// which case the first timed prefill would otherwise read them from disk.
-pub fn touch_pages(bundle: &q3vl_bundle::Bundle) -> usize {
-    let head = bundle.head_tensor();
-    bundle.populate(|n| crate::engine::read_whole(n, head))
-}
-
 /// Multi-threaded streaming read bandwidth in bytes/s: every thread sums its part of
 /// a `bytes`-sized buffer (choose ≫ last-level cache); best of `reps` passes.
 ///

@@ -93,7 +93,7 @@ pub struct Generation {
 /// embedding table, unless it is also the head (or no head is recorded). A pass reads
 /// only its prompt's embedding rows; paging in all of the table (1.2 GB at 8B) would
 /// grow the resident set for nothing.
-pub(crate) fn read_whole(name: &str, head: Option<&str>) -> bool {
+fn read_whole(name: &str, head: Option<&str>) -> bool {
     name != q3vl_model::layout::EMBED || head.is_none_or(|h| h == name)
 }
 
@@ -107,8 +107,11 @@ pub struct Engine {
     context: usize,
     pool: rayon::ThreadPool,
     threads: usize,
-    /// The vision tower is paged in at its first use (a text-only run never reads it).
-    vision_paged: std::sync::Once,
+    /// Bytes of the language bundle paged in at open.
+    paged_bytes: usize,
+    /// The vision tower's bytes, paged in at its first use (a text-only run never
+    /// reads it).
+    vision_paged: std::sync::OnceLock<usize>,
 }
 
 impl Engine {
@@ -127,7 +130,7 @@ impl Engine {
         // Paged in now, in order, so the weights sit in 2 MiB folios (see
         // `Bundle::populate`); the first forward pass would page them in anyway.
         let head = bundles.language.head_tensor();
-        bundles.language.populate(|n| read_whole(n, head));
+        let paged_bytes = bundles.language.populate(|n| read_whole(n, head));
         let overrides = HashMap::new();
         let text = TextModel::load(&bundles.language, &overrides)?;
         let vision = VisionModel::load(&bundles.vision)?;
@@ -154,16 +157,24 @@ impl Engine {
             eos,
             pool,
             threads,
-            vision_paged: std::sync::Once::new(),
+            paged_bytes,
+            vision_paged: std::sync::OnceLock::new(),
         })
     }
 
     /// Pages the vision tower in, in file order (as [`Engine::open`] does the language
-    /// bundle), once per engine; [`Engine::encode_image`] calls it first.
-    pub fn page_in_vision(&self) {
-        self.vision_paged.call_once(|| {
-            self.bundles.vision.populate(|_| true);
-        });
+    /// bundle), once per engine; [`Engine::encode_image`] calls it first. Returns the
+    /// bytes it covers.
+    pub fn page_in_vision(&self) -> usize {
+        *self
+            .vision_paged
+            .get_or_init(|| self.bundles.vision.populate(|_| true))
+    }
+
+    /// Bytes of the language bundle [`Engine::open`] paged in: every tensor a forward
+    /// pass reads whole.
+    pub fn paged_bytes(&self) -> usize {
+        self.paged_bytes
     }
 
     /// The language bundle.

@@ -197,7 +197,7 @@ unsafe fn micro_portable(nbk: usize, p: Panels, c: *mut f32, ldc: usize, first: 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{Panels, MR, NR, PAIRS};
-    use crate::gemm::transpose8;
+    use crate::gemm::{prefetch_tile, transpose8};
     use half::f16;
     use std::arch::x86_64::*;
 
@@ -224,12 +224,7 @@ mod x86 {
                 r[1] = _mm256_loadu_ps(p.add(8));
             }
         } else {
-            // The C tile is usually out of cache; ask for it while the tile computes.
-            for i in 0..R {
-                let p = c.add(i * ldc) as *const i8;
-                _mm_prefetch::<_MM_HINT_T0>(p);
-                _mm_prefetch::<_MM_HINT_T0>(p.add(4 * NR - 1));
-            }
+            prefetch_tile(c, ldc, R, 4 * NR);
         }
         let (mut ap, mut bp) = (a, b);
         for blk in 0..nbk {

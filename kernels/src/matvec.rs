@@ -149,13 +149,10 @@ pub fn dot_portable(w: &[i8], ws: &[f16], xq: &[i16], xd: &[f32]) -> f32 {
     ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7]))
 }
 
-/// One row's dot product: weight row `w` (`nb · 32` bytes, f16 scales `ws`), the
-/// quantized activation row `xq`/`xd`, and `sc`, scratch for `nb` floats.
-///
-/// # Safety
-/// Every pointer addresses the lengths above, and the function's target features
-/// are present.
-#[allow(dead_code)] // the rows are called through `RowsFn`; the tests call them alone
+/// One row's dot product (the signature of every path's row, which the x86 tests
+/// call alone): weight row `w`, its scales `ws`, the quantized activation row
+/// `xq`/`xd`, and `sc`; the contract is [`RowsFn`]'s for one row.
+#[cfg(all(test, target_arch = "x86_64"))]
 type RowFn = unsafe fn(
     w: *const i8,
     ws: *const f16,
@@ -175,7 +172,9 @@ type RowFn = unsafe fn(
 /// host). The row itself stays a call (see `row_avx2`).
 ///
 /// # Safety
-/// As [`RowFn`] for each of the `n` rows, and `out` addresses `n` floats.
+/// `w` addresses `n` rows of `nb · 32` bytes, `ws` their `n · nb` f16 scales, `x` one
+/// activation row (`nb · 32` values, `nb` scales), `sc` scratch for `nb` floats and
+/// `out` `n` floats; the function's target features are present.
 type RowsFn = unsafe fn(
     w: *const i8,
     ws: *const f16,
@@ -244,7 +243,7 @@ unsafe fn row_portable(
     _sc: *mut f32,
 ) -> f32 {
     let n = nb * BLOCK;
-    // SAFETY: see `RowFn`.
+    // SAFETY: see `RowsFn` (for one row).
     unsafe {
         dot_portable(
             std::slice::from_raw_parts(w, n),
