@@ -25,10 +25,11 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    // Negative values are parsed so that the range check below names the option.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub temperature: f32,
     /// Nucleus sampling mass.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub top_p: f32,
     /// PRNG seed for sampling.
     #[arg(long, default_value_t = 0)]
@@ -183,14 +184,22 @@ pub fn run(a: RunArgs) -> anyhow::Result<Outcome> {
     } else {
         let rest = stream.finish(&decode).unwrap_or_default();
         println!("{rest}");
-        eprintln!(
-            "{} prompt tokens, {} generated; vision {:.0} ms, prefill {:.1} tok/s, decode {:.2} tok/s",
-            prompt.ids.len(),
-            g.tokens.len(),
-            vision_ms,
-            t.prefill_tok_s,
-            t.decode_tok_s
-        );
+        if a.max_new_tokens == 0 {
+            // The engine returns before prefill: there are no rates to give.
+            eprintln!(
+                "{} prompt tokens, 0 generated (--max-new-tokens 0: prefill and decode skipped)",
+                prompt.ids.len()
+            );
+        } else {
+            eprintln!(
+                "{} prompt tokens, {} generated; vision {:.0} ms, prefill {:.1} tok/s, decode {:.2} tok/s",
+                prompt.ids.len(),
+                g.tokens.len(),
+                vision_ms,
+                t.prefill_tok_s,
+                t.decode_tok_s
+            );
+        }
     }
     Ok(Outcome::Success)
 }

@@ -190,6 +190,21 @@ fn bad_images_fail_cleanly() {
     let png = std::fs::read(fixture("shapes/images/demo_0.png")).unwrap();
     bad_image("truncated.png", &png[..png.len() / 2], &["truncated.png"]);
     bad_image("notes.txt", b"just some text, not an image", &["notes.txt"]);
+    // A folder where a file belongs: labelled as the image, not as a bare I/O error.
+    let folder = scratch("image-folder");
+    std::fs::create_dir_all(&folder).unwrap();
+    fails(
+        &run(&[
+            "run",
+            "--bundle",
+            s(&out),
+            "--image",
+            s(&folder),
+            "--prompt",
+            "x",
+        ]),
+        &["image ", "image-folder"],
+    );
     bad_image(
         "anim.gif",
         b"GIF89a\x01\x00\x01\x00\x00\x00\x00;",
@@ -203,6 +218,45 @@ fn bad_images_fail_cleanly() {
     huge.extend(chunk(b"IHDR", &ihdr));
     huge.extend(chunk(b"IEND", &[]));
     bad_image("huge.png", &huge, &["huge.png"]);
+}
+
+#[test]
+fn sampling_options_out_of_range_name_the_option() {
+    let out = converted_fixture("tied");
+    // Negative values reach the range check (not clap's "unexpected argument").
+    for (opt, value) in [
+        ("--temperature", "-1"),
+        ("--temperature", "inf"),
+        ("--top-p", "-0.5"),
+        ("--top-p", "0"),
+        ("--top-p", "1.5"),
+    ] {
+        let o = run(&["run", "--bundle", s(&out), "--prompt", "x", opt, value]);
+        let line = fails(&o, &[opt]);
+        assert!(line.contains("must be"), "{opt} {value}: {line}");
+    }
+}
+
+#[test]
+fn zero_new_tokens_runs_nothing_and_says_so() {
+    let out = converted_fixture("tied");
+    let o = run(&[
+        "run",
+        "--bundle",
+        s(&out),
+        "--prompt",
+        "x",
+        "--max-new-tokens",
+        "0",
+    ]);
+    assert!(o.status.success());
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("0 generated"), "{err}");
+    assert!(
+        !err.contains("tok/s"),
+        "no rates for a run that did nothing: {err}"
+    );
 }
 
 #[test]

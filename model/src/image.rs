@@ -45,7 +45,12 @@ impl PatchedImage {
 
 /// Decodes a PNG or JPEG file to RGB (alpha dropped, as PIL's `convert("RGB")` does).
 pub fn load_rgb(path: &Path) -> Result<Rgb8> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    // Labelled as the image (not a bare I/O error), so a directory or an unreadable
+    // file given to `--image` says which option it came from.
+    let bytes = std::fs::read(path).map_err(|e| Error::Image {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })?;
     decode_rgb(&bytes, path)
 }
 
