@@ -36,13 +36,16 @@ pub struct BenchArgs {
     #[arg(long)]
     pub json: bool,
     /// Worker threads (default: all cores).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub threads: Option<usize>,
     /// Decode steps to time.
-    #[arg(long, default_value_t = 16)]
+    // At least one: with none, the decode rate and its share of the bound are 0/0.
+    #[arg(long, default_value_t = 16, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub decode_tokens: usize,
     /// Size of the bandwidth test buffer in MiB (choose ≫ the last-level cache).
-    #[arg(long, default_value_t = 1024)]
+    // At least 1 MiB: an empty buffer times only the pool's overhead, which would
+    // make the bound tiny and flatter the decode ratio.
+    #[arg(long, default_value_t = 1024, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub bandwidth_mib: usize,
     /// Times to repeat the vision encode and the prefill + decode run; rates are
     /// reported as mean ± standard deviation (like llama-bench's repetitions).
@@ -164,9 +167,12 @@ fn print_kernel_rates(rates: &[(String, KernelRate)]) {
         } else {
             "GFLOP/s"
         };
+        let per_cpu = r
+            .g_per_cpu_s
+            .map_or_else(|| "n/a".to_string(), |v| format!("{v:.1}"));
         println!(
-            "kernel {name:<30} {:.1} {unit} ({:.1} ms; {:.1} per CPU-s)",
-            r.g_per_s, r.ms, r.g_per_cpu_s
+            "kernel {name:<30} {:.1} {unit} ({:.1} ms; {per_cpu} per CPU-s)",
+            r.g_per_s, r.ms
         );
     }
 }

@@ -441,6 +441,15 @@ fn bench_rejects_zero_repetitions() {
         &["--reps"],
     );
     assert!(!line.contains('\n'), "{line}");
+    // Zero of these would make a figure 0/0 or time an empty bandwidth buffer (a tiny
+    // bound that flatters decode): each is refused, naming the option, in both modes.
+    for opt in ["--decode-tokens", "--bandwidth-mib", "--threads"] {
+        fails(&run(&["bench", "--bundle", s(&out), opt, "0"]), &[opt]);
+    }
+    fails(
+        &run(&["bench", "--kernels-only", "--threads", "0"]),
+        &["--threads"],
+    );
 }
 
 /// `Q3VL_KERNEL_PATH` runs every kernel on a lower path: on each path this CPU has,

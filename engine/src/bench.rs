@@ -17,8 +17,9 @@ pub struct KernelRate {
     /// Operations (2 per multiply-add) per second, in units of 10⁹.
     pub g_per_s: f64,
     /// Operations per CPU-second of all threads (best call), in units of 10⁹: on a
-    /// shared machine, a steadier per-core figure than the wall-time rate.
-    pub g_per_cpu_s: f64,
+    /// shared machine, a steadier per-core figure than the wall-time rate. None when
+    /// the CPU time is unavailable or too short to register (a call of microseconds).
+    pub g_per_cpu_s: Option<f64>,
 }
 
 impl KernelRate {
@@ -27,7 +28,8 @@ impl KernelRate {
         KernelRate {
             ms: wall * 1e3,
             g_per_s: ops / wall / 1e9,
-            g_per_cpu_s: ops / cpu / 1e9,
+            // `best_of` leaves f64::MAX where /proc is unreadable.
+            g_per_cpu_s: (cpu > 0.0 && cpu < f64::MAX).then(|| ops / cpu / 1e9),
         }
     }
 }
@@ -295,6 +297,13 @@ mod tests {
 
     #[test]
     fn kernel_rates_are_positive() {
+        // The per-CPU rate is absent or positive, never infinite (a call too short
+        // for the CPU clock to register).
+        let r = q8_matmul_rate(8, 64, 5, 1);
+        assert!(
+            r.g_per_cpu_s.is_none_or(|v| v.is_finite() && v > 0.0),
+            "{r:?}"
+        );
         assert!(q8_matmul_rate(8, 64, 5, 1).g_per_s > 0.0);
         assert!(q8_linear_rate(8, 64, 5, 1).g_per_s > 0.0);
         assert!(q8_f32_gemm_rate(8, 64, 5, 1).g_per_s > 0.0);
