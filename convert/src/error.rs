@@ -64,6 +64,14 @@ pub enum ConvertError {
         /// The 32-column block.
         block: usize,
     },
+    /// A Hugging Face repository id that the hub cannot name.
+    #[error("hf id {id:?}: {msg}")]
+    RepoId {
+        /// The id as given.
+        id: String,
+        /// Which rule it breaks.
+        msg: String,
+    },
     /// The hub refused or failed a request.
     #[error("{url}: {msg}")]
     Hub {

@@ -120,10 +120,44 @@ struct RepoInfo {
     siblings: Vec<Sibling>,
 }
 
+/// Checks `id` against the hub's rules for a model repository id (`name` or
+/// `owner/name`; letters, digits, `-`, `_` and `.`; each part at most 96 characters,
+/// starting and ending with a letter, digit or `_`; no `--` or `..`), so that a typo
+/// is named here rather than reported as a failed request (or a DNS error) later.
+pub fn check_repo_id(id: &str) -> Result<()> {
+    let bad = |msg: &str| ConvertError::RepoId {
+        id: id.into(),
+        msg: msg.into(),
+    };
+    let parts: Vec<&str> = id.split('/').collect();
+    if parts.len() > 2 {
+        return Err(bad("has more than one '/' (expected owner/name)"));
+    }
+    let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    for p in &parts {
+        if p.is_empty() || p.len() > 96 {
+            return Err(bad("each part of owner/name must be 1 to 96 characters"));
+        }
+        if let Some(c) = p.chars().find(|&c| !(word(c) || c == '-' || c == '.')) {
+            return Err(bad(&format!(
+                "{c:?} is not allowed (letters, digits, '-', '_' and '.' only)"
+            )));
+        }
+        if !p.starts_with(word) || !p.ends_with(word) {
+            return Err(bad("a part starts or ends with '-' or '.'"));
+        }
+    }
+    if id.contains("--") || id.contains("..") {
+        return Err(bad("'--' and '..' are not allowed"));
+    }
+    Ok(())
+}
+
 /// Fetches the files a conversion needs: `config.json`, the tokenizer, generation and
 /// preprocessor configs and chat templates present in the repo, and the weights
 /// (`model.safetensors.index.json` and every shard it names, or `model.safetensors`).
 pub fn fetch(opts: &FetchOptions) -> Result<Fetched> {
+    check_repo_id(&opts.hf_id)?;
     let rev = opts.revision.clone().unwrap_or_else(|| "main".into());
     let api = ApiBuilder::from_env()
         .with_endpoint(opts.endpoint.clone())

@@ -4,7 +4,7 @@
 mod mockhub;
 
 use mockhub::{MockHub, MockRepo};
-use q3vl_convert::fetch::{fetch, FetchOptions};
+use q3vl_convert::fetch::{check_repo_id, fetch, FetchOptions};
 use std::path::Path;
 
 const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
@@ -167,6 +167,44 @@ fn a_corrupt_file_is_rejected_and_removed() {
         std::fs::read(f.snapshot.join(SHARD2)).unwrap(),
         repo().files[SHARD2]
     );
+}
+
+#[test]
+fn malformed_repo_ids_are_named_before_any_request() {
+    let hub = MockHub::start();
+    hub.add_repo("org/model", repo());
+    let cache = tempfile::tempdir().unwrap();
+    for (id, why) in [
+        ("a b", "' '"),
+        ("org/sub/model", "more than one '/'"),
+        ("org/", "1 to 96"),
+        ("/model", "1 to 96"),
+        ("-org/model", "starts or ends"),
+        ("org/model.", "starts or ends"),
+        ("org--x/model", "'--'"),
+        ("org/mo..del", "'..'"),
+    ] {
+        let e = fetch(&opts(&hub, cache.path(), id))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("{id:?}")) && e.contains(why),
+            "{id}: {e}"
+        );
+    }
+    assert!(hub.log().is_empty(), "requests were sent: {:?}", hub.log());
+    let long = format!("org/{}", "m".repeat(97));
+    assert!(check_repo_id(&long).is_err());
+    // The real ids, and the other forms the hub accepts, pass.
+    for id in [
+        "Qwen/Qwen3-VL-8B-Instruct",
+        "Qwen/Qwen3-VL-2B-Instruct",
+        "gpt2",
+        "org_1/model.v2",
+        &format!("org/{}", "m".repeat(96)),
+    ] {
+        check_repo_id(id).unwrap_or_else(|e| panic!("{id}: {e}"));
+    }
 }
 
 #[test]
