@@ -36,16 +36,16 @@ pub struct BenchArgs {
     #[arg(long)]
     pub json: bool,
     /// Worker threads (default: all cores).
-    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    #[arg(long, value_parser = crate::common::at_least_one())]
     pub threads: Option<usize>,
     /// Decode steps to time.
     // At least one: with none, the decode rate and its share of the bound are 0/0.
-    #[arg(long, default_value_t = 16, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    #[arg(long, default_value_t = 16, value_parser = crate::common::at_least_one())]
     pub decode_tokens: usize,
     /// Size of the bandwidth test buffer in MiB (choose ≫ the last-level cache).
     // At least 1 MiB: an empty buffer times only the pool's overhead, which would
     // make the bound tiny and flatter the decode ratio.
-    #[arg(long, default_value_t = 1024, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    #[arg(long, default_value_t = 1024, value_parser = crate::common::at_least_one())]
     pub bandwidth_mib: usize,
     /// Times to repeat the vision encode and the prefill + decode run; rates are
     /// reported as mean ± standard deviation (like llama-bench's repetitions).

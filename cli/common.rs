@@ -8,6 +8,13 @@ pub const VERSION: &str = concat!(
     ")"
 );
 
+/// The clap parser of a count that must be at least 1 (`--threads`,
+/// `--decode-tokens`, …): zero is refused at parse time, on one line naming the
+/// option, before any work.
+pub fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+}
+
 /// The error and its causes on one line, `outer: inner: root`.
 pub fn one_line(e: &anyhow::Error) -> String {
     let mut s = String::new();

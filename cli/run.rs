@@ -41,7 +41,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub ignore_eos: bool,
     /// Worker threads (default: all cores).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::common::at_least_one())]
     pub threads: Option<usize>,
     /// Resize the image with smart_resize instead of the fixed grid.
     #[arg(long)]
@@ -72,9 +72,6 @@ pub fn open_engine(
         verify_checksums: verify,
         context,
     };
-    if threads == Some(0) {
-        bail!("--threads must be at least 1");
-    }
     let engine = Engine::open(bundle, &opts)?;
     let dir = engine.language().dir().to_path_buf();
     let status = pair_status(&dir, engine.vision_bundle().dir());

@@ -128,21 +128,20 @@ fn sampling_is_reproducible_with_a_seed() {
     assert_eq!(go("1"), go("1"));
 }
 
+/// `q3vl run --bundle OUT --prompt PROMPT EXTRA…`.
+fn ask(out: &Path, prompt: &str, extra: &[&str]) -> std::process::Output {
+    let mut a = vec!["run", "--bundle", s(out), "--prompt", prompt];
+    a.extend_from_slice(extra);
+    run(&a)
+}
+
 fn bad_image(name: &str, bytes: &[u8], needles: &[&str]) {
     let out = converted_fixture("tied");
     let dir = scratch(&format!("bad-image-{name}"));
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join(name);
     std::fs::write(&p, bytes).unwrap();
-    let o = run(&[
-        "run",
-        "--bundle",
-        s(&out),
-        "--image",
-        s(&p),
-        "--prompt",
-        "x",
-    ]);
+    let o = ask(&out, "x", &["--image", s(&p)]);
     fails(&o, needles);
 }
 
@@ -170,18 +169,7 @@ fn chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
 fn bad_images_fail_cleanly() {
     let out = converted_fixture("tied");
     let missing = scratch("missing").join("nope.png");
-    fails(
-        &run(&[
-            "run",
-            "--bundle",
-            s(&out),
-            "--image",
-            s(&missing),
-            "--prompt",
-            "x",
-        ]),
-        &["nope.png"],
-    );
+    fails(&ask(&out, "x", &["--image", s(&missing)]), &["nope.png"]);
     bad_image(
         "corrupt.png",
         b"\x89PNG\r\n\x1a\n this is not a png body at all",
@@ -194,15 +182,7 @@ fn bad_images_fail_cleanly() {
     let folder = scratch("image-folder");
     std::fs::create_dir_all(&folder).unwrap();
     fails(
-        &run(&[
-            "run",
-            "--bundle",
-            s(&out),
-            "--image",
-            s(&folder),
-            "--prompt",
-            "x",
-        ]),
+        &ask(&out, "x", &["--image", s(&folder)]),
         &["image ", "image-folder"],
     );
     bad_image(
@@ -231,24 +211,18 @@ fn sampling_options_out_of_range_name_the_option() {
         ("--top-p", "0"),
         ("--top-p", "1.5"),
     ] {
-        let o = run(&["run", "--bundle", s(&out), "--prompt", "x", opt, value]);
+        let o = ask(&out, "x", &[opt, value]);
         let line = fails(&o, &[opt]);
         assert!(line.contains("must be"), "{opt} {value}: {line}");
     }
+    // Zero threads is refused by the same parser as bench's counts.
+    fails(&ask(&out, "x", &["--threads", "0"]), &["--threads"]);
 }
 
 #[test]
 fn zero_new_tokens_runs_nothing_and_says_so() {
     let out = converted_fixture("tied");
-    let o = run(&[
-        "run",
-        "--bundle",
-        s(&out),
-        "--prompt",
-        "x",
-        "--max-new-tokens",
-        "0",
-    ]);
+    let o = ask(&out, "x", &["--max-new-tokens", "0"]);
     assert!(o.status.success());
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "");
     let err = String::from_utf8_lossy(&o.stderr);
@@ -262,15 +236,7 @@ fn zero_new_tokens_runs_nothing_and_says_so() {
 #[test]
 fn a_prompt_longer_than_the_context_fails() {
     let out = converted_fixture("tied");
-    let o = run(&[
-        "run",
-        "--bundle",
-        s(&out),
-        "--prompt",
-        "a long enough prompt",
-        "--context",
-        "8",
-    ]);
+    let o = ask(&out, "a long enough prompt", &["--context", "8"]);
     fails(&o, &["context"]);
 }
 
@@ -284,7 +250,7 @@ fn mismatched_vision_bundle_fails() {
     let vis = out.join("shapes_vision");
     std::fs::remove_dir_all(&vis).unwrap();
     copy_dir(&tied.join("tied_vision"), &vis);
-    let o = run(&["run", "--bundle", s(&out), "--prompt", "x"]);
+    let o = ask(&out, "x", &[]);
     fails(&o, &["out_hidden_size", "shapes_vision"]);
 }
 
@@ -308,46 +274,19 @@ fn damaged_bundle_fails_the_checksum_check() {
     let n = bytes.len();
     bytes[n - 3] ^= 0x55;
     std::fs::write(&weights, &bytes).unwrap();
-    let o = run(&[
-        "run",
-        "--bundle",
-        s(&out),
-        "--prompt",
-        "x",
-        "--verify-checksums",
-        "--max-new-tokens",
-        "1",
-    ]);
+    let o = ask(&out, "x", &["--verify-checksums", "--max-new-tokens", "1"]);
     fails(&o, &["model.safetensors"]);
     // A truncated file is caught at open even without --verify-checksums.
     std::fs::write(&weights, &bytes[..n - 100]).unwrap();
-    fails(
-        &run(&["run", "--bundle", s(&out), "--prompt", "x"]),
-        &["model.safetensors"],
-    );
+    fails(&ask(&out, "x", &[]), &["model.safetensors"]);
 }
 
 #[test]
 fn require_verified_refuses_an_unstamped_bundle() {
     let out = converted_fixture("tied");
-    let o = run(&[
-        "run",
-        "--bundle",
-        s(&out),
-        "--prompt",
-        "x",
-        "--require-verified",
-    ]);
+    let o = ask(&out, "x", &["--require-verified"]);
     fails(&o, &["not verified"]);
-    let o = run(&[
-        "run",
-        "--bundle",
-        s(&out),
-        "--prompt",
-        "x",
-        "--max-new-tokens",
-        "2",
-    ]);
+    let o = ask(&out, "x", &["--max-new-tokens", "2"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("not verified"));
 }
 
