@@ -29,6 +29,14 @@ pub fn awake_here<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if rayon::current_num_threads() < 2 {
         return f();
     }
+    /// Sets the flag when dropped, so the waiting threads stop even if `f` panics
+    /// (otherwise the scope would wait for them forever instead of passing the panic on).
+    struct Release<'a>(&'a AtomicBool);
+    impl Drop for Release<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
     let done = AtomicBool::new(false);
     rayon::scope(|s| {
         s.spawn_broadcast(|_, ctx| {
@@ -43,9 +51,8 @@ pub fn awake_here<R: Send>(f: impl FnOnce() -> R + Send) -> R {
                 }
             }
         });
-        let r = f();
-        done.store(true, Ordering::Release);
-        r
+        let _release = Release(&done);
+        f()
     })
 }
 
@@ -78,6 +85,26 @@ mod tests {
                 acc
             });
             assert_eq!(got, want, "threads={threads}");
+            // A panic in `f` reaches the caller; the waiting threads do not keep the
+            // scope (and the process) hanging. Checked from a watchdog thread, so a
+            // regression fails here instead of hanging the test run.
+            let (tx, rx) = std::sync::mpsc::channel();
+            let p2 = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            std::thread::spawn(move || {
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    install_awake(&p2, || panic!("inside a forward pass"))
+                }));
+                let _ = tx.send(r.is_err());
+            });
+            let caught = rx.recv_timeout(std::time::Duration::from_secs(60));
+            assert_eq!(
+                caught,
+                Ok(true),
+                "threads={threads}: the panic did not come back"
+            );
             assert_eq!(awake_here(|| 7), 7, "outside a pool");
             // The pool is usable afterwards (no worker left spinning in a job).
             assert_eq!(
