@@ -6,7 +6,7 @@ CARGO ?= cargo
 Q3VL := target/release/q3vl
 DEMO := target/demo
 
-.PHONY: demo test test-aarch64 build fmt clippy oracle fixtures bench bench-convert bench-peer bench-engine pipeline clean-demo
+.PHONY: demo test test-aarch64 fuzz build fmt clippy oracle fixtures bench bench-convert bench-peer bench-engine pipeline clean-demo
 
 ## demo: the whole tool on the embedded shapes fixture: fp32 ladder, int8hu conversion,
 ## quantized gates with a stamp, then the engine answering the fixture's demo images.
@@ -45,6 +45,13 @@ AARCH64_ENV := CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-g
 test-aarch64:
 	$(AARCH64_ENV) $(CARGO) clippy -p q3vl-kernels --target aarch64-unknown-linux-gnu --all-targets -- -D warnings
 	$(AARCH64_ENV) $(CARGO) test -p q3vl-kernels --target aarch64-unknown-linux-gnu
+
+## fuzz: the mutation fuzz tests of every reader of outside bytes (tests/fuzz.rs) with 100
+## times the cases `make test` runs, optimised but with overflow checks and debug assertions
+## on (profile `fuzz`). Cases, time and findings go to RELIABILITY.md.
+FUZZ_CASES ?= 150000
+fuzz:
+	Q3VL_FUZZ_CASES=$(FUZZ_CASES) $(CARGO) test --profile fuzz --test fuzz -- --nocapture
 
 fmt:
 	$(CARGO) fmt --all --check

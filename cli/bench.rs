@@ -25,28 +25,33 @@ pub struct BenchArgs {
     #[arg(long)]
     pub kernels_only: bool,
     /// Shapes of the prefill int8-weight linear micro-benchmark, `ROWSxCOLSxTOKENS`
-    /// (repeatable; default: the 8B q_proj over a 211-token prompt).
-    #[arg(long, value_parser = parse_shape)]
+    /// (repeatable; default: the 8B q_proj over a 211-token prompt; each size at most
+    /// 2^20, the buffers at most 8 GiB, at most 2^38 multiply-adds).
+    #[arg(long, value_parser = crate::common::q8_shape)]
     pub q8_shape: Vec<(usize, usize, usize)>,
     /// Shapes of the vision f32 GEMM micro-benchmark, `MxKxN` (patches × in → out;
-    /// repeatable; default: the 8B qkv, fc1 and fc2 of one 448² image).
-    #[arg(long, value_parser = parse_shape)]
+    /// repeatable; default: the 8B qkv, fc1 and fc2 of one 448² image; bounded as
+    /// --q8-shape).
+    #[arg(long, value_parser = crate::common::gemm_shape)]
     pub gemm_shape: Vec<(usize, usize, usize)>,
     /// Print one JSON document.
     #[arg(long)]
     pub json: bool,
-    /// Worker threads (default: all cores).
-    #[arg(long, value_parser = crate::common::at_least_one())]
+    /// Worker threads (default: all cores; at most 4 per core).
+    #[arg(long, value_parser = crate::common::threads())]
     pub threads: Option<usize>,
-    /// Decode steps to time.
+    /// Decode steps to time (1 to 1000000, and within the model's context).
     // At least one: with none, the decode rate and its share of the bound are 0/0.
-    #[arg(long, default_value_t = 16, value_parser = crate::common::at_least_one())]
+    #[arg(long, default_value_t = 16,
+          value_parser = crate::common::count_up_to(crate::common::MAX_DECODE_TOKENS))]
     pub decode_tokens: usize,
-    /// Size of the bandwidth test buffer in MiB (choose ≫ the last-level cache).
+    /// Size of the bandwidth test buffer in MiB (choose ≫ the last-level cache; at
+    /// most 64 GiB and half this machine's memory; default 1024, or that half if less).
     // At least 1 MiB: an empty buffer times only the pool's overhead, which would
-    // make the bound tiny and flatter the decode ratio.
-    #[arg(long, default_value_t = 1024, value_parser = crate::common::at_least_one())]
-    pub bandwidth_mib: usize,
+    // make the bound tiny and flatter the decode ratio. No clap default: clap checks
+    // defaults against the parser, and 1024 is above the bound on a small machine.
+    #[arg(long, value_parser = crate::common::bandwidth_mib())]
+    pub bandwidth_mib: Option<usize>,
     /// Times to repeat the vision encode and the prefill + decode run; rates are
     /// reported as mean ± standard deviation (like llama-bench's repetitions).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
@@ -96,21 +101,6 @@ const VISION_SHAPES: [(&str, usize, usize, usize); 3] = [
     ("fc1", 784, 1152, 4304),
     ("fc2", 784, 4304, 1152),
 ];
-
-/// `AxBxC`, all positive; the middle one (the reduction length) a multiple of 32.
-fn parse_shape(s: &str) -> Result<(usize, usize, usize), String> {
-    let v: Vec<usize> = s
-        .split('x')
-        .map(|p| p.trim().parse::<usize>())
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{s}: {e}"))?;
-    match v[..] {
-        [a, b, c] if a > 0 && b > 0 && c > 0 && b % 32 == 0 => Ok((a, b, c)),
-        _ => Err(format!(
-            "{s}: expected three positive sizes AxBxC, the middle a multiple of 32"
-        )),
-    }
-}
 
 /// Kernel rates: (name, rate) lines for the table and the JSON document.
 fn kernel_rates(
@@ -236,6 +226,37 @@ fn kernels_only(a: &BenchArgs) -> anyhow::Result<Outcome> {
     Ok(Outcome::Success)
 }
 
+/// What `q3vl run --require-verified` adds to a load: hashing every file of both
+/// bundles as the stamp check does (on pages already cached by the warm-up, as they are
+/// when the check runs first and the engine's page-in then finds them cached).
+fn stamp_check_cost(engine: &q3vl_engine::Engine) -> anyhow::Result<(f64, u64)> {
+    let t = Instant::now();
+    let mut bytes = 0;
+    for dir in [engine.language().dir(), engine.vision_bundle().dir()] {
+        let files = q3vl_bundle::stamp::hash_bundle(dir)?;
+        bytes += files.values().map(|f| f.size).sum::<u64>();
+    }
+    Ok((t.elapsed().as_secs_f64() * 1e3, bytes))
+}
+
+/// Refuses a `--decode-tokens` the model's context cannot hold, before any timing:
+/// the run generates one token more than it times (the first comes from prefill).
+fn check_decode_tokens(
+    engine: &q3vl_engine::Engine,
+    prompt: usize,
+    steps: usize,
+) -> anyhow::Result<()> {
+    let context = engine.config().text.max_position_embeddings;
+    // Both terms are bounded (the prompt by the context, the steps by the parser).
+    if prompt.saturating_add(steps).saturating_add(1) > context {
+        anyhow::bail!(
+            "--decode-tokens {steps}: the prompt ({prompt} tokens) plus {steps} decode steps \
+             exceeds the model's context of {context} tokens"
+        );
+    }
+    Ok(())
+}
+
 /// Runs `q3vl bench`.
 pub fn run(a: BenchArgs) -> anyhow::Result<Outcome> {
     if a.kernels_only {
@@ -248,18 +269,25 @@ pub fn run(a: BenchArgs) -> anyhow::Result<Outcome> {
     let (engine, stamp_line) = crate::run::open_engine(bundle, a.threads, false, None, false)?;
     let warm_bytes = engine.paged_bytes() + engine.page_in_vision();
     let warmup_ms = t.elapsed().as_secs_f64() * 1e3;
+    let (stamp_ms, stamp_bytes) = stamp_check_cost(&engine)?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(engine.threads())
         .build()?;
-    // The bound uses the best bandwidth seen before and after the timed phases, so a
-    // slow moment of the bandwidth test cannot flatter the decode ratio.
-    let bw_before = pool.install(|| memory_read_bandwidth(a.bandwidth_mib << 20, 5));
     let pb = engine.prompt_builder()?;
     let q3vl_model::image::Resize::Fixed(side) = engine.fixed_resize() else {
         unreachable!("fixed_resize is fixed")
     };
     let patched = engine.preprocess(&test_image(side), false)?;
     let prompt = pb.chat("Describe this image.", Some(patched.grid_thw))?;
+    check_decode_tokens(&engine, prompt.ids.len(), a.decode_tokens)?;
+    // At most `max_bandwidth_mib` (64 GiB), so the shift cannot overflow.
+    let bw_bytes = a
+        .bandwidth_mib
+        .unwrap_or(1024.min(crate::common::max_bandwidth_mib() as usize))
+        << 20;
+    // The bound uses the best bandwidth seen before and after the timed phases, so a
+    // slow moment of the bandwidth test cannot flatter the decode ratio.
+    let bw_before = pool.install(|| memory_read_bandwidth(bw_bytes, 5));
     let params = GenerateParams {
         max_new_tokens: a.decode_tokens + 1,
         ignore_eos: true,
@@ -293,7 +321,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<Outcome> {
     let (image_tokens, tm) = last.expect("at least one repetition");
     let ((vision_ms, vision_sd), (prefill_tok_s, prefill_sd), (decode_tok_s, decode_sd)) =
         (mean_sd(&vision), mean_sd(&prefill), mean_sd(&decode));
-    let bw_after = pool.install(|| memory_read_bandwidth(a.bandwidth_mib << 20, 5));
+    let bw_after = pool.install(|| memory_read_bandwidth(bw_bytes, 5));
     let bandwidth = bw_before.max(bw_after);
     let mid = prompt.ids.len() + a.decode_tokens / 2;
     let bytes_per_token = engine.decode_bytes(mid)?;
@@ -322,6 +350,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<Outcome> {
             "bandwidth_after_gb_s": bw_after / 1e9,
             "warmup_ms": warmup_ms,
             "warmup_bytes": warm_bytes,
+            "stamp_check_ms": stamp_ms,
+            "stamp_check_bytes": stamp_bytes,
             "vision_ms": vision_ms,
             "vision_ms_sd": vision_sd,
             "vision_cpu_s": vision_cpu,
@@ -358,6 +388,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<Outcome> {
         println!(
             "warm-up                 {:.2} GB of mapped weights paged in at open, {warmup_ms:.0} ms (untimed)",
             warm_bytes as f64 / 1e9
+        );
+        println!(
+            "stamp check             {:.2} GB hashed in {stamp_ms:.0} ms (what --require-verified adds to a load)",
+            stamp_bytes as f64 / 1e9
         );
         println!("repetitions             {} (mean ± sd)", a.reps);
         println!(

@@ -21,13 +21,15 @@ pub struct ConvertArgs {
     /// The hub cache folder (with --hf-id).
     #[arg(long, requires = "hf_id")]
     pub cache_dir: Option<PathBuf>,
-    /// The output folder; `<short>_decode_<mode>/` and `<short>_vision/` are created in it.
+    /// The output folder; `<short>_decode_<mode>/` and `<short>_vision/` are created in
+    /// it. It is locked while the conversion runs: a second one into it fails at once.
     #[arg(long)]
     pub out: PathBuf,
     /// int8hu (int8 body and head), int8lin (int8 body, f16 head) or fp16.
     #[arg(long, default_value = "int8hu", value_parser = ["int8hu", "int8lin", "fp16"])]
     pub mode: String,
-    /// Replace existing bundles.
+    /// Replace existing q3vl bundles of the same names (never a folder q3vl did not
+    /// write). Not needed to repair a pair an interrupted conversion left incomplete.
     #[arg(long)]
     pub force: bool,
     /// Keep int8 tensors whose in-features are not a multiple of 32 as f16 (recorded in the metadata).
@@ -36,8 +38,8 @@ pub struct ConvertArgs {
     /// Print a JSON summary (paths, sizes, tensor classes, seconds, peak memory).
     #[arg(long)]
     pub json: bool,
-    /// Worker threads (default: all cores).
-    #[arg(long)]
+    /// Worker threads (default: all cores; at most 4 per core).
+    #[arg(long, value_parser = crate::common::threads())]
     pub threads: Option<usize>,
     /// Shard size in bytes (default ~4 GiB).
     #[arg(long, hide = true)]
@@ -53,8 +55,13 @@ pub fn producer() -> Producer {
     }
 }
 
-/// A cancel flag set by the first Ctrl-C; a second one exits at once.
+/// A cancel flag set by the first Ctrl-C, SIGTERM or SIGHUP (ctrlc's `termination`
+/// feature), so each one unwinds the run and removes its staging folder; a second
+/// signal exits at once (the next run into that folder removes what is left). A
+/// termination signal the process started with ignored (`nohup` ignores SIGHUP) stays
+/// ignored.
 pub fn ctrl_c() -> Cancel {
+    let ignored = ignored_signals();
     let cancel = Cancel::new();
     let c = cancel.clone();
     let _ = ctrlc::set_handler(move || {
@@ -63,7 +70,26 @@ pub fn ctrl_c() -> Cancel {
         }
         c.cancel();
     });
+    // ctrlc installs its handler whatever the disposition was: put SIG_IGN back.
+    for sig in ignored {
+        // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
+        unsafe { libc::signal(sig, libc::SIG_IGN) };
+    }
     cancel
+}
+
+/// SIGHUP and SIGTERM, those of them this process started with ignored.
+fn ignored_signals() -> Vec<libc::c_int> {
+    [libc::SIGHUP, libc::SIGTERM]
+        .into_iter()
+        .filter(|&sig| {
+            // SAFETY: a zeroed sigaction is a valid value to be overwritten, and a null
+            // new action makes sigaction only read the current one.
+            let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+            let rc = unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) };
+            rc == 0 && old.sa_sigaction == libc::SIG_IGN
+        })
+        .collect()
 }
 
 /// Runs `q3vl convert`.

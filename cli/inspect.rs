@@ -2,9 +2,9 @@
 
 use crate::Outcome;
 use q3vl_bundle::names::SCALES_SUFFIX;
-use q3vl_bundle::{Bundle, FileCheck};
+use q3vl_bundle::{Bundle, FileCheck, Kind, StampStatus, STAMP_FILE};
 use serde_json::json;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Arguments of `q3vl inspect`.
 #[derive(clap::Args)]
@@ -14,7 +14,8 @@ pub struct InspectArgs {
     /// Print one JSON document.
     #[arg(long)]
     pub json: bool,
-    /// Skip the sha256 check of every file (sizes are still checked).
+    /// Skip the sha256 check of every file and the stamp's check of every byte (sizes
+    /// are still checked).
     #[arg(long)]
     pub no_checksums: bool,
 }
@@ -41,6 +42,23 @@ fn human(n: u64) -> String {
     } else {
         format!("{x:.1} {}", U[u])
     }
+}
+
+/// The bundle's stamp checked against every byte, and for a language bundle its
+/// companion vision bundle's too (a stamp vouches for the pair); `None` when
+/// `--no-checksums` asked for speed.
+fn stamp_status(b: &Bundle, no_checksums: bool) -> Option<StampStatus> {
+    if no_checksums {
+        return None;
+    }
+    let here = b.dir();
+    Some(match &b.metadata().companion {
+        Some(c) if b.kind() == Kind::Language => {
+            let vision = here.parent().unwrap_or(Path::new(".")).join(c);
+            q3vl_engine::pair_status(here, &vision)
+        }
+        _ => q3vl_bundle::check_stamp(here),
+    })
 }
 
 /// Runs `q3vl inspect`.
@@ -74,8 +92,14 @@ pub fn run(a: InspectArgs) -> anyhow::Result<Outcome> {
     }
     let checks: Option<Vec<FileCheck>> = (!a.no_checksums).then(|| b.check_files());
     let bad: Vec<&FileCheck> = checks.iter().flatten().filter(|c| !c.ok()).collect();
-    // A full check re-hashes what the stamp covers, unless --no-checksums asked for speed.
-    let stamp = q3vl_bundle::check_stamp(b.dir(), !a.no_checksums);
+    let stamp = stamp_status(&b, a.no_checksums);
+    let stamp_text = match &stamp {
+        Some(s) => s.to_string(),
+        None if b.dir().join(STAMP_FILE).exists() => {
+            "stamped (not checked: --no-checksums)".to_string()
+        }
+        None => StampStatus::Missing.to_string(),
+    };
     if a.json {
         let doc = json!({
             "path": b.dir(),
@@ -89,8 +113,8 @@ pub fn run(a: InspectArgs) -> anyhow::Result<Outcome> {
                 "found": c.found, "error": c.error,
             })).collect::<Vec<_>>()),
             "checksums_ok": checks.as_ref().map(|_| bad.is_empty()),
-            "stamp": stamp.to_string(),
-            "stamp_valid": stamp == q3vl_bundle::StampStatus::Valid,
+            "stamp": stamp_text,
+            "stamp_valid": stamp.as_ref().map(|s| *s == StampStatus::Valid),
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
@@ -177,7 +201,7 @@ pub fn run(a: InspectArgs) -> anyhow::Result<Outcome> {
                 bad.len()
             ),
         }
-        println!("stamp:     {stamp}");
+        println!("stamp:     {stamp_text}");
     }
     if let Some(c) = bad.first() {
         let why = match (&c.found, &c.error) {

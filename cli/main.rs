@@ -1,8 +1,9 @@
 //! `q3vl`: fetch, convert, inspect, verify, run and benchmark Qwen3-VL int8 bundles.
 //!
 //! Each subcommand lives in its own module and only calls the library crates.
-//! Exit codes (spec/cli.md): 0 success, 1 a verification gate failed, 2 bad usage
-//! or bad input, with one line on stderr naming the culprit.
+//! Exit codes (`docs/cli.md`): 0 success, 1 a verification gate failed, 2 bad usage
+//! or bad input, with one line on stderr naming the culprit, 101 an internal error
+//! (a caught panic: a bug, never bad input).
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -16,6 +17,9 @@ mod run;
 mod synth;
 mod verify;
 
+/// The exit codes, as `q3vl --help` lists them (README.md says the same).
+const EXIT_CODES: &str = "Exit codes: 0 success; 1 a verification gate failed; 2 bad usage or bad input (one line on stderr naming the file, tensor or option); 101 an internal error, a bug in q3vl (one line on stderr; please report it).";
+
 /// What a subcommand reports back to `main` when it did not fail outright.
 pub enum Outcome {
     /// Everything passed.
@@ -25,7 +29,13 @@ pub enum Outcome {
 }
 
 #[derive(Parser)]
-#[command(name = "q3vl", version = common::VERSION, about = "Qwen3-VL → int8 bundles, verified layer by layer against the HF oracle", long_about = None)]
+#[command(
+    name = "q3vl",
+    version = common::VERSION,
+    about = "Qwen3-VL → int8 bundles, verified layer by layer against the HF oracle",
+    long_about = None,
+    after_help = EXIT_CODES
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -50,6 +60,12 @@ enum Command {
 }
 
 fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    // Test hook: the one way to reach the panic path on purpose (tests/hostile_input.rs).
+    // Debug builds only (the tests'), so the shipped release binary has no such hook.
+    #[cfg(debug_assertions)]
+    if std::env::var_os("Q3VL_TEST_PANIC").is_some() {
+        panic!("Q3VL_TEST_PANIC is set\n(a second line that must not print as one)");
+    }
     match cli.command {
         Command::Fetch(a) => fetch::run(a),
         Command::Convert(a) => convert::run(a),
@@ -67,12 +83,7 @@ fn main() -> ExitCode {
         Err(e) if e.use_stderr() => {
             // One line naming the option, like every other bad input (clap's usage
             // block and tips follow only under --help).
-            let text = e.render().to_string();
-            let line = text
-                .lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("error");
-            eprintln!("{line}");
+            eprintln!("{}", common::clap_error_line(&e));
             return ExitCode::from(2);
         }
         Err(e) => {
@@ -93,6 +104,7 @@ fn main() -> ExitCode {
             eprintln!("error: {}", common::one_line(&e));
             ExitCode::from(2)
         }
-        Err(_) => ExitCode::from(2),
+        // The hook printed the one line; a bug is not bad input.
+        Err(_) => ExitCode::from(common::EXIT_BUG),
     }
 }

@@ -40,8 +40,8 @@ pub struct RunArgs {
     /// Do not stop at eos: produce exactly --max-new-tokens tokens.
     #[arg(long)]
     pub ignore_eos: bool,
-    /// Worker threads (default: all cores).
-    #[arg(long, value_parser = crate::common::at_least_one())]
+    /// Worker threads (default: all cores; at most 4 per core).
+    #[arg(long, value_parser = crate::common::threads())]
     pub threads: Option<usize>,
     /// Resize the image with smart_resize instead of the fixed grid.
     #[arg(long)]
@@ -57,29 +57,73 @@ pub struct RunArgs {
     pub context: Option<usize>,
 }
 
-/// Opens the engine and checks its stamp; returns the stamp line for stderr, which
-/// the caller prints once the run succeeded (an error stays the only line).
+/// An engine and the shared claim on its output folder ([`q3vl_bundle::ReadClaim`]),
+/// held for the engine's life: no conversion replaces the bundles it was opened from
+/// (and whose stamps were checked) while it runs. Dereferences to the [`Engine`].
+pub struct ClaimedEngine {
+    engine: Engine,
+    _claim: q3vl_bundle::ReadClaim,
+}
+
+impl std::ops::Deref for ClaimedEngine {
+    type Target = Engine;
+    fn deref(&self) -> &Engine {
+        &self.engine
+    }
+}
+
+/// Opens the engine under a shared claim on the bundles' output folder and checks its
+/// stamp; returns the stamp line for stderr, which the caller prints once the run
+/// succeeded (an error stays the only line).
+///
+/// A conversion writing into the folder makes this fail at once, naming the folder.
+/// With `require_verified`, every byte of both bundles the engine opened is hashed
+/// against their stamps before anything is generated (the claim keeps them the bytes
+/// loaded; the engine's page-in left them in the page cache). Without it, the line
+/// only says whether stamps are present.
 pub fn open_engine(
     bundle: &Path,
     threads: Option<usize>,
     verify: bool,
     context: Option<usize>,
     require_verified: bool,
-) -> anyhow::Result<(Engine, String)> {
+) -> anyhow::Result<(ClaimedEngine, String)> {
     crate::common::reuse_large_buffers();
+    let claim = q3vl_bundle::ReadClaim::for_bundles(bundle)?;
     let opts = EngineOptions {
         threads,
         verify_checksums: verify,
         context,
     };
     let engine = Engine::open(bundle, &opts)?;
-    let dir = engine.language().dir().to_path_buf();
-    let status = pair_status(&dir, engine.vision_bundle().dir());
-    let line = format!("{}: {status}", dir.display());
-    if require_verified && status != StampStatus::Valid {
-        bail!("{line} (--require-verified)");
-    }
+    let dirs = [engine.language().dir(), engine.vision_bundle().dir()];
+    let line = if require_verified {
+        let status = pair_status(dirs[0], dirs[1]);
+        let line = format!("{}: {status}", dirs[0].display());
+        if status != StampStatus::Valid {
+            bail!("{line} (--require-verified)");
+        }
+        line
+    } else {
+        format!("{}: {}", dirs[0].display(), stamps_present(&dirs))
+    };
+    let engine = ClaimedEngine {
+        engine,
+        _claim: claim,
+    };
     Ok((engine, line))
+}
+
+/// The stamp line of a run that does not check the stamps: whether both are present.
+fn stamps_present(dirs: &[&Path]) -> String {
+    if dirs
+        .iter()
+        .all(|d| d.join(q3vl_bundle::STAMP_FILE).exists())
+    {
+        "stamped (not checked: --require-verified checks every byte)".into()
+    } else {
+        StampStatus::Missing.to_string()
+    }
 }
 
 /// Runs `q3vl run`.
@@ -93,6 +137,13 @@ pub fn run(a: RunArgs) -> anyhow::Result<Outcome> {
             a.temperature
         );
     }
+    // Read before the engine opens: a bad image fails at once, and a pipe's writer
+    // (`--image <(…)`) is not kept waiting while the weights page in.
+    let rgb = a
+        .image
+        .as_deref()
+        .map(q3vl_model::image::load_rgb)
+        .transpose()?;
     let (engine, stamp_line) = open_engine(
         &a.bundle,
         a.threads,
@@ -107,15 +158,14 @@ pub fn run(a: RunArgs) -> anyhow::Result<Outcome> {
         "prefill"
     });
     let t_vis = Instant::now();
-    let image = match &a.image {
-        Some(path) => {
-            let rgb = q3vl_model::image::load_rgb(path)?;
+    let image = match (&a.image, &rgb) {
+        (Some(path), Some(rgb)) => {
             let patched = engine
-                .preprocess(&rgb, a.dynamic_resolution)
+                .preprocess(rgb, a.dynamic_resolution)
                 .with_context(|| format!("{}", path.display()))?;
             Some(engine.encode_image(&patched.pixel_values, patched.grid_thw)?)
         }
-        None => None,
+        _ => None,
     };
     let vision_ms = t_vis.elapsed().as_secs_f64() * 1e3;
     spinner.set_message("prefill");

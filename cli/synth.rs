@@ -3,7 +3,7 @@
 
 use crate::Outcome;
 use q3vl_bundle::ShardPolicy;
-use q3vl_convert::synth::{find_chat_template, find_tokenizer, synth, SynthOptions, SynthSize};
+use q3vl_convert::synth::{synth, SynthOptions, SynthSize};
 use std::path::PathBuf;
 
 /// Arguments of `q3vl synth`.
@@ -18,8 +18,8 @@ pub struct SynthArgs {
     /// Seed of every value.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Folder with the Qwen3 tokenizer.json and tokenizer_config.json
-    /// (default: $Q3VL_TOKENIZER_DIR, else shared/data/qwen3-tokenizer beside the repo).
+    /// Folder with a Qwen3 tokenizer.json and tokenizer_config.json to use instead of
+    /// the real Qwen3 tokenizer q3vl ships.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// Replace an existing non-empty folder.
@@ -28,8 +28,8 @@ pub struct SynthArgs {
     /// Print a JSON summary.
     #[arg(long)]
     pub json: bool,
-    /// Worker threads (default: all cores).
-    #[arg(long)]
+    /// Worker threads (default: all cores; at most 4 per core).
+    #[arg(long, value_parser = crate::common::threads())]
     pub threads: Option<usize>,
     /// Shard size in bytes (default ~4 GiB).
     #[arg(long, hide = true)]
@@ -42,13 +42,6 @@ pub struct SynthArgs {
 /// Runs `q3vl synth`.
 pub fn run(a: SynthArgs) -> anyhow::Result<Outcome> {
     let size = SynthSize::parse(&a.size).expect("clap checked the size");
-    let roots: Vec<PathBuf> = [
-        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR"))),
-        std::env::current_dir().ok(),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
     let mut config = size.config();
     if let Some(t) = a.tied {
         config.tie_word_embeddings = t;
@@ -57,8 +50,7 @@ pub fn run(a: SynthArgs) -> anyhow::Result<Outcome> {
         out: a.out,
         config,
         seed: a.seed,
-        tokenizer_dir: find_tokenizer(a.tokenizer.as_deref(), &roots)?,
-        chat_template: find_chat_template(&roots),
+        tokenizer_dir: a.tokenizer,
         force: a.force,
         shard: a
             .shard_size

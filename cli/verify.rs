@@ -4,14 +4,17 @@
 use crate::{common, Outcome};
 use anyhow::{Context, Result};
 use clap::Args;
-use q3vl_bundle::stamp::{hash_covered, remove_stamp, write_stamp, STAMP_FORMAT};
-use q3vl_bundle::{Bundles, Stamp};
+use q3vl_bundle::stamp::{
+    compare, hash_bundle, remove_stamp, write_stamp, StampedFile, STAMP_FORMAT,
+};
+use q3vl_bundle::{Bundles, ReadClaim, Stamp};
 use q3vl_engine::{Engine, EngineOptions};
 use q3vl_model::prompt::PromptBuilder;
 use q3vl_model::{Checkpoint, PreprocessorConfig, Qwen3VlConfig, WeightSource};
 use q3vl_verify::{
     verify_trace, BundleSource, Gates, NotRun, OracleTrace, Profile, Report, Subject, TraceReport,
 };
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Arguments of `q3vl verify`.
@@ -117,6 +120,7 @@ pub fn run(a: VerifyArgs) -> Result<Outcome> {
         .collect::<Result<_, _>>()?;
     let mut reports = Vec::new();
     let mut subject = Vec::new();
+    let mut digests = Vec::new();
     if let Some(src) = &a.src {
         let cfg = Qwen3VlConfig::from_dir(src)?;
         let ck = Checkpoint::open(src)?;
@@ -133,9 +137,18 @@ pub fn run(a: VerifyArgs) -> Result<Outcome> {
         )?);
         subject.push(src.display().to_string());
     }
+    // Held to the end: no conversion replaces the bundles while their gates run and
+    // they are stamped, and the engine opens the very pair `Bundles::open` found.
+    let _claim = match &a.bundle {
+        Some(out) => Some(
+            ReadClaim::for_bundles(out).with_context(|| format!("--bundle {}", out.display()))?,
+        ),
+        None => None,
+    };
     let bundles = match &a.bundle {
         Some(out) => {
             let b = Bundles::open(out).with_context(|| format!("--bundle {}", out.display()))?;
+            digests = checked_digests(&b, a.stamp)?;
             let cfg = b.language.config().clone();
             let src = BundleSource::new(&b);
             let tok = b.language.dir().join("tokenizer");
@@ -187,7 +200,7 @@ pub fn run(a: VerifyArgs) -> Result<Outcome> {
         print!("{}", report.to_text());
     }
     if let (true, Some(b)) = (a.stamp, &bundles) {
-        stamp(b, &report, &gates, &traces)?;
+        stamp(b, &digests, &report, &gates, &traces)?;
     }
     Ok(if report.passed() {
         Outcome::Success
@@ -233,9 +246,48 @@ fn write_reports(a: &VerifyArgs, report: &Report) -> Result<()> {
     Ok(())
 }
 
-/// Stamps both bundles when every gate passed; otherwise removes any old stamp.
-fn stamp(b: &Bundles, report: &Report, gates: &Gates, traces: &[OracleTrace]) -> Result<()> {
+/// Checks both bundles against their `metadata.json` checksums before any gate runs:
+/// gates on a damaged bundle mean nothing, and it must never be stamped. With
+/// `--stamp`, also returns each folder's digests as they were verified, which must
+/// still hold when the stamp is written.
+fn checked_digests(b: &Bundles, stamp: bool) -> Result<Vec<BTreeMap<String, StampedFile>>> {
+    let pb = common::spinner("checking the bundles' checksums");
+    let dirs = [&b.language, &b.vision];
+    for bundle in dirs {
+        bundle.verify_checksums()?;
+    }
+    let digests = match stamp {
+        true => dirs
+            .iter()
+            .map(|d| hash_bundle(d.dir()))
+            .collect::<Result<_, _>>()?,
+        false => Vec::new(),
+    };
+    pb.finish_and_clear();
+    Ok(digests)
+}
+
+/// Stamps both bundles when every gate passed and their bytes are still the ones
+/// checked before the gates (`digests`); otherwise removes any old stamp.
+fn stamp(
+    b: &Bundles,
+    digests: &[BTreeMap<String, StampedFile>],
+    report: &Report,
+    gates: &Gates,
+    traces: &[OracleTrace],
+) -> Result<()> {
     let dirs = [b.language.dir(), b.vision.dir()];
+    for (d, before) in dirs.iter().zip(digests) {
+        if let Some(why) = compare(d, before)? {
+            for d in dirs {
+                remove_stamp(d)?;
+            }
+            anyhow::bail!(
+                "{}: {why} (it changed while the gates ran); not stamped",
+                d.display()
+            );
+        }
+    }
     if !report.passed() {
         for d in dirs {
             remove_stamp(d)?;
@@ -250,7 +302,7 @@ fn stamp(b: &Bundles, report: &Report, gates: &Gates, traces: &[OracleTrace]) ->
             .map(|t| (t.trace.display().to_string(), &t.gates))
             .collect::<Vec<_>>(),
     )?;
-    for d in dirs {
+    for (d, files) in dirs.into_iter().zip(digests) {
         let s = Stamp {
             format: STAMP_FORMAT.into(),
             tool: report.tool.clone(),
@@ -267,7 +319,7 @@ fn stamp(b: &Bundles, report: &Report, gates: &Gates, traces: &[OracleTrace]) ->
                     (name, t.sha256.clone())
                 })
                 .collect(),
-            files: hash_covered(d)?,
+            files: files.clone(),
         };
         write_stamp(d, &s)?;
         eprintln!("stamped {}", d.join(q3vl_bundle::STAMP_FILE).display());

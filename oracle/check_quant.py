@@ -4,7 +4,7 @@
     python oracle/check_quant.py --src CHECKPOINT_DIR --bundle LANGUAGE_BUNDLE_DIR [--vision-bundle DIR]
     python oracle/check_quant.py --self-test [--write-vectors FILE.json]
 
-Implements shared/spec/quantization.md with numpy only (no torch), independently of the
+Implements docs/quantization.md with numpy only (no torch), independently of the
 Rust converter:
 
 - int8 per-block-32 on [out, in] (in % 32 == 0), per row r and block b:
@@ -432,7 +432,7 @@ def self_test(write_vectors: Path | None) -> int:
         write_vectors.parent.mkdir(parents=True, exist_ok=True)
         write_vectors.write_text(json.dumps({
             "about": "q3vl int8 per-block-32 test vectors from oracle/check_quant.py --self-test "
-                     "(shared/spec/quantization.md). One row of `in` values per vector; "
+                     "(docs/quantization.md). One row of `in` values per vector; "
                      "q is row-major, one scale per 32 values.",
             "vectors": vectors,
         }, indent=1) + "\n")

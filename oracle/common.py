@@ -15,7 +15,7 @@ REPO_DIR = ORACLE_DIR.parent
 FIXTURES_DIR = REPO_DIR / "fixtures"
 # The Qwen3-VL Instruct chat template (Qwen/Qwen3-VL-8B-Instruct, Apache-2.0),
 # 5292 bytes, sha256 3636d0f0bd6bef02654cdffdc447b79cb2cef8ab02cc75267345946291a489e4.
-CHAT_TEMPLATE_PATH = ORACLE_DIR / "qwen3_vl_chat_template.jinja"
+CHAT_TEMPLATE_PATH = REPO_DIR / "model" / "data" / "qwen3_vl_chat_template.jinja"
 CHAT_TEMPLATE_SHA256 = "3636d0f0bd6bef02654cdffdc447b79cb2cef8ab02cc75267345946291a489e4"
 
 # Qwen's special tokens, in Qwen's id order (151643 .. 151656 in the real vocab).

@@ -4,7 +4,7 @@ The untrained fixtures (tied, odd) are random networks, and random networks ampl
 weight errors. A fixture whose int8 bundle fails the bundle gates tests nothing but its own
 seed, so build_fixtures.py picks seeds with this module: it rounds a copy of the model's
 weights exactly as `q3vl convert` would (oracle/check_quant.py's numpy quantizer, straight from
-shared/spec/quantization.md), runs it, and measures the same figures `q3vl verify --bundle`
+docs/quantization.md), runs it, and measures the same figures `q3vl verify --bundle`
 gates (verify/gates/default.json), so that a seed is taken only when every mode passes them
 with headroom.
 

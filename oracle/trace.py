@@ -4,7 +4,7 @@
     python oracle/trace.py --model DIR --prompt TEXT [--image PATH] --out FILE.safetensors \
         [--decode-steps 24] [--top-k 16] [--full-logits] [--model-id ID] [--revision SHA]
 
-The format is specified in shared/spec/oracle-trace.md. The model runs in fp32 on the
+The format is specified in docs/oracle-trace.md. The model runs in fp32 on the
 checkpoint's bf16 values (`dtype=torch.float32`, `attn_implementation="eager"`); the
 prompt ids come from the checkpoint's chat template and Qwen3VLProcessor (image path
 only, with Qwen2VLImageProcessorPil built from preprocessor_config.json, since the
@@ -62,7 +62,7 @@ def guess_model_id(model_dir: Path) -> str:
 
 
 def trace_metadata(model: str, revision: str, prompt: str, image: str, image_sha: str, steps: int) -> dict:
-    """The trace's `__metadata__` (shared/spec/oracle-trace.md)."""
+    """The trace's `__metadata__` (docs/oracle-trace.md)."""
     import transformers
 
     return {
@@ -263,7 +263,7 @@ def write_trace(args) -> dict:
         tensors["decode.logits"] = dec_logits.to(torch.float32)
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
 
-    # shape checks against the spec
+    # shape checks against the format (docs/oracle-trace.md)
     H = cfg.text_config.hidden_size
     for n in ["text.embed", "text.norm"] + [f"text.layer.{i}" for i in range(cap.n_layers)]:
         assert tuple(tensors[n].shape) == (T, H), (n, tensors[n].shape)

@@ -250,8 +250,18 @@ fn mismatched_vision_bundle_fails() {
     let vis = out.join("shapes_vision");
     std::fs::remove_dir_all(&vis).unwrap();
     copy_dir(&tied.join("tied_vision"), &vis);
-    let o = ask(&out, "x", &[]);
-    fails(&o, &["out_hidden_size", "shapes_vision"]);
+    // The pair check sees the vision bundle is not the one converted with this one.
+    fails(&ask(&out, "x", &[]), &["shapes_vision"]);
+    // Recorded as its companion (a converter that paired the wrong tower), the engine
+    // still refuses it by shape.
+    use sha2::{Digest, Sha256};
+    let vis_meta = std::fs::read(vis.join("metadata.json")).unwrap();
+    let lang_meta = out.join("shapes_decode_int8hu/metadata.json");
+    let mut m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&lang_meta).unwrap()).unwrap();
+    m["companion_sha256"] = hex::encode(Sha256::digest(&vis_meta)).into();
+    std::fs::write(&lang_meta, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    fails(&ask(&out, "x", &[]), &["out_hidden_size", "shapes_vision"]);
 }
 
 #[test]
@@ -350,7 +360,11 @@ fn bench_reports_every_figure_and_its_bound() {
     // tensor extents.
     let mut data = 0u64;
     for bundle in std::fs::read_dir(&out).unwrap() {
-        for f in std::fs::read_dir(bundle.unwrap().path()).unwrap() {
+        let bundle = bundle.unwrap().path();
+        if !bundle.is_dir() {
+            continue; // the folder's lock file
+        }
+        for f in std::fs::read_dir(bundle).unwrap() {
             let p = f.unwrap().path();
             if p.extension().is_some_and(|e| e == "safetensors") {
                 let bytes = std::fs::read(&p).unwrap();
@@ -370,6 +384,14 @@ fn bench_reports_every_figure_and_its_bound() {
     assert!(data > 0);
     assert_eq!(doc["warmup_bytes"].as_u64(), Some(data));
     assert!(f("warmup_ms") >= 0.0);
+    // The stamp check's cost is measured over every byte of both bundles.
+    let every_byte: usize = common::tree(&out)
+        .iter()
+        .filter(|(rel, _)| !rel.ends_with("verification.json"))
+        .map(|(_, b)| b.len())
+        .sum();
+    assert_eq!(doc["stamp_check_bytes"].as_u64(), Some(every_byte as u64));
+    assert!(f("stamp_check_ms") >= 0.0);
 }
 
 #[test]

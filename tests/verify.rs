@@ -44,6 +44,32 @@ fn edit_tensor(file: &Path, name: &str, f: impl Fn(&mut [u8])) {
     std::fs::write(file, bytes).unwrap();
 }
 
+/// Re-records every file's size and sha256 in a bundle's `metadata.json`, as a
+/// converter with a numerical bug would have: the damage is then the gates' to find,
+/// not the checksums'.
+fn reseal(bundle: &Path) {
+    use sha2::{Digest, Sha256};
+    let p = bundle.join("metadata.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    for (rel, entry) in m["files"].as_object_mut().unwrap() {
+        let bytes = std::fs::read(bundle.join(rel)).unwrap();
+        entry["sha256"] = hex::encode(Sha256::digest(&bytes)).into();
+        entry["size"] = bytes.len().into();
+    }
+    std::fs::write(&p, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+}
+
+/// Runs `f` on a copy of `file`'s bytes, then puts the original back.
+fn with_edited(file: &Path, f: impl Fn(&mut Vec<u8>), check: impl FnOnce()) {
+    let original = std::fs::read(file).unwrap();
+    let mut b = original.clone();
+    f(&mut b);
+    assert_eq!(b.len(), original.len(), "a same-size edit");
+    std::fs::write(file, &b).unwrap();
+    check();
+    std::fs::write(file, &original).unwrap();
+}
+
 fn scale_f16(bytes: &mut [u8], factor: f32) {
     for b in bytes.chunks_exact_mut(2) {
         let v = half::f16::from_le_bytes([b[0], b[1]]).to_f32() * factor;
@@ -167,6 +193,60 @@ fn int8_bundles_pass_every_gate_and_get_stamped() {
     assert!(out.join("shapes_vision").join("verification.json").exists());
     let info = ok(&["inspect", s(&lang)]);
     assert!(info.contains("verified"), "{info}");
+    let run_verified = || {
+        let args = [
+            "run",
+            "--bundle",
+            s(&out),
+            "--prompt",
+            "x",
+            "--max-new-tokens",
+            "1",
+        ];
+        run(&[&args[..], &["--require-verified"]].concat())
+    };
+    let o = run_verified();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Any changed byte of any file of either bundle is refused, naming the file: the
+    // head zeroed in place, one character of the chat template, one vision weight.
+    let weights = lang.join("model.safetensors");
+    let zero_head = |b: &mut Vec<u8>| {
+        let ck = Checkpoint::open_files(&lang, std::slice::from_ref(&weights)).unwrap();
+        let r = ck.info("lm_head.weight").unwrap().range.clone();
+        b[r].fill(0);
+    };
+    with_edited(&weights, zero_head, || {
+        fails(
+            &run_verified(),
+            &["model.safetensors", "--require-verified"],
+        );
+    });
+    let template = lang.join("tokenizer/tokenizer_config.json");
+    let swap_case = |b: &mut Vec<u8>| {
+        let at = b.windows(7).position(|w| w == b"im_star").unwrap();
+        b[at] = b'I';
+    };
+    with_edited(&template, swap_case, || {
+        fails(&run_verified(), &["tokenizer/tokenizer_config.json"]);
+    });
+    let vision = out.join("shapes_vision/model.safetensors");
+    let flip_last = |b: &mut Vec<u8>| {
+        let last = b.len() - 1;
+        b[last] ^= 1;
+    };
+    with_edited(&vision, flip_last, || {
+        fails(&run_verified(), &["shapes_vision", "model.safetensors"]);
+        // The language bundle's own stamp vouches for its pair.
+        let info = ok(&["inspect", s(&lang)]);
+        assert!(
+            info.contains("INVALID") && info.contains("shapes_vision"),
+            "{info}"
+        );
+    });
+    assert!(
+        run_verified().status.success(),
+        "restored bytes verify again"
+    );
     // A same-size edit of a verified file (only a hash can see it) invalidates the stamp.
     let cfg = lang.join("config.json");
     let c = std::fs::read_to_string(&cfg)
@@ -182,6 +262,34 @@ fn int8_bundles_pass_every_gate_and_get_stamped() {
     assert!(all.contains("INVALID"), "{all}");
 }
 
+/// A bundle whose bytes no longer match its own checksums is refused before any gate
+/// runs, and never stamped.
+#[test]
+fn a_bundle_failing_its_checksums_is_never_stamped() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("b");
+    convert("tied", &out, "int8hu");
+    let w = out.join("tied_decode_int8hu").join("model.safetensors");
+    edit_tensor(
+        &w,
+        "model.language_model.layers.0.mlp.up_proj.weight",
+        |b| b[5] ^= 0x40,
+    );
+    let o = run(&[
+        "verify",
+        "--bundle",
+        s(&out),
+        "--trace",
+        s(&trace("tied", "text")),
+        "--report",
+        s(&dir.path().join("rep")),
+        "--stamp",
+    ]);
+    fails(&o, &["tied_decode_int8hu/model.safetensors", "sha256"]);
+    assert!(!out.join("tied_decode_int8hu/verification.json").exists());
+    assert!(!out.join("tied_vision/verification.json").exists());
+}
+
 #[test]
 fn one_layer_with_scales_times_1_5_fails_the_ladder_at_that_layer() {
     let dir = tempfile::tempdir().unwrap();
@@ -193,6 +301,7 @@ fn one_layer_with_scales_times_1_5_fails_the_ladder_at_that_layer() {
         "model.language_model.layers.3.mlp.down_proj.weight.scales",
         |b| scale_f16(b, 1.5),
     );
+    reseal(&out.join("tied_decode_int8hu"));
     let rep = dir.path().join("rep");
     let o = run(&[
         "verify",

@@ -8,7 +8,7 @@ use std::path::Path;
 
 /// Size and sha256 of a file, read in 8 MiB pieces (memory stays flat for any size).
 pub fn sha256_file(path: &Path) -> Result<FileEntry, BundleError> {
-    let mut f = std::fs::File::open(path).map_err(|e| BundleError::io(path, e))?;
+    let mut f = q3vl_model::input::open_regular(path).map_err(|e| BundleError::io(path, e))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 8 << 20];
     let mut size = 0u64;

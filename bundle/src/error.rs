@@ -1,12 +1,13 @@
 //! The bundle crate's error type: every variant names the file or tensor at fault.
 
+use q3vl_model::error::printable;
 use std::path::PathBuf;
 
 /// Errors from reading or writing a bundle.
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
     /// A file could not be read, written, synced or renamed.
-    #[error("{path}: {source}")]
+    #[error("{}: {source}", printable(.path.display()))]
     Io {
         /// The file or folder.
         path: PathBuf,
@@ -14,7 +15,7 @@ pub enum BundleError {
         source: std::io::Error,
     },
     /// A JSON file of the bundle is malformed or lacks a field.
-    #[error("{path}: {msg}")]
+    #[error("{}: {}", printable(.path.display()), printable(.msg))]
     Json {
         /// The file.
         path: PathBuf,
@@ -22,7 +23,7 @@ pub enum BundleError {
         msg: String,
     },
     /// The folder is not a q3vl bundle, or one of a format version this build does not read.
-    #[error("{path}: {msg}")]
+    #[error("{}: {}", printable(.path.display()), printable(.msg))]
     Format {
         /// The bundle folder or its metadata file.
         path: PathBuf,
@@ -30,7 +31,7 @@ pub enum BundleError {
         msg: String,
     },
     /// A file's size differs from the one recorded in `metadata.json`.
-    #[error("{path}: size {found} bytes, metadata.json says {expected}")]
+    #[error("{}: size {found} bytes, metadata.json says {expected}", printable(.path.display()))]
     SizeMismatch {
         /// The file.
         path: PathBuf,
@@ -40,7 +41,7 @@ pub enum BundleError {
         found: u64,
     },
     /// A file's sha256 differs from the one recorded in `metadata.json`.
-    #[error("{path}: sha256 {found}, metadata.json says {expected}")]
+    #[error("{}: sha256 {found}, metadata.json says {}", printable(.path.display()), printable(.expected))]
     ChecksumMismatch {
         /// The file.
         path: PathBuf,
@@ -50,7 +51,7 @@ pub enum BundleError {
         found: String,
     },
     /// A tensor is not in the bundle.
-    #[error("tensor {name}: not in bundle {bundle}")]
+    #[error("tensor {}: not in bundle {}", printable(.name), printable(.bundle.display()))]
     MissingTensor {
         /// The tensor name.
         name: String,
@@ -58,7 +59,7 @@ pub enum BundleError {
         bundle: PathBuf,
     },
     /// A tensor's dtype or shape is not what its role requires.
-    #[error("tensor {name}: {msg}")]
+    #[error("tensor {}: {}", printable(.name), printable(.msg))]
     Tensor {
         /// The tensor name.
         name: String,
@@ -69,19 +70,53 @@ pub enum BundleError {
     #[error(transparent)]
     Weights(#[from] q3vl_model::Error),
     /// A bundle already exists where one would be written.
-    #[error("{path}: a bundle already exists here (pass --force to replace it)")]
+    #[error("{}: a bundle already exists here (pass --force to replace it)", printable(.path.display()))]
     Exists {
         /// The existing folder.
         path: PathBuf,
     },
+    /// Another q3vl run holds the lock this run needs on a folder.
+    #[error("{}: {holder} (lock file {}); try again when it has finished", printable(.path.display()), printable(.lock.display()))]
+    Locked {
+        /// The folder the run was given (`--out` or `--bundle`'s output folder).
+        path: PathBuf,
+        /// The lock file held.
+        lock: PathBuf,
+        /// What holds it.
+        holder: LockHolder,
+    },
     /// A writer was fed bytes that do not fit its plan (a converter bug, reported, not panicked).
-    #[error("{path}: {msg}")]
+    #[error("{}: {}", printable(.path.display()), printable(.msg))]
     Write {
         /// The file being written.
         path: PathBuf,
         /// What is wrong.
         msg: String,
     },
+}
+
+/// What holds a lock a run could not take (see [`crate::Staging`] and
+/// [`crate::ReadClaim`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockHolder {
+    /// A `q3vl convert` writing bundles into the folder.
+    Conversion,
+    /// A `q3vl synth` writing the checkpoint folder.
+    Synth,
+    /// One or more `q3vl run`, `verify` or `bench` reading the folder's bundles.
+    Readers,
+}
+
+impl std::fmt::Display for LockHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LockHolder::Conversion => "another q3vl conversion is writing into this folder",
+            LockHolder::Synth => "another q3vl synth is writing this folder",
+            LockHolder::Readers => {
+                "a q3vl run, verify or bench is reading the bundles in this folder"
+            }
+        })
+    }
 }
 
 impl BundleError {

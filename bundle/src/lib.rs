@@ -16,12 +16,24 @@
 //!
 //! Tensor names are the Hugging Face names. A quantized weight `NAME` is stored as
 //! `NAME` (I8, `[out, in]`) plus `NAME.scales` (F16, `[out, in/32]`); see
-//! `shared/spec/quantization.md` for the arithmetic.
+//! `docs/quantization.md` for the arithmetic.
 //!
 //! Reading: [`Bundle::open`] (one folder) or [`Bundles::open`] (the language +
-//! vision pair of an output folder). Writing: [`BundleWriter`] stages a bundle in a
-//! hidden temporary folder, [`WeightsWriter`] streams safetensors files into it with
-//! bounded memory, and [`StagedBundle::commit`] renames it into place.
+//! vision pair of an output folder), under a [`ReadClaim`] for as long as they are
+//! used (a shared lock on the output folder: a conversion into it fails at once
+//! meanwhile). Writing: [`Staging::begin`] claims the output folder (an exclusive lock
+//! on its `.q3vl-lock` for the whole run, so a second run fails at once naming the
+//! folder, and a run-unique hidden staging folder; leftovers of killed runs are
+//! cleaned under the lock), [`BundleWriter`] stages a bundle there, [`WeightsWriter`]
+//! streams safetensors files into it with bounded memory, and [`StagedBundle::commit`]
+//! renames it into place. `--force` replaces only q3vl bundles of the same kind
+//! ([`ensure_replaceable`]), never a user's folder of the same name.
+//!
+//! The pair cannot appear half-written: the language bundle records the sha256 of its
+//! vision bundle's `metadata.json` (`companion_sha256`), the vision bundle is committed
+//! first, and [`Bundles::open`] refuses a language bundle whose vision bundle is
+//! missing or from another conversion. A plain re-run of `q3vl convert` repairs such a
+//! pair (see the `pair` and `staging` modules).
 //!
 //! The format is little-endian only, like safetensors itself.
 
@@ -39,12 +51,13 @@ pub mod names;
 mod pair;
 mod reader;
 mod st_writer;
+mod staging;
 pub mod stamp;
 mod writer;
 
 pub use checksum::{sha256_file, FileCheck};
 pub use dtype::Dtype;
-pub use error::BundleError;
+pub use error::{BundleError, LockHolder};
 pub use metadata::{
     FileEntry, FixedGrid, HeadInfo, Kind, Metadata, Mode, Preprocessing, Producer, Scheme, Source,
     TensorMeta, FORMAT_TAG, FORMAT_VERSION,
@@ -52,8 +65,9 @@ pub use metadata::{
 pub use pair::Bundles;
 pub use reader::Bundle;
 pub use st_writer::{ShardPolicy, TensorPlan, WeightsWriter, WrittenFile};
+pub use staging::{ReadClaim, Staging};
 pub use stamp::{check_stamp, Stamp, StampStatus, STAMP_FILE};
-pub use writer::{BundleWriter, StagedBundle};
+pub use writer::{ensure_replaceable, BundleWriter, StagedBundle};
 
 /// Shorthand for results of this crate.
 pub type Result<T> = std::result::Result<T, BundleError>;

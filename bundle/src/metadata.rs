@@ -26,7 +26,7 @@ pub enum Kind {
     Vision,
 }
 
-/// A conversion mode (spec/quantization.md, "Modes").
+/// A conversion mode (`docs/quantization.md`, "Modes").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
@@ -248,6 +248,11 @@ pub struct Metadata {
     /// The other bundle of the pair, a sibling folder (the language bundle names its vision bundle).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub companion: Option<String>,
+    /// The sha256 of the companion's `metadata.json` (which lists the sha256 of every
+    /// companion file): binds the pair, so a vision bundle from another conversion is
+    /// refused by [`crate::Bundles::open`] instead of being run with this decoder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub companion_sha256: Option<String>,
     /// The scheme of every tensor class present (class name → scheme), before fallbacks.
     pub schemes: BTreeMap<String, Scheme>,
     /// The LM head (language bundles).
@@ -289,6 +294,7 @@ impl Metadata {
             name: name.into(),
             mode: None,
             companion: None,
+            companion_sha256: None,
             schemes: BTreeMap::new(),
             head: None,
             tensors: BTreeMap::new(),
@@ -306,7 +312,7 @@ impl Metadata {
     /// Reads and checks `DIR/metadata.json` (format tag and version).
     pub fn read(dir: &Path) -> Result<Self, BundleError> {
         let path = dir.join(METADATA_FILE);
-        let text = std::fs::read(&path).map_err(|e| BundleError::io(&path, e))?;
+        let text = q3vl_model::input::read_regular(&path).map_err(|e| BundleError::io(&path, e))?;
         let v: serde_json::Value =
             serde_json::from_slice(&text).map_err(|e| BundleError::Json {
                 path: path.clone(),
@@ -332,10 +338,29 @@ impl Metadata {
                 })
             }
         }
-        serde_json::from_value(v).map_err(|e| BundleError::Json {
-            path,
+        let m: Metadata = serde_json::from_value(v).map_err(|e| BundleError::Json {
+            path: path.clone(),
             msg: e.to_string(),
-        })
+        })?;
+        m.check_paths()
+            .map_err(|msg| BundleError::Json { path, msg })?;
+        Ok(m)
+    }
+
+    /// Every file it lists is inside the bundle, and its companion is a sibling folder:
+    /// a reader joins these names to the bundle's folder, so `../x` or an absolute
+    /// path would make it read (or hash) a file elsewhere.
+    fn check_paths(&self) -> Result<(), String> {
+        use q3vl_model::input::{is_inner_path, is_plain_name};
+        if let Some(f) = self.files.keys().find(|f| !is_inner_path(f)) {
+            return Err(format!("files lists {f:?}, not a path inside the bundle"));
+        }
+        match &self.companion {
+            Some(c) if !is_plain_name(c) => Err(format!(
+                "companion {c:?} is not the name of a sibling folder"
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// The canonical bytes of `metadata.json`: pretty-printed, sorted maps, a final newline.
@@ -394,5 +419,33 @@ mod tests {
         std::fs::write(dir.path().join(METADATA_FILE), "{\"format\": \"gguf\"}").unwrap();
         let e = Metadata::read(dir.path()).unwrap_err().to_string();
         assert!(e.contains("not a q3vl bundle"), "{e}");
+    }
+
+    #[test]
+    fn listed_paths_stay_inside_the_bundle() {
+        let dir = tempfile::tempdir().unwrap();
+        let entry = FileEntry {
+            sha256: "0".repeat(64),
+            size: 1,
+        };
+        for (file, companion) in [
+            ("../../etc/passwd", None),
+            ("/etc/passwd", None),
+            ("model.safetensors", Some("../elsewhere")),
+            ("model.safetensors", Some("/tmp/v")),
+        ] {
+            let mut m = Metadata::new(Kind::Language, "x");
+            m.files.insert(file.into(), entry.clone());
+            m.companion = companion.map(str::to_string);
+            std::fs::write(dir.path().join(METADATA_FILE), m.to_bytes()).unwrap();
+            let e = Metadata::read(dir.path()).unwrap_err().to_string();
+            let culprit = companion.unwrap_or(file);
+            assert!(e.contains("metadata.json") && e.contains(culprit), "{e}");
+        }
+        let mut m = Metadata::new(Kind::Language, "x");
+        m.files.insert("tokenizer/tokenizer.json".into(), entry);
+        m.companion = Some("x_vision".into());
+        std::fs::write(dir.path().join(METADATA_FILE), m.to_bytes()).unwrap();
+        assert_eq!(Metadata::read(dir.path()).unwrap(), m);
     }
 }

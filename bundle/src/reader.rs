@@ -10,7 +10,7 @@ use half::f16;
 use q3vl_model::{Checkpoint, Qwen3VlConfig};
 use std::path::{Path, PathBuf};
 
-/// The quantization block width along `in` (spec/quantization.md).
+/// The quantization block width along `in` (`docs/quantization.md`).
 pub const BLOCK: usize = 32;
 
 /// An open bundle: `metadata.json`, the parsed `config.json`, and the memory-mapped
@@ -82,6 +82,7 @@ impl Bundle {
             name: name.into(),
             msg,
         };
+        let mut scales = Vec::new();
         for (name, meta) in &self.metadata.tensors {
             let (dtype, shape, bytes) = self.raw(name)?;
             if dtype != meta.scheme.dtype() {
@@ -110,9 +111,11 @@ impl Bundle {
                 if !(sb.as_ptr() as usize).is_multiple_of(2) {
                     return Err(bad(&sname, "is not 2-byte aligned in its file".into()));
                 }
+                scales.push((sname, sb));
             }
             let _ = bytes;
         }
+        self.check_scales(scales)?;
         for name in self.weights.names() {
             let base = name
                 .strip_suffix(crate::names::SCALES_SUFFIX)
@@ -122,6 +125,31 @@ impl Bundle {
                     name,
                     "is stored but not listed in metadata.json".into(),
                 ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every int8 block scale must be finite: one NaN or infinity makes every logit
+    /// NaN downstream. Scales are ~6% of a bundle's bytes; they are read in file order
+    /// (as [`Bundle::populate`] reads, for the same page-cache reasons) and dropped from
+    /// the resident set afterwards, so a streaming reader's peak memory does not grow.
+    fn check_scales(&self, mut scales: Vec<(String, &[u8])>) -> Result<(), BundleError> {
+        scales.sort_by_key(|(_, b)| b.as_ptr() as usize);
+        for (name, bytes) in scales {
+            // An f16 is NaN or infinite exactly when its exponent bits are all ones.
+            let bad = bytes
+                .chunks_exact(2)
+                .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7C00 == 0x7C00);
+            if let Some(i) = bad {
+                let v = f16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]);
+                return Err(BundleError::Tensor {
+                    name,
+                    msg: format!("scale {i} is {v}, not a finite number (damaged bundle)"),
+                });
+            }
+            if let Some(info) = self.weights.info(&name) {
+                self.weights.release(&name, 0..info.range.len());
             }
         }
         Ok(())
@@ -474,6 +502,27 @@ mod tests {
         assert_eq!(b.populate(|n| n == "n"), 8);
         assert_eq!(b.populate(|_| true), 144);
         assert_eq!(b.populate(|_| false), 0);
+    }
+
+    #[test]
+    fn non_finite_scales_are_refused_at_open() {
+        for bad in [f16::NAN, f16::INFINITY, f16::NEG_INFINITY] {
+            let out = tempfile::tempdir().unwrap();
+            let dir = make(out.path());
+            let b = Bundle::open(&dir).unwrap();
+            let info = b.checkpoint().info("w.scales").unwrap().clone();
+            drop(b);
+            let p = dir.join("model.safetensors");
+            let mut bytes = std::fs::read(&p).unwrap();
+            let at = info.range.start + 2;
+            bytes[at..at + 2].copy_from_slice(&bad.to_le_bytes());
+            std::fs::write(&p, bytes).unwrap();
+            let e = Bundle::open(&dir).err().unwrap().to_string();
+            assert!(
+                e.contains("tensor w.scales") && e.contains("scale 1"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -1,20 +1,36 @@
 //! `verification.json`: the stamp `q3vl verify --stamp` writes beside a bundle's
-//! `metadata.json` when, and only when, every gate passed. It binds the gate results
-//! to the hashes of the files they were computed on, so any later change to a
-//! verified file makes the stamp invalid.
+//! `metadata.json` when, and only when, every gate passed on these exact bytes.
+//!
+//! The stamp binds the gate results to every file of the bundle folder (sub-folders
+//! included, the stamp itself excepted): each one's size and BLAKE3 digest. A stamp
+//! is valid only while the folder holds exactly those files with exactly those bytes,
+//! so an edited weight, an edited chat template, a removed file or an added one (a
+//! file the loader would read, such as a `chat_template.jinja`) all invalidate it.
+//!
+//! BLAKE3, not the sha256 that `metadata.json` records, because the stamp is checked
+//! on every `q3vl run --require-verified`: BLAKE3 hashes one file on all cores with
+//! SIMD, several times faster than sha256 (BENCHMARKS.md gives the 8B's cost), and the
+//! pages it reads are the ones the engine then maps, already in the page cache.
 
-use crate::checksum::sha256_file;
 use crate::error::BundleError;
-use crate::metadata::{FileEntry, Metadata};
-use crate::names::METADATA_FILE;
+use q3vl_model::error::printable;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
 
 /// The stamp's file name inside a bundle folder.
 pub const STAMP_FILE: &str = "verification.json";
-/// The stamp's format tag.
-pub const STAMP_FORMAT: &str = "q3vl-verification/1";
+/// The stamp's format tag. Version 1 bound `metadata.json` only and is refused.
+pub const STAMP_FORMAT: &str = "q3vl-verification/2";
+
+/// One stamped file: its size and BLAKE3 digest (hex).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StampedFile {
+    /// Bytes.
+    pub size: u64,
+    /// BLAKE3 of the whole file, lowercase hex.
+    pub blake3: String,
+}
 
 /// The contents of `verification.json`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -29,9 +45,9 @@ pub struct Stamp {
     pub results: serde_json::Value,
     /// Trace file name → sha256 of the trace.
     pub traces: BTreeMap<String, String>,
-    /// Every verified file of this bundle (relative path → size and sha256),
-    /// `metadata.json` included.
-    pub files: BTreeMap<String, FileEntry>,
+    /// Every file of the bundle folder (relative `/`-separated path → size and BLAKE3),
+    /// `metadata.json` included, the stamp excluded.
+    pub files: BTreeMap<String, StampedFile>,
 }
 
 /// Whether a bundle carries a stamp that still matches its files.
@@ -39,7 +55,7 @@ pub struct Stamp {
 pub enum StampStatus {
     /// No `verification.json`.
     Missing,
-    /// Present and every checked file matches.
+    /// Present, and the folder holds exactly the stamped files, byte for byte.
     Valid,
     /// Present but something changed (the reason names the file).
     Invalid(String),
@@ -49,32 +65,93 @@ impl std::fmt::Display for StampStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StampStatus::Missing => write!(f, "not verified (no {STAMP_FILE})"),
-            StampStatus::Valid => write!(f, "verified ({STAMP_FILE} matches)"),
+            StampStatus::Valid => write!(f, "verified (every byte matches {STAMP_FILE})"),
             StampStatus::Invalid(why) => write!(f, "verification stamp INVALID: {why}"),
         }
     }
 }
 
-/// The files a stamp covers: `metadata.json` and every file it lists.
-pub fn covered_files(dir: &Path) -> Result<Vec<String>, BundleError> {
-    let m = Metadata::read(dir)?;
-    let mut files: Vec<String> = m.files.keys().cloned().collect();
-    files.push(METADATA_FILE.to_string());
-    files.sort();
-    Ok(files)
+/// The temporary name a stamp is written under before its rename.
+fn stamp_tmp() -> String {
+    format!(".{STAMP_FILE}.tmp")
 }
 
-/// Hashes every covered file of a bundle.
-pub fn hash_covered(dir: &Path) -> Result<BTreeMap<String, FileEntry>, BundleError> {
-    covered_files(dir)?
+/// Every regular file below `dir` (relative, `/`-separated, sorted), the stamp and its
+/// temporary file excepted. Anything that is neither a folder nor a regular file (a
+/// symlink, a FIFO, a device) is an error: a stamp cannot vouch for it.
+pub fn bundle_files(dir: &Path) -> Result<Vec<String>, BundleError> {
+    let mut out = Vec::new();
+    walk(dir, "", &mut out)?;
+    out.retain(|f| *f != STAMP_FILE && *f != stamp_tmp());
+    out.sort();
+    Ok(out)
+}
+
+fn walk(dir: &Path, prefix: &str, out: &mut Vec<String>) -> Result<(), BundleError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| BundleError::io(dir, e))?;
+    for e in entries {
+        let e = e.map_err(|e| BundleError::io(dir, e))?;
+        let path = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        let rel = format!("{prefix}{name}");
+        let kind = e.file_type().map_err(|err| BundleError::io(&path, err))?;
+        if kind.is_dir() {
+            walk(&path, &format!("{rel}/"), out)?;
+        } else if kind.is_file() {
+            out.push(rel);
+        } else {
+            return Err(BundleError::Format {
+                path,
+                msg: "is not a regular file (a bundle holds only files and folders)".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Size and BLAKE3 of one regular file, hashed on all the rayon pool's threads. The
+/// file is mapped and hashed 64 MiB at a time, each window dropped from this process's
+/// page tables once hashed: no copy, and the resident set stays one window high while
+/// the pages stay in the page cache for the engine.
+pub fn blake3_file(path: &Path) -> Result<StampedFile, BundleError> {
+    const WINDOW: usize = 64 << 20;
+    let f = q3vl_model::input::open_regular(path).map_err(|e| BundleError::Format {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })?;
+    let len = f.metadata().map_err(|e| BundleError::io(path, e))?.len() as usize;
+    let mut h = blake3::Hasher::new();
+    if len > 0 {
+        // SAFETY: read-only private view; a concurrent writer could change what is
+        // hashed, which the stamp's compare-after-gates and the folder locks exclude.
+        let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| BundleError::io(path, e))?;
+        for at in (0..len).step_by(WINDOW) {
+            let end = (at + WINDOW).min(len);
+            h.update_rayon(&map[at..end]);
+            // SAFETY: nothing borrows the window any more; a later read faults it
+            // back in from the page cache.
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, at, end - at)
+            };
+        }
+    }
+    Ok(StampedFile {
+        size: h.count(),
+        blake3: h.finalize().to_hex().to_string(),
+    })
+}
+
+/// Hashes every file of a bundle folder ([`bundle_files`]).
+pub fn hash_bundle(dir: &Path) -> Result<BTreeMap<String, StampedFile>, BundleError> {
+    bundle_files(dir)?
         .into_iter()
-        .map(|f| Ok((f.clone(), sha256_file(&dir.join(&f))?)))
+        .map(|f| Ok((f.clone(), blake3_file(&dir.join(&f))?)))
         .collect()
 }
 
 /// Writes `stamp` into `dir` atomically (a temporary file renamed into place).
 pub fn write_stamp(dir: &Path, stamp: &Stamp) -> Result<(), BundleError> {
-    let tmp = dir.join(format!(".{STAMP_FILE}.tmp"));
+    let tmp = dir.join(stamp_tmp());
     let text = serde_json::to_string_pretty(stamp).expect("stamp serialises");
     std::fs::write(&tmp, text).map_err(|e| BundleError::io(&tmp, e))?;
     let dst = dir.join(STAMP_FILE);
@@ -91,64 +168,175 @@ pub fn remove_stamp(dir: &Path) -> Result<(), BundleError> {
     }
 }
 
-/// Reads the stamp, if any.
+/// Reads the stamp, if any. A stamp of another format (version 1 included) is an
+/// error that says to verify again.
 pub fn read_stamp(dir: &Path) -> Result<Option<Stamp>, BundleError> {
     let p = dir.join(STAMP_FILE);
-    if !p.exists() {
+    if std::fs::symlink_metadata(&p).is_err() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(&p).map_err(|e| BundleError::io(&p, e))?;
-    let s: Stamp = serde_json::from_str(&text).map_err(|e| BundleError::Format {
+    let bad = |msg: String| BundleError::Format {
         path: p.clone(),
-        msg: format!("not a valid stamp: {e}"),
-    })?;
-    if s.format != STAMP_FORMAT {
-        return Err(BundleError::Format {
-            path: p,
-            msg: format!("format {:?} is not {STAMP_FORMAT:?}", s.format),
-        });
+        msg,
+    };
+    if !std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_file()) {
+        return Err(bad("is not a regular file".into()));
     }
-    Ok(Some(s))
+    let text = std::fs::read_to_string(&p).map_err(|e| BundleError::io(&p, e))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not a valid stamp: {e}")))?;
+    let format = v.get("format").and_then(|f| f.as_str()).unwrap_or("");
+    if format != STAMP_FORMAT {
+        return Err(bad(format!(
+            "format {format:?} is not {STAMP_FORMAT:?} (verify again with --stamp)"
+        )));
+    }
+    serde_json::from_value(v)
+        .map(Some)
+        .map_err(|e| bad(format!("not a valid stamp: {e}")))
 }
 
-/// Checks a bundle's stamp. `full` re-hashes every covered file; otherwise only
-/// `metadata.json` is hashed (it records every other file's digest) and the other
-/// files' sizes are compared — cheap enough for every `q3vl run`.
-pub fn check_stamp(dir: &Path, full: bool) -> StampStatus {
+/// Checks a bundle's stamp against every byte of the folder: the same files, each
+/// with its stamped size and BLAKE3 digest. The first difference is named.
+pub fn check_stamp(dir: &Path) -> StampStatus {
     let stamp = match read_stamp(dir) {
         Ok(None) => return StampStatus::Missing,
         Ok(Some(s)) => s,
         Err(e) => return StampStatus::Invalid(e.to_string()),
     };
-    let covered = match covered_files(dir) {
-        Ok(c) => c,
-        Err(e) => return StampStatus::Invalid(e.to_string()),
-    };
-    let stamped: Vec<&String> = stamp.files.keys().collect();
-    if stamped != covered.iter().collect::<Vec<_>>() {
-        return StampStatus::Invalid("the bundle's file list changed since it was verified".into());
+    match compare(dir, &stamp.files) {
+        Ok(None) => StampStatus::Valid,
+        Ok(Some(why)) => StampStatus::Invalid(why),
+        Err(e) => StampStatus::Invalid(e.to_string()),
     }
-    for (rel, want) in &stamp.files {
-        let p = dir.join(rel);
-        if full || rel == METADATA_FILE {
-            match sha256_file(&p) {
-                Ok(found) if &found == want => {}
-                Ok(_) => {
-                    return StampStatus::Invalid(format!("{rel} changed since it was verified"))
-                }
-                Err(e) => return StampStatus::Invalid(e.to_string()),
-            }
-        } else {
-            match std::fs::metadata(&p) {
-                Ok(m) if m.len() == want.size => {}
-                Ok(_) => {
-                    return StampStatus::Invalid(format!(
-                        "{rel} changed size since it was verified"
-                    ))
-                }
-                Err(e) => return StampStatus::Invalid(format!("{rel}: {e}")),
-            }
+}
+
+/// The first difference between the folder and `want`, or `None` when there is none.
+pub fn compare(
+    dir: &Path,
+    want: &BTreeMap<String, StampedFile>,
+) -> Result<Option<String>, BundleError> {
+    let found = bundle_files(dir)?;
+    if let Some(f) = want.keys().find(|f| !found.contains(f)) {
+        return Ok(Some(format!(
+            "{} was removed since it was verified",
+            printable(f)
+        )));
+    }
+    if let Some(f) = found.iter().find(|f| !want.contains_key(*f)) {
+        return Ok(Some(format!(
+            "{} was added since it was verified",
+            printable(f)
+        )));
+    }
+    for (rel, stamped) in want {
+        let path = dir.join(rel);
+        let size = std::fs::symlink_metadata(&path)
+            .map_err(|e| BundleError::io(&path, e))?
+            .len();
+        if size != stamped.size {
+            return Ok(Some(format!(
+                "{} changed size since it was verified",
+                printable(rel)
+            )));
         }
     }
-    StampStatus::Valid
+    for (rel, stamped) in want {
+        if blake3_file(&dir.join(rel))?.blake3 != stamped.blake3 {
+            return Ok(Some(format!(
+                "{} changed since it was verified",
+                printable(rel)
+            )));
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stamp_of(dir: &Path) -> Stamp {
+        Stamp {
+            format: STAMP_FORMAT.into(),
+            tool: "test".into(),
+            gates: serde_json::Value::Null,
+            results: serde_json::Value::Null,
+            traces: BTreeMap::new(),
+            files: hash_bundle(dir).unwrap(),
+        }
+    }
+
+    /// A small stamped folder: a weights file, metadata and a tokenizer sub-folder.
+    fn stamped() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("model.safetensors"), vec![7u8; 100_000]).unwrap();
+        std::fs::write(d.path().join("metadata.json"), "{}").unwrap();
+        std::fs::create_dir(d.path().join("tokenizer")).unwrap();
+        std::fs::write(d.path().join("tokenizer/tokenizer_config.json"), "{}").unwrap();
+        write_stamp(d.path(), &stamp_of(d.path())).unwrap();
+        d
+    }
+
+    fn invalid_naming(d: &Path, file: &str) {
+        match check_stamp(d) {
+            StampStatus::Invalid(why) => assert!(why.contains(file), "{why}"),
+            s => panic!("expected an invalid stamp naming {file}, got {s}"),
+        }
+    }
+
+    #[test]
+    fn a_fresh_stamp_is_valid_and_covers_sub_folders() {
+        let d = stamped();
+        assert_eq!(check_stamp(d.path()), StampStatus::Valid);
+        let s = read_stamp(d.path()).unwrap().unwrap();
+        assert!(s.files.contains_key("tokenizer/tokenizer_config.json"));
+        assert!(!s.files.contains_key(STAMP_FILE));
+    }
+
+    #[test]
+    fn a_same_size_edit_of_any_byte_is_refused() {
+        let d = stamped();
+        let p = d.path().join("model.safetensors");
+        let mut b = std::fs::read(&p).unwrap();
+        b[77_777] = 0;
+        std::fs::write(&p, b).unwrap();
+        invalid_naming(d.path(), "model.safetensors");
+    }
+
+    #[test]
+    fn an_edit_in_a_sub_folder_is_refused() {
+        let d = stamped();
+        std::fs::write(d.path().join("tokenizer/tokenizer_config.json"), "{ }").unwrap();
+        invalid_naming(d.path(), "tokenizer/tokenizer_config.json");
+    }
+
+    #[test]
+    fn added_and_removed_files_are_refused() {
+        let d = stamped();
+        std::fs::write(d.path().join("tokenizer/chat_template.jinja"), "x").unwrap();
+        invalid_naming(d.path(), "tokenizer/chat_template.jinja");
+        std::fs::remove_file(d.path().join("tokenizer/chat_template.jinja")).unwrap();
+        assert_eq!(check_stamp(d.path()), StampStatus::Valid);
+        std::fs::remove_file(d.path().join("metadata.json")).unwrap();
+        invalid_naming(d.path(), "metadata.json");
+    }
+
+    #[test]
+    fn a_symlink_in_the_folder_is_refused() {
+        let d = stamped();
+        std::os::unix::fs::symlink("/dev/null", d.path().join("extra")).unwrap();
+        invalid_naming(d.path(), "extra");
+    }
+
+    #[test]
+    fn old_and_broken_stamps_are_invalid_and_absent_ones_missing() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(check_stamp(d.path()), StampStatus::Missing);
+        std::fs::write(d.path().join(STAMP_FILE), "{").unwrap();
+        assert!(matches!(check_stamp(d.path()), StampStatus::Invalid(_)));
+        let v1 = r#"{"format": "q3vl-verification/1", "files": {}}"#;
+        std::fs::write(d.path().join(STAMP_FILE), v1).unwrap();
+        invalid_naming(d.path(), "verify again");
+    }
 }

@@ -1,26 +1,27 @@
 //! Staging and committing a bundle folder atomically.
 //!
-//! A bundle is written into a hidden staging folder `<out>/.q3vl-tmp-<name>` and only
-//! renamed to `<out>/<name>` once every file is written and synced, so an interrupted
-//! or failed run never leaves a folder that looks like a bundle. Dropping a writer (on
-//! an error, or on Ctrl-C) removes its staging folder.
+//! A bundle is written into its own folder inside a run's staging folder (see
+//! [`crate::Staging`]: the output folder is locked for the run through its
+//! `.q3vl-lock` file, the staging folder is unique to it) and only renamed to `<out>/<name>` once every file is written and
+//! synced, so an interrupted or failed run never leaves a folder that looks like a
+//! bundle. Dropping a writer (on an error, or on Ctrl-C) removes its folder.
+//!
+//! Committing over an existing folder is allowed only when it is a q3vl bundle of the
+//! same kind ([`ensure_replaceable`]): `--force` replaces bundles, never a user's
+//! folder that happens to carry a bundle's name.
 
 use crate::error::BundleError;
-use crate::metadata::{FileEntry, Metadata};
-use crate::names::{tmp_dir, METADATA_FILE, OLD_PREFIX};
+use crate::metadata::{FileEntry, Kind, Metadata, FORMAT_TAG};
+use crate::names::METADATA_FILE;
 use crate::st_writer::{write_synced, WrittenFile};
+use crate::staging::{sync_dir, Staging};
+use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-fn sync_dir(dir: &Path) -> Result<(), BundleError> {
-    std::fs::File::open(dir)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| BundleError::io(dir, e))
-}
-
 /// A bundle being written into its staging folder.
 pub struct BundleWriter {
-    out: PathBuf,
+    staging: Staging,
     name: String,
     tmp: PathBuf,
     files: BTreeMap<String, FileEntry>,
@@ -28,26 +29,31 @@ pub struct BundleWriter {
 }
 
 impl BundleWriter {
-    /// Fails with [`BundleError::Exists`] when `out/name` already exists.
-    pub fn ensure_absent(out: &Path, name: &str) -> Result<(), BundleError> {
-        let target = out.join(name);
-        if target.symlink_metadata().is_ok() {
-            return Err(BundleError::Exists { path: target });
-        }
-        Ok(())
+    /// Starts bundle `out/name` alone: claims `out` (see [`Staging::begin`]) for as long
+    /// as the writer, and then the staged bundle, live.
+    pub fn create(out: &Path, name: &str) -> Result<Self, BundleError> {
+        Self::create_in(&Staging::begin(out)?, name)
     }
 
-    /// Starts bundle `out/name` in a fresh staging folder (a stale one from a killed
-    /// run is removed first). Creates `out` if needed.
-    pub fn create(out: &Path, name: &str) -> Result<Self, BundleError> {
-        std::fs::create_dir_all(out).map_err(|e| BundleError::io(out, e))?;
-        let tmp = out.join(tmp_dir(name));
-        if tmp.symlink_metadata().is_ok() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| BundleError::io(&tmp, e))?;
+    /// Starts bundle `name` in the staging folder of `staging`; it will be committed to
+    /// `staging.out()/name`.
+    pub fn create_in(staging: &Staging, name: &str) -> Result<Self, BundleError> {
+        // `~` marks entry claims' staging names (see `names::ENTRY_END`); refused here,
+        // before anything is written, rather than at install.
+        let plain = !name.is_empty()
+            && !name.starts_with('.')
+            && !name.contains(['/', '\\', crate::names::ENTRY_END])
+            && !name.chars().any(char::is_control);
+        if !plain {
+            return Err(BundleError::Format {
+                path: staging.out().join(name),
+                msg: "is not a plain folder name for a bundle".into(),
+            });
         }
+        let tmp = staging.dir().join(name);
         std::fs::create_dir(&tmp).map_err(|e| BundleError::io(&tmp, e))?;
         Ok(BundleWriter {
-            out: out.to_path_buf(),
+            staging: staging.clone(),
             name: name.into(),
             tmp,
             files: BTreeMap::new(),
@@ -67,7 +73,7 @@ impl BundleWriter {
 
     /// Where the bundle will be once committed.
     pub fn target(&self) -> PathBuf {
-        self.out.join(&self.name)
+        self.staging.out().join(&self.name)
     }
 
     /// Writes a small file at `rel` (`/`-separated, sub-folders created), syncs it and
@@ -99,7 +105,8 @@ impl BundleWriter {
     pub fn finish(mut self, mut metadata: Metadata) -> Result<StagedBundle, BundleError> {
         metadata.name = self.name.clone();
         metadata.files = std::mem::take(&mut self.files);
-        write_synced(&self.tmp.join(METADATA_FILE), &metadata.to_bytes())?;
+        let bytes = metadata.to_bytes();
+        write_synced(&self.tmp.join(METADATA_FILE), &bytes)?;
         let mut dirs: Vec<PathBuf> = metadata
             .files
             .keys()
@@ -113,10 +120,12 @@ impl BundleWriter {
         sync_dir(&self.tmp)?;
         self.keep = true;
         Ok(StagedBundle {
-            out: self.out.clone(),
+            staging: self.staging.clone(),
             tmp: self.tmp.clone(),
             target: self.target(),
+            name: self.name.clone(),
             metadata,
+            metadata_sha256: hex::encode(Sha256::digest(&bytes)),
             committed: false,
         })
     }
@@ -133,10 +142,12 @@ impl Drop for BundleWriter {
 /// A complete bundle in its staging folder. Dropping it without [`StagedBundle::commit`]
 /// removes it.
 pub struct StagedBundle {
-    out: PathBuf,
+    staging: Staging,
     tmp: PathBuf,
     target: PathBuf,
+    name: String,
     metadata: Metadata,
+    metadata_sha256: String,
     committed: bool,
 }
 
@@ -146,44 +157,31 @@ impl StagedBundle {
         &self.metadata
     }
 
+    /// The sha256 of the `metadata.json` as written (what a language bundle records
+    /// as its `companion_sha256`).
+    pub fn metadata_sha256(&self) -> &str {
+        &self.metadata_sha256
+    }
+
     /// Where the bundle goes on commit.
     pub fn target(&self) -> &Path {
         &self.target
     }
 
-    /// Renames the staging folder into place. An existing bundle there is an error
-    /// unless `replace`, in which case it is moved aside first and removed after.
+    /// Renames the staged bundle into place. Something already there is an error unless
+    /// it is a bundle of the same kind ([`ensure_replaceable`]) and `replace` is set.
     pub fn commit(mut self, replace: bool) -> Result<PathBuf, BundleError> {
-        let exists = self.target.symlink_metadata().is_ok();
-        if exists && !replace {
-            return Err(BundleError::Exists {
-                path: self.target.clone(),
-            });
-        }
-        let name = self
-            .target
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let old = self.out.join(format!("{OLD_PREFIX}{name}"));
-        if exists {
-            if old.symlink_metadata().is_ok() {
-                std::fs::remove_dir_all(&old).map_err(|e| BundleError::io(&old, e))?;
+        if self.target.symlink_metadata().is_ok() {
+            ensure_replaceable(&self.target, self.metadata.kind)?;
+            if !replace {
+                return Err(BundleError::Exists {
+                    path: self.target.clone(),
+                });
             }
-            std::fs::rename(&self.target, &old).map_err(|e| BundleError::io(&self.target, e))?;
         }
-        if let Err(e) = std::fs::rename(&self.tmp, &self.target) {
-            if exists {
-                let _ = std::fs::rename(&old, &self.target);
-            }
-            return Err(BundleError::io(&self.target, e));
-        }
+        let path = self.staging.install(&self.name)?;
         self.committed = true;
-        if exists {
-            std::fs::remove_dir_all(&old).map_err(|e| BundleError::io(&old, e))?;
-        }
-        sync_dir(&self.out)?;
-        Ok(self.target.clone())
+        Ok(path)
     }
 }
 
@@ -195,10 +193,42 @@ impl Drop for StagedBundle {
     }
 }
 
+/// Fails unless `target` is a q3vl bundle folder of `kind`: a real folder (not a link)
+/// whose `metadata.json` carries q3vl's format tag and that kind. Anything else is a
+/// folder q3vl did not write, which it must not delete, even under `--force`.
+pub fn ensure_replaceable(target: &Path, kind: Kind) -> Result<(), BundleError> {
+    let is_dir = target.symlink_metadata().is_ok_and(|m| m.is_dir());
+    let want = serde_json::to_value(kind).expect("kind serializes");
+    let tagged = is_dir
+        && q3vl_model::input::read_regular(&target.join(METADATA_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .is_some_and(|v| v["format"] == FORMAT_TAG && v["kind"] == want);
+    if tagged {
+        return Ok(());
+    }
+    Err(BundleError::Format {
+        path: target.to_path_buf(),
+        msg: format!(
+            "is not a q3vl {} bundle (no metadata.json with format {FORMAT_TAG:?} and kind {want}); \
+             refusing to replace it, even with --force: move it away or choose another --out",
+            want.as_str().unwrap_or_default()
+        ),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metadata::Kind;
+
+    fn names(dir: &Path) -> Vec<std::ffi::OsString> {
+        let mut v: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        v.sort();
+        v
+    }
 
     #[test]
     fn staging_is_removed_unless_committed() {
@@ -215,16 +245,14 @@ mod tests {
         let staged = w.finish(Metadata::new(Kind::Vision, "b")).unwrap();
         assert_eq!(staged.metadata().files.len(), 1);
         drop(staged);
-        assert!(std::fs::read_dir(out.path()).unwrap().next().is_none());
+        assert_eq!(names(out.path()), [".q3vl-lock"]);
 
         let w = BundleWriter::create(out.path(), "b").unwrap();
-        let path = w
-            .finish(Metadata::new(Kind::Vision, "b"))
-            .unwrap()
-            .commit(false)
-            .unwrap();
-        assert!(path.join(METADATA_FILE).exists());
-        assert!(BundleWriter::ensure_absent(out.path(), "b").is_err());
+        let staged = w.finish(Metadata::new(Kind::Vision, "b")).unwrap();
+        let digest = staged.metadata_sha256().to_string();
+        let path = staged.commit(false).unwrap();
+        let written = crate::sha256_file(&path.join(METADATA_FILE)).unwrap();
+        assert_eq!(written.sha256, digest);
         let w = BundleWriter::create(out.path(), "b").unwrap();
         let e = w
             .finish(Metadata::new(Kind::Vision, "b"))
@@ -240,10 +268,63 @@ mod tests {
             .commit(true)
             .unwrap();
         assert!(path.join("new.txt").exists());
-        let names: Vec<_> = std::fs::read_dir(out.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(names, vec![std::ffi::OsString::from("b")]);
+        assert_eq!(names(out.path()), vec![".q3vl-lock", "b"]);
+    }
+
+    #[test]
+    fn two_bundles_of_one_run_share_one_claim() {
+        let out = tempfile::tempdir().unwrap();
+        let st = Staging::begin(out.path()).unwrap();
+        let a = BundleWriter::create_in(&st, "a").unwrap();
+        let b = BundleWriter::create_in(&st, "b").unwrap();
+        assert_eq!(a.dir().parent(), Some(st.dir()));
+        assert!(BundleWriter::create(out.path(), "c").is_err(), "locked");
+        let a = a.finish(Metadata::new(Kind::Vision, "a")).unwrap();
+        let b = b.finish(Metadata::new(Kind::Language, "b")).unwrap();
+        a.commit(false).unwrap();
+        b.commit(false).unwrap();
+        let dir = st.dir().to_path_buf();
+        drop(st);
+        assert!(!dir.exists());
+        assert_eq!(names(out.path()), vec![".q3vl-lock", "a", "b"]);
+        for bad in ["", ".hidden", "a/b", "x\ny", "a~"] {
+            let st = Staging::begin(out.path()).unwrap();
+            assert!(BundleWriter::create_in(&st, bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn force_replaces_only_bundles_of_the_same_kind() {
+        let out = tempfile::tempdir().unwrap();
+        let user = out.path().join("b");
+        std::fs::create_dir(&user).unwrap();
+        std::fs::write(user.join("notes.txt"), b"mine").unwrap();
+        let try_commit = |kind| {
+            let w = BundleWriter::create(out.path(), "b").unwrap();
+            w.finish(Metadata::new(kind, "b")).unwrap().commit(true)
+        };
+        let e = try_commit(Kind::Vision).unwrap_err().to_string();
+        assert!(e.contains("is not a q3vl vision bundle"), "{e}");
+        assert!(e.contains(&user.display().to_string()), "{e}");
+        assert_eq!(std::fs::read(user.join("notes.txt")).unwrap(), b"mine");
+        // A bundle of the other kind under this name is not replaced either.
+        std::fs::write(
+            user.join(METADATA_FILE),
+            Metadata::new(Kind::Language, "b").to_bytes(),
+        )
+        .unwrap();
+        let e = try_commit(Kind::Vision).unwrap_err().to_string();
+        assert!(e.contains("is not a q3vl vision bundle"), "{e}");
+        assert!(user.join("notes.txt").exists());
+        // A file in the way is not a bundle.
+        std::fs::remove_dir_all(&user).unwrap();
+        std::fs::write(&user, b"file").unwrap();
+        assert!(try_commit(Kind::Vision).is_err());
+        assert_eq!(std::fs::read(&user).unwrap(), b"file");
+        // A bundle of the same kind is.
+        std::fs::remove_file(&user).unwrap();
+        try_commit(Kind::Language).unwrap();
+        try_commit(Kind::Language).unwrap();
+        assert_eq!(names(out.path()), vec![".q3vl-lock", "b"]);
     }
 }

@@ -2,11 +2,16 @@
 //! language and vision bundles, tensor by tensor, with bounded memory.
 //!
 //! Order of work: open and check the whole source (config, every file, every tensor's
-//! presence, shape and dtype, in-features of int8 tensors) and the output folder
-//! before writing anything; then stream each bundle's tensors into its staging folder
-//! in file order while a second thread hashes the source files; then write the small
-//! files and `metadata.json`, and rename both bundles into place. Any error, or Ctrl-C,
-//! removes the staging folders.
+//! presence, shape and dtype, in-features of int8 tensors); claim the output folder
+//! ([`Staging::begin`]: an exclusive lock on its `.q3vl-lock` held until the end, so
+//! no other conversion into it and no `run`, `verify` or `bench` of its bundles
+//! overlaps this one, whichever comes second failing at once naming the folder; a
+//! staging folder unique to this run; leftovers of killed runs cleaned); check what
+//! is already there; then stream
+//! each bundle's tensors into the staging folder in file order while a second thread
+//! hashes the source files; then write the small files and `metadata.json`, and commit
+//! the vision bundle and then the language bundle that binds it (see [`commit_pair`]).
+//! Any error, Ctrl-C, SIGTERM or SIGHUP removes the staging folder.
 
 use crate::cancel::Cancel;
 use crate::error::{ConvertError, Result};
@@ -15,12 +20,15 @@ use crate::plan::{plan, OutTensor, Part, Plan};
 use crate::progress::Progress;
 use crate::source::{hash_files, SourceCheckpoint};
 use crate::stream::stream_tensor;
-use crate::tokenizer_files::tokenizer_files;
+use crate::tokenizer_files::{check_tokenizer, tokenizer_files};
 use crate::vision_meta::preprocessing;
-use q3vl_bundle::names::{language_dir, short_name, vision_dir, CONFIG_FILE, PREPROCESSOR_FILE};
+use q3vl_bundle::names::{
+    language_dir, short_name, vision_dir, CONFIG_FILE, METADATA_FILE, PREPROCESSOR_FILE,
+};
 use q3vl_bundle::{
-    BundleWriter, FileEntry, Kind, Metadata, Mode, Producer, ShardPolicy, Source, StagedBundle,
-    TensorMeta, TensorPlan, WeightsWriter,
+    ensure_replaceable, sha256_file, BundleError, BundleWriter, Bundles, FileEntry, Kind, Metadata,
+    Mode, Preprocessing, Producer, ShardPolicy, Source, StagedBundle, Staging, TensorMeta,
+    TensorPlan, WeightsWriter,
 };
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -160,37 +168,155 @@ struct Written {
     metadata: Metadata,
 }
 
+/// The source, opened and checked, and everything read from it before writing.
+struct Job {
+    src_dir: PathBuf,
+    folder: String,
+    src: SourceCheckpoint,
+    plan: Plan,
+    lang_name: String,
+    vis_name: String,
+    pre: Preprocessing,
+    tok: Vec<(String, Vec<u8>)>,
+    pre_bytes: Option<Vec<u8>>,
+    source_bytes: u64,
+}
+
+impl Job {
+    /// Opens and checks the whole source: config, every file, every tensor's presence,
+    /// shape and dtype, the tokenizer and the preprocessor (nothing is written yet).
+    fn open(opts: &ConvertOptions) -> Result<Job> {
+        let src_dir = std::path::absolute(&opts.src).map_err(|e| ConvertError::io(&opts.src, e))?;
+        let folder = src_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "source".into());
+        let src = SourceCheckpoint::open(&src_dir)?;
+        let plan = plan(&src.config, opts.mode, opts.fallback_f16, src.has_head())?;
+        let short = short_name(opts.hf_id.as_deref().unwrap_or(&folder));
+        let pre = preprocessing(&src.dir, &src.config)?;
+        let tok = tokenizer_files(&src.dir)?;
+        check_tokenizer(&src.dir, &tok, &src.config)?;
+        let pre_path = src.dir.join(PREPROCESSOR_FILE);
+        let pre_bytes = if pre_path.is_file() {
+            Some(
+                q3vl_model::input::read_regular(&pre_path)
+                    .map_err(|e| ConvertError::io(&pre_path, e))?,
+            )
+        } else {
+            None
+        };
+        let source_bytes: u64 = src.sizes()?.values().sum();
+        Ok(Job {
+            lang_name: language_dir(&short, opts.mode.as_str()),
+            vis_name: vision_dir(&short),
+            src_dir,
+            folder,
+            src,
+            plan,
+            pre,
+            tok,
+            pre_bytes,
+            source_bytes,
+        })
+    }
+}
+
 fn run(opts: &ConvertOptions, progress: &dyn Progress, cancel: &Cancel) -> Result<ConvertSummary> {
     let t0 = Instant::now();
-    let src_dir = std::path::absolute(&opts.src).map_err(|e| ConvertError::io(&opts.src, e))?;
-    let folder = src_dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "source".into());
-    let src = SourceCheckpoint::open(&src_dir)?;
-    let plan = plan(&src.config, opts.mode, opts.fallback_f16, src.has_head())?;
-    let short = short_name(opts.hf_id.as_deref().unwrap_or(&folder));
-    let lang_name = language_dir(&short, opts.mode.as_str());
-    let vis_name = vision_dir(&short);
-
-    // Everything that can be checked is checked before the first byte is written.
-    if !opts.force {
-        BundleWriter::ensure_absent(&opts.out, &lang_name)?;
-        check_existing_vision(&opts.out.join(&vis_name), &src)?;
-    }
-    let pre = preprocessing(&src.dir, &src.config)?;
-    let tok = tokenizer_files(&src.dir)?;
-    let pre_path = src.dir.join(PREPROCESSOR_FILE);
-    let pre_bytes = if pre_path.is_file() {
-        Some(std::fs::read(&pre_path).map_err(|e| ConvertError::io(&pre_path, e))?)
-    } else {
-        None
+    let job = Job::open(opts)?;
+    // The output folder stays locked until this function returns: no other run
+    // stages, commits or cleans in it meanwhile.
+    let staging = Staging::begin(&opts.out)?;
+    let vision_replaceable = check_targets(opts, &job, staging.out())?;
+    let (lang, vis, hashes) = write_both(opts, &job, &staging, progress, cancel)?;
+    cancel.check()?;
+    let source = Source {
+        hf_id: opts.hf_id.clone(),
+        revision: opts.revision.clone(),
+        folder: job.folder.clone(),
+        files: hashes,
     };
-    let source_bytes: u64 = src.sizes()?.values().sum();
+    let pair = commit_pair(opts, vision_replaceable, &source, lang, vis, cancel)?;
+    summary(opts, &job, pair, t0)
+}
 
+/// Checks the folders already at the two targets, under the lock and before anything
+/// is written; returns whether the vision bundle there (if any) may be replaced.
+///
+/// A folder that is not a q3vl bundle of the right kind is never replaced. An existing
+/// language bundle needs `--force`, unless its pair is one no conversion completed (a
+/// run killed between its two commits): a plain re-run repairs that. An existing vision
+/// bundle may be replaced with `--force`, or when no complete pair uses it; otherwise
+/// it must come from the same source (and is kept if identical, see [`commit_pair`]).
+fn check_targets(opts: &ConvertOptions, job: &Job, out: &Path) -> Result<bool> {
+    let lang = out.join(&job.lang_name);
+    if lang.symlink_metadata().is_ok() {
+        ensure_replaceable(&lang, Kind::Language)?;
+        if !opts.force && complete_pair(&lang) {
+            return Err(BundleError::Exists { path: lang }.into());
+        }
+    }
+    let vis = out.join(&job.vis_name);
+    if vis.symlink_metadata().is_err() {
+        return Ok(true);
+    }
+    ensure_replaceable(&vis, Kind::Vision)?;
+    let replaceable = opts.force || !vision_in_use(out, &job.vis_name)?;
+    if !replaceable {
+        check_existing_vision(&vis, &job.src)?;
+    }
+    Ok(replaceable)
+}
+
+/// Whether the language bundle in `dir` and its vision bundle are a pair one
+/// conversion completed.
+fn complete_pair(dir: &Path) -> bool {
+    Metadata::read(dir).is_ok_and(|m| is_complete(dir, &m))
+}
+
+/// Whether language bundle `m` in `dir` is half of a complete pair: bound to its vision
+/// bundle, or a legacy pair. A language bundle written before `companion_sha256`
+/// existed cannot prove its pair, so it no longer loads; but when its companion is
+/// there and is a q3vl vision bundle, it is a finished conversion, which only `--force`
+/// may replace (the user may be about to convert another source over it).
+fn is_complete(dir: &Path, m: &Metadata) -> bool {
+    if Bundles::companion_of(dir, m).is_ok() {
+        return true;
+    }
+    let legacy_companion = match (&m.companion, &m.companion_sha256) {
+        (Some(c), None) => dir.parent().map(|p| p.join(c)),
+        _ => None,
+    };
+    legacy_companion.is_some_and(|v| Metadata::read(&v).is_ok_and(|vm| vm.kind == Kind::Vision))
+}
+
+/// Whether a complete pair (see [`is_complete`]) in `out` uses the vision bundle
+/// `vis_name`.
+fn vision_in_use(out: &Path, vis_name: &str) -> Result<bool> {
+    for lang in Bundles::language_bundles(out, None)? {
+        let uses = Metadata::read(&lang)
+            .is_ok_and(|m| m.companion.as_deref() == Some(vis_name) && is_complete(&lang, &m));
+        if uses {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Streams both bundles into `staging` while a second thread hashes the source files;
+/// returns the language and vision bundles and the source digests.
+fn write_both(
+    opts: &ConvertOptions,
+    job: &Job,
+    staging: &Staging,
+    progress: &dyn Progress,
+    cancel: &Cancel,
+) -> Result<(Written, Written, BTreeMap<String, FileEntry>)> {
+    let src = &job.src;
     let failed = Cancel::new();
     let stop = || cancel.is_cancelled() || failed.is_cancelled();
-    let (written, hashes) = std::thread::scope(|scope| {
+    std::thread::scope(|scope| {
         let hasher = std::thread::Builder::new()
             .name("q3vl-hash-source".into())
             .spawn_scoped(scope, || {
@@ -209,7 +335,8 @@ fn run(opts: &ConvertOptions, progress: &dyn Progress, cancel: &Cancel) -> Resul
                 Ok(all)
             })
             .map_err(|e| ConvertError::io(&src.dir, e))?;
-        let total: u64 = plan
+        let total: u64 = job
+            .plan
             .tensors
             .iter()
             .map(|t| {
@@ -219,103 +346,130 @@ fn run(opts: &ConvertOptions, progress: &dyn Progress, cancel: &Cancel) -> Resul
             })
             .sum();
         progress.begin("converting", total);
-        let result = (|| -> Result<(Written, Written)> {
-            let (mut lang, lang_weights) = write_part(
-                opts,
-                &src,
-                &plan,
-                Part::Language,
-                &lang_name,
-                progress,
-                cancel,
-            )?;
-            lang.writer.add_file(CONFIG_FILE, &src.config_bytes)?;
-            for (rel, bytes) in &tok {
-                lang.writer.add_file(rel, bytes)?;
-            }
-            lang.metadata.mode = Some(opts.mode);
-            lang.metadata.companion = Some(vis_name.clone());
-            lang.metadata.head = Some(plan.head.clone());
-            if plan.head.tensor == q3vl_model::layout::EMBED {
-                // A tied head that is not stored is the f16 embedding table.
-                lang.metadata.set_scheme(
-                    q3vl_model::layout::TensorClass::Head,
-                    q3vl_bundle::Scheme::F16,
-                );
-            }
-            lang.metadata.ignored_source_tensors = plan.ignored.clone();
-            let (mut vis, vis_weights) =
-                write_part(opts, &src, &plan, Part::Vision, &vis_name, progress, cancel)?;
-            vis.writer.add_file(CONFIG_FILE, &src.config_bytes)?;
-            if let Some(b) = &pre_bytes {
-                vis.writer.add_file(PREPROCESSOR_FILE, b)?;
-            }
-            vis.metadata.preprocessing = Some(pre.clone());
-            // The language files are closed only now, so their final sync overlapped
-            // the vision tower's conversion.
-            lang.writer.record(lang_weights.finish()?);
-            vis.writer.record(vis_weights.finish()?);
-            Ok((lang, vis))
-        })();
+        let result = write_parts(opts, job, staging, progress, cancel);
         progress.end();
         if result.is_err() {
             failed.cancel();
         }
         let hashes = hasher.join().unwrap_or(Err(ConvertError::Interrupted));
-        let written = result?;
-        Ok::<_, ConvertError>((written, hashes?))
-    })?;
-    cancel.check()?;
+        let (lang, vis) = result?;
+        Ok((lang, vis, hashes?))
+    })
+}
 
-    let source = Source {
-        hf_id: opts.hf_id.clone(),
-        revision: opts.revision.clone(),
-        folder,
-        files: hashes,
-    };
-    let (lang, vis) = written;
-    let finish = |w: Written| -> Result<StagedBundle> {
+/// Writes the language bundle's weights, then the vision bundle's, and each one's
+/// small files.
+fn write_parts(
+    opts: &ConvertOptions,
+    job: &Job,
+    staging: &Staging,
+    progress: &dyn Progress,
+    cancel: &Cancel,
+) -> Result<(Written, Written)> {
+    let (src, plan) = (&job.src, &job.plan);
+    let part = |part| write_part(opts, job, staging, part, progress, cancel);
+    let (mut lang, lang_weights) = part(Part::Language)?;
+    lang.writer.add_file(CONFIG_FILE, &src.config_bytes)?;
+    for (rel, bytes) in &job.tok {
+        lang.writer.add_file(rel, bytes)?;
+    }
+    lang.metadata.mode = Some(opts.mode);
+    lang.metadata.companion = Some(job.vis_name.clone());
+    lang.metadata.head = Some(plan.head.clone());
+    if plan.head.tensor == q3vl_model::layout::EMBED {
+        // A tied head that is not stored is the f16 embedding table.
+        lang.metadata.set_scheme(
+            q3vl_model::layout::TensorClass::Head,
+            q3vl_bundle::Scheme::F16,
+        );
+    }
+    lang.metadata.ignored_source_tensors = plan.ignored.clone();
+    let (mut vis, vis_weights) = part(Part::Vision)?;
+    vis.writer.add_file(CONFIG_FILE, &src.config_bytes)?;
+    if let Some(b) = &job.pre_bytes {
+        vis.writer.add_file(PREPROCESSOR_FILE, b)?;
+    }
+    vis.metadata.preprocessing = Some(job.pre.clone());
+    // The language files are closed only now, so their final sync overlapped the
+    // vision tower's conversion.
+    lang.writer.record(lang_weights.finish()?);
+    vis.writer.record(vis_weights.finish()?);
+    Ok((lang, vis))
+}
+
+/// The committed pair.
+struct Pair {
+    language: BundleReport,
+    vision: BundleReport,
+}
+
+/// Finishes both bundles and commits them: the vision bundle first, then the language
+/// bundle, which binds it by the sha256 of its `metadata.json` (`companion_sha256`).
+/// A kill in between leaves a pair that [`Bundles::open`] refuses and a plain re-run
+/// repairs, never one that loads; Ctrl-C and SIGTERM are not polled in between.
+fn commit_pair(
+    opts: &ConvertOptions,
+    vision_replaceable: bool,
+    source: &Source,
+    lang: Written,
+    vis: Written,
+    cancel: &Cancel,
+) -> Result<Pair> {
+    let finish = |w: Written, companion_sha256: Option<String>| -> Result<StagedBundle> {
         let mut m = w.metadata;
         m.source = source.clone();
         m.producer = opts.producer.clone();
+        m.companion_sha256 = companion_sha256;
         Ok(w.writer.finish(m)?)
     };
-    let lang = finish(lang)?;
-    let vis = finish(vis)?;
-
+    let vis = finish(vis, None)?;
     // An identical vision bundle (same source, same bytes) is kept: converting another
     // mode into the same folder needs no --force.
     let vis_target = vis.target().to_path_buf();
-    let keep_vision = match q3vl_bundle::Metadata::read(&vis_target) {
-        Ok(m) => {
-            let same = m.files == vis.metadata().files && m.source == vis.metadata().source;
-            if !same && !opts.force {
-                return Err(q3vl_bundle::BundleError::Exists { path: vis_target }.into());
-            }
-            same
-        }
-        Err(_) => false,
+    let existing = vis_target.symlink_metadata().is_ok();
+    let keep = Metadata::read(&vis_target)
+        .is_ok_and(|m| m.files == vis.metadata().files && m.source == vis.metadata().source);
+    if existing && !keep && !vision_replaceable {
+        return Err(BundleError::Exists { path: vis_target }.into());
+    }
+    let vis_digest = if keep {
+        sha256_file(&vis_target.join(METADATA_FILE))?.sha256
+    } else {
+        vis.metadata_sha256().to_string()
     };
+    let lang = finish(lang, Some(vis_digest))?;
     cancel.check()?;
-    let lang_report = report(&lang, false);
-    let vis_report = report(&vis, keep_vision);
-    let lang_path = lang.commit(opts.force)?;
-    let vis_path = if keep_vision {
+    let (lang_report, vis_report) = (report(&lang, false), report(&vis, keep));
+    let vis_path = if keep {
         drop(vis);
         vis_target
     } else {
-        vis.commit(opts.force)?
+        vis.commit(true)?
     };
+    let lang_path = lang.commit(true)?;
+    Ok(Pair {
+        language: BundleReport {
+            path: lang_path,
+            ..lang_report
+        },
+        vision: BundleReport {
+            path: vis_path,
+            ..vis_report
+        },
+    })
+}
 
+/// The summary of a committed conversion.
+fn summary(opts: &ConvertOptions, job: &Job, pair: Pair, t0: Instant) -> Result<ConvertSummary> {
     let mut classes: BTreeMap<String, ClassReport> = BTreeMap::new();
-    for t in &plan.tensors {
+    for t in &job.plan.tensors {
         let c = classes.entry(t.class.as_str().into()).or_default();
         c.count += 1;
         *c.schemes.entry(t.scheme.as_str().into()).or_default() += 1;
         c.bytes += t.stored().iter().map(TensorPlan::bytes).sum::<u64>();
     }
-    let lang_m = Metadata::read(&lang_path)?;
-    let vis_m = Metadata::read(&vis_path)?;
+    let lang_m = Metadata::read(&pair.language.path)?;
+    let vis_m = Metadata::read(&pair.vision.path)?;
     let merged = |f: fn(&Metadata) -> &BTreeMap<String, u64>| -> BTreeMap<String, u64> {
         f(&lang_m)
             .iter()
@@ -326,19 +480,13 @@ fn run(opts: &ConvertOptions, progress: &dyn Progress, cancel: &Cancel) -> Resul
     Ok(ConvertSummary {
         mode: opts.mode,
         source: SourceReport {
-            path: src_dir,
+            path: job.src_dir.clone(),
             hf_id: opts.hf_id.clone(),
             revision: opts.revision.clone(),
-            bytes: source_bytes,
+            bytes: job.source_bytes,
         },
-        language: BundleReport {
-            path: lang_path,
-            ..lang_report
-        },
-        vision: BundleReport {
-            path: vis_path,
-            ..vis_report
-        },
+        language: pair.language,
+        vision: pair.vision,
         tensor_classes: classes,
         fallbacks: lang_m
             .fallbacks
@@ -364,16 +512,14 @@ fn report(b: &StagedBundle, kept_existing: bool) -> BundleReport {
     }
 }
 
-/// An existing vision bundle without `--force` is fine only if it was made from the
-/// same source files (checked by name and size here, by sha256 at the end).
+/// An existing vision bundle that a complete pair uses, without `--force`, is fine
+/// only if it was made from the same source files (checked by name and size here, by
+/// sha256 at the end).
 fn check_existing_vision(dir: &Path, src: &SourceCheckpoint) -> Result<()> {
-    if dir.symlink_metadata().is_err() {
-        return Ok(());
-    }
-    let exists = || q3vl_bundle::BundleError::Exists {
+    let exists = || BundleError::Exists {
         path: dir.to_path_buf(),
     };
-    let m = q3vl_bundle::Metadata::read(dir).map_err(|_| exists())?;
+    let m = Metadata::read(dir).map_err(|_| exists())?;
     let theirs: BTreeMap<&String, u64> = m.source.files.iter().map(|(k, v)| (k, v.size)).collect();
     let sizes = src.sizes()?;
     let ours: BTreeMap<&String, u64> = sizes.iter().map(|(k, v)| (k, *v)).collect();
@@ -383,18 +529,22 @@ fn check_existing_vision(dir: &Path, src: &SourceCheckpoint) -> Result<()> {
     Ok(())
 }
 
-/// Streams one bundle's tensors into a fresh staging folder; the caller finishes the
-/// returned weights writer.
+/// Streams one bundle's tensors into its folder in the staging folder; the caller
+/// finishes the returned weights writer.
 fn write_part(
     opts: &ConvertOptions,
-    src: &SourceCheckpoint,
-    plan: &Plan,
+    job: &Job,
+    staging: &Staging,
     part: Part,
-    name: &str,
     progress: &dyn Progress,
     cancel: &Cancel,
 ) -> Result<(Written, WeightsWriter)> {
-    let writer = BundleWriter::create(&opts.out, name)?;
+    let (src, plan) = (&job.src, &job.plan);
+    let name = match part {
+        Part::Language => &job.lang_name,
+        Part::Vision => &job.vis_name,
+    };
+    let writer = BundleWriter::create_in(staging, name)?;
     let tensors: Vec<&OutTensor> = plan.part(part).collect();
     let stored: Vec<TensorPlan> = tensors.iter().flat_map(|t| t.stored()).collect();
     let mut ww = WeightsWriter::create(writer.dir(), &stored, opts.shard, &BTreeMap::new())?;
@@ -445,10 +595,10 @@ fn write_part(
 }
 
 /// Test hook: with `Q3VL_TEST_HOLD_FILE=PATH` in the environment, the converter creates
-/// PATH after the first tensor of each bundle and waits while it exists (polling the
-/// cancel flag, at most a minute), so the Ctrl-C test can interrupt a conversion
-/// mid-way without racing it.
-fn test_hold(cancel: &Cancel) -> Result<()> {
+/// PATH after the first tensor of each bundle (`synth`: before its weights) and waits
+/// while it exists (polling the cancel flag, at most a minute), so the signal and lock
+/// tests can interrupt or overlap a run mid-way without racing it.
+pub(crate) fn test_hold(cancel: &Cancel) -> Result<()> {
     let Some(path) = std::env::var_os("Q3VL_TEST_HOLD_FILE").map(PathBuf::from) else {
         return Ok(());
     };

@@ -1,5 +1,6 @@
 //! The converter's error type: every variant names the file, tensor or option at fault.
 
+use q3vl_model::error::printable;
 use std::path::PathBuf;
 
 /// Errors from fetching, converting or synthesizing a checkpoint.
@@ -13,7 +14,7 @@ pub enum ConvertError {
     #[error(transparent)]
     Bundle(#[from] q3vl_bundle::BundleError),
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{}: {source}", printable(.path.display()))]
     Io {
         /// The file or folder.
         path: PathBuf,
@@ -21,7 +22,7 @@ pub enum ConvertError {
         source: std::io::Error,
     },
     /// An input file is unusable for a reason other than I/O.
-    #[error("{path}: {msg}")]
+    #[error("{}: {}", printable(.path.display()), printable(.msg))]
     Input {
         /// The file or folder.
         path: PathBuf,
@@ -29,7 +30,7 @@ pub enum ConvertError {
         msg: String,
     },
     /// A weight to be quantized has in-features that are not a multiple of 32.
-    #[error("tensor {name}: in-features {cols} is not a multiple of 32, so it cannot be stored int8 per-block-32 (pass --fallback-f16 to keep it f16)")]
+    #[error("tensor {}: in-features {cols} is not a multiple of 32, so it cannot be stored int8 per-block-32 (pass --fallback-f16 to keep it f16)", printable(.name))]
     NotMultipleOf32 {
         /// The tensor.
         name: String,
@@ -37,7 +38,7 @@ pub enum ConvertError {
         cols: usize,
     },
     /// A tensor is not part of the Qwen3-VL layout.
-    #[error("tensor {name} in {file}: not part of the Qwen3-VL layout for this config")]
+    #[error("tensor {} in {}: not part of the Qwen3-VL layout for this config", printable(.name), printable(.file.display()))]
     UnexpectedTensor {
         /// The tensor.
         name: String,
@@ -45,7 +46,7 @@ pub enum ConvertError {
         file: PathBuf,
     },
     /// A value cannot be stored as f16.
-    #[error("tensor {name}: value {value} at flat index {index} overflows f16 (|x| > 65504)")]
+    #[error("tensor {}: value {value} at flat index {index} overflows f16 (|x| > 65504)", printable(.name))]
     F16Overflow {
         /// The tensor.
         name: String,
@@ -55,7 +56,7 @@ pub enum ConvertError {
         value: f32,
     },
     /// A block's scale does not fit f16 (a weight magnitude above ~8.3e6).
-    #[error("tensor {name}: the int8 scale of row {row}, block {block} overflows f16")]
+    #[error("tensor {}: the int8 scale of row {row}, block {block} overflows f16", printable(.name))]
     ScaleOverflow {
         /// The tensor.
         name: String,

@@ -120,6 +120,41 @@ struct RepoInfo {
     siblings: Vec<Sibling>,
 }
 
+impl RepoInfo {
+    /// The hub's answer names cache paths (`snapshots/<sha>`, `blobs/<sha256>`, the
+    /// files): a commit that is not 40 hex digits, an LFS digest that is not 64, or a
+    /// file name that is absolute or climbs out with `..` would make a hostile or broken
+    /// endpoint write or delete outside the cache, so it is refused.
+    fn check(&self) -> std::result::Result<(), String> {
+        let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+        if !hex(&self.sha, 40) {
+            return Err(format!("commit {:?} is not 40 hex digits", self.sha));
+        }
+        for s in &self.siblings {
+            let p = Path::new(&s.rfilename);
+            let plain = !s.rfilename.is_empty()
+                && !s.rfilename.contains('\\')
+                && p.components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)));
+            if !plain {
+                return Err(format!(
+                    "file name {:?} is not a relative path inside the repo",
+                    s.rfilename
+                ));
+            }
+            if let Some(lfs) = &s.lfs {
+                if !hex(&lfs.sha256, 64) {
+                    return Err(format!(
+                        "{}: LFS sha256 {:?} is not 64 hex digits",
+                        s.rfilename, lfs.sha256
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Checks `id` against the hub's rules for a model repository id (`name` or
 /// `owner/name`; letters, digits, `-`, `_` and `.`; each part at most 96 characters,
 /// starting and ending with a letter, digit or `_`; no `--` or `..`), so that a typo
@@ -285,8 +320,10 @@ fn repo_info(api: &hf_hub::api::sync::Api, opts: &FetchOptions, rev: &str) -> Re
     match repo.info_request().query("blobs", "true").call() {
         Ok(resp) => {
             let body = resp.into_string().map_err(|e| hub_err(&url, e))?;
-            serde_json::from_str(&body)
-                .map_err(|e| hub_err(&url, format!("unexpected repo info: {e}")))
+            let info: RepoInfo = serde_json::from_str(&body)
+                .map_err(|e| hub_err(&url, format!("unexpected repo info: {e}")))?;
+            info.check().map_err(|e| hub_err(&url, e))?;
+            Ok(info)
         }
         Err(ureq::Error::Status(code, resp)) => {
             let kind = resp.header("x-error-code").unwrap_or_default().to_string();
@@ -394,5 +431,48 @@ fn remove_partials(snapshot: &Path, sib: &Sibling) {
     };
     if let Some(lfs) = &sib.lfs {
         let _ = std::fs::remove_file(blobs.join(format!("{}.part", lfs.sha256)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(sha: &str, name: &str, lfs: Option<&str>) -> RepoInfo {
+        RepoInfo {
+            sha: sha.into(),
+            siblings: vec![Sibling {
+                rfilename: name.into(),
+                size: Some(1),
+                lfs: lfs.map(|d| Lfs {
+                    sha256: d.into(),
+                    size: 1,
+                }),
+            }],
+        }
+    }
+
+    /// A hostile endpoint cannot steer cache paths (found reading the code while fuzzing
+    /// the readers: the commit and file names become path parts).
+    #[test]
+    fn hub_answers_that_would_leave_the_cache_are_refused() {
+        let sha = "0123456789abcdef0123456789abcdef01234567";
+        let digest = "a".repeat(64);
+        assert!(info(sha, "model.safetensors", Some(&digest))
+            .check()
+            .is_ok());
+        assert!(info(sha, "sub/config.json", None).check().is_ok());
+        for bad_sha in ["../../x", "", &"a".repeat(41)] {
+            let e = info(bad_sha, "config.json", None).check().unwrap_err();
+            assert!(e.contains("40 hex"), "{e}");
+        }
+        for bad_name in ["../config.json", "/etc/passwd", "a/../../b", "", "a\\b"] {
+            let e = info(sha, bad_name, None).check().unwrap_err();
+            assert!(e.contains("relative path"), "{bad_name}: {e}");
+        }
+        let e = info(sha, "m.safetensors", Some("../../x"))
+            .check()
+            .unwrap_err();
+        assert!(e.contains("64 hex"), "{e}");
     }
 }

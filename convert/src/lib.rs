@@ -2,7 +2,7 @@
 //!
 //! - [`fetch`]: download a checkpoint from the Hugging Face hub into the standard
 //!   cache, verifying sizes and sha256 against what the hub reports.
-//! - [`quantize`]: the int8 per-block-32 arithmetic (spec/quantization.md).
+//! - [`quantize`]: the int8 per-block-32 arithmetic (`docs/quantization.md`).
 //! - [`convert()`]: the streaming converter (bounded memory, byte-reproducible).
 //! - [`synth`]: random checkpoints of the real shapes, for scale tests and benchmarks.
 

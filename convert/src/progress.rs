@@ -1,4 +1,4 @@
-//! Progress reporting: a bar on a terminal, silence otherwise (spec/cli.md).
+//! Progress reporting: a bar on a terminal, silence otherwise (`docs/cli.md`).
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;

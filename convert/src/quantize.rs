@@ -1,4 +1,4 @@
-//! The int8 per-block-32 arithmetic of spec/quantization.md, bit for bit.
+//! The int8 per-block-32 arithmetic of `docs/quantization.md`, bit for bit.
 //!
 //! For one row of a weight `[out, in]` (values widened exactly to f32), block `b` holds
 //! columns `32b .. 32b+31`:
@@ -135,7 +135,8 @@ pub fn quantize_row(w: &[f32], kind: QuantKind, q: &mut [i8], s: &mut [f16]) -> 
         .enumerate()
     {
         *sb = quantize_block(wb, kind, qb);
-        if sb.is_infinite() {
+        // Not finite (with finite inputs, only an overflow): never written.
+        if !sb.is_finite() {
             rep.scale_overflow.get_or_insert(b);
         } else if sb.to_f32() == 0.0 && wb.iter().any(|&x| x != 0.0) {
             rep.zero_scale_blocks += 1;

@@ -45,8 +45,8 @@ impl SourceCheckpoint {
     /// excepted).
     pub fn open(dir: &Path) -> Result<Self> {
         let config_path = dir.join("config.json");
-        let config_bytes =
-            std::fs::read(&config_path).map_err(|e| ConvertError::io(&config_path, e))?;
+        let config_bytes = q3vl_model::input::read_regular(&config_path)
+            .map_err(|e| ConvertError::io(&config_path, e))?;
         let config = Qwen3VlConfig::from_dir(dir)?;
         let weights = Checkpoint::open(dir)?;
         let expected = layout::checkpoint_tensors(&config);
@@ -125,7 +125,7 @@ pub fn hash_files(
     let mut out = BTreeMap::new();
     for rel in files {
         let path = dir.join(rel);
-        let f = std::fs::File::open(&path).map_err(|e| ConvertError::io(&path, e))?;
+        let f = q3vl_model::input::open_regular(&path).map_err(|e| ConvertError::io(&path, e))?;
         let len = f.metadata().map_err(|e| ConvertError::io(&path, e))?.len() as usize;
         let mut h = Sha256::new();
         if len > 0 {

@@ -13,11 +13,10 @@ use crate::cancel::Cancel;
 use crate::error::{ConvertError, Result};
 use crate::memory::peak_rss_bytes;
 use crate::progress::Progress;
-use q3vl_bundle::names::TMP_PREFIX;
-use q3vl_bundle::{Dtype, ShardPolicy, TensorPlan, WeightsWriter};
+use q3vl_bundle::{Dtype, ShardPolicy, Staging, TensorPlan, WeightsWriter, WrittenFile};
 use q3vl_model::config::{TextConfig, VisionConfig};
 use q3vl_model::layout::{self, TensorClass};
-use q3vl_model::{PreprocessorConfig, Qwen3VlConfig, Size};
+use q3vl_model::{shipped, PreprocessorConfig, Qwen3VlConfig, Size};
 use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -91,24 +90,6 @@ pub fn tiny_config() -> Qwen3VlConfig {
     }
 }
 
-/// The Qwen3-VL chat template used when no better copy is found: system, user and
-/// assistant turns; string or list content with image, video and text items.
-pub const FALLBACK_CHAT_TEMPLATE: &str = concat!(
-    "{%- for message in messages -%}",
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}",
-    "{%- if message['content'] is string -%}{{- message['content'] -}}",
-    "{%- else -%}{%- for item in message['content'] -%}",
-    "{%- if item['type'] == 'image' or 'image' in item or 'image_url' in item -%}",
-    "<|vision_start|><|image_pad|><|vision_end|>",
-    "{%- elif item['type'] == 'video' or 'video' in item -%}",
-    "<|vision_start|><|video_pad|><|vision_end|>",
-    "{%- elif 'text' in item -%}{{- item['text'] -}}",
-    "{%- endif -%}{%- endfor -%}{%- endif -%}",
-    "{{- '<|im_end|>\\n' -}}",
-    "{%- endfor -%}",
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-);
-
 /// What to synthesize.
 #[derive(Debug, Clone)]
 pub struct SynthOptions {
@@ -118,10 +99,9 @@ pub struct SynthOptions {
     pub config: Qwen3VlConfig,
     /// The seed of every value.
     pub seed: u64,
-    /// A folder holding the Qwen3 `tokenizer.json` and `tokenizer_config.json`.
-    pub tokenizer_dir: PathBuf,
-    /// The chat template to put into `tokenizer_config.json`.
-    pub chat_template: String,
+    /// A folder holding a Qwen3 `tokenizer.json` and `tokenizer_config.json` to use
+    /// instead of the ones q3vl ships ([`q3vl_model::shipped`]).
+    pub tokenizer_dir: Option<PathBuf>,
     /// Replace an existing non-empty `out`.
     pub force: bool,
     /// Shard size.
@@ -145,69 +125,42 @@ pub struct SynthSummary {
     pub peak_rss_bytes: Option<u64>,
 }
 
-/// Finds the Qwen3 tokenizer: `explicit` if given, else `$Q3VL_TOKENIZER_DIR`, else
-/// `shared/data/qwen3-tokenizer` beside or inside each of `roots`.
-pub fn find_tokenizer(explicit: Option<&Path>, roots: &[PathBuf]) -> Result<PathBuf> {
-    let ok =
-        |d: &Path| d.join("tokenizer.json").is_file() && d.join("tokenizer_config.json").is_file();
-    if let Some(d) = explicit {
-        if ok(d) {
-            return Ok(d.to_path_buf());
+/// The tokenizer files of the checkpoint: `tokenizer.json` and `tokenizer_config.json`
+/// from `dir` when given, else the real Qwen3 ones q3vl ships; the config always gets
+/// the Qwen3-VL chat template.
+fn tokenizer_files(dir: Option<&Path>) -> Result<(Vec<u8>, Value)> {
+    let (tok_bytes, cfg_bytes, cfg_path) = match dir {
+        Some(d) => {
+            let tok = d.join("tokenizer.json");
+            let cfg = d.join("tokenizer_config.json");
+            let tok_bytes =
+                q3vl_model::input::read_regular(&tok).map_err(|e| ConvertError::io(&tok, e))?;
+            let cfg_bytes =
+                q3vl_model::input::read_regular(&cfg).map_err(|e| ConvertError::io(&cfg, e))?;
+            (tok_bytes, cfg_bytes, cfg)
         }
-        return Err(ConvertError::input(
-            d,
-            "holds no tokenizer.json and tokenizer_config.json",
-        ));
-    }
-    let mut tried = Vec::new();
-    if let Some(d) = std::env::var_os("Q3VL_TOKENIZER_DIR").map(PathBuf::from) {
-        tried.push(d);
-    }
-    for r in roots {
-        tried.push(r.join("../shared/data/qwen3-tokenizer"));
-        tried.push(r.join("shared/data/qwen3-tokenizer"));
-    }
-    tried.iter().find(|d| ok(d)).cloned().ok_or_else(|| {
-        ConvertError::input(
-            "--tokenizer",
-            format!(
-                "no Qwen3 tokenizer found (looked in {}); pass --tokenizer DIR",
-                tried
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        )
-    })
+        None => (
+            shipped::tokenizer_json(),
+            shipped::TOKENIZER_CONFIG_JSON.as_bytes().to_vec(),
+            PathBuf::from("tokenizer_config.json"),
+        ),
+    };
+    let mut cfg: Value = serde_json::from_slice(&cfg_bytes)
+        .map_err(|e| ConvertError::input(&cfg_path, format!("not valid JSON: {e}")))?;
+    cfg.as_object_mut()
+        .ok_or_else(|| ConvertError::input(&cfg_path, "is not a JSON object"))?
+        .insert(
+            "chat_template".into(),
+            Value::String(shipped::CHAT_TEMPLATE.into()),
+        );
+    Ok((tok_bytes, cfg))
 }
 
-/// The Qwen3-VL chat template: from `fixtures/shapes/tokenizer_config.json` or
-/// `oracle/qwen3_vl_chat_template.jinja` under one of `roots` when present, else
-/// [`FALLBACK_CHAT_TEMPLATE`].
-pub fn find_chat_template(roots: &[PathBuf]) -> String {
-    for r in roots {
-        let cfg = r.join("fixtures/shapes/tokenizer_config.json");
-        if let Some(t) = std::fs::read(&cfg)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-            .and_then(|v| {
-                v.get("chat_template")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned)
-            })
-        {
-            return t;
-        }
-        if let Ok(t) = std::fs::read_to_string(r.join("oracle/qwen3_vl_chat_template.jinja")) {
-            return t;
-        }
-    }
-    FALLBACK_CHAT_TEMPLATE.to_string()
-}
-
-/// Writes the checkpoint (into a hidden staging folder beside `out`, renamed into
-/// place at the end).
+/// Writes the checkpoint into a run-unique staging folder beside `out` and renames it
+/// into place at the end. Only `out` is claimed in its parent folder
+/// ([`Staging::begin_entry`]): a second synth into the same `out` fails at once, one
+/// into a sibling folder runs alongside, and only what killed synths into `out` left
+/// is cleaned first.
 pub fn synth(
     opts: &SynthOptions,
     progress: &dyn Progress,
@@ -215,60 +168,83 @@ pub fn synth(
 ) -> Result<SynthSummary> {
     let t0 = Instant::now();
     let out = std::path::absolute(&opts.out).map_err(|e| ConvertError::io(&opts.out, e))?;
-    let parent = out.parent().unwrap_or(Path::new("/")).to_path_buf();
     let leaf = out
         .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .ok_or_else(|| ConvertError::input(&out, "is not a folder name"))?;
+        .and_then(|n| n.to_str())
+        .map(str::to_owned)
+        .ok_or_else(|| ConvertError::input(&out, "is not a UTF-8 folder name"))?;
+    let (tok_bytes, tok_cfg) = tokenizer_files(opts.tokenizer_dir.as_deref())?;
+    let staging = Staging::begin_entry(&out)?;
     let occupied = std::fs::read_dir(&out)
         .map(|mut d| d.next().is_some())
-        .unwrap_or(out.exists());
+        .unwrap_or(out.symlink_metadata().is_ok());
     if occupied && !opts.force {
         return Err(ConvertError::input(
             &out,
             "exists and is not empty (pass --force to replace it)",
         ));
     }
-    let tok_json = opts.tokenizer_dir.join("tokenizer.json");
-    let tok_cfg_path = opts.tokenizer_dir.join("tokenizer_config.json");
-    let tok_bytes = std::fs::read(&tok_json).map_err(|e| ConvertError::io(&tok_json, e))?;
-    let mut tok_cfg: Value = serde_json::from_slice(
-        &std::fs::read(&tok_cfg_path).map_err(|e| ConvertError::io(&tok_cfg_path, e))?,
-    )
-    .map_err(|e| ConvertError::input(&tok_cfg_path, format!("not valid JSON: {e}")))?;
-    tok_cfg
-        .as_object_mut()
-        .ok_or_else(|| ConvertError::input(&tok_cfg_path, "is not a JSON object"))?
-        .insert(
-            "chat_template".into(),
-            Value::String(opts.chat_template.clone()),
-        );
+    let dir = staging.dir().join(&leaf);
+    std::fs::create_dir(&dir).map_err(|e| ConvertError::io(&dir, e))?;
+    crate::convert::test_hold(cancel)?;
+    let mut bytes = write_small_files(&dir, &opts.config, &tok_bytes, &tok_cfg)?;
+    let (tensors, files) = write_weights(opts, &dir, progress, cancel)?;
+    bytes += files.iter().map(|f| f.entry.size).sum::<u64>();
+    let shards = files
+        .iter()
+        .filter(|f| f.file.ends_with(".safetensors"))
+        .count();
+    cancel.check()?;
+    staging.install(&leaf)?;
+    Ok(SynthSummary {
+        path: out,
+        bytes,
+        tensors,
+        shards,
+        seconds: t0.elapsed().as_secs_f64(),
+        peak_rss_bytes: peak_rss_bytes(),
+    })
+}
 
-    std::fs::create_dir_all(&parent).map_err(|e| ConvertError::io(&parent, e))?;
-    let stage = Stage::new(parent.join(format!("{TMP_PREFIX}{leaf}")))?;
-    let cfg = &opts.config;
-    let write_json = |name: &str, v: &Value| -> Result<u64> {
-        let mut b = serde_json::to_vec_pretty(v).expect("json serializes");
-        b.push(b'\n');
-        let p = stage.0.join(name);
-        std::fs::write(&p, &b).map_err(|e| ConvertError::io(&p, e))?;
+/// Writes the configs and tokenizer files into `dir`; returns their bytes.
+fn write_small_files(
+    dir: &Path,
+    cfg: &Qwen3VlConfig,
+    tok_bytes: &[u8],
+    tok_cfg: &Value,
+) -> Result<u64> {
+    let write = |name: &str, b: &[u8]| -> Result<u64> {
+        let p = dir.join(name);
+        std::fs::write(&p, b).map_err(|e| ConvertError::io(&p, e))?;
         Ok(b.len() as u64)
     };
-    let mut bytes = write_json("config.json", &cfg.to_hf_json())?;
-    bytes += write_json("generation_config.json", &generation_config())?;
-    bytes += write_json("preprocessor_config.json", &preprocessor_config(cfg))?;
-    bytes += write_json("tokenizer_config.json", &tok_cfg)?;
-    let p = stage.0.join("tokenizer.json");
-    std::fs::write(&p, &tok_bytes).map_err(|e| ConvertError::io(&p, e))?;
-    bytes += tok_bytes.len() as u64;
+    let json = |v: &Value| {
+        let mut b = serde_json::to_vec_pretty(v).expect("json serializes");
+        b.push(b'\n');
+        b
+    };
+    Ok(write("config.json", &json(&cfg.to_hf_json()))?
+        + write("generation_config.json", &json(&generation_config()))?
+        + write("preprocessor_config.json", &json(&preprocessor_config(cfg)))?
+        + write("tokenizer_config.json", &json(tok_cfg))?
+        + write("tokenizer.json", tok_bytes)?)
+}
 
-    let specs = layout::checkpoint_tensors(cfg);
+/// Streams every tensor's random values into safetensors files in `dir`; returns the
+/// tensor count and the files written.
+fn write_weights(
+    opts: &SynthOptions,
+    dir: &Path,
+    progress: &dyn Progress,
+    cancel: &Cancel,
+) -> Result<(usize, Vec<WrittenFile>)> {
+    let specs = layout::checkpoint_tensors(&opts.config);
     let plan: Vec<TensorPlan> = specs
         .iter()
         .map(|s| TensorPlan::new(&s.name, Dtype::BF16, s.shape.clone()))
         .collect();
     let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-    let mut w = WeightsWriter::create(&stage.0, &plan, opts.shard, &meta)?;
+    let mut w = WeightsWriter::create(dir, &plan, opts.shard, &meta)?;
     let total: u64 = plan.iter().map(TensorPlan::bytes).sum();
     progress.begin("synthesizing", total);
     let by_name: BTreeMap<&str, &layout::TensorSpec> =
@@ -298,20 +274,7 @@ pub fn synth(
     }
     let files = w.finish()?;
     progress.end();
-    bytes += files.iter().map(|f| f.entry.size).sum::<u64>();
-    let shards = files
-        .iter()
-        .filter(|f| f.file.ends_with(".safetensors"))
-        .count();
-    stage.commit(&out, opts.force)?;
-    Ok(SynthSummary {
-        path: out,
-        bytes,
-        tensors: plan.len(),
-        shards,
-        seconds: t0.elapsed().as_secs_f64(),
-        peak_rss_bytes: peak_rss_bytes(),
-    })
+    Ok((plan.len(), files))
 }
 
 /// Values generated per chunk handed to the writer.
@@ -391,48 +354,6 @@ fn preprocessor_config(cfg: &Qwen3VlConfig) -> Value {
     })
 }
 
-/// The staging folder: removed on drop unless committed.
-struct Stage(PathBuf);
-
-impl Stage {
-    fn new(dir: PathBuf) -> Result<Stage> {
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|e| ConvertError::io(&dir, e))?;
-        }
-        std::fs::create_dir(&dir).map_err(|e| ConvertError::io(&dir, e))?;
-        Ok(Stage(dir))
-    }
-
-    fn commit(self, out: &Path, replace: bool) -> Result<()> {
-        if out.exists() {
-            let empty = std::fs::read_dir(out)
-                .map(|mut d| d.next().is_none())
-                .unwrap_or(false);
-            if !empty && !replace {
-                return Err(ConvertError::input(
-                    out,
-                    "exists and is not empty (pass --force to replace it)",
-                ));
-            }
-            if out.is_dir() {
-                std::fs::remove_dir_all(out).map_err(|e| ConvertError::io(out, e))?;
-            } else {
-                std::fs::remove_file(out).map_err(|e| ConvertError::io(out, e))?;
-            }
-        }
-        std::fs::rename(&self.0, out).map_err(|e| ConvertError::io(out, e))?;
-        // Renamed: nothing left to clean.
-        std::mem::forget(self);
-        Ok(())
-    }
-}
-
-impl Drop for Stage {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -452,6 +373,61 @@ mod tests {
         assert!((var - 1.0).abs() < 0.02, "{var}");
         assert_ne!(tensor_key(7, "w"), tensor_key(8, "w"));
         assert_ne!(tensor_key(7, "w"), tensor_key(7, "v"));
+    }
+
+    #[test]
+    fn synth_claims_only_its_folder_in_the_parent() {
+        let parent = tempfile::tempdir().unwrap();
+        let names = || {
+            let mut v: Vec<String> = std::fs::read_dir(parent.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        let mut config = tiny_config();
+        config.text.vocab_size = 512;
+        let mut opts = SynthOptions {
+            out: parent.path().join("ck"),
+            config,
+            seed: 1,
+            tokenizer_dir: None,
+            force: false,
+            shard: ShardPolicy::default(),
+        };
+        let held = Staging::begin_entry(&opts.out).unwrap();
+        let e = synth(&opts, &crate::Quiet, &Cancel::new()).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("another q3vl synth"), "{msg}");
+        assert!(msg.starts_with(&opts.out.display().to_string()), "{msg}");
+        drop(held);
+        // A claim on the whole parent, or on a sibling, does not stop it.
+        let whole = Staging::begin(parent.path()).unwrap();
+        let sibling = Staging::begin_entry(&parent.path().join("ck-2")).unwrap();
+        // What killed runs left: its own staging folder, a sibling's, the parent's.
+        for d in [
+            ".q3vl-tmp-ck~1-2-0/ck",
+            ".q3vl-tmp-ck-2~1-2-0",
+            ".q3vl-tmp-1-2-0",
+        ] {
+            std::fs::create_dir_all(parent.path().join(d)).unwrap();
+        }
+        synth(&opts, &crate::Quiet, &Cancel::new()).unwrap();
+        drop((whole, sibling));
+        let want = [
+            ".q3vl-lock",
+            ".q3vl-lock-ck",
+            ".q3vl-lock-ck-2",
+            ".q3vl-tmp-1-2-0",
+            ".q3vl-tmp-ck-2~1-2-0",
+            "ck",
+        ];
+        assert_eq!(names(), want);
+        opts.force = true;
+        synth(&opts, &crate::Quiet, &Cancel::new()).unwrap();
+        assert_eq!(names(), want);
+        assert!(parent.path().join("ck/model.safetensors").is_file());
     }
 
     #[test]

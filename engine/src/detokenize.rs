@@ -52,16 +52,12 @@ impl StreamDecoder {
 mod tests {
     use super::*;
 
-    /// With the real Qwen3 tokenizer: multi-byte text (CJK, emoji) split across
+    /// With the real Qwen3 tokenizer (the one q3vl ships): multi-byte text (CJK, emoji) split across
     /// byte-level tokens streams out as complete characters only, and in full.
     #[test]
     fn streams_multibyte_text_with_the_real_tokenizer() {
-        let path = std::path::Path::new("/work/shared/data/qwen3-tokenizer/tokenizer.json");
-        if !path.exists() {
-            println!("skipped: {} is absent", path.display());
-            return;
-        }
-        let tok = tokenizers::Tokenizer::from_file(path).unwrap();
+        let json = q3vl_model::shipped::tokenizer_json();
+        let tok = tokenizers::Tokenizer::from_bytes(&json).unwrap();
         let text = "Grüße 你好，世界! 🦀🎉 naïve café — ok";
         let ids = tok.encode(text, false).unwrap().get_ids().to_vec();
         let decode = |ids: &[u32]| tok.decode(ids, true);

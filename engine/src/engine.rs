@@ -3,7 +3,7 @@
 
 use crate::awake::install_awake;
 use crate::decoder::{Rows, TextModel, Weights};
-use crate::error::{EngineError, Result};
+use crate::error::{check_logits, EngineError, Result};
 use crate::kv_cache::KvCache;
 use crate::positions::{map_image_ids, ImageSpan};
 use crate::sampler::Sampler;
@@ -210,14 +210,29 @@ impl Engine {
         )?)
     }
 
-    /// The vision bundle's preprocessing parameters.
+    /// The vision bundle's preprocessing parameters, checked against the tower: other
+    /// patch, merge or temporal sizes would cut the image into rows the tower cannot
+    /// read (an error naming neither file, or a fixed side that does not divide).
     pub fn preprocessor(&self) -> Result<PreprocessorConfig> {
         let dir = self.bundles.vision.dir();
-        if dir.join("preprocessor_config.json").exists() {
-            Ok(PreprocessorConfig::from_dir(dir)?)
+        let file = dir.join("preprocessor_config.json");
+        let pp = if file.exists() {
+            PreprocessorConfig::from_dir(dir)?
         } else {
-            Ok(PreprocessorConfig::default())
+            PreprocessorConfig::default()
+        };
+        let v = &self.vision_bundle().config().vision;
+        let found = (pp.patch_size, pp.merge_size, pp.temporal_patch_size);
+        let want = (v.patch_size, v.spatial_merge_size, v.temporal_patch_size);
+        if found != want {
+            return Err(EngineError::Mismatch {
+                path: file,
+                msg: format!(
+                    "patch/merge/temporal sizes {found:?} differ from the vision config's {want:?}"
+                ),
+            });
         }
+        Ok(pp)
     }
 
     /// The default resize: the fixed side recorded in the vision bundle (448 → 196
@@ -326,6 +341,7 @@ impl Engine {
                     .forward(&w, &mapped, image.zip(span.as_ref()), &mut cache, Rows::All)?;
             self.text.logits(&w, &h)
         })?;
+        check_logits(&logits, tc.vocab_size, |r| format!("prompt position {r}"))?;
         Ok(logits
             .chunks_exact(tc.vocab_size)
             .map(<[f32]>::to_vec)
@@ -344,7 +360,8 @@ impl Engine {
     ) -> Result<Generation> {
         let tc = self.text.config();
         let (mapped, span) = self.map_prompt(ids, image)?;
-        let need = ids.len() + params.max_new_tokens;
+        // Saturating: --max-new-tokens near usize::MAX must fail the check, not wrap.
+        let need = ids.len().saturating_add(params.max_new_tokens);
         if need > self.context {
             return Err(EngineError::Input(format!(
                 "the prompt ({} tokens) plus --max-new-tokens {} exceeds the context of {} tokens",
@@ -389,6 +406,10 @@ impl Engine {
             timings.prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
             let t1 = Instant::now();
             loop {
+                let step = out.tokens.len();
+                check_logits(&logits, tc.vocab_size, |_| {
+                    format!("generated token {step}")
+                })?;
                 let next = sampler.sample(&logits);
                 on_token(next);
                 if !params.ignore_eos && self.eos.contains(&next) {

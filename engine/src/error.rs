@@ -31,6 +31,31 @@ pub enum EngineError {
     /// Bad input to generation: ids, image features, prompt length.
     #[error("{0}")]
     Input(String),
+    /// The logits stopped being finite: the weights or config hold a value that
+    /// turned the computation into NaN or infinity. Generation stops instead of
+    /// sampling garbage.
+    #[error("the logits are not finite at {at} (logit {index} is {value}): the bundle's weights or config are damaged")]
+    NonFinite {
+        /// Where: `prompt position N` or `generated token N`.
+        at: String,
+        /// The first bad logit (a vocabulary id).
+        index: usize,
+        /// Its value.
+        value: f32,
+    },
+}
+
+/// `Err(NonFinite)` at the first non-finite value of `logits` (`[rows, vocab]`), with
+/// `at(row)` saying where that row is.
+pub fn check_logits(logits: &[f32], vocab: usize, at: impl Fn(usize) -> String) -> Result<()> {
+    match logits.iter().position(|x| !x.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(EngineError::NonFinite {
+            at: at(i / vocab.max(1)),
+            index: i % vocab.max(1),
+            value: logits[i],
+        }),
+    }
 }
 
 /// Shorthand for results of this crate.

@@ -1,4 +1,4 @@
-//! M-RoPE positions from (id, index) alone: the id-space trick (zoo-recipe §5).
+//! M-RoPE positions from (id, index) alone: the id-space trick (`docs/zoo-recipe.md` §5).
 //!
 //! Each `<|image_pad|>` becomes `vocab + slot`; an image token's (t, h, w) position
 //! follows from its index and slot, and text after the image is shifted back by

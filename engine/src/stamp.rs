@@ -6,11 +6,10 @@ use std::path::Path;
 
 pub use q3vl_bundle::StampStatus;
 
-/// The stamp status of one bundle folder: present, and `metadata.json` (which records
-/// every other file's digest) hashes as stamped, with every other file's size unchanged.
-/// `q3vl run --verify-checksums` additionally re-hashes every file.
+/// The stamp status of one bundle folder: present, and every file of the folder
+/// hashes as stamped (no file added, removed or changed).
 pub fn stamp_status(dir: &Path) -> StampStatus {
-    q3vl_bundle::check_stamp(dir, false)
+    q3vl_bundle::check_stamp(dir)
 }
 
 /// The combined status of a language and a vision bundle: valid only if both are;

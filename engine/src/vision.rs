@@ -1,6 +1,6 @@
-//! The vision tower on f16 weights with f32 arithmetic (architecture doc §3): patch
-//! embed, interpolated position embedding, 2D RoPE ViT blocks, DeepStack mergers
-//! and the main merger. Every linear runs all patches at once through the packed
+//! The vision tower on f16 weights with f32 arithmetic (`docs/qwen3-vl-reference.md`
+//! §3): patch embed, interpolated position embedding, 2D RoPE ViT blocks, DeepStack
+//! mergers and the main merger. Every linear runs all patches at once through the packed
 //! GEMM ([`crate::kernels::gemm::linear_f16_new`]), which widens each f16 weight tile
 //! to f32 while packing it, so no f32 copy of the tower is kept.
 

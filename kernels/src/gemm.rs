@@ -41,7 +41,7 @@ const MAX_TASK_COLS: usize = 256;
 pub enum BSrc<'a> {
     /// f16, `B[j, kk] = w[j·k + kk]` (a PyTorch `Linear` weight `[n, k]`).
     F16(&'a [f16]),
-    /// int8 per-block-32 (spec/quantization.md), dequantized exactly while packing:
+    /// int8 per-block-32 (`docs/quantization.md`), dequantized exactly while packing:
     /// `B[j, kk] = f32(q[j·k + kk]) · f32(s[j·k/32 + kk/32])` (8 × 11 significant
     /// bits, so the f32 product is exact).
     Q8 {

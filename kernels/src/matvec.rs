@@ -46,7 +46,7 @@ pub use crate::path::{available_paths, best_path, Path};
 use half::f16;
 use rayon::prelude::*;
 
-/// Elements per quantization block (spec/quantization.md).
+/// Elements per quantization block (`docs/quantization.md`).
 pub const BLOCK: usize = 32;
 
 /// Largest activation magnitude after quantization.

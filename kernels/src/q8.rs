@@ -35,7 +35,7 @@ pub use crate::path::{available_paths, best_path, Path};
 use half::f16;
 use rayon::prelude::*;
 
-/// Elements per quantization block (spec/quantization.md).
+/// Elements per quantization block (`docs/quantization.md`).
 pub const BLOCK: usize = 32;
 
 /// f32 accumulator lanes per dot product (see the module docs).

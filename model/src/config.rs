@@ -133,53 +133,136 @@ fn usize_list(v: &Value, path: &str, key: &str) -> Result<Vec<usize>> {
         .collect()
 }
 
+/// Upper bounds on the sizes a `config.json` may give: about four times the largest
+/// published Qwen3-VL (the 235B-A22B and 32B: hidden 5120, 94 layers, 64 heads,
+/// intermediate 25600, a 27-block vision tower of width 1152), so every real model
+/// fits and a corrupted or hostile file is refused before anything is sized from it
+/// (a huge layer count once made convert grow without bound; zero heads divided by
+/// zero).
+pub mod limits {
+    /// Text residual width.
+    pub const HIDDEN: usize = 32_768;
+    /// Decoder layers.
+    pub const LAYERS: usize = 512;
+    /// Query (and key/value) heads.
+    pub const HEADS: usize = 512;
+    /// Width of one attention head.
+    pub const HEAD_DIM: usize = 1024;
+    /// SwiGLU width.
+    pub const INTERMEDIATE: usize = 131_072;
+    /// Vocabulary rows.
+    pub const VOCAB: usize = 1 << 21;
+    /// Longest context.
+    pub const POSITIONS: usize = 1 << 22;
+    /// ViT blocks.
+    pub const VISION_DEPTH: usize = 256;
+    /// ViT width.
+    pub const VISION_HIDDEN: usize = 16_384;
+    /// ViT MLP width.
+    pub const VISION_INTERMEDIATE: usize = 65_536;
+    /// ViT heads.
+    pub const VISION_HEADS: usize = 256;
+    /// Patch side in pixels.
+    pub const PATCH: usize = 64;
+    /// Frames per temporal patch, and patches merged per side.
+    pub const SMALL_FACTOR: usize = 8;
+    /// Rows of the learned position table (a 256 × 256 grid).
+    pub const POSITION_TABLE: usize = 1 << 16;
+}
+
+/// `v` must lie in `lo..=hi`; the error names the field.
+fn bounded(path: &str, key: &str, v: usize, lo: usize, hi: usize) -> Result<usize> {
+    if (lo..=hi).contains(&v) {
+        Ok(v)
+    } else {
+        Err(Error::Config(format!(
+            "{path}.{key} is {v}, outside the supported {lo}..={hi}"
+        )))
+    }
+}
+
+/// `v` must be finite and in `(0, hi)`; the error names the field.
+fn positive(path: &str, key: &str, v: f64, hi: f64) -> Result<f64> {
+    if v.is_finite() && v > 0.0 && v < hi {
+        Ok(v)
+    } else {
+        Err(Error::Config(format!(
+            "{path}.{key} is {v}, it must be a finite number in (0, {hi:e})"
+        )))
+    }
+}
+
+/// The text tower's rotary base and M-RoPE sections, from either spelling
+/// (`rope_theta` + `rope_scaling`, or `rope_parameters`); the sections must sum to
+/// `head_dim / 2`.
+fn rope_from_json(t: &Value, p: &str, head_dim: usize) -> Result<(f64, [usize; 3])> {
+    // transformers 5 moves theta and the sections into `rope_parameters`.
+    let rope = t
+        .get("rope_parameters")
+        .filter(|x| x.is_object())
+        .or_else(|| t.get("rope_scaling").filter(|x| x.is_object()));
+    let rope_theta = match t.get("rope_theta").and_then(Value::as_f64) {
+        Some(x) => x,
+        None => rope
+            .and_then(|r| r.get("rope_theta"))
+            .and_then(Value::as_f64)
+            .ok_or_else(|| Error::Config(format!("{p}.rope_theta is missing")))?,
+    };
+    let rope = rope.ok_or_else(|| {
+        Error::Config(format!(
+            "{p}: neither rope_scaling nor rope_parameters is present"
+        ))
+    })?;
+    if let Some(kind) = rope
+        .get("rope_type")
+        .or_else(|| rope.get("type"))
+        .and_then(Value::as_str)
+    {
+        if kind != "default" {
+            return Err(Error::Config(format!(
+                "{p}.rope_type {kind:?} is not supported (only \"default\")"
+            )));
+        }
+    }
+    let sec = usize_list(rope, &format!("{p}.rope_scaling"), "mrope_section")?;
+    let mrope_section: [usize; 3] = sec.as_slice().try_into().map_err(|_| {
+        Error::Config(format!(
+            "{p}.mrope_section must have 3 entries, has {}",
+            sec.len()
+        ))
+    })?;
+    // Bounded one by one first, so the sum cannot overflow.
+    let sum = mrope_section
+        .iter()
+        .map(|&x| bounded(p, "mrope_section", x, 0, limits::HEAD_DIM))
+        .sum::<Result<usize>>()?;
+    if sum * 2 != head_dim {
+        return Err(Error::Config(format!(
+            "{p}.mrope_section {mrope_section:?} does not sum to head_dim/2 = {}",
+            head_dim / 2
+        )));
+    }
+    Ok((rope_theta, mrope_section))
+}
+
 impl TextConfig {
     fn from_json(t: &Value) -> Result<Self> {
         let p = "text_config";
-        let hidden_size = usize_of(t, p, "hidden_size")?;
-        let num_attention_heads = usize_of(t, p, "num_attention_heads")?;
-        let head_dim = opt_usize(t, p, "head_dim", hidden_size / num_attention_heads.max(1))?;
-        // transformers 5 moves theta and the sections into `rope_parameters`.
-        let rope = t
-            .get("rope_parameters")
-            .filter(|x| x.is_object())
-            .or_else(|| t.get("rope_scaling").filter(|x| x.is_object()));
-        let rope_theta = match t.get("rope_theta").and_then(Value::as_f64) {
-            Some(x) => x,
-            None => rope
-                .and_then(|r| r.get("rope_theta"))
-                .and_then(Value::as_f64)
-                .ok_or_else(|| Error::Config(format!("{p}.rope_theta is missing")))?,
-        };
-        let rope = rope.ok_or_else(|| {
-            Error::Config(format!(
-                "{p}: neither rope_scaling nor rope_parameters is present"
-            ))
-        })?;
-        if let Some(kind) = rope
-            .get("rope_type")
-            .or_else(|| rope.get("type"))
-            .and_then(Value::as_str)
-        {
-            if kind != "default" {
-                return Err(Error::Config(format!(
-                    "{p}.rope_type {kind:?} is not supported (only \"default\")"
-                )));
-            }
-        }
-        let sec = usize_list(rope, &format!("{p}.rope_scaling"), "mrope_section")?;
-        let mrope_section: [usize; 3] = sec.as_slice().try_into().map_err(|_| {
-            Error::Config(format!(
-                "{p}.mrope_section must have 3 entries, has {}",
-                sec.len()
-            ))
-        })?;
-        if mrope_section.iter().sum::<usize>() * 2 != head_dim {
-            return Err(Error::Config(format!(
-                "{p}.mrope_section {mrope_section:?} does not sum to head_dim/2 = {}",
-                head_dim / 2
-            )));
-        }
+        use limits as l;
+        let hidden_size = bounded(
+            p,
+            "hidden_size",
+            usize_of(t, p, "hidden_size")?,
+            1,
+            l::HIDDEN,
+        )?;
+        let heads = usize_of(t, p, "num_attention_heads")?;
+        let num_attention_heads = bounded(p, "num_attention_heads", heads, 1, l::HEADS)?;
+        let head_dim = opt_usize(t, p, "head_dim", hidden_size / num_attention_heads)?;
+        let head_dim = bounded(p, "head_dim", head_dim, 2, l::HEAD_DIM)?;
+        // The text tower's width need not be heads × head_dim (the 4B: 2560 against
+        // 32 × 128); the rotary sections must fill head_dim exactly.
+        let (rope_theta, mrope_section) = rope_from_json(t, p, head_dim)?;
         if t.get("attention_bias").and_then(Value::as_bool) == Some(true) {
             return Err(Error::Config(format!(
                 "{p}.attention_bias=true is not supported"
@@ -192,23 +275,30 @@ impl TextConfig {
                 )));
             }
         }
+        let size = |key: &str, hi: usize| bounded(p, key, usize_of(t, p, key)?, 1, hi);
         let cfg = TextConfig {
             hidden_size,
-            num_hidden_layers: usize_of(t, p, "num_hidden_layers")?,
+            num_hidden_layers: size("num_hidden_layers", l::LAYERS)?,
             num_attention_heads,
-            num_key_value_heads: usize_of(t, p, "num_key_value_heads")?,
+            num_key_value_heads: size("num_key_value_heads", l::HEADS)?,
             head_dim,
-            intermediate_size: usize_of(t, p, "intermediate_size")?,
-            vocab_size: usize_of(t, p, "vocab_size")?,
-            rope_theta,
+            intermediate_size: size("intermediate_size", l::INTERMEDIATE)?,
+            vocab_size: size("vocab_size", l::VOCAB)?,
+            rope_theta: positive(p, "rope_theta", rope_theta, f64::INFINITY)?,
             mrope_section,
-            rms_norm_eps: f64_of(t, p, "rms_norm_eps")?,
-            max_position_embeddings: opt_usize(t, p, "max_position_embeddings", 262144)?,
+            // Negative or zero, the RMSNorm divides by zero or by a negative mean.
+            rms_norm_eps: positive(p, "rms_norm_eps", f64_of(t, p, "rms_norm_eps")?, 1.0)?,
+            max_position_embeddings: bounded(
+                p,
+                "max_position_embeddings",
+                opt_usize(t, p, "max_position_embeddings", 262144)?,
+                1,
+                l::POSITIONS,
+            )?,
         };
-        if cfg.num_key_value_heads == 0
-            || !cfg
-                .num_attention_heads
-                .is_multiple_of(cfg.num_key_value_heads)
+        if !cfg
+            .num_attention_heads
+            .is_multiple_of(cfg.num_key_value_heads)
         {
             return Err(Error::Config(format!(
                 "{p}: num_attention_heads {} is not a multiple of num_key_value_heads {}",
@@ -226,25 +316,30 @@ impl TextConfig {
 
 impl VisionConfig {
     fn from_json(v: &Value) -> Result<Self> {
+        use limits as l;
         let p = "vision_config";
+        let size = |key: &str, hi: usize| bounded(p, key, usize_of(v, p, key)?, 1, hi);
+        let opt = |key: &str, d: usize, hi: usize| bounded(p, key, opt_usize(v, p, key, d)?, 1, hi);
+        let theta = v
+            .get("rope_parameters")
+            .and_then(|r| r.get("rope_theta"))
+            .or_else(|| v.get("rope_theta"))
+            .and_then(Value::as_f64)
+            .unwrap_or(10000.0);
         let cfg = VisionConfig {
-            depth: usize_of(v, p, "depth")?,
-            hidden_size: usize_of(v, p, "hidden_size")?,
-            intermediate_size: usize_of(v, p, "intermediate_size")?,
-            num_heads: usize_of(v, p, "num_heads")?,
-            patch_size: opt_usize(v, p, "patch_size", 16)?,
-            temporal_patch_size: opt_usize(v, p, "temporal_patch_size", 2)?,
-            spatial_merge_size: opt_usize(v, p, "spatial_merge_size", 2)?,
-            in_channels: opt_usize(v, p, "in_channels", 3)?,
-            out_hidden_size: usize_of(v, p, "out_hidden_size")?,
-            num_position_embeddings: usize_of(v, p, "num_position_embeddings")?,
+            depth: size("depth", l::VISION_DEPTH)?,
+            hidden_size: size("hidden_size", l::VISION_HIDDEN)?,
+            intermediate_size: size("intermediate_size", l::VISION_INTERMEDIATE)?,
+            num_heads: size("num_heads", l::VISION_HEADS)?,
+            patch_size: opt("patch_size", 16, l::PATCH)?,
+            temporal_patch_size: opt("temporal_patch_size", 2, l::SMALL_FACTOR)?,
+            spatial_merge_size: opt("spatial_merge_size", 2, l::SMALL_FACTOR)?,
+            // Images are decoded to RGB: three channels, nothing else.
+            in_channels: bounded(p, "in_channels", opt_usize(v, p, "in_channels", 3)?, 3, 3)?,
+            out_hidden_size: size("out_hidden_size", l::HIDDEN)?,
+            num_position_embeddings: size("num_position_embeddings", l::POSITION_TABLE)?,
             deepstack_visual_indexes: usize_list(v, p, "deepstack_visual_indexes")?,
-            rope_theta: v
-                .get("rope_parameters")
-                .and_then(|r| r.get("rope_theta"))
-                .or_else(|| v.get("rope_theta"))
-                .and_then(Value::as_f64)
-                .unwrap_or(10000.0),
+            rope_theta: positive(p, "rope_theta", theta, f64::INFINITY)?,
         };
         if !cfg.hidden_size.is_multiple_of(cfg.num_heads)
             || !(cfg.hidden_size / cfg.num_heads).is_multiple_of(4)
@@ -324,14 +419,23 @@ impl Qwen3VlConfig {
                 vision.out_hidden_size, text.hidden_size
             )));
         }
+        if vision.deepstack_visual_indexes.len() > text.num_hidden_layers {
+            return Err(Error::Config(format!(
+                "vision_config.deepstack_visual_indexes has {} entries, more than the {} decoder layers they feed",
+                vision.deepstack_visual_indexes.len(),
+                text.num_hidden_layers
+            )));
+        }
         // HF 4.57 ties from text_config; fall back to the top level.
         let tie = t
             .get("tie_word_embeddings")
             .and_then(Value::as_bool)
             .or_else(|| v.get("tie_word_embeddings").and_then(Value::as_bool))
             .unwrap_or(false);
-        let id =
-            |k: &str, d: u32| -> Result<u32> { Ok(opt_usize(v, "config", k, d as usize)? as u32) };
+        let id = |k: &str, d: u32| -> Result<u32> {
+            let x = opt_usize(v, "config", k, d as usize)?;
+            u32::try_from(x).map_err(|_| Error::Config(format!("config.{k} {x} is not a token id")))
+        };
         Ok(Qwen3VlConfig {
             text,
             vision,
@@ -514,27 +618,56 @@ impl PreprocessorConfig {
                         .as_array()
                         .ok_or_else(|| Error::Config(format!("{p}.{k} is not a list")))?
                         .iter()
-                        .map(|y| y.as_f64().unwrap_or(f64::NAN) as f32)
-                        .collect();
+                        // Finite as f32, not only as f64: 1e308 is infinite in f32.
+                        .map(|y| y.as_f64().map(|y| y as f32).filter(|y| y.is_finite()))
+                        .collect::<Option<_>>()
+                        .ok_or_else(|| {
+                            Error::Config(format!(
+                                "{p}.{k} holds a non-number or one out of f32 range"
+                            ))
+                        })?;
                     a.as_slice()
                         .try_into()
                         .map_err(|_| Error::Config(format!("{p}.{k} must have 3 numbers")))
                 }
             }
         };
-        Ok(PreprocessorConfig {
+        let small = |k: &str, dv: usize, hi: usize| bounded(p, k, opt_usize(v, p, k, dv)?, 1, hi);
+        let c = PreprocessorConfig {
             min_pixels,
             max_pixels,
-            patch_size: opt_usize(v, p, "patch_size", d.patch_size)?,
-            temporal_patch_size: opt_usize(v, p, "temporal_patch_size", d.temporal_patch_size)?,
-            merge_size: opt_usize(v, p, "merge_size", d.merge_size)?,
+            patch_size: small("patch_size", d.patch_size, limits::PATCH)?,
+            temporal_patch_size: small(
+                "temporal_patch_size",
+                d.temporal_patch_size,
+                limits::SMALL_FACTOR,
+            )?,
+            merge_size: small("merge_size", d.merge_size, limits::SMALL_FACTOR)?,
             image_mean: triple("image_mean", d.image_mean)?,
             image_std: triple("image_std", d.image_std)?,
-            rescale_factor: v
-                .get("rescale_factor")
-                .and_then(Value::as_f64)
-                .unwrap_or(d.rescale_factor),
-        })
+            rescale_factor: positive(
+                p,
+                "rescale_factor",
+                v.get("rescale_factor")
+                    .and_then(Value::as_f64)
+                    .unwrap_or(d.rescale_factor),
+                f64::INFINITY,
+            )?,
+        };
+        c.check()?;
+        Ok(c)
+    }
+
+    /// Pixel bounds ordered and within what the decoder accepts; no zero std.
+    fn check(&self) -> Result<()> {
+        let p = "preprocessor_config";
+        let most = crate::image::MAX_DECODE_PIXELS as usize;
+        bounded(p, "max_pixels", self.max_pixels, 1, most)?;
+        bounded(p, "min_pixels", self.min_pixels, 1, self.max_pixels)?;
+        if self.image_std.contains(&0.0) {
+            return Err(Error::Config(format!("{p}.image_std holds a zero")));
+        }
+        Ok(())
     }
 
     /// Reads `DIR/preprocessor_config.json`, or the defaults when the file is absent.
@@ -552,8 +685,8 @@ impl PreprocessorConfig {
 
 /// Reads and parses a JSON file, naming it in any error.
 pub fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::Json {
+    let text = crate::input::read_regular(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_slice(&text).map_err(|e| Error::Json {
         path: path.to_path_buf(),
         msg: format!("not valid JSON: {e}"),
     })
@@ -609,6 +742,69 @@ mod tests {
         let mut v = Qwen3VlConfig::preset(Size::B8).to_hf_json();
         v["text_config"]["tie_word_embeddings"] = json!(true);
         assert!(Qwen3VlConfig::from_json(&v).unwrap().tie_word_embeddings);
+    }
+
+    /// The error of parsing the 8B preset after `edit`.
+    fn refused(edit: impl FnOnce(&mut Value)) -> String {
+        let mut v = Qwen3VlConfig::preset(Size::B8).to_hf_json();
+        edit(&mut v);
+        Qwen3VlConfig::from_json(&v).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn sizes_are_bounded_and_values_sane() {
+        let (t, v) = ("text_config", "vision_config");
+        let cases = [
+            (t, "num_hidden_layers", json!(10_000_000_000u64)),
+            (t, "num_hidden_layers", json!(0)),
+            (t, "num_attention_heads", json!(0)),
+            (t, "num_key_value_heads", json!(0)),
+            (t, "vocab_size", json!(1u64 << 40)),
+            (t, "hidden_size", json!(0)),
+            (t, "rms_norm_eps", json!(-1e-6)),
+            (t, "rms_norm_eps", json!(0.0)),
+            (t, "rope_theta", json!(-5.0)),
+            (v, "depth", json!(1u64 << 50)),
+            (v, "num_heads", json!(0)),
+            (v, "patch_size", json!(0)),
+            (v, "in_channels", json!(4)),
+        ];
+        for (part, key, val) in cases {
+            let e = refused(|c| c[part][key] = val.clone());
+            assert!(e.contains(&format!("{part}.{key}")), "{key}={val}: {e}");
+        }
+        let e = refused(|v| {
+            v["text_config"]["rope_scaling"]["mrope_section"] = json!([u64::MAX, u64::MAX, 2])
+        });
+        assert!(e.contains("mrope_section"), "{e}");
+        let e = refused(|v| v["text_config"]["num_hidden_layers"] = json!(2));
+        assert!(e.contains("deepstack_visual_indexes"), "{e}");
+        let e = refused(|v| v["image_token_id"] = json!(1u64 << 33));
+        assert!(e.contains("image_token_id"), "{e}");
+        // The real sizes, and the vision default, pass.
+        for s in [Size::B2, Size::B4, Size::B8] {
+            Qwen3VlConfig::from_json(&Qwen3VlConfig::preset(s).to_hf_json()).unwrap();
+        }
+    }
+
+    #[test]
+    fn preprocessor_values_are_checked() {
+        let bad = |v: Value, needle: &str| {
+            let e = PreprocessorConfig::from_json(&v).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e}");
+        };
+        bad(json!({"image_mean": ["x", 0.5, 0.5]}), "image_mean");
+        // Finite in f64 but not in f32 (found by the fuzzer).
+        bad(json!({"image_mean": [-1e308, 0.5, 0.5]}), "image_mean");
+        bad(json!({"image_std": [0.5, 0.0, 0.5]}), "image_std");
+        bad(json!({"patch_size": 0}), "patch_size");
+        bad(json!({"merge_size": 0}), "merge_size");
+        bad(json!({"rescale_factor": -1.0}), "rescale_factor");
+        bad(json!({"min_pixels": 100, "max_pixels": 10}), "min_pixels");
+        assert_eq!(
+            PreprocessorConfig::from_json(&json!({})).unwrap(),
+            PreprocessorConfig::default()
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file could not be read.
-    #[error("{path}: {source}")]
+    #[error("{}: {source}", printable(.path.display()))]
     Io {
         /// The file.
         path: PathBuf,
@@ -14,7 +14,7 @@ pub enum Error {
         source: std::io::Error,
     },
     /// A JSON file is malformed or lacks a required field.
-    #[error("{path}: {msg}")]
+    #[error("{}: {}", printable(.path.display()), printable(.msg))]
     Json {
         /// The file.
         path: PathBuf,
@@ -22,10 +22,10 @@ pub enum Error {
         msg: String,
     },
     /// A config value is missing, inconsistent or unsupported.
-    #[error("config: {0}")]
+    #[error("config: {}", printable(.0))]
     Config(String),
     /// A safetensors file is damaged (bad header, truncated data).
-    #[error("{path}: {msg}")]
+    #[error("{}: {}", printable(.path.display()), printable(.msg))]
     Safetensors {
         /// The file.
         path: PathBuf,
@@ -33,13 +33,13 @@ pub enum Error {
         msg: String,
     },
     /// An expected tensor is absent from the checkpoint.
-    #[error("tensor {name}: missing from the checkpoint")]
+    #[error("tensor {}: missing from the checkpoint", printable(.name))]
     MissingTensor {
         /// The tensor name.
         name: String,
     },
     /// A tensor has the wrong shape.
-    #[error("tensor {name}: shape {found:?}, expected {expected:?}")]
+    #[error("tensor {}: shape {found:?}, expected {expected:?}", printable(.name))]
     Shape {
         /// The tensor name.
         name: String,
@@ -49,7 +49,7 @@ pub enum Error {
         found: Vec<usize>,
     },
     /// A tensor has a dtype this tool does not read.
-    #[error("tensor {name}: dtype {dtype} is not supported (expected {expected})")]
+    #[error("tensor {}: dtype {} is not supported (expected {expected})", printable(.name), printable(.dtype))]
     Dtype {
         /// The tensor name.
         name: String,
@@ -59,7 +59,7 @@ pub enum Error {
         expected: String,
     },
     /// A tensor holds NaN or infinity.
-    #[error("tensor {name}: non-finite value {value} at flat index {index}")]
+    #[error("tensor {}: non-finite value {value} at flat index {index}", printable(.name))]
     NonFinite {
         /// The tensor name.
         name: String,
@@ -69,10 +69,10 @@ pub enum Error {
         value: f32,
     },
     /// The tokenizer or chat template failed.
-    #[error("prompt: {0}")]
+    #[error("prompt: {}", printable(.0))]
     Prompt(String),
     /// The image could not be decoded or is unusable.
-    #[error("image {path}: {msg}")]
+    #[error("image {}: {}", printable(.path.display()), printable(.msg))]
     Image {
         /// The image file (or a description of the source).
         path: PathBuf,
@@ -95,4 +95,19 @@ impl Error {
             source,
         }
     }
+}
+
+/// `text` with its control characters escaped (a newline becomes `\n`), so an error
+/// that quotes a name, path or message taken from a file stays on one line.
+pub fn printable(text: impl std::fmt::Display) -> String {
+    let text = text.to_string();
+    if !text.chars().any(char::is_control) {
+        return text;
+    }
+    text.chars()
+        .map(|c| match c.is_control() {
+            true => c.escape_default().to_string(),
+            false => c.to_string(),
+        })
+        .collect()
 }

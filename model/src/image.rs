@@ -1,6 +1,7 @@
-//! Image preprocessing (architecture doc §5): decode, `smart_resize`, PIL-exact
-//! bicubic resampling, normalisation and the patch rows in merge-block order.
-//! Also the zoo's fixed grid: the image stretched to 448×448 (196 tokens).
+//! Image preprocessing (`docs/qwen3-vl-reference.md` §5): decode, `smart_resize`,
+//! PIL-exact bicubic resampling, normalisation and the patch rows in merge-block
+//! order. Also the zoo's fixed grid (`docs/zoo-recipe.md` §4): the image stretched to
+//! 448×448 (196 tokens).
 
 use crate::config::PreprocessorConfig;
 use crate::error::{Error, Result};
@@ -43,14 +44,28 @@ impl PatchedImage {
     }
 }
 
+/// Largest image file read, in bytes (1 GiB): twice the largest pixel buffer the
+/// decoder may allocate (16-bit RGBA at [`MAX_DECODE_PIXELS`]), so no image the
+/// decoder accepts is cut, while a stream that never ends (`--image <(yes)`) is
+/// refused instead of filling memory.
+pub const MAX_IMAGE_BYTES: u64 = 2 * 8 * MAX_DECODE_PIXELS;
+
 /// Decodes a PNG or JPEG file to RGB (alpha dropped, as PIL's `convert("RGB")` does).
+///
+/// `path` may be a pipe (`--image <(curl …)`, `--image /dev/stdin`) as well as a
+/// regular file: an image is read once, front to back ([`crate::input::read_stream`]).
 pub fn load_rgb(path: &Path) -> Result<Rgb8> {
     // Labelled as the image (not a bare I/O error), so a directory or an unreadable
     // file given to `--image` says which option it came from.
-    let bytes = std::fs::read(path).map_err(|e| Error::Image {
+    let bad = |msg: String| Error::Image {
         path: path.to_path_buf(),
-        msg: e.to_string(),
-    })?;
+        msg,
+    };
+    let bytes = crate::input::read_stream(path, MAX_IMAGE_BYTES).map_err(|e| bad(e.to_string()))?;
+    if bytes.is_empty() {
+        // What a FIFO whose writer is gone (or never came) reads as.
+        return Err(bad("is empty, not a PNG or JPEG image".into()));
+    }
     decode_rgb(&bytes, path)
 }
 
@@ -63,8 +78,14 @@ pub fn decode_rgb(bytes: &[u8], name: &Path) -> Result<Rgb8> {
     let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| bad(e.to_string()))?;
-    if reader.format().is_none() {
-        return Err(bad("not a PNG or JPEG image".into()));
+    match reader.format() {
+        None => return Err(bad("not a PNG or JPEG image".into())),
+        Some(image::ImageFormat::Jpeg) if !jpeg_is_complete(bytes) => {
+            return Err(bad(
+                "truncated JPEG: its data ends before the end-of-image marker (FF D9)".into(),
+            ))
+        }
+        Some(_) => {}
     }
     let mut limits = image::Limits::default();
     limits.max_alloc = Some(MAX_DECODE_PIXELS * 8);
@@ -88,6 +109,46 @@ pub fn decode_rgb(bytes: &[u8], name: &Path) -> Result<Rgb8> {
         height: rgb.height() as usize,
         data: rgb.into_raw(),
     })
+}
+
+/// Whether a JPEG stream reaches its end-of-image marker (FF D9): its marker
+/// segments are skipped by their lengths (so an FF D9 inside an EXIF thumbnail or a
+/// comment does not count) and its entropy-coded scans are walked to the next marker.
+///
+/// The decoder (zune-jpeg, through `image`) fills a truncated scan with grey and
+/// reports success, where a truncated PNG is an error; this makes the two agree.
+/// Bytes after the marker are ignored, as every decoder does.
+fn jpeg_is_complete(b: &[u8]) -> bool {
+    // In a scan, FF is followed by 00 (a stuffed FF), FF (fill) or D0–D7 (restart):
+    // none of them ends the scan.
+    let is_marker = |x: u8| !matches!(x, 0x00 | 0xFF | 0xD0..=0xD7);
+    if !b.starts_with(&[0xFF, 0xD8]) {
+        return false;
+    }
+    let mut i = 2;
+    loop {
+        while i + 1 < b.len() && !(b[i] == 0xFF && is_marker(b[i + 1])) {
+            i += 1;
+        }
+        if i + 1 >= b.len() {
+            return false;
+        }
+        match b[i + 1] {
+            0xD9 => return true,
+            // Markers without a length: SOI, TEM.
+            0xD8 | 0x01 => i += 2,
+            _ => {
+                let Some(len) = b.get(i + 2..i + 4) else {
+                    return false;
+                };
+                let len = u16::from_be_bytes([len[0], len[1]]) as usize;
+                if len < 2 {
+                    return false;
+                }
+                i += 2 + len;
+            }
+        }
+    }
 }
 
 fn limits_for(w: u32, h: u32) -> image::Limits {
@@ -389,6 +450,35 @@ mod tests {
         let (h, w) = smart_resize(4000, 3000, f, 65536, 1 << 20).unwrap();
         assert!(h * w <= 1 << 20 && h % 32 == 0 && w % 32 == 0);
         assert!(smart_resize(10, 4000, f, 1, 1 << 30).is_err());
+    }
+
+    /// A 64×48 gradient, JPEG-encoded.
+    fn jpeg() -> Vec<u8> {
+        let img =
+            image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8 * 4, y as u8 * 5, 90]));
+        let mut out = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
+            .encode_image(&img)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn truncated_jpegs_are_refused() {
+        let name = Path::new("photo.jpg");
+        let full = jpeg();
+        assert_eq!(decode_rgb(&full, name).unwrap().width, 64);
+        // Bytes after the end-of-image marker are ignored.
+        let mut tail = full.clone();
+        tail.extend_from_slice(b"trailer");
+        decode_rgb(&tail, name).unwrap();
+        for keep in [full.len() - 2, full.len() * 2 / 3, 400] {
+            let e = decode_rgb(&full[..keep], name).unwrap_err().to_string();
+            assert!(
+                e.contains("photo.jpg") && e.contains("truncated JPEG"),
+                "{keep}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The Hugging Face tensor layout of a Qwen3-VL checkpoint: every tensor's name,
-//! shape and role, derived from the config (architecture doc §2).
+//! shape and role, derived from the config (`docs/qwen3-vl-reference.md` §2).
 
 use crate::config::Qwen3VlConfig;
 

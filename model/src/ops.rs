@@ -1,4 +1,5 @@
-//! The small ops both towers share, written as the architecture doc states them.
+//! The small ops both towers share, written as `docs/qwen3-vl-reference.md` states
+//! them.
 
 use candle_core::{Result, Tensor, D};
 

@@ -1,5 +1,5 @@
 //! Prompts: the checkpoint's tokenizer and chat template, `<|image_pad|>` expansion,
-//! and HF `get_rope_index` M-RoPE positions (architecture doc §4, §6).
+//! and HF `get_rope_index` M-RoPE positions (`docs/qwen3-vl-reference.md` §4, §6).
 
 use crate::config::Qwen3VlConfig;
 use crate::error::{Error, Result};
@@ -40,25 +40,27 @@ fn prompt_err(path: &Path, msg: impl std::fmt::Display) -> Error {
 
 /// Finds the chat template: `tokenizer_config.json` "chat_template", then
 /// `chat_template.jinja`, then `chat_template.json`.
+/// The chat template `tokenizer_config.json` carries itself: a string, or the
+/// "default" entry of a list of named templates.
+pub fn inline_template(tcfg: &Value) -> Option<&str> {
+    match tcfg.get("chat_template")? {
+        Value::String(s) => Some(s),
+        Value::Array(list) => list
+            .iter()
+            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+            .and_then(|t| t.get("template"))
+            .and_then(Value::as_str),
+        _ => None,
+    }
+}
+
 fn find_template(dir: &Path, tcfg: &Value) -> Result<String> {
-    match tcfg.get("chat_template") {
-        Some(Value::String(s)) => return Ok(s.clone()),
-        Some(Value::Array(list)) => {
-            // A list of named templates: take "default".
-            if let Some(t) = list
-                .iter()
-                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
-                .and_then(|t| t.get("template"))
-                .and_then(Value::as_str)
-            {
-                return Ok(t.to_string());
-            }
-        }
-        _ => {}
+    if let Some(t) = inline_template(tcfg) {
+        return Ok(t.to_string());
     }
     let jinja = dir.join("chat_template.jinja");
     if jinja.exists() {
-        return std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e));
+        return crate::input::read_regular_to_string(&jinja).map_err(|e| Error::io(&jinja, e));
     }
     let js = dir.join("chat_template.json");
     if js.exists() {
@@ -73,6 +75,37 @@ fn find_template(dir: &Path, tcfg: &Value) -> Result<String> {
         &dir.join("tokenizer_config.json"),
         "no chat_template (also looked for chat_template.jinja and chat_template.json)",
     ))
+}
+
+/// Parses `tokenizer.json` (`path` names it in errors).
+///
+/// tokenizers 0.22 panics on some malformed files instead of returning an error (an
+/// `expect` in its decoder deserializer; a merge sliced past its end when
+/// `continuing_subword_prefix` is longer than the merge), so the parse runs under
+/// `catch_unwind` with the panic hook silenced: a bad file is an error naming it, not
+/// an internal error. The lock keeps concurrent parses from restoring each other's
+/// silent hook.
+fn parse_tokenizer(path: &Path, bytes: &[u8]) -> Result<tokenizers::Tokenizer> {
+    static HOOK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let parsed = {
+        let _guard = HOOK.lock().unwrap_or_else(|p| p.into_inner());
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes));
+        std::panic::set_hook(hook);
+        parsed
+    };
+    match parsed {
+        Ok(t) => t.map_err(|e| prompt_err(path, e)),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(prompt_err(path, format!("is malformed ({why})")))
+        }
+    }
 }
 
 fn special_token(tcfg: &Value, key: &str) -> Value {
@@ -90,19 +123,33 @@ impl PromptBuilder {
         if !tok_path.exists() {
             return Err(prompt_err(&tok_path, "file not found"));
         }
-        let tokenizer =
-            tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| prompt_err(&tok_path, e))?;
+        let tok_bytes =
+            crate::input::read_regular(&tok_path).map_err(|e| Error::io(&tok_path, e))?;
         let tcfg_path = dir.join("tokenizer_config.json");
         let tcfg = if tcfg_path.exists() {
             crate::config::read_json(&tcfg_path)?
         } else {
             json!({})
         };
-        let template = find_template(dir, &tcfg)?;
+        Self::from_parts(dir, &tok_bytes, &tcfg, cfg)
+    }
+
+    /// Builds from the bytes of `tokenizer.json` and the parsed `tokenizer_config.json`
+    /// of folder `dir` (where a template outside the config is looked for, and which
+    /// names the files in errors): what the converter checks before writing a bundle.
+    pub fn from_parts(
+        dir: &Path,
+        tokenizer_json: &[u8],
+        tcfg: &Value,
+        cfg: &Qwen3VlConfig,
+    ) -> Result<Self> {
+        let tok_path = dir.join("tokenizer.json");
+        let tokenizer = parse_tokenizer(&tok_path, tokenizer_json)?;
+        let template = find_template(dir, tcfg)?;
         let special = json!({
-            "bos_token": special_token(&tcfg, "bos_token"),
-            "eos_token": special_token(&tcfg, "eos_token"),
-            "pad_token": special_token(&tcfg, "pad_token"),
+            "bos_token": special_token(tcfg, "bos_token"),
+            "eos_token": special_token(tcfg, "eos_token"),
+            "pad_token": special_token(tcfg, "pad_token"),
         });
         let b = PromptBuilder {
             tokenizer,
@@ -125,6 +172,17 @@ impl PromptBuilder {
             }
         }
         Ok(b)
+    }
+
+    /// Renders and tokenises two test conversations, one text-only and one with a
+    /// small image, as `q3vl run` would: a template that does not parse or fails to
+    /// render, or a tokenizer that cannot encode its output, is found here instead of
+    /// at run time.
+    pub fn self_test(&self) -> Result<()> {
+        let m = self.merge;
+        self.chat("What is in this picture?", None)?;
+        self.chat("What is in this picture?", Some([1, 2 * m, 2 * m]))?;
+        Ok(())
     }
 
     /// The underlying tokenizer.
@@ -213,7 +271,13 @@ impl PromptBuilder {
     pub fn chat(&self, text: &str, grid_thw: Option<[usize; 3]>) -> Result<Prompt> {
         let rendered = self.render(&Self::user_messages(text, grid_thw.is_some()), true)?;
         let grids: Vec<[usize; 3]> = grid_thw.into_iter().collect();
-        self.encode(&rendered, &grids)
+        // Our own messages hold one image part per image: a mismatch is the files'.
+        self.encode(&rendered, &grids).map_err(|e| match e {
+            Error::Prompt(msg) => Error::Prompt(format!(
+                "the chat template and tokenizer do not make a usable prompt: {msg}"
+            )),
+            e => e,
+        })
     }
 
     /// Decodes ids to text, special tokens skipped.
@@ -277,7 +341,7 @@ pub fn rope_index(
 mod tests {
     use super::*;
 
-    /// The architecture doc's 448² example: image tokens at (4, 4+r, 4+c),
+    /// `docs/qwen3-vl-reference.md`'s 448² example (§6): image tokens at (4, 4+r, 4+c),
     /// `<|vision_end|>` at 18, rope delta −182.
     #[test]
     fn rope_index_of_the_448_example() {

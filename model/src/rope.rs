@@ -1,5 +1,6 @@
 //! Rotary position embeddings: the text decoder's interleaved M-RoPE over (t, h, w)
-//! positions and the ViT's 2D (row, col) RoPE (architecture doc §3.3, §4).
+//! positions and the ViT's 2D (row, col) RoPE (`docs/qwen3-vl-reference.md`
+//! §3.3, §4).
 //! Angles and their cos/sin are f32, as in HF.
 
 use crate::config::TextConfig;

@@ -1,4 +1,4 @@
-//! The text decoder, fp32 (architecture doc §4): embedding with image rows scattered
+//! The text decoder, fp32 (`docs/qwen3-vl-reference.md` §4): embedding with image rows scattered
 //! in, pre-norm layers with q/k RMSNorm before interleaved M-RoPE, GQA with a causal
 //! mask, DeepStack additions after the first layers at image positions, final norm, head.
 

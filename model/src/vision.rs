@@ -1,4 +1,4 @@
-//! The vision tower, fp32 (architecture doc §3): patch embed, interpolated learned
+//! The vision tower, fp32 (`docs/qwen3-vl-reference.md` §3): patch embed, interpolated learned
 //! position embedding, 2D RoPE, pre-norm ViT blocks, DeepStack mergers and the main merger.
 
 use crate::config::VisionConfig;

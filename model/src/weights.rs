@@ -6,7 +6,6 @@ use crate::layout::TensorSpec;
 use memmap2::Mmap;
 use safetensors::tensor::Dtype;
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 /// Where one tensor lives.
@@ -49,10 +48,22 @@ impl Checkpoint {
                     path: index.clone(),
                     msg: "weight_map is missing".into(),
                 })?;
-            let mut shards: Vec<String> = map
-                .values()
-                .filter_map(|x| x.as_str().map(str::to_owned))
-                .collect();
+            let mut shards = Vec::with_capacity(map.len());
+            for (name, shard) in map {
+                // A shard is a file of this folder: a name reaching outside it
+                // (`../x`, `/etc/passwd`) is refused, not opened.
+                match shard.as_str() {
+                    Some(f) if crate::input::is_inner_path(f) => shards.push(f.to_owned()),
+                    _ => {
+                        return Err(Error::Json {
+                            path: index.clone(),
+                            msg: format!(
+                                "weight_map: tensor {name} names {shard}, not a file inside this folder"
+                            ),
+                        })
+                    }
+                }
+            }
             shards.sort();
             shards.dedup();
             let paths: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
@@ -97,7 +108,7 @@ impl Checkpoint {
         let mut files = Vec::new();
         let mut tensors = BTreeMap::new();
         for (fi, path) in paths.iter().enumerate() {
-            let f = File::open(path).map_err(|e| Error::io(path, e))?;
+            let f = crate::input::open_regular(path).map_err(|e| Error::io(path, e))?;
             // SAFETY: the map is read-only; a file truncated under us is a user error
             // that can fault, as with any mmap reader (safetensors, llama.cpp).
             let map = unsafe { Mmap::map(&f) }.map_err(|e| Error::io(path, e))?;
@@ -362,54 +373,106 @@ fn parse_header(path: &Path, buf: &[u8]) -> Result<Vec<(String, TensorInfo)>> {
         if name == "__metadata__" {
             continue;
         }
-        let dtype_s = v
-            .get("dtype")
-            .and_then(|x| x.as_str())
-            .ok_or_else(|| bad(format!("tensor {name}: no dtype")))?;
-        let dtype = parse_dtype(dtype_s)
-            .ok_or_else(|| bad(format!("tensor {name}: unknown dtype {dtype_s}")))?;
-        let shape: Vec<usize> = v
-            .get("shape")
-            .and_then(|x| x.as_array())
-            .ok_or_else(|| bad(format!("tensor {name}: no shape")))?
-            .iter()
-            .map(|x| x.as_u64().map(|x| x as usize))
-            .collect::<Option<_>>()
-            .ok_or_else(|| bad(format!("tensor {name}: bad shape")))?;
-        let offs: Vec<usize> = v
-            .get("data_offsets")
-            .and_then(|x| x.as_array())
-            .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect())
-            .ok_or_else(|| bad(format!("tensor {name}: bad data_offsets")))?;
-        if offs.len() != 2 || offs[0] > offs[1] {
-            return Err(bad(format!("tensor {name}: bad data_offsets {offs:?}")));
-        }
-        let want = shape.iter().product::<usize>() * (dtype.bitsize() / 8);
-        if offs[1] - offs[0] != want {
-            return Err(bad(format!(
-                "tensor {name}: {} bytes for shape {shape:?} {dtype_s} (needs {want})",
-                offs[1] - offs[0]
-            )));
-        }
-        let range = data + offs[0]..data + offs[1];
-        if range.end > buf.len() {
-            return Err(bad(format!(
-                "truncated: tensor {name} ends at byte {} but the file has {}",
-                range.end,
-                buf.len()
-            )));
-        }
-        out.push((
-            name.clone(),
-            TensorInfo {
-                file: 0,
-                dtype,
-                shape,
-                range,
-            },
+        let info = parse_entry(name, v, data..buf.len()).map_err(bad)?;
+        out.push((name.clone(), info));
+    }
+    check_tiling(&out, data..buf.len()).map_err(bad)?;
+    Ok(out)
+}
+
+/// One header entry: its dtype, shape and byte range, checked against each other and
+/// against `data`, the file's data section (absolute offsets); the error is the
+/// message, naming the tensor.
+fn parse_entry(
+    name: &str,
+    v: &serde_json::Value,
+    data: std::ops::Range<usize>,
+) -> std::result::Result<TensorInfo, String> {
+    let dtype_s = v
+        .get("dtype")
+        .and_then(|x| x.as_str())
+        .ok_or_else(|| format!("tensor {name}: no dtype"))?;
+    let dtype =
+        parse_dtype(dtype_s).ok_or_else(|| format!("tensor {name}: unknown dtype {dtype_s}"))?;
+    let shape: Vec<usize> = v
+        .get("shape")
+        .and_then(|x| x.as_array())
+        .ok_or_else(|| format!("tensor {name}: no shape"))?
+        .iter()
+        .map(|x| x.as_u64().map(|x| x as usize))
+        .collect::<Option<_>>()
+        .ok_or_else(|| format!("tensor {name}: bad shape"))?;
+    let offs: Vec<usize> = v
+        .get("data_offsets")
+        .and_then(|x| x.as_array())
+        .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect())
+        .ok_or_else(|| format!("tensor {name}: bad data_offsets"))?;
+    if offs.len() != 2 || offs[0] > offs[1] {
+        return Err(format!("tensor {name}: bad data_offsets {offs:?}"));
+    }
+    let want = shape
+        .iter()
+        .try_fold(dtype.bitsize() / 8, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| format!("tensor {name}: shape {shape:?} is too large"))?;
+    if offs[1] - offs[0] != want {
+        return Err(format!(
+            "tensor {name}: {} bytes for shape {shape:?} {dtype_s} (needs {want})",
+            offs[1] - offs[0]
         ));
     }
-    Ok(out)
+    // Checked: offsets near 2^64 must not wrap around into the file.
+    if offs[1] > data.len() {
+        return Err(format!(
+            "truncated: tensor {name} ends at byte {} but the file has {}",
+            data.start as u128 + offs[1] as u128,
+            data.end
+        ));
+    }
+    Ok(TensorInfo {
+        file: 0,
+        dtype,
+        shape,
+        range: data.start + offs[0]..data.start + offs[1],
+    })
+}
+
+/// The safetensors format requires the tensors to tile the data section exactly:
+/// no two overlap (one write would change both) and no bytes lie between or after
+/// them. The `safetensors` crate checks this (`Metadata::validate`), but this reader
+/// parses headers itself to name every tensor in its errors, so it checks too.
+fn check_tiling(
+    tensors: &[(String, TensorInfo)],
+    data: std::ops::Range<usize>,
+) -> std::result::Result<(), String> {
+    let mut by_start: Vec<(&str, &std::ops::Range<usize>)> = tensors
+        .iter()
+        .map(|(n, t)| (n.as_str(), &t.range))
+        .collect();
+    by_start.sort_by_key(|(n, r)| (r.start, r.end, *n));
+    let mut at = data.start;
+    let mut prev = "the header";
+    for (name, r) in by_start {
+        if r.start < at {
+            return Err(format!(
+                "tensor {name} overlaps {prev} (the format forbids overlapping tensors)"
+            ));
+        }
+        if r.start > at {
+            return Err(format!(
+                "{} unused bytes before tensor {name} (the format forbids gaps between tensors)",
+                r.start - at
+            ));
+        }
+        at = r.end;
+        prev = name;
+    }
+    if at != data.end {
+        return Err(format!(
+            "{} bytes after the last tensor ({prev}) belong to no tensor",
+            data.end - at
+        ));
+    }
+    Ok(())
 }
 
 fn parse_dtype(s: &str) -> Option<Dtype> {
@@ -557,6 +620,65 @@ mod tests {
         std::fs::write(&p, &bad).unwrap();
         let e = Checkpoint::open(dir.path()).err().unwrap().to_string();
         assert!(e.contains("not valid JSON"), "{e}");
+    }
+
+    /// A safetensors file from a raw header (padded to 8 bytes) and data section.
+    fn raw_file(path: &Path, header: &str, data: &[u8]) {
+        let mut h = header.as_bytes().to_vec();
+        while !h.len().is_multiple_of(8) {
+            h.push(b' ');
+        }
+        let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
+        bytes.extend(h);
+        bytes.extend(data);
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    #[test]
+    fn overlaps_and_gaps_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("model.safetensors");
+        let open = |header: &str, len: usize| {
+            raw_file(&p, header, &vec![0u8; len]);
+            Checkpoint::open(dir.path()).err().map(|e| e.to_string())
+        };
+        let ok = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}"#;
+        assert_eq!(open(ok, 12), None);
+        let overlap = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#;
+        let e = open(overlap, 12).unwrap();
+        assert!(
+            e.contains("model.safetensors") && e.contains("tensor b overlaps a"),
+            "{e}"
+        );
+        let gap = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}"#;
+        let e = open(gap, 12).unwrap();
+        assert!(e.contains("4 unused bytes before tensor b"), "{e}");
+        let e = open(ok, 16).unwrap();
+        assert!(e.contains("4 bytes after the last tensor (b)"), "{e}");
+        let huge = r#"{"a":{"dtype":"F32","shape":[4611686018427387904,8],"data_offsets":[0,8]}}"#;
+        assert!(open(huge, 8).unwrap().contains("too large"));
+        let wrap = r#"{"a":{"dtype":"U8","shape":[5],"data_offsets":[18446744073709551610,18446744073709551615]}}"#;
+        assert!(open(wrap, 8).unwrap().contains("truncated"));
+    }
+
+    #[test]
+    fn index_entries_stay_in_the_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            &dir.path().join("a.safetensors"),
+            &[("x", Dtype::F32, vec![1], vec![0u8; 4])],
+        );
+        for shard in ["../a.safetensors", "/etc/passwd"] {
+            let index = format!(r#"{{"weight_map": {{"x": "{shard}"}}}}"#);
+            std::fs::write(dir.path().join("model.safetensors.index.json"), index).unwrap();
+            let e = Checkpoint::open(dir.path()).err().unwrap().to_string();
+            assert!(
+                e.contains("model.safetensors.index.json")
+                    && e.contains("tensor x")
+                    && e.contains(shard),
+                "{e}"
+            );
+        }
     }
 
     #[test]

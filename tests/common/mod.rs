@@ -33,7 +33,7 @@ pub fn ok(args: &[&str]) -> String {
     String::from_utf8(o.stdout).unwrap()
 }
 
-/// Asserts a run failed the way spec/cli.md asks for bad input: exit 2, one line on
+/// Asserts a run failed the way `docs/cli.md` asks for bad input: exit 2, one line on
 /// stderr that contains every `needles`, no panic. Returns the line.
 pub fn fails(o: &Output, needles: &[&str]) -> String {
     let err = String::from_utf8_lossy(&o.stderr).to_string();
@@ -56,7 +56,8 @@ pub fn s(p: &Path) -> &str {
 }
 
 /// Asserts `out` holds nothing that looks like a bundle (no folder with a
-/// `metadata.json`) and no staging leftovers.
+/// `metadata.json`) and no staging leftovers (lock files, which are never removed,
+/// aside).
 pub fn no_bundle_left(out: &Path) {
     let Ok(entries) = std::fs::read_dir(out) else {
         return;
@@ -70,11 +71,27 @@ pub fn no_bundle_left(out: &Path) {
         );
         let name = p.file_name().unwrap().to_string_lossy().to_string();
         assert!(
-            !name.starts_with(".q3vl-"),
+            !name.starts_with(".q3vl-") || is_lock_file(&name),
             "a staging folder was left: {}",
             p.display()
         );
     }
+}
+
+/// Whether a folder entry is a q3vl lock file (`.q3vl-lock`, `.q3vl-lock-LEAF`).
+pub fn is_lock_file(name: &str) -> bool {
+    name == ".q3vl-lock" || name.starts_with(".q3vl-lock-")
+}
+
+/// The names in `dir` but lock files, sorted.
+pub fn names_but_locks(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !is_lock_file(n))
+        .collect();
+    v.sort();
+    v
 }
 
 /// Every file under `dir` with its bytes, by relative path.
@@ -174,12 +191,45 @@ pub fn write_checkpoint(dir: &Path, cfg: &Qwen3VlConfig) {
         .collect();
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
     write_json(&dir.join("config.json"), &cfg.to_hf_json());
-    std::fs::write(dir.join("tokenizer.json"), "{}").unwrap();
-    std::fs::write(
-        dir.join("tokenizer_config.json"),
-        r#"{"chat_template": "{{ messages }}"}"#,
-    )
-    .unwrap();
+    write_json(&dir.join("tokenizer.json"), &stub_tokenizer(cfg));
+    write_json(
+        &dir.join("tokenizer_config.json"),
+        &serde_json::json!({"chat_template": STUB_TEMPLATE}),
+    );
+}
+
+/// A small chat template of the Qwen shape: enough for convert's test conversation
+/// (text and one image) and for `run`.
+pub const STUB_TEMPLATE: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{% for c in m.content %}{% if c.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c.text }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+/// A tiny `tokenizer.json` that the `tokenizers` crate loads: whitespace-separated
+/// words, each unknown one `<unk>`, and the chat's special tokens at the ids `cfg`
+/// gives them (a stand-in for the 11 MB real one, for tests of bad input).
+pub fn stub_tokenizer(cfg: &Qwen3VlConfig) -> serde_json::Value {
+    let specials = [
+        ("<|im_start|>", 151644),
+        ("<|im_end|>", 151645),
+        ("<|vision_start|>", cfg.vision_start_token_id),
+        ("<|vision_end|>", cfg.vision_end_token_id),
+        ("<|image_pad|>", cfg.image_token_id),
+        ("<|video_pad|>", cfg.video_token_id),
+    ];
+    let mut vocab = serde_json::Map::new();
+    vocab.insert("<unk>".into(), 0.into());
+    let mut added = vec![];
+    for (tok, id) in specials {
+        vocab.insert(tok.into(), id.into());
+        added.push(
+            serde_json::json!({"id": id, "content": tok, "single_word": false,
+            "lstrip": false, "rstrip": false, "normalized": false, "special": true}),
+        );
+    }
+    serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    })
 }
 
 /// Writes pretty JSON.
@@ -229,4 +279,30 @@ pub fn converted_fixture(name: &str) -> PathBuf {
     ok(&["convert", "--src", s(&src), "--out", s(&out)]);
     done.insert(name.to_string(), out.clone());
     out
+}
+
+/// The `.q3vl-tmp-*` staging folders in `dir` (none when `dir` is absent).
+pub fn staging_dirs(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(".q3vl-tmp-"))
+        })
+        .collect()
+}
+
+/// Waits (at most a minute) until `path` exists or `child` has exited; returns whether
+/// `path` exists.
+pub fn wait_for(path: &Path, child: &mut std::process::Child) -> bool {
+    for _ in 0..6000 {
+        if path.exists() || child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    path.exists()
 }

@@ -38,33 +38,44 @@ pub struct Agreement {
 }
 
 /// Compares `ours` with `oracle` (same shape, rows = tokens).
+///
+/// A non-finite value on either side makes every figure NaN (the first such token is
+/// the worst one), and NaN fails every `figure >= threshold` gate: a comparison that
+/// sees NaN never passes.
 pub fn agreement(ours: &[f32], oracle: &[f32], row: usize) -> Agreement {
-    let mut min_token_cos = f64::INFINITY;
+    // 1 when there is no row at all.
+    let mut min_token_cos = 1.0f64;
     let mut min_token_pos = 0;
     if row > 0 {
         for (i, (a, b)) in ours.chunks(row).zip(oracle.chunks(row)).enumerate() {
             let c = cosine(a, b);
-            if c < min_token_cos {
+            // `c < min` is false for NaN: test it first, and keep the first NaN.
+            if !min_token_cos.is_nan() && (c.is_nan() || c < min_token_cos || i == 0) {
                 min_token_cos = c;
                 min_token_pos = i;
             }
         }
     }
-    let max_abs = ours
-        .iter()
-        .zip(oracle)
-        .map(|(a, b)| (*a as f64 - *b as f64).abs())
-        .fold(0.0, f64::max);
     Agreement {
         cos: cosine(ours, oracle),
-        min_token_cos: if min_token_cos.is_finite() {
-            min_token_cos
-        } else {
-            1.0
-        },
+        min_token_cos,
         min_token_pos,
-        max_abs,
+        max_abs: max_abs_diff(ours, oracle),
     }
+}
+
+/// Largest |a − b|, NaN when any difference is NaN (`f64::max` would skip it).
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).abs())
+        .fold(0.0, |m, d| {
+            if d.is_nan() || m.is_nan() {
+                f64::NAN
+            } else {
+                m.max(d)
+            }
+        })
 }
 
 /// A 2-D tensor's values, row-major, with its row width.
@@ -91,6 +102,28 @@ mod tests {
         assert_eq!(cosine(&[1.0, 0.0], &[0.0, 1.0]), 0.0);
         assert!((cosine(&[1.0, 2.0], &[-1.0, -2.0]) + 1.0).abs() < 1e-12);
         assert_eq!(cosine(&[0.0], &[0.0]), 1.0);
+    }
+
+    #[test]
+    fn non_finite_values_never_pass() {
+        let a = [1.0, 0.0, 1.0, 0.0, 1.0, 0.0];
+        for bad in [f32::NAN, f32::INFINITY] {
+            let mut b = a;
+            b[3] = bad;
+            let g = agreement(&a, &b, 2);
+            assert!(g.cos.is_nan(), "{g:?}");
+            assert!(g.min_token_cos.is_nan() && g.min_token_pos == 1, "{g:?}");
+            // How every gate reads a figure.
+            let passes = |x: f64| x >= 0.9;
+            assert!(!passes(g.cos) && !passes(g.min_token_cos), "{g:?}");
+            let g = agreement(&b, &a, 2);
+            assert!(g.min_token_cos.is_nan(), "{g:?}");
+        }
+        let mut b = a;
+        b[5] = f32::NAN;
+        assert!(max_abs_diff(&a, &b).is_nan());
+        assert!(max_abs_diff(&b, &a).is_nan());
+        assert_eq!(max_abs_diff(&a, &a), 0.0);
     }
 
     #[test]

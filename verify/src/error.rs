@@ -1,12 +1,13 @@
 //! Errors of the verifier: all of them are bad input (exit 2), never a failed gate.
 
+use q3vl_model::error::printable;
 use std::path::PathBuf;
 
 /// Why a trace, gates file or model could not be verified at all.
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
     /// The trace file is unreadable or not a `qwen3vl-oracle-trace/1` file.
-    #[error("trace {path}: {msg}")]
+    #[error("trace {}: {}", printable(.path.display()), printable(.msg))]
     Trace {
         /// The trace.
         path: PathBuf,
@@ -14,7 +15,7 @@ pub enum VerifyError {
         msg: String,
     },
     /// The trace does not fit the model it is compared with.
-    #[error("trace {path} does not fit the model: {msg}")]
+    #[error("trace {} does not fit the model: {}", printable(.path.display()), printable(.msg))]
     Mismatch {
         /// The trace.
         path: PathBuf,
@@ -22,7 +23,7 @@ pub enum VerifyError {
         msg: String,
     },
     /// The gates file is malformed.
-    #[error("gates file {path}: {msg}")]
+    #[error("gates file {}: {}", printable(.path.display()), printable(.msg))]
     Gates {
         /// The gates file.
         path: PathBuf,
@@ -36,7 +37,7 @@ pub enum VerifyError {
     #[error("engine: {0}")]
     Engine(#[from] q3vl_engine::EngineError),
     /// Writing a report failed.
-    #[error("{path}: {source}")]
+    #[error("{}: {source}", printable(.path.display()))]
     Io {
         /// The file.
         path: PathBuf,

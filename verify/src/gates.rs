@@ -66,7 +66,8 @@ impl Gates {
             path: path.to_path_buf(),
             msg,
         };
-        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        let text =
+            q3vl_model::input::read_regular_to_string(path).map_err(|e| bad(e.to_string()))?;
         let g: Gates = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
         if g.format != "q3vl-gates/1" {
             return Err(bad(format!(

@@ -217,12 +217,7 @@ fn pixel_check(subject: &Subject<'_>, trace: &OracleTrace) -> Result<Option<(f64
         return Ok(Some((f64::INFINITY, resized)));
     }
     let (t, _) = flat(theirs)?;
-    let m = ours
-        .pixel_values
-        .iter()
-        .zip(&t)
-        .map(|(a, b)| (*a as f64 - *b as f64).abs())
-        .fold(0.0, f64::max);
+    let m = crate::compare::max_abs_diff(&ours.pixel_values, &t);
     Ok(Some((m, resized)))
 }
 

@@ -24,9 +24,17 @@ pub fn margins(top_values: &[Vec<f32>]) -> Vec<f64> {
         .collect()
 }
 
+/// The token [`top2`] reports for a row holding NaN: no real id, so it agrees with
+/// no other token and the comparison fails.
+pub const NO_TOKEN: u32 = u32::MAX;
+
 /// Top-1 of one logits row (the first on ties, as torch's argmax) and its margin
-/// over the runner-up (0 on a tie).
+/// over the runner-up (0 on a tie). A row with a NaN has no top-1: ([`NO_TOKEN`],
+/// NaN), which counts as firm (`NaN < firm` is false) and matches nothing.
 pub fn top2(row: &[f32]) -> (u32, f64) {
+    if row.iter().any(|x| x.is_nan()) {
+        return (NO_TOKEN, f64::NAN);
+    }
     let mut best = 0;
     for (i, &x) in row.iter().enumerate() {
         if x > row[best] {
@@ -119,6 +127,17 @@ mod tests {
         assert_eq!((s.firm, s.agree), (2, 1));
         assert_eq!(s.ambiguous, vec![1]);
         assert_eq!(s.mismatches, vec![(2, 3, 4)]);
+    }
+
+    #[test]
+    fn nan_rows_never_agree() {
+        let (t, m) = top2(&[0.5, f32::NAN, 0.1]);
+        assert_eq!(t, NO_TOKEN);
+        assert!(m.is_nan());
+        // Counted as firm, and it matches no token.
+        let s = top1_sweep(&[0], &[t], &[m], 0.1);
+        assert_eq!((s.firm, s.agree), (1, 0));
+        assert!(!decode_match(&[0], &[t], &[m], 0.1, 1).passed());
     }
 
     #[test]

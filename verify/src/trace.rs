@@ -1,4 +1,4 @@
-//! Reading `qwen3vl-oracle-trace/1` files (spec/oracle-trace.md): what fp32 HF
+//! Reading `qwen3vl-oracle-trace/1` files (`docs/oracle-trace.md`): what fp32 HF
 //! computed for one prompt, written by our `oracle/` or by anyone with the same layout.
 
 use crate::error::{Result, VerifyError};
@@ -35,7 +35,7 @@ impl OracleTrace {
             path: path.to_path_buf(),
             msg,
         };
-        let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+        let bytes = q3vl_model::input::read_regular(path).map_err(|e| bad(e.to_string()))?;
         let (_, meta) = SafeTensors::read_metadata(&bytes)
             .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
         let meta: BTreeMap<String, String> = meta
@@ -52,6 +52,14 @@ impl OracleTrace {
             }
             None => return Err(bad(format!("no \"format\" metadata (expected {FORMAT:?})"))),
         }
+        // The image is read from beside the trace: only a name inside its folder.
+        if let Some(img) = meta.get("image").filter(|i| !i.is_empty()) {
+            if !q3vl_model::input::is_inner_path(img) {
+                return Err(bad(format!(
+                    "metadata image {img:?} is not a file inside the trace's folder"
+                )));
+            }
+        }
         let st = SafeTensors::deserialize(&bytes)
             .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
         let mut floats = BTreeMap::new();
@@ -62,6 +70,8 @@ impl OracleTrace {
             match view.dtype() {
                 Dtype::F32 | Dtype::F16 | Dtype::BF16 => {
                     let v = q3vl_model::weights::widen(&name, view.dtype(), data)?;
+                    // A NaN in the oracle would compare false against every gate.
+                    q3vl_model::weights::check_finite(&name, &v).map_err(|e| bad(e.to_string()))?;
                     floats.insert(name, Tensor::from_vec(v, shape, &Device::Cpu)?);
                 }
                 Dtype::I64 => {
@@ -199,9 +209,15 @@ impl OracleTrace {
     /// `[rows, K]` top-k ids and values of a logits group (`logits` or `decode`).
     pub fn top_k(&self, group: &str) -> Result<TopK> {
         let (s, ids) = self.int(&format!("{group}.top_ids"))?;
-        let vals = self
-            .float(&format!("{group}.top_values"))?
-            .to_vec2::<f32>()?;
+        let vals = self.float(&format!("{group}.top_values"))?;
+        // Checked here, not left to indexing and candle: a trace is outside input.
+        if s.len() != 2 || s[1] == 0 || vals.dims() != s {
+            return Err(self.bad(format!(
+                "{group}.top_ids {s:?} and {group}.top_values {:?} must both be [rows, K ≥ 1]",
+                vals.dims()
+            )));
+        }
+        let vals = vals.to_vec2::<f32>()?;
         let k = s[1];
         let ids: Vec<Vec<i64>> = ids.chunks(k).map(|c| c.to_vec()).collect();
         if ids.len() != vals.len() {
@@ -223,5 +239,50 @@ impl OracleTrace {
     /// Names of every floating tensor.
     pub fn float_names(&self) -> impl Iterator<Item = &str> {
         self.floats.keys().map(String::as_str)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::tensor::TensorView;
+
+    /// A trace file holding one f32 tensor `x` with `values` and `meta`.
+    fn write(path: &Path, values: &[f32], meta: &[(&str, &str)]) {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let view = TensorView::new(Dtype::F32, vec![values.len()], &bytes).unwrap();
+        let mut m: std::collections::HashMap<String, String> = meta
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        m.insert("format".into(), FORMAT.into());
+        safetensors::serialize_to_file([("x", view)], Some(m), path).unwrap();
+    }
+
+    #[test]
+    fn non_finite_oracle_values_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("house.safetensors");
+        for bad in [f32::NAN, f32::INFINITY] {
+            write(&p, &[1.0, bad], &[]);
+            let e = OracleTrace::open(&p).err().unwrap().to_string();
+            assert!(
+                e.contains("house.safetensors")
+                    && e.contains("tensor x")
+                    && e.contains("non-finite"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_image_must_be_beside_the_trace() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("t.safetensors");
+        for img in ["../../etc/passwd", "/etc/passwd"] {
+            write(&p, &[1.0], &[("image", img)]);
+            let e = OracleTrace::open(&p).err().unwrap().to_string();
+            assert!(e.contains("t.safetensors") && e.contains(img), "{e}");
+        }
     }
 }
