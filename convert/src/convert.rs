@@ -597,8 +597,12 @@ fn write_part(
 /// Test hook: with `Q3VL_TEST_HOLD_FILE=PATH` in the environment, the converter creates
 /// PATH after the first tensor of each bundle (`synth`: before its weights) and waits
 /// while it exists (polling the cancel flag, at most a minute), so the signal and lock
-/// tests can interrupt or overlap a run mid-way without racing it.
+/// tests can interrupt or overlap a run mid-way without racing it. Debug builds only
+/// (the tests'): a release build, the one `make build` ships, has no hook.
 pub(crate) fn test_hold(cancel: &Cancel) -> Result<()> {
+    if !cfg!(debug_assertions) {
+        return Ok(());
+    }
     let Some(path) = std::env::var_os("Q3VL_TEST_HOLD_FILE").map(PathBuf::from) else {
         return Ok(());
     };
