@@ -33,8 +33,8 @@ demo: build
 	if [ $$wrong -ne 0 ]; then echo "FAIL: $$wrong of $$n answers wrong"; exit 1; fi; \
 	echo "PASS: $$n of $$n answers right"
 
-## test: formatting, lints, and every test (unit, fixtures, end to end).
-test: fmt clippy
+## test: formatting, lints, rustdoc, and every test (unit, fixtures, end to end).
+test: fmt clippy doc
 	$(CARGO) test --workspace --all-targets
 
 ## test-aarch64: the kernels' tests (the NEON paths against the portable ones, bit for bit)
@@ -58,6 +58,10 @@ fmt:
 
 clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## doc: the API docs build without a warning (broken or private intra-doc links).
+doc:
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps
 
 build:
 	$(CARGO) build --release --bin q3vl

@@ -38,7 +38,7 @@
 //! `vpmaddwd`, one convert and one FMA, with no shuffle to fold the block's halves.
 //! Over 4.2 GB of the 8B bundle's mapped weights (2 threads kept awake, three
 //! alternating runs on a 2-core Xeon host), the earlier definition (eight lanes, each
-//! two pairs' sum) read 28.3–29.4 GB/s and this one, with [`RowsFn`]'s loop,
+//! two pairs' sum) read 28.3–29.4 GB/s and this one, with `RowsFn`'s loop,
 //! 29.6–30.2, where a plain sum over the same bytes read 34.2–35.0.
 
 use super::OutPtr;

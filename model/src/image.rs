@@ -256,7 +256,7 @@ fn clip8(acc: i64) -> u8 {
 }
 
 /// Resizes like PIL's `Image.resize((w, h), BICUBIC)` on an RGB image: two separable
-/// passes, each rounded back to 8 bits, in Pillow 13's order (see [`vertical_first`]).
+/// passes, each rounded back to 8 bits, in Pillow 13's order (see `vertical_first`).
 pub fn resize_bicubic(img: &Rgb8, out_w: usize, out_h: usize) -> Rgb8 {
     if img.width == out_w && img.height == out_h {
         return img.clone();
