@@ -98,7 +98,11 @@ pub fn open_engine(
     let engine = Engine::open(bundle, &opts)?;
     let dirs = [engine.language().dir(), engine.vision_bundle().dir()];
     let line = if require_verified {
-        let status = pair_status(dirs[0], dirs[1]);
+        // On the engine's thread count, like everything else the run does.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(engine.threads())
+            .build()?;
+        let status = pool.install(|| pair_status(dirs[0], dirs[1]));
         let line = format!("{}: {status}", dirs[0].display());
         if status != StampStatus::Valid {
             bail!("{line} (--require-verified)");

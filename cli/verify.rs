@@ -5,7 +5,7 @@ use crate::{common, Outcome};
 use anyhow::{Context, Result};
 use clap::Args;
 use q3vl_bundle::stamp::{
-    compare, hash_bundle, remove_stamp, write_stamp, StampedFile, STAMP_FORMAT,
+    bundle_files, compare, hash_bundle, remove_stamp, write_stamp, StampedFile, STAMP_FORMAT,
 };
 use q3vl_bundle::{Bundles, ReadClaim, Stamp};
 use q3vl_engine::{Engine, EngineOptions};
@@ -259,6 +259,7 @@ fn checked_digests(b: &Bundles, stamp: bool) -> Result<Vec<BTreeMap<String, Stam
     let dirs = [&b.language, &b.vision];
     for bundle in dirs {
         bundle.verify_checksums()?;
+        only_listed_files(bundle)?;
     }
     let digests = match stamp {
         true => dirs
@@ -269,6 +270,21 @@ fn checked_digests(b: &Bundles, stamp: bool) -> Result<Vec<BTreeMap<String, Stam
     };
     pb.finish_and_clear();
     Ok(digests)
+}
+
+/// A bundle folder holds only `metadata.json` and the files it lists: anything else
+/// would be stamped without a checksum or a gate having looked at it.
+fn only_listed_files(bundle: &q3vl_bundle::Bundle) -> Result<()> {
+    let listed = |f: &String| {
+        f == q3vl_bundle::names::METADATA_FILE || bundle.metadata().files.contains_key(f)
+    };
+    if let Some(extra) = bundle_files(bundle.dir())?.into_iter().find(|f| !listed(f)) {
+        anyhow::bail!(
+            "{}: {extra} is not listed in its metadata.json (remove it, or convert again)",
+            bundle.dir().display()
+        );
+    }
+    Ok(())
 }
 
 /// Stamps both bundles when every gate passed and their bytes are still the ones

@@ -49,6 +49,8 @@ echo "== verify (fp32 ladder + quantized gates), stamping on success" >&2
 
 # Only reached when every gate passed (verify exits 1 otherwise).
 mkdir -p "$OUT/release"
-cp -r "$OUT/bundles"/. "$OUT/release/"
+# The bundles only: not q3vl's own entries of the folder (its lock file, leftovers).
+find "$OUT/bundles" -mindepth 1 -maxdepth 1 ! -name '.q3vl-*' \
+    -exec cp -r {} "$OUT/release/" \;
 cp -r "$OUT/report" "$OUT/release/report"
 echo "release: $OUT/release"

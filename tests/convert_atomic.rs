@@ -218,6 +218,52 @@ fn two_synths_into_sibling_folders_run_together() {
     assert_eq!(tree(&x), tree(&y), "both complete (same seed, same bytes)");
     assert!(x.join("model.safetensors").is_file());
     assert!(staging_dirs(d.path()).is_empty());
+    // An entry's lock file goes with its synth: a shared parent (/tmp) keeps none.
+    let mut left = std::fs::read_dir(d.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect::<Vec<_>>();
+    left.sort();
+    assert_eq!(left, ["x", "y"]);
+}
+
+#[test]
+fn a_bundle_given_through_a_link_or_dot_opens_its_real_pair() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("out");
+    ok(&["convert", "--src", s(&fixture_src()), "--out", s(&out)]);
+    let link = d.path().join("link");
+    std::os::unix::fs::symlink(out.join(LANG), &link).unwrap();
+    let args = ["run", "--prompt", "hi", "--max-new-tokens", "1", "--bundle"];
+    let o = q3vl().args(args).arg(&link).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        !d.path().join(".q3vl-lock").exists(),
+        "the real folder is locked"
+    );
+    let o = q3vl()
+        .args(args)
+        .arg(".")
+        .current_dir(out.join(LANG))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn a_bundle_folder_is_refused_as_out() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("out");
+    ok(&["convert", "--src", s(&fixture_src()), "--out", s(&out)]);
+    let before = tree(&out.join(LANG));
+    let o = convert(&fixture_src(), &out.join(LANG), &[]);
+    fails(&o, &[LANG, "is a bundle folder", "metadata.json"]);
+    assert_eq!(tree(&out.join(LANG)), before, "no lock file in the bundle");
+}
+
+/// The committed shapes fixture.
+fn fixture_src() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/shapes")
 }
 
 #[test]

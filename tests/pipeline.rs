@@ -35,6 +35,13 @@ fn pipeline_on_the_shapes_fixture_ships_stamped_bundles() {
     }
     assert!(rel.join("report").join("report.html").exists());
     assert!(rel.join("report").join("junit.xml").exists());
+    // q3vl's own files of the output folder (its lock file) are not shipped.
+    let internal: Vec<_> = std::fs::read_dir(&rel)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".q3vl-"))
+        .collect();
+    assert!(internal.is_empty(), "{internal:?}");
 }
 
 #[test]

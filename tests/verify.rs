@@ -275,18 +275,34 @@ fn a_bundle_failing_its_checksums_is_never_stamped() {
         "model.language_model.layers.0.mlp.up_proj.weight",
         |b| b[5] ^= 0x40,
     );
-    let o = run(&[
-        "verify",
-        "--bundle",
-        s(&out),
-        "--trace",
-        s(&trace("tied", "text")),
-        "--report",
-        s(&dir.path().join("rep")),
-        "--stamp",
-    ]);
-    fails(&o, &["tied_decode_int8hu/model.safetensors", "sha256"]);
+    let rep = dir.path().join("rep");
+    let tr = trace("tied", "text");
+    let verify_stamp = || {
+        let args = [
+            "verify",
+            "--bundle",
+            s(&out),
+            "--trace",
+            s(&tr),
+            "--report",
+            s(&rep),
+        ];
+        run(&[&args[..], &["--stamp"]].concat())
+    };
+    fails(
+        &verify_stamp(),
+        &["tied_decode_int8hu/model.safetensors", "sha256"],
+    );
     assert!(!out.join("tied_decode_int8hu/verification.json").exists());
+    assert!(!out.join("tied_vision/verification.json").exists());
+    // A file the bundle's metadata does not list would be stamped unchecked: refused.
+    edit_tensor(
+        &w,
+        "model.language_model.layers.0.mlp.up_proj.weight",
+        |b| b[5] ^= 0x40,
+    );
+    std::fs::write(out.join("tied_vision/extra.bin"), b"x").unwrap();
+    fails(&verify_stamp(), &["tied_vision", "extra.bin", "not listed"]);
     assert!(!out.join("tied_vision/verification.json").exists());
 }
 

@@ -36,6 +36,9 @@ impl Bundles {
     /// Like [`Bundles::open`], choosing the language bundle of `mode` when the output
     /// folder holds several.
     pub fn open_mode(dir: &Path, mode: Option<Mode>) -> Result<Bundles, BundleError> {
+        // The vision bundle is a sibling of the real folder, not of a link to it or of
+        // `.`; and this is the folder [`crate::ReadClaim::for_bundles`] locked.
+        let dir = &crate::staging::real_path(dir);
         let lang_dir = if dir.join(METADATA_FILE).exists() {
             let m = Metadata::read(dir)?;
             if m.kind != Kind::Language {

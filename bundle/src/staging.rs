@@ -7,8 +7,12 @@
 //! so two synths into sibling folders run side by side and neither touches `D`'s other
 //! entries.
 //!
-//! 1. It takes an exclusive lock on a regular file of `D`, created if missing and never
-//!    removed: `.q3vl-lock` for the whole folder, `.q3vl-lock-LEAF` for one entry. A
+//! 1. It takes an exclusive lock on a regular file of `D`, created if missing (mode
+//!    0666 whatever the umask, so one user's lock file never locks out another; one
+//!    that may not be written is locked read-only): `.q3vl-lock` for the whole folder,
+//!    never removed (readers lock it too), `.q3vl-lock-LEAF` for one entry, removed
+//!    when the claim ends (a claim re-checks after locking that the name still names
+//!    the file it locked). Where the file system has no locks, it warns and goes on. A
 //!    file, not the folder itself: NFS emulates `flock` with byte-range locks, and an
 //!    exclusive one needs a file open for writing, which a folder cannot be. The kernel
 //!    releases the lock when the process ends, however it ends. A second claim of the
@@ -21,10 +25,13 @@
 //!    creator holds its lock, so every one the lock holder sees is stale. An old folder
 //!    is an item moved aside by an interrupted replace: it is put back when the item is
 //!    missing (the replace never happened), removed otherwise (it did). A leftover this
-//!    user may not remove (another user's, in a shared folder such as `/tmp`) is left.
+//!    user may not remove is left: silently when another user's (in a shared folder
+//!    such as `/tmp`), with a warning naming it when this user's.
 //! 3. It stages into a run-unique folder in `D` ([`staging_dir`]), removed when the last
 //!    clone of the [`Staging`] is dropped (an error, Ctrl-C, SIGTERM).
-//! 4. [`Staging::install`] renames a finished item from the staging folder into `D`.
+//! 4. [`Staging::install`] renames a finished item from the staging folder into `D`;
+//!    an old item it replaces is removed after (made writable first if it is this
+//!    user's), and one that cannot be is a warning, not a failed install.
 //!
 //! Readers (`run`, `verify`, `bench`) hold a [`ReadClaim`] for as long as they use the
 //! bundles: a shared lock on the output folder's `.q3vl-lock`, which a conversion's
@@ -35,6 +42,7 @@ use crate::error::{BundleError, LockHolder};
 use crate::names::{
     lock_file, old_dir, staging_dir, Leftover, Scope, ENTRY_END, LOCK_FILE, METADATA_FILE,
 };
+use q3vl_model::error::printable;
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
@@ -50,6 +58,7 @@ struct Claim {
     out: PathBuf,
     entry: Option<String>,
     dir: PathBuf,
+    lock_path: PathBuf,
     _lock: File,
 }
 
@@ -57,6 +66,13 @@ impl Drop for Claim {
     fn drop(&mut self) {
         // Still under the lock: `_lock` is closed only after this body.
         let _ = std::fs::remove_dir_all(&self.dir);
+        // An entry's lock file would otherwise stay behind in a shared parent (/tmp)
+        // after the entry is gone, owned by this user. Removing it under the lock is
+        // safe: a claim that opened it re-checks after locking that the name still
+        // names the file it locked ([`lock_exclusive`]).
+        if self.entry.is_some() {
+            let _ = std::fs::remove_file(&self.lock_path);
+        }
     }
 }
 
@@ -64,7 +80,19 @@ impl Staging {
     /// Creates `out` if needed, claims all of it (failing at once with
     /// [`BundleError::Locked`] when another run holds it), cleans what killed runs of
     /// that scope left in it and creates this run's staging folder.
+    /// A folder holding a `metadata.json` (a bundle folder given by mistake) is
+    /// refused before anything is created in it: a lock file inside a bundle would
+    /// break its stamp.
     pub fn begin(out: &Path) -> Result<Staging, BundleError> {
+        if out.join(METADATA_FILE).symlink_metadata().is_ok() {
+            return Err(BundleError::Format {
+                path: out.to_path_buf(),
+                msg: format!(
+                    "is a bundle folder (it holds {METADATA_FILE}), not an output folder; \
+                     pass the folder the bundles go into"
+                ),
+            });
+        }
         std::fs::create_dir_all(out).map_err(|e| BundleError::io(out, e))?;
         claim(out, out, None)
     }
@@ -114,7 +142,25 @@ impl Staging {
     /// claims the same scope does it). Whether it may be replaced is the caller's call.
     /// An entry claim installs only its entry; a whole-folder claim, no name with `~`
     /// (its old folder would read as an entry claim's).
+    ///
+    /// Once the new item is in place the install has succeeded: an old item that
+    /// cannot be removed then is a warning on stderr naming it, not an error (which
+    /// would stop a conversion between its two installs).
     pub fn install(&self, name: &str) -> Result<PathBuf, BundleError> {
+        let mut warnings = Vec::new();
+        let done = self.install_with(name, &remove_tree, &mut warnings);
+        warnings.iter().for_each(|w| warn(w));
+        done
+    }
+
+    /// [`Staging::install`], removing the old item with `remove` and collecting
+    /// warnings into `warnings` (injected by the tests).
+    fn install_with(
+        &self,
+        name: &str,
+        remove: &dyn Fn(&Path) -> std::io::Result<()>,
+        warnings: &mut Vec<String>,
+    ) -> Result<PathBuf, BundleError> {
         let scope = self.scope();
         let fits = match scope {
             Scope::Entry(leaf) => name == leaf,
@@ -142,7 +188,12 @@ impl Staging {
         // The new entry is durable before the old one goes.
         sync_dir(self.out())?;
         if replacing {
-            remove_any(&old).map_err(|e| BundleError::io(&old, e))?;
+            if let Err(e) = remove(&old) {
+                warnings.push(format!(
+                    "{}: {e}; the item it replaced is in place, remove this old copy by hand",
+                    printable(old.display())
+                ));
+            }
         }
         Ok(to)
     }
@@ -156,14 +207,23 @@ fn claim(folder: &Path, named: &Path, entry: Option<String>) -> Result<Staging, 
         Some(leaf) => Scope::Entry(leaf),
         None => Scope::Folder,
     };
-    let lock = lock_exclusive(folder, scope, named)?;
-    clean_leftovers(folder, scope, &remove_any)?;
+    let lock_path = folder.join(lock_file(scope));
+    let mut warnings = Vec::new();
+    let lock = lock_exclusive(&lock_path, scope, named, &|f| f.try_lock(), &mut warnings);
+    let cleaned = match &lock {
+        Ok(_) => clean_leftovers(folder, scope, &remove_tree, &another_users, &mut warnings),
+        Err(_) => Ok(()),
+    };
+    warnings.iter().for_each(|w| warn(w));
+    let lock = lock?;
+    cleaned?;
     let dir = folder.join(staging_dir(scope));
     std::fs::create_dir(&dir).map_err(|e| BundleError::io(&dir, e))?;
     Ok(Staging(Arc::new(Claim {
         out: folder.to_path_buf(),
         entry,
         dir,
+        lock_path,
         _lock: lock,
     })))
 }
@@ -187,23 +247,10 @@ impl ReadClaim {
     /// folder better than the lock could.
     pub fn acquire(out: &Path) -> Result<ReadClaim, BundleError> {
         let path = out.join(LOCK_FILE);
-        let io = |e| BundleError::io(&path, e);
-        let file = match open_lock(&path, true) {
+        let file = match open_lock(&path, &open_file) {
             Ok(f) => Some(f),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem
-                ) =>
-            {
-                match open_lock(&path, false) {
-                    Ok(f) => Some(f),
-                    Err(e) if unopenable(&e) => None,
-                    Err(e) => return Err(io(e)),
-                }
-            }
             Err(e) if unopenable(&e) => None,
-            Err(e) => return Err(io(e)),
+            Err(e) => return Err(BundleError::io(&path, e)),
         };
         let lock = match file.map(|f| (f.try_lock_shared(), f)) {
             Some((Ok(()), f)) => Some(f),
@@ -228,6 +275,9 @@ impl ReadClaim {
     pub fn for_bundles(bundles: &Path) -> Result<ReadClaim, BundleError> {
         // `--force` moves a language bundle aside for a moment, so which of the two
         // `bundles` is can change until the lock is held: it is checked again under it.
+        // The real folder, as [`crate::Bundles::open`] sees it: through a link or `.`,
+        // the output folder is not the parent of the name given.
+        let bundles = &real_path(bundles);
         for _ in 0..3 {
             let out = out_dir_of(bundles);
             let claim = ReadClaim::acquire(&out)?;
@@ -252,6 +302,12 @@ impl ReadClaim {
     }
 }
 
+/// `path` with links, `.` and `..` resolved (as given when it does not exist: whoever
+/// opens it reports that).
+pub(crate) fn real_path(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
 /// The output folder of a `--bundle` argument (see [`ReadClaim::for_bundles`]).
 fn out_dir_of(bundles: &Path) -> PathBuf {
     if !bundles.join(METADATA_FILE).exists() {
@@ -263,26 +319,86 @@ fn out_dir_of(bundles: &Path) -> PathBuf {
     }
 }
 
-/// Errors that mean "no lock file to be had here": no such folder, not a folder, or
-/// not allowed to read it.
+/// Errors that mean "no lock file to be had here": no such folder, not a folder, not
+/// allowed to read it, or none and a read-only file system to create it on.
 fn unopenable(e: &std::io::Error) -> bool {
     matches!(
         e.kind(),
-        ErrorKind::NotFound | ErrorKind::NotADirectory | ErrorKind::PermissionDenied
+        ErrorKind::NotFound
+            | ErrorKind::NotADirectory
+            | ErrorKind::PermissionDenied
+            | ErrorKind::ReadOnlyFilesystem
     )
 }
 
-/// Opens lock file `path` (read-write and created if missing when `write`; NFS needs
-/// write access for an exclusive lock), refusing a link or anything but a regular file.
-fn open_lock(path: &Path, write: bool) -> std::io::Result<File> {
+/// How [`open_lock`] opens a lock file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Read-write, creating it; fails if it exists.
+    Create,
+    /// Read-write, as it is.
+    ReadWrite,
+    /// Read-only (another user's file that this one may not write).
+    ReadOnly,
+}
+
+/// Opens `path` for [`open_lock`], never through a link planted under the name, and
+/// never waiting on a FIFO.
+fn open_file(path: &Path, access: Access) -> std::io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
-    let f = OpenOptions::new()
-        .read(true)
-        .write(write)
-        .create(write)
-        // Not through a link planted under the name, and never waiting on a FIFO.
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)?;
+    let mut o = OpenOptions::new();
+    o.read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
+    match access {
+        Access::Create => o.write(true).create_new(true).mode(0o666),
+        Access::ReadWrite => o.write(true),
+        Access::ReadOnly => &mut o,
+    };
+    o.open(path)
+}
+
+/// Opens lock file `path` with `open` ([`open_file`]; injected by the tests), creating
+/// it if missing, read-write (NFS needs write access for an exclusive lock) or, when
+/// that is denied, read-only (local file systems lock that too), refusing anything but
+/// a regular file. A new one is made readable and writable by every user whatever the
+/// umask, so that one user's lock file in a shared folder never locks out another.
+fn open_lock(
+    path: &Path,
+    open: &dyn Fn(&Path, Access) -> std::io::Result<File>,
+) -> std::io::Result<File> {
+    use std::os::unix::fs::PermissionsExt;
+    let denied = |e: &std::io::Error| {
+        matches!(
+            e.kind(),
+            ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem
+        )
+    };
+    let mut tries = 0;
+    let f = loop {
+        tries += 1;
+        // Why it could not be created, when not because it exists: the error to give
+        // if it does not exist either.
+        let refused = match open(path, Access::Create) {
+            Ok(f) => {
+                f.set_permissions(std::fs::Permissions::from_mode(0o666))?;
+                break f;
+            }
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => None,
+            Err(e) if denied(&e) => Some(e),
+            Err(e) => return Err(e),
+        };
+        match open(path, Access::ReadWrite) {
+            Ok(f) => break f,
+            Err(e) if denied(&e) => break open(path, Access::ReadOnly)?,
+            Err(e) if e.kind() == ErrorKind::NotFound => match refused {
+                Some(refused) => return Err(refused),
+                // Removed in between (an entry's lock file, by its holder): again.
+                None if tries < 3 => {}
+                None => return Err(e),
+            },
+            Err(e) => return Err(e),
+        }
+    };
     if !f.metadata()?.is_file() {
         return Err(std::io::Error::other(
             "is not a regular file (q3vl's lock file)",
@@ -291,40 +407,87 @@ fn open_lock(path: &Path, write: bool) -> std::io::Result<File> {
     Ok(f)
 }
 
-/// Opens `folder`'s lock file of `scope` and takes an exclusive, non-blocking lock on
-/// it; `named` is the folder the user gave, for the error.
-fn lock_exclusive(folder: &Path, scope: Scope, named: &Path) -> Result<File, BundleError> {
-    let path = folder.join(lock_file(scope));
-    let f = open_lock(&path, true).map_err(|e| BundleError::io(&path, e))?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(TryLockError::WouldBlock) => {
-            let holder = match scope {
-                Scope::Entry(_) => LockHolder::Synth,
-                // Only readers hold it shared; a conversion holds it exclusively.
-                Scope::Folder => match f.try_lock_shared() {
-                    Ok(()) => LockHolder::Readers,
-                    Err(_) => LockHolder::Conversion,
-                },
-            };
-            Err(BundleError::Locked {
-                path: named.to_path_buf(),
-                lock: path,
-                holder,
-            })
+/// Opens lock file `path` of `scope` and takes an exclusive, non-blocking lock on it
+/// with `try_lock` (injected by the tests); `named` is the folder the user gave, for
+/// the error. Where the file system cannot lock at all, it warns and goes on unlocked.
+fn lock_exclusive(
+    path: &Path,
+    scope: Scope,
+    named: &Path,
+    try_lock: &dyn Fn(&File) -> Result<(), TryLockError>,
+    warnings: &mut Vec<String>,
+) -> Result<File, BundleError> {
+    // An entry's lock file is removed by its holder when done: a run that opened it
+    // before that locked a file no longer under the name, and opens the name again.
+    for _ in 0..3 {
+        let f = open_lock(path, &open_file).map_err(|e| BundleError::io(path, e))?;
+        match try_lock(&f) {
+            Ok(()) if names_file(path, &f) => return Ok(f),
+            Ok(()) => continue,
+            Err(TryLockError::WouldBlock) => return Err(held(path, scope, named, &f)),
+            Err(TryLockError::Error(e)) if cannot_lock(&e) => {
+                // The run-unique staging folder still keeps most clashes apart.
+                warnings.push(format!(
+                    "{} cannot be locked ({e}); concurrent conversions into it are not excluded",
+                    printable(path.display())
+                ));
+                return Ok(f);
+            }
+            Err(TryLockError::Error(e)) => return Err(BundleError::io(path, e)),
         }
-        Err(TryLockError::Error(e)) => Err(BundleError::io(&path, e)),
     }
+    Err(BundleError::Format {
+        path: path.to_path_buf(),
+        msg: "kept being replaced while it was locked; try again".into(),
+    })
+}
+
+/// The error of a claim on lock file `path` that another run holds (`f` is open on it).
+fn held(path: &Path, scope: Scope, named: &Path, f: &File) -> BundleError {
+    let holder = match scope {
+        Scope::Entry(_) => LockHolder::Synth,
+        // Only readers hold it shared; a conversion holds it exclusively.
+        Scope::Folder => match f.try_lock_shared() {
+            Ok(()) => LockHolder::Readers,
+            Err(_) => LockHolder::Conversion,
+        },
+    };
+    BundleError::Locked {
+        path: named.to_path_buf(),
+        lock: path.to_path_buf(),
+        holder,
+    }
+}
+
+/// Whether `path` still names the file `f` is open on.
+fn names_file(path: &Path, f: &File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (path.symlink_metadata(), f.metadata()) {
+        (Ok(p), Ok(f)) => (p.dev(), p.ino()) == (f.dev(), f.ino()),
+        _ => false,
+    }
+}
+
+/// Errors of a file system that has no locks (NFSv3 without lockd, some FUSE, 9p and
+/// SMB mounts), as opposed to a lock that failed.
+fn cannot_lock(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOLCK | libc::EOPNOTSUPP | libc::ENOSYS)
+    )
 }
 
 /// Removes what killed runs of `scope` left in `folder`, with `remove`; the caller holds
 /// that scope's lock, so no live run owns any of it (see the module docs). A leftover
-/// this user may not remove or put back is skipped: it is not ours (another user's, in
-/// a shared folder), and refusing to run would not make it ours.
+/// this user may not remove or put back is skipped: silently when `foreign` says it is
+/// another user's (in a shared folder; refusing to run would not make it ours), with a
+/// warning naming it otherwise (it may hold a whole old bundle).
 fn clean_leftovers(
     folder: &Path,
     scope: Scope,
     remove: &dyn Fn(&Path) -> std::io::Result<()>,
+    foreign: &dyn Fn(&Path) -> bool,
+    warnings: &mut Vec<String>,
 ) -> Result<(), BundleError> {
     let entries = std::fs::read_dir(folder).map_err(|e| BundleError::io(folder, e))?;
     let mut changed = false;
@@ -347,7 +510,11 @@ fn clean_leftovers(
         };
         match done {
             Ok(()) => changed = true,
-            Err(e) if e.kind() == ErrorKind::PermissionDenied => {}
+            Err(e) if e.kind() == ErrorKind::PermissionDenied && foreign(&path) => {}
+            Err(e) if e.kind() == ErrorKind::PermissionDenied => warnings.push(format!(
+                "{}: {e}; a leftover of an interrupted q3vl run, remove it by hand",
+                printable(path.display())
+            )),
             Err(e) => return Err(BundleError::io(&path, e)),
         }
     }
@@ -359,6 +526,52 @@ fn clean_leftovers(
 
 fn exists(path: &Path) -> bool {
     path.symlink_metadata().is_ok()
+}
+
+/// Whether `path` belongs to another user than the one running.
+fn another_users(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    path.symlink_metadata()
+        .is_ok_and(|m| m.uid() != effective_uid())
+}
+
+fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Prints a warning line on stderr: the run goes on.
+fn warn(msg: &str) {
+    eprintln!("warning: {msg}");
+}
+
+/// [`remove_any`], after giving this user's folders in `path` back their owner's
+/// permissions: a bundle made read-only (`chmod -R a-w`) is still its owner's to
+/// remove.
+fn remove_tree(path: &Path) -> std::io::Result<()> {
+    make_owned_dirs_writable(path);
+    remove_any(path)
+}
+
+/// Adds `u+rwx` to `dir` and every folder under it that this user owns. Best effort:
+/// what stays unremovable makes the removal fail, naming it.
+fn make_owned_dirs_writable(dir: &Path) {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let Ok(m) = dir.symlink_metadata() else {
+        return;
+    };
+    if !m.is_dir() {
+        return;
+    }
+    if m.uid() == effective_uid() && m.mode() & 0o700 != 0o700 {
+        let mode = (m.mode() & 0o7777) | 0o700;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode));
+    }
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            make_owned_dirs_writable(&entry.path());
+        }
+    }
 }
 
 /// Removes a folder with its contents, or a file or link; already gone is fine.
@@ -554,22 +767,190 @@ mod tests {
     fn a_leftover_this_user_may_not_remove_is_skipped() {
         let out = tempfile::tempdir().unwrap();
         let o = out.path();
-        std::fs::create_dir_all(o.join(".q3vl-tmp-1-1-0")).unwrap();
-        std::fs::create_dir_all(o.join(".q3vl-tmp-2-2-0")).unwrap();
-        // Another user's stale staging folder in a sticky folder: EPERM for us.
+        for d in [".q3vl-tmp-1-1-0", ".q3vl-tmp-2-2-0", ".q3vl-old-b"] {
+            std::fs::create_dir_all(o.join(d)).unwrap();
+        }
+        std::fs::create_dir_all(o.join("b")).unwrap();
+        // Stale folders in a sticky folder that we may not remove: EPERM for us.
         let remove = |p: &Path| {
-            if p.ends_with(".q3vl-tmp-1-1-0") {
-                Err(std::io::Error::from_raw_os_error(libc::EPERM))
-            } else {
+            if p.ends_with(".q3vl-tmp-2-2-0") {
                 remove_any(p)
+            } else {
+                Err(std::io::Error::from_raw_os_error(libc::EPERM))
             }
         };
-        clean_leftovers(o, Scope::Folder, &remove).unwrap();
-        assert_eq!(names(o), [".q3vl-tmp-1-1-0"]);
+        // Another user's is skipped silently; ours is named.
+        let foreign = |p: &Path| p.ends_with(".q3vl-tmp-1-1-0");
+        let mut warnings = Vec::new();
+        clean_leftovers(o, Scope::Folder, &remove, &foreign, &mut warnings).unwrap();
+        assert_eq!(names(o), [".q3vl-old-b", ".q3vl-tmp-1-1-0", "b"]);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains(".q3vl-old-b"), "{warnings:?}");
+        assert!(warnings[0].contains("remove it by hand"), "{warnings:?}");
         // Any other failure is still reported, naming the leftover.
         let broken = |_: &Path| Err(std::io::Error::from_raw_os_error(libc::EIO));
-        let e = clean_leftovers(o, Scope::Folder, &broken).unwrap_err();
-        assert!(e.to_string().contains(".q3vl-tmp-1-1-0"), "{e}");
+        let e = clean_leftovers(o, Scope::Folder, &broken, &foreign, &mut warnings).unwrap_err();
+        assert!(e.to_string().contains(".q3vl-"), "{e}");
+        // Our own folders are ours: only another uid's are foreign.
+        assert!(!another_users(o));
+    }
+
+    #[test]
+    fn an_old_item_that_cannot_be_removed_is_a_warning_once_the_new_is_in() {
+        let out = tempfile::tempdir().unwrap();
+        let st = Staging::begin(out.path()).unwrap();
+        std::fs::create_dir(st.dir().join("b")).unwrap();
+        std::fs::write(st.dir().join("b/v"), b"1").unwrap();
+        st.install("b").unwrap();
+        std::fs::create_dir(st.dir().join("b")).unwrap();
+        std::fs::write(st.dir().join("b/v"), b"2").unwrap();
+        // An old bundle this user may not delete (EACCES).
+        let denied = |_: &Path| Err(std::io::Error::from_raw_os_error(libc::EACCES));
+        let mut warnings = Vec::new();
+        st.install_with("b", &denied, &mut warnings).unwrap();
+        assert_eq!(std::fs::read(out.path().join("b/v")).unwrap(), b"2");
+        let old = out.path().join(".q3vl-old-b");
+        assert_eq!(std::fs::read(old.join("v")).unwrap(), b"1");
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains(&old.display().to_string()),
+            "{warnings:?}"
+        );
+    }
+
+    #[test]
+    fn a_read_only_old_item_is_made_writable_and_removed() {
+        use std::os::unix::fs::PermissionsExt;
+        let out = tempfile::tempdir().unwrap();
+        let st = Staging::begin(out.path()).unwrap();
+        std::fs::create_dir_all(st.dir().join("b/sub")).unwrap();
+        std::fs::write(st.dir().join("b/sub/v"), b"1").unwrap();
+        st.install("b").unwrap();
+        let ro = std::fs::Permissions::from_mode(0o555);
+        for d in ["b/sub", "b"] {
+            std::fs::set_permissions(out.path().join(d), ro.clone()).unwrap();
+        }
+        std::fs::create_dir(st.dir().join("b")).unwrap();
+        st.install("b").unwrap();
+        assert!(!out.path().join("b/sub").exists());
+        drop(st);
+        assert_eq!(names(out.path()), [".q3vl-lock", "b"]);
+        // Root ignores the mode bits, so check the helper restores them.
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("a/b")).unwrap();
+        for d in ["a/b", "a"] {
+            std::fs::set_permissions(t.path().join(d), ro.clone()).unwrap();
+        }
+        make_owned_dirs_writable(&t.path().join("a"));
+        for d in ["a", "a/b"] {
+            let mode = std::fs::metadata(t.path().join(d))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o755, "{d}");
+        }
+    }
+
+    #[test]
+    fn a_new_lock_file_is_every_users_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        // SAFETY: umask cannot fail; 022 is the common default and only narrows modes.
+        unsafe { libc::umask(0o022) };
+        let out = tempfile::tempdir().unwrap();
+        let _st = Staging::begin(out.path()).unwrap();
+        let mode = std::fs::metadata(out.path().join(LOCK_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o666);
+    }
+
+    #[test]
+    fn a_lock_file_this_user_may_not_write_is_locked_read_only() {
+        let out = tempfile::tempdir().unwrap();
+        let path = out.path().join(LOCK_FILE);
+        std::fs::write(&path, b"").unwrap();
+        let opened = std::cell::RefCell::new(Vec::new());
+        // Another user's 0644 lock file: read-write is denied.
+        let open = |p: &Path, access: Access| {
+            opened.borrow_mut().push(access);
+            match access {
+                Access::ReadWrite => Err(std::io::Error::from_raw_os_error(libc::EACCES)),
+                _ => open_file(p, access),
+            }
+        };
+        let f = open_lock(&path, &open).unwrap();
+        assert_eq!(
+            *opened.borrow(),
+            [Access::Create, Access::ReadWrite, Access::ReadOnly]
+        );
+        f.try_lock().unwrap();
+        // Any other failure is reported.
+        let broken = |_: &Path, _| Err(std::io::Error::from_raw_os_error(libc::EIO));
+        assert!(open_lock(&path, &broken).is_err());
+    }
+
+    #[test]
+    fn an_entry_lock_file_goes_with_its_claim_and_a_stale_one_is_not_trusted() {
+        let parent = tempfile::tempdir().unwrap();
+        let p = parent.path();
+        let path = p.join(".q3vl-lock-a");
+        let a = Staging::begin_entry(&p.join("a")).unwrap();
+        assert!(path.is_file());
+        drop(a);
+        assert!(
+            !path.exists(),
+            "the entry's lock file is removed with the claim"
+        );
+        // A run that opened the lock file just before its holder removed it locks a
+        // file no longer under the name: it must open the name again.
+        let removed = std::cell::Cell::new(false);
+        let try_lock = |f: &File| {
+            if !removed.replace(true) {
+                std::fs::remove_file(&path).unwrap();
+            }
+            f.try_lock()
+        };
+        let scope = Scope::Entry("a");
+        let named = p.join("a");
+        let f = lock_exclusive(&path, scope, &named, &try_lock, &mut Vec::new()).unwrap();
+        assert!(names_file(&path, &f));
+    }
+
+    #[test]
+    fn a_file_system_without_locks_is_a_warning() {
+        let out = tempfile::tempdir().unwrap();
+        let path = out.path().join(LOCK_FILE);
+        for errno in [libc::ENOLCK, libc::EOPNOTSUPP, libc::ENOSYS] {
+            let no_locks = |_: &File| {
+                Err(TryLockError::Error(std::io::Error::from_raw_os_error(
+                    errno,
+                )))
+            };
+            let mut warnings = Vec::new();
+            lock_exclusive(&path, Scope::Folder, out.path(), &no_locks, &mut warnings).unwrap();
+            assert_eq!(warnings.len(), 1);
+            assert!(warnings[0].contains("cannot be locked"), "{warnings:?}");
+            assert!(warnings[0].contains(".q3vl-lock"), "{warnings:?}");
+        }
+        let broken = |_: &File| {
+            Err(TryLockError::Error(std::io::Error::from_raw_os_error(
+                libc::EIO,
+            )))
+        };
+        assert!(
+            lock_exclusive(&path, Scope::Folder, out.path(), &broken, &mut Vec::new()).is_err()
+        );
+    }
+
+    #[test]
+    fn a_bundle_folder_is_refused_as_an_output_folder() {
+        let out = tempfile::tempdir().unwrap();
+        std::fs::write(out.path().join(METADATA_FILE), b"{}").unwrap();
+        let e = Staging::begin(out.path()).err().unwrap().to_string();
+        assert!(e.contains("is a bundle folder"), "{e}");
+        assert!(e.contains(&out.path().display().to_string()), "{e}");
+        assert_eq!(names(out.path()), [METADATA_FILE]);
     }
 
     #[test]

@@ -71,8 +71,9 @@ impl std::fmt::Display for StampStatus {
     }
 }
 
-/// The temporary name a stamp is written under before its rename.
-fn stamp_tmp() -> String {
+/// The prefix of the temporary names a stamp is written under before its rename (no
+/// loader reads them, so they are not part of what a stamp covers).
+fn stamp_tmp_prefix() -> String {
     format!(".{STAMP_FILE}.tmp")
 }
 
@@ -82,7 +83,6 @@ fn stamp_tmp() -> String {
 pub fn bundle_files(dir: &Path) -> Result<Vec<String>, BundleError> {
     let mut out = Vec::new();
     walk(dir, "", &mut out)?;
-    out.retain(|f| *f != STAMP_FILE && *f != stamp_tmp());
     out.sort();
     Ok(out)
 }
@@ -94,6 +94,9 @@ fn walk(dir: &Path, prefix: &str, out: &mut Vec<String>) -> Result<(), BundleErr
         let path = e.path();
         let name = e.file_name().to_string_lossy().into_owned();
         let rel = format!("{prefix}{name}");
+        if rel == STAMP_FILE || rel.starts_with(&stamp_tmp_prefix()) {
+            continue;
+        }
         let kind = e.file_type().map_err(|err| BundleError::io(&path, err))?;
         if kind.is_dir() {
             walk(&path, &format!("{rel}/"), out)?;
@@ -109,36 +112,57 @@ fn walk(dir: &Path, prefix: &str, out: &mut Vec<String>) -> Result<(), BundleErr
     Ok(())
 }
 
-/// Size and BLAKE3 of one regular file, hashed on all the rayon pool's threads. The
-/// file is mapped and hashed 64 MiB at a time, each window dropped from this process's
-/// page tables once hashed: no copy, and the resident set stays one window high while
-/// the pages stay in the page cache for the engine.
+/// Bytes per read while hashing.
+const PIECE: usize = 16 << 20;
+
+/// Size and BLAKE3 of one regular file, hashed on all the rayon pool's threads while
+/// one thread reads the next 16 MiB piece. Reads rather than a mapping: a file another
+/// program truncates meanwhile is an error, not a SIGBUS, and the pages stay in the page
+/// cache for the engine without counting in this process's resident set.
 pub fn blake3_file(path: &Path) -> Result<StampedFile, BundleError> {
-    const WINDOW: usize = 64 << 20;
-    let f = q3vl_model::input::open_regular(path).map_err(|e| BundleError::Format {
+    let mut f = q3vl_model::input::open_regular(path).map_err(|e| BundleError::Format {
         path: path.to_path_buf(),
         msg: e.to_string(),
     })?;
-    let len = f.metadata().map_err(|e| BundleError::io(path, e))?.len() as usize;
     let mut h = blake3::Hasher::new();
-    if len > 0 {
-        // SAFETY: read-only private view; a concurrent writer could change what is
-        // hashed, which the stamp's compare-after-gates and the folder locks exclude.
-        let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| BundleError::io(path, e))?;
-        for at in (0..len).step_by(WINDOW) {
-            let end = (at + WINDOW).min(len);
-            h.update_rayon(&map[at..end]);
-            // SAFETY: nothing borrows the window any more; a later read faults it
-            // back in from the page cache.
-            let _ = unsafe {
-                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, at, end - at)
-            };
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<std::io::Result<(Vec<u8>, usize)>>(1);
+    let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::scope(|s| {
+        s.spawn(move || loop {
+            let mut buf = empty_rx.try_recv().unwrap_or_else(|_| vec![0u8; PIECE]);
+            let got = fill(&mut f, &mut buf).map(|n| (buf, n));
+            let done = !matches!(got, Ok((_, n)) if n > 0);
+            if full_tx.send(got).is_err() || done {
+                break;
+            }
+        });
+        for piece in full_rx {
+            let (buf, n) = piece.map_err(|e| BundleError::io(path, e))?;
+            h.update_rayon(&buf[..n]);
+            // The reader may be gone (end of file): the buffer is simply dropped.
+            let _ = empty_tx.send(buf);
         }
-    }
+        Ok::<(), BundleError>(())
+    })?;
     Ok(StampedFile {
         size: h.count(),
         blake3: h.finalize().to_hex().to_string(),
     })
+}
+
+/// Reads until `buf` is full or the file ends; the bytes read.
+fn fill(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::io::Read;
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 /// Hashes every file of a bundle folder ([`bundle_files`]).
@@ -150,12 +174,41 @@ pub fn hash_bundle(dir: &Path) -> Result<BTreeMap<String, StampedFile>, BundleEr
 }
 
 /// Writes `stamp` into `dir` atomically (a temporary file renamed into place).
+///
+/// The temporary name is unique to the call and created exclusively (two verifiers at
+/// once cannot rename each other's file, and a planted link at that name is refused,
+/// not written through); file and folder are synced around the rename.
 pub fn write_stamp(dir: &Path, stamp: &Stamp) -> Result<(), BundleError> {
-    let tmp = dir.join(stamp_tmp());
+    use std::io::Write;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let tmp = dir.join(format!(
+        "{}-{}-{nanos}",
+        stamp_tmp_prefix(),
+        std::process::id()
+    ));
     let text = serde_json::to_string_pretty(stamp).expect("stamp serialises");
-    std::fs::write(&tmp, text).map_err(|e| BundleError::io(&tmp, e))?;
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .and_then(|mut f| {
+            f.write_all(text.as_bytes())?;
+            f.sync_all()
+        });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(BundleError::io(&tmp, e));
+    }
     let dst = dir.join(STAMP_FILE);
-    std::fs::rename(&tmp, &dst).map_err(|e| BundleError::io(&dst, e))
+    if let Err(e) = std::fs::rename(&tmp, &dst) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(BundleError::io(&dst, e));
+    }
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| BundleError::io(dir, e))
 }
 
 /// Removes a stamp (a failed verification must not leave an old one standing).
@@ -320,6 +373,31 @@ mod tests {
         assert_eq!(check_stamp(d.path()), StampStatus::Valid);
         std::fs::remove_file(d.path().join("metadata.json")).unwrap();
         invalid_naming(d.path(), "metadata.json");
+    }
+
+    #[test]
+    fn stamps_are_written_under_unique_names_never_through_links() {
+        let d = stamped();
+        let s = read_stamp(d.path()).unwrap().unwrap();
+        // A leftover temporary file and a planted link at the old fixed name change
+        // nothing: neither is covered, and the write does not go through the link.
+        let victim = d.path().join("tokenizer/victim");
+        std::fs::write(&victim, "keep").unwrap();
+        std::os::unix::fs::symlink(&victim, d.path().join(".verification.json.tmp")).unwrap();
+        write_stamp(d.path(), &s).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+        std::fs::remove_file(&victim).unwrap();
+        assert_eq!(check_stamp(d.path()), StampStatus::Valid);
+        let left: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(".verification.json.tmp-")
+            })
+            .collect();
+        assert!(left.is_empty(), "no temporary file is left");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use crate::metadata::{FileEntry, Kind, Metadata, FORMAT_TAG};
 use crate::names::METADATA_FILE;
 use crate::st_writer::{write_synced, WrittenFile};
 use crate::staging::{sync_dir, Staging};
+use q3vl_model::error::printable;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -199,13 +200,25 @@ impl Drop for StagedBundle {
 pub fn ensure_replaceable(target: &Path, kind: Kind) -> Result<(), BundleError> {
     let is_dir = target.symlink_metadata().is_ok_and(|m| m.is_dir());
     let want = serde_json::to_value(kind).expect("kind serializes");
-    let tagged = is_dir
-        && q3vl_model::input::read_regular(&target.join(METADATA_FILE))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .is_some_and(|v| v["format"] == FORMAT_TAG && v["kind"] == want);
-    if tagged {
-        return Ok(());
+    let meta = target.join(METADATA_FILE);
+    let bytes = is_dir
+        .then(|| q3vl_model::input::read_regular(&meta).ok())
+        .flatten();
+    match bytes.map(|b| serde_json::from_slice::<serde_json::Value>(&b)) {
+        Some(Ok(v)) if v["format"] == FORMAT_TAG && v["kind"] == want => return Ok(()),
+        // Not another tool's folder but a bundle whose metadata was cut short: what it
+        // was cannot be told, so q3vl does not delete it.
+        Some(Err(e)) => {
+            return Err(BundleError::Format {
+                path: meta,
+                msg: format!(
+                    "does not parse ({e}): a damaged bundle; q3vl cannot tell what it held, \
+                     so remove {} by hand",
+                    printable(target.display())
+                ),
+            })
+        }
+        _ => {}
     }
     Err(BundleError::Format {
         path: target.to_path_buf(),
@@ -326,5 +339,25 @@ mod tests {
         try_commit(Kind::Language).unwrap();
         try_commit(Kind::Language).unwrap();
         assert_eq!(names(out.path()), vec![".q3vl-lock", "b"]);
+    }
+
+    #[test]
+    fn a_bundle_with_a_truncated_metadata_is_named_damaged() {
+        let out = tempfile::tempdir().unwrap();
+        let b = out.path().join("b");
+        std::fs::create_dir(&b).unwrap();
+        let bytes = Metadata::new(Kind::Language, "b").to_bytes();
+        std::fs::write(b.join(METADATA_FILE), &bytes[..bytes.len() / 2]).unwrap();
+        let e = ensure_replaceable(&b, Kind::Language)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&b.join(METADATA_FILE).display().to_string()),
+            "{e}"
+        );
+        assert!(e.contains("does not parse"), "{e}");
+        assert!(e.contains("damaged bundle"), "{e}");
+        assert!(e.contains("by hand"), "{e}");
+        assert!(!e.contains("is not a q3vl"), "{e}");
     }
 }
