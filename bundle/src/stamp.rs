@@ -9,8 +9,8 @@
 //!
 //! BLAKE3, not the sha256 that `metadata.json` records, because the stamp is checked
 //! on every `q3vl run --require-verified`: BLAKE3 hashes one file on all cores with
-//! SIMD, several times faster than sha256 (BENCHMARKS.md gives the 8B's cost), and the
-//! pages it reads are the ones the engine then maps, already in the page cache.
+//! SIMD, several times faster than sha256 (BENCHMARKS.md gives the 8B's cost), and most
+//! of the pages it reads are the ones the engine has just paged in, still in the cache.
 
 use crate::error::BundleError;
 use q3vl_model::error::printable;
