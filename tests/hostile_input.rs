@@ -18,6 +18,19 @@ fn run_bounded(args: &[&str]) -> Output {
     run_fed(args, None)
 }
 
+/// `q3vl run --bundle OUT --prompt hi --max-new-tokens 2`, bounded like [`run_bounded`].
+fn ask_hi(out: &Path) -> Output {
+    run_bounded(&[
+        "run",
+        "--bundle",
+        s(out),
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "2",
+    ])
+}
+
 /// [`run_bounded`] with `stdin` written to q3vl's standard input (a pipe) by a thread;
 /// `None` gives it no input at all.
 fn run_fed(args: &[&str], stdin: Option<Vec<u8>>) -> Output {
@@ -203,15 +216,7 @@ fn a_negative_rms_norm_eps_is_refused_by_convert_and_run() {
         text.replace("\"rms_norm_eps\": 1e-06", "\"rms_norm_eps\": -1e-6"),
     )
     .unwrap();
-    let o = run_bounded(&[
-        "run",
-        "--bundle",
-        s(&out),
-        "--prompt",
-        "hi",
-        "--max-new-tokens",
-        "2",
-    ]);
+    let o = ask_hi(&out);
     fails(&o, &["config.json", "rms_norm_eps"]);
 }
 
@@ -228,15 +233,7 @@ fn a_nan_scale_in_a_bundle_is_refused_at_load() {
     let r = data_range(&header, &name);
     data[r.start..r.start + 2].copy_from_slice(&half::f16::NAN.to_le_bytes());
     write_st(&p, &header, &data);
-    let o = run_bounded(&[
-        "run",
-        "--bundle",
-        s(&out),
-        "--prompt",
-        "hi",
-        "--max-new-tokens",
-        "2",
-    ]);
+    let o = ask_hi(&out);
     fails(&o, &[&format!("tensor {name}"), "not a finite number"]);
 }
 
@@ -250,15 +247,7 @@ fn non_finite_logits_stop_the_engine() {
     let r = data_range(&header, &norm);
     data[r.start..r.start + 4].copy_from_slice(&f32::NAN.to_le_bytes());
     write_st(&p, &header, &data);
-    let o = run_bounded(&[
-        "run",
-        "--bundle",
-        s(&out),
-        "--prompt",
-        "hi",
-        "--max-new-tokens",
-        "2",
-    ]);
+    let o = ask_hi(&out);
     fails(&o, &["logits are not finite", "damaged"]);
 }
 
