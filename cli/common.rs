@@ -191,19 +191,9 @@ pub fn one_line(e: &anyhow::Error) -> String {
 /// (`main` then exits with [`EXIT_BUG`]).
 pub fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
-        let msg = info
-            .payload()
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| info.payload().downcast_ref::<String>().cloned())
-            .unwrap_or_default();
-        let loc = info
-            .location()
-            .map(|l| format!(" at {}:{}", l.file(), l.line()))
-            .unwrap_or_default();
         // One line, however the message was written.
-        let msg = msg.replace('\n', " ");
-        eprintln!("error: internal error, a bug in q3vl (please report it): {msg}{loc}");
+        let msg = q3vl_model::error::panic_summary(info).replace('\n', " ");
+        eprintln!("error: internal error, a bug in q3vl (please report it): {msg}");
     }));
 }
 

@@ -18,17 +18,14 @@ fn run_bounded(args: &[&str]) -> Output {
     run_fed(args, None)
 }
 
-/// `q3vl run --bundle OUT --prompt hi --max-new-tokens 2`, bounded like [`run_bounded`].
+/// `q3vl run --bundle OUT --prompt hi EXTRA…`, bounded like [`run_bounded`].
+fn ask(out: &Path, extra: &[&str]) -> Output {
+    run_bounded(&[&["run", "--bundle", s(out), "--prompt", "hi"], extra].concat())
+}
+
+/// [`ask`] for two new tokens.
 fn ask_hi(out: &Path) -> Output {
-    run_bounded(&[
-        "run",
-        "--bundle",
-        s(out),
-        "--prompt",
-        "hi",
-        "--max-new-tokens",
-        "2",
-    ])
+    ask(out, &["--max-new-tokens", "2"])
 }
 
 /// [`run_bounded`] with `stdin` written to q3vl's standard input (a pipe) by a thread;
@@ -256,17 +253,15 @@ fn non_finite_logits_stop_the_engine() {
 #[test]
 fn a_huge_max_new_tokens_fails_the_context_check() {
     let out = converted_fixture("shapes");
-    let o = run_bounded(&[
-        "run",
-        "--bundle",
-        s(&out),
-        "--prompt",
-        "hi",
-        "--max-new-tokens",
-        "18446744073709551615",
-        "--context",
-        "100",
-    ]);
+    let o = ask(
+        &out,
+        &[
+            "--max-new-tokens",
+            "18446744073709551615",
+            "--context",
+            "100",
+        ],
+    );
     fails(
         &o,
         &["--max-new-tokens 18446744073709551615", "context of 100"],
@@ -372,15 +367,7 @@ fn fifos_and_devices_are_refused_not_read() {
     // An image may come through a pipe, but one with no writer reads as empty at
     // once (it used to hang), and a device is refused, not read for ever.
     for (image, why) in [(s(&fifo), "is empty"), ("/dev/zero", "is a device")] {
-        let o = run_bounded(&[
-            "run",
-            "--bundle",
-            s(&out),
-            "--prompt",
-            "hi",
-            "--image",
-            image,
-        ]);
+        let o = ask(&out, &["--image", image]);
         fails(&o, &["image", image, why]);
     }
     let shapes = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/shapes");
@@ -500,15 +487,7 @@ fn a_truncated_jpeg_is_refused() {
     let p = d.path().join("cut.jpg");
     std::fs::write(&p, &jpeg[..jpeg.len() * 2 / 3]).unwrap();
     let out = converted_fixture("shapes");
-    let o = run_bounded(&[
-        "run",
-        "--bundle",
-        s(&out),
-        "--prompt",
-        "hi",
-        "--image",
-        s(&p),
-    ]);
+    let o = ask(&out, &["--image", s(&p)]);
     fails(&o, &["cut.jpg", "truncated JPEG"]);
 }
 

@@ -97,6 +97,24 @@ impl Error {
     }
 }
 
+/// The text a panic carries (`panic!("…")` payloads are a `&str` or a `String`).
+pub fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
+}
+
+/// A panic hook's view of a panic: its text and where it happened (`… at file:line`).
+pub fn panic_summary(info: &std::panic::PanicHookInfo<'_>) -> String {
+    let at = info
+        .location()
+        .map(|l| format!(" at {}:{}", l.file(), l.line()))
+        .unwrap_or_default();
+    format!("{}{at}", panic_text(info.payload()))
+}
+
 /// `text` with its control characters escaped (a newline becomes `\n`), so an error
 /// that quotes a name, path or message taken from a file stays on one line.
 pub fn printable(text: impl std::fmt::Display) -> String {

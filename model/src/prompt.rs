@@ -98,11 +98,7 @@ fn parse_tokenizer(path: &Path, bytes: &[u8]) -> Result<tokenizers::Tokenizer> {
     match parsed {
         Ok(t) => t.map_err(|e| prompt_err(path, e)),
         Err(panic) => {
-            let why = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
+            let why = crate::error::panic_text(panic.as_ref());
             Err(prompt_err(path, format!("is malformed ({why})")))
         }
     }

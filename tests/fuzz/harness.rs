@@ -209,17 +209,8 @@ fn install_quiet_panic_hook() {
             if CASE.with(|c| c.get().0.is_empty()) {
                 return default(info);
             }
-            let msg = info
-                .payload()
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| info.payload().downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            let at = info
-                .location()
-                .map(|l| format!(" at {}:{}", l.file(), l.line()))
-                .unwrap_or_default();
-            LAST_PANIC.with(|p| *p.borrow_mut() = Some(format!("{msg}{at}")));
+            let summary = q3vl_model::error::panic_summary(info);
+            LAST_PANIC.with(|p| *p.borrow_mut() = Some(summary));
         }));
     });
 }
