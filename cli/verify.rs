@@ -11,6 +11,7 @@ use q3vl_bundle::{Bundles, ReadClaim, Stamp};
 use q3vl_engine::{Engine, EngineOptions};
 use q3vl_model::prompt::PromptBuilder;
 use q3vl_model::{Checkpoint, PreprocessorConfig, Qwen3VlConfig, WeightSource};
+use q3vl_verify::noise::RoundingVariance;
 use q3vl_verify::{
     verify_trace, BundleSource, Gates, NotRun, OracleTrace, Profile, Report, Subject, TraceReport,
 };
@@ -29,7 +30,7 @@ pub struct VerifyArgs {
     /// inputs against the reference's on the same bundle).
     #[arg(long)]
     bundle: Option<PathBuf>,
-    /// An oracle trace (`qwen3vl-oracle-trace/1`); repeat for several.
+    /// An oracle trace (`qwen3vl-oracle-trace/2`, or /1); repeat for several.
     #[arg(long, required = true)]
     trace: Vec<PathBuf>,
     /// Where to write report.json and report.html.
@@ -79,22 +80,32 @@ impl Pipelines {
     }
 }
 
+/// What one ladder runs on: the model and, for a bundle, its engine, mode and rounding.
+struct Model<'a> {
+    cfg: &'a Qwen3VlConfig,
+    src: &'a dyn WeightSource,
+    engine: Option<&'a Engine>,
+    mode: Option<&'a str>,
+    rounding: Option<&'a dyn RoundingVariance>,
+}
+
 fn ladder(
     what: &str,
-    (cfg, src): (&Qwen3VlConfig, &dyn WeightSource),
-    engine: Option<&Engine>,
+    m: Model<'_>,
     pipes: &Pipelines,
     traces: &[OracleTrace],
     gates: &Gates,
     profile: Profile,
 ) -> Result<Vec<TraceReport>> {
     let subject = Subject {
-        cfg,
-        src,
+        cfg: m.cfg,
+        src: m.src,
         prompt: &pipes.prompt,
         preprocessor: &pipes.preprocessor,
-        keep_weights: keep_weights(cfg),
-        engine,
+        keep_weights: keep_weights(m.cfg),
+        engine: m.engine,
+        mode: m.mode,
+        rounding: m.rounding,
     };
     traces
         .iter()
@@ -126,10 +137,16 @@ pub fn run(a: VerifyArgs) -> Result<Outcome> {
         let ck = Checkpoint::open(src)?;
         ck.check(&q3vl_model::layout::checkpoint_tensors(&cfg))?;
         let pipes = Pipelines::load(&cfg, src, src)?;
+        let model = Model {
+            cfg: &cfg,
+            src: &ck,
+            engine: None,
+            mode: None,
+            rounding: None,
+        };
         reports.extend(ladder(
             "fp32 ladder",
-            (&cfg, &ck),
-            None,
+            model,
             &pipes,
             &traces,
             &gates,
@@ -162,10 +179,16 @@ pub fn run(a: VerifyArgs) -> Result<Outcome> {
                 test_perturb(&mut e)?;
                 Some(e)
             };
+            let model = Model {
+                cfg: &cfg,
+                src: &src,
+                engine: engine.as_ref(),
+                mode: b.language.metadata().mode.map(|m| m.as_str()),
+                rounding: Some(&src),
+            };
             reports.extend(ladder(
                 "quantized ladder",
-                (&cfg, &src),
-                engine.as_ref(),
+                model,
                 &pipes,
                 &traces,
                 &gates,

@@ -59,6 +59,20 @@ pub fn run(
     continuations: &[Continuation],
     keep_weights: bool,
 ) -> Result<ReferenceRun> {
+    run_replaying(cfg, src, prompt, image, continuations, keep_weights, None)
+}
+
+/// [`run`], with each decoder layer also run on `replay[i]` during the prompt pass
+/// ([`Decoder::forward_replaying`]).
+pub fn run_replaying(
+    cfg: &Qwen3VlConfig,
+    src: &dyn WeightSource,
+    prompt: &Prompt,
+    image: Option<ImageInput<'_>>,
+    continuations: &[Continuation],
+    keep_weights: bool,
+    replay: Option<&[Tensor]>,
+) -> Result<ReferenceRun> {
     let mut tp = Taps::recording();
     let vision = match image {
         Some(img) => Some(vision::forward(
@@ -78,7 +92,8 @@ pub fn run(
             .unwrap_or_default(),
     };
     let mut dec = Decoder::new(cfg, src, keep_weights);
-    let normed = dec.forward(&prompt.ids, &prompt.positions, &features, &mut tp)?;
+    let normed =
+        dec.forward_replaying(&prompt.ids, &prompt.positions, &features, &mut tp, replay)?;
     let logits = dec.logits(&normed)?;
     let prefilled = dec.snapshot();
     let last = logits.narrow(0, logits.dim(0)? - 1, 1)?;

@@ -63,6 +63,12 @@ pub fn text_layer(i: usize) -> String {
     format!("text.layer.{i}")
 }
 
+/// Decoder layer `i` run once more on the oracle's own input to it (the verifier's
+/// local replay): its error is the layer's own, with nothing accumulated upstream.
+pub fn text_layer_local(i: usize) -> String {
+    format!("text.layer.{i}.local")
+}
+
 /// Patch embedding + position embedding (input of ViT block 0).
 pub const VISION_EMBED: &str = "vision.embed";
 /// Main merger output.

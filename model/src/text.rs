@@ -220,6 +220,20 @@ impl<'a> Decoder<'a> {
         image: &ImageFeatures,
         taps: &mut Taps,
     ) -> Result<Tensor> {
+        self.forward_replaying(ids, positions, image, taps, None)
+    }
+
+    /// [`Decoder::forward`], and with `replay` (one `[T, H]` input per layer, e.g. the
+    /// oracle's own) each layer also runs on its replay input while its weights are
+    /// loaded, without a cache, recorded as [`taps::text_layer_local`].
+    pub fn forward_replaying(
+        &mut self,
+        ids: &[u32],
+        positions: &[[i64; 3]],
+        image: &ImageFeatures,
+        taps: &mut Taps,
+        replay: Option<&[Tensor]>,
+    ) -> Result<Tensor> {
         let t = &self.cfg.text;
         let mut x = self.embed(ids, image)?;
         taps.put(taps::TEXT_EMBED, &x);
@@ -236,6 +250,10 @@ impl<'a> Decoder<'a> {
             };
             x = layer.forward(t, &x, &cos, &sin, &mut self.cache[i])?;
             taps.put(taps::text_layer(i), &x);
+            if let Some(input) = replay.and_then(|r| r.get(i)) {
+                let local = layer.forward(t, input, &cos, &sin, &mut None)?;
+                taps.put(taps::text_layer_local(i), &local);
+            }
             if let Some(ds) = image.deepstack.get(i) {
                 if !img_rows.is_empty() {
                     x = add_rows(&x, &img_rows, ds)?;

@@ -31,8 +31,11 @@ pub fn put(dir: &Path, rel: &str, bytes: &[u8]) {
     std::fs::write(&p, bytes).expect("a scratch file");
 }
 
-/// The oracle traces, small ones first (the last, 6.7 MB, is drawn less often).
-pub const TRACES: [&str; 6] = [
+/// The oracle traces, small ones first (the last, 6.7 MB, is drawn less often); the
+/// fullvocab ones are version 2 (F64 log-sum-exp rows).
+pub const TRACES: [&str; 8] = [
+    "fullvocab/untied/traces/text.safetensors",
+    "fullvocab/tied/traces/image.safetensors",
     "odd/traces/text.safetensors",
     "shapes/traces/text.safetensors",
     "tied/traces/text.safetensors",

@@ -38,9 +38,12 @@ pub fn trace(rng: &mut Rng, dir: &Path) -> Case {
     t.positions().refused()?;
     t.grid_thw().refused()?;
     t.top_k("logits").refused()?;
+    t.lse("logits").refused()?;
+    t.full_logits("logits").refused()?;
     if t.int("decode.tokens").is_ok() {
         t.decode_tokens().refused()?;
         t.top_k("decode").refused()?;
+        t.lse("decode").refused()?;
     }
     let names: Vec<String> = t.float_names().map(str::to_owned).collect();
     for n in names {

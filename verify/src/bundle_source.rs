@@ -130,3 +130,42 @@ impl WeightSource for BundleSource<'_> {
         }
     }
 }
+
+impl crate::noise::RoundingVariance for BundleSource<'_> {
+    /// int8 weights: `s²/12` from each block's stored scale; f16 ones: an ulp²/12 of
+    /// each value (an over-estimate for bf16 sources, which f16 holds exactly); f32: 0.
+    fn rounding_variance(
+        &self,
+        name: &str,
+        shape: [usize; 2],
+        ids: &[u32],
+    ) -> crate::Result<Vec<f64>> {
+        let b = self.bundle(name);
+        let cols = shape[1];
+        if let Some((_, s, dims)) = b.q8(name) {
+            check_shape(name, &dims, &shape)?;
+            let nb = cols / 32;
+            let mut out = Vec::with_capacity(ids.len() * cols);
+            for &id in ids {
+                let r = (id as usize).min(shape[0].saturating_sub(1));
+                for sc in &s[r * nb..(r + 1) * nb] {
+                    let v = (sc.to_f32() as f64).powi(2) / 12.0;
+                    out.extend(std::iter::repeat_n(v, 32));
+                }
+            }
+            b.release(name);
+            return Ok(out);
+        }
+        let f32_stored = matches!(b.raw(name), Ok((Dtype::F32, _, _)));
+        let w = self
+            .rows(name, shape, ids)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Ok(w.iter()
+            .map(|&x| match f32_stored {
+                true => 0.0,
+                false => crate::noise::f16_rounding_variance(x),
+            })
+            .collect())
+    }
+}

@@ -24,6 +24,26 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     ab / (aa.sqrt() * bb.sqrt())
 }
 
+/// Cosine of two logits rows after removing each row's mean: softmax ignores a
+/// common shift, and logits that all sit near 25 (a random model's) would make the
+/// plain cosine 1 whatever the differences.
+pub fn centered_cosine(a: &[f32], b: &[f32]) -> f64 {
+    let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64;
+    let (ma, mb) = (mean(a), mean(b));
+    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        let (x, y) = (x as f64 - ma, y as f64 - mb);
+        ab += x * y;
+        aa += x * x;
+        bb += y * y;
+    }
+    match (aa == 0.0, bb == 0.0) {
+        (true, true) => 1.0,
+        (true, false) | (false, true) => 0.0,
+        _ => ab / (aa.sqrt() * bb.sqrt()),
+    }
+}
+
 /// How one tensor compares with the oracle's.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Agreement {
@@ -102,6 +122,17 @@ mod tests {
         assert_eq!(cosine(&[1.0, 0.0], &[0.0, 1.0]), 0.0);
         assert!((cosine(&[1.0, 2.0], &[-1.0, -2.0]) + 1.0).abs() < 1e-12);
         assert_eq!(cosine(&[0.0], &[0.0]), 1.0);
+    }
+
+    #[test]
+    fn the_centered_cosine_ignores_a_common_shift() {
+        let a = [25.0f32, 25.1, 24.9, 25.05];
+        let b = [25.0f32, 24.9, 25.1, 25.05];
+        assert!(cosine(&a, &b) > 0.9999);
+        assert!(centered_cosine(&a, &b) < 0.0);
+        let c: Vec<f32> = a.iter().map(|x| x + 3.0).collect();
+        assert!((centered_cosine(&a, &c) - 1.0).abs() < 1e-9);
+        assert!(centered_cosine(&a, &[f32::NAN, 0.0, 0.0, 0.0]).is_nan());
     }
 
     #[test]

@@ -4,8 +4,10 @@
 //! the same bundle's dequantized weights. At every step both have seen the same
 //! prefix, so "the engine's token is the reference's top-1 at every step" is, by
 //! induction, "the two greedy decodes are equal", and the per-step logits cosine
-//! compares like with like. The count stops at the first step where the reference's
-//! own top-2 margin is below the firm margin; a count of zero fails.
+//! compares like with like. Every step counts, also after an ambiguous one: the
+//! (centered) logits cosine of every step must reach its threshold and the top-1 of
+//! every firm step must agree, so a reference that is ambiguous at its first step
+//! leaves nothing vacuous. Where the two greedy decodes stay equal is reported.
 //!
 //! The prompt is compared too, position by position: the engine scores it in one
 //! prefill ([`Engine::prompt_logits`]) and the reference's prompt logits are its
@@ -13,7 +15,7 @@
 //! cosine is reported (a fault in the prefill's other rows reaches the generated
 //! tokens only through the cache, and may not show there).
 
-use crate::compare::cosine;
+use crate::compare::centered_cosine as cosine;
 use crate::error::{Result, VerifyError};
 use crate::gates::GateResult;
 use crate::tokens::{decode_match, top1_sweep, top2, DecodeMatch, Top1Sweep};
@@ -75,19 +77,21 @@ pub struct EngineMatch {
     pub reference_tokens: Vec<u32>,
     /// The reference's top-1 minus top-2 at each step.
     pub reference_margins: Vec<f64>,
-    /// Cosine (float64) of the engine's and the reference's logits at each step.
+    /// Centered cosine (float64) of the engine's and the reference's logits at each
+    /// step.
     pub logits_cos: Vec<f64>,
     /// The smallest of them (1 when no step ran).
     pub min_logits_cos: f64,
     /// Where it is.
     pub min_logits_cos_step: usize,
-    /// Tokens compared, counted up to the first ambiguous reference step (the gate).
+    /// Leading steps where the two greedy decodes are equal, counted up to the first
+    /// ambiguous reference step (reported).
     pub count: DecodeMatch,
-    /// Every firm step, past the count's stop too: with the reference forced along
-    /// the engine's tokens both always see the same prefix (reported, not gated).
+    /// Top-1 at every firm step: with the reference forced along the engine's
+    /// tokens both always see the same prefix (gated).
     pub forced: Top1Sweep,
-    /// Cosine (float64) of the engine's and the reference's logits at each prompt
-    /// position.
+    /// Centered cosine (float64) of the engine's and the reference's logits at each
+    /// prompt position.
     pub prompt_logits_cos: Vec<f64>,
     /// The smallest of them (1 for an empty prompt).
     pub min_prompt_logits_cos: f64,
@@ -207,49 +211,62 @@ impl EngineMatch {
         })
     }
 
-    /// Whether the gate passes: at least one step counted, every counted step equal,
-    /// and every firm prompt position's top-1 equal.
-    pub fn passed(&self) -> bool {
-        self.count.counted > 0 && self.count.passed() && self.prompt.mismatches.is_empty()
+    /// Whether the gate passes: at least one step ran, every step's and every prompt
+    /// position's logits cosine reaches `min_cos`, and every firm step's and firm
+    /// prompt position's top-1 is equal.
+    pub fn passed(&self, min_cos: f64) -> bool {
+        self.steps > 0
+            && self.min_logits_cos >= min_cos
+            && self.min_prompt_logits_cos >= min_cos
+            && self.forced.mismatches.is_empty()
+            && self.prompt.mismatches.is_empty()
+    }
+
+    /// Steps that pass both checks: logits cosine ≥ `min_cos`, and the same top-1
+    /// wherever the reference's margin made the step firm.
+    pub fn steps_ok(&self, min_cos: f64) -> usize {
+        let flipped = |k: usize| self.forced.mismatches.iter().any(|m| m.0 == k);
+        (0..self.steps)
+            .filter(|&k| self.logits_cos[k] >= min_cos && !flipped(k))
+            .count()
     }
 
     /// The gate's result line.
-    pub fn gate(&self, firm: f64) -> GateResult {
-        let c = &self.count;
-        let p = &self.prompt;
-        let cos = format!(
-            "min logits cos {:.7} at step {}; prompt: top-1 {}/{} firm positions, min logits cos {:.7} at position {}",
+    pub fn gate(&self, firm: f64, min_cos: f64) -> GateResult {
+        let (c, f, p) = (&self.count, &self.forced, &self.prompt);
+        let figures = format!(
+            "top-1 equal at {}/{} firm steps; min logits cos {:.7} at step {}; prompt: top-1 {}/{} firm positions, min logits cos {:.7} at position {}; greedy decodes equal for {} steps{}",
+            f.agree,
+            f.firm,
             self.min_logits_cos,
             self.min_logits_cos_step,
             p.agree,
             p.firm,
             self.min_prompt_logits_cos,
-            self.min_prompt_logits_cos_position
+            self.min_prompt_logits_cos_position,
+            c.matched,
+            match c.first_ambiguous {
+                Some(a) => format!(" (reference ambiguous from step {a}, margin {:.3})", self.reference_margins[a]),
+                None => String::new(),
+            }
         );
-        let stop = match c.first_ambiguous {
-            Some(a) => format!(
-                "count stops at ambiguous reference step {a} (margin {:.3})",
-                self.reference_margins[a]
-            ),
-            None => "no ambiguous reference step".into(),
-        };
-        let detail = match (c.first_mismatch, p.mismatches.first()) {
-            (Some(i), _) => format!(
-                "step {i}: engine {}, reference {} (margin {:.3}); {cos}",
-                self.engine_tokens[i], self.reference_tokens[i], self.reference_margins[i]
+        let detail = match (f.mismatches.first(), p.mismatches.first()) {
+            (Some(&(i, e, r)), _) => format!(
+                "step {i}: engine {e}, reference {r} (margin {:.3}); {figures}",
+                self.reference_margins[i]
             ),
             (None, Some(&(i, e, r))) => {
-                format!("prompt position {i}: engine top-1 {e}, reference {r}; {cos}")
+                format!("prompt position {i}: engine top-1 {e}, reference {r}; {figures}")
             }
-            (None, None) if c.counted == 0 => format!("nothing counted: {stop}; {cos}"),
-            (None, None) => format!("{stop}; {cos}"),
+            (None, None) if self.steps == 0 => format!("no step ran; {figures}"),
+            (None, None) => figures,
         };
         GateResult::new(
             GATE,
-            self.passed(),
-            format!("{}/{}", c.matched, c.counted),
+            self.passed(min_cos),
+            format!("{}/{}", self.steps_ok(min_cos), self.steps),
             format!(
-                "{} greedy steps equal, counted to the first reference margin < {firm}",
+                "{} steps: logits cos ≥ {min_cos} at each, top-1 equal where the reference margin ≥ {firm}",
                 self.steps
             ),
             detail,
@@ -291,11 +308,13 @@ mod tests {
             &[[3.0, 0.0, 1.0], [0.0, 2.0, 1.5], [0.0, 0.0, 4.0]],
         );
         let m = compare(&e, Some(&rows)).unwrap();
-        assert!(m.passed());
+        assert!(m.passed(0.5));
         assert_eq!((m.count.counted, m.count.matched), (3, 3));
         assert_eq!(m.min_logits_cos_step, 1);
         assert!(m.min_logits_cos < 0.99 && (m.logits_cos[0] - 1.0).abs() < 1e-12);
-        assert_eq!(m.gate(0.1).value, "3/3");
+        assert_eq!(m.gate(0.1, 0.5).value, "3/3");
+        // The cosine is gated too: step 1's is below 0.99.
+        assert!(!m.passed(0.99) && !m.gate(0.1, 0.99).passed);
     }
 
     #[test]
@@ -303,31 +322,46 @@ mod tests {
         let rows = [[3.0, 0.0, 1.0], [0.0, 2.0, 1.0]];
         let e = decode(&[0, 2], &[[3.0, 0.0, 1.0], [0.0, 1.0, 2.0]]);
         let m = compare(&e, Some(&rows)).unwrap();
-        assert!(!m.passed());
+        assert!(!m.passed(0.0));
         assert_eq!(m.count.first_mismatch, Some(1));
-        let g = m.gate(0.1);
-        assert!(!g.passed && g.detail.starts_with("step 1: engine 2, reference 1"));
+        let g = m.gate(0.1, 0.0);
+        assert!(
+            !g.passed && g.detail.starts_with("step 1: engine 2, reference 1"),
+            "{}",
+            g.detail
+        );
     }
 
     #[test]
-    fn the_count_stops_at_an_ambiguous_reference_step_and_zero_counted_fails() {
-        // Step 1 is a near tie in the reference: the engine may choose either, and
-        // what follows is no longer counted.
-        let rows = [[3.0, 0.0, 1.0], [0.0, 2.0, 1.95], [5.0, 0.0, 0.0]];
-        let e = decode(&[0, 2, 1], &rows);
+    fn every_step_counts_also_after_an_ambiguous_one() {
+        // Step 0 is a near tie in the reference: the engine may choose either, and the
+        // greedy decodes' equality is no longer counted, but every later firm step is.
+        let rows = [[1.0, 1.05, 0.0], [3.0, 0.0, 1.0], [0.0, 2.0, 1.0]];
+        let e = decode(&[0, 0, 1], &rows);
         let m = compare(&e, Some(&rows)).unwrap();
-        assert!(m.passed());
-        assert_eq!((m.count.counted, m.count.first_ambiguous), (1, Some(1)));
-        assert!(m.gate(0.1).detail.contains("ambiguous reference step 1"));
+        assert!(m.passed(0.999));
+        assert_eq!((m.count.counted, m.count.first_ambiguous), (0, Some(0)));
+        assert_eq!((m.forced.firm, m.forced.agree), (2, 2));
+        let g = m.gate(0.1, 0.999);
+        assert_eq!(g.value, "3/3");
+        assert!(
+            g.detail.contains("reference ambiguous from step 0"),
+            "{}",
+            g.detail
+        );
 
-        let rows = [[1.0, 1.05, 0.0]];
-        let e = decode(&[1], &rows);
+        // A firm flip after the ambiguous step still fails.
+        let e = decode(&[0, 0, 2], &rows);
         let m = compare(&e, Some(&rows)).unwrap();
-        assert!(!m.passed());
-        assert!(m.gate(0.1).detail.starts_with("nothing counted"));
+        assert!(!m.passed(0.0));
+        assert!(m
+            .gate(0.1, 0.0)
+            .detail
+            .starts_with("step 2: engine 2, reference 1"));
 
         let m = compare(&decode(&[], &[]), None).unwrap();
-        assert!(!m.passed());
+        assert!(!m.passed(0.0));
+        assert!(m.gate(0.1, 0.0).detail.starts_with("no step ran"));
     }
 
     #[test]
@@ -341,11 +375,11 @@ mod tests {
     fn the_prompt_is_gated_at_its_firm_positions() {
         let rows = [[3.0, 0.0, 1.0]];
         let m = compare(&decode(&[0], &rows), Some(&rows)).unwrap();
-        assert!(m.passed());
+        assert!(m.passed(0.999));
         assert_eq!((m.prompt.firm, m.prompt.agree), (2, 2));
         assert!((m.min_prompt_logits_cos - 1.0).abs() < 1e-12);
         assert!(m
-            .gate(0.1)
+            .gate(0.1, 0.999)
             .detail
             .contains("prompt: top-1 2/2 firm positions"));
 
@@ -353,12 +387,12 @@ mod tests {
         // though every generated step agrees.
         let mut e = decode(&[0], &rows);
         e.prompt_logits[1] = vec![1.9, 2.0, 0.0];
-        assert!(compare(&e, Some(&rows)).unwrap().passed());
+        assert!(compare(&e, Some(&rows)).unwrap().passed(0.0));
         e.prompt_logits[2] = vec![0.0, 3.1, 3.0];
         let m = compare(&e, Some(&rows)).unwrap();
-        assert!(!m.passed());
+        assert!(!m.passed(0.0));
         assert_eq!(m.min_prompt_logits_cos_position, 2);
-        let g = m.gate(0.1);
+        let g = m.gate(0.1, 0.0);
         assert!(!g.passed);
         assert!(
             g.detail

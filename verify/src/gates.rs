@@ -2,13 +2,18 @@
 
 use crate::error::{Result, VerifyError};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// The built-in gates file.
 pub const DEFAULT_GATES: &str = include_str!("../gates/default.json");
 
+/// The format tag of a gates file.
+pub const GATES_FORMAT: &str = "q3vl-gates/2";
+
 /// Thresholds of the fp32 ladder (reference on the original checkpoint).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct Fp32Gates {
     /// Cosine of every stage's flattened output.
     pub stage_cos: f64,
@@ -20,34 +25,80 @@ pub struct Fp32Gates {
     pub pixel_max_abs: f64,
     /// Greedy steps to reproduce (0 = all the trace has).
     pub decode_steps: usize,
+    /// Largest KL(oracle ‖ reference) at any scored position.
+    pub kld_max: f64,
+}
+
+/// The thresholds that depend on the conversion mode.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModeGates {
+    /// Merger and DeepStack outputs.
+    pub vision_cos: f64,
+    /// Every decoder layer's output (flattened); also sets the upstream part of the
+    /// noise allowance.
+    pub layer_cos: f64,
+    /// Every decoder layer replayed on the oracle's own input: the relative error
+    /// `|ours − oracle| / |oracle update|` of its update (`text.local`).
+    pub local_update_rel: f64,
 }
 
 /// Thresholds of the quantized ladder (reference on a bundle's weights).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct BundleGates {
-    /// Merger and DeepStack outputs.
-    pub vision_cos: f64,
-    /// Every decoder layer's output (flattened).
-    pub layer_cos: f64,
     /// Free-running greedy steps that must match the oracle.
     pub free_decode_steps: usize,
-    /// Engine ≡ reference: greedy steps of the engine that must equal the reference's
+    /// Engine ≡ reference: greedy steps of the engine compared with the reference's
     /// on the bundle's weights (0 = as many as the trace's decode).
     pub engine_steps: usize,
+    /// Engine ≡ reference: smallest centered logits cosine at any step or prompt
+    /// position.
+    pub engine_logits_cos: f64,
+    /// The measured logit noise may be this many times the allowance.
+    pub noise_factor: f64,
+    /// The mean KL divergence may be this many times ½ · mean(allowed σ²).
+    pub kld_factor: f64,
+    /// The head on the oracle's own normed state may be this many times noisier than
+    /// its rounding allows (`head.local`).
+    pub head_factor: f64,
+    /// Per conversion mode (`int8hu`, `int8lin`, `fp16`).
+    pub modes: BTreeMap<String, ModeGates>,
+}
+
+impl BundleGates {
+    /// The thresholds of `mode`; a bundle that does not record its mode is held to
+    /// the loosest (`int8hu`) ones, and the report says which applied.
+    pub fn mode(&self, mode: Option<&str>) -> Result<(&str, &ModeGates)> {
+        let name = mode.unwrap_or("int8hu");
+        self.modes
+            .get_key_value(name)
+            .map(|(k, v)| (k.as_str(), v))
+            .ok_or_else(|| VerifyError::Gates {
+                path: "gates".into(),
+                msg: format!("no thresholds for mode {name:?} under bundle.modes"),
+            })
+    }
 }
 
 /// A whole gates file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct Gates {
-    /// `q3vl-gates/1`.
+    /// [`GATES_FORMAT`].
     pub format: String,
     /// Version of the thresholds, recorded in reports and stamps.
     pub version: u32,
     /// Free text.
     #[serde(default)]
     pub notes: String,
-    /// Oracle top-1 minus top-2 below this is ambiguous: reported, never gated.
+    /// How the thresholds follow from the quantization arithmetic.
+    #[serde(default)]
+    pub derivation: Vec<String>,
+    /// The smallest oracle top-1 minus top-2 margin that is ever firm.
     pub firm_margin: f64,
+    /// Firm also needs margin ≥ noise_z · √2 · the measured logit noise.
+    pub noise_z: f64,
     /// fp32 ladder thresholds.
     pub fp32: Fp32Gates,
     /// Quantized ladder thresholds.
@@ -68,12 +119,26 @@ impl Gates {
         };
         let text =
             q3vl_model::input::read_regular_to_string(path).map_err(|e| bad(e.to_string()))?;
-        let g: Gates = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        if g.format != "q3vl-gates/1" {
-            return Err(bad(format!(
-                "format {:?} is not \"q3vl-gates/1\"",
-                g.format
-            )));
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        match v.get("format").and_then(|f| f.as_str()) {
+            Some(GATES_FORMAT) => {}
+            other => {
+                return Err(bad(format!(
+                "format {other:?} is not {GATES_FORMAT:?} (start from verify/gates/default.json)"
+            )))
+            }
+        }
+        let g: Gates = serde_json::from_value(v).map_err(|e| bad(e.to_string()))?;
+        let all = [
+            g.firm_margin,
+            g.noise_z,
+            g.bundle.noise_factor,
+            g.bundle.kld_factor,
+        ];
+        if all.iter().any(|x| !x.is_finite() || *x < 0.0) {
+            return Err(bad(
+                "firm_margin, noise_z and the bundle factors must be finite and ≥ 0".into(),
+            ));
         }
         Ok(g)
     }
@@ -92,6 +157,10 @@ pub struct GateResult {
     pub threshold: String,
     /// Where and why, in one line.
     pub detail: String,
+    /// Why the gate had nothing to count, when it had nothing (then `passed` is true:
+    /// it did not fail, but reports show it as skipped, never as passed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
 }
 
 impl GateResult {
@@ -109,6 +178,30 @@ impl GateResult {
             value: value.into(),
             threshold: threshold.into(),
             detail: detail.into(),
+            skipped: None,
+        }
+    }
+
+    /// A gate that had nothing to count, and says why.
+    pub fn skipped(
+        name: &str,
+        value: impl Into<String>,
+        threshold: impl Into<String>,
+        why: impl Into<String>,
+    ) -> Self {
+        let why = why.into();
+        GateResult {
+            skipped: Some(why.clone()),
+            ..GateResult::new(name, true, value, threshold, why)
+        }
+    }
+
+    /// `pass`, `FAIL` or `skip`.
+    pub fn verdict(&self) -> &'static str {
+        match (self.passed, &self.skipped) {
+            (_, Some(_)) => "skip",
+            (true, None) => "pass",
+            (false, None) => "FAIL",
         }
     }
 }
@@ -121,7 +214,9 @@ mod tests {
     fn builtin_gates_parse() {
         let g = Gates::builtin();
         assert_eq!(g.fp32.stage_cos, 0.99999);
-        assert_eq!(g.bundle.vision_cos, 0.9997);
+        assert_eq!(g.bundle.mode(Some("int8hu")).unwrap().1.vision_cos, 0.9997);
+        assert_eq!(g.bundle.mode(None).unwrap().0, "int8hu");
+        assert!(g.bundle.mode(Some("int4")).is_err());
         assert_eq!(g.firm_margin, 0.1);
         assert_eq!(g.bundle.engine_steps, 24);
     }

@@ -3,7 +3,7 @@
 //! (the fp32 ladder and the bundle's side by side when both ran), the worst tokens,
 //! and the decode gates as token strips.
 
-use crate::ladder::{Profile, StageRow, TraceReport};
+use crate::ladder::{Profile, Stage, StageRow, TraceReport};
 use crate::report::Report;
 use std::fmt::Write as _;
 
@@ -90,6 +90,52 @@ fn plot(title: &str, series: &[Series<'_>]) -> String {
     s
 }
 
+/// KL(oracle ‖ ours) at every scored position on a log axis, one line per run (the
+/// fp32 reference beside the bundle when both ran), with the bundle's KL allowance.
+fn kl_plot(
+    runs: &[&TraceReport],
+    color: impl Fn(Profile) -> &'static str,
+    kld_factor: f64,
+) -> String {
+    let n = runs.iter().map(|t| t.positions.len()).max().unwrap_or(0);
+    if n == 0
+        || runs
+            .iter()
+            .all(|t| t.positions.iter().all(|p| p.kld.is_none()))
+    {
+        return String::new();
+    }
+    let (lo, hi) = (-14.0f64, 0.0f64);
+    let x = |i: usize| PAD + (W - 2.0 * PAD) * (i as f64 + 0.5) / n as f64;
+    let y = |v: f64| PAD / 2.0 + (H - PAD) * (hi - v.max(1e-14).log10().clamp(lo, hi)) / (hi - lo);
+    let mut s = String::new();
+    let _ = write!(s, "<figure><figcaption>KL(oracle ‖ ours) per scored position (prompt, then the seeded decode)</figcaption><svg viewBox=\"0 0 {W} {H}\" width=\"{W}\" height=\"{H}\" role=\"img\">");
+    for e in (lo as i32..=hi as i32).step_by(2) {
+        let yy = y(10f64.powi(e));
+        let _ = write!(s, "<line x1=\"{PAD}\" x2=\"{}\" y1=\"{yy}\" y2=\"{yy}\" class=\"grid\"/><text x=\"4\" y=\"{}\" class=\"axis\">1e{e}</text>", W - PAD, yy + 4.0);
+    }
+    let mut lx = PAD;
+    for t in runs {
+        let c = color(t.profile);
+        if let Some(b) = &t.noise_budget {
+            let yy = y(kld_factor * 0.5 * b.mean_var);
+            let _ = write!(s, "<line x1=\"{PAD}\" x2=\"{}\" y1=\"{yy}\" y2=\"{yy}\" class=\"gate\" stroke=\"{c}\"><title>mean KL allowance</title></line>", W - PAD);
+        }
+        let pts: Vec<String> = t
+            .positions
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.kld.map(|k| format!("{:.1},{:.1}", x(i), y(k))))
+            .collect();
+        let label = format!("{:?}", t.profile).to_lowercase();
+        let _ = write!(s, "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"1.5\" points=\"{}\"><title>{label}</title></polyline>", pts.join(" "));
+        let _ = write!(s, "<rect x=\"{lx}\" y=\"2\" width=\"10\" height=\"10\" fill=\"{c}\"/><text x=\"{}\" y=\"11\" class=\"axis\">{label}</text>", lx + 14.0);
+        lx += 160.0;
+    }
+    s.push_str("</svg></figure>");
+    s
+}
+
 /// Two token sequences as one strip of steps: `ours` against `theirs` (whose top-2
 /// margins decide which steps are ambiguous), steps from `limit` on shown as not
 /// counted; `cos` (when given) is the per-step logits cosine.
@@ -166,7 +212,7 @@ fn table(t: &TraceReport) -> String {
             "<tr class=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             if g.passed { "" } else { "fail" },
             esc(&g.name),
-            if g.passed { "pass" } else { "FAIL" },
+            g.verdict(),
             esc(&g.value),
             esc(&g.threshold),
             esc(&g.detail)
@@ -174,6 +220,66 @@ fn table(t: &TraceReport) -> String {
     }
     s.push_str("</table>");
     s
+}
+
+/// The statistics of every run of one trace, side by side (the fp32 reference on the
+/// source beside the bundle when both ran).
+fn stats_table(runs: &[&TraceReport]) -> String {
+    let mut s = String::from("<table><tr><th>next-token statistics</th>");
+    for t in runs {
+        let _ = write!(
+            s,
+            "<th>{:?}{}</th>",
+            t.profile,
+            t.mode
+                .as_deref()
+                .map(|m| format!(" ({m})"))
+                .unwrap_or_default()
+        );
+    }
+    s.push_str("</tr>");
+    type Cell = fn(&TraceReport) -> String;
+    let lines: [(&str, Cell); 9] = [
+        ("positions scored (prompt + seeded decode)", |t| {
+            t.stats.positions.to_string()
+        }),
+        ("KL(oracle ‖ ours) mean", |t| opt_e(t.stats.kld_mean)),
+        ("KL 99th percentile", |t| opt_e(t.stats.kld_p99)),
+        ("KL max", |t| opt_e(t.stats.kld_max)),
+        ("oracle tail mass outside top-k (max)", |t| {
+            format!("{:.3e}", t.stats.tail_mass_max)
+        }),
+        ("top-1 agreement", |t| {
+            format!(
+                "{}/{} ({:.2}%)",
+                t.stats.agree,
+                t.stats.positions,
+                t.stats.agreement * 100.0
+            )
+        }),
+        ("logit noise σ (median)", |t| {
+            format!("{:.5}", t.stats.noise)
+        }),
+        ("allowed σ (quantization)", |t| {
+            t.noise_budget
+                .as_ref()
+                .map_or("-".into(), |b| format!("{:.5}", b.sigma))
+        }),
+        ("firm margin used", |t| format!("{:.3}", t.firm_margin)),
+    ];
+    for (name, cell) in lines {
+        let _ = write!(s, "<tr><td>{name}</td>");
+        for t in runs {
+            let _ = write!(s, "<td>{}</td>", esc(&cell(t)));
+        }
+        s.push_str("</tr>");
+    }
+    s.push_str("</table>");
+    s
+}
+
+fn opt_e(x: Option<f64>) -> String {
+    x.map_or("-".to_string(), |v| format!("{v:.3e}"))
 }
 
 impl Report {
@@ -211,7 +317,9 @@ impl Report {
                     .map(|i| format!(" · image {}", esc(i)))
                     .unwrap_or_default()
             );
-            for stage in ["vision", "text"] {
+            body.push_str(&stats_table(&runs));
+            body.push_str(&kl_plot(&runs, color, self.gates.bundle.kld_factor));
+            for stage in [Stage::Vision, Stage::Text] {
                 let series: Vec<Series<'_>> = runs
                     .iter()
                     .map(|t| {
@@ -227,15 +335,17 @@ impl Report {
                                 r.stage == stage && (r.index.is_some() || r.name == "vision.merger")
                             })
                             .collect();
-                        let thr = match (t.profile, stage) {
-                            (Profile::Fp32, _) => Some(self.gates.fp32.stage_cos),
-                            (Profile::Bundle, "text") => Some(self.gates.bundle.layer_cos),
-                            (Profile::Bundle, _) => Some(self.gates.bundle.vision_cos),
+                        let mode = self.gates.bundle.mode(t.mode.as_deref()).ok();
+                        let thr = match (t.profile, stage, mode) {
+                            (Profile::Fp32, _, _) => Some(self.gates.fp32.stage_cos),
+                            (Profile::Bundle, Stage::Text, Some((_, m))) => Some(m.layer_cos),
+                            (Profile::Bundle, _, Some((_, m))) => Some(m.vision_cos),
+                            (Profile::Bundle, _, None) => None,
                         };
                         (label, color(t.profile), rows, thr)
                     })
                     .collect();
-                let title = if stage == "vision" {
+                let title = if stage == Stage::Vision {
                     "ViT blocks, merger (m) and DeepStack (ds): 1 − cos (bundle gates the merger and DeepStack only)"
                 } else {
                     "decoder layers: 1 − cos"
@@ -248,7 +358,7 @@ impl Report {
                     Profile::Bundle => self.gates.bundle.free_decode_steps,
                 };
                 let title = format!("{:?} greedy decode", t.profile);
-                let firm = self.gates.firm_margin;
+                let firm = t.firm_margin;
                 body.push_str(&strip(
                     &Strip {
                         title: &title,
@@ -262,8 +372,8 @@ impl Report {
                     firm,
                 ));
                 if let Some(e) = &t.engine {
-                    // Steps after the first ambiguous reference step are not counted.
-                    let limit = e.count.first_ambiguous.map_or(e.steps, |a| a + 1);
+                    // Every step counts: the reference is forced along the engine's tokens.
+                    let limit = e.steps;
                     body.push_str(&strip(
                         &Strip {
                             title: "engine ≡ reference",
@@ -274,7 +384,7 @@ impl Report {
                             cos: &e.logits_cos,
                             limit,
                         },
-                        firm,
+                        self.gates.firm_margin,
                     ));
                     let _ = write!(
                         body,

@@ -29,7 +29,9 @@ impl Report {
                     esc(name),
                     esc(&g.name)
                 ));
-                if g.passed {
+                if let Some(why) = &g.skipped {
+                    suites.push_str(&format!("<skipped message=\"{}\"/>", esc(why)));
+                } else if g.passed {
                     suites.push_str(&format!(
                         "<system-out>{} [{}] {}</system-out>",
                         esc(&g.value),

@@ -3,19 +3,23 @@
 //! ladder (original checkpoint) and the quantized ladder (a bundle's weights).
 
 use crate::compare::{agreement, diff, flat, Agreement};
-use crate::engine_gate::{run_engine, EngineMatch};
+use crate::engine_gate::{run_engine, EngineDecode, EngineMatch};
 use crate::error::{Result, VerifyError};
-use crate::gates::{GateResult, Gates};
-use crate::tokens::{decode_match, margins, top1_sweep, DecodeMatch, Top1Sweep};
+use crate::gates::{GateResult, Gates, ModeGates};
+use crate::noise::{self, NoiseBudget, RoundingVariance};
+use crate::stats::{LogitStats, PositionStat};
+use crate::token_gates;
+use crate::tokens::{DecodeMatch, Top1Sweep};
 use crate::trace::OracleTrace;
 use candle_core::Tensor;
 use q3vl_engine::Engine;
 use q3vl_model::image::{self, Resize};
 use q3vl_model::prompt::{Prompt, PromptBuilder};
-use q3vl_model::reference::{self, argmax_rows, Continuation, ImageInput};
+use q3vl_model::reference::{self, Continuation, ImageInput};
 use q3vl_model::{taps, PreprocessorConfig, Qwen3VlConfig, WeightSource};
 use serde::Serialize;
 use std::collections::BTreeMap;
+use std::f64::consts::SQRT_2;
 use std::path::PathBuf;
 
 /// Which thresholds apply.
@@ -43,13 +47,31 @@ pub struct Subject<'a> {
     /// The engine on the same bundles, for the engine ≡ reference gate (bundle
     /// profile only; None skips the gate).
     pub engine: Option<&'a Engine>,
+    /// The bundle's conversion mode (`int8hu`, `int8lin`, `fp16`): which thresholds
+    /// apply (bundle profile).
+    pub mode: Option<&'a str>,
+    /// The bundle's rounding, for the noise allowance (bundle profile; None: no
+    /// `logits.noise` gate can be computed, and it fails saying so).
+    pub rounding: Option<&'a dyn RoundingVariance>,
+}
+
+/// Which part of the model a compared stage belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// The vision tower and its mergers.
+    Vision,
+    /// The decoder.
+    Text,
+    /// The prompt logits.
+    Logits,
 }
 
 /// One compared stage.
 #[derive(Debug, Clone, Serialize)]
 pub struct StageRow {
-    /// `vision`, `text` or `logits`.
-    pub stage: &'static str,
+    /// Which part of the model.
+    pub stage: Stage,
     /// The trace tensor's name.
     pub name: String,
     /// Block or layer index, when the stage has one.
@@ -70,6 +92,19 @@ pub struct StageRow {
     pub passed: bool,
 }
 
+/// One decoder layer run on the oracle's own input: its error alone.
+#[derive(Debug, Clone, Serialize)]
+pub struct LocalRow {
+    /// The layer.
+    pub layer: usize,
+    /// `|ours − oracle| / |oracle output − oracle input|`, over the flattened update.
+    pub update_rel: f64,
+    /// Cosine of the two updates.
+    pub update_cos: f64,
+    /// Whether it is within `local_update_rel`.
+    pub passed: bool,
+}
+
 /// Everything one trace's verification found.
 #[derive(Debug, Clone, Serialize)]
 pub struct TraceReport {
@@ -79,18 +114,34 @@ pub struct TraceReport {
     pub trace_sha256: String,
     /// The model the oracle ran.
     pub model: String,
+    /// Who computed the trace (`transformers`, or `q3vl-reference` for models made
+    /// at test time).
+    pub oracle: String,
     /// The user prompt.
     pub prompt: String,
     /// The image file, for image traces.
     pub image: Option<String>,
     /// Thresholds used.
     pub profile: Profile,
+    /// The bundle mode whose thresholds applied (bundle profile).
+    pub mode: Option<String>,
     /// Prompt length.
     pub tokens: usize,
     /// Stage-by-stage comparison.
     pub rows: Vec<StageRow>,
+    /// Each decoder layer replayed on the oracle's own input (bundle profile).
+    pub local: Vec<LocalRow>,
     /// Max |pixel difference| of our preprocessing, and whether a resize happened.
     pub pixels: Option<(f64, bool)>,
+    /// The margin a position needed to count as firm here: the gates file's
+    /// `firm_margin`, or more where the measured noise needs it.
+    pub firm_margin: f64,
+    /// Statistics over every scored position (prompt, then the HF-seeded decode).
+    pub stats: LogitStats,
+    /// Each scored position's figures, in the same order.
+    pub positions: Vec<PositionStat>,
+    /// The noise the bundle's quantization allows (bundle profile).
+    pub noise_budget: Option<NoiseBudget>,
     /// Teacher-forced prompt sweep.
     pub sweep: Top1Sweep,
     /// Free-running greedy decode.
@@ -221,6 +272,20 @@ fn pixel_check(subject: &Subject<'_>, trace: &OracleTrace) -> Result<Option<(f64
     Ok(Some((m, resized)))
 }
 
+/// The thresholds that apply to one run: the profile's, and a bundle's mode's.
+struct Limits<'g> {
+    gates: &'g Gates,
+    profile: Profile,
+    /// The bundle's mode and its thresholds (bundle profile only).
+    mode: Option<(&'g str, &'g ModeGates)>,
+}
+
+/// What the two models computed on one trace's inputs.
+struct Runs {
+    reference: reference::ReferenceRun,
+    engine: Option<EngineDecode>,
+}
+
 /// Runs the reference on the trace's inputs and compares everything.
 pub fn verify_trace(
     subject: &Subject<'_>,
@@ -230,252 +295,89 @@ pub fn verify_trace(
 ) -> Result<TraceReport> {
     let cfg = subject.cfg;
     check_fits(cfg, trace)?;
-    let firm = gates.firm_margin;
-    let mut results = Vec::new();
-
-    // 1. The prompt pipeline reproduces HF's ids and positions from the prompt text.
-    let ids = trace.input_ids()?;
-    let positions = trace.positions()?;
-    let grid = trace.grid_thw()?;
-    let rebuilt = subject.prompt.chat(trace.meta("prompt"), grid)?;
-    let first_diff = rebuilt
-        .ids
-        .iter()
-        .zip(&ids)
-        .position(|(a, b)| a != b)
-        .or((rebuilt.ids.len() != ids.len()).then_some(rebuilt.ids.len().min(ids.len())));
-    let pos_ok = rebuilt.positions == positions;
-    results.push(GateResult::new(
-        "prompt.ids",
-        first_diff.is_none() && pos_ok,
-        format!("{}/{} ids", rebuilt.ids.len(), ids.len()),
-        "exact ids and positions",
-        match (first_diff, pos_ok) {
-            (Some(i), _) => format!(
-                "first differing id at {i}: ours {:?}, oracle {:?}",
-                rebuilt.ids.get(i),
-                ids.get(i)
-            ),
-            (None, false) => "ids equal but M-RoPE positions differ".into(),
-            _ => "ids and (t,h,w) positions equal".into(),
+    let limits = Limits {
+        gates,
+        profile,
+        mode: match profile {
+            Profile::Bundle => Some(gates.bundle.mode(subject.mode)?),
+            Profile::Fp32 => None,
         },
-    ));
-
-    // 2. Our preprocessing against the oracle's pixel values.
+    };
+    let (prompt, ids_gate) = token_gates::prompt_ids(subject.prompt, trace)?;
+    let mut results = vec![ids_gate];
     let pixels = pixel_check(subject, trace)?;
-    // After a resize the difference is a reported figure (TraceReport::pixels), not a gate.
-    if let Some((m, false)) = pixels {
-        let limit = gates.fp32.pixel_max_abs;
-        results.push(GateResult::new(
-            "image.pixels",
-            m <= limit,
-            format!("{m:.3e}"),
-            format!("≤ {limit:e}"),
-            "no resize: rescale + normalise + patchify must match",
-        ));
-    }
+    results.extend(pixel_gate(pixels, gates));
 
-    // 3. The reference, fed the oracle's own pixel values and ids.
-    let prompt = Prompt {
-        next_position: positions
-            .iter()
-            .flat_map(|p| p.iter())
-            .copied()
-            .max()
-            .unwrap_or(-1)
-            + 1,
-        ids: ids.clone(),
-        positions,
-    };
     let oracle_tokens = trace.decode_tokens()?;
-    let (_, dvals) = trace.top_k("decode")?;
-    let decode_margins = margins(&dvals);
-    // One teacher-forced pass along the oracle's tokens serves every decode gate:
-    // free-running greedy decode equals it up to the first mismatch, where the count stops.
-    let mut conts = vec![Continuation::Forced(oracle_tokens.clone())];
-    let pv;
-    let image = match grid {
-        Some(g) => {
-            pv = trace.float("pixel_values")?.clone();
-            Some(ImageInput {
-                pixel_values: &pv,
-                grid_thw: g,
-            })
-        }
-        None => None,
-    };
-    // Engine ≡ reference: the engine decodes greedily on the same ids and pixel values;
-    // a second teacher-forced pass, along its tokens, gives the reference's choices.
-    let engine_run = match (profile, subject.engine) {
-        (Profile::Bundle, Some(engine)) => {
-            let steps = match gates.bundle.engine_steps {
-                0 => oracle_tokens.len(),
-                n => n,
-            };
-            let pixels = match &image {
-                Some(img) => Some((flat(img.pixel_values)?.0, img.grid_thw)),
-                None => None,
-            };
-            let pixels = pixels.as_ref().map(|(v, g)| (v.as_slice(), *g));
-            let run = run_engine(engine, &ids, pixels, steps)?;
-            // The engine read every weight through its own maps; drop them from the
-            // resident set before the streamed reference runs, so the two peaks do not add.
-            engine.language().release_all();
-            engine.vision_bundle().release_all();
-            conts.push(Continuation::Forced(run.tokens.clone()));
-            Some(run)
-        }
-        _ => None,
-    };
-    let run = reference::run(
-        cfg,
-        subject.src,
-        &prompt,
-        image,
-        &conts,
-        subject.keep_weights,
-    )?;
-
-    // 4. Stage by stage.
-    let rows = stage_rows(cfg, trace, &run.taps, gates, profile)?;
-    for (stage, gate) in [("vision", "vision.ladder"), ("text", "text.ladder")] {
-        let gated: Vec<&StageRow> = rows
-            .iter()
-            .filter(|r| r.stage == stage && r.gated)
-            .collect();
-        if gated.is_empty() {
-            continue;
-        }
-        let worst = gated
-            .iter()
-            .min_by(|a, b| a.cos.total_cmp(&b.cos))
-            .expect("non-empty");
-        let failed: Vec<&str> = gated
-            .iter()
-            .filter(|r| !r.passed)
-            .map(|r| r.name.as_str())
-            .collect();
-        let threshold = match (profile, stage) {
-            (Profile::Fp32, _) => format!(
-                "cos ≥ {}, token cos ≥ {}, update cos ≥ {}",
-                gates.fp32.stage_cos, gates.fp32.token_cos_min, gates.fp32.update_cos
-            ),
-            (Profile::Bundle, "vision") => {
-                format!("merger/DeepStack cos ≥ {}", gates.bundle.vision_cos)
-            }
-            (Profile::Bundle, _) => format!("layer cos ≥ {}", gates.bundle.layer_cos),
-        };
-        results.push(GateResult::new(
-            gate,
-            failed.is_empty(),
-            format!("{:.7}", worst.cos),
-            threshold,
-            if failed.is_empty() {
-                format!(
-                    "{} stages; worst {} (cos {:.7})",
-                    gated.len(),
-                    worst.name,
-                    worst.cos
-                )
-            } else {
-                format!(
-                    "first failing stage {} ({} failing)",
-                    failed[0],
-                    failed.len()
-                )
-            },
-        ));
-    }
-
-    // 5. Prompt top-1 at firm positions (teacher-forced sweep).
-    let logits = run
+    let runs = run_models(subject, trace, &prompt, &oracle_tokens, &limits)?;
+    let logits = runs
+        .reference
         .taps
         .get(taps::LOGITS)
         .expect("reference records logits");
-    let ours_top1 = argmax_rows(logits)?;
-    let (pids, pvals) = trace.top_k("logits")?;
-    let oracle_top1: Vec<u32> = pids.iter().map(|r| r[0] as u32).collect();
-    let sweep = top1_sweep(&ours_top1, &oracle_top1, &margins(&pvals), firm);
-    results.push(GateResult::new(
-        "prompt.top1",
-        sweep.mismatches.is_empty(),
-        format!("{}/{}", sweep.agree, sweep.firm),
-        format!("every firm position (margin ≥ {firm})"),
-        match sweep.mismatches.first() {
-            Some((p, a, b)) => format!("position {p}: ours {a}, oracle {b}"),
-            None => format!("{} ambiguous positions skipped", sweep.ambiguous.len()),
-        },
-    ));
+    let rows = stage_rows(cfg, trace, &runs.reference.taps, &limits)?;
+    results.extend(ladder_gates(&rows, &limits));
 
-    // 6. HF-seeded decode (bundle): the oracle's tokens fed back, top-1 per step.
-    let forced_top1 = match &run.continuations[0].logits {
-        Some(l) => argmax_rows(l)?,
+    // Statistics over every scored position: the prompt, then the HF-seeded decode.
+    let forced = runs.reference.continuations[0].logits.as_ref();
+    let scored = token_gates::Scored::new(trace, logits, forced)?;
+    let budget = match (profile, subject.rounding, limits.mode) {
+        (Profile::Bundle, Some(r), Some((_, m))) => Some(noise::budget(
+            cfg,
+            subject.src,
+            r,
+            trace.float(taps::TEXT_NORM)?,
+            (&scored.oracle_prompt_ids, &trace.top_k("logits")?.1),
+            m.layer_cos,
+        )?),
+        _ => None,
+    };
+    let local = match limits.mode {
+        Some((_, m)) => local_rows(trace, &runs.reference.taps, cfg, m.local_update_rel)?,
         None => vec![],
     };
-    let seeded = if profile == Profile::Bundle {
-        let tops = &forced_top1;
-        let s = top1_sweep(tops, &oracle_tokens, &decode_margins, firm);
-        results.push(GateResult::new(
-            "decode.seeded",
-            s.mismatches.is_empty(),
-            format!("{}/{}", s.agree, s.firm),
-            "every firm oracle step",
-            match s.mismatches.first() {
-                Some((p, a, b)) => format!("step {p}: ours {a}, oracle {b}"),
-                None => format!("{} ambiguous steps skipped", s.ambiguous.len()),
-            },
-        ));
-        Some(s)
-    } else {
-        None
-    };
+    results.extend(local_gate(&local, &limits));
+    results.extend(
+        budget
+            .as_ref()
+            .map(|b| head_gate(b, gates.bundle.head_factor)),
+    );
+    let firm = gates
+        .firm_margin
+        .max(gates.noise_z * SQRT_2 * scored.stats.noise);
+    results.extend(token_gates::statistics(
+        &scored,
+        budget.as_ref(),
+        &limits.gates_for_stats(),
+        firm,
+    ));
 
-    // 7. Free-running greedy decode: our choices along the oracle's prefix, which is
-    // our own prefix until the first step where we choose differently.
-    let first_diff = forced_top1
-        .iter()
-        .zip(&oracle_tokens)
-        .position(|(a, b)| a != b);
-    let ours_tokens: Vec<u32> = match first_diff {
-        Some(k) => oracle_tokens[..k]
-            .iter()
-            .copied()
-            .chain([forced_top1[k]])
-            .collect(),
-        None => forced_top1.clone(),
-    };
+    let sweep = scored.prompt_sweep(firm);
+    results.push(token_gates::top1_gate(&sweep, firm, &scored));
+    let seeded = (profile == Profile::Bundle).then(|| scored.decode_sweep(firm));
+    results.extend(
+        seeded
+            .as_ref()
+            .map(|s| token_gates::seeded_gate(s, firm, &scored)),
+    );
     let limit = match profile {
         Profile::Fp32 if gates.fp32.decode_steps > 0 => gates.fp32.decode_steps,
         Profile::Fp32 => oracle_tokens.len(),
         Profile::Bundle => gates.bundle.free_decode_steps,
     };
-    let decode = decode_match(&ours_tokens, &oracle_tokens, &decode_margins, firm, limit);
-    results.push(GateResult::new(
-        "decode.greedy",
-        decode.passed() && (decode.counted > 0 || oracle_tokens.is_empty()),
-        format!("{}/{}", decode.matched, decode.counted),
-        format!("first {limit} steps, counted to the first ambiguous oracle step"),
-        match (decode.first_mismatch, decode.first_ambiguous) {
-            (Some(i), _) => format!(
-                "step {i}: ours {}, oracle {}",
-                ours_tokens[i], oracle_tokens[i]
-            ),
-            (None, Some(a)) => format!("count stops at ambiguous oracle step {a}"),
-            (None, None) => "no ambiguous step".into(),
-        },
-    ));
+    let greedy = token_gates::greedy(&scored, &oracle_tokens, firm, limit);
+    results.push(greedy.gate(firm, limit));
 
-    // 8. Engine ≡ reference on the bundle's weights.
-    let engine = match &engine_run {
+    let engine = match &runs.engine {
         Some(e) => {
             let m = EngineMatch::new(
                 &trace.path,
                 e,
-                run.continuations[1].logits.as_ref(),
+                runs.reference.continuations[1].logits.as_ref(),
                 logits,
-                firm,
+                gates.firm_margin,
             )?;
-            results.push(m.gate(firm));
+            results.push(m.gate(gates.firm_margin, gates.bundle.engine_logits_cos));
             Some(m)
         }
         None => None,
@@ -485,21 +387,277 @@ pub fn verify_trace(
         trace: trace.path.clone(),
         trace_sha256: trace.sha256.clone(),
         model: trace.meta("model").to_string(),
+        oracle: trace.oracle().to_string(),
         prompt: trace.meta("prompt").to_string(),
         image: trace.image_path().map(|p| p.display().to_string()),
         profile,
-        tokens: ids.len(),
+        mode: limits.mode.map(|(m, _)| m.to_string()),
+        tokens: prompt.ids.len(),
         rows,
+        local,
         pixels,
+        firm_margin: firm,
+        stats: scored.stats.clone(),
+        positions: scored.positions.clone(),
+        noise_budget: budget,
         sweep,
-        decode,
-        decode_tokens: ours_tokens,
+        decode: greedy.matched,
+        decode_tokens: greedy.tokens,
         oracle_tokens,
-        decode_margins,
+        decode_margins: scored.decode_margins(),
         seeded,
         engine,
         gates: results,
     })
+}
+
+impl Limits<'_> {
+    /// What the statistics gates read.
+    fn gates_for_stats(&self) -> token_gates::StatLimits {
+        match self.profile {
+            Profile::Fp32 => token_gates::StatLimits::Fp32 {
+                kld_max: self.gates.fp32.kld_max,
+            },
+            Profile::Bundle => token_gates::StatLimits::Bundle {
+                noise_factor: self.gates.bundle.noise_factor,
+                kld_factor: self.gates.bundle.kld_factor,
+            },
+        }
+    }
+}
+
+/// After a resize the pixel difference is a reported figure (TraceReport::pixels),
+/// not a gate: without one, rescale + normalise + patchify must match.
+fn pixel_gate(pixels: Option<(f64, bool)>, gates: &Gates) -> Option<GateResult> {
+    let (m, false) = pixels? else {
+        return None;
+    };
+    let limit = gates.fp32.pixel_max_abs;
+    Some(GateResult::new(
+        "image.pixels",
+        m <= limit,
+        format!("{m:.3e}"),
+        format!("≤ {limit:e}"),
+        "no resize: rescale + normalise + patchify must match",
+    ))
+}
+
+/// The reference on the trace's own ids and pixel values, teacher-forced along the
+/// oracle's tokens (one pass serves every decode gate: free-running greedy decode
+/// equals it up to the first mismatch); with an engine, the engine's greedy decode
+/// first and a second forced pass along its tokens (engine ≡ reference).
+fn run_models(
+    subject: &Subject<'_>,
+    trace: &OracleTrace,
+    prompt: &Prompt,
+    oracle_tokens: &[u32],
+    limits: &Limits<'_>,
+) -> Result<Runs> {
+    let mut conts = vec![Continuation::Forced(oracle_tokens.to_vec())];
+    let pv = match trace.grid_thw()? {
+        Some(g) => Some((trace.float("pixel_values")?.clone(), g)),
+        None => None,
+    };
+    let engine = match (limits.profile, subject.engine) {
+        (Profile::Bundle, Some(engine)) => {
+            let steps = match limits.gates.bundle.engine_steps {
+                0 => oracle_tokens.len(),
+                n => n,
+            };
+            let pixels = match &pv {
+                Some((t, g)) => Some((flat(t)?.0, *g)),
+                None => None,
+            };
+            let pixels = pixels.as_ref().map(|(v, g)| (v.as_slice(), *g));
+            let run = run_engine(engine, &prompt.ids, pixels, steps)?;
+            // The engine read every weight through its own maps; drop them from the
+            // resident set before the streamed reference runs, so the two peaks do not add.
+            engine.language().release_all();
+            engine.vision_bundle().release_all();
+            conts.push(Continuation::Forced(run.tokens.clone()));
+            Some(run)
+        }
+        _ => None,
+    };
+    let image = pv.as_ref().map(|(t, g)| ImageInput {
+        pixel_values: t,
+        grid_thw: *g,
+    });
+    let replay = match limits.profile {
+        Profile::Bundle => Some(oracle_layer_inputs(subject.cfg, trace)?),
+        Profile::Fp32 => None,
+    };
+    let reference = reference::run_replaying(
+        subject.cfg,
+        subject.src,
+        prompt,
+        image,
+        &conts,
+        subject.keep_weights,
+        replay.as_deref(),
+    )?;
+    Ok(Runs { reference, engine })
+}
+
+/// The oracle's input to each decoder layer: `text.embed` for layer 0, then the
+/// previous layer's output plus its DeepStack addition at the image rows.
+fn oracle_layer_inputs(cfg: &Qwen3VlConfig, trace: &OracleTrace) -> Result<Vec<Tensor>> {
+    let ids = trace.input_ids()?;
+    let img_rows = q3vl_model::text::image_rows(&ids, cfg.image_token_id);
+    let n_ds = match trace.has_image() {
+        true => cfg.vision.deepstack_visual_indexes.len(),
+        false => 0,
+    };
+    let mut inputs = vec![trace.float(taps::TEXT_EMBED)?.clone()];
+    for i in 0..cfg.text.num_hidden_layers.saturating_sub(1) {
+        let mut x = trace.float(&taps::text_layer(i))?.clone();
+        if i < n_ds && !img_rows.is_empty() {
+            let ds = trace.float(&taps::vision_deepstack(i))?;
+            x = q3vl_model::text::add_rows(&x, &img_rows, ds)?;
+        }
+        inputs.push(x);
+    }
+    Ok(inputs)
+}
+
+/// Each layer's replayed update against the oracle's.
+fn local_rows(
+    trace: &OracleTrace,
+    ours: &BTreeMap<String, Tensor>,
+    cfg: &Qwen3VlConfig,
+    limit: f64,
+) -> Result<Vec<LocalRow>> {
+    let inputs = oracle_layer_inputs(cfg, trace)?;
+    let mut rows = Vec::new();
+    for (i, input) in inputs.iter().enumerate() {
+        let name = taps::text_layer_local(i);
+        let Some(local) = ours.get(&name) else {
+            return Err(mismatch(trace, format!("the reference produced no {name}")));
+        };
+        let (x, _) = flat(input)?;
+        let (o, _) = flat(trace.float(&taps::text_layer(i))?)?;
+        let (u, _) = flat(local)?;
+        let (du, dor) = (diff(&u, &x), diff(&o, &x));
+        let err: f64 = diff(&du, &dor)
+            .iter()
+            .map(|&e| (e as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let norm: f64 = dor.iter().map(|&e| (e as f64).powi(2)).sum::<f64>().sqrt();
+        let update_rel = if norm > 0.0 {
+            err / norm
+        } else if err == 0.0 {
+            0.0
+        } else {
+            f64::INFINITY
+        };
+        rows.push(LocalRow {
+            layer: i,
+            update_rel,
+            update_cos: crate::compare::cosine(&du, &dor),
+            passed: update_rel <= limit,
+        });
+    }
+    Ok(rows)
+}
+
+/// `text.local`: every layer's own error, on the oracle's input.
+fn local_gate(rows: &[LocalRow], limits: &Limits<'_>) -> Option<GateResult> {
+    let (mode, m) = limits.mode?;
+    let worst = rows
+        .iter()
+        .max_by(|a, b| a.update_rel.total_cmp(&b.update_rel))?;
+    let failed: Vec<String> = rows
+        .iter()
+        .filter(|r| !r.passed)
+        .map(|r| r.layer.to_string())
+        .collect();
+    Some(GateResult::new(
+        "text.local",
+        failed.is_empty() && !worst.update_rel.is_nan(),
+        format!("{:.5}", worst.update_rel),
+        format!(
+            "each layer on the oracle's input: update error ≤ {} of it ({mode})",
+            m.local_update_rel
+        ),
+        match failed.first() {
+            Some(f) => format!(
+                "first failing layer {f} ({} failing): update error {:.4}",
+                failed.len(),
+                rows[f.parse::<usize>().unwrap_or(0)].update_rel
+            ),
+            None => format!(
+                "{} layers; worst layer {} (update error {:.5}, update cos {:.7})",
+                rows.len(),
+                worst.layer,
+                worst.update_rel,
+                worst.update_cos
+            ),
+        },
+    ))
+}
+
+/// `head.local`: the head on the oracle's normed state has its rounding noise only.
+fn head_gate(b: &NoiseBudget, factor: f64) -> GateResult {
+    let measured = crate::stats::median(&b.head_measured);
+    let allowed = factor * crate::stats::median(&b.head_var).sqrt();
+    GateResult::new(
+        "head.local",
+        measured <= allowed,
+        format!("{measured:.5}"),
+        format!("σ ≤ {allowed:.5} (the head's rounding × {factor})"),
+        "the bundle's head on the oracle's own text.norm against the oracle's logits (median RMS on the top-k, common shift removed)",
+    )
+}
+
+/// One gate per ladder (vision, text) over its gated rows.
+fn ladder_gates(rows: &[StageRow], limits: &Limits<'_>) -> Vec<GateResult> {
+    let mut out = Vec::new();
+    for (stage, gate) in [
+        (Stage::Vision, "vision.ladder"),
+        (Stage::Text, "text.ladder"),
+    ] {
+        let gated: Vec<&StageRow> = rows
+            .iter()
+            .filter(|r| r.stage == stage && r.gated)
+            .collect();
+        let Some(worst) = gated.iter().min_by(|a, b| a.cos.total_cmp(&b.cos)) else {
+            continue;
+        };
+        let failed: Vec<&str> = gated
+            .iter()
+            .filter(|r| !r.passed)
+            .map(|r| r.name.as_str())
+            .collect();
+        let fp = &limits.gates.fp32;
+        let threshold = match (limits.mode, stage) {
+            (None, _) => format!(
+                "cos ≥ {}, token cos ≥ {}, update cos ≥ {}",
+                fp.stage_cos, fp.token_cos_min, fp.update_cos
+            ),
+            (Some((mode, m)), Stage::Vision) => {
+                format!("merger/DeepStack cos ≥ {} ({mode})", m.vision_cos)
+            }
+            (Some((mode, m)), _) => format!("layer cos ≥ {} ({mode})", m.layer_cos),
+        };
+        let detail = match failed.first() {
+            None => format!(
+                "{} stages; worst {} (cos {:.7})",
+                gated.len(),
+                worst.name,
+                worst.cos
+            ),
+            Some(f) => format!("first failing stage {f} ({} failing)", failed.len()),
+        };
+        out.push(GateResult::new(
+            gate,
+            failed.is_empty(),
+            format!("{:.7}", worst.cos),
+            threshold,
+            detail,
+        ));
+    }
+    out
 }
 
 /// Compares every tap with the oracle's and applies the profile's row gates.
@@ -507,9 +665,10 @@ fn stage_rows(
     cfg: &Qwen3VlConfig,
     trace: &OracleTrace,
     ours: &BTreeMap<String, Tensor>,
-    gates: &Gates,
-    profile: Profile,
+    limits: &Limits<'_>,
 ) -> Result<Vec<StageRow>> {
+    let profile = limits.profile;
+    let gates = limits.gates;
     let mut rows = Vec::new();
     let get = |m: &BTreeMap<String, Tensor>, n: &str| -> Result<(Vec<f32>, usize)> {
         flat(
@@ -519,7 +678,7 @@ fn stage_rows(
     };
     let oracle = |n: &str| -> Result<(Vec<f32>, usize)> { flat(trace.float(n)?) };
     let fp = &gates.fp32;
-    let row = |stage: &'static str,
+    let row = |stage: Stage,
                name: String,
                index: Option<usize>,
                a: Agreement,
@@ -549,7 +708,7 @@ fn stage_rows(
         let a = agreement(&prev_u, &prev_o, w);
         let g = profile == Profile::Fp32;
         rows.push(row(
-            "vision",
+            Stage::Vision,
             taps::VISION_EMBED.into(),
             None,
             a,
@@ -564,7 +723,7 @@ fn stage_rows(
             let a = agreement(&u, &o, w);
             let up = agreement(&diff(&u, &prev_u), &diff(&o, &prev_o), w).cos;
             rows.push(row(
-                "vision",
+                Stage::Vision,
                 n,
                 Some(j),
                 a,
@@ -580,12 +739,12 @@ fn stage_rows(
             let (o, _) = oracle(&n)?;
             let (u, w) = get(ours, &n)?;
             let a = agreement(&u, &o, w);
-            let pass = match profile {
-                Profile::Fp32 => fp32_pass(&a, None),
-                Profile::Bundle => a.cos >= gates.bundle.vision_cos,
+            let pass = match limits.mode {
+                None => fp32_pass(&a, None),
+                Some((_, m)) => a.cos >= m.vision_cos,
             };
             let idx = if k == 0 { None } else { Some(k - 1) };
-            rows.push(row("vision", n, idx, a, None, true, pass));
+            rows.push(row(Stage::Vision, n, idx, a, None, true, pass));
         }
     }
 
@@ -610,7 +769,7 @@ fn stage_rows(
     let (mut in_u, w) = get(ours, taps::TEXT_EMBED)?;
     let a = agreement(&in_u, &in_o, w);
     rows.push(row(
-        "text",
+        Stage::Text,
         taps::TEXT_EMBED.into(),
         None,
         a,
@@ -624,11 +783,11 @@ fn stage_rows(
         let (u, w) = get(ours, &n)?;
         let a = agreement(&u, &o, w);
         let up = agreement(&diff(&u, &in_u), &diff(&o, &in_o), w).cos;
-        let pass = match profile {
-            Profile::Fp32 => fp32_pass(&a, Some(up)),
-            Profile::Bundle => a.cos >= gates.bundle.layer_cos,
+        let pass = match limits.mode {
+            None => fp32_pass(&a, Some(up)),
+            Some((_, m)) => a.cos >= m.layer_cos,
         };
-        rows.push(row("text", n, Some(i), a, Some(up), true, pass));
+        rows.push(row(Stage::Text, n, Some(i), a, Some(up), true, pass));
         (in_o, in_u) = (o, u);
         if i < n_ds {
             add_ds(&mut in_o, &oracle(&taps::vision_deepstack(i))?.0);
@@ -639,7 +798,7 @@ fn stage_rows(
     let (u, w) = get(ours, taps::TEXT_NORM)?;
     let a = agreement(&u, &o, w);
     rows.push(row(
-        "text",
+        Stage::Text,
         taps::TEXT_NORM.into(),
         None,
         a,
@@ -652,7 +811,7 @@ fn stage_rows(
         let (u, w) = get(ours, taps::LOGITS)?;
         if o.len() == u.len() {
             rows.push(row(
-                "logits",
+                Stage::Logits,
                 taps::LOGITS.into(),
                 None,
                 agreement(&u, &o, w),

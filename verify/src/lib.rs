@@ -11,7 +11,10 @@ pub mod gates;
 pub mod html;
 pub mod junit;
 pub mod ladder;
+pub mod noise;
 pub mod report;
+pub mod stats;
+pub mod token_gates;
 pub mod tokens;
 pub mod trace;
 

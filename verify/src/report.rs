@@ -81,8 +81,26 @@ impl Report {
                 .collect();
             format!("; not run: {}", n.join(", "))
         };
+        let skipped: Vec<String> = self
+            .traces
+            .iter()
+            .flat_map(|t| &t.gates)
+            .filter(|g| g.skipped.is_some())
+            .map(|g| g.name.clone())
+            .collect();
+        let n_skipped = skipped.len();
+        let skipped = match n_skipped {
+            0 => String::new(),
+            n => format!(
+                "; {n} skipped, with nothing firm to count ({}): the statistics gates cover those positions",
+                skipped.join(", ")
+            ),
+        };
         if bad.is_empty() {
-            format!("PASS: all {} gates passed{not_run}", ok.len())
+            format!(
+                "PASS: all {} gates passed{skipped}{not_run}",
+                ok.len() - n_skipped
+            )
         } else {
             format!(
                 "FAIL: {} of {} gates failed: {}{not_run}",
@@ -133,6 +151,23 @@ impl Report {
                     mark
                 );
             }
+            let st = &t.stats;
+            let opt = |x: Option<f64>| x.map_or("unknown".to_string(), |v| format!("{v:.3e}"));
+            let _ = writeln!(
+                s,
+                "  next-token statistics over {} positions: KL mean {}, p99 {}, max {}; top-1 agreement {:.2}%; logit noise σ {:.4}{}; firm margin {:.3}",
+                st.positions,
+                opt(st.kld_mean),
+                opt(st.kld_p99),
+                opt(st.kld_max),
+                st.agreement * 100.0,
+                st.noise,
+                t.noise_budget
+                    .as_ref()
+                    .map(|b| format!(" (allowed {:.4})", b.sigma))
+                    .unwrap_or_default(),
+                t.firm_margin
+            );
             if let Some((m, true)) = t.pixels {
                 let _ = writeln!(s, "  note image.pixels: max |ours − oracle| = {m:.3e} after a bicubic resize (reported, not gated)");
             }
@@ -175,7 +210,7 @@ fn gate_line(indent: &str, g: &GateResult) -> String {
     format!(
         "{indent}gate {:<16} {:<4} {:>14}  [{}]  {}\n",
         g.name,
-        if g.passed { "pass" } else { "FAIL" },
+        g.verdict(),
         g.value,
         g.threshold,
         g.detail

@@ -1,5 +1,7 @@
-//! Reading `qwen3vl-oracle-trace/1` files (`docs/oracle-trace.md`): what fp32 HF
-//! computed for one prompt, written by our `oracle/` or by anyone with the same layout.
+//! Reading oracle traces (`docs/oracle-trace.md`): what fp32 HF computed for one
+//! prompt, written by our `oracle/` or by anyone with the same layout. Version 2
+//! (`qwen3vl-oracle-trace/2`) adds each logits row's log-sum-exp, so the KL divergence
+//! can be computed from the top-k alone; version 1 traces still read.
 
 use crate::error::{Result, VerifyError};
 use candle_core::{Device, Tensor};
@@ -8,8 +10,11 @@ use safetensors::SafeTensors;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// The format tag every trace carries in its `__metadata__`.
-pub const FORMAT: &str = "qwen3vl-oracle-trace/1";
+/// The format tag of the current version, which the oracle writes.
+pub const FORMAT: &str = "qwen3vl-oracle-trace/2";
+
+/// The first version, still read (no log-sum-exp; full logits when the writer kept them).
+pub const FORMAT_V1: &str = "qwen3vl-oracle-trace/1";
 
 /// Per-row top-k ids and their logits.
 pub type TopK = (Vec<Vec<i64>>, Vec<Vec<f32>>);
@@ -24,6 +29,8 @@ pub struct OracleTrace {
     floats: BTreeMap<String, Tensor>,
     /// Integer tensors, as i64, with their shapes.
     ints: BTreeMap<String, (Vec<usize>, Vec<i64>)>,
+    /// F64 tensors (the log-sum-exp rows of v2), flattened.
+    doubles: BTreeMap<String, Vec<f64>>,
     /// sha256 of the file's bytes.
     pub sha256: String,
 }
@@ -44,10 +51,10 @@ impl OracleTrace {
             .map(|m| m.into_iter().collect())
             .unwrap_or_default();
         match meta.get("format").map(String::as_str) {
-            Some(FORMAT) => {}
+            Some(FORMAT | FORMAT_V1) => {}
             Some(other) => {
                 return Err(bad(format!(
-                    "format is {other:?}, this reader takes {FORMAT:?}"
+                    "format is {other:?}, this reader takes {FORMAT:?} or {FORMAT_V1:?}"
                 )))
             }
             None => return Err(bad(format!("no \"format\" metadata (expected {FORMAT:?})"))),
@@ -64,6 +71,7 @@ impl OracleTrace {
             .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
         let mut floats = BTreeMap::new();
         let mut ints = BTreeMap::new();
+        let mut doubles = BTreeMap::new();
         for (name, view) in st.tensors() {
             let shape = view.shape().to_vec();
             let data = view.data();
@@ -73,6 +81,18 @@ impl OracleTrace {
                     // A NaN in the oracle would compare false against every gate.
                     q3vl_model::weights::check_finite(&name, &v).map_err(|e| bad(e.to_string()))?;
                     floats.insert(name, Tensor::from_vec(v, shape, &Device::Cpu)?);
+                }
+                Dtype::F64 => {
+                    let v: Vec<f64> = data
+                        .chunks_exact(8)
+                        .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
+                        .collect();
+                    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                        return Err(bad(format!(
+                            "tensor {name}: non-finite value at flat index {i}"
+                        )));
+                    }
+                    doubles.insert(name, v);
                 }
                 Dtype::I64 => {
                     let v = data
@@ -98,6 +118,7 @@ impl OracleTrace {
             meta,
             floats,
             ints,
+            doubles,
             sha256,
         };
         t.check_shapes()?;
@@ -138,7 +159,95 @@ impl OracleTrace {
             self.int("image_grid_thw")?;
             self.float("pixel_values")?;
         }
+        let has_decode = self.ints.contains_key("decode.top_ids");
+        if let (true, Ok((_, tokens))) = (has_decode, self.int("decode.tokens")) {
+            let rows = self.int("decode.top_ids")?.0.first().copied();
+            if rows != Some(tokens.len()) {
+                return Err(self.bad(format!(
+                    "decode.top_ids has {rows:?} rows for {} decode.tokens",
+                    tokens.len()
+                )));
+            }
+        }
+        if self.version() >= 2 {
+            self.lse("logits")?;
+            if has_decode {
+                self.lse("decode")?;
+            }
+        }
+        for group in ["logits", "decode"] {
+            if self.ints.contains_key(&format!("{group}.top_ids")) {
+                self.full_logits_tensor(group)?;
+            }
+        }
         Ok(())
+    }
+
+    /// The format version: 1 or 2.
+    pub fn version(&self) -> u32 {
+        if self.meta("format") == FORMAT_V1 {
+            1
+        } else {
+            2
+        }
+    }
+
+    /// Who computed the trace: `transformers` (the HF oracle; every v1 trace) or
+    /// `q3vl-reference` (q3vl's own fp32 reference, for models made at test time).
+    pub fn oracle(&self) -> &str {
+        match self.meta("oracle") {
+            "" => "transformers",
+            o => o,
+        }
+    }
+
+    /// The log-sum-exp of each row of a logits group (`logits` or `decode`) over the
+    /// whole vocabulary, in f64: `group.lse` of a v2 trace, else computed from the
+    /// full logits when the trace holds them, else None.
+    pub fn lse(&self, group: &str) -> Result<Option<Vec<f64>>> {
+        let rows = self.int(&format!("{group}.top_ids"))?.0.first().copied();
+        let name = format!("{group}.lse");
+        if let Some(v) = self.doubles.get(&name) {
+            if Some(v.len()) != rows {
+                return Err(self.bad(format!(
+                    "{name} has {} values, {group}.top_ids {rows:?} rows",
+                    v.len()
+                )));
+            }
+            return Ok(Some(v.clone()));
+        }
+        if self.version() >= 2 {
+            return Err(self.bad(format!("tensor {name} is missing")));
+        }
+        Ok(self
+            .full_logits(group)?
+            .map(|l| l.iter().map(|r| crate::stats::log_sum_exp(r)).collect()))
+    }
+
+    /// The full `[rows, V]` logits of a group (`logits` or `decode`), when the writer
+    /// kept them.
+    pub fn full_logits(&self, group: &str) -> Result<Option<Vec<Vec<f32>>>> {
+        match self.full_logits_tensor(group)? {
+            Some(t) => Ok(Some(t.to_vec2::<f32>()?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The full logits tensor of a group, checked to have one row per top-k row.
+    fn full_logits_tensor(&self, group: &str) -> Result<Option<&Tensor>> {
+        let name = match group {
+            "logits" => "logits".to_string(),
+            g => format!("{g}.logits"),
+        };
+        let rows = self.int(&format!("{group}.top_ids"))?.0.first().copied();
+        match self.floats.get(&name) {
+            Some(t) if t.rank() == 2 && Some(t.dims()[0]) == rows => Ok(Some(t)),
+            Some(t) => Err(self.bad(format!(
+                "{name} has shape {:?}, expected [{rows:?} rows, V]",
+                t.dims()
+            ))),
+            None => Ok(None),
+        }
     }
 
     /// A floating tensor by name.
@@ -273,6 +382,118 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    /// A minimal trace: T = 2, K = 2, D = 1, H = 2; `f64s` are the F64 tensors and
+    /// `extra` more F32 ones.
+    fn minimal(
+        path: &Path,
+        format: &str,
+        f64s: &[(&str, Vec<f64>)],
+        extra: &[(&str, Vec<usize>, Vec<f32>)],
+    ) {
+        let mut store: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = vec![];
+        let i64s = |v: &[i64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        store.push(("input_ids".into(), Dtype::I64, vec![2], i64s(&[1, 2])));
+        store.push((
+            "position_ids".into(),
+            Dtype::I64,
+            vec![3, 2],
+            i64s(&[0, 1, 0, 1, 0, 1]),
+        ));
+        store.push(("decode.tokens".into(), Dtype::I64, vec![1], i64s(&[0])));
+        store.push((
+            "logits.top_ids".into(),
+            Dtype::I64,
+            vec![2, 2],
+            i64s(&[0, 1, 1, 0]),
+        ));
+        store.push((
+            "decode.top_ids".into(),
+            Dtype::I64,
+            vec![1, 2],
+            i64s(&[0, 1]),
+        ));
+        for (n, shape, v) in [
+            ("text.embed", vec![2, 2], vec![1.0, 0.0, 0.0, 1.0]),
+            ("text.norm", vec![2, 2], vec![1.0, 0.0, 0.0, 1.0]),
+            ("logits.top_values", vec![2, 2], vec![2.0, 1.0, 3.0, 0.5]),
+            ("decode.top_values", vec![1, 2], vec![2.0, 1.0]),
+        ] {
+            store.push((n.into(), Dtype::F32, shape, f32s(&v)));
+        }
+        for (n, shape, v) in extra {
+            store.push((n.to_string(), Dtype::F32, shape.clone(), f32s(v)));
+        }
+        for (n, v) in f64s {
+            let b = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            store.push((n.to_string(), Dtype::F64, vec![v.len()], b));
+        }
+        let views: Vec<(String, TensorView<'_>)> = store
+            .iter()
+            .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+            .collect();
+        let meta = [("format".to_string(), format.to_string())]
+            .into_iter()
+            .collect();
+        safetensors::serialize_to_file(views, Some(meta), path).unwrap();
+    }
+
+    #[test]
+    fn version_2_carries_the_log_sum_exp_and_version_1_still_reads() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("t.safetensors");
+        let lse = || vec![("logits.lse", vec![2.5, 3.1]), ("decode.lse", vec![2.4])];
+        minimal(&p, FORMAT, &lse(), &[]);
+        let t = OracleTrace::open(&p).unwrap();
+        assert_eq!((t.version(), t.oracle()), (2, "transformers"));
+        assert_eq!(t.lse("logits").unwrap(), Some(vec![2.5, 3.1]));
+        assert_eq!(t.lse("decode").unwrap(), Some(vec![2.4]));
+
+        // v2 without a decode.lse, or with one of the wrong length, or a NaN: refused.
+        minimal(&p, FORMAT, &lse()[..1], &[]);
+        let e = OracleTrace::open(&p).err().unwrap().to_string();
+        assert!(
+            e.contains("t.safetensors") && e.contains("decode.lse is missing"),
+            "{e}"
+        );
+        minimal(
+            &p,
+            FORMAT,
+            &[("logits.lse", vec![1.0]), ("decode.lse", vec![2.4])],
+            &[],
+        );
+        let e = OracleTrace::open(&p).err().unwrap().to_string();
+        assert!(e.contains("logits.lse has 1 values"), "{e}");
+        minimal(
+            &p,
+            FORMAT,
+            &[
+                ("logits.lse", vec![1.0, f64::NAN]),
+                ("decode.lse", vec![2.4]),
+            ],
+            &[],
+        );
+        let e = OracleTrace::open(&p).err().unwrap().to_string();
+        assert!(e.contains("logits.lse") && e.contains("non-finite"), "{e}");
+
+        // v1: no log-sum-exp unless the full logits are there to compute it from.
+        minimal(&p, FORMAT_V1, &[], &[]);
+        let t = OracleTrace::open(&p).unwrap();
+        assert_eq!((t.version(), t.lse("logits").unwrap()), (1, None));
+        let full = vec![0.0f32, 2.0, 1.0, 3.0, 0.5, 0.0];
+        minimal(&p, FORMAT_V1, &[], &[("logits", vec![2, 3], full)]);
+        let l = OracleTrace::open(&p)
+            .unwrap()
+            .lse("logits")
+            .unwrap()
+            .unwrap();
+        let want = (1f64 + 2f64.exp() + 1f64.exp()).ln();
+        assert!((l[0] - want).abs() < 1e-12, "{l:?}");
+        // Full logits with another row count are refused.
+        minimal(&p, FORMAT_V1, &[], &[("logits", vec![1, 3], vec![0.0; 3])]);
+        assert!(OracleTrace::open(&p).is_err());
     }
 
     #[test]

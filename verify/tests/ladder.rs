@@ -70,6 +70,8 @@ fn ladder(fx: &str, trace: &str, src: Option<(&str, f64)>) -> TraceReport {
         preprocessor: &pre,
         keep_weights: true,
         engine: None,
+        mode: None,
+        rounding: None,
     };
     let t = OracleTrace::open(&dir.join("traces").join(trace)).unwrap();
     verify_trace(&subject, &t, &Gates::builtin(), Profile::Fp32).unwrap()
