@@ -106,7 +106,18 @@ pub struct SynthOptions {
     pub force: bool,
     /// Shard size.
     pub shard: ShardPolicy,
+    /// Pixel bounds, mean, std and rescale factor of `preprocessor_config.json` (the
+    /// Qwen3-VL defaults normally; small `min_pixels` keeps test images small). Patch,
+    /// temporal-patch and merge sizes always come from `config`.
+    pub preprocessor: PreprocessorConfig,
+    /// Multiplies the decoder's final norm weight, so the logits spread like a trained
+    /// model's (1: synth's values as they are, whose logits are nearly flat, std about
+    /// 0.02·√hidden; 20 gives a trained model's spread of about 3).
+    pub logit_scale: f32,
 }
+
+/// The tensor [`SynthOptions::logit_scale`] multiplies.
+pub const FINAL_NORM: &str = "model.language_model.norm.weight";
 
 /// What was written.
 #[derive(Debug, Clone, Serialize)]
@@ -187,7 +198,7 @@ pub fn synth(
     let dir = staging.dir().join(&leaf);
     std::fs::create_dir(&dir).map_err(|e| ConvertError::io(&dir, e))?;
     crate::convert::test_hold(cancel)?;
-    let mut bytes = write_small_files(&dir, &opts.config, &tok_bytes, &tok_cfg)?;
+    let mut bytes = write_small_files(&dir, opts, &tok_bytes, &tok_cfg)?;
     let (tensors, files) = write_weights(opts, &dir, progress, cancel)?;
     bytes += files.iter().map(|f| f.entry.size).sum::<u64>();
     let shards = files
@@ -209,7 +220,7 @@ pub fn synth(
 /// Writes the configs and tokenizer files into `dir`; returns their bytes.
 fn write_small_files(
     dir: &Path,
-    cfg: &Qwen3VlConfig,
+    opts: &SynthOptions,
     tok_bytes: &[u8],
     tok_cfg: &Value,
 ) -> Result<u64> {
@@ -223,9 +234,10 @@ fn write_small_files(
         b.push(b'\n');
         b
     };
-    Ok(write("config.json", &json(&cfg.to_hf_json()))?
+    let pre = preprocessor_config(&opts.config, &opts.preprocessor);
+    Ok(write("config.json", &json(&opts.config.to_hf_json()))?
         + write("generation_config.json", &json(&generation_config()))?
-        + write("preprocessor_config.json", &json(&preprocessor_config(cfg)))?
+        + write("preprocessor_config.json", &json(&pre))?
         + write("tokenizer_config.json", &json(tok_cfg))?
         + write("tokenizer.json", tok_bytes)?)
 }
@@ -253,7 +265,10 @@ fn write_weights(
     for name in &order {
         let spec = by_name[name.as_str()];
         let n: usize = spec.shape.iter().product();
-        let (mean, std) = value_model(spec);
+        let (mean, std) = match value_model(spec) {
+            (m, s) if name == FINAL_NORM => (m * opts.logit_scale, s * opts.logit_scale),
+            ms => ms,
+        };
         let key = tensor_key(opts.seed, name);
         let mut at = 0usize;
         while at < n {
@@ -335,8 +350,7 @@ fn generation_config() -> Value {
     })
 }
 
-fn preprocessor_config(cfg: &Qwen3VlConfig) -> Value {
-    let d = PreprocessorConfig::default();
+fn preprocessor_config(cfg: &Qwen3VlConfig, d: &PreprocessorConfig) -> Value {
     json!({
         "image_processor_type": "Qwen2VLImageProcessorFast",
         "processor_class": "Qwen3VLProcessor",
@@ -395,6 +409,8 @@ mod tests {
             tokenizer_dir: None,
             force: false,
             shard: ShardPolicy::default(),
+            preprocessor: PreprocessorConfig::default(),
+            logit_scale: 1.0,
         };
         let held = Staging::begin_entry(&opts.out).unwrap();
         let e = synth(&opts, &crate::Quiet, &Cancel::new()).unwrap_err();

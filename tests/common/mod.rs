@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod damage;
+pub mod self_trace;
+
 use q3vl_model::layout;
 use q3vl_model::Qwen3VlConfig;
 use safetensors::tensor::{Dtype, TensorView};
