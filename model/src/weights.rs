@@ -33,6 +33,10 @@ pub struct Checkpoint {
     dir: PathBuf,
     files: Vec<MappedFile>,
     tensors: BTreeMap<String, TensorInfo>,
+    /// Every `(name, range)` [`Checkpoint::release`] was asked to drop: lets tests see
+    /// that a reader gives back what it read without measuring the resident set.
+    #[cfg(test)]
+    released: std::sync::Mutex<Vec<(String, std::ops::Range<usize>)>>,
 }
 
 impl Checkpoint {
@@ -130,6 +134,8 @@ impl Checkpoint {
             dir: dir.to_path_buf(),
             files,
             tensors,
+            #[cfg(test)]
+            released: Default::default(),
         })
     }
 
@@ -291,13 +297,32 @@ impl Checkpoint {
     /// read; the data stays in the page cache and re-faults from there if touched again.
     /// Without this, mapped pages a pass has read count towards its resident set.
     pub fn release(&self, name: &str, range: std::ops::Range<usize>) {
+        #[cfg(test)]
+        self.released
+            .lock()
+            .expect("not poisoned")
+            .push((name.to_owned(), range.clone()));
         if let Some((map, off, len)) = self.map_range(name, range) {
-            // SAFETY: the map is a read-only shared file mapping, and no slice of this
-            // range is used past this call by the converter; a later access simply
-            // faults the page back in from the page cache.
+            // SAFETY: the map is a read-only shared file mapping, so dropping its pages
+            // loses nothing: a later access (a slice still held, or a neighbour's bytes
+            // on a boundary page, which memmap2 rounds in) faults the page back in from
+            // the page cache.
             let advice = memmap2::UncheckedAdvice::DontNeed;
             let _ = unsafe { map.unchecked_advise_range(advice, off, len) };
         }
+    }
+
+    /// [`Checkpoint::release`] of a whole tensor.
+    pub fn release_tensor(&self, name: &str) {
+        if let Some(info) = self.tensors.get(name) {
+            self.release(name, 0..info.range.len());
+        }
+    }
+
+    /// The ranges released so far, in call order (tests only).
+    #[cfg(test)]
+    pub(crate) fn released(&self) -> Vec<(String, std::ops::Range<usize>)> {
+        self.released.lock().expect("not poisoned").clone()
     }
 
     fn map_range(
