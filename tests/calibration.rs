@@ -480,6 +480,7 @@ fn self_traces_match_the_hf_oracle_traces() {
     let ck = dir.join("fv-tied");
     let file = |n: &str| fx.join(n);
     let seed = std::fs::read_to_string(file("SEED")).unwrap();
+    let scale = std::fs::read_to_string(file("LOGIT_SCALE")).unwrap();
     ok(&[
         "synth",
         "--config",
@@ -488,6 +489,8 @@ fn self_traces_match_the_hf_oracle_traces() {
         s(&file("preprocessor.json")),
         "--seed",
         seed.trim(),
+        "--logit-scale",
+        scale.trim(),
         "--out",
         s(&ck),
     ]);
@@ -542,7 +545,8 @@ fn same_trace(name: &str, ours: &OracleTrace, hf: &OracleTrace) {
             .zip(&b)
             .map(|(x, y)| (x - y).abs())
             .fold(0.0, f64::max);
-        assert!(d <= 1e-6, "{name} {g}.lse: max |ours − HF| {d:e}");
+        // fp32 logits of magnitude ~10 differ in reduction order by ~1e-6.
+        assert!(d <= 1e-5, "{name} {g}.lse: max |ours − HF| {d:e}");
         // Top-k ids may swap only at near-ties.
         let (ia, _) = ours.top_k(g).unwrap();
         let (ib, _) = hf.top_k(g).unwrap();
