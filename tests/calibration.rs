@@ -461,6 +461,14 @@ fn head_scales_times_1_02_fail_head_local() {
     assert_caught("head-x1.02", &harm, &on_both(&["head.local"], &[]));
 }
 
+/// (f) The final norm × 1.02: every logit × 1.02 like (d), but before the head, where
+/// the head's own check on the oracle's normed state cannot see it.
+#[test]
+fn final_norm_times_1_02_fails_norm_local() {
+    let harm = |out: &Path| damage::scale_final_norm(out, 1.02);
+    assert_caught("norm-x1.02", &harm, &on_both(&["norm.local"], &[]));
+}
+
 /// (e) DeepStack mergers 0 and 1 exchanged in the vision bundle: found at those two.
 #[test]
 fn swapped_deepstack_mergers_fail_the_vision_ladder() {

@@ -397,3 +397,58 @@ fn a_wrong_image_fails_the_vision_gate() {
         "{stdout}"
     );
 }
+
+/// Copies trace `t` of fixture `fx` to `dir`, keeping only the first row of tensor
+/// `name` (a damaged or foreign trace whose tap covers fewer tokens than the prompt).
+fn with_short_tap(fx: &str, t: &str, name: &str, dir: &Path) -> PathBuf {
+    use safetensors::tensor::TensorView;
+    let src = trace(fx, t);
+    let bytes = std::fs::read(&src).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = vec![];
+    for (n, v) in st.tensors() {
+        let (mut shape, mut data) = (v.shape().to_vec(), v.data().to_vec());
+        if n == name {
+            let row = data.len() / shape[0];
+            shape[0] = 1;
+            data.truncate(row);
+        }
+        owned.push((n, v.dtype(), shape, data));
+    }
+    let views: Vec<(String, TensorView<'_>)> = owned
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    let out = dir.join(src.file_name().unwrap());
+    safetensors::serialize_to_file(views, meta.metadata().clone(), &out).unwrap();
+    if let Some(img) = src.parent().map(|p| p.join("image.png")).filter(|p| p.exists()) {
+        std::fs::copy(img, dir.join("image.png")).unwrap();
+    }
+    out
+}
+
+#[test]
+fn a_trace_whose_tap_covers_fewer_rows_is_bad_input() {
+    // Comparisons zip rows: a short tap would be compared on its rows only and pass.
+    let dir = tempfile::tempdir().unwrap();
+    for (t, name) in [("text", "text.layer.1"), ("image", "vision.deepstack.0")] {
+        let bad = with_short_tap("tied", t, name, dir.path());
+        for side in ["--src", "--bundle"] {
+            let subject = match side {
+                "--src" => fixture("tied"),
+                _ => common::converted_fixture("tied"),
+            };
+            let o = run(&[
+                "verify",
+                side,
+                s(&subject),
+                "--trace",
+                s(&bad),
+                "--report",
+                s(dir.path()),
+            ]);
+            fails(&o, &[name, "does not fit"]);
+        }
+    }
+}

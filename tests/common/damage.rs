@@ -173,6 +173,20 @@ pub fn scale_head(out: &Path, factor: f32) {
     reseal_pair(out);
 }
 
+/// (f) The decoder's final norm weight (stored f32) × `factor`: every logit × about
+/// `factor`, with every layer and the head untouched. Any mode.
+pub fn scale_final_norm(out: &Path, factor: f32) {
+    let lang = pair(out).language;
+    let name = format!("{}.norm.weight", layout::TEXT);
+    edit_tensor(&lang, &name, |b, _| {
+        for c in b.chunks_exact_mut(4) {
+            let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]) * factor;
+            c.copy_from_slice(&v.to_le_bytes());
+        }
+    });
+    reseal_pair(out);
+}
+
 /// (e) DeepStack mergers `a` and `b` exchanged in the vision bundle (every tensor of
 /// one in the other's place: a converter that numbered them wrong). Any mode.
 pub fn swap_deepstack(out: &Path, a: usize, b: usize) {

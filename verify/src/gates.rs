@@ -62,6 +62,9 @@ pub struct BundleGates {
     /// The head on the oracle's own normed state may be this many times noisier than
     /// its rounding allows (`head.local`).
     pub head_factor: f64,
+    /// The final norm on the oracle's own last hidden state: largest relative error
+    /// (`norm.local`; its weight is stored f32 in every mode, so only float rounding).
+    pub norm_local_rel: f64,
     /// Per conversion mode (`int8hu`, `int8lin`, `fp16`).
     pub modes: BTreeMap<String, ModeGates>,
 }
@@ -135,10 +138,14 @@ impl Gates {
             g.bundle.noise_factor,
             g.bundle.kld_factor,
         ];
-        if all.iter().any(|x| !x.is_finite() || *x < 0.0) {
-            return Err(bad(
-                "firm_margin, noise_z and the bundle factors must be finite and ≥ 0".into(),
-            ));
+        let modes = g.bundle.modes.values();
+        let per_mode = modes.flat_map(|m| [m.vision_cos, m.layer_cos, m.local_update_rel]);
+        if all
+            .into_iter()
+            .chain(per_mode)
+            .any(|x| !x.is_finite() || x < 0.0)
+        {
+            return Err(bad("every threshold must be finite and ≥ 0".into()));
         }
         Ok(g)
     }
@@ -161,6 +168,9 @@ pub struct GateResult {
     /// it did not fail, but reports show it as skipped, never as passed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub skipped: Option<String>,
+    /// `pass`, `FAIL` or `skip`: what a reader of `report.json` or a stamp should
+    /// show (`passed` alone is also true for a skipped gate).
+    pub verdict: String,
 }
 
 impl GateResult {
@@ -179,6 +189,7 @@ impl GateResult {
             threshold: threshold.into(),
             detail: detail.into(),
             skipped: None,
+            verdict: if passed { "pass" } else { "FAIL" }.into(),
         }
     }
 
@@ -192,17 +203,14 @@ impl GateResult {
         let why = why.into();
         GateResult {
             skipped: Some(why.clone()),
+            verdict: "skip".into(),
             ..GateResult::new(name, true, value, threshold, why)
         }
     }
 
     /// `pass`, `FAIL` or `skip`.
-    pub fn verdict(&self) -> &'static str {
-        match (self.passed, &self.skipped) {
-            (_, Some(_)) => "skip",
-            (true, None) => "pass",
-            (false, None) => "FAIL",
-        }
+    pub fn verdict(&self) -> &str {
+        &self.verdict
     }
 }
 

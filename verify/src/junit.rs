@@ -16,10 +16,11 @@ impl Report {
         let (mut total, mut failures) = (0, 0);
         let mut suite = |name: &str, gates: &[crate::GateResult]| {
             let f = gates.iter().filter(|g| !g.passed).count();
+            let sk = gates.iter().filter(|g| g.skipped.is_some()).count();
             total += gates.len();
             failures += f;
             suites.push_str(&format!(
-                "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{f}\">\n",
+                "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{f}\" skipped=\"{sk}\">\n",
                 esc(name),
                 gates.len()
             ));

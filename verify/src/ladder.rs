@@ -174,23 +174,36 @@ fn mismatch(trace: &OracleTrace, msg: String) -> VerifyError {
     }
 }
 
-/// Refuses a trace whose shapes do not fit the model (a trace of another model).
+/// Refuses a trace whose shapes do not fit the model (a trace of another model, or a
+/// damaged one): every tap must have exactly the shape the model gives it, or a
+/// comparison would silently cover fewer rows than it claims.
 pub fn check_fits(cfg: &Qwen3VlConfig, trace: &OracleTrace) -> Result<()> {
-    let h = cfg.text.hidden_size;
-    let d = trace.float("text.embed")?.dims().to_vec();
-    if d[1] != h {
+    let ids = trace.int("input_ids")?.1;
+    let t = ids.len();
+    if t == 0 {
         return Err(mismatch(
             trace,
-            format!("text.embed is {d:?} but the model's hidden size is {h}"),
+            "input_ids is empty: there is no prompt to verify".into(),
         ));
     }
+    let h = cfg.text.hidden_size;
+    let shape = |name: &str, want: [usize; 2]| -> Result<()> {
+        let d = trace.float(name)?.dims().to_vec();
+        match d == want {
+            true => Ok(()),
+            false => Err(mismatch(
+                trace,
+                format!("{name} is {d:?}, the model and the prompt need {want:?}"),
+            )),
+        }
+    };
+    shape(taps::TEXT_EMBED, [t, h])?;
+    shape(taps::TEXT_NORM, [t, h])?;
     for i in 0..cfg.text.num_hidden_layers {
-        trace.float(&taps::text_layer(i))?;
+        shape(&taps::text_layer(i), [t, h])?;
     }
-    if trace
-        .float_opt(&taps::text_layer(cfg.text.num_hidden_layers))
-        .is_some()
-    {
+    let extra = taps::text_layer(cfg.text.num_hidden_layers);
+    if trace.float_opt(&extra).is_some() {
         return Err(mismatch(
             trace,
             format!(
@@ -200,49 +213,68 @@ pub fn check_fits(cfg: &Qwen3VlConfig, trace: &OracleTrace) -> Result<()> {
         ));
     }
     let v = cfg.text.vocab_size as i64;
-    if let Some(bad) = trace.int("input_ids")?.1.iter().find(|&&x| x < 0 || x >= v) {
+    if let Some(bad) = ids.iter().find(|&&x| x < 0 || x >= v) {
         return Err(mismatch(
             trace,
             format!("input id {bad} is outside the vocabulary ({v})"),
         ));
     }
+    for group in ["logits", "decode"] {
+        if trace.int(&format!("{group}.top_ids")).is_err() && group == "decode" {
+            continue;
+        }
+        let (top, _) = trace.top_k(group)?;
+        if let Some(bad) = top.iter().flatten().find(|&&x| x < 0 || x >= v) {
+            return Err(mismatch(
+                trace,
+                format!("{group}.top_ids holds {bad}, outside the vocabulary ({v})"),
+            ));
+        }
+    }
     if let Some(grid) = trace.grid_thw()? {
-        let pv = trace.float("pixel_values")?.dims().to_vec();
-        let p: usize = grid.iter().product();
-        if pv != [p, cfg.vision.patch_dim()] {
-            return Err(mismatch(
-                trace,
-                format!(
-                    "pixel_values is {pv:?}, the model needs [{p}, {}]",
-                    cfg.vision.patch_dim()
-                ),
-            ));
-        }
-        let e = trace.float(taps::VISION_EMBED)?.dims().to_vec();
-        if e != [p, cfg.vision.hidden_size] {
-            return Err(mismatch(
-                trace,
-                format!(
-                    "vision.embed is {e:?}, the model's vision width is {}",
-                    cfg.vision.hidden_size
-                ),
-            ));
-        }
-        for j in 0..cfg.vision.depth {
-            trace.float(&taps::vision_block(j))?;
-        }
-        if trace
-            .float_opt(&taps::vision_block(cfg.vision.depth))
-            .is_some()
-        {
-            return Err(mismatch(
-                trace,
-                format!("the trace has more than {} ViT blocks", cfg.vision.depth),
-            ));
-        }
-        for k in 0..cfg.vision.deepstack_visual_indexes.len() {
-            trace.float(&taps::vision_deepstack(k))?;
-        }
+        check_vision_fits(cfg, trace, grid, &shape)?;
+    }
+    Ok(())
+}
+
+/// The vision taps of an image trace, against the model's vision tower.
+fn check_vision_fits(
+    cfg: &Qwen3VlConfig,
+    trace: &OracleTrace,
+    grid: [usize; 3],
+    shape: &dyn Fn(&str, [usize; 2]) -> Result<()>,
+) -> Result<()> {
+    let vc = &cfg.vision;
+    let p: usize = grid.iter().product();
+    let merge = vc.spatial_merge_size * vc.spatial_merge_size;
+    if p == 0 || !p.is_multiple_of(merge) {
+        return Err(mismatch(
+            trace,
+            format!("image_grid_thw {grid:?} is not a whole number of merged patches"),
+        ));
+    }
+    shape("pixel_values", [p, vc.patch_dim()])?;
+    shape(taps::VISION_EMBED, [p, vc.hidden_size])?;
+    for j in 0..vc.depth {
+        shape(&taps::vision_block(j), [p, vc.hidden_size])?;
+    }
+    if trace.float_opt(&taps::vision_block(vc.depth)).is_some() {
+        return Err(mismatch(
+            trace,
+            format!("the trace has more than {} ViT blocks", vc.depth),
+        ));
+    }
+    let n = p / merge;
+    shape(taps::VISION_MERGER, [n, vc.out_hidden_size])?;
+    for k in 0..vc.deepstack_visual_indexes.len() {
+        shape(&taps::vision_deepstack(k), [n, vc.out_hidden_size])?;
+    }
+    let img = q3vl_model::text::image_rows(&trace.input_ids()?, cfg.image_token_id).len();
+    if img != n {
+        return Err(mismatch(
+            trace,
+            format!("the prompt has {img} image tokens, the grid {grid:?} gives {n}"),
+        ));
     }
     Ok(())
 }
@@ -337,6 +369,9 @@ pub fn verify_trace(
         None => vec![],
     };
     results.extend(local_gate(&local, &limits));
+    if profile == Profile::Bundle {
+        results.push(norm_gate(subject, trace, gates.bundle.norm_local_rel)?);
+    }
     results.extend(
         budget
             .as_ref()
@@ -484,7 +519,7 @@ fn run_models(
         grid_thw: *g,
     });
     let replay = match limits.profile {
-        Profile::Bundle => Some(oracle_layer_inputs(subject.cfg, trace)?),
+        Profile::Bundle => Some(oracle_layer_inputs(subject.cfg, trace, false)?),
         Profile::Fp32 => None,
     };
     let reference = reference::run_replaying(
@@ -501,7 +536,13 @@ fn run_models(
 
 /// The oracle's input to each decoder layer: `text.embed` for layer 0, then the
 /// previous layer's output plus its DeepStack addition at the image rows.
-fn oracle_layer_inputs(cfg: &Qwen3VlConfig, trace: &OracleTrace) -> Result<Vec<Tensor>> {
+///
+/// With `and_norm`, one more: the final norm's input.
+fn oracle_layer_inputs(
+    cfg: &Qwen3VlConfig,
+    trace: &OracleTrace,
+    and_norm: bool,
+) -> Result<Vec<Tensor>> {
     let ids = trace.input_ids()?;
     let img_rows = q3vl_model::text::image_rows(&ids, cfg.image_token_id);
     let n_ds = match trace.has_image() {
@@ -509,7 +550,11 @@ fn oracle_layer_inputs(cfg: &Qwen3VlConfig, trace: &OracleTrace) -> Result<Vec<T
         false => 0,
     };
     let mut inputs = vec![trace.float(taps::TEXT_EMBED)?.clone()];
-    for i in 0..cfg.text.num_hidden_layers.saturating_sub(1) {
+    let n = cfg
+        .text
+        .num_hidden_layers
+        .saturating_sub(usize::from(!and_norm));
+    for i in 0..n {
         let mut x = trace.float(&taps::text_layer(i))?.clone();
         if i < n_ds && !img_rows.is_empty() {
             let ds = trace.float(&taps::vision_deepstack(i))?;
@@ -527,7 +572,7 @@ fn local_rows(
     cfg: &Qwen3VlConfig,
     limit: f64,
 ) -> Result<Vec<LocalRow>> {
-    let inputs = oracle_layer_inputs(cfg, trace)?;
+    let inputs = oracle_layer_inputs(cfg, trace, false)?;
     let mut rows = Vec::new();
     for (i, input) in inputs.iter().enumerate() {
         let name = taps::text_layer_local(i);
@@ -594,6 +639,35 @@ fn local_gate(rows: &[LocalRow], limits: &Limits<'_>) -> Option<GateResult> {
                 worst.update_cos
             ),
         },
+    ))
+}
+
+/// `norm.local`: our final norm on the oracle's last hidden state (with its DeepStack
+/// addition when the last layer has one) against the oracle's `text.norm`.
+fn norm_gate(subject: &Subject<'_>, trace: &OracleTrace, limit: f64) -> Result<GateResult> {
+    let cfg = subject.cfg;
+    let inputs = oracle_layer_inputs(cfg, trace, true)?;
+    let x = inputs.last().expect("one input per layer, plus the norm's");
+    let w = subject.src.tensor(
+        &format!("{}.norm.weight", q3vl_model::layout::TEXT),
+        &[cfg.text.hidden_size],
+    )?;
+    let ours = q3vl_model::ops::rms_norm(x, &w, cfg.text.rms_norm_eps)?;
+    let (u, _) = flat(&ours)?;
+    let (o, _) = flat(trace.float(taps::TEXT_NORM)?)?;
+    let err: f64 = diff(&u, &o)
+        .iter()
+        .map(|&e| (e as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let norm: f64 = o.iter().map(|&e| (e as f64).powi(2)).sum::<f64>().sqrt();
+    let rel = if norm > 0.0 { err / norm } else { err };
+    Ok(GateResult::new(
+        "norm.local",
+        rel <= limit,
+        format!("{rel:.3e}"),
+        format!("relative error ≤ {limit:e}"),
+        "the bundle's final norm on the oracle's own last hidden state against the oracle's text.norm",
     ))
 }
 

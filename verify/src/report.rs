@@ -103,7 +103,7 @@ impl Report {
             )
         } else {
             format!(
-                "FAIL: {} of {} gates failed: {}{not_run}",
+                "FAIL: {} of {} gates failed: {}{skipped}{not_run}",
                 bad.len(),
                 ok.len() + bad.len(),
                 bad.join(", ")

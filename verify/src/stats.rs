@@ -102,7 +102,7 @@ fn kld_full(p_row: &[f32], q_row: &[f32], lse_q: f64) -> f64 {
             lp.exp() * (lp - (zq as f64 - lse_q))
         })
         .sum::<f64>()
-        .max(0.0)
+        .at_least_zero()
 }
 
 /// KL(p ‖ q) over the oracle's top-k tokens plus one lumped tail outcome, and the
@@ -129,7 +129,23 @@ fn kld_top_k(ids: &[usize], values: &[f32], lse_p: f64, q_row: &[f32], lse_q: f6
     if p_tail > 0.0 {
         kl += p_tail * (p_tail / q_tail.max(f64::MIN_POSITIVE)).ln();
     }
-    (kl.max(0.0), p_tail)
+    (kl.at_least_zero(), p_tail)
+}
+
+/// Rounding can leave a KL a hair below 0; NaN must stay NaN (`f64::max` would turn
+/// it into 0, and a NaN logit would pass).
+trait NonNeg {
+    fn at_least_zero(self) -> f64;
+}
+
+impl NonNeg for f64 {
+    fn at_least_zero(self) -> f64 {
+        if self.is_nan() {
+            self
+        } else {
+            self.max(0.0)
+        }
+    }
 }
 
 /// The statistics of a set of positions.
@@ -300,6 +316,15 @@ mod tests {
             (position(&ours, &row(&[0, 1, 2], &o, None, None)).noise - (1f64 / 6.0).sqrt()).abs()
                 < 1e-9
         );
+    }
+
+    #[test]
+    fn a_nan_logit_outside_the_top_k_makes_the_kl_nan() {
+        let o = [5.0f32, 4.0];
+        let ours = [5.0f32, 4.0, f32::NAN];
+        let s = position(&ours, &row(&[0, 1], &o, Some(6.0), None));
+        assert!(s.kld.unwrap().is_nan());
+        assert!(summarise(&[s]).kld_mean.unwrap().is_nan());
     }
 
     #[test]

@@ -327,19 +327,20 @@ impl Greedy {
     /// ambiguous oracle step; with a decode to compare, at least one step counts.
     pub fn gate(&self, firm: f64, limit: usize) -> GateResult {
         let d = &self.matched;
-        if d.counted == 0 && d.first_ambiguous == Some(0) {
-            return GateResult::skipped(
-                "decode.greedy",
-                "0/0",
-                format!("first {limit} steps, counted to the first oracle margin < {firm:.3}"),
-                "the oracle's first step is already ambiguous; decode.seeded and logits.kld count every step",
-            );
+        let threshold =
+            format!("first {limit} steps, counted to the first oracle margin < {firm:.3}");
+        if d.counted == 0 {
+            let why = match self.oracle.is_empty() || limit == 0 {
+                true => "the trace has no decode steps to compare",
+                false => "the oracle's first step is already ambiguous; decode.seeded and logits.kld count every step",
+            };
+            return GateResult::skipped("decode.greedy", "0/0", threshold, why);
         }
         GateResult::new(
             "decode.greedy",
-            d.passed() && (d.counted > 0 || self.oracle.is_empty()),
+            d.passed(),
             format!("{}/{}", d.matched, d.counted),
-            format!("first {limit} steps, counted to the first oracle margin < {firm:.3}"),
+            threshold,
             match (d.first_mismatch, d.first_ambiguous) {
                 (Some(i), _) => format!(
                     "step {i}: ours {}, oracle {}",

@@ -214,6 +214,16 @@ impl OracleTrace {
                     v.len()
                 )));
             }
+            // The whole vocabulary's log-sum-exp is at least its top-k's.
+            let (_, vals) = self.top_k(group)?;
+            for (r, (&l, top)) in v.iter().zip(&vals).enumerate() {
+                let floor = crate::stats::log_sum_exp(top);
+                if l < floor - 1e-6 * (1.0 + floor.abs()) {
+                    return Err(self.bad(format!(
+                        "{name} row {r} is {l}, below the log-sum-exp of its own top-k ({floor})"
+                    )));
+                }
+            }
             return Ok(Some(v.clone()));
         }
         if self.version() >= 2 {
@@ -332,7 +342,31 @@ impl OracleTrace {
         if ids.len() != vals.len() {
             return Err(self.bad(format!("{group}.top_ids and top_values disagree in rows")));
         }
+        self.check_top_rows(group, &ids, &vals)?;
         Ok((ids, vals))
+    }
+
+    /// A top-k row is K ≥ 2 distinct ids with non-increasing values: anything else
+    /// would make margins negative and the noise of a row of one token zero.
+    fn check_top_rows(&self, group: &str, ids: &[Vec<i64>], vals: &[Vec<f32>]) -> Result<()> {
+        for (r, (i, v)) in ids.iter().zip(vals).enumerate() {
+            if i.len() < 2 {
+                return Err(self.bad(format!(
+                    "{group}.top_ids has K = {}, at least 2 needed",
+                    i.len()
+                )));
+            }
+            if v.windows(2).any(|w| w[1] > w[0]) {
+                return Err(self.bad(format!(
+                    "{group}.top_values row {r} is not sorted best first"
+                )));
+            }
+            let distinct: std::collections::BTreeSet<&i64> = i.iter().collect();
+            if distinct.len() != i.len() {
+                return Err(self.bad(format!("{group}.top_ids row {r} repeats a token id")));
+            }
+        }
+        Ok(())
     }
 
     /// The oracle's greedy continuation.
@@ -392,6 +426,23 @@ mod tests {
         f64s: &[(&str, Vec<f64>)],
         extra: &[(&str, Vec<usize>, Vec<f32>)],
     ) {
+        minimal_top(
+            path,
+            format,
+            f64s,
+            extra,
+            (&[0, 1, 1, 0], &[2.0, 1.0, 3.0, 0.5]),
+        );
+    }
+
+    /// [`minimal`] with the prompt's top-k ids and values given ([2, 2]).
+    fn minimal_top(
+        path: &Path,
+        format: &str,
+        f64s: &[(&str, Vec<f64>)],
+        extra: &[(&str, Vec<usize>, Vec<f32>)],
+        top: (&[i64], &[f32]),
+    ) {
         let mut store: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = vec![];
         let i64s = |v: &[i64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
         let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
@@ -403,12 +454,7 @@ mod tests {
             i64s(&[0, 1, 0, 1, 0, 1]),
         ));
         store.push(("decode.tokens".into(), Dtype::I64, vec![1], i64s(&[0])));
-        store.push((
-            "logits.top_ids".into(),
-            Dtype::I64,
-            vec![2, 2],
-            i64s(&[0, 1, 1, 0]),
-        ));
+        store.push(("logits.top_ids".into(), Dtype::I64, vec![2, 2], i64s(top.0)));
         store.push((
             "decode.top_ids".into(),
             Dtype::I64,
@@ -418,7 +464,7 @@ mod tests {
         for (n, shape, v) in [
             ("text.embed", vec![2, 2], vec![1.0, 0.0, 0.0, 1.0]),
             ("text.norm", vec![2, 2], vec![1.0, 0.0, 0.0, 1.0]),
-            ("logits.top_values", vec![2, 2], vec![2.0, 1.0, 3.0, 0.5]),
+            ("logits.top_values", vec![2, 2], top.1.to_vec()),
             ("decode.top_values", vec![1, 2], vec![2.0, 1.0]),
         ] {
             store.push((n.into(), Dtype::F32, shape, f32s(&v)));
@@ -494,6 +540,42 @@ mod tests {
         // Full logits with another row count are refused.
         minimal(&p, FORMAT_V1, &[], &[("logits", vec![1, 3], vec![0.0; 3])]);
         assert!(OracleTrace::open(&p).is_err());
+    }
+
+    #[test]
+    fn top_k_rows_must_be_distinct_sorted_and_below_the_log_sum_exp() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("t.safetensors");
+        let lse = [("logits.lse", vec![3.5, 3.5]), ("decode.lse", vec![2.4])];
+        let refused = |top: (&[i64], &[f32]), lse: &[(&str, Vec<f64>)], want: &str| {
+            minimal_top(&p, FORMAT, lse, &[], top);
+            let e = OracleTrace::open(&p).err().expect(want).to_string();
+            assert!(e.contains("t.safetensors") && e.contains(want), "{e}");
+        };
+        refused(
+            (&[0, 1, 1, 0], &[1.0, 2.0, 3.0, 0.5]),
+            &lse,
+            "row 0 is not sorted",
+        );
+        refused(
+            (&[0, 0, 1, 0], &[2.0, 1.0, 3.0, 0.5]),
+            &lse,
+            "row 0 repeats a token id",
+        );
+        let low = [("logits.lse", vec![2.0, 3.5]), ("decode.lse", vec![2.4])];
+        refused(
+            (&[0, 1, 1, 0], &[2.0, 1.0, 3.0, 0.5]),
+            &low,
+            "logits.lse row 0",
+        );
+        minimal_top(
+            &p,
+            FORMAT,
+            &lse,
+            &[],
+            (&[0, 1, 1, 0], &[2.0, 2.0, 3.0, 0.5]),
+        );
+        assert!(OracleTrace::open(&p).is_ok(), "equal values are sorted");
     }
 
     #[test]
