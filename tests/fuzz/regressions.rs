@@ -40,7 +40,10 @@ fn write_trace(path: &Path, ints: &[(&str, Vec<usize>)], floats: &[(&str, Vec<us
             )
         })
         .collect();
-    let meta = HashMap::from([("format".to_string(), q3vl_verify::trace::FORMAT_V1.to_string())]);
+    let meta = HashMap::from([(
+        "format".to_string(),
+        q3vl_verify::trace::FORMAT_V1.to_string(),
+    )]);
     safetensors::serialize_to_file(views, Some(meta), path).expect("a trace writes");
 }
 
