@@ -213,7 +213,7 @@ def save_safetensors_deterministic(path, tensors: dict, metadata: dict) -> None:
 
     import torch
 
-    dtypes = {torch.float32: "F32", torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16",
+    dtypes = {torch.float64: "F64", torch.float32: "F32", torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16",
               torch.int8: "I8", torch.int32: "I32", torch.uint8: "U8"}
     header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
     blobs = []

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Write a shape-only `qwen3vl-oracle-trace/1` file for a checkpoint too big for the fp32 oracle.
+"""Write a shape-only `qwen3vl-oracle-trace/2` file for a checkpoint too big for the fp32 oracle.
 
     python oracle/shape_trace.py --model DIR --prompt TEXT [--image PATH] --out FILE.safetensors \
-        [--decode-steps 24] [--top-k 16] [--seed 0]
+        [--decode-steps 24] [--top-k 64] [--seed 0]
 
 For memory and speed work on `q3vl synth --size 8b` checkpoints (random weights, 35 GB in
 fp32: the oracle cannot run them on a 24 GiB machine). The prompt side is real: input_ids
@@ -11,7 +11,10 @@ from the checkpoint's chat template and processor, position_ids from HF `get_rop
 image_grid_thw from the processor. Every activation, logit and decode token is seeded random
 noise of the right shape, so a verifier runs every stage and every gate of the real thing
 and allocates what it would allocate, but its numeric gates FAIL: such a trace measures
-resources, never accuracy. Its metadata says so (`model` starts with "shape-only:").
+resources, never accuracy. Its metadata says so (`model` starts with "shape-only:", `oracle` is
+"shape-only", `oracle_mode` "none"). Its `*.lse` rows are the float64 log-sum-exp of notional
+full logits: the K random top values plus the V-K others all one below the K-th, so that every
+top-K probability exp(value - lse) is a valid one (below 1, summing below 1).
 """
 
 from __future__ import annotations
@@ -75,6 +78,12 @@ def write(args) -> dict:
         idx = torch.stack([torch.randperm(V, generator=gen)[:K] for _ in range(n)])
         return idx.to(torch.int64), vals
 
+    def lse(vals):
+        # notional full logits: the K values, and V-K more at (K-th value - 1)
+        v = vals.double()
+        rest = (v[:, -1:] - 1.0) + torch.log(torch.tensor(float(V - K), dtype=torch.float64))
+        return torch.logsumexp(torch.cat([v, rest], dim=-1), dim=-1)
+
     t = {"input_ids": ids[0].to(torch.int64), "position_ids": pos[:, 0, :].to(torch.int64)}
     if image is not None:
         P = inputs["pixel_values"].shape[0]
@@ -94,8 +103,11 @@ def write(args) -> dict:
     t["logits.top_ids"], t["logits.top_values"] = top(T)
     t["decode.top_ids"], t["decode.top_values"] = top(D)
     t["decode.tokens"] = t["decode.top_ids"][:, 0].clone()
+    t["logits.lse"] = lse(t["logits.top_values"])
+    t["decode.lse"] = lse(t["decode.top_values"])
     t = {k: v.contiguous() for k, v in t.items()}
-    meta = trace_metadata("shape-only:" + model_dir.resolve().name, "", args.prompt, image_name, image_sha, D)
+    meta = trace_metadata("shape-only:" + model_dir.resolve().name, "", args.prompt, image_name, image_sha, D,
+                          mode="none", oracle="shape-only")
     tmp = out.with_name(out.name + ".tmp")
     save_safetensors_deterministic(tmp, t, meta)
     tmp.replace(out)
@@ -110,7 +122,7 @@ def main(argv=None):
     ap.add_argument("--image")
     ap.add_argument("--out", required=True)
     ap.add_argument("--decode-steps", type=int, default=24)
-    ap.add_argument("--top-k", type=int, default=16)
+    ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     print(json.dumps(write(ap.parse_args(argv))))
 
