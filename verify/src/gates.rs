@@ -35,12 +35,20 @@ pub struct Fp32Gates {
 pub struct ModeGates {
     /// Merger and DeepStack outputs.
     pub vision_cos: f64,
-    /// Every decoder layer's output (flattened); also sets the upstream part of the
-    /// noise allowance.
-    pub layer_cos: f64,
+    /// Decoder layer `i`'s output (flattened) must have `1 − cos ≤ (i + 1) · layer_gap`:
+    /// each layer adds its own rounding error to the stream, so the gap grows with
+    /// depth. The last layer's bound sets the upstream part of the noise allowance.
+    pub layer_gap: f64,
     /// Every decoder layer replayed on the oracle's own input: the relative error
     /// `|ours − oracle| / |oracle update|` of its update (`text.local`).
     pub local_update_rel: f64,
+}
+
+impl ModeGates {
+    /// The cosine decoder layer `i` (0-based) must reach.
+    pub fn layer_cos(&self, i: usize) -> f64 {
+        1.0 - (i + 1) as f64 * self.layer_gap
+    }
 }
 
 /// Thresholds of the quantized ladder (reference on a bundle's weights).
@@ -139,7 +147,7 @@ impl Gates {
             g.bundle.kld_factor,
         ];
         let modes = g.bundle.modes.values();
-        let per_mode = modes.flat_map(|m| [m.vision_cos, m.layer_cos, m.local_update_rel]);
+        let per_mode = modes.flat_map(|m| [m.vision_cos, m.layer_gap, m.local_update_rel]);
         if all
             .into_iter()
             .chain(per_mode)

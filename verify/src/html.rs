@@ -328,7 +328,7 @@ impl Report {
                         } else {
                             "bundle"
                         };
-                        let rows = t
+                        let rows: Vec<&StageRow> = t
                             .rows
                             .iter()
                             .filter(|r| {
@@ -338,7 +338,9 @@ impl Report {
                         let mode = self.gates.bundle.mode(t.mode.as_deref()).ok();
                         let thr = match (t.profile, stage, mode) {
                             (Profile::Fp32, _, _) => Some(self.gates.fp32.stage_cos),
-                            (Profile::Bundle, Stage::Text, Some((_, m))) => Some(m.layer_cos),
+                            (Profile::Bundle, Stage::Text, Some((_, m))) => {
+                                Some(m.layer_cos(rows.len().saturating_sub(1)))
+                            }
                             (Profile::Bundle, _, Some((_, m))) => Some(m.vision_cos),
                             (Profile::Bundle, _, None) => None,
                         };

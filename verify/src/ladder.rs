@@ -360,7 +360,7 @@ pub fn verify_trace(
             r,
             trace.float(taps::TEXT_NORM)?,
             (&scored.oracle_prompt_ids, &trace.top_k("logits")?.1),
-            m.layer_cos,
+            m.layer_cos(cfg.text.num_hidden_layers.saturating_sub(1)),
         )?),
         _ => None,
     };
@@ -712,7 +712,11 @@ fn ladder_gates(rows: &[StageRow], limits: &Limits<'_>) -> Vec<GateResult> {
             (Some((mode, m)), Stage::Vision) => {
                 format!("merger/DeepStack cos ≥ {} ({mode})", m.vision_cos)
             }
-            (Some((mode, m)), _) => format!("layer cos ≥ {} ({mode})", m.layer_cos),
+            (Some((mode, m)), _) => format!(
+                "layer i: cos ≥ 1 − (i+1)·{} ({mode}; {:.5} at the last)",
+                m.layer_gap,
+                m.layer_cos(gated.len().saturating_sub(1))
+            ),
         };
         let detail = match failed.first() {
             None => format!(
@@ -859,7 +863,7 @@ fn stage_rows(
         let up = agreement(&diff(&u, &in_u), &diff(&o, &in_o), w).cos;
         let pass = match limits.mode {
             None => fp32_pass(&a, Some(up)),
-            Some((_, m)) => a.cos >= m.layer_cos,
+            Some((_, m)) => a.cos >= m.layer_cos(i),
         };
         rows.push(row(Stage::Text, n, Some(i), a, Some(up), true, pass));
         (in_o, in_u) = (o, u);

@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! head     = Σ_d h_d² · var(e_id)                       rounding of the head itself
-//! upstream = 2 (1 − layer_cos) · |h|² · |w_i|² / H      what the layer gate lets through
+//! upstream = 2 (1 − cos_L) · |h|² · |w_i|² / H          what the last layer's gate lets through
 //!                                                       (equal norms: RMSNorm fixes |h|)
 //! σ²       = mean_i (head + upstream)
 //! ```
