@@ -58,11 +58,26 @@ fn the_layer_streamed_oracle_equals_the_whole_model_and_its_v2_trace_verifies() 
     python(&py, &[&base[..], &["--out", &whole]].concat());
     python(
         &py,
-        &[&base[..], &["--out", &streamed, "--stream-layers", "--cross-check"]].concat(),
+        &[
+            &base[..],
+            &["--out", &streamed, "--stream-layers", "--cross-check"],
+        ]
+        .concat(),
     );
-    python(&py, &["oracle/compare_traces.py", "--exact", &streamed, &whole]);
+    python(
+        &py,
+        &["oracle/compare_traces.py", "--exact", &streamed, &whole],
+    );
     let rep = out("report");
-    let stdout = ok(&["verify", "--src", s(&fx), "--trace", &whole, "--report", &rep]);
+    let stdout = ok(&[
+        "verify",
+        "--src",
+        s(&fx),
+        "--trace",
+        &whole,
+        "--report",
+        &rep,
+    ]);
     assert!(stdout.contains("PASS"), "{stdout}");
     eprintln!("oracle interop: ran (whole and layer-streamed traces equal, fp32 ladder passes)");
 }

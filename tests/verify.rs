@@ -422,7 +422,11 @@ fn with_short_tap(fx: &str, t: &str, name: &str, dir: &Path) -> PathBuf {
         .collect();
     let out = dir.join(src.file_name().unwrap());
     safetensors::serialize_to_file(views, meta.metadata().clone(), &out).unwrap();
-    if let Some(img) = src.parent().map(|p| p.join("image.png")).filter(|p| p.exists()) {
+    if let Some(img) = src
+        .parent()
+        .map(|p| p.join("image.png"))
+        .filter(|p| p.exists())
+    {
         std::fs::copy(img, dir.join("image.png")).unwrap();
     }
     out
