@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::damage::{reseal, scale_f16};
 use common::{fails, ok, run, s};
 use q3vl_model::Checkpoint;
 use std::path::{Path, PathBuf};
@@ -44,21 +45,6 @@ fn edit_tensor(file: &Path, name: &str, f: impl Fn(&mut [u8])) {
     std::fs::write(file, bytes).unwrap();
 }
 
-/// Re-records every file's size and sha256 in a bundle's `metadata.json`, as a
-/// converter with a numerical bug would have: the damage is then the gates' to find,
-/// not the checksums'.
-fn reseal(bundle: &Path) {
-    use sha2::{Digest, Sha256};
-    let p = bundle.join("metadata.json");
-    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
-    for (rel, entry) in m["files"].as_object_mut().unwrap() {
-        let bytes = std::fs::read(bundle.join(rel)).unwrap();
-        entry["sha256"] = hex::encode(Sha256::digest(&bytes)).into();
-        entry["size"] = bytes.len().into();
-    }
-    std::fs::write(&p, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
-}
-
 /// Runs `f` on a copy of `file`'s bytes, then puts the original back.
 fn with_edited(file: &Path, f: impl Fn(&mut Vec<u8>), check: impl FnOnce()) {
     let original = std::fs::read(file).unwrap();
@@ -68,13 +54,6 @@ fn with_edited(file: &Path, f: impl Fn(&mut Vec<u8>), check: impl FnOnce()) {
     std::fs::write(file, &b).unwrap();
     check();
     std::fs::write(file, &original).unwrap();
-}
-
-fn scale_f16(bytes: &mut [u8], factor: f32) {
-    for b in bytes.chunks_exact_mut(2) {
-        let v = half::f16::from_le_bytes([b[0], b[1]]).to_f32() * factor;
-        b.copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
-    }
 }
 
 #[test]
