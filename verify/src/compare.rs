@@ -98,6 +98,19 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
         })
 }
 
+/// `|ours − oracle| / |oracle|` in f64 (0 when both are zero, ∞ when only the oracle
+/// is): a cosine cannot see a change of scale, this can.
+pub fn relative_error(ours: &[f32], oracle: &[f32]) -> f64 {
+    let sq = |v: &mut dyn Iterator<Item = f64>| v.map(|x| x * x).sum::<f64>().sqrt();
+    let err = sq(&mut ours.iter().zip(oracle).map(|(&a, &b)| a as f64 - b as f64));
+    let norm = sq(&mut oracle.iter().map(|&b| b as f64));
+    match (norm > 0.0, err == 0.0) {
+        (true, _) => err / norm,
+        (false, true) => 0.0,
+        (false, false) => f64::INFINITY,
+    }
+}
+
 /// A 2-D tensor's values, row-major, with its row width.
 pub fn flat(t: &Tensor) -> Result<(Vec<f32>, usize)> {
     let row = *t.dims().last().unwrap_or(&1);
@@ -122,6 +135,14 @@ mod tests {
         assert_eq!(cosine(&[1.0, 0.0], &[0.0, 1.0]), 0.0);
         assert!((cosine(&[1.0, 2.0], &[-1.0, -2.0]) + 1.0).abs() < 1e-12);
         assert_eq!(cosine(&[0.0], &[0.0]), 1.0);
+    }
+
+    #[test]
+    fn the_relative_error_sees_a_scale() {
+        assert!((relative_error(&[1.02, 2.04], &[1.0, 2.0]) - 0.02).abs() < 1e-6);
+        assert_eq!(relative_error(&[0.0], &[0.0]), 0.0);
+        assert_eq!(relative_error(&[1.0], &[0.0]), f64::INFINITY);
+        assert!(relative_error(&[f32::NAN], &[1.0]).is_nan());
     }
 
     #[test]

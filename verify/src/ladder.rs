@@ -2,7 +2,7 @@
 //! what the oracle recorded, then turned into gates. The same code serves the fp32
 //! ladder (original checkpoint) and the quantized ladder (a bundle's weights).
 
-use crate::compare::{agreement, diff, flat, Agreement};
+use crate::compare::{agreement, diff, flat, relative_error, Agreement};
 use crate::engine_gate::{run_engine, EngineDecode, EngineMatch};
 use crate::error::{Result, VerifyError};
 use crate::gates::{GateResult, Gates, ModeGates};
@@ -341,7 +341,24 @@ pub fn verify_trace(
     results.extend(pixel_gate(pixels, gates));
 
     let oracle_tokens = trace.decode_tokens()?;
-    let runs = run_models(subject, trace, &prompt, &oracle_tokens, &limits)?;
+    // The oracle's own input to each layer and to the final norm, for the local gates
+    // (read from the trace once: on the 8B they are 37 × [T, 4096] f32).
+    let inputs = match profile {
+        Profile::Bundle => oracle_layer_inputs(cfg, trace)?,
+        Profile::Fp32 => vec![],
+    };
+    let (layer_inputs, norm_input) = match inputs.split_last() {
+        Some((norm, layers)) => (Some(layers), Some(norm)),
+        None => (None, None),
+    };
+    let runs = run_models(
+        subject,
+        trace,
+        &prompt,
+        &oracle_tokens,
+        &limits,
+        layer_inputs,
+    )?;
     let logits = runs
         .reference
         .taps
@@ -364,13 +381,13 @@ pub fn verify_trace(
         )?),
         _ => None,
     };
-    let local = match limits.mode {
-        Some((_, m)) => local_rows(trace, &runs.reference.taps, cfg, m.local_update_rel)?,
-        None => vec![],
+    let local = match (limits.mode, layer_inputs) {
+        (Some((_, m)), Some(x)) => local_rows(trace, &runs.reference.taps, x, m.local_update_rel)?,
+        _ => vec![],
     };
     results.extend(local_gate(&local, &limits));
-    if profile == Profile::Bundle {
-        results.push(norm_gate(subject, trace, gates.bundle.norm_local_rel)?);
+    if let Some(x) = norm_input {
+        results.push(norm_gate(subject, trace, x, gates.bundle.norm_local_rel)?);
     }
     results.extend(
         budget
@@ -487,6 +504,7 @@ fn run_models(
     prompt: &Prompt,
     oracle_tokens: &[u32],
     limits: &Limits<'_>,
+    replay: Option<&[Tensor]>,
 ) -> Result<Runs> {
     let mut conts = vec![Continuation::Forced(oracle_tokens.to_vec())];
     let pv = match trace.grid_thw()? {
@@ -518,10 +536,6 @@ fn run_models(
         pixel_values: t,
         grid_thw: *g,
     });
-    let replay = match limits.profile {
-        Profile::Bundle => Some(oracle_layer_inputs(subject.cfg, trace, false)?),
-        Profile::Fp32 => None,
-    };
     let reference = reference::run_replaying(
         subject.cfg,
         subject.src,
@@ -529,20 +543,14 @@ fn run_models(
         image,
         &conts,
         subject.keep_weights,
-        replay.as_deref(),
+        replay,
     )?;
     Ok(Runs { reference, engine })
 }
 
-/// The oracle's input to each decoder layer: `text.embed` for layer 0, then the
-/// previous layer's output plus its DeepStack addition at the image rows.
-///
-/// With `and_norm`, one more: the final norm's input.
-fn oracle_layer_inputs(
-    cfg: &Qwen3VlConfig,
-    trace: &OracleTrace,
-    and_norm: bool,
-) -> Result<Vec<Tensor>> {
+/// The oracle's input to each decoder layer, then to the final norm: `text.embed`
+/// for layer 0, then each layer's output plus its DeepStack addition at the image rows.
+fn oracle_layer_inputs(cfg: &Qwen3VlConfig, trace: &OracleTrace) -> Result<Vec<Tensor>> {
     let ids = trace.input_ids()?;
     let img_rows = q3vl_model::text::image_rows(&ids, cfg.image_token_id);
     let n_ds = match trace.has_image() {
@@ -550,11 +558,7 @@ fn oracle_layer_inputs(
         false => 0,
     };
     let mut inputs = vec![trace.float(taps::TEXT_EMBED)?.clone()];
-    let n = cfg
-        .text
-        .num_hidden_layers
-        .saturating_sub(usize::from(!and_norm));
-    for i in 0..n {
+    for i in 0..cfg.text.num_hidden_layers {
         let mut x = trace.float(&taps::text_layer(i))?.clone();
         if i < n_ds && !img_rows.is_empty() {
             let ds = trace.float(&taps::vision_deepstack(i))?;
@@ -569,10 +573,9 @@ fn oracle_layer_inputs(
 fn local_rows(
     trace: &OracleTrace,
     ours: &BTreeMap<String, Tensor>,
-    cfg: &Qwen3VlConfig,
+    inputs: &[Tensor],
     limit: f64,
 ) -> Result<Vec<LocalRow>> {
-    let inputs = oracle_layer_inputs(cfg, trace, false)?;
     let mut rows = Vec::new();
     for (i, input) in inputs.iter().enumerate() {
         let name = taps::text_layer_local(i);
@@ -583,19 +586,7 @@ fn local_rows(
         let (o, _) = flat(trace.float(&taps::text_layer(i))?)?;
         let (u, _) = flat(local)?;
         let (du, dor) = (diff(&u, &x), diff(&o, &x));
-        let err: f64 = diff(&du, &dor)
-            .iter()
-            .map(|&e| (e as f64).powi(2))
-            .sum::<f64>()
-            .sqrt();
-        let norm: f64 = dor.iter().map(|&e| (e as f64).powi(2)).sum::<f64>().sqrt();
-        let update_rel = if norm > 0.0 {
-            err / norm
-        } else if err == 0.0 {
-            0.0
-        } else {
-            f64::INFINITY
-        };
+        let update_rel = relative_error(&du, &dor);
         rows.push(LocalRow {
             layer: i,
             update_rel,
@@ -644,10 +635,13 @@ fn local_gate(rows: &[LocalRow], limits: &Limits<'_>) -> Option<GateResult> {
 
 /// `norm.local`: our final norm on the oracle's last hidden state (with its DeepStack
 /// addition when the last layer has one) against the oracle's `text.norm`.
-fn norm_gate(subject: &Subject<'_>, trace: &OracleTrace, limit: f64) -> Result<GateResult> {
+fn norm_gate(
+    subject: &Subject<'_>,
+    trace: &OracleTrace,
+    x: &Tensor,
+    limit: f64,
+) -> Result<GateResult> {
     let cfg = subject.cfg;
-    let inputs = oracle_layer_inputs(cfg, trace, true)?;
-    let x = inputs.last().expect("one input per layer, plus the norm's");
     let w = subject.src.tensor(
         &format!("{}.norm.weight", q3vl_model::layout::TEXT),
         &[cfg.text.hidden_size],
@@ -655,13 +649,7 @@ fn norm_gate(subject: &Subject<'_>, trace: &OracleTrace, limit: f64) -> Result<G
     let ours = q3vl_model::ops::rms_norm(x, &w, cfg.text.rms_norm_eps)?;
     let (u, _) = flat(&ours)?;
     let (o, _) = flat(trace.float(taps::TEXT_NORM)?)?;
-    let err: f64 = diff(&u, &o)
-        .iter()
-        .map(|&e| (e as f64).powi(2))
-        .sum::<f64>()
-        .sqrt();
-    let norm: f64 = o.iter().map(|&e| (e as f64).powi(2)).sum::<f64>().sqrt();
-    let rel = if norm > 0.0 { err / norm } else { err };
+    let rel = relative_error(&u, &o);
     Ok(GateResult::new(
         "norm.local",
         rel <= limit,

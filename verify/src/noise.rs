@@ -96,9 +96,8 @@ fn head_error(h: &[f32], w: &[f32], z: &[f32]) -> f64 {
             let dot: f64 = wi.iter().zip(h).map(|(&a, &b)| a as f64 * b as f64).sum();
             dot - zi as f64
         })
-        .collect();
-    let mean = d.iter().sum::<f64>() / d.len().max(1) as f64;
-    (d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / d.len().max(1) as f64).sqrt()
+        .collect::<Vec<f64>>();
+    crate::stats::rms_about_mean(&d)
 }
 
 /// (head, upstream) parts of σ² at one position: `w` and `var` are the top-k rows.

@@ -41,6 +41,14 @@ pub struct PositionStat {
     pub logits_cos: Option<f64>,
 }
 
+/// The RMS of `d` about its mean (0 for an empty slice): a logit error without the
+/// common shift, which softmax ignores.
+pub fn rms_about_mean(d: &[f64]) -> f64 {
+    let n = d.len().max(1) as f64;
+    let mean = d.iter().sum::<f64>() / n;
+    (d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt()
+}
+
 /// log Σ exp(x), in f64.
 pub fn log_sum_exp(row: &[f32]) -> f64 {
     let m = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
@@ -63,8 +71,7 @@ pub fn position(ours: &[f32], oracle: &OracleRow<'_>) -> PositionStat {
             .zip(v)
             .map(|(&i, &o)| ours[i] as f64 - o as f64)
             .collect();
-        let mean = d.iter().sum::<f64>() / d.len() as f64;
-        (d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / d.len() as f64).sqrt()
+        rms_about_mean(&d)
     } else {
         f64::NAN
     };

@@ -6,7 +6,7 @@ use crate::error::Result;
 use crate::gates::GateResult;
 use crate::noise::NoiseBudget;
 use crate::stats::{self, LogitStats, OracleRow, PositionStat};
-use crate::tokens::{decode_match, margins, top1_sweep, top2, DecodeMatch, Top1Sweep};
+use crate::tokens::{decode_match, top1_sweep, top2, DecodeMatch, Top1Sweep};
 use crate::trace::OracleTrace;
 use candle_core::Tensor;
 use q3vl_model::prompt::{Prompt, PromptBuilder};
@@ -63,7 +63,6 @@ pub struct Scored {
     pub oracle_prompt_ids: Vec<Vec<i64>>,
     ours_top1: Vec<u32>,
     oracle_top1: Vec<u32>,
-    margins: Vec<f64>,
 }
 
 impl Scored {
@@ -77,7 +76,6 @@ impl Scored {
             oracle_prompt_ids: vec![],
             ours_top1: vec![],
             oracle_top1: vec![],
-            margins: vec![],
         };
         s.add(trace, "logits", prompt)?;
         s.n_prompt = s.positions.len();
@@ -105,7 +103,6 @@ impl Scored {
             self.ours_top1.push(top2(row).0);
             self.oracle_top1.push(ids[r][0] as u32);
         }
-        self.margins.extend(margins(&vals));
         Ok(())
     }
 
@@ -115,7 +112,7 @@ impl Scored {
         top1_sweep(
             &self.ours_top1[..n],
             &self.oracle_top1[..n],
-            &self.margins[..n],
+            &self.margins()[..n],
             firm,
         )
     }
@@ -126,14 +123,19 @@ impl Scored {
         top1_sweep(
             &self.ours_top1[n..],
             &self.oracle_top1[n..],
-            &self.margins[n..],
+            &self.margins()[n..],
             firm,
         )
     }
 
     /// The oracle's top-1 margin at each decode step.
     pub fn decode_margins(&self) -> Vec<f64> {
-        self.margins[self.n_prompt..].to_vec()
+        self.margins()[self.n_prompt..].to_vec()
+    }
+
+    /// The oracle's top-1 minus top-2 at every scored position.
+    fn margins(&self) -> Vec<f64> {
+        self.positions.iter().map(|p| p.margin).collect()
     }
 
     /// Our top-1 at each decode step along the oracle's tokens.

@@ -16,14 +16,6 @@ pub struct Top1Sweep {
     pub mismatches: Vec<(usize, u32, u32)>,
 }
 
-/// Oracle top-1 minus top-2 of each row of top-k values.
-pub fn margins(top_values: &[Vec<f32>]) -> Vec<f64> {
-    top_values
-        .iter()
-        .map(|r| r[0] as f64 - r.get(1).copied().unwrap_or(f32::NEG_INFINITY) as f64)
-        .collect()
-}
-
 /// The token [`top2`] reports for a row holding NaN: no real id, so it agrees with
 /// no other token and the comparison fails.
 pub const NO_TOKEN: u32 = u32::MAX;
