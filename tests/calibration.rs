@@ -160,12 +160,13 @@ impl Verdict {
             .collect()
     }
 
-    /// One line per gate: where, name, PASS/FAIL, value, threshold, detail.
+    /// One line per gate: where, name, pass/FAIL/skip (the report's own verdict), value,
+    /// threshold, detail.
     fn table(&self) -> String {
         self.gates()
             .into_iter()
             .map(|(t, g)| {
-                let verdict = if g["passed"] == true { "pass" } else { "FAIL" };
+                let verdict = g["verdict"].as_str().unwrap_or("?");
                 format!(
                     "  {t:<28} {:<18} {verdict} {} ({}; {})\n",
                     g["name"].as_str().unwrap_or(""),
