@@ -6,7 +6,7 @@ CARGO ?= cargo
 Q3VL := target/release/q3vl
 DEMO := target/demo
 
-.PHONY: demo test test-aarch64 fuzz build fmt clippy oracle fixtures bench bench-convert bench-peer bench-engine pipeline clean-demo
+.PHONY: demo test test-aarch64 fuzz build fmt clippy oracle fixtures bench bench-convert bench-peer bench-engine bench-ab pipeline clean-demo
 
 ## demo: the whole tool on the embedded shapes fixture: fp32 ladder, int8hu conversion,
 ## quantized gates with a stamp, then the engine answering the fixture's demo images.
@@ -91,6 +91,11 @@ bench-peer: build
 ## bench-engine: 8B-shaped engine speed (vision, prefill, decode) against the bandwidth bound.
 bench-engine: build
 	bash engine/bench/bench-engine.sh
+
+## bench-ab: this checkout's engine against Q3VL_AB_BASE's (default HEAD~1) on one synthetic 8B
+## checkpoint: byte-identical bundles, identical tokens, then interleaved prefill/decode/vision rounds.
+bench-ab: build
+	Q3VL_BIN=$(Q3VL) bash engine/bench/bench-ab.sh
 
 ## bench: both benchmarks, on one synthetic 8B checkpoint (Q3VL_BENCH_SRC=DIR reuses one).
 bench: build

@@ -16,3 +16,18 @@ bench_setup() {
   rm -rf "$WORK"
   mkdir -p "$WORK"
 }
+
+# write_test_png PATH SIDE writes the benchmarks' SIDE x SIDE test image: a deterministic RGB
+# pattern, written with the standard library only.
+write_test_png() {
+  python3 - "$1" "$2" << 'PY'
+import struct, sys, zlib
+path, n = sys.argv[1], int(sys.argv[2])
+rows = b"".join(
+    b"\0" + bytes(v for x in range(n) for v in (x * 255 // n, y * 255 // n, ((x // 32 + y // 32) % 2) * 200))
+    for y in range(n))
+def chunk(t, d): return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+open(path, "wb").write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", n, n, 8, 2, 0, 0, 0))
+                       + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b""))
+PY
+}

@@ -132,18 +132,9 @@ fi
 # Drops the source once both conversions are done, if this script wrote it.
 drop_src() { if [[ -z "${Q3VL_BENCH_SRC:-}" && "$KEEP" != 1 ]]; then rm -rf "$SRC"; fi; }
 
-# The 448x448 test image: a deterministic RGB pattern, written with the standard library only.
+# The 448x448 test image (scripts/bench-setup.sh).
 IMG="$WORK/img448.png"
-python3 - "$IMG" "$SIDE" << 'PY'
-import struct, sys, zlib
-path, n = sys.argv[1], int(sys.argv[2])
-rows = b"".join(
-    b"\0" + bytes(v for x in range(n) for v in (x * 255 // n, y * 255 // n, ((x // 32 + y // 32) % 2) * 200))
-    for y in range(n))
-def chunk(t, d): return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
-open(path, "wb").write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", n, n, 8, 2, 0, 0, 0))
-                       + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b""))
-PY
+write_test_png "$IMG" "$SIDE"
 
 # ---- 3. conversions ------------------------------------------------------------------------
 echo "== q3vl convert --mode int8hu" >&2
