@@ -8,6 +8,7 @@ use candle_core::{Device, Tensor};
 use common::converted_fixture;
 use q3vl_engine::{Engine, EngineOptions, GenerateParams};
 use q3vl_model::reference::{self, Continuation, ImageInput};
+use q3vl_verify::compare::cosine;
 use std::path::Path;
 
 const STEPS: usize = 8;
@@ -109,18 +110,6 @@ fn compare(fixture: &str, prompt: &str, image: Option<&str>) {
             );
         }
     }
-}
-
-/// Cosine similarity, accumulated in f64.
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        let (x, y) = (x as f64, y as f64);
-        ab += x * y;
-        aa += x * x;
-        bb += y * y;
-    }
-    ab / (aa.sqrt() * bb.sqrt())
 }
 
 /// The arg-max and its lead over the runner-up.
