@@ -8,8 +8,8 @@
 //! an 8B prefill's work, with the same bits for that row).
 
 use crate::error::Result;
-use crate::kernels::f16dot::{dot_f32, widen};
-use crate::kernels::gemm::{gemm_serial, BSrc};
+use crate::kernels::gemm::{gemm_serial, BSrc, MatMut, MatRef};
+use crate::kernels::row::{dot_f32, widen_f16};
 use crate::kernels::vmath;
 use crate::kv_cache::KvCache;
 use crate::positions::{position, ImageSpan};
@@ -183,7 +183,7 @@ impl TextModel {
                 row.copy_from_slice(&f.embeds[slot * hsz..(slot + 1) * hsz]);
             } else {
                 let id = id as usize;
-                widen(&table[id * hsz..(id + 1) * hsz], row);
+                widen_f16(&table[id * hsz..(id + 1) * hsz], row);
             }
         }
         // cos/sin of every token from its (id, index) position.
@@ -403,18 +403,23 @@ fn attention(
                 let n = past + i0 + qb;
                 let s = &mut scores[..qb * n];
                 gemm_serial(
-                    &q[(i0 - r0) * nh * hd + h * hd..],
-                    qb,
-                    hd,
-                    nh * hd,
+                    MatRef {
+                        data: &q[(i0 - r0) * nh * hd + h * hd..],
+                        rows: qb,
+                        cols: hd,
+                        stride: nh * hd,
+                    },
                     BSrc::F32 {
                         data: ks,
                         rs: hd,
                         cs: 1,
                     },
-                    n,
-                    s,
-                    n,
+                    MatMut {
+                        data: s,
+                        rows: qb,
+                        cols: n,
+                        stride: n,
+                    },
                 );
                 for (r, row) in s.chunks_exact_mut(n).enumerate() {
                     let visible = past + i0 + r + 1;
@@ -422,18 +427,23 @@ fn attention(
                     row[visible..].fill(0.0);
                 }
                 gemm_serial(
-                    s,
-                    qb,
-                    n,
-                    n,
+                    MatRef {
+                        data: s,
+                        rows: qb,
+                        cols: n,
+                        stride: n,
+                    },
                     BSrc::F32 {
                         data: vs,
                         rs: 1,
                         cs: hd,
                     },
-                    hd,
-                    &mut out[(i0 - r0) * hd..(i0 - r0 + qb) * hd],
-                    hd,
+                    MatMut {
+                        data: &mut out[(i0 - r0) * hd..(i0 - r0 + qb) * hd],
+                        rows: qb,
+                        cols: hd,
+                        stride: hd,
+                    },
                 );
                 i0 += qb;
             }

@@ -1,12 +1,12 @@
 //! The vision tower on f16 weights with f32 arithmetic (`docs/qwen3-vl-reference.md`
 //! §3): patch embed, interpolated position embedding, 2D RoPE ViT blocks, DeepStack
 //! mergers and the main merger. Every linear runs all patches at once through the packed
-//! GEMM ([`crate::kernels::gemm::linear_f16_new`]), which widens each f16 weight tile
+//! GEMM ([`crate::kernels::gemm::linear_f16_vec`]), which widens each f16 weight tile
 //! to f32 while packing it, so no f32 copy of the tower is kept.
 
 use crate::error::{EngineError, Result};
 use crate::kernels::gemm::{
-    gemm_serial_packed, gemm_serial_packed_a, linear_f16_new, BSrc, PackedA, PackedB,
+    gemm_serial_packed, gemm_serial_packed_a, linear_f16_vec, BSrc, PackedA, PackedB,
 };
 use crate::kernels::vmath;
 use crate::weights::{f16_tensor, vector};
@@ -122,7 +122,7 @@ impl VisionModel {
     ) -> Result<Vec<f32>> {
         let w = f16_tensor(b, &format!("{prefix}.weight"), &[n, k])?;
         let bias = vector(b, &format!("{prefix}.bias"), n)?;
-        Ok(linear_f16_new(x, m, k, w, n, Some(&bias)))
+        Ok(linear_f16_vec(x, m, k, w, n, Some(&bias)))
     }
 
     fn layer_norm(&self, b: &Bundle, prefix: &str, x: &[f32], n: usize) -> Result<Vec<f32>> {

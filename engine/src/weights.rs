@@ -1,7 +1,7 @@
 //! Zero-copy views of a bundle's weights, as the kernels consume them.
 
 use crate::error::{EngineError, Result};
-use crate::kernels::f16dot::{dot_f32, widen};
+use crate::kernels::row::{dot_f32, widen_f16};
 use half::f16;
 use q3vl_bundle::{Bundle, Dtype};
 use rayon::prelude::*;
@@ -148,7 +148,7 @@ impl<'a> Lin<'a> {
                         let mut row = vec![0f32; cols];
                         for (i, o) in chunk.chunks_mut(t).enumerate() {
                             let r = c * ROWS_PER_TASK + i;
-                            widen(&w[r * cols..(r + 1) * cols], &mut row);
+                            widen_f16(&w[r * cols..(r + 1) * cols], &mut row);
                             for (tok, ov) in o.iter_mut().enumerate() {
                                 *ov = dot_f32(&row, &x[tok * cols..(tok + 1) * cols]);
                             }

@@ -3,23 +3,34 @@
 //! `make test-aarch64`).
 //!
 //! The products of int8 per-block-32 weights and int16 block-quantized activations
-//! (decode's matrix-vector kernel, prefill's packed GEMM), the packed f32 GEMM of the
-//! vision tower and attention (f16 weights widened tile by tile; int8 weights
-//! dequantized, the reference's arithmetic, kept for comparison), the int8×int8
-//! (Q8_0-style) block product kept for comparison, f16-weight × f32 dot products, and
-//! vectorized element-wise math.
+//! (decode's matrix-vector kernel [`matvec`], prefill's packed GEMM [`gemm16`]), the
+//! packed f32 GEMM of the vision tower and attention ([`gemm`]: f16 weights widened tile
+//! by tile), the f32 dot product and f16 widening of one row ([`row`]), and vectorized
+//! element-wise math ([`vmath`]). With the cargo feature `q8` (off by default, for the
+//! engine's comparison benchmarks): the int8×int8 (Q8_0-style) block product `q8` and
+//! the f32 GEMM on dequantized int8 weights, `gemm::linear_q8`.
+//!
+//! Every kernel is one directory: `mod.rs` states the arithmetic, holds the portable
+//! code (the definition every SIMD path is tested against), the dispatch and the public
+//! entries; `x86.rs` and `neon.rs` hold the SIMD paths; `tests.rs` the tests. How a
+//! kernel picks its path is one style for all of them: see [`path`].
 //!
 //! Determinism rule shared by every kernel here: one output element is always
 //! produced by one dot product whose reduction runs in a fixed order on one thread,
 //! so results do not depend on the thread count.
 
-pub mod f16dot;
 pub mod gemm;
 pub mod gemm16;
 pub mod matvec;
 pub mod path;
+#[cfg(feature = "q8")]
 pub mod q8;
+pub mod row;
 pub mod vmath;
+
+/// Elements per quantization block of the int8 weights and of the quantized
+/// activations (`docs/quantization.md`).
+pub const BLOCK: usize = 32;
 
 /// A raw output pointer that parallel tasks share; each task writes only its own,
 /// disjoint elements (the callers' SAFETY comments say which).
@@ -39,7 +50,7 @@ unsafe impl Sync for OutPtr {}
 /// Test helpers shared by the kernels' thread-independence tests.
 #[cfg(test)]
 pub(crate) mod testing {
-    use crate::q8::BLOCK;
+    use crate::BLOCK;
     use half::f16;
 
     /// Runs `f` on a fresh rayon pool of `threads` threads.

@@ -6,6 +6,22 @@
 //! measure one path against another on one machine or to reproduce what a CPU
 //! without the best path computes (the int8 products give the same bits on every
 //! path; the f32 ones agree to rounding).
+//!
+//! # How a kernel dispatches (one style for every kernel)
+//!
+//! The path is detected once ([`best_path`], behind a `OnceLock`). A kernel's public
+//! entry passes it to the kernel's `…_on(path, …)` function or to a small function
+//! of the kernel that `match`es the [`Path`] to an implementation: one arm per SIMD
+//! path (`#[cfg]`-gated to its architecture), `_ =>` the portable code. A kernel whose
+//! tiles are const-generic in their size picks the instance inside the same arm, with
+//! a `match` on the size.
+//!
+//! Why a `match` on the path rather than a function pointer cached per kernel or a
+//! static table per path: the tests run each path the CPU has through the very
+//! function the engine calls (`for path in available_paths()`), which a pointer
+//! cached for the best path cannot do; the arms list every implementation of a
+//! kernel in one place, next to the portable definition; and a match on a `Copy`
+//! enum costs a compare per call, nothing beside the kernel it calls.
 
 use std::sync::OnceLock;
 
@@ -76,14 +92,6 @@ pub fn requested_path() -> Result<Option<Path>, PathRequestError> {
             available: avail.iter().map(|p| p.name()).collect(),
         }),
     }
-}
-
-/// Whether the running path has AVX2, FMA and F16C (the AVX2 and AVX-512 paths):
-/// the f32 kernels run their AVX2 code on both (the f32 GEMM adds an AVX-512 tile
-/// on the latter).
-#[cfg(target_arch = "x86_64")]
-pub fn avx2() -> bool {
-    matches!(best_path(), Path::Avx2 | Path::Avx512Vnni)
 }
 
 /// The paths this CPU can run, best last.

@@ -1,0 +1,307 @@
+use super::*;
+use crate::testing::{assert_same_bits, lcg, on_threads, random_weight};
+
+/// One row's dot product (the signature of every path's row, which the x86 tests
+/// call alone): weight row `w`, its scales `ws`, the quantized activation row
+/// `xq`/`xd`, and `sc`; the contract is [`RowsFn`]'s for one row.
+#[cfg(target_arch = "x86_64")]
+type RowFn = unsafe fn(
+    w: *const i8,
+    ws: *const f16,
+    xq: *const i16,
+    xd: *const f32,
+    nb: usize,
+    sc: *mut f32,
+) -> f32;
+
+#[test]
+fn quantization_is_bounded_and_within_half_a_step() {
+    let mut seed = 3u64;
+    let x: Vec<f32> = (0..32 * 40)
+        .map(|i| match i % 5 {
+            0 => 0.0,
+            1 => ((lcg(&mut seed) % 20001) as f32 - 10000.0) * 1e-3,
+            2 => -1e-30,
+            _ => ((lcg(&mut seed) % 2001) as f32 - 1000.0) * 10f32.powi(i % 7 - 3),
+        })
+        .collect();
+    let a = Acts16::quantize(&x, 64);
+    for (i, v) in x.iter().enumerate() {
+        let d = a.d[i / 32];
+        assert!(a.q[i].unsigned_abs() <= 32767);
+        assert!(
+            (a.q[i] as f32 * d - v).abs() <= d * 0.5 * (1.0 + 1e-6),
+            "{i}"
+        );
+    }
+    // The block's largest magnitude maps to ±32767.
+    for (b, xb) in x.chunks_exact(32).enumerate() {
+        let k = (0..32)
+            .max_by(|&i, &j| xb[i].abs().total_cmp(&xb[j].abs()))
+            .unwrap();
+        assert_eq!(a.q[b * 32 + k].unsigned_abs(), 32767, "block {b}");
+    }
+    // Exactly half-way values round to even (a block whose step is exactly 1).
+    for (i, v) in x.iter().enumerate() {
+        let d = a.d[i / 32];
+        assert_eq!(a.q[i], (v / d).round_ties_even() as i16, "{i}");
+    }
+    let mut ties = [0f32; 32];
+    ties[0] = 32767.0;
+    for (i, t) in ties.iter_mut().enumerate().skip(1) {
+        *t = (i as f32 - 16.0) + 0.5;
+    }
+    let ta = Acts16::quantize(&ties, 32);
+    assert_eq!(ta.d[0], 1.0);
+    for (i, t) in ties.iter().enumerate() {
+        assert_eq!(ta.q[i], t.round_ties_even() as i16, "tie {t}");
+    }
+    let z = Acts16::quantize(&[0.0; 32], 32);
+    assert_eq!(z.d[0], 0.0);
+    assert!(z.q.iter().all(|&v| v == 0));
+}
+
+#[test]
+fn block_quantization_paths_agree_bit_for_bit() {
+    let mut seed = 41u64;
+    let specials = [
+        0.0,
+        -0.0,
+        f32::MIN_POSITIVE,
+        -1e-40,
+        1e-45,
+        f32::MAX,
+        -f32::MAX,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        0.5,
+        -32767.5,
+    ];
+    for case in 0..400 {
+        let mut x: Vec<f32> = (0..BLOCK)
+            .map(|_| {
+                let e = (lcg(&mut seed) % 60) as i32 - 30;
+                ((lcg(&mut seed) % 20001) as f32 - 10000.0) * 1e-4 * 2f32.powi(e)
+            })
+            .collect();
+        // Some blocks get one or two special values, some are all one value.
+        match case % 4 {
+            0 => x[(case / 4) % BLOCK] = specials[(case / 4) % specials.len()],
+            1 => x.fill(specials[(case / 4) % specials.len()]),
+            2 => {
+                x[3] = specials[case % specials.len()];
+                x[31] = specials[(case / 7) % specials.len()];
+            }
+            _ => {}
+        }
+        let mut b = [0i16; BLOCK];
+        let db = quantize_block16_portable(&x, &mut b);
+        for path in available_paths() {
+            let mut a = [0i16; BLOCK];
+            let da = quantize_block16_on(path, &x, &mut a);
+            assert_eq!(da.to_bits(), db.to_bits(), "{path:?} case {case}: scale");
+            assert_eq!(a, b, "{path:?} case {case}: values");
+        }
+    }
+}
+
+#[test]
+fn non_finite_activations_give_nan_not_garbage() {
+    let (q, s) = random_weight(&mut 9, 3, 2);
+    for bad in [f32::NAN, f32::INFINITY] {
+        let mut x = vec![0.5f32; 64];
+        x[40] = bad;
+        for &p in &available_paths() {
+            let mut out = vec![0f32; 3];
+            matvec_on(p, &q, &s, 3, 64, &x, &mut out);
+            assert!(out.iter().all(|v| v.is_nan()), "{p:?} {bad}: {out:?}");
+        }
+    }
+}
+
+#[test]
+fn extreme_block_sum_is_exact_on_every_path() {
+    // 32 · 128 · 32767: the largest block sum, from sixteen pair lanes each at
+    // 2 · 128 · 32767, under 2²⁴; exact only if every lane sum is.
+    let w = vec![-128i8; 32];
+    let x = vec![-1.0f32; 32];
+    let xa = Acts16::quantize(&x, 32);
+    assert!(xa.q.iter().all(|&v| v == -32767));
+    assert_eq!(
+        dot_portable(&w, &[f16::ONE], &xa.q, &[1.0]),
+        (32 * 128 * 32767) as f32
+    );
+    let want = dot_portable(&w, &[f16::ONE], &xa.q, &xa.d);
+    for &p in &available_paths() {
+        let mut out = [0f32];
+        matvec_on(p, &w, &[f16::ONE], 1, 32, &x, &mut out);
+        assert_eq!(out[0].to_bits(), want.to_bits(), "{p:?}");
+    }
+}
+
+/// Both prefetch hints of each x86 row (only one runs on a given CPU) give the
+/// portable row's bits.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn both_prefetch_variants_of_each_row_match_portable() {
+    let mut seed = 31;
+    for nb in [1usize, 2, 17, 128] {
+        let cols = nb * BLOCK;
+        let (q, s) = random_weight(&mut seed, 1, nb);
+        let x: Vec<f32> = (0..cols)
+            .map(|_| ((lcg(&mut seed) % 20001) as f32 - 10000.0) * 1e-3)
+            .collect();
+        let xa = Acts16::quantize(&x, cols);
+        let want = dot_portable(&q, &s, &xa.q, &xa.d);
+        let mut rows: Vec<(RowFn, &str)> = Vec::new();
+        if available_paths().contains(&Path::Avx2) {
+            rows.push((x86::row_avx2::<true>, "avx2 t1"));
+            rows.push((x86::row_avx2::<false>, "avx2 nta"));
+        }
+        if available_paths().contains(&Path::Avx512Vnni) {
+            rows.push((x86::row_avx512::<true>, "avx512 t1"));
+            rows.push((x86::row_avx512::<false>, "avx512 nta"));
+        }
+        let mut sc = vec![0f32; nb];
+        for (row, what) in rows {
+            // SAFETY: one row of nb blocks, its scales and activations; sc holds nb
+            // floats; the row's path is available.
+            let got = unsafe {
+                row(
+                    q.as_ptr(),
+                    s.as_ptr(),
+                    xa.q.as_ptr(),
+                    xa.d.as_ptr(),
+                    nb,
+                    sc.as_mut_ptr(),
+                )
+            };
+            assert_eq!(got.to_bits(), want.to_bits(), "{what} nb={nb}");
+        }
+    }
+}
+
+/// The definition, restated from the module docs one operation at a time: a change
+/// to `dot_portable` that changes its bits must change the docs too.
+#[test]
+fn portable_dot_is_the_documented_arithmetic() {
+    let mut seed = 77;
+    for nb in [1usize, 2, 5, 40] {
+        let (w, ws) = random_weight(&mut seed, 1, nb);
+        let x: Vec<f32> = (0..nb * BLOCK)
+            .map(|i| ((lcg(&mut seed) % 20001) as f32 - 10000.0) * 1e-3 * (1 + i % 7) as f32)
+            .collect();
+        let xa = Acts16::quantize(&x, nb * BLOCK);
+        let mut acc = [0f32; 16];
+        for (b, (s, d)) in ws.iter().zip(&xa.d).enumerate() {
+            let sc = s.to_f32() * d;
+            for (j, a) in acc.iter_mut().enumerate() {
+                let (i0, i1) = (32 * b + 2 * j, 32 * b + 2 * j + 1);
+                let p = w[i0] as i32 * xa.q[i0] as i32 + w[i1] as i32 * xa.q[i1] as i32;
+                *a = (p as f32).mul_add(sc, *a);
+            }
+        }
+        let t: Vec<f32> = (0..8).map(|l| acc[l] + acc[l + 8]).collect();
+        let want = ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7]));
+        let got = dot_portable(&w, &ws, &xa.q, &xa.d);
+        assert_eq!(got.to_bits(), want.to_bits(), "nb={nb}");
+    }
+}
+
+/// Each path's task loop over more rows than it gathers at once (and an odd count)
+/// gives each row's portable bits in place.
+#[test]
+fn task_loops_cover_every_row() {
+    let mut seed = 5;
+    let (rows, nb) = (2 * ROWS_MAX + 23, 3);
+    let cols = nb * BLOCK;
+    let (q, s) = random_weight(&mut seed, rows, nb);
+    let x: Vec<f32> = (0..cols)
+        .map(|_| ((lcg(&mut seed) % 2001) as f32 - 1000.0) * 1e-2)
+        .collect();
+    let xa = Acts16::quantize(&x, cols);
+    let want: Vec<f32> = (0..rows)
+        .map(|r| {
+            dot_portable(
+                &q[r * cols..(r + 1) * cols],
+                &s[r * nb..(r + 1) * nb],
+                &xa.q,
+                &xa.d,
+            )
+        })
+        .collect();
+    for &p in &available_paths() {
+        let mut out = vec![f32::NAN; rows + 1];
+        let mut sc = vec![0f32; nb];
+        // SAFETY: `rows` rows of q and s, one activation row, nb scratch floats,
+        // `rows` outputs; the path is available.
+        unsafe {
+            rows_fn(p)(
+                q.as_ptr(),
+                s.as_ptr(),
+                ActRow {
+                    q: xa.q.as_ptr(),
+                    d: xa.d.as_ptr(),
+                },
+                nb,
+                sc.as_mut_ptr(),
+                rows,
+                out.as_mut_ptr(),
+            )
+        };
+        assert_same_bits(&out[..rows], &want, &format!("{p:?}"));
+        assert!(out[rows].is_nan(), "{p:?} wrote past its rows");
+    }
+}
+
+#[test]
+fn paths_match_portable_bit_for_bit_and_are_accurate() {
+    let mut seed = 23;
+    for (rows, nb, t) in [
+        (1usize, 1usize, 1usize),
+        (7, 3, 2),
+        (13, 9, 1),
+        (9, 131, 1),
+        (64, 16, 3),
+        (300, 4, 1),
+    ] {
+        let cols = nb * BLOCK;
+        let (q, s) = random_weight(&mut seed, rows, nb);
+        let x: Vec<f32> = (0..t * cols)
+            .map(|i| ((lcg(&mut seed) % 20001) as f32 - 10000.0) * 1e-4 * (1 + i % 3) as f32)
+            .collect();
+        let xa = Acts16::quantize(&x, cols);
+        let mut want = vec![0f32; t * rows];
+        for tok in 0..t {
+            let (xq, xd) = xa.row(tok);
+            let xr = &x[tok * cols..(tok + 1) * cols];
+            for r in 0..rows {
+                let (w, sr) = (&q[r * cols..(r + 1) * cols], &s[r * nb..(r + 1) * nb]);
+                let got = dot_portable(w, sr, xq, xd);
+                want[tok * rows + r] = got;
+                // Against the exact product on the unrounded activations: the
+                // int16 rounding is at most half a step of each block.
+                let term = |c: usize| w[c] as f64 * sr[c / 32].to_f64() * xr[c] as f64;
+                let exact: f64 = (0..cols).map(term).sum();
+                let slack: f64 = (0..cols)
+                    .map(|c| (w[c] as f64 * sr[c / 32].to_f64()).abs() * xd[c / 32] as f64)
+                    .sum::<f64>()
+                    * 0.5;
+                let mag: f64 = (0..cols).map(|c| term(c).abs()).sum();
+                assert!(
+                    (got as f64 - exact).abs() <= slack + mag * 1e-6 + 1e-30,
+                    "{got} vs {exact}"
+                );
+            }
+        }
+        for &p in &available_paths() {
+            for threads in [1usize, 2, 3] {
+                let mut out = vec![f32::NAN; t * rows];
+                on_threads(threads, || matvec_on(p, &q, &s, rows, cols, &x, &mut out));
+                let what = format!("{p:?} threads={threads} rows={rows} nb={nb} t={t}");
+                assert_same_bits(&out, &want, &what);
+            }
+        }
+    }
+}
