@@ -36,6 +36,7 @@ demo: build
 ## test: formatting, lints, rustdoc, and every test (unit, fixtures, end to end).
 test: fmt clippy doc
 	$(CARGO) test --workspace --all-targets
+	$(CARGO) test -p q3vl-kernels --features q8
 
 ## test-aarch64: the kernels' tests (the NEON paths against the portable ones, bit for bit)
 ## cross-compiled for aarch64 and run under qemu-user. Needs the Debian packages qemu-user,
@@ -44,7 +45,9 @@ AARCH64_ENV := CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-g
 	CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu"
 test-aarch64:
 	$(AARCH64_ENV) $(CARGO) clippy -p q3vl-kernels --target aarch64-unknown-linux-gnu --all-targets -- -D warnings
+	$(AARCH64_ENV) $(CARGO) clippy -p q3vl-kernels --features q8 --target aarch64-unknown-linux-gnu --all-targets -- -D warnings
 	$(AARCH64_ENV) $(CARGO) test -p q3vl-kernels --target aarch64-unknown-linux-gnu
+	$(AARCH64_ENV) $(CARGO) test -p q3vl-kernels --features q8 --target aarch64-unknown-linux-gnu
 
 ## fuzz: the mutation fuzz tests of every reader of outside bytes (tests/fuzz.rs) with 100
 ## times the cases `make test` runs, optimised but with overflow checks and debug assertions
@@ -58,6 +61,7 @@ fmt:
 
 clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p q3vl-kernels --features q8 --all-targets -- -D warnings
 
 ## doc: the API docs build without a warning (broken or private intra-doc links).
 doc:
