@@ -60,7 +60,7 @@ pub use dtype::Dtype;
 pub use error::{BundleError, LockHolder};
 pub use metadata::{
     FileEntry, FixedGrid, HeadInfo, Kind, Metadata, Mode, Preprocessing, Producer, Scheme, Source,
-    TensorMeta, FORMAT_TAG, FORMAT_VERSION,
+    TensorMeta, BLOCK, FORMAT_TAG, FORMAT_VERSION,
 };
 pub use pair::Bundles;
 pub use reader::Bundle;

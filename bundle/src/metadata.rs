@@ -15,6 +15,10 @@ use std::path::Path;
 pub const FORMAT_TAG: &str = "q3vl-bundle";
 /// The format version this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
+/// Columns per quantization block: an int8 weight `[out, in]` carries one f16 scale
+/// per row per `BLOCK` columns (`NAME.scales` is `[out, in / BLOCK]`;
+/// `docs/quantization.md`).
+pub const BLOCK: usize = 32;
 
 /// Which half of the model a bundle holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

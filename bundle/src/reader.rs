@@ -3,15 +3,12 @@
 
 use crate::checksum::{sha256_file, FileCheck};
 use crate::error::BundleError;
-use crate::metadata::{Kind, Metadata, Scheme};
+use crate::metadata::{Kind, Metadata, Scheme, BLOCK};
 use crate::names::scales_name;
 use crate::Dtype;
 use half::f16;
 use q3vl_model::{Checkpoint, Qwen3VlConfig};
 use std::path::{Path, PathBuf};
-
-/// The quantization block width along `in` (`docs/quantization.md`).
-pub const BLOCK: usize = 32;
 
 /// An open bundle: `metadata.json`, the parsed `config.json`, and the memory-mapped
 /// weights.
