@@ -317,11 +317,8 @@ impl Metadata {
     pub fn read(dir: &Path) -> Result<Self, BundleError> {
         let path = dir.join(METADATA_FILE);
         let text = q3vl_model::input::read_regular(&path).map_err(|e| BundleError::io(&path, e))?;
-        let v: serde_json::Value =
-            serde_json::from_slice(&text).map_err(|e| BundleError::Json {
-                path: path.clone(),
-                msg: format!("not valid JSON: {e}"),
-            })?;
+        let v: serde_json::Value = serde_json::from_slice(&text)
+            .map_err(|e| BundleError::json(&path, format!("not valid JSON: {e}")))?;
         match v.get("format").and_then(|f| f.as_str()) {
             Some(FORMAT_TAG) => {}
             other => {
@@ -342,12 +339,10 @@ impl Metadata {
                 })
             }
         }
-        let m: Metadata = serde_json::from_value(v).map_err(|e| BundleError::Json {
-            path: path.clone(),
-            msg: e.to_string(),
-        })?;
+        let m: Metadata =
+            serde_json::from_value(v).map_err(|e| BundleError::json(&path, e.to_string()))?;
         m.check_paths()
-            .map_err(|msg| BundleError::Json { path, msg })?;
+            .map_err(|msg| BundleError::json(path, msg))?;
         Ok(m)
     }
 
