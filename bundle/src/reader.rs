@@ -411,14 +411,14 @@ impl Bundle {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::metadata::{Kind, TensorMeta};
     use crate::{BundleWriter, ShardPolicy, TensorPlan, WeightsWriter};
     use std::collections::BTreeMap;
 
     /// A two-tensor bundle: an int8 weight [2, 64] with scales, and an f32 vector.
-    fn make(out: &Path) -> PathBuf {
+    pub(crate) fn make(out: &Path) -> PathBuf {
         let q: Vec<u8> = (0..128).map(|i| (i as i8 - 64) as u8).collect();
         let s: Vec<u8> = [0.5f32, 0.25, 2.0, -1.0]
             .iter()

@@ -76,3 +76,79 @@ impl Bundle {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reader::tests::make;
+
+    #[test]
+    fn the_table_lists_every_stored_tensor_with_its_listing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let b = Bundle::open(&make(tmp.path())).unwrap();
+        let rows: Vec<_> = b
+            .stored_tensors()
+            .unwrap()
+            .into_iter()
+            .map(|r| {
+                (
+                    r.name,
+                    r.dtype,
+                    r.shape,
+                    r.bytes,
+                    r.listing.to_string(),
+                    r.class,
+                )
+            })
+            .collect();
+        let row = |n: &str, d, s: &[usize], b, l: &str, c: &str| {
+            (
+                n.to_string(),
+                d,
+                s.to_vec(),
+                b,
+                l.to_string(),
+                c.to_string(),
+            )
+        };
+        assert_eq!(
+            rows,
+            [
+                row("n", Dtype::F32, &[2], 8, "f32", "vector"),
+                row(
+                    "w",
+                    Dtype::I8,
+                    &[2, 64],
+                    128,
+                    "int8-block32-clip",
+                    "text_linear"
+                ),
+                row("w.scales", Dtype::F16, &[2, 2], 8, "scales", "text_linear"),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_file_check_says_why_a_file_fails() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = make(tmp.path());
+        let b = Bundle::open(&dir).unwrap();
+        assert!(b.check_files().iter().all(|c| c.problem().is_none()));
+        let problems = |b: &Bundle| -> Vec<String> {
+            b.check_files().iter().filter_map(|c| c.problem()).collect()
+        };
+        std::fs::write(dir.join("config.json"), "{}").unwrap();
+        let bad = problems(&b);
+        assert_eq!(bad.len(), 1, "{bad:?}");
+        let want = b.metadata().files["config.json"].sha256.clone();
+        assert!(bad[0].starts_with("sha256 "), "{}", bad[0]);
+        assert!(
+            bad[0].ends_with(&format!(", metadata.json says {want}")),
+            "{}",
+            bad[0]
+        );
+        std::fs::remove_file(dir.join("config.json")).unwrap();
+        let bad = problems(&b);
+        assert!(bad[0].contains("config.json"), "{}", bad[0]);
+    }
+}
