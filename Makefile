@@ -6,7 +6,7 @@ CARGO ?= cargo
 Q3VL := target/release/q3vl
 DEMO := target/demo
 
-.PHONY: demo test test-aarch64 fuzz build fmt clippy oracle fixtures bench bench-convert bench-peer bench-engine bench-ab pipeline clean-demo
+.PHONY: demo test test-aarch64 fuzz build fmt clippy oracle lint-oracle fixtures bench bench-convert bench-peer bench-engine bench-ab pipeline clean-demo
 
 ## demo: the whole tool on the embedded shapes fixture: fp32 ladder, int8hu conversion,
 ## quantized gates with a stamp, then the engine answering the fixture's demo images.
@@ -78,6 +78,17 @@ $(ORACLE_STAMP): oracle/requirements.txt
 	python3 -m venv oracle/.venv
 	oracle/.venv/bin/pip install -q -r oracle/requirements.txt
 	@touch $(ORACLE_STAMP)
+
+## lint-oracle: ruff (pinned in oracle/lint-requirements.txt) checks and format-checks the
+## oracle's Python, from a small venv of its own (not the 5 GB oracle one). Not part of `make
+## test`, which needs no Python.
+LINT_STAMP := oracle/.lint-venv/.q3vl-installed
+lint-oracle: $(LINT_STAMP)
+	cd oracle && .lint-venv/bin/ruff check . && .lint-venv/bin/ruff format --check .
+$(LINT_STAMP): oracle/lint-requirements.txt
+	python3 -m venv oracle/.lint-venv
+	oracle/.lint-venv/bin/pip install -q -r oracle/lint-requirements.txt
+	@touch $(LINT_STAMP)
 
 ## fixtures: rebuild the committed tiny checkpoints and their traces with the oracle.
 fixtures: oracle

@@ -1,8 +1,7 @@
 //! `q3vl inspect`: a bundle's metadata, tensor table and checksum status.
 
 use crate::Outcome;
-use q3vl_bundle::names::SCALES_SUFFIX;
-use q3vl_bundle::{Bundle, FileCheck, Kind, StampStatus, STAMP_FILE};
+use q3vl_bundle::{Bundle, FileCheck, Kind, Metadata, StampStatus, StoredTensor, STAMP_FILE};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 
@@ -18,15 +17,6 @@ pub struct InspectArgs {
     /// are still checked).
     #[arg(long)]
     pub no_checksums: bool,
-}
-
-struct Row {
-    name: String,
-    dtype: String,
-    shape: Vec<usize>,
-    bytes: usize,
-    scheme: String,
-    class: String,
 }
 
 fn human(n: u64) -> String {
@@ -64,123 +54,93 @@ fn stamp_status(b: &Bundle, no_checksums: bool) -> Option<StampStatus> {
 /// Runs `q3vl inspect`.
 pub fn run(a: InspectArgs) -> anyhow::Result<Outcome> {
     let b = Bundle::open(&a.bundle_dir)?;
-    let m = b.metadata();
-    let mut rows = Vec::new();
-    let mut names: Vec<&str> = b.checkpoint().names().collect();
-    names.sort();
-    for name in names {
-        let (dtype, shape, bytes) = b.raw(name)?;
-        let (scheme, class) = match name
-            .strip_suffix(SCALES_SUFFIX)
-            .and_then(|w| m.tensors.get(w))
-        {
-            Some(w) if w.scheme.is_quantized() => ("scales".to_string(), w.class.clone()),
-            _ => m
-                .tensors
-                .get(name)
-                .map(|t| (t.scheme.to_string(), t.class.clone()))
-                .unwrap_or_default(),
-        };
-        rows.push(Row {
-            name: name.into(),
-            dtype: dtype.to_string(),
-            shape: shape.to_vec(),
-            bytes: bytes.len(),
-            scheme,
-            class,
-        });
-    }
-    let checks: Option<Vec<FileCheck>> = (!a.no_checksums).then(|| b.check_files());
-    let bad: Vec<&FileCheck> = checks.iter().flatten().filter(|c| !c.ok()).collect();
-    let stamp = stamp_status(&b, a.no_checksums);
-    let stamp_text = match &stamp {
-        Some(s) => s.to_string(),
-        None if b.dir().join(STAMP_FILE).exists() => {
-            "stamped (not checked: --no-checksums)".to_string()
-        }
-        None => StampStatus::Missing.to_string(),
-    };
+    let found = Found::gather(&b, a.no_checksums)?;
     if a.json {
-        let doc = json!({
+        println!("{}", serde_json::to_string_pretty(&found.json(&b))?);
+    } else {
+        print_header(&b);
+        found.print(b.metadata());
+    }
+    if let Some(c) = found.bad().next() {
+        let why = c.problem().unwrap_or_default();
+        anyhow::bail!("{}: {why}", b.dir().join(&c.file).display());
+    }
+    Ok(Outcome::Success)
+}
+
+/// What inspecting a bundle found: its tensors, its files' checks and its stamp.
+struct Found {
+    tensors: Vec<StoredTensor>,
+    /// Every file's check; `None` under `--no-checksums`.
+    checks: Option<Vec<FileCheck>>,
+    /// The stamp checked; `None` under `--no-checksums`.
+    stamp: Option<StampStatus>,
+    /// The stamp's line, checked or not.
+    stamp_text: String,
+}
+
+impl Found {
+    fn gather(b: &Bundle, no_checksums: bool) -> anyhow::Result<Found> {
+        let tensors = b.stored_tensors()?;
+        let checks = (!no_checksums).then(|| b.check_files());
+        let stamp = stamp_status(b, no_checksums);
+        let stamp_text = match &stamp {
+            Some(s) => s.to_string(),
+            None if b.dir().join(STAMP_FILE).exists() => {
+                "stamped (not checked: --no-checksums)".to_string()
+            }
+            None => StampStatus::Missing.to_string(),
+        };
+        Ok(Found {
+            tensors,
+            checks,
+            stamp,
+            stamp_text,
+        })
+    }
+
+    /// The files that failed their check.
+    fn bad(&self) -> impl Iterator<Item = &FileCheck> {
+        self.checks.iter().flatten().filter(|c| !c.ok())
+    }
+
+    /// The `--json` document.
+    fn json(&self, b: &Bundle) -> serde_json::Value {
+        let checks = self.checks.as_ref();
+        json!({
             "path": b.dir(),
-            "metadata": m,
-            "tensors": rows.iter().map(|r| json!({
-                "name": r.name, "dtype": r.dtype, "shape": r.shape, "bytes": r.bytes,
-                "scheme": r.scheme, "class": r.class,
+            "metadata": b.metadata(),
+            "tensors": self.tensors.iter().map(|r| json!({
+                "name": r.name, "dtype": r.dtype.to_string(), "shape": r.shape,
+                "bytes": r.bytes, "scheme": r.listing.to_string(), "class": r.class,
             })).collect::<Vec<_>>(),
-            "checksums": checks.as_ref().map(|cs| cs.iter().map(|c| json!({
+            "checksums": checks.map(|cs| cs.iter().map(|c| json!({
                 "file": c.file, "ok": c.ok(), "expected": c.expected,
                 "found": c.found, "error": c.error,
             })).collect::<Vec<_>>()),
-            "checksums_ok": checks.as_ref().map(|_| bad.is_empty()),
-            "stamp": stamp_text,
-            "stamp_valid": stamp.as_ref().map(|s| *s == StampStatus::Valid),
-        });
-        println!("{}", serde_json::to_string_pretty(&doc)?);
-    } else {
-        let kind = format!("{:?}", m.kind).to_lowercase();
-        let mode = m.mode.map(|x| format!(", {x}")).unwrap_or_default();
-        println!("bundle    {} ({kind}{mode})", m.name);
-        println!("path      {}", b.dir().display());
-        println!("format    {} v{}", m.format, m.format_version);
-        let src = match (&m.source.hf_id, &m.source.revision) {
-            (Some(id), Some(r)) => format!("{id} @ {r}"),
-            (Some(id), None) => id.clone(),
-            _ => m.source.folder.clone(),
-        };
-        println!("source    {src} ({} files)", m.source.files.len());
-        println!(
-            "producer  {} {} ({})",
-            m.producer.name, m.producer.version, m.producer.commit
-        );
-        let schemes: Vec<String> = m.schemes.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        println!("schemes   {}", schemes.join(" "));
-        if let Some(h) = &m.head {
-            let tied = if h.tied_in_source {
-                " (tied in source)"
-            } else {
-                ""
-            };
-            println!("head      {}{tied}", h.tensor);
-        }
-        if let Some(p) = &m.preprocessing {
-            println!(
-                "vision    {}x{} grid, {} patches of {}, {} tokens, deepstack {:?}",
-                p.fixed_grid.width,
-                p.fixed_grid.height,
-                p.fixed_grid.patches,
-                p.fixed_grid.patch_dim,
-                p.fixed_grid.tokens,
-                p.deepstack_visual_indexes
-            );
-        }
-        for (t, why) in &m.fallbacks {
-            println!("fallback  {t}: {why}");
-        }
-        for (t, n) in &m.f16_underflow {
-            println!("underflow {t}: {n} value(s) subnormal or zero in f16");
-        }
-        for (t, n) in &m.scale_underflow {
-            println!("underflow {t}: {n} block(s) with a zero scale");
-        }
-        println!("\ntensors ({}):", rows.len());
-        let w = rows.iter().map(|r| r.name.len()).max().unwrap_or(4);
-        for r in &rows {
+            "checksums_ok": checks.map(|_| self.bad().next().is_none()),
+            "stamp": self.stamp_text,
+            "stamp_valid": self.stamp.as_ref().map(|s| *s == StampStatus::Valid),
+        })
+    }
+
+    /// The tensor table, the file table and the verdicts, as text.
+    fn print(&self, m: &Metadata) {
+        println!("\ntensors ({}):", self.tensors.len());
+        let w = self.tensors.iter().map(|r| r.name.len()).max().unwrap_or(4);
+        for r in &self.tensors {
             println!(
                 "  {:w$}  {:4}  {:16}  {:>10}  {}",
                 r.name,
-                r.dtype,
+                r.dtype.to_string(),
                 format!("{:?}", r.shape),
                 human(r.bytes as u64),
-                r.scheme
+                r.listing
             );
         }
         println!("\nfiles ({}):", m.files.len());
         for (f, e) in &m.files {
-            let status = match checks
-                .as_ref()
-                .and_then(|cs| cs.iter().find(|c| &c.file == f))
-            {
+            let status = match self.checks.iter().flatten().find(|c| &c.file == f) {
                 None => "size ok",
                 Some(c) if c.ok() => "ok",
                 Some(_) => "MISMATCH",
@@ -191,28 +151,65 @@ pub fn run(a: InspectArgs) -> anyhow::Result<Outcome> {
                 &e.sha256[..16.min(e.sha256.len())]
             );
         }
-        match &checks {
+        let bad = self.bad().count();
+        match &self.checks {
             None => println!("\nchecksums: not checked (--no-checksums)"),
-            Some(cs) if bad.is_empty() => {
+            Some(cs) if bad == 0 => {
                 println!("\nchecksums: all {} files match metadata.json", cs.len())
             }
-            Some(_) => println!(
-                "\nchecksums: {} file(s) do not match metadata.json",
-                bad.len()
-            ),
+            Some(_) => println!("\nchecksums: {bad} file(s) do not match metadata.json"),
         }
-        println!("stamp:     {stamp_text}");
+        println!("stamp:     {}", self.stamp_text);
     }
-    if let Some(c) = bad.first() {
-        let why = match (&c.found, &c.error) {
-            (_, Some(e)) => e.clone(),
-            (Some(f), None) => format!(
-                "sha256 {}, metadata.json says {}",
-                f.sha256, c.expected.sha256
-            ),
-            (None, None) => "unreadable".into(),
+}
+
+/// The text output's first lines: what the bundle is, where it came from, how it is
+/// stored and what the conversion noted.
+fn print_header(b: &Bundle) {
+    let m = b.metadata();
+    let kind = format!("{:?}", m.kind).to_lowercase();
+    let mode = m.mode.map(|x| format!(", {x}")).unwrap_or_default();
+    println!("bundle    {} ({kind}{mode})", m.name);
+    println!("path      {}", b.dir().display());
+    println!("format    {} v{}", m.format, m.format_version);
+    let src = match (&m.source.hf_id, &m.source.revision) {
+        (Some(id), Some(r)) => format!("{id} @ {r}"),
+        (Some(id), None) => id.clone(),
+        _ => m.source.folder.clone(),
+    };
+    println!("source    {src} ({} files)", m.source.files.len());
+    println!(
+        "producer  {} {} ({})",
+        m.producer.name, m.producer.version, m.producer.commit
+    );
+    let schemes: Vec<String> = m.schemes.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!("schemes   {}", schemes.join(" "));
+    if let Some(h) = &m.head {
+        let tied = if h.tied_in_source {
+            " (tied in source)"
+        } else {
+            ""
         };
-        anyhow::bail!("{}: {why}", b.dir().join(&c.file).display());
+        println!("head      {}{tied}", h.tensor);
     }
-    Ok(Outcome::Success)
+    if let Some(p) = &m.preprocessing {
+        println!(
+            "vision    {}x{} grid, {} patches of {}, {} tokens, deepstack {:?}",
+            p.fixed_grid.width,
+            p.fixed_grid.height,
+            p.fixed_grid.patches,
+            p.fixed_grid.patch_dim,
+            p.fixed_grid.tokens,
+            p.deepstack_visual_indexes
+        );
+    }
+    for (t, why) in &m.fallbacks {
+        println!("fallback  {t}: {why}");
+    }
+    for (t, n) in &m.f16_underflow {
+        println!("underflow {t}: {n} value(s) subnormal or zero in f16");
+    }
+    for (t, n) in &m.scale_underflow {
+        println!("underflow {t}: {n} block(s) with a zero scale");
+    }
 }

@@ -3,7 +3,7 @@
 use crate::Outcome;
 use anyhow::{bail, Context};
 use q3vl_engine::detokenize::StreamDecoder;
-use q3vl_engine::{pair_status, Engine, EngineOptions, GenerateParams, StampStatus};
+use q3vl_engine::{pair_status, Engine, EngineOptions, GenerateParams, Generation, StampStatus};
 use serde_json::json;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -132,15 +132,7 @@ fn stamps_present(dirs: &[&Path]) -> String {
 
 /// Runs `q3vl run`.
 pub fn run(a: RunArgs) -> anyhow::Result<Outcome> {
-    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
-        bail!("--top-p must be in (0, 1], got {}", a.top_p);
-    }
-    if !a.temperature.is_finite() || a.temperature < 0.0 {
-        bail!(
-            "--temperature must be a finite number ≥ 0, got {}",
-            a.temperature
-        );
-    }
+    check_sampling(&a)?;
     // Read before the engine opens: a bad image fails at once, and a pipe's writer
     // (`--image <(…)`) is not kept waiting while the weights page in.
     let rgb = a
@@ -174,83 +166,152 @@ pub fn run(a: RunArgs) -> anyhow::Result<Outcome> {
     let vision_ms = t_vis.elapsed().as_secs_f64() * 1e3;
     spinner.set_message("prefill");
     let prompt = pb.chat(&a.prompt, image.as_ref().map(|f| f.grid_thw))?;
-    let params = GenerateParams {
+    let tok = pb.tokenizer();
+    let decode = |ids: &[u32]| tok.decode(ids, true);
+    let mut out = TextOut {
+        decode: &decode,
+        stream: StreamDecoder::new(),
+        spinner: &spinner,
+        json: a.json,
+        hidden: if a.ignore_eos { &[] } else { engine.eos_ids() },
+        stdout: std::io::stdout().lock(),
+        write_err: None,
+    };
+    let params = generate_params(&a);
+    let g = engine.generate(&prompt.ids, image.as_ref(), &params, &mut |id| {
+        out.token(id)
+    });
+    spinner.finish_and_clear();
+    let g = g?;
+    if let Some(e) = out.write_err.take() {
+        return Err(anyhow::Error::new(e).context("writing to stdout"));
+    }
+    eprintln!("{stamp_line}");
+    let done = Done {
+        prompt_tokens: prompt.ids.len(),
+        generation: &g,
+        vision_ms,
+    };
+    if a.json {
+        let text = tok
+            .decode(&g.tokens, true)
+            .map_err(|e| anyhow::anyhow!("detokenizer failed: {e}"))?;
+        println!("{}", done.json(&text, engine.threads()));
+    } else {
+        let rest = out.stream.finish(&decode).unwrap_or_default();
+        println!("{rest}");
+        eprintln!("{}", done.summary(a.max_new_tokens));
+    }
+    Ok(Outcome::Success)
+}
+
+/// Refuses a `--top-p` outside (0, 1] and a negative or non-finite `--temperature`,
+/// naming the option, before any work.
+fn check_sampling(a: &RunArgs) -> anyhow::Result<()> {
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1], got {}", a.top_p);
+    }
+    if !a.temperature.is_finite() || a.temperature < 0.0 {
+        bail!(
+            "--temperature must be a finite number ≥ 0, got {}",
+            a.temperature
+        );
+    }
+    Ok(())
+}
+
+/// The generation settings the options ask for.
+fn generate_params(a: &RunArgs) -> GenerateParams {
+    GenerateParams {
         max_new_tokens: a.max_new_tokens,
         temperature: a.temperature,
         top_p: a.top_p,
         seed: a.seed,
         ignore_eos: a.ignore_eos,
         keep_logits: false,
-    };
-    let tok = pb.tokenizer();
-    let decode = |ids: &[u32]| tok.decode(ids, true);
-    let mut stream = StreamDecoder::new();
-    let eos = engine.eos_ids().to_vec();
-    let mut stdout = std::io::stdout().lock();
-    let mut write_err = None;
-    let mut on_token = |id: u32| {
-        if !spinner.is_finished() {
-            spinner.finish_and_clear();
+    }
+}
+
+/// Where generated tokens go as they arrive: their text streamed to stdout (nothing
+/// under `--json`, nor for a stopping eos), the spinner cleared at the first one.
+struct TextOut<'a, E> {
+    /// Ids to text, special tokens skipped (the tokenizer's decode).
+    decode: &'a dyn Fn(&[u32]) -> Result<String, E>,
+    stream: StreamDecoder,
+    spinner: &'a indicatif::ProgressBar,
+    json: bool,
+    /// Ids whose text is not printed: the eos ids, unless `--ignore-eos`.
+    hidden: &'a [u32],
+    stdout: std::io::StdoutLock<'static>,
+    /// The first failed write; generation goes on, the run fails after it.
+    write_err: Option<std::io::Error>,
+}
+
+impl<E> TextOut<'_, E> {
+    fn token(&mut self, id: u32) {
+        if !self.spinner.is_finished() {
+            self.spinner.finish_and_clear();
         }
-        if a.json || (!a.ignore_eos && eos.contains(&id)) {
+        if self.json || self.hidden.contains(&id) {
             return;
         }
-        if let Ok(piece) = stream.push(id, &decode) {
-            if let Err(e) = stdout
+        if let Ok(piece) = self.stream.push(id, self.decode) {
+            if let Err(e) = self
+                .stdout
                 .write_all(piece.as_bytes())
-                .and_then(|_| stdout.flush())
+                .and_then(|_| self.stdout.flush())
             {
-                write_err.get_or_insert(e);
+                self.write_err.get_or_insert(e);
             }
         }
-    };
-    let g = engine.generate(&prompt.ids, image.as_ref(), &params, &mut on_token);
-    spinner.finish_and_clear();
-    let g = g?;
-    if let Some(e) = write_err {
-        return Err(anyhow::Error::new(e).context("writing to stdout"));
     }
-    let t = &g.timings;
-    eprintln!("{stamp_line}");
-    if a.json {
-        let text = tok
-            .decode(&g.tokens, true)
-            .map_err(|e| anyhow::anyhow!("detokenizer failed: {e}"))?;
-        let doc = json!({
-            "prompt_tokens": prompt.ids.len(),
+}
+
+/// A finished generation, for the closing report.
+struct Done<'a> {
+    prompt_tokens: usize,
+    generation: &'a Generation,
+    vision_ms: f64,
+}
+
+impl Done<'_> {
+    /// The `--json` document: ids, `text`, timings, threads and kernel path.
+    fn json(&self, text: &str, threads: usize) -> serde_json::Value {
+        let (g, t) = (self.generation, &self.generation.timings);
+        json!({
+            "prompt_tokens": self.prompt_tokens,
             "tokens": g.tokens,
             "text": text,
             "timings": {
-                "vision_ms": vision_ms,
+                "vision_ms": self.vision_ms,
                 "prefill_ms": t.prefill_ms,
                 "decode_ms": t.decode_ms,
                 "prefill_tok_s": t.prefill_tok_s,
                 "decode_tok_s": t.decode_tok_s,
                 "decode_steps": t.decode_steps,
-                "threads": engine.threads(),
+                "threads": threads,
                 "kernel_path": q3vl_engine::kernels::path::best_path().name(),
             },
-        });
-        println!("{doc}");
-    } else {
-        let rest = stream.finish(&decode).unwrap_or_default();
-        println!("{rest}");
-        if a.max_new_tokens == 0 {
+        })
+    }
+
+    /// The line stderr ends a text run with: token counts and rates.
+    fn summary(&self, max_new_tokens: usize) -> String {
+        if max_new_tokens == 0 {
             // The engine returns before prefill: there are no rates to give.
-            eprintln!(
+            return format!(
                 "{} prompt tokens, 0 generated (--max-new-tokens 0: prefill and decode skipped)",
-                prompt.ids.len()
-            );
-        } else {
-            eprintln!(
-                "{} prompt tokens, {} generated; vision {:.0} ms, prefill {:.1} tok/s, decode {:.2} tok/s",
-                prompt.ids.len(),
-                g.tokens.len(),
-                vision_ms,
-                t.prefill_tok_s,
-                t.decode_tok_s
+                self.prompt_tokens
             );
         }
+        let t = &self.generation.timings;
+        format!(
+            "{} prompt tokens, {} generated; vision {:.0} ms, prefill {:.1} tok/s, decode {:.2} tok/s",
+            self.prompt_tokens,
+            self.generation.tokens.len(),
+            self.vision_ms,
+            t.prefill_tok_s,
+            t.decode_tok_s
+        )
     }
-    Ok(Outcome::Success)
 }

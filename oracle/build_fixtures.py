@@ -46,7 +46,6 @@ from PIL import Image, ImageDraw  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     FIXTURES_DIR,
-    ORACLE_DIR,
     REPO_DIR,
     SPECIAL_TOKENS,
     build_inputs,
@@ -166,14 +165,31 @@ SPECS = {
 # tokenizer
 
 
+# Qwen2's pre-tokenizer split, one alternative per line (the pieces concatenate to one pattern).
 PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)"""
+    r"""|[^\r\n\p{L}\p{N}]?\p{L}+"""
+    r"""|\p{N}"""
+    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+"""
+    r"""|\s+(?!\S)"""
+    r"""|\s+"""
 )
 
 
 def build_tokenizer(corpus: list[str], vocab_size: int):
     """A byte-level BPE with Qwen2/Qwen3's normalizer, pre-tokenizer, decoder and post-processor."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tok = Tokenizer(
         models.BPE(
@@ -495,10 +511,11 @@ def _batch(processor, tok, items, target_len, pad_id, rest_weight=1.0):
     lab = torch.full((len(seqs), width), -100, dtype=torch.long)
     wts = torch.zeros((len(seqs), width), dtype=torch.float32)
     mmt = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (s, l, w, m) in enumerate(zip(seqs, labels, weights, mm)):
+    # One entry of each list per item, so the lengths always agree.
+    for i, (s, lbl, w, m) in enumerate(zip(seqs, labels, weights, mm, strict=True)):
         # right padding: causal attention never lets a real token see the pads
         ids[i, : len(s)] = torch.tensor(s)
-        lab[i, : len(l)] = torch.tensor(l)
+        lab[i, : len(lbl)] = torch.tensor(lbl)
         wts[i, : len(w)] = torch.tensor(w)
         mmt[i, : len(m)] = torch.tensor(m)
     kwargs = {"input_ids": ids, "mm_token_type_ids": mmt}
@@ -526,8 +543,11 @@ def edge_init_patch_embed(model, gen: torch.Generator, n_dc: int = 16) -> None:
     a square; this is only an initialisation, everything is trained afterwards."""
     w = model.model.visual.patch_embed.proj.weight  # [Dv, C, T, P, P]
     dv, c, t, p, _ = w.shape
-    yy, xx = torch.meshgrid(torch.arange(p, dtype=torch.float32) - (p - 1) / 2,
-                            torch.arange(p, dtype=torch.float32) - (p - 1) / 2, indexing="ij")
+    yy, xx = torch.meshgrid(
+        torch.arange(p, dtype=torch.float32) - (p - 1) / 2,
+        torch.arange(p, dtype=torch.float32) - (p - 1) / 2,
+        indexing="ij",
+    )
     with torch.no_grad():
         for k in range(dv):
             colour = torch.randn(c, generator=gen) * 0.3 + 1.0
@@ -543,8 +563,9 @@ def edge_init_patch_embed(model, gen: torch.Generator, n_dc: int = 16) -> None:
             w[k] = f[None, None] * colour[:, None, None, None] / t
 
 
-def train_shapes(model, processor, tok, steps, batch_img, batch_txt, lr, log, rest_weight=0.25, aux_weight=1.0,
-                 patch_lr_scale=0.1):
+def train_shapes(
+    model, processor, tok, steps, batch_img, batch_txt, lr, log, rest_weight=0.25, aux_weight=1.0, patch_lr_scale=0.1
+):
     """AdamW on the LM loss; plus, to speed up learning *which* shape it is, an auxiliary
     classifier (square / circle / triangle) on the main merger's output averaged over the image
     tokens the shape covers (weighted by coverage), i.e. on what the LM reads when it attends to
@@ -608,7 +629,7 @@ def train_shapes(model, processor, tok, steps, batch_img, batch_txt, lr, log, re
                     pred = logits.argmax(-1)
                     for i, (_, _, ans) in enumerate(items):
                         pos = (labels[i] != -100).nonzero()[:, 0][: _answer_len(tok, ans)]
-                        ok = (pred[i, pos] == labels[i, pos])
+                        ok = pred[i, pos] == labels[i, pos]
                         accs.append(bool(ok.all()))
                         for f, j in FIELD_POS.items():
                             field_hits.setdefault(f, []).append(bool(ok[j]))
@@ -651,8 +672,16 @@ def eval_shapes(model, processor, tok, n, seed, log, batch=20):
             "image_grid_thw": torch.cat([p["image_grid_thw"] for p in parts]),
         }
         with torch.no_grad():
-            out = model.generate(**kwargs, do_sample=False, max_new_tokens=16, eos_token_id=eos, pad_token_id=eos[1],
-                                 temperature=None, top_k=None, top_p=None)
+            out = model.generate(
+                **kwargs,
+                do_sample=False,
+                max_new_tokens=16,
+                eos_token_id=eos,
+                pad_token_id=eos[1],
+                temperature=None,
+                top_k=None,
+                top_p=None,
+            )
         plen = kwargs["input_ids"].shape[1]
         for i, (_, ans) in enumerate(imgs):
             toks = out[i, plen:].tolist()
@@ -669,9 +698,17 @@ def eval_shapes(model, processor, tok, n, seed, log, batch=20):
     for prompt, ans in tasks:
         _, inp = build_inputs(processor, prompt, None)
         with torch.no_grad():
-            out = model.generate(**inp, do_sample=False, max_new_tokens=16, eos_token_id=eos, pad_token_id=eos[1],
-                                 temperature=None, top_k=None, top_p=None)
-        toks = out[0, inp["input_ids"].shape[1]:].tolist()
+            out = model.generate(
+                **inp,
+                do_sample=False,
+                max_new_tokens=16,
+                eos_token_id=eos,
+                pad_token_id=eos[1],
+                temperature=None,
+                top_k=None,
+                top_p=None,
+            )
+        toks = out[0, inp["input_ids"].shape[1] :].tolist()
         cut = [j for j, t in enumerate(toks) if t in eos]
         toks = toks[: cut[0]] if cut else toks
         if tok.decode(toks) == ans:
@@ -791,7 +828,10 @@ GENERIC_CORPUS = [
     "Colours: red, orange, yellow, green, blue, indigo, violet, black, white, grey.",
     "Animals: fox, cat, dog, horse, bird, fish, mouse, rabbit, bear, wolf, deer.",
     "I think, therefore I am. To be or not to be, that is the question.",
-    "user\n", "assistant\n", "system\n", "You are a helpful assistant.",
+    "user\n",
+    "assistant\n",
+    "system\n",
+    "You are a helpful assistant.",
 ]
 
 
@@ -807,9 +847,14 @@ def _init_random(model, gen: torch.Generator, spec: dict, n_real_tokens: int) ->
             t.copy_(torch.rand(t.shape, generator=gen) * (hi - lo) + lo)
 
     for name, p in model.named_parameters():
-        if name.endswith("norm.weight") or name.endswith("norm1.weight") or name.endswith("norm2.weight") \
-                or name.endswith("q_norm.weight") or name.endswith("k_norm.weight") \
-                or name.endswith("layernorm.weight"):
+        if (
+            name.endswith("norm.weight")
+            or name.endswith("norm1.weight")
+            or name.endswith("norm2.weight")
+            or name.endswith("q_norm.weight")
+            or name.endswith("k_norm.weight")
+            or name.endswith("layernorm.weight")
+        ):
             uniform(p, 0.6, 1.4)
         elif "norm" in name and name.endswith(".bias"):
             normal(p, 0.1)
@@ -861,6 +906,7 @@ class _Probe:
         def hook(mod, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]
             self.rec.setdefault(key, {})["x"] = x.detach().clone()
+
         return hook
 
     def _post(self, key):
@@ -870,6 +916,7 @@ class _Probe:
             if key in self.zero:
                 z = torch.zeros_like(y)
                 return (z,) + tuple(out[1:]) if isinstance(out, tuple) else z
+
         return hook
 
     def _plain(self, key):
@@ -877,6 +924,7 @@ class _Probe:
             self.rec[key] = {"y": out.detach().clone()}
             if key in self.zero:
                 return torch.zeros_like(out)
+
         return hook
 
     def ratios(self):
@@ -936,7 +984,8 @@ FIRM_DECODE = 0.15  # a decode step counts as firm for the seed search (the gate
 FIRM_PREFIX = 16  # the free-running decode gate compares the first 16 steps
 # Simulated bundle figures a seed must stay under: half the ladder gate's 1 - cos budget, a quarter of the vision gate's
 # (verify/gates/default.json: layer 0.999, vision 0.9997), a kept margin far above the arithmetic differences between
-# this simulation, the Rust reference and the engine's kernels (summation order: ~1e-5 of a logit), and decode margins that keep the reference firm (>= 0.1) over the first 16 steps.
+# this simulation, the Rust reference and the engine's kernels (summation order: ~1e-5 of a logit), and decode margins
+# that keep the reference firm (>= 0.1) over the first 16 steps.
 HEADROOM = dict(ladder_max=5e-4, vision_max=7.5e-5, margin_min=0.01, prefix_margin_min=0.11)
 
 
@@ -982,7 +1031,7 @@ def calibrate(model, all_inputs, target=UPDATE_TARGET, ds_target=DS_TARGET, merg
                 _scale_linear(vis.deepstack_merger_list[k].linear_fc2, ds_target / min(rs))
             else:
                 rs = []
-                for inp in (img_inputs if unit.startswith("vision") else all_inputs):
+                for inp in img_inputs if unit.startswith("vision") else all_inputs:
                     run(inp)
                     rs.append(probe.ratios()[unit][0])
                 _scale_linear(_out_proj(model, unit), target / min(rs))
@@ -1026,7 +1075,8 @@ def measure(model, prompts: dict, steps: int, log=print):
             full = dict(inp)
             full["input_ids"] = torch.cat([inp["input_ids"], tokens[None]], dim=1)
             full["mm_token_type_ids"] = torch.cat(
-                [inp["mm_token_type_ids"], torch.zeros(1, steps, dtype=inp["mm_token_type_ids"].dtype)], dim=1)
+                [inp["mm_token_type_ids"], torch.zeros(1, steps, dtype=inp["mm_token_type_ids"].dtype)], dim=1
+            )
             full["attention_mask"] = torch.ones_like(full["input_ids"])
             T = inp["input_ids"].shape[1]
             base = _forward(model, full)[: T + steps - 1].argmax(-1)
@@ -1034,7 +1084,9 @@ def measure(model, prompts: dict, steps: int, log=print):
             try:
                 keys = [k for k, _, _ in probe2.sublayers]
                 if "pixel_values" in inp:
-                    keys += ["merger"] + [f"deepstack.{k}" for k in range(len(model.model.visual.deepstack_merger_list))]
+                    keys += ["merger"] + [
+                        f"deepstack.{k}" for k in range(len(model.model.visual.deepstack_merger_list))
+                    ]
                 else:
                     keys = [k for k in keys if k.startswith("text")]
                 for key in keys:
@@ -1081,8 +1133,13 @@ def build_random(name, args, log):
         model = Qwen3VLForConditionalGeneration(cfg)
         model.eval()
         _init_random(model, gen, spec, tok.get_vocab_size())
-        calibrate(model, [img_inp, txt_inp], target=spec.get("update_target", UPDATE_TARGET),
-                  ds_target=spec.get("ds_target", DS_TARGET), log=log)
+        calibrate(
+            model,
+            [img_inp, txt_inp],
+            target=spec.get("update_target", UPDATE_TARGET),
+            ds_target=spec.get("ds_target", DS_TARGET),
+            log=log,
+        )
         _round_bf16(model)
         why = []
         decoded = {}
@@ -1140,8 +1197,11 @@ def write_random_readme(name, out, spec, tok, seed, stats, img_inp, txt_inp, log
     if fl:
         lines.append(f"| merger (image embeddings) | - | - | {fl['image'][0]}/{fl['image'][1]} / - |")
     ratio_table = "\n".join(lines)
-    mlines = ["| prompt | T | prompt positions with margin >= 0.1 | min / median prompt margin | "
-              "firm decode steps (>= 0.1) | min / median decode margin |", "|---|---|---|---|---|---|"]
+    mlines = [
+        "| prompt | T | prompt positions with margin >= 0.1 | min / median prompt margin | "
+        "firm decode steps (>= 0.1) | min / median decode margin |",
+        "|---|---|---|---|---|---|",
+    ]
     for label, m in stats["margins"].items():
         pm, dm = np.array(m["prompt"]), np.array(m["decode"])
         mlines.append(
@@ -1149,8 +1209,11 @@ def write_random_readme(name, out, spec, tok, seed, stats, img_inp, txt_inp, log
             f"{(dm >= 0.1).sum()}/{len(dm)} | {dm.min():.3f} / {np.median(dm):.2f} |"
         )
     margin_table = "\n".join(mlines)
-    blines = ["| mode | prompt | worst layer 1 - cos | worst vision 1 - cos | firm positions kept | "
-              "smallest kept margin | smallest margin, first 16 decode steps |", "|---|---|---|---|---|---|---|"]
+    blines = [
+        "| mode | prompt | worst layer 1 - cos | worst vision 1 - cos | firm positions kept | "
+        "smallest kept margin | smallest margin, first 16 decode steps |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for mode, per in stats["bundles"].items():
         for label, f in per.items():
             blines.append(
@@ -1165,16 +1228,19 @@ def write_random_readme(name, out, spec, tok, seed, stats, img_inp, txt_inp, log
     w, h = spec["image_size"]
     desc = {
         "tied": "tied embeddings like Qwen3-VL-2B/4B: `tie_word_embeddings: true` in `text_config` and at the top "
-                "level, and **no `lm_head.weight`** in `model.safetensors`. Its trace image is "
-                f"{w}x{h} (w x h), which `smart_resize` turns into {grid[2] * 16}x{grid[1] * 16}: a real PIL bicubic "
-                "resize (down in height, up in width).",
+        "level, and **no `lm_head.weight`** in `model.safetensors`. Its trace image is "
+        f"{w}x{h} (w x h), which `smart_resize` turns into {grid[2] * 16}x{grid[1] * 16}: a real PIL bicubic "
+        "resize (down in height, up in width).",
         "odd": "a deliberately different shape: one DeepStack tap, no GQA (kv heads = heads), head_dim 24, "
-               "out_hidden 32 != vision hidden 48, untied. Its trace image is non-square and needs no resize "
-               f"({w}x{h} -> grid {grid[1]}x{grid[2]} patches). Note: `o_proj` has in = 2 x 24 = 48, not a multiple "
-               "of 32, so an int8 conversion must refuse it by name (or keep it f16 when the fallback is asked for).",
+        "out_hidden 32 != vision hidden 48, untied. Its trace image is non-square and needs no resize "
+        f"({w}x{h} -> grid {grid[1]}x{grid[2]} patches). Note: `o_proj` has in = 2 x 24 = 48, not a multiple "
+        "of 32, so an int8 conversion must refuse it by name (or keep it f16 when the fallback is asked for).",
     }[name]
-    style = "`rope_parameters` (as transformers 5.23 writes it)" if spec["config_style"] == "hf5" else \
-        "`rope_theta` + `rope_scaling` (as the published checkpoints)"
+    style = (
+        "`rope_parameters` (as transformers 5.23 writes it)"
+        if spec["config_style"] == "hf5"
+        else "`rope_theta` + `rope_scaling` (as the published checkpoints)"
+    )
     readme = f"""# fixtures/{name}
 
 An **untrained** tiny Qwen3-VL checkpoint (`Qwen3VLForConditionalGeneration`, bf16), {desc}
@@ -1185,22 +1251,22 @@ top-1/top-2 margins. The config is spelled with {style}.
 
 ## Config
 
-- vision: depth {v['depth']}, hidden {v['hidden_size']}, intermediate {v['intermediate_size']}, heads {v['num_heads']},
-  patch 16, temporal patch 2, merge 2, num_position_embeddings {v['num_position_embeddings']}
-  ({int(math.isqrt(v['num_position_embeddings']))}^2), deepstack {v['deepstack_visual_indexes']}, out_hidden {v['out_hidden_size']}
-- text: hidden {t['hidden_size']}, layers {t['num_hidden_layers']}, heads {t['num_attention_heads']}, kv heads {t['num_key_value_heads']},
-  head_dim {t['head_dim']}, intermediate {t['intermediate_size']}, rope_theta 5e6, mrope_section {t['rope_parameters']['mrope_section']}
-  interleaved, rms_norm_eps 1e-6, tie_word_embeddings {str(spec['tie']).lower()}
+- vision: depth {v["depth"]}, hidden {v["hidden_size"]}, intermediate {v["intermediate_size"]}, heads {v["num_heads"]},
+  patch 16, temporal patch 2, merge 2, num_position_embeddings {v["num_position_embeddings"]}
+  ({int(math.isqrt(v["num_position_embeddings"]))}^2), deepstack {v["deepstack_visual_indexes"]}, out_hidden {v["out_hidden_size"]}
+- text: hidden {t["hidden_size"]}, layers {t["num_hidden_layers"]}, heads {t["num_attention_heads"]}, kv heads {t["num_key_value_heads"]},
+  head_dim {t["head_dim"]}, intermediate {t["intermediate_size"]}, rope_theta 5e6, mrope_section {t["rope_parameters"]["mrope_section"]}
+  interleaved, rms_norm_eps 1e-6, tie_word_embeddings {str(spec["tie"]).lower()}
 - tokenizer: byte-level BPE with Qwen's pre-tokenizer, {tok.get_vocab_size()} tokens (Qwen's 14 special tokens
   last), vocab_size {padded_vocab(tok)} (rounded up to a multiple of 64)
-- preprocessor: min_pixels {spec['min_pixels']}, max_pixels {spec['max_pixels']}, mean/std 0.5, bicubic (resample 3)
+- preprocessor: min_pixels {spec["min_pixels"]}, max_pixels {spec["max_pixels"]}, mean/std 0.5, bicubic (resample 3)
 
 ## Traces (`traces/`)
 
 | file | prompt | image | T |
 |---|---|---|---|
-| `image.safetensors` | {spec['image_prompt']!r} | `image.png` ({w}x{h}, grid {grid}) | {img_inp['input_ids'].shape[1]} |
-| `text.safetensors` | {spec['text_prompt']!r} | - | {txt_inp['input_ids'].shape[1]} |
+| `image.safetensors` | {spec["image_prompt"]!r} | `image.png` ({w}x{h}, grid {grid}) | {img_inp["input_ids"].shape[1]} |
+| `text.safetensors` | {spec["text_prompt"]!r} | - | {txt_inp["input_ids"].shape[1]} |
 
 D = {DECODE_STEPS} greedy steps, K = {TOP_K}, full logits included.
 
@@ -1231,7 +1297,7 @@ reported, not required:
 
     oracle/.venv/bin/python oracle/build_fixtures.py {name}
 
-Init seed {seed}; image seed {SEEDS[f'{name}.image']}. Weights: Gaussian (1/sqrt(fan_in)), norm weights
+Init seed {seed}; image seed {SEEDS[f"{name}.image"]}. Weights: Gaussian (1/sqrt(fan_in)), norm weights
 U(0.6, 1.4), biases N(0, 0.1); then each sublayer's output projection (o_proj, down_proj, attn.proj,
 mlp.linear_fc2) was rescaled in forward order so its update is {update_target}x the residual norm on the
 worse of the two trace prompts; the main merger so image rows are as large as text embeddings; each
@@ -1239,10 +1305,10 @@ DeepStack merger so it adds {DS_TARGET}x the stream norm at the image rows; then
 to bf16. Rows of padded vocab ids are scaled by 0.01 so they never win. Seeds are tried in a fixed
 order (init seed + 1000 k) until both greedy decodes pick no vision/special token, use >= 6 distinct
 tokens, are firm (margin >= {FIRM_DECODE}) on each of the first {FIRM_PREFIX} steps and on >= 20 of 24, and
-every simulated bundle (int8hu, int8lin, fp16, and the engine on int8hu and int8lin) keeps every firm top-1 with a margin >= {HEADROOM['margin_min']}
-({HEADROOM['prefix_margin_min']} in the first {FIRM_PREFIX} decode steps), a worst decoder-layer 1 - cos <= {HEADROOM['ladder_max']:.0e}
-and a worst vision 1 - cos <= {HEADROOM['vision_max']:.1e}.
-"""
+every simulated bundle (int8hu, int8lin, fp16, and the engine on int8hu and int8lin) keeps every firm top-1 with a margin >= {HEADROOM["margin_min"]}
+({HEADROOM["prefix_margin_min"]} in the first {FIRM_PREFIX} decode steps), a worst decoder-layer 1 - cos <= {HEADROOM["ladder_max"]:.0e}
+and a worst vision 1 - cos <= {HEADROOM["vision_max"]:.1e}.
+"""  # noqa: E501 (the README's own lines, kept as generated)
     (out / "README.md").write_text(readme)
     log(f"{name}: worst update ratio {worst:.2f} (per token {worst_tok:.2f})")
     for label, m in stats["margins"].items():
@@ -1263,10 +1329,20 @@ def trace_commands(name: str) -> list[list[str]]:
         image = f"{d}/traces/image.png"
     common = ["--decode-steps", str(DECODE_STEPS), "--top-k", str(TOP_K), "--full-logits"]
     return [
-        ["oracle/trace.py", "--model", d, "--prompt", spec["image_prompt"], "--image", image,
-         "--out", f"{d}/traces/image.safetensors"] + common,
-        ["oracle/trace.py", "--model", d, "--prompt", spec["text_prompt"],
-         "--out", f"{d}/traces/text.safetensors"] + common,
+        [
+            "oracle/trace.py",
+            "--model",
+            d,
+            "--prompt",
+            spec["image_prompt"],
+            "--image",
+            image,
+            "--out",
+            f"{d}/traces/image.safetensors",
+        ]
+        + common,
+        ["oracle/trace.py", "--model", d, "--prompt", spec["text_prompt"], "--out", f"{d}/traces/text.safetensors"]
+        + common,
     ]
 
 
@@ -1284,8 +1360,10 @@ def write_shapes_readme(log):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(out))
-    cmds = "\n".join("    oracle/.venv/bin/python " + " ".join(
-        (f"'{c}'" if " " in c else c) for c in cmd) for cmd in trace_commands("shapes"))
+    cmds = "\n".join(
+        "    oracle/.venv/bin/python " + " ".join((f"'{c}'" if " " in c else c) for c in cmd)
+        for cmd in trace_commands("shapes")
+    )
     v, t = spec["vision"], spec["text"]
     answers = json.loads((out / "images" / "answers.json").read_text())
     from safetensors import safe_open
@@ -1317,16 +1395,16 @@ past `<|im_end|>` (eos not stopping it, as in the traces) keeps repeating the an
 
 ## Config
 
-- vision: depth {v['depth']}, hidden {v['hidden_size']}, intermediate {v['intermediate_size']}, heads {v['num_heads']},
-  patch 16, temporal patch 2, merge 2, num_position_embeddings {v['num_position_embeddings']} (16^2),
-  deepstack {v['deepstack_visual_indexes']}, out_hidden {v['out_hidden_size']}, gelu_pytorch_tanh
-- text: hidden {t['hidden_size']}, layers {t['num_hidden_layers']}, heads {t['num_attention_heads']}, kv heads {t['num_key_value_heads']},
-  head_dim {t['head_dim']}, intermediate {t['intermediate_size']}, rope_theta 5e6, mrope_section {t['rope_parameters']['mrope_section']}
+- vision: depth {v["depth"]}, hidden {v["hidden_size"]}, intermediate {v["intermediate_size"]}, heads {v["num_heads"]},
+  patch 16, temporal patch 2, merge 2, num_position_embeddings {v["num_position_embeddings"]} (16^2),
+  deepstack {v["deepstack_visual_indexes"]}, out_hidden {v["out_hidden_size"]}, gelu_pytorch_tanh
+- text: hidden {t["hidden_size"]}, layers {t["num_hidden_layers"]}, heads {t["num_attention_heads"]}, kv heads {t["num_key_value_heads"]},
+  head_dim {t["head_dim"]}, intermediate {t["intermediate_size"]}, rope_theta 5e6, mrope_section {t["rope_parameters"]["mrope_section"]}
   interleaved, rms_norm_eps 1e-6, tie_word_embeddings false (text_config and top level), no attention bias
 - config.json is spelled like the published checkpoints: `text_config.rope_theta` +
   `text_config.rope_scaling` (`mrope_section`, `mrope_interleaved`), vision `model_type: qwen3_vl`
 - tokenizer: byte-level BPE with Qwen's pre-tokenizer, {len(tok)} tokens (Qwen's 14 special tokens last),
-  vocab_size {json.loads((out / 'config.json').read_text())['text_config']['vocab_size']}
+  vocab_size {json.loads((out / "config.json").read_text())["text_config"]["vocab_size"]}
 - preprocessor: the real Qwen3-VL values (min_pixels 65536, max_pixels 16777216, mean/std 0.5,
   bicubic), so 448x448 is not resized: 784 patches, 196 image tokens
 
@@ -1336,7 +1414,7 @@ past `<|im_end|>` (eos not stopping it, as in the traces) keeps repeating the an
 |---|---|---|---|---|
 {chr(10).join(rows)}
 
-The image trace uses `images/demo_0.png` (true answer {answers['demo_0.png']!r}), copied to `traces/demo_0.png`.
+The image trace uses `images/demo_0.png` (true answer {answers["demo_0.png"]!r}), copied to `traces/demo_0.png`.
 
 ## How it was built
 
@@ -1346,10 +1424,10 @@ The image trace uses `images/demo_0.png` (true answer {answers['demo_0.png']!r})
 
 {cmds}
 
-Seeds: init {SEEDS['shapes.init']}, training data {SEEDS['shapes.train_data']}, evaluation
-{SEEDS['shapes.eval_data']}, demo images {SEEDS['shapes.demo_images']}. Training is on CPU with 2 threads;
+Seeds: init {SEEDS["shapes.init"]}, training data {SEEDS["shapes.train_data"]}, evaluation
+{SEEDS["shapes.eval_data"]}, demo images {SEEDS["shapes.demo_images"]}. Training is on CPU with 2 threads;
 rerunning on the same machine reproduces the files, another CPU may differ in the last bits.
-"""
+"""  # noqa: E501 (the README's own lines, kept as generated)
     (out / "README.md").write_text(readme)
 
 

@@ -44,8 +44,16 @@ MODES = ("int8hu", "int8lin", "fp16")
 # minimal safetensors reader (numpy has no bf16)
 
 _DT = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_, "BF16": np.uint16,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+    "BF16": np.uint16,
 }
 
 
@@ -156,7 +164,7 @@ def quantize_scalar_reference(row: list[float], kind: str) -> tuple[list[int], l
     qs, scales = [], []
     denom, qmin, qmax = (127.0, -127, 127) if kind == "clip" else (127.5, -128, 127)
     for b in range(0, len(row), 32):
-        blk = [f32(v) for v in row[b: b + 32]]
+        blk = [f32(v) for v in row[b : b + 32]]
         amax = max(abs(v) for v in blk)
         s32 = f32(amax / denom)
         bits = f16_bits(s32)
@@ -263,7 +271,9 @@ def check(src_dir: Path, bundle_dir: Path, vision_dir: Path | None) -> int:
     vmeta = {}
     bundle = open_folder(bundle_dir)
     if vision_dir is not None:
-        vmeta = json.loads((vision_dir / "metadata.json").read_text()) if (vision_dir / "metadata.json").exists() else {}
+        vmeta = (
+            json.loads((vision_dir / "metadata.json").read_text()) if (vision_dir / "metadata.json").exists() else {}
+        )
         vis = open_folder(vision_dir)
         for n in vis:
             if n in bundle:
@@ -349,15 +359,47 @@ def _bf16(x: float) -> float:
 def self_test_rows():
     rows = []
     # 1. ties at .5 of both signs (clip, amax 127 -> scale exactly 1.0)
-    r = [2.5, -2.5, 3.5, -3.5, 0.5, -0.5, 1.5, -1.5, 126.5, -126.5, 127.0, -127.0, 4.5, -4.5, 5.5, -5.5,
-         0.0, -0.0, 1.0, -1.0, 64.5, -64.5, 100.5, -100.5, 7.5, -7.5, 8.5, -8.5, 10.0, -10.0, 11.5, -11.5]
+    r = [
+        2.5,
+        -2.5,
+        3.5,
+        -3.5,
+        0.5,
+        -0.5,
+        1.5,
+        -1.5,
+        126.5,
+        -126.5,
+        127.0,
+        -127.0,
+        4.5,
+        -4.5,
+        5.5,
+        -5.5,
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        64.5,
+        -64.5,
+        100.5,
+        -100.5,
+        7.5,
+        -7.5,
+        8.5,
+        -8.5,
+        10.0,
+        -10.0,
+        11.5,
+        -11.5,
+    ]
     rows.append(("ties_half_even_clip", "clip", r))
     # 2. an all-zero block, then a block whose scale flushes to 0 in f16 (amax 2^-20 -> 2^-20/127 < 2^-25)
-    r = [0.0] * 32 + [2.0 ** -20 * (1 if i % 2 else -1) * (1 + (i % 4) / 4) / 1.75 for i in range(32)]
+    r = [0.0] * 32 + [2.0**-20 * (1 if i % 2 else -1) * (1 + (i % 4) / 4) / 1.75 for i in range(32)]
     r = [_bf16_round(v) for v in r]
     rows.append(("zero_block_and_scale_flush_clip", "clip", r))
     # 3. subnormal f16 scale, rounded so far that q hits the +127/-127 clamp (clip)
-    r = [2.0 ** -14, -(2.0 ** -14)] + [2.0 ** -15 * (i / 30) for i in range(30)]
+    r = [2.0**-14, -(2.0**-14)] + [2.0**-15 * (i / 30) for i in range(30)]
     r = [_bf16_round(v) for v in r]
     rows.append(("subnormal_scale_clamps_clip", "clip", r))
     # 4. absmax: +127.5 -> 128 -> clamp 127, -127.5 -> -128 (kept), scale exactly 1.0
@@ -396,18 +438,22 @@ def self_test(write_vectors: Path | None) -> int:
         print(f"  input values    : {' '.join(repr(float(v)) for v in w[0])}")
         for b in range(s.shape[1]):
             sv = float(s[0, b])
-            print(f"  block {b}: scale f16 bits {int(s[0, b].view(np.uint16)):04x} (= {sv!r}, s32 "
-                  f"{float(np.abs(w[0, 32 * b:32 * b + 32]).max() / np.float32(127.0 if kind == 'clip' else 127.5))!r})")
-            print(f"    q i8 bytes    : {q[0, 32 * b:32 * b + 32].view(np.uint8).tobytes().hex(' ')}")
-            print(f"    q values      : {q[0, 32 * b:32 * b + 32].tolist()}")
-        vectors.append({
-            "label": label,
-            "kind": kind,
-            "in": len(row),
-            "input_bf16_bits": [f"{b:04x}" for b in bf16_bits],
-            "scales_f16_bits": [f"{int(v):04x}" for v in s[0].view(np.uint16)],
-            "q": q[0].tolist(),
-        })
+            print(
+                f"  block {b}: scale f16 bits {int(s[0, b].view(np.uint16)):04x} (= {sv!r}, s32 "
+                f"{float(np.abs(w[0, 32 * b : 32 * b + 32]).max() / np.float32(127.0 if kind == 'clip' else 127.5))!r})"
+            )
+            print(f"    q i8 bytes    : {q[0, 32 * b : 32 * b + 32].view(np.uint8).tobytes().hex(' ')}")
+            print(f"    q values      : {q[0, 32 * b : 32 * b + 32].tolist()}")
+        vectors.append(
+            {
+                "label": label,
+                "kind": kind,
+                "in": len(row),
+                "input_bf16_bits": [f"{b:04x}" for b in bf16_bits],
+                "scales_f16_bits": [f"{int(v):04x}" for v in s[0].view(np.uint16)],
+                "q": q[0].tolist(),
+            }
+        )
     # a few hard-coded expectations, so a change in the arithmetic cannot pass silently
     expect = {
         "ties_half_even_clip": [2, -2, 4, -4, 0, 0, 2, -2, 126, -126, 127, -127, 4, -4, 6, -6],
@@ -430,12 +476,18 @@ def self_test(write_vectors: Path | None) -> int:
         failures += 1
     if write_vectors:
         write_vectors.parent.mkdir(parents=True, exist_ok=True)
-        write_vectors.write_text(json.dumps({
-            "about": "q3vl int8 per-block-32 test vectors from oracle/check_quant.py --self-test "
-                     "(docs/quantization.md). One row of `in` values per vector; "
-                     "q is row-major, one scale per 32 values.",
-            "vectors": vectors,
-        }, indent=1) + "\n")
+        write_vectors.write_text(
+            json.dumps(
+                {
+                    "about": "q3vl int8 per-block-32 test vectors from oracle/check_quant.py --self-test "
+                    "(docs/quantization.md). One row of `in` values per vector; "
+                    "q is row-major, one scale per 32 values.",
+                    "vectors": vectors,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
         print(f"wrote {write_vectors}")
     failures += plumbing_self_test()
     print("self-test " + ("FAILED" if failures else "passed"))
@@ -464,8 +516,11 @@ def write_reference_bundle(src_dir: Path, out_dir: Path, mode: str) -> None:
     For the plumbing self-test, and as a byte reference for the Rust converter's output."""
     src = open_folder(src_dir)
     tied = is_tied(src_dir)
-    fallbacks = [n for n in src if (BODY_RE.match(n) or (n == HEAD and mode == "int8hu"))
-                 and mode != "fp16" and src[n].info(n)[1][-1] % 32]
+    fallbacks = [
+        n
+        for n in src
+        if (BODY_RE.match(n) or (n == HEAD and mode == "int8hu")) and mode != "fp16" and src[n].info(n)[1][-1] % 32
+    ]
     meta = {"mode": mode, "f16_fallback": sorted(fallbacks), "written_by": "oracle/check_quant.py"}
     problems: list[str] = []
     tensors = {name: (dt, shp, data) for name, dt, shp, data, _ in expected_tensors(src, mode, tied, meta, problems)}
@@ -495,8 +550,7 @@ def plumbing_self_test() -> int:
                 with contextlib.redirect_stdout(io.StringIO()) as buf:
                     rc_ok = check(src, out, None)
                 sf = SafeFile(out / "model.safetensors")
-                victim = next(n for n in sorted(sf.names()) if n.endswith(".scales")) if mode != "fp16" \
-                    else EMBED
+                victim = next(n for n in sorted(sf.names()) if n.endswith(".scales")) if mode != "fp16" else EMBED
                 start, _ = sf.header[victim]["data_offsets"]
                 with open(out / "model.safetensors", "r+b") as f:
                     f.seek(sf.base + start)
@@ -507,9 +561,11 @@ def plumbing_self_test() -> int:
                     rc_bad = check(src, out, None)
                 ok = rc_ok == 0 and rc_bad == 1 and victim in buf2.getvalue()
                 failures += not ok
-                print(f"[{'ok' if ok else 'FAIL'}] plumbing {name}/{mode}: reference bundle "
-                      f"{'passes' if rc_ok == 0 else 'FAILS'}, one flipped bit in {victim} "
-                      f"{'is caught' if rc_bad else 'is NOT caught'}")
+                print(
+                    f"[{'ok' if ok else 'FAIL'}] plumbing {name}/{mode}: reference bundle "
+                    f"{'passes' if rc_ok == 0 else 'FAILS'}, one flipped bit in {victim} "
+                    f"{'is caught' if rc_bad else 'is NOT caught'}"
+                )
                 if not ok:
                     print(buf.getvalue())
     return failures
@@ -522,8 +578,12 @@ def main(argv=None):
     ap.add_argument("--vision-bundle", type=Path, help="vision bundle folder, if separate")
     ap.add_argument("--self-test", action="store_true", help="quantize hand-made rows and print the expected bytes")
     ap.add_argument("--write-vectors", type=Path, help="with --self-test: also write the vectors as JSON")
-    ap.add_argument("--write-reference", type=Path, metavar="DIR",
-                    help="write the bundle this checker expects for --src and --mode (numpy), then exit")
+    ap.add_argument(
+        "--write-reference",
+        type=Path,
+        metavar="DIR",
+        help="write the bundle this checker expects for --src and --mode (numpy), then exit",
+    )
     ap.add_argument("--mode", choices=MODES, help="with --write-reference")
     args = ap.parse_args(argv)
     if args.self_test:

@@ -79,8 +79,19 @@ def load_image_processor(model_dir: str | Path):
 
     cfg = json.loads((Path(model_dir) / "preprocessor_config.json").read_text())
     allowed = {
-        "do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
-        "image_std", "do_convert_rgb", "patch_size", "temporal_patch_size", "merge_size", "min_pixels",
+        "do_resize",
+        "size",
+        "resample",
+        "do_rescale",
+        "rescale_factor",
+        "do_normalize",
+        "image_mean",
+        "image_std",
+        "do_convert_rgb",
+        "patch_size",
+        "temporal_patch_size",
+        "merge_size",
+        "min_pixels",
         "max_pixels",
     }
     kwargs = {k: v for k, v in cfg.items() if k in allowed}
@@ -103,7 +114,9 @@ def load_processor(model_dir: str | Path, tokenizer=None):
         else:
             raise SystemExit(f"{model_dir}: no chat template (tokenizer_config.json, chat_template.jinja/.json)")
     cls = _image_only_processor_class()
-    return cls(image_processor=load_image_processor(model_dir), tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+    return cls(
+        image_processor=load_image_processor(model_dir), tokenizer=tokenizer, chat_template=tokenizer.chat_template
+    )
 
 
 def build_inputs(processor, prompt: str, image=None):
@@ -175,8 +188,11 @@ def greedy_decode(model, inputs, steps: int, cross_check: bool = True):
                 manual_logits[j], logits[j], rtol=1e-4, atol=1e-4
             ):
                 if margin[j] < 1e-3:
-                    print(f"warning: generate and the manual loop part at near-tie step {j} "
-                          f"(margin {margin[j]:.2e}); the trace keeps generate's tokens", file=sys.stderr)
+                    print(
+                        f"warning: generate and the manual loop part at near-tie step {j} "
+                        f"(margin {margin[j]:.2e}); the trace keeps generate's tokens",
+                        file=sys.stderr,
+                    )
                     break
                 raise RuntimeError(f"decode step {j}: generate and the manual KV-cache loop disagree")
     return tokens, logits
@@ -213,8 +229,16 @@ def save_safetensors_deterministic(path, tensors: dict, metadata: dict) -> None:
 
     import torch
 
-    dtypes = {torch.float64: "F64", torch.float32: "F32", torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int8: "I8", torch.int32: "I32", torch.uint8: "U8"}
+    dtypes = {
+        torch.float64: "F64",
+        torch.float32: "F32",
+        torch.int64: "I64",
+        torch.float16: "F16",
+        torch.bfloat16: "BF16",
+        torch.int8: "I8",
+        torch.int32: "I32",
+        torch.uint8: "U8",
+    }
     header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
     blobs = []
     offset = 0

@@ -80,8 +80,10 @@ def main(argv=None) -> int:
             identical += 1
         if not ok or not args.quiet:
             print(f"{name:24} {line}")
-    print(f"{len(common)} common tensors, {identical} bit-identical, worst float max|a-b| {worst:.3e}, "
-          f"{failures} failure(s) [{'exact' if args.exact else f'rtol {args.rtol:g}'}]")
+    print(
+        f"{len(common)} common tensors, {identical} bit-identical, worst float max|a-b| {worst:.3e}, "
+        f"{failures} failure(s) [{'exact' if args.exact else f'rtol {args.rtol:g}'}]"
+    )
     return 1 if failures else 0
 
 

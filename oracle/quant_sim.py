@@ -22,7 +22,7 @@ import copy
 import numpy as np
 import torch
 
-from check_quant import BODY_RE, EMBED, HEAD, POS_EMBED, quantize_block32
+from check_quant import BODY_RE, HEAD, POS_EMBED, quantize_block32
 
 FIRM = 0.1  # verify/gates/default.json: "firm_margin"
 PREFIX = 16  # decode steps the free-running gate compares
@@ -55,6 +55,7 @@ def _q8_acts(x: torch.Tensor) -> torch.Tensor:
 def _round_inputs(module):
     def hook(mod, args):
         return (_q8_acts(args[0]),) + tuple(args[1:])
+
     module.register_forward_pre_hook(hook)
 
 
@@ -66,8 +67,10 @@ def quantized_copy(model, mode: str):
     does (its int8 x int8 kernels), so its figures are the engine's, not the reference's."""
     mode, _, engine = mode.partition("/")
     q = copy.deepcopy(model)
-    tied = bool(getattr(q.config, "tie_word_embeddings", False)) or \
-        q.lm_head.weight.data_ptr() == q.model.language_model.embed_tokens.weight.data_ptr()
+    tied = (
+        bool(getattr(q.config, "tie_word_embeddings", False))
+        or q.lm_head.weight.data_ptr() == q.model.language_model.embed_tokens.weight.data_ptr()
+    )
     embed = q.model.language_model.embed_tokens.weight
     with torch.no_grad():
         if tied:
@@ -108,6 +111,7 @@ class _Capture:
         def hook(mod, args, out):
             y = out[0] if isinstance(out, tuple) else out
             self.out[key] = y.detach().double().reshape(-1, y.shape[-1]).clone()
+
         return hook
 
     def close(self):
@@ -137,7 +141,8 @@ def forced_inputs(inputs, tokens: torch.Tensor):
     n = tokens.shape[0]
     full["input_ids"] = torch.cat([inputs["input_ids"], tokens[None]], dim=1)
     full["mm_token_type_ids"] = torch.cat(
-        [inputs["mm_token_type_ids"], torch.zeros(1, n, dtype=inputs["mm_token_type_ids"].dtype)], dim=1)
+        [inputs["mm_token_type_ids"], torch.zeros(1, n, dtype=inputs["mm_token_type_ids"].dtype)], dim=1
+    )
     full["attention_mask"] = torch.ones_like(full["input_ids"])
     return full
 
@@ -153,8 +158,7 @@ def figures(ref, sim, inputs, tokens: torch.Tensor, engine: bool = False) -> dic
     full = forced_inputs(inputs, tokens[:-1])
     ref_h, ref_l = _run(ref, full)
     sim_h, sim_l = _run(sim, full)
-    out = {"vision": 0.0, "ladder": 0.0, "flips": 0, "firm": 0, "min_sim_margin": float("inf"),
-           "worst_stage": None}
+    out = {"vision": 0.0, "ladder": 0.0, "flips": 0, "firm": 0, "min_sim_margin": float("inf"), "worst_stage": None}
     for key, a in ref_h.items():
         b = sim_h[key]
         rows = slice(0, T) if key.startswith("text") else slice(None)  # the ladder gates the prompt
@@ -174,14 +178,14 @@ def figures(ref, sim, inputs, tokens: torch.Tensor, engine: bool = False) -> dic
     second[torch.arange(sim_l.shape[0]), want] = -float("inf")
     sim_margin = sim_l[torch.arange(sim_l.shape[0]), want] - second.max(-1).values
     if engine:
-        dec = margin[T - 1:] >= FIRM
+        dec = margin[T - 1 :] >= FIRM
         count = int(dec.long().cumprod(0).sum())  # steps before the first ambiguous one
         firm = torch.zeros_like(firm)
-        firm[T - 1:T - 1 + count] = True
+        firm[T - 1 : T - 1 + count] = True
         out["count"] = count
     out["firm"] = int(firm.sum())
     # the free-running and engine gates count decode steps until the first ambiguous one
-    out["decode_prefix_margin"] = float(sim_margin[T - 1:T - 1 + PREFIX].min())
+    out["decode_prefix_margin"] = float(sim_margin[T - 1 : T - 1 + PREFIX].min())
     out["flips"] = int((firm & (got_top != want)).sum())
     if firm.any():
         out["min_sim_margin"] = float(sim_margin[firm].min())
@@ -198,14 +202,16 @@ def mode_figures(model, prompts: dict, decoded: dict, modes=MODES) -> dict:
         base, _, engine = mode.partition("/")
         ref = quantized_copy(model, base) if engine else model
         sim = quantized_copy(model, mode)
-        res[mode] = {label: figures(ref, sim, inp, decoded[label], engine=bool(engine))
-                     for label, inp in prompts.items()}
+        res[mode] = {
+            label: figures(ref, sim, inp, decoded[label], engine=bool(engine)) for label, inp in prompts.items()
+        }
         del sim, ref
     return res
 
 
-def headroom_problems(res: dict, ladder_max: float, vision_max: float, margin_min: float,
-                      prefix_margin_min: float) -> list[str]:
+def headroom_problems(
+    res: dict, ladder_max: float, vision_max: float, margin_min: float, prefix_margin_min: float
+) -> list[str]:
     """Why these figures are too close to the gates (empty = fine)."""
     why = []
     for mode, per in res.items():
@@ -223,7 +229,8 @@ def headroom_problems(res: dict, ladder_max: float, vision_max: float, margin_mi
                 if f["count"] < PREFIX:
                     why.append(f"{mode}/{label}: the engine gate would count {f['count']} < {PREFIX} steps")
             elif f["decode_prefix_margin"] < prefix_margin_min:
-                why.append(f"{mode}/{label}: quantized decode margin {f['decode_prefix_margin']:.3f} "
-                           f"< {prefix_margin_min} in the first {PREFIX} steps")
+                why.append(
+                    f"{mode}/{label}: quantized decode margin {f['decode_prefix_margin']:.3f} "
+                    f"< {prefix_margin_min} in the first {PREFIX} steps"
+                )
     return why
-

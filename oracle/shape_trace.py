@@ -87,7 +87,7 @@ def write(args) -> dict:
     t = {"input_ids": ids[0].to(torch.int64), "position_ids": pos[:, 0, :].to(torch.int64)}
     if image is not None:
         P = inputs["pixel_values"].shape[0]
-        N = P // (vc.spatial_merge_size ** 2)
+        N = P // (vc.spatial_merge_size**2)
         t["pixel_values"] = inputs["pixel_values"].to(torch.float32)
         t["image_grid_thw"] = inputs["image_grid_thw"].to(torch.int64).reshape(1, 3)
         t["vision.embed"] = noise(P, vc.hidden_size)
@@ -106,13 +106,25 @@ def write(args) -> dict:
     t["logits.lse"] = lse(t["logits.top_values"])
     t["decode.lse"] = lse(t["decode.top_values"])
     t = {k: v.contiguous() for k, v in t.items()}
-    meta = trace_metadata("shape-only:" + model_dir.resolve().name, "", args.prompt, image_name, image_sha, D,
-                          mode="none", oracle="shape-only")
+    meta = trace_metadata(
+        "shape-only:" + model_dir.resolve().name,
+        "",
+        args.prompt,
+        image_name,
+        image_sha,
+        D,
+        mode="none",
+        oracle="shape-only",
+    )
     tmp = out.with_name(out.name + ".tmp")
     save_safetensors_deterministic(tmp, t, meta)
     tmp.replace(out)
-    return {"out": str(out), "T": T, "image_tokens": int((ids == cfg.image_token_id).sum()),
-            "bytes": out.stat().st_size}
+    return {
+        "out": str(out),
+        "T": T,
+        "image_tokens": int((ids == cfg.image_token_id).sum()),
+        "bytes": out.stat().st_size,
+    }
 
 
 def main(argv=None):

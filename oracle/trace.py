@@ -65,12 +65,20 @@ def guess_model_id(model_dir: Path) -> str:
     """'org/name' for a hub-cache snapshot (models--org--name/snapshots/sha), else the folder name."""
     parts = model_dir.resolve().parts
     if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
-        return parts[-3][len("models--"):].replace("--", "/")
+        return parts[-3][len("models--") :].replace("--", "/")
     return model_dir.resolve().name
 
 
-def trace_metadata(model: str, revision: str, prompt: str, image: str, image_sha: str, steps: int,
-                   mode: str = "whole", oracle: str = ORACLE) -> dict:
+def trace_metadata(
+    model: str,
+    revision: str,
+    prompt: str,
+    image: str,
+    image_sha: str,
+    steps: int,
+    mode: str = "whole",
+    oracle: str = ORACLE,
+) -> dict:
     """The trace's `__metadata__` (docs/oracle-trace.md): v1's keys, then `oracle` and `oracle_mode`."""
     import transformers
 
@@ -197,12 +205,14 @@ class LayerStreamer:
                 self.reader.read_into(prefix + name, slot)
                 _set_param(mod, name, slot)
             self.loads += 1
+
         return hook
 
     def _releaser(self):
         def hook(mod, args, out):
             for name, p in list(mod.named_parameters()):
                 _set_param(mod, name, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+
         return hook
 
 
@@ -221,8 +231,9 @@ def load_streamed_model(model_dir: Path):
         model = Qwen3VLForConditionalGeneration._from_config(cfg, attn_implementation="eager", dtype=torch.float32)
     inner = model.model
     streamed = [("vision", f"model.visual.blocks.{j}.", b) for j, b in enumerate(inner.visual.blocks)]
-    streamed += [("text", f"model.language_model.layers.{i}.", layer)
-                 for i, layer in enumerate(inner.language_model.layers)]
+    streamed += [
+        ("text", f"model.language_model.layers.{i}.", layer) for i, layer in enumerate(inner.language_model.layers)
+    ]
     for _, prefix, mod in streamed:
         if list(mod.buffers()):
             raise RuntimeError(f"{prefix}: streamed modules must hold parameters only")
@@ -247,8 +258,11 @@ def load_streamed_model(model_dir: Path):
             for bname, b in list(mod.named_buffers(recurse=False)):
                 mod._buffers[bname] = torch.empty(b.shape, dtype=b.dtype)
             model._init_weights(mod)
-    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
-                  if t.is_meta and not n.startswith(prefixes)]
+    still_meta = [
+        n
+        for n, t in list(model.named_parameters()) + list(model.named_buffers())
+        if t.is_meta and not n.startswith(prefixes)
+    ]
     if still_meta:
         raise RuntimeError(f"{model_dir}: no value for {still_meta[:3]}")
     if (model_dir / "generation_config.json").exists():
@@ -279,12 +293,14 @@ class Capture:
             def hook(mod, args, kwargs):
                 x = args[0] if args else kwargs["hidden_states"]
                 self._put(name, x, squeeze_batch)
+
             return hook
 
         def output(name, squeeze_batch):
             def hook(mod, args, out):
                 y = out[0] if isinstance(out, (tuple, list)) else out
                 self._put(name, y, squeeze_batch)
+
             return hook
 
         def rope_positions(mod, args, kwargs):
@@ -399,7 +415,7 @@ def write_trace(args) -> dict:
 
     # text.layer.i is the layer's own output: the next layer's input is it plus DeepStack i
     # at the image rows (i < number of taps), and exactly it elsewhere.
-    img_rows = (input_ids[0] == cfg.image_token_id)
+    img_rows = input_ids[0] == cfg.image_token_id
     for i in range(1, cap.n_layers):
         nxt = cap.t.pop(f"_input.{i}")
         prev = cap.t[f"text.layer.{i - 1}"].clone()
@@ -432,9 +448,12 @@ def write_trace(args) -> dict:
     if image is not None:
         tensors["pixel_values"] = inputs["pixel_values"].to(torch.float32)
         tensors["image_grid_thw"] = inputs["image_grid_thw"].to(torch.int64).reshape(1, 3)
-        names = ["vision.embed"] + [f"vision.block.{j}" for j in range(cap.depth)] + ["vision.merger"] + [
-            f"vision.deepstack.{k}" for k in range(cap.n_deepstack)
-        ]
+        names = (
+            ["vision.embed"]
+            + [f"vision.block.{j}" for j in range(cap.depth)]
+            + ["vision.merger"]
+            + [f"vision.deepstack.{k}" for k in range(cap.n_deepstack)]
+        )
         for n in names:
             tensors[n] = cap.t[n]
     tensors["text.embed"] = cap.t["text.embed"]
@@ -472,7 +491,10 @@ def write_trace(args) -> dict:
     metadata = trace_metadata(
         args.model_id or guess_model_id(model_dir),
         args.revision if args.revision is not None else guess_revision(model_dir),
-        args.prompt, image_name, image_sha, args.decode_steps,
+        args.prompt,
+        image_name,
+        image_sha,
+        args.decode_steps,
         mode="layer-streamed" if args.stream_layers else "whole",
     )
     tmp = out_path.with_name(out_path.name + ".tmp")
@@ -510,14 +532,26 @@ def main(argv=None):
     ap.add_argument("--model-id", help="metadata 'model' (default: hub id of a cache snapshot, else the folder name)")
     ap.add_argument("--revision", help="metadata 'revision' (default: the snapshot sha when known, else empty)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--stream-layers", action="store_true",
-                    help="layer-streamed: build the model on the meta device, keep embeddings, norms, mergers and "
-                         "head resident, load each decoder layer and ViT block from the shards just before it runs "
-                         "and drop it after (8B in fp32 within ~10 GB)")
-    ap.add_argument("--cross-check", dest="cross_check", action="store_true", default=None,
-                    help="re-run the decode as a manual KV-cache loop (default: on, off with --stream-layers)")
-    ap.add_argument("--no-cross-check", dest="cross_check", action="store_false",
-                    help="skip the manual KV-cache re-run of the decode (saves time on big models)")
+    ap.add_argument(
+        "--stream-layers",
+        action="store_true",
+        help="layer-streamed: build the model on the meta device, keep embeddings, norms, mergers and "
+        "head resident, load each decoder layer and ViT block from the shards just before it runs "
+        "and drop it after (8B in fp32 within ~10 GB)",
+    )
+    ap.add_argument(
+        "--cross-check",
+        dest="cross_check",
+        action="store_true",
+        default=None,
+        help="re-run the decode as a manual KV-cache loop (default: on, off with --stream-layers)",
+    )
+    ap.add_argument(
+        "--no-cross-check",
+        dest="cross_check",
+        action="store_false",
+        help="skip the manual KV-cache re-run of the decode (saves time on big models)",
+    )
     args = ap.parse_args(argv)
     t0 = time.time()
     summary = write_trace(args)

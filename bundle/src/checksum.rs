@@ -44,4 +44,20 @@ impl FileCheck {
     pub fn ok(&self) -> bool {
         self.found.as_ref() == Some(&self.expected)
     }
+
+    /// Why the file fails the check (`None` when it passes): the read error, or its
+    /// digest against the recorded one.
+    pub fn problem(&self) -> Option<String> {
+        if self.ok() {
+            return None;
+        }
+        Some(match (&self.found, &self.error) {
+            (_, Some(e)) => e.clone(),
+            (Some(f), None) => format!(
+                "sha256 {}, metadata.json says {}",
+                f.sha256, self.expected.sha256
+            ),
+            (None, None) => "unreadable".into(),
+        })
+    }
 }

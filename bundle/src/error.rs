@@ -6,22 +6,6 @@ use std::path::PathBuf;
 /// Errors from reading or writing a bundle.
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
-    /// A file could not be read, written, synced or renamed.
-    #[error("{}: {source}", printable(.path.display()))]
-    Io {
-        /// The file or folder.
-        path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
-    },
-    /// A JSON file of the bundle is malformed or lacks a field.
-    #[error("{}: {}", printable(.path.display()), printable(.msg))]
-    Json {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        msg: String,
-    },
     /// The folder is not a q3vl bundle, or one of a format version this build does not read.
     #[error("{}: {}", printable(.path.display()), printable(.msg))]
     Format {
@@ -66,9 +50,11 @@ pub enum BundleError {
         /// What is wrong.
         msg: String,
     },
-    /// The weights could not be read (damaged safetensors file, bad index).
+    /// A file could not be read, written, synced or renamed, a JSON file of the bundle
+    /// is malformed or lacks a field, or the weights could not be read (damaged
+    /// safetensors file, bad index): the model crate's errors, which say it the same way.
     #[error(transparent)]
-    Weights(#[from] q3vl_model::Error),
+    Model(#[from] q3vl_model::Error),
     /// A bundle already exists where one would be written.
     #[error("{}: a bundle already exists here (pass --force to replace it)", printable(.path.display()))]
     Exists {
@@ -122,9 +108,15 @@ impl std::fmt::Display for LockHolder {
 impl BundleError {
     /// An I/O error on `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        BundleError::Io {
+        q3vl_model::Error::io(path, source).into()
+    }
+
+    /// A malformed JSON file of the bundle, or one that lacks a field.
+    pub fn json(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        q3vl_model::Error::Json {
             path: path.into(),
-            source,
+            msg: msg.into(),
         }
+        .into()
     }
 }

@@ -53,6 +53,7 @@ mod reader;
 mod st_writer;
 mod staging;
 pub mod stamp;
+mod table;
 mod writer;
 
 pub use checksum::{sha256_file, FileCheck};
@@ -60,13 +61,14 @@ pub use dtype::Dtype;
 pub use error::{BundleError, LockHolder};
 pub use metadata::{
     FileEntry, FixedGrid, HeadInfo, Kind, Metadata, Mode, Preprocessing, Producer, Scheme, Source,
-    TensorMeta, FORMAT_TAG, FORMAT_VERSION,
+    TensorMeta, BLOCK, FORMAT_TAG, FORMAT_VERSION,
 };
 pub use pair::Bundles;
 pub use reader::Bundle;
 pub use st_writer::{ShardPolicy, TensorPlan, WeightsWriter, WrittenFile};
 pub use staging::{ReadClaim, Staging};
 pub use stamp::{check_stamp, Stamp, StampStatus, STAMP_FILE};
+pub use table::{Listing, StoredTensor};
 pub use writer::{ensure_replaceable, BundleWriter, StagedBundle};
 
 /// Shorthand for results of this crate.

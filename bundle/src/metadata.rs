@@ -15,6 +15,10 @@ use std::path::Path;
 pub const FORMAT_TAG: &str = "q3vl-bundle";
 /// The format version this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
+/// Columns per quantization block: an int8 weight `[out, in]` carries one f16 scale
+/// per row per `BLOCK` columns (`NAME.scales` is `[out, in / BLOCK]`;
+/// `docs/quantization.md`).
+pub const BLOCK: usize = 32;
 
 /// Which half of the model a bundle holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -313,11 +317,8 @@ impl Metadata {
     pub fn read(dir: &Path) -> Result<Self, BundleError> {
         let path = dir.join(METADATA_FILE);
         let text = q3vl_model::input::read_regular(&path).map_err(|e| BundleError::io(&path, e))?;
-        let v: serde_json::Value =
-            serde_json::from_slice(&text).map_err(|e| BundleError::Json {
-                path: path.clone(),
-                msg: format!("not valid JSON: {e}"),
-            })?;
+        let v: serde_json::Value = serde_json::from_slice(&text)
+            .map_err(|e| BundleError::json(&path, format!("not valid JSON: {e}")))?;
         match v.get("format").and_then(|f| f.as_str()) {
             Some(FORMAT_TAG) => {}
             other => {
@@ -338,12 +339,10 @@ impl Metadata {
                 })
             }
         }
-        let m: Metadata = serde_json::from_value(v).map_err(|e| BundleError::Json {
-            path: path.clone(),
-            msg: e.to_string(),
-        })?;
+        let m: Metadata =
+            serde_json::from_value(v).map_err(|e| BundleError::json(&path, e.to_string()))?;
         m.check_paths()
-            .map_err(|msg| BundleError::Json { path, msg })?;
+            .map_err(|msg| BundleError::json(path, msg))?;
         Ok(m)
     }
 

@@ -3,15 +3,12 @@
 
 use crate::checksum::{sha256_file, FileCheck};
 use crate::error::BundleError;
-use crate::metadata::{Kind, Metadata, Scheme};
+use crate::metadata::{Kind, Metadata, Scheme, BLOCK};
 use crate::names::scales_name;
 use crate::Dtype;
 use half::f16;
 use q3vl_model::{Checkpoint, Qwen3VlConfig};
 use std::path::{Path, PathBuf};
-
-/// The quantization block width along `in` (`docs/quantization.md`).
-pub const BLOCK: usize = 32;
 
 /// An open bundle: `metadata.json`, the parsed `config.json`, and the memory-mapped
 /// weights.
@@ -414,14 +411,14 @@ impl Bundle {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::metadata::{Kind, TensorMeta};
     use crate::{BundleWriter, ShardPolicy, TensorPlan, WeightsWriter};
     use std::collections::BTreeMap;
 
     /// A two-tensor bundle: an int8 weight [2, 64] with scales, and an f32 vector.
-    fn make(out: &Path) -> PathBuf {
+    pub(crate) fn make(out: &Path) -> PathBuf {
         let q: Vec<u8> = (0..128).map(|i| (i as i8 - 64) as u8).collect();
         let s: Vec<u8> = [0.5f32, 0.25, 2.0, -1.0]
             .iter()

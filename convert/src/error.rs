@@ -7,20 +7,13 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum ConvertError {
     /// The source checkpoint could not be read (missing or damaged file, bad config,
-    /// missing tensor, wrong shape or dtype, non-finite value).
+    /// missing tensor, wrong shape or dtype, non-finite value), or a file could not be
+    /// read or written: the model crate's errors, which say it the same way.
     #[error(transparent)]
     Model(#[from] q3vl_model::Error),
     /// A bundle could not be written (or an existing one is in the way).
     #[error(transparent)]
     Bundle(#[from] q3vl_bundle::BundleError),
-    /// A file could not be read or written.
-    #[error("{}: {source}", printable(.path.display()))]
-    Io {
-        /// The file or folder.
-        path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
-    },
     /// An input file is unusable for a reason other than I/O.
     #[error("{}: {}", printable(.path.display()), printable(.msg))]
     Input {
@@ -97,10 +90,7 @@ pub enum ConvertError {
 impl ConvertError {
     /// An I/O error on `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        ConvertError::Io {
-            path: path.into(),
-            source,
-        }
+        q3vl_model::Error::io(path, source).into()
     }
 
     /// An unusable input file.

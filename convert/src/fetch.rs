@@ -204,96 +204,149 @@ pub fn fetch(opts: &FetchOptions) -> Result<Fetched> {
         .build()
         .map_err(|e| hub_err(&opts.endpoint, e))?;
     let info = repo_info(&api, opts, &rev)?;
-    let sha = info.sha.clone();
-    // Every file is fetched at the commit the revision resolved to, so a branch that
-    // moves during the download cannot mix two commits.
-    let pinned = api.repo(Repo::with_revision(
-        opts.hf_id.clone(),
-        RepoType::Model,
-        sha.clone(),
-    ));
-    let cache_repo = opts
-        .cache_dir
-        .join(Repo::model(opts.hf_id.clone()).folder_name());
-    let snapshot = cache_repo.join("snapshots").join(&sha);
-    let siblings: BTreeMap<&str, &Sibling> = info
-        .siblings
+    let mut snap = Snapshot::new(&api, opts, &info);
+    snap.get("config.json")?;
+    let weights = snap.weight_files()?;
+    for f in SIDE_FILES
         .iter()
-        .map(|s| (s.rfilename.as_str(), s))
-        .collect();
-    let url = |f: &str| format!("{}/{}/resolve/{}/{}", opts.endpoint, opts.hf_id, sha, f);
+        .filter(|f| **f != "config.json" && **f != INDEX_FILE)
+    {
+        if snap.siblings.contains_key(f) {
+            snap.get(f)?;
+        }
+    }
+    for w in &weights {
+        snap.get(w)?;
+    }
+    write_refs(&snap.cache_repo, &rev, &info.sha)?;
+    Ok(Fetched {
+        hf_id: opts.hf_id.clone(),
+        commit: info.sha.clone(),
+        snapshot: snap.snapshot,
+        files: snap.files,
+    })
+}
 
-    let mut files = BTreeMap::new();
-    let mut get = |name: &str| -> Result<PathBuf> {
-        let sib = siblings
+/// The index of sharded weights.
+const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// A snapshot being fetched, every file at the one commit the revision resolved to.
+struct Snapshot<'a> {
+    opts: &'a FetchOptions,
+    /// The commit.
+    sha: &'a str,
+    /// The repo pinned to `sha`, so a branch that moves during the download cannot
+    /// mix two commits.
+    pinned: hf_hub::api::sync::ApiRepo,
+    /// `models--org--name` in the cache.
+    cache_repo: PathBuf,
+    /// `snapshots/<sha>` in it.
+    snapshot: PathBuf,
+    /// The repo's files at `sha`, by name.
+    siblings: BTreeMap<&'a str, &'a Sibling>,
+    /// The files fetched so far.
+    files: BTreeMap<String, FetchedFile>,
+}
+
+impl<'a> Snapshot<'a> {
+    fn new(api: &hf_hub::api::sync::Api, opts: &'a FetchOptions, info: &'a RepoInfo) -> Self {
+        let sha = info.sha.as_str();
+        let pinned = api.repo(Repo::with_revision(
+            opts.hf_id.clone(),
+            RepoType::Model,
+            sha.to_string(),
+        ));
+        let cache_repo = opts
+            .cache_dir
+            .join(Repo::model(opts.hf_id.clone()).folder_name());
+        let snapshot = cache_repo.join("snapshots").join(sha);
+        let siblings = info
+            .siblings
+            .iter()
+            .map(|s| (s.rfilename.as_str(), s))
+            .collect();
+        Snapshot {
+            opts,
+            sha,
+            pinned,
+            cache_repo,
+            snapshot,
+            siblings,
+            files: BTreeMap::new(),
+        }
+    }
+
+    /// The download URL of file `f`.
+    fn url(&self, f: &str) -> String {
+        let o = self.opts;
+        format!("{}/{}/resolve/{}/{}", o.endpoint, o.hf_id, self.sha, f)
+    }
+
+    /// Fetches file `name` (or finds a verified copy) and records it.
+    fn get(&mut self, name: &str) -> Result<PathBuf> {
+        let sib = self
+            .siblings
             .get(name)
             .copied()
             .ok_or_else(|| ConvertError::Hub {
-                url: url(name),
-                msg: format!("the repo has no {name} at {sha}"),
+                url: self.url(name),
+                msg: format!("the repo has no {name} at {}", self.sha),
             })?;
-        let (path, downloaded) = get_verified(&pinned, &snapshot, sib, &url(name))?;
-        files.insert(
+        let (path, downloaded) = get_verified(&self.pinned, &self.snapshot, sib, &self.url(name))?;
+        let size = std::fs::metadata(&path)
+            .map_err(|e| ConvertError::io(&path, e))?
+            .len();
+        self.files.insert(
             name.to_string(),
             FetchedFile {
-                size: std::fs::metadata(&path)
-                    .map_err(|e| ConvertError::io(&path, e))?
-                    .len(),
+                size,
                 sha256: sib.lfs.as_ref().map(|l| l.sha256.clone()),
                 downloaded,
             },
         );
         Ok(path)
-    };
-
-    get("config.json")?;
-    let index = "model.safetensors.index.json";
-    let mut weights = BTreeSet::new();
-    if siblings.contains_key(index) {
-        let p = get(index)?;
-        let v = q3vl_model::config::read_json(&p)?;
-        let map = v
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| ConvertError::input(&p, "weight_map is missing"))?;
-        weights.extend(map.values().filter_map(|f| f.as_str()).map(str::to_owned));
-    } else if siblings.contains_key("model.safetensors") {
-        weights.insert("model.safetensors".to_string());
-    } else {
-        return Err(ConvertError::Hub {
-            url: format!("{}/{}", opts.endpoint, opts.hf_id),
-            msg: format!("the repo has no model.safetensors or {index} at {sha}"),
-        });
     }
-    for f in SIDE_FILES
-        .iter()
-        .filter(|f| **f != "config.json" && **f != index)
-    {
-        if siblings.contains_key(f) {
-            get(f)?;
+
+    /// The weights files: every shard the index names (fetching the index), or
+    /// `model.safetensors`.
+    fn weight_files(&mut self) -> Result<BTreeSet<String>> {
+        let mut weights = BTreeSet::new();
+        if self.siblings.contains_key(INDEX_FILE) {
+            let p = self.get(INDEX_FILE)?;
+            let v = q3vl_model::config::read_json(&p)?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| ConvertError::input(&p, "weight_map is missing"))?;
+            weights.extend(map.values().filter_map(|f| f.as_str()).map(str::to_owned));
+        } else if self.siblings.contains_key("model.safetensors") {
+            weights.insert("model.safetensors".to_string());
+        } else {
+            return Err(ConvertError::Hub {
+                url: format!("{}/{}", self.opts.endpoint, self.opts.hf_id),
+                msg: format!(
+                    "the repo has no model.safetensors or {INDEX_FILE} at {}",
+                    self.sha
+                ),
+            });
         }
+        Ok(weights)
     }
-    for w in &weights {
-        get(w)?;
-    }
+}
 
-    // Standard cache refs: refs/<revision> holds the commit; none for a commit itself.
-    // (hf-hub, asked for files at the commit, wrote refs/<commit>: drop that.)
+/// Standard cache refs: `refs/<rev>` holds the commit; none for a commit itself.
+/// (hf-hub, asked for files at the commit, wrote `refs/<commit>`: drop that.)
+fn write_refs(cache_repo: &Path, rev: &str, sha: &str) -> Result<()> {
     let refs = cache_repo.join("refs");
-    let _ = std::fs::remove_file(refs.join(&sha));
+    let _ = std::fs::remove_file(refs.join(sha));
     if rev != sha {
-        let r = refs.join(&rev);
+        let r = refs.join(rev);
         if let Some(parent) = r.parent() {
             std::fs::create_dir_all(parent).map_err(|e| ConvertError::io(parent, e))?;
         }
-        std::fs::write(&r, &sha).map_err(|e| ConvertError::io(&r, e))?;
+        std::fs::write(&r, sha).map_err(|e| ConvertError::io(&r, e))?;
     }
-    Ok(Fetched {
-        hf_id: opts.hf_id.clone(),
-        commit: sha,
-        snapshot,
-        files,
-    })
+    Ok(())
 }
 
 fn hub_err(url: &str, e: impl std::fmt::Display) -> ConvertError {

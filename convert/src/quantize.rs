@@ -17,8 +17,8 @@
 
 use half::f16;
 
-/// Columns per block.
-pub const BLOCK: usize = 32;
+/// Columns per block: the bundle format's.
+pub use q3vl_bundle::BLOCK;
 
 /// The two int8 rounding ranges.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -188,82 +188,122 @@ pub fn stream_tensor(
         let range = r0 * row_bytes..r1 * row_bytes;
         let next = r1 * row_bytes..(r1 + chunk_rows).min(rows) * row_bytes;
         ck.prefetch(&t.source, next);
-        let src = &bytes[range.clone()];
-        let base = r0 * cols;
+        let chunk = Chunk {
+            t,
+            dtype,
+            es,
+            cols,
+            r0,
+            rows: r1 - r0,
+            src: &bytes[range.clone()],
+        };
         match t.scheme {
-            Scheme::Int8Clip | Scheme::Int8AbsMax => {
-                let kind = QuantKind::of(t.scheme).expect("int8 scheme");
-                let nb = cols / BLOCK;
-                let mut q = vec![0i8; src.len() / es];
-                let mut s = vec![f16::ZERO; (r1 - r0) * nb];
-                let found = q
-                    .par_chunks_mut(cols)
-                    .zip(s.par_chunks_mut(nb))
-                    .zip(src.par_chunks(row_bytes))
-                    .enumerate()
-                    .map_init(
-                        || vec![0f32; cols],
-                        |buf, (i, ((qrow, srow), srcrow))| {
-                            let row = Row {
-                                name: &t.source,
-                                dtype,
-                                src: srcrow,
-                                at: base + i * cols,
-                            };
-                            let mut f = int8_row(row, buf, kind, qrow, srow);
-                            f.scale_overflow = f.scale_overflow.map(|(_, b)| (r0 + i, b));
-                            f
-                        },
-                    )
-                    .reduce(Found::default, Found::merge);
-                report(t, &found)?;
-                stats.scale_underflow += found.underflow;
-                w.write(&t.name, i8_bytes(q))?;
-                w.write(
-                    &scales_name(&t.name),
-                    s.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                )?;
-            }
-            Scheme::F16 => {
-                let n = src.len() / es;
-                let mut out = vec![0u8; n * 2];
-                let found = out
-                    .par_chunks_mut(TASK_ELEMS * 2)
-                    .zip(src.par_chunks(TASK_ELEMS * es))
-                    .enumerate()
-                    .map_init(
-                        || vec![0f32; TASK_ELEMS],
-                        |buf, (i, (o, sb))| {
-                            let row = Row {
-                                name: &t.source,
-                                dtype,
-                                src: sb,
-                                at: base + i * TASK_ELEMS,
-                            };
-                            f16_task(row, &mut buf[..sb.len() / es], o)
-                        },
-                    )
-                    .reduce(Found::default, Found::merge);
-                report(t, &found)?;
-                stats.f16_underflow += found.underflow;
-                w.write(&t.name, out)?;
-            }
-            Scheme::F32 => {
-                let mut vals = vec![0f32; src.len() / es];
-                widen_into(&t.source, dtype, src, &mut vals)?;
-                let found = Found {
-                    nonfinite: first_nonfinite(&vals, base),
-                    ..Found::default()
-                };
-                report(t, &found)?;
-                w.write(&t.name, vals.iter().flat_map(|x| x.to_le_bytes()).collect())?;
-            }
+            Scheme::Int8Clip | Scheme::Int8AbsMax => stats.scale_underflow += chunk.int8(w)?,
+            Scheme::F16 => stats.f16_underflow += chunk.f16(w)?,
+            Scheme::F32 => chunk.f32(w)?,
         }
         ck.release(&t.source, range.clone());
         progress.advance(range.len() as u64);
         r0 = r1;
     }
     Ok(stats)
+}
+
+/// Rows `r0 .. r0 + rows` of tensor `t`'s source, as stored.
+struct Chunk<'a> {
+    t: &'a OutTensor,
+    dtype: Dtype,
+    /// Bytes per source value.
+    es: usize,
+    cols: usize,
+    r0: usize,
+    rows: usize,
+    src: &'a [u8],
+}
+
+impl Chunk<'_> {
+    /// The flat index of the chunk's first value.
+    fn base(&self) -> usize {
+        self.r0 * self.cols
+    }
+
+    /// Quantizes the rows on all cores and writes them and their scales; returns
+    /// the blocks whose scale flushed to zero.
+    fn int8(&self, w: &mut WeightsWriter) -> Result<u64> {
+        let (t, cols) = (self.t, self.cols);
+        let kind = QuantKind::of(t.scheme).expect("int8 scheme");
+        let nb = cols / BLOCK;
+        let mut q = vec![0i8; self.src.len() / self.es];
+        let mut s = vec![f16::ZERO; self.rows * nb];
+        let found = q
+            .par_chunks_mut(cols)
+            .zip(s.par_chunks_mut(nb))
+            .zip(self.src.par_chunks(cols * self.es))
+            .enumerate()
+            .map_init(
+                || vec![0f32; cols],
+                |buf, (i, ((qrow, srow), srcrow))| {
+                    let row = Row {
+                        name: &t.source,
+                        dtype: self.dtype,
+                        src: srcrow,
+                        at: self.base() + i * cols,
+                    };
+                    let mut f = int8_row(row, buf, kind, qrow, srow);
+                    f.scale_overflow = f.scale_overflow.map(|(_, b)| (self.r0 + i, b));
+                    f
+                },
+            )
+            .reduce(Found::default, Found::merge);
+        report(t, &found)?;
+        w.write(&t.name, i8_bytes(q))?;
+        w.write(
+            &scales_name(&t.name),
+            s.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        )?;
+        Ok(found.underflow)
+    }
+
+    /// Narrows the values to f16 on all cores and writes them; returns the nonzero
+    /// values that became subnormal or zero.
+    fn f16(&self, w: &mut WeightsWriter) -> Result<u64> {
+        let es = self.es;
+        let mut out = vec![0u8; self.src.len() / es * 2];
+        let found = out
+            .par_chunks_mut(TASK_ELEMS * 2)
+            .zip(self.src.par_chunks(TASK_ELEMS * es))
+            .enumerate()
+            .map_init(
+                || vec![0f32; TASK_ELEMS],
+                |buf, (i, (o, sb))| {
+                    let row = Row {
+                        name: &self.t.source,
+                        dtype: self.dtype,
+                        src: sb,
+                        at: self.base() + i * TASK_ELEMS,
+                    };
+                    f16_task(row, &mut buf[..sb.len() / es], o)
+                },
+            )
+            .reduce(Found::default, Found::merge);
+        report(self.t, &found)?;
+        w.write(&self.t.name, out)?;
+        Ok(found.underflow)
+    }
+
+    /// Widens the values to f32 and writes them.
+    fn f32(&self, w: &mut WeightsWriter) -> Result<()> {
+        let t = self.t;
+        let mut vals = vec![0f32; self.src.len() / self.es];
+        widen_into(&t.source, self.dtype, self.src, &mut vals)?;
+        let found = Found {
+            nonfinite: first_nonfinite(&vals, self.base()),
+            ..Found::default()
+        };
+        report(t, &found)?;
+        w.write(&t.name, vals.iter().flat_map(|x| x.to_le_bytes()).collect())?;
+        Ok(())
+    }
 }
 
 /// Turns the first problem of a chunk into an error naming the tensor.

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 /// Errors from loading, preprocessing or running the reference model.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A file could not be read.
+    /// A file could not be read, written, synced or renamed (every crate's I/O error:
+    /// the others wrap this one).
     #[error("{}: {source}", printable(.path.display()))]
     Io {
         /// The file.
