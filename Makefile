@@ -6,7 +6,7 @@ CARGO ?= cargo
 Q3VL := target/release/q3vl
 DEMO := target/demo
 
-.PHONY: demo test test-aarch64 fuzz build fmt clippy oracle fixtures bench bench-convert bench-peer bench-engine pipeline clean-demo
+.PHONY: demo test test-aarch64 fuzz build fmt clippy oracle fixtures bench bench-convert bench-peer bench-engine bench-q8 pipeline clean-demo
 
 ## demo: the whole tool on the embedded shapes fixture: fp32 ladder, int8hu conversion,
 ## quantized gates with a stamp, then the engine answering the fixture's demo images.
@@ -36,6 +36,7 @@ demo: build
 ## test: formatting, lints, rustdoc, and every test (unit, fixtures, end to end).
 test: fmt clippy doc
 	$(CARGO) test --workspace --all-targets
+	$(CARGO) test -p q3vl-engine --features q8-bench --lib bench::q8
 
 ## test-aarch64: the kernels' tests (the NEON paths against the portable ones, bit for bit)
 ## cross-compiled for aarch64 and run under qemu-user. Needs the Debian packages qemu-user,
@@ -91,6 +92,11 @@ bench-peer: build
 ## bench-engine: 8B-shaped engine speed (vision, prefill, decode) against the bandwidth bound.
 bench-engine: build
 	bash engine/bench/bench-engine.sh
+
+## bench-q8: the int8 × int8 (Q8_0-style) and dequantized f32 kernels, kept for comparison,
+## beside the engine's prefill linear on the 8B shape (SHAPES="RxCxT ..." for others).
+bench-q8:
+	$(CARGO) bench -p q3vl-engine --features q8-bench --bench q8 -- $(SHAPES)
 
 ## bench: both benchmarks, on one synthetic 8B checkpoint (Q3VL_BENCH_SRC=DIR reuses one).
 bench: build
