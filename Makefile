@@ -6,7 +6,7 @@ CARGO ?= cargo
 Q3VL := target/release/q3vl
 DEMO := target/demo
 
-.PHONY: demo test test-aarch64 fuzz build fmt clippy oracle lint-oracle fixtures bench bench-convert bench-peer bench-engine bench-ab pipeline clean-demo
+.PHONY: demo test test-aarch64 fuzz build fmt clippy oracle lint-oracle fixtures bench bench-convert bench-peer bench-engine bench-ab bench-q8 pipeline clean-demo
 
 ## demo: the whole tool on the embedded shapes fixture: fp32 ladder, int8hu conversion,
 ## quantized gates with a stamp, then the engine answering the fixture's demo images.
@@ -37,6 +37,7 @@ demo: build
 test: fmt clippy doc
 	$(CARGO) test --workspace --all-targets
 	$(CARGO) test -p q3vl-kernels --features q8
+	$(CARGO) test -p q3vl-engine --features q8-bench --lib bench::q8
 
 ## test-aarch64: the kernels' tests (the NEON paths against the portable ones, bit for bit)
 ## cross-compiled for aarch64 and run under qemu-user. Needs the Debian packages qemu-user,
@@ -62,6 +63,7 @@ fmt:
 clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy -p q3vl-kernels --features q8 --all-targets -- -D warnings
+	$(CARGO) clippy -p q3vl-engine --features q8-bench --all-targets -- -D warnings
 
 ## doc: the API docs build without a warning (broken or private intra-doc links).
 doc:
@@ -111,6 +113,10 @@ bench-engine: build
 ## checkpoint: byte-identical bundles, identical tokens, then interleaved prefill/decode/vision rounds.
 bench-ab: build
 	Q3VL_BIN=$(Q3VL) bash engine/bench/bench-ab.sh
+## bench-q8: the int8 × int8 (Q8_0-style) and dequantized f32 kernels, kept for comparison,
+## beside the engine's prefill linear on the 8B shape (SHAPES="RxCxT ..." for others).
+bench-q8:
+	$(CARGO) bench -p q3vl-engine --features q8-bench --bench q8 -- $(SHAPES)
 
 ## bench: both benchmarks, on one synthetic 8B checkpoint (Q3VL_BENCH_SRC=DIR reuses one).
 bench: build

@@ -3,7 +3,9 @@
 use crate::Outcome;
 use anyhow::{bail, Context};
 use q3vl_engine::detokenize::StreamDecoder;
-use q3vl_engine::{pair_status, Engine, EngineOptions, GenerateParams, Generation, StampStatus};
+use q3vl_engine::{
+    pair_status, Engine, EngineError, EngineOptions, GenerateParams, Generation, StampStatus,
+};
 use serde_json::json;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -118,6 +120,15 @@ pub fn open_engine(
     Ok((engine, line))
 }
 
+/// `e` as the CLI reports it: a context overflow names `flag` (the option that set
+/// the tokens to generate, with its value) first.
+pub fn overflow_names(e: EngineError, flag: &str) -> anyhow::Error {
+    match e {
+        EngineError::ContextOverflow { .. } => anyhow::Error::new(e).context(flag.to_string()),
+        e => e.into(),
+    }
+}
+
 /// The stamp line of a run that does not check the stamps: whether both are present.
 fn stamps_present(dirs: &[&Path]) -> String {
     if dirs
@@ -182,7 +193,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<Outcome> {
         out.token(id)
     });
     spinner.finish_and_clear();
-    let g = g?;
+    let g = g.map_err(|e| overflow_names(e, &format!("--max-new-tokens {}", a.max_new_tokens)))?;
     if let Some(e) = out.write_err.take() {
         return Err(anyhow::Error::new(e).context("writing to stdout"));
     }

@@ -174,9 +174,8 @@ pub fn run(a: VerifyArgs) -> Result<Outcome> {
             let engine = if a.no_engine_gate {
                 None
             } else {
-                let mut e = Engine::open(out, &EngineOptions::default())
+                let e = Engine::open(out, &EngineOptions::default())
                     .with_context(|| format!("--bundle {}", out.display()))?;
-                test_perturb(&mut e)?;
                 Some(e)
             };
             let model = Model {
@@ -230,31 +229,6 @@ pub fn run(a: VerifyArgs) -> Result<Outcome> {
     } else {
         Outcome::GateFailed
     })
-}
-
-/// Test hook: with `Q3VL_TEST_ENGINE_SCALE=TENSOR:ROW:BLOCK:FACTOR` in the environment,
-/// one f16 scale of the engine's own copy of an int8 weight is multiplied by FACTOR
-/// (the bundle is untouched), a deliberately wrong kernel that the engine ≡ reference
-/// gate must catch.
-fn test_perturb(engine: &mut Engine) -> Result<()> {
-    // Debug builds only (the tests'): the shipped release binary has no hook.
-    if !cfg!(debug_assertions) {
-        return Ok(());
-    }
-    let Ok(spec) = std::env::var("Q3VL_TEST_ENGINE_SCALE") else {
-        return Ok(());
-    };
-    let bad = || anyhow::anyhow!("Q3VL_TEST_ENGINE_SCALE {spec:?} is not TENSOR:ROW:BLOCK:FACTOR");
-    let mut parts = spec.rsplitn(4, ':');
-    let factor: f32 = parts.next().and_then(|x| x.parse().ok()).ok_or_else(bad)?;
-    let block: usize = parts.next().and_then(|x| x.parse().ok()).ok_or_else(bad)?;
-    let row: usize = parts.next().and_then(|x| x.parse().ok()).ok_or_else(bad)?;
-    let tensor = parts.next().ok_or_else(bad)?;
-    engine
-        .perturb_scale_for_test(tensor, row, block, factor)
-        .with_context(|| format!("Q3VL_TEST_ENGINE_SCALE {spec:?}"))?;
-    eprintln!("test hook: engine scale ({row}, {block}) of {tensor} × {factor}");
-    Ok(())
 }
 
 fn write_reports(a: &VerifyArgs, report: &Report) -> Result<()> {

@@ -175,35 +175,6 @@ fn tokens_and_logits_do_not_depend_on_threads() {
     }
 }
 
-#[test]
-fn a_perturbed_scale_changes_the_logits() {
-    let out = converted_fixture("shapes");
-    let mut e = engine(&out, 2);
-    let pb = e.prompt_builder().unwrap();
-    let pr = pb.chat("Which colour comes after blue?", None).unwrap();
-    let base = e.generate(&pr.ids, None, &params(), &mut |_| {}).unwrap();
-    e.perturb_scale_for_test(
-        "model.language_model.layers.0.mlp.down_proj.weight",
-        0,
-        0,
-        4.0,
-    )
-    .unwrap();
-    let bad = e.generate(&pr.ids, None, &params(), &mut |_| {}).unwrap();
-    assert_ne!(base.step_logits[0], bad.step_logits[0]);
-    assert!(e
-        .perturb_scale_for_test(
-            "model.language_model.layers.0.mlp.down_proj.weight",
-            1 << 20,
-            0,
-            2.0
-        )
-        .is_err());
-    assert!(e
-        .perturb_scale_for_test("model.language_model.norm.weight", 0, 0, 2.0)
-        .is_err());
-}
-
 /// The f16 body/head modes run too (f16 weights × f32 activations) and match the
 /// reference on their own dequantized weights.
 #[test]

@@ -15,7 +15,6 @@
 
 use crate::cancel::Cancel;
 use crate::error::{ConvertError, Result};
-use crate::memory::peak_rss_bytes;
 use crate::plan::{plan, OutTensor, Part, Plan};
 use crate::progress::Progress;
 use crate::source::{hash_files, SourceCheckpoint};
@@ -30,6 +29,7 @@ use q3vl_bundle::{
     Mode, Preprocessing, Producer, ShardPolicy, Source, StagedBundle, Staging, TensorMeta,
     TensorPlan, WeightsWriter,
 };
+use q3vl_host::peak_rss_bytes;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

@@ -13,7 +13,6 @@ mod convert;
 pub mod error;
 pub mod fetch;
 pub mod half_store;
-pub mod memory;
 pub mod plan;
 pub mod progress;
 pub mod quantize;

@@ -11,9 +11,9 @@
 
 use crate::cancel::Cancel;
 use crate::error::{ConvertError, Result};
-use crate::memory::peak_rss_bytes;
 use crate::progress::Progress;
 use q3vl_bundle::{Dtype, ShardPolicy, Staging, TensorPlan, WeightsWriter, WrittenFile};
+use q3vl_host::peak_rss_bytes;
 use q3vl_model::config::{TextConfig, VisionConfig};
 use q3vl_model::layout::{self, TensorClass};
 use q3vl_model::{shipped, PreprocessorConfig, Qwen3VlConfig, Size};

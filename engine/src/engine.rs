@@ -2,18 +2,16 @@
 //! generation with greedy or seeded sampling.
 
 use crate::awake::install_awake;
-use crate::decoder::{Rows, TextModel, Weights};
+use crate::decoder::{Rows, TextModel};
 use crate::error::{check_logits, EngineError, Result};
 use crate::kv_cache::KvCache;
 use crate::positions::{map_image_ids, ImageSpan};
 use crate::sampler::Sampler;
-use crate::vision::{ImageFeatures, VisionModel};
-use half::f16;
+use crate::vision::{EncodedImage, VisionModel};
 use q3vl_bundle::{Bundle, Bundles};
 use q3vl_model::image::{PatchedImage, Resize};
 use q3vl_model::prompt::PromptBuilder;
 use q3vl_model::{PreprocessorConfig, Qwen3VlConfig};
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
@@ -89,6 +87,22 @@ pub struct Generation {
     pub timings: Timings,
 }
 
+impl Timings {
+    /// The rates, from the token counts and times.
+    fn set_rates(&mut self) {
+        self.prefill_tok_s = self.prompt_tokens as f64 / (self.prefill_ms / 1e3).max(1e-9);
+        self.decode_tok_s = self.decode_steps as f64 / (self.decode_ms / 1e3).max(1e-9);
+    }
+}
+
+/// What the decode loop of one generation works with.
+struct Decoding<'a> {
+    image: Option<(&'a EncodedImage, &'a ImageSpan)>,
+    cache: &'a mut KvCache,
+    params: &'a GenerateParams,
+    sampler: Sampler,
+}
+
 /// Whether a forward pass reads tensor `name` in full: every tensor but the token
 /// embedding table, unless it is also the head (or no head is recorded). A pass reads
 /// only its prompt's embedding rows; paging in all of the table (1.2 GB at 8B) would
@@ -102,7 +116,6 @@ pub struct Engine {
     bundles: Bundles,
     text: TextModel,
     vision: VisionModel,
-    overrides: HashMap<String, Vec<f16>>,
     eos: Vec<u32>,
     context: usize,
     pool: rayon::ThreadPool,
@@ -131,8 +144,7 @@ impl Engine {
         // `Bundle::populate`); the first forward pass would page them in anyway.
         let head = bundles.language.head_tensor();
         let paged_bytes = bundles.language.populate(|n| read_whole(n, head));
-        let overrides = HashMap::new();
-        let text = TextModel::load(&bundles.language, &overrides)?;
+        let text = TextModel::load(&bundles.language)?;
         let vision = VisionModel::load(&bundles.vision)?;
         let tok_dir = bundles.language.dir().join("tokenizer");
         let mut eos = q3vl_model::config::eos_ids(&tok_dir)?;
@@ -146,14 +158,13 @@ impl Engine {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
-            .map_err(|e| EngineError::Input(format!("cannot start {threads} threads: {e}")))?;
+            .map_err(|source| EngineError::ThreadPool { threads, source })?;
         let max_pos = text.config().max_position_embeddings;
         Ok(Engine {
             context: opts.context.unwrap_or(max_pos).min(max_pos),
             bundles,
             text,
             vision,
-            overrides,
             eos,
             pool,
             threads,
@@ -266,11 +277,7 @@ impl Engine {
 
     /// Vision tower on model-ready patch rows (from `model::image::preprocess` or an
     /// oracle trace): image embeddings and DeepStack features, computed once.
-    pub fn encode_image(
-        &self,
-        pixel_values: &[f32],
-        grid_thw: [usize; 3],
-    ) -> Result<ImageFeatures> {
+    pub fn encode_image(&self, pixel_values: &[f32], grid_thw: [usize; 3]) -> Result<EncodedImage> {
         self.page_in_vision();
         install_awake(&self.pool, || {
             self.vision
@@ -283,19 +290,19 @@ impl Engine {
     fn map_prompt(
         &self,
         ids: &[u32],
-        image: Option<&ImageFeatures>,
+        image: Option<&EncodedImage>,
     ) -> Result<(Vec<u32>, Option<ImageSpan>)> {
         let cfg = self.config();
         let tc = self.text.config();
         if ids.is_empty() {
-            return Err(EngineError::Input("the prompt is empty".into()));
+            return Err(EngineError::EmptyPrompt);
         }
         if let Some(f) = image {
             if f.hidden != tc.hidden_size || f.embeds.len() != f.tokens * f.hidden {
-                return Err(EngineError::Input(format!(
-                    "image features are {} wide, the decoder needs {}",
-                    f.hidden, tc.hidden_size
-                )));
+                return Err(EngineError::ImageWidth {
+                    width: f.hidden,
+                    hidden: tc.hidden_size,
+                });
             }
         }
         let merge = self.vision.config().spatial_merge_size;
@@ -304,7 +311,48 @@ impl Engine {
             (f.tokens, gh, gw)
         });
         map_image_ids(ids, cfg.image_token_id, tc.vocab_size as u32, geom)
-            .map_err(EngineError::Input)
+    }
+
+    /// The conversation's length (`prompt + new_tokens`), or
+    /// [`EngineError::ContextOverflow`] when the context cannot hold it.
+    pub(crate) fn check_context(&self, prompt: usize, new_tokens: usize) -> Result<usize> {
+        // Saturating: new_tokens near usize::MAX must fail the check, not wrap.
+        let need = prompt.saturating_add(new_tokens);
+        if need > self.context {
+            return Err(EngineError::ContextOverflow {
+                prompt,
+                new_tokens,
+                context: self.context,
+            });
+        }
+        Ok(need)
+    }
+
+    /// An empty KV cache for `positions` positions.
+    fn new_cache(&self, positions: usize) -> KvCache {
+        let tc = self.text.config();
+        KvCache::new(
+            tc.num_hidden_layers,
+            tc.num_key_value_heads,
+            tc.head_dim,
+            positions,
+        )
+    }
+
+    /// One forward pass of `ids` (in id space) after the cache, then the head:
+    /// the logits of `rows` (`[rows, vocab]`), on the engine's pool.
+    fn forward_logits(
+        &self,
+        ids: &[u32],
+        image: Option<(&EncodedImage, &ImageSpan)>,
+        cache: &mut KvCache,
+        rows: Rows,
+    ) -> Result<Vec<f32>> {
+        let b = &self.bundles.language;
+        install_awake(&self.pool, || {
+            let h = self.text.forward(b, ids, image, cache, rows)?;
+            self.text.logits(b, &h)
+        })
     }
 
     /// The logits at every prompt position (`[ids.len()][vocab]`): what the model
@@ -314,38 +362,16 @@ impl Engine {
     pub fn prompt_logits(
         &self,
         ids: &[u32],
-        image: Option<&ImageFeatures>,
+        image: Option<&EncodedImage>,
     ) -> Result<Vec<Vec<f32>>> {
-        let tc = self.text.config();
+        let vocab = self.text.config().vocab_size;
         let (mapped, span) = self.map_prompt(ids, image)?;
-        if ids.len() > self.context {
-            return Err(EngineError::Input(format!(
-                "the prompt ({} tokens) exceeds the context of {} tokens",
-                ids.len(),
-                self.context
-            )));
-        }
-        let w = Weights {
-            bundle: &self.bundles.language,
-            overrides: &self.overrides,
-        };
-        let mut cache = KvCache::new(
-            tc.num_hidden_layers,
-            tc.num_key_value_heads,
-            tc.head_dim,
-            ids.len(),
-        );
-        let logits = install_awake(&self.pool, || {
-            let h =
-                self.text
-                    .forward(&w, &mapped, image.zip(span.as_ref()), &mut cache, Rows::All)?;
-            self.text.logits(&w, &h)
-        })?;
-        check_logits(&logits, tc.vocab_size, |r| format!("prompt position {r}"))?;
-        Ok(logits
-            .chunks_exact(tc.vocab_size)
-            .map(<[f32]>::to_vec)
-            .collect())
+        self.check_context(ids.len(), 0)?;
+        let mut cache = self.new_cache(ids.len());
+        let img = image.zip(span.as_ref());
+        let logits = self.forward_logits(&mapped, img, &mut cache, Rows::All)?;
+        check_logits(&logits, vocab, |r| format!("prompt position {r}"))?;
+        Ok(logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
     }
 
     /// Greedy/sampled generation from prompt ids (HF ids, `<|image_pad|>` expanded;
@@ -354,140 +380,78 @@ impl Engine {
     pub fn generate(
         &self,
         ids: &[u32],
-        image: Option<&ImageFeatures>,
+        image: Option<&EncodedImage>,
         params: &GenerateParams,
         on_token: &mut dyn FnMut(u32),
     ) -> Result<Generation> {
-        let tc = self.text.config();
         let (mapped, span) = self.map_prompt(ids, image)?;
-        // Saturating: --max-new-tokens near usize::MAX must fail the check, not wrap.
-        let need = ids.len().saturating_add(params.max_new_tokens);
-        if need > self.context {
-            return Err(EngineError::Input(format!(
-                "the prompt ({} tokens) plus --max-new-tokens {} exceeds the context of {} tokens",
-                ids.len(),
-                params.max_new_tokens,
-                self.context
-            )));
-        }
-        let w = Weights {
-            bundle: &self.bundles.language,
-            overrides: &self.overrides,
-        };
-        let img = image.zip(span.as_ref());
-        {
-            let mut cache = KvCache::new(
-                tc.num_hidden_layers,
-                tc.num_key_value_heads,
-                tc.head_dim,
-                need.max(1),
-            );
-            let mut sampler = Sampler::new(params.temperature, params.top_p, params.seed);
-            let mut timings = Timings {
+        let need = self.check_context(ids.len(), params.max_new_tokens)?;
+        let mut out = Generation {
+            tokens: Vec::new(),
+            step_logits: Vec::new(),
+            stopped_at_eos: false,
+            timings: Timings {
                 prompt_tokens: ids.len(),
                 ..Timings::default()
-            };
-            let mut out = Generation {
-                tokens: Vec::new(),
-                step_logits: Vec::new(),
-                stopped_at_eos: false,
-                timings,
-            };
-            if params.max_new_tokens == 0 {
-                return Ok(out);
-            }
-            let t0 = Instant::now();
-            let mut logits = install_awake(&self.pool, || {
-                let h = self
-                    .text
-                    .forward(&w, &mapped, img, &mut cache, Rows::Last)?;
-                self.text.logits(&w, &h)
-            })?;
-            timings.prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
-            let t1 = Instant::now();
-            loop {
-                let step = out.tokens.len();
-                check_logits(&logits, tc.vocab_size, |_| {
-                    format!("generated token {step}")
-                })?;
-                let next = sampler.sample(&logits);
-                on_token(next);
-                if !params.ignore_eos && self.eos.contains(&next) {
-                    out.stopped_at_eos = true;
-                    break;
-                }
-                out.tokens.push(next);
-                if params.keep_logits {
-                    out.step_logits.push(std::mem::take(&mut logits));
-                }
-                if out.tokens.len() >= params.max_new_tokens {
-                    break;
-                }
-                logits = install_awake(&self.pool, || {
-                    let h = self
-                        .text
-                        .forward(&w, &[next], img, &mut cache, Rows::Last)?;
-                    self.text.logits(&w, &h)
-                })?;
-                timings.decode_steps += 1;
-            }
-            timings.decode_ms = t1.elapsed().as_secs_f64() * 1e3;
-            timings.prefill_tok_s = ids.len() as f64 / (timings.prefill_ms / 1e3).max(1e-9);
-            timings.decode_tok_s =
-                timings.decode_steps as f64 / (timings.decode_ms / 1e3).max(1e-9);
-            out.timings = timings;
-            Ok(out)
+            },
+        };
+        if params.max_new_tokens == 0 {
+            return Ok(out);
         }
+        let img = image.zip(span.as_ref());
+        let mut cache = self.new_cache(need.max(1));
+        let t0 = Instant::now();
+        let logits = self.forward_logits(&mapped, img, &mut cache, Rows::Last)?;
+        out.timings.prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let t1 = Instant::now();
+        let mut decoding = Decoding {
+            image: img,
+            cache: &mut cache,
+            params,
+            sampler: Sampler::new(params.temperature, params.top_p, params.seed),
+        };
+        self.decode(&mut decoding, logits, on_token, &mut out)?;
+        out.timings.decode_ms = t1.elapsed().as_secs_f64() * 1e3;
+        out.timings.set_rates();
+        Ok(out)
     }
 
-    /// Test hook: multiplies one f16 scale (`row`, `block`) of the quantized weight
-    /// `tensor` in the engine's own copy of its scales (the mapped file is untouched),
-    /// to make a deliberately wrong kernel for the verifier's gate.
-    pub fn perturb_scale_for_test(
-        &mut self,
-        tensor: &str,
-        row: usize,
-        block: usize,
-        factor: f32,
+    /// Samples a token from `logits` (the prefill's), then decode step after decode
+    /// step, into `out`, until eos or `max_new_tokens`.
+    fn decode(
+        &self,
+        d: &mut Decoding<'_>,
+        mut logits: Vec<f32>,
+        on_token: &mut dyn FnMut(u32),
+        out: &mut Generation,
     ) -> Result<()> {
-        let (_, s, [rows, cols]) =
-            self.bundles
-                .language
-                .q8(tensor)
-                .ok_or_else(|| EngineError::Tensor {
-                    name: tensor.into(),
-                    msg: "is not an int8 weight of the language bundle".into(),
-                })?;
-        let nb = cols / crate::kernels::q8::BLOCK;
-        if row >= rows || block >= nb {
-            return Err(EngineError::Tensor {
-                name: tensor.into(),
-                msg: format!("has {rows} rows × {nb} blocks; ({row}, {block}) is outside"),
-            });
+        let vocab = self.text.config().vocab_size;
+        loop {
+            let step = out.tokens.len();
+            check_logits(&logits, vocab, |_| format!("generated token {step}"))?;
+            let next = d.sampler.sample(&logits);
+            on_token(next);
+            if !d.params.ignore_eos && self.eos.contains(&next) {
+                out.stopped_at_eos = true;
+                return Ok(());
+            }
+            out.tokens.push(next);
+            if d.params.keep_logits {
+                out.step_logits.push(std::mem::take(&mut logits));
+            }
+            if out.tokens.len() >= d.params.max_new_tokens {
+                return Ok(());
+            }
+            logits = self.forward_logits(&[next], d.image, d.cache, Rows::Last)?;
+            out.timings.decode_steps += 1;
         }
-        let copy = self
-            .overrides
-            .entry(tensor.to_string())
-            .or_insert_with(|| s.to_vec());
-        let i = row * nb + block;
-        copy[i] = f16::from_f32(copy[i].to_f32() * factor);
-        Ok(())
     }
 
     /// Bytes one decode step reads: every linear and the head once, one embedding
     /// row, and the KV cache at `positions` (for the bandwidth bound).
     pub fn decode_bytes(&self, positions: usize) -> Result<u64> {
-        let w = Weights {
-            bundle: &self.bundles.language,
-            overrides: &self.overrides,
-        };
         let tc = self.text.config();
-        let mut total = 0u64;
-        for name in self.text.linear_names() {
-            let (_, shape, _) = w.bundle.raw(name)?;
-            let l = crate::weights::Lin::resolve(w.bundle, name, shape[0], shape[1], w.overrides)?;
-            total += l.bytes() as u64;
-        }
+        let mut total = self.text.decode_weight_bytes(&self.bundles.language)?;
         total += 2 * tc.hidden_size as u64;
         let kv = 2 * tc.num_hidden_layers * tc.num_key_value_heads * tc.head_dim * 4;
         Ok(total + (kv * positions) as u64)

@@ -4,6 +4,8 @@
 //! follows from its index and slot, and text after the image is shifted back by
 //! `N − max(h', w')` (the rope shift), so no position tensor is carried around.
 
+use crate::error::{EngineError, Result};
+
 /// Where the (single) image sits in the sequence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ImageSpan {
@@ -46,39 +48,38 @@ pub fn position(index: usize, id: u32, vocab: u32, image: Option<&ImageSpan>) ->
 }
 
 /// Rewrites the image pads of `ids` to `vocab + slot`, returning the new ids and the
-/// image span. Errors when the pads are not one run of `tokens`.
+/// image span. Errors when an id is outside the vocabulary or the pads are not one
+/// run of `tokens`.
 pub fn map_image_ids(
     ids: &[u32],
     image_token_id: u32,
     vocab: u32,
     image: Option<(usize, usize, usize)>,
-) -> Result<(Vec<u32>, Option<ImageSpan>), String> {
+) -> Result<(Vec<u32>, Option<ImageSpan>)> {
     let pads: Vec<usize> = (0..ids.len())
         .filter(|&i| ids[i] == image_token_id)
         .collect();
-    if let Some(&bad) = ids.iter().find(|&&id| id >= vocab) {
-        return Err(format!(
-            "token id {bad} is outside the vocabulary ({vocab} ids)"
-        ));
+    if let Some(&id) = ids.iter().find(|&&id| id >= vocab) {
+        return Err(EngineError::TokenOutsideVocab { id, vocab });
     }
     let Some((tokens, gh, gw)) = image else {
         if !pads.is_empty() {
-            return Err(format!(
-                "the prompt has {} image tokens but no image was given",
-                pads.len()
-            ));
+            return Err(EngineError::ImageTokenCount {
+                prompt: pads.len(),
+                image: None,
+            });
         }
         return Ok((ids.to_vec(), None));
     };
     if pads.len() != tokens {
-        return Err(format!(
-            "the prompt has {} image tokens but the image has {tokens}",
-            pads.len()
-        ));
+        return Err(EngineError::ImageTokenCount {
+            prompt: pads.len(),
+            image: Some(tokens),
+        });
     }
     let start = pads[0];
     if pads.last() != Some(&(start + tokens - 1)) {
-        return Err("the image tokens are not one contiguous run (one image per prompt)".into());
+        return Err(EngineError::ImageTokensSplit);
     }
     let mut out = ids.to_vec();
     for (slot, &i) in pads.iter().enumerate() {

@@ -2,13 +2,15 @@
 //! §3): patch embed, interpolated position embedding, 2D RoPE ViT blocks, DeepStack
 //! mergers and the main merger. Every linear runs all patches at once through the packed
 //! GEMM ([`crate::kernels::gemm::linear_f16_vec`]), which widens each f16 weight tile
-//! to f32 while packing it, so no f32 copy of the tower is kept.
+//! to f32 while packing it, so no f32 copy of the tower is kept. Read it beside
+//! `model/src/vision.rs`, the fp32 reference, whose names it uses (`embed`, `block`,
+//! `merger`, `ln`, `lin`); the attention is [`crate::vision_attention`].
 
 use crate::error::{EngineError, Result};
-use crate::kernels::gemm::{
-    gemm_serial_packed, gemm_serial_packed_a, linear_f16_vec, BSrc, PackedA, PackedB,
-};
+use crate::kernels::gemm::linear_f16_vec;
 use crate::kernels::vmath;
+use crate::ops::{add_in_place, gelu_erf, layer_norm_rows, RopeTable, ELEMS_PER_TASK};
+use crate::vision_attention::vision_attention;
 use crate::weights::{f16_tensor, vector};
 use q3vl_bundle::Bundle;
 use q3vl_model::config::VisionConfig;
@@ -20,9 +22,10 @@ use rayon::prelude::*;
 /// LayerNorm epsilon of every vision norm.
 const LN_EPS: f32 = 1e-6;
 
-/// One image's features for the decoder, computed once per image.
+/// One image through the tower: what the decoder takes, computed once per image (the
+/// reference's `VisionOutput`, as flat f32 rows).
 #[derive(Debug, Clone)]
-pub struct ImageFeatures {
+pub struct EncodedImage {
     /// `[N, H]` image token embeddings (main merger), in slot order.
     pub embeds: Vec<f32>,
     /// One `[N, H]` DeepStack feature per tap, added after decoder layers 0, 1, ...
@@ -35,7 +38,7 @@ pub struct ImageFeatures {
     pub hidden: usize,
 }
 
-impl ImageFeatures {
+impl EncodedImage {
     /// The merged grid (h', w').
     pub fn merged_grid(&self, merge: usize) -> (usize, usize) {
         (self.grid_thw[1] / merge, self.grid_thw[2] / merge)
@@ -47,12 +50,6 @@ pub struct VisionModel {
     cfg: VisionConfig,
     pos_table: Vec<f32>,
 }
-
-/// Elements per parallel task of the element-wise passes.
-const ELEMS_PER_TASK: usize = 1 << 14;
-
-/// Query rows per attention block: one block's scores (`QUERY_BLOCK × P`) stay in L2.
-const QUERY_BLOCK: usize = 96;
 
 impl VisionModel {
     /// Loads the position table and checks every weight's shape and dtype.
@@ -110,6 +107,129 @@ impl VisionModel {
         &self.cfg
     }
 
+    /// Runs the tower on one image's patch rows `[P, patch_dim]` with grid `(t, h, w)`.
+    pub fn encode(
+        &self,
+        b: &Bundle,
+        pixel_values: &[f32],
+        grid_thw: [usize; 3],
+    ) -> Result<EncodedImage> {
+        let c = &self.cfg;
+        let merge = c.spatial_merge_size;
+        let p = self.check_grid(pixel_values, grid_thw)?;
+        let mut x = self.embed(b, pixel_values, p, grid_thw)?;
+        let rope = vision_cos_sin(grid_thw, merge, c.head_dim(), c.rope_theta);
+        let mut ds: Vec<(usize, Vec<f32>)> = Vec::new();
+        for j in 0..c.depth {
+            self.block(b, j, &mut x, &rope)?;
+            if let Some(k) = c.deepstack_visual_indexes.iter().position(|&i| i == j) {
+                let prefix = deepstack(k, "");
+                ds.push((k, self.merger(b, prefix.trim_end_matches('.'), &x, true)?));
+            }
+        }
+        // Features in tap order even if the config lists indexes unsorted.
+        ds.sort_by_key(|(k, _)| *k);
+        let embeds = self.merger(b, &visual("merger"), &x, false)?;
+        Ok(EncodedImage {
+            embeds,
+            deepstack: ds.into_iter().map(|(_, f)| f).collect(),
+            tokens: p / (merge * merge),
+            grid_thw,
+            hidden: c.out_hidden_size,
+        })
+    }
+
+    /// Checks a still image's grid and its pixel rows; returns the patches P.
+    fn check_grid(&self, pixel_values: &[f32], grid: [usize; 3]) -> Result<usize> {
+        let (pd, merge) = (self.cfg.patch_dim(), self.cfg.spatial_merge_size);
+        let p: usize = grid.iter().product();
+        let mergeable = grid[1].is_multiple_of(merge) && grid[2].is_multiple_of(merge);
+        if grid[0] != 1 || !mergeable || p == 0 {
+            return Err(EngineError::ImageGrid { grid, merge });
+        }
+        if pixel_values.len() != p * pd {
+            return Err(EngineError::PixelCount {
+                found: pixel_values.len(),
+                grid,
+                patches: p,
+                patch_dim: pd,
+            });
+        }
+        Ok(p)
+    }
+
+    /// Patch embed (the Conv3d as one matmul over the flattened patch) plus the
+    /// interpolated position embedding: `[P, D]`.
+    fn embed(
+        &self,
+        b: &Bundle,
+        pixel_values: &[f32],
+        p: usize,
+        grid_thw: [usize; 3],
+    ) -> Result<Vec<f32>> {
+        let c = &self.cfg;
+        let d = c.hidden_size;
+        let mut x = self.lin(
+            b,
+            &visual("patch_embed.proj"),
+            pixel_values,
+            p,
+            c.patch_dim(),
+            d,
+        )?;
+        let pe = interpolate_pos_embed(
+            &self.pos_table,
+            c.pos_grid(),
+            d,
+            grid_thw,
+            c.spatial_merge_size,
+        );
+        add_in_place(&mut x, &pe);
+        Ok(x)
+    }
+
+    /// ViT block `j`: `x += proj(attn(LN1 x))`, then `x += fc2(gelu_tanh(fc1(LN2 x)))`.
+    fn block(&self, b: &Bundle, j: usize, x: &mut [f32], rope: &RopeTable) -> Result<()> {
+        let c = &self.cfg;
+        let (d, heads, hd, inter) = (
+            c.hidden_size,
+            c.num_heads,
+            c.head_dim(),
+            c.intermediate_size,
+        );
+        let p = x.len() / d;
+        let h = self.ln(b, &vision_block(j, "norm1"), x, d)?;
+        let qkv = self.lin(b, &vision_block(j, "attn.qkv"), &h, p, d, 3 * d)?;
+        let a = vision_attention(&qkv, p, heads, hd, rope);
+        let o = self.lin(b, &vision_block(j, "attn.proj"), &a, p, d, d)?;
+        add_in_place(x, &o);
+        let h = self.ln(b, &vision_block(j, "norm2"), x, d)?;
+        let mut h = self.lin(b, &vision_block(j, "mlp.linear_fc1"), &h, p, d, inter)?;
+        h.par_chunks_mut(ELEMS_PER_TASK).for_each(vmath::gelu_tanh);
+        let o = self.lin(b, &vision_block(j, "mlp.linear_fc2"), &h, p, inter, d)?;
+        add_in_place(x, &o);
+        Ok(())
+    }
+
+    /// A patch merger, 2×2 patches → one token; `prefix` is e.g. `model.visual.merger`.
+    /// The main merger norms each patch (`postshuffle = false`), the DeepStack mergers
+    /// norm the concatenation.
+    fn merger(&self, b: &Bundle, prefix: &str, x: &[f32], postshuffle: bool) -> Result<Vec<f32>> {
+        let c = &self.cfg;
+        let md = c.merged_dim();
+        let rows = x.len() / md;
+        let norm_width = if postshuffle { md } else { c.hidden_size };
+        let y = self.ln(b, &format!("{prefix}.norm"), x, norm_width)?;
+        let mut y = self.lin(b, &format!("{prefix}.linear_fc1"), &y, rows, md, md)?;
+        y.par_chunks_mut(ELEMS_PER_TASK).for_each(|c| {
+            for v in c {
+                *v = gelu_erf(*v);
+            }
+        });
+        let fc2 = format!("{prefix}.linear_fc2");
+        self.lin(b, &fc2, &y, rows, md, c.out_hidden_size)
+    }
+
     /// `x · Wᵀ + b` for an f16 weight `[n, k]` (widened tile by tile inside the GEMM).
     fn lin(
         &self,
@@ -125,343 +245,26 @@ impl VisionModel {
         Ok(linear_f16_vec(x, m, k, w, n, Some(&bias)))
     }
 
-    fn layer_norm(&self, b: &Bundle, prefix: &str, x: &[f32], n: usize) -> Result<Vec<f32>> {
+    /// LayerNorm `prefix` over each `n`-wide row of `x`.
+    fn ln(&self, b: &Bundle, prefix: &str, x: &[f32], n: usize) -> Result<Vec<f32>> {
         let w = vector(b, &format!("{prefix}.weight"), n)?;
         let bias = vector(b, &format!("{prefix}.bias"), n)?;
-        let mut out = vec![0f32; x.len()];
-        x.par_chunks(n)
-            .zip(out.par_chunks_mut(n))
-            .for_each(|(xr, or)| {
-                let mean = xr.iter().sum::<f32>() / n as f32;
-                let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n as f32;
-                let r = 1.0 / (var + LN_EPS).sqrt();
-                for (((o, &v), &g), &bb) in or.iter_mut().zip(xr).zip(&w).zip(&bias) {
-                    *o = (v - mean) * r * g + bb;
-                }
-            });
-        Ok(out)
-    }
-
-    /// A patch merger; `prefix` is e.g. `model.visual.merger`.
-    fn merger(&self, b: &Bundle, prefix: &str, x: &[f32], postshuffle: bool) -> Result<Vec<f32>> {
-        let c = &self.cfg;
-        let md = c.merged_dim();
-        let rows = x.len() / md;
-        let y = if postshuffle {
-            self.layer_norm(b, &format!("{prefix}.norm"), x, md)?
-        } else {
-            self.layer_norm(b, &format!("{prefix}.norm"), x, c.hidden_size)?
-        };
-        let mut y = self.lin(b, &format!("{prefix}.linear_fc1"), &y, rows, md, md)?;
-        y.par_chunks_mut(ELEMS_PER_TASK).for_each(|c| {
-            for v in c {
-                *v = gelu_erf(*v);
-            }
-        });
-        self.lin(
-            b,
-            &format!("{prefix}.linear_fc2"),
-            &y,
-            rows,
-            md,
-            c.out_hidden_size,
-        )
-    }
-
-    /// Runs the tower on `[P, patch_dim]` patch rows of grid `(t, h, w)`.
-    pub fn encode(
-        &self,
-        b: &Bundle,
-        pixel_values: &[f32],
-        grid_thw: [usize; 3],
-    ) -> Result<ImageFeatures> {
-        let c = &self.cfg;
-        let (d, pd, merge) = (c.hidden_size, c.patch_dim(), c.spatial_merge_size);
-        let p: usize = grid_thw.iter().product();
-        if grid_thw[0] != 1 {
-            return Err(EngineError::Input(format!(
-                "grid {grid_thw:?}: only still images (t = 1) are supported"
-            )));
-        }
-        if !grid_thw[1].is_multiple_of(merge) || !grid_thw[2].is_multiple_of(merge) || p == 0 {
-            return Err(EngineError::Input(format!(
-                "grid {grid_thw:?} is not a positive multiple of the merge size {merge}"
-            )));
-        }
-        if pixel_values.len() != p * pd {
-            return Err(EngineError::Input(format!(
-                "pixel_values has {} values, grid {grid_thw:?} needs {p}×{pd}",
-                pixel_values.len()
-            )));
-        }
-        let mut x = self.lin(b, &visual("patch_embed.proj"), pixel_values, p, pd, d)?;
-        let g = c.pos_grid();
-        let pe = interpolate_pos_embed(&self.pos_table, g, d, grid_thw, merge);
-        for (a, v) in x.iter_mut().zip(&pe) {
-            *a += v;
-        }
-        let (heads, hd) = (c.num_heads, c.head_dim());
-        let (cos, sin) = vision_rope(grid_thw, merge, hd, c.rope_theta);
-        let mut ds: Vec<(usize, Vec<f32>)> = Vec::new();
-        for j in 0..c.depth {
-            let h = self.layer_norm(b, &vision_block(j, "norm1"), &x, d)?;
-            let qkv = self.lin(b, &vision_block(j, "attn.qkv"), &h, p, d, 3 * d)?;
-            let a = vision_attention(&qkv, p, heads, hd, &cos, &sin);
-            let o = self.lin(b, &vision_block(j, "attn.proj"), &a, p, d, d)?;
-            for (xv, ov) in x.iter_mut().zip(&o) {
-                *xv += ov;
-            }
-            let h = self.layer_norm(b, &vision_block(j, "norm2"), &x, d)?;
-            let mut h = self.lin(
-                b,
-                &vision_block(j, "mlp.linear_fc1"),
-                &h,
-                p,
-                d,
-                c.intermediate_size,
-            )?;
-            h.par_chunks_mut(ELEMS_PER_TASK).for_each(vmath::gelu_tanh);
-            let o = self.lin(
-                b,
-                &vision_block(j, "mlp.linear_fc2"),
-                &h,
-                p,
-                c.intermediate_size,
-                d,
-            )?;
-            for (xv, ov) in x.iter_mut().zip(&o) {
-                *xv += ov;
-            }
-            if let Some(k) = c.deepstack_visual_indexes.iter().position(|&i| i == j) {
-                let prefix = deepstack(k, "");
-                ds.push((k, self.merger(b, prefix.trim_end_matches('.'), &x, true)?));
-            }
-        }
-        ds.sort_by_key(|(k, _)| *k);
-        let embeds = self.merger(b, &visual("merger"), &x, false)?;
-        Ok(ImageFeatures {
-            embeds,
-            deepstack: ds.into_iter().map(|(_, f)| f).collect(),
-            tokens: p / (merge * merge),
-            grid_thw,
-            hidden: c.out_hidden_size,
-        })
+        Ok(layer_norm_rows(x, &w, &bias, LN_EPS))
     }
 }
 
-/// The ViT's cos/sin `[P, hd/2]` (the second half repeats the first).
-fn vision_rope(grid_thw: [usize; 3], merge: usize, hd: usize, theta: f64) -> (Vec<f32>, Vec<f32>) {
+/// The ViT's rotations: cos/sin `[P, hd/2]` of each patch's (row, column) angles (the
+/// second half of a head repeats the first).
+fn vision_cos_sin(grid_thw: [usize; 3], merge: usize, hd: usize, theta: f64) -> RopeTable {
     let inv = inv_freq(hd / 2, theta);
-    let coords = vision_patch_coords(grid_thw, merge);
-    let half = hd / 2;
-    let mut cos = Vec::with_capacity(coords.len() * half);
-    let mut sin = Vec::with_capacity(coords.len() * half);
-    for (r, c) in coords {
-        for a in inv
-            .iter()
-            .map(|f| r as f32 * f)
-            .chain(inv.iter().map(|f| c as f32 * f))
-        {
-            cos.push(a.cos());
-            sin.push(a.sin());
-        }
-    }
-    (cos, sin)
-}
-
-/// Full (non-causal) attention of one image: RoPE on q and k, `softmax(q kᵀ / √hd) v`.
-/// First, per head in parallel, the queries are rotated, K packed and V packed
-/// (transposed) once;
-/// then every (head, block of [`QUERY_BLOCK`] queries) is its own task, so a thread
-/// holds one block's scores at a time and the two cores stay balanced (16 heads
-/// alone split unevenly whenever one core runs slower).
-fn vision_attention(
-    qkv: &[f32],
-    p: usize,
-    heads: usize,
-    hd: usize,
-    cos: &[f32],
-    sin: &[f32],
-) -> Vec<f32> {
-    let d = heads * hd;
-    let half = hd / 2;
-    let scale = (hd as f32).powf(-0.5);
-    let prepared: Vec<(Vec<f32>, PackedB, PackedA)> = (0..heads)
-        .into_par_iter()
-        .map(|h| {
-            let mut q = vec![0f32; p * hd];
-            let mut k = vec![0f32; p * hd];
-            for i in 0..p {
-                let row = &qkv[i * 3 * d..(i + 1) * 3 * d];
-                q[i * hd..(i + 1) * hd].copy_from_slice(&row[h * hd..(h + 1) * hd]);
-                k[i * hd..(i + 1) * hd].copy_from_slice(&row[d + h * hd..d + (h + 1) * hd]);
-                let (c, s) = (
-                    &cos[i * half..(i + 1) * half],
-                    &sin[i * half..(i + 1) * half],
-                );
-                crate::decoder::rope(&mut q[i * hd..(i + 1) * hd], c, s);
-                crate::decoder::rope(&mut k[i * hd..(i + 1) * hd], c, s);
-            }
-            // B[j, kk] = k[j, kk] for the scores.
-            let kp = PackedB::new(
-                BSrc::F32 {
-                    data: &k,
-                    rs: hd,
-                    cs: 1,
-                },
-                p,
-                hd,
-            );
-            // A = vᵀ for the output product (see below), packed once for all query
-            // blocks straight from V's columns of `qkv`.
-            let vt = PackedA::from_transposed(&qkv[2 * d + h * hd..], hd, p, 3 * d);
-            (q, kp, vt)
-        })
-        .collect();
-    let qblocks = p.div_ceil(QUERY_BLOCK);
-    let blocks: Vec<Vec<f32>> = (0..heads * qblocks)
-        .into_par_iter()
-        .map_init(
-            || vec![0f32; QUERY_BLOCK.min(p) * p],
-            |scores, t| {
-                let (q, kp, vt) = &prepared[t / qblocks];
-                let q0 = (t % qblocks) * QUERY_BLOCK;
-                let qb = QUERY_BLOCK.min(p - q0);
-                let s = &mut scores[..qb * p];
-                gemm_serial_packed(&q[q0 * hd..], qb, hd, kp, s, p);
-                for row in s.chunks_exact_mut(p) {
-                    vmath::softmax_row(row, scale);
-                }
-                // The output transposed, oᵀ = vᵀ · sᵀ (`[hd][qb]`): for hd = 72 its
-                // tiles are all full (72 = 12 × 6 rows, 96 = 6 × 16 columns), where
-                // o = s · v would leave the last 16-column panel half empty. Each
-                // element is the same fused chain over the keys either way (a · b =
-                // b · a exactly).
-                let mut ot = vec![0f32; hd * qb];
-                gemm_serial_packed_a(
-                    vt,
-                    BSrc::F32 {
-                        data: s,
-                        rs: p,
-                        cs: 1,
-                    },
-                    qb,
-                    &mut ot,
-                    qb,
-                );
-                ot
-            },
-        )
-        .collect();
-    // Back to `[P, heads·hd]`, in parallel over query rows: token i of head h is
-    // column i − q0 of its block's oᵀ.
-    let mut out = vec![0f32; p * d];
-    out.par_chunks_mut(d).enumerate().for_each(|(i, row)| {
-        let (qi, c) = (i / QUERY_BLOCK, i % QUERY_BLOCK);
-        for (h, dst) in row.chunks_exact_mut(hd).enumerate() {
-            let o = &blocks[h * qblocks + qi];
-            let qb = o.len() / hd;
-            for (r, v) in dst.iter_mut().enumerate() {
-                *v = o[r * qb + c];
-            }
-        }
-    });
-    out
-}
-
-/// Exact (erf) GELU, the mergers' activation.
-fn gelu_erf(x: f32) -> f32 {
-    (0.5 * x as f64 * (1.0 + erf(x as f64 / std::f64::consts::SQRT_2))) as f32
-}
-
-/// erf in f64 (Numerical Recipes' erfc Chebyshev fit, relative error < 1.2e-7).
-fn erf(x: f64) -> f64 {
-    let z = x.abs();
-    let t = 1.0 / (1.0 + 0.5 * z);
-    let poly = -z * z - 1.265_512_23
-        + t * (1.000_023_68
-            + t * (0.374_091_96
-                + t * (0.096_784_18
-                    + t * (-0.186_288_06
-                        + t * (0.278_868_07
-                            + t * (-1.135_203_98
-                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
-    let erfc = t * poly.exp();
-    if x >= 0.0 {
-        1.0 - erfc
-    } else {
-        erfc - 1.0
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// `vision_attention` against softmax(q kᵀ/√hd) v in f64, with the rotation
-    /// applied the same way, on the 8B head size (72: the transposed output
-    /// product's full tiles) and more queries than one block (a short last block).
-    #[test]
-    fn attention_matches_naive() {
-        let (p, heads, hd) = (QUERY_BLOCK + 7, 2usize, 72usize);
-        let d = heads * hd;
-        let qkv: Vec<f32> = (0..p * 3 * d)
-            .map(|i| ((i * 7919) % 1999) as f32 * 1e-3 - 1.0)
-            .collect();
-        let half = hd / 2;
-        let cos: Vec<f32> = (0..p * half).map(|i| (i as f32 * 0.01).cos()).collect();
-        let sin: Vec<f32> = (0..p * half).map(|i| (i as f32 * 0.01).sin()).collect();
-        let got = vision_attention(&qkv, p, heads, hd, &cos, &sin);
-        for h in 0..heads {
-            let rot = |off: usize, i: usize| {
-                let mut v = qkv[i * 3 * d + off + h * hd..i * 3 * d + off + (h + 1) * hd].to_vec();
-                crate::decoder::rope(
-                    &mut v,
-                    &cos[i * half..(i + 1) * half],
-                    &sin[i * half..(i + 1) * half],
-                );
-                v
-            };
-            let ks: Vec<Vec<f32>> = (0..p).map(|j| rot(d, j)).collect();
-            for i in 0..p {
-                let q = rot(0, i);
-                let s: Vec<f64> = ks
-                    .iter()
-                    .map(|k| {
-                        q.iter()
-                            .zip(k)
-                            .map(|(a, b)| *a as f64 * *b as f64)
-                            .sum::<f64>()
-                            / (hd as f64).sqrt()
-                    })
-                    .collect();
-                let mx = s.iter().cloned().fold(f64::MIN, f64::max);
-                let e: Vec<f64> = s.iter().map(|v| (v - mx).exp()).collect();
-                let z: f64 = e.iter().sum();
-                for r in 0..hd {
-                    let want: f64 = (0..p)
-                        .map(|j| e[j] / z * qkv[j * 3 * d + 2 * d + h * hd + r] as f64)
-                        .sum();
-                    let g = got[i * d + h * hd + r] as f64;
-                    assert!(
-                        (g - want).abs() < 1e-5,
-                        "head {h} query {i} dim {r}: {g} vs {want}"
-                    );
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn erf_is_accurate() {
-        for (x, want) in [
-            (0.0, 0.0),
-            (0.5, 0.520_499_877_8),
-            (1.0, 0.842_700_792_9),
-            (-2.0, -0.995_322_265),
-            (3.0, 0.999_977_909_5),
-        ] {
-            assert!((erf(x) - want).abs() < 2e-7, "erf({x})");
-        }
-    }
+    let inv = &inv;
+    let angles = vision_patch_coords(grid_thw, merge)
+        .into_iter()
+        .flat_map(|(r, c)| {
+            let (r, c) = (r as f32, c as f32);
+            inv.iter()
+                .map(move |f| r * f)
+                .chain(inv.iter().map(move |f| c * f))
+        });
+    RopeTable::from_angles(angles, hd / 2)
 }

@@ -5,7 +5,6 @@ use crate::kernels::row::{dot_f32, widen_f16};
 use half::f16;
 use q3vl_bundle::{Bundle, Dtype};
 use rayon::prelude::*;
-use std::collections::HashMap;
 
 /// f16 weight rows per parallel task; any value gives the same numbers, since each
 /// output is one whole dot product.
@@ -67,15 +66,8 @@ pub fn f16_slice(bytes: &[u8]) -> Option<&[f16]> {
 }
 
 impl<'a> Lin<'a> {
-    /// Resolves `name` in `b`, checking it is `[rows, cols]`. `overrides` replaces a
-    /// quantized tensor's scales (the test hook that perturbs one scale).
-    pub fn resolve(
-        b: &'a Bundle,
-        name: &str,
-        rows: usize,
-        cols: usize,
-        overrides: &'a HashMap<String, Vec<f16>>,
-    ) -> Result<Lin<'a>> {
+    /// Resolves `name` in `b`, checking it is `[rows, cols]`.
+    pub fn resolve(b: &'a Bundle, name: &str, rows: usize, cols: usize) -> Result<Lin<'a>> {
         let bad = |msg: String| EngineError::Tensor {
             name: name.into(),
             msg: format!("{msg} (in {})", b.dir().display()),
@@ -86,7 +78,6 @@ impl<'a> Lin<'a> {
                     "is {shape:?}, the config needs [{rows}, {cols}]"
                 )));
             }
-            let s = overrides.get(name).map(Vec::as_slice).unwrap_or(s);
             return Ok(Lin::Q8 { q, s, rows, cols });
         }
         let (dtype, shape, bytes) = b.raw(name)?;
