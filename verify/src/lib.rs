@@ -18,6 +18,13 @@ pub mod token_gates;
 pub mod tokens;
 pub mod trace;
 
+mod fits;
+mod layer_inputs;
+mod local;
+mod pixels;
+mod runs;
+mod stages;
+
 pub use bundle_source::BundleSource;
 pub use engine_gate::{EngineDecode, EngineMatch};
 pub use error::{Result, VerifyError};
