@@ -1,10 +1,14 @@
 //! The engine ≡ reference gate of `q3vl verify --bundle`: the engine's greedy tokens
 //! on each trace's inputs equal the reference's on the same bundle, in every mode and
-//! on every fixture; a deliberately wrong engine kernel fails it (exit 1, named).
+//! on every fixture; a deliberately wrong engine fails it (named, and nothing else).
 
 mod common;
 
+use common::damage::{edit_tensor, pair, reseal_pair, scale_f16};
 use common::{ok, s};
+use q3vl_engine::{Engine, EngineOptions};
+use q3vl_verify::session::{EngineGate, Quiet, Request};
+use q3vl_verify::{Gates, Stamping};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -34,14 +38,13 @@ fn convert(fx: &str, mode: &str, out: &Path) {
     ok(&args);
 }
 
-/// `q3vl verify --bundle OUT` on both traces of `fx` (plus `extra`), with the
-/// environment `env`: exit code, stdout, report.json and the JUnit XML.
+/// `q3vl verify --bundle OUT` on both traces of `fx` (plus `extra`): exit code,
+/// stdout, report.json and the JUnit XML.
 fn verify(
     fx: &str,
     out: &Path,
     dir: &Path,
     extra: &[&str],
-    env: Option<(&str, &str)>,
 ) -> (Option<i32>, String, Value, String) {
     let rep = dir.join("rep");
     let junit = dir.join("junit.xml");
@@ -52,12 +55,7 @@ fn verify(
     }
     args.extend(["--report", s(&rep), "--junit", s(&junit)]);
     args.extend(extra);
-    let mut cmd = common::q3vl();
-    cmd.args(&args).env_remove("Q3VL_TEST_ENGINE_SCALE");
-    if let Some((k, v)) = env {
-        cmd.env(k, v);
-    }
-    let o = cmd.output().unwrap();
+    let o = common::q3vl().args(&args).output().unwrap();
     let stdout = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(
         matches!(o.status.code(), Some(0 | 1)),
@@ -81,8 +79,7 @@ fn verify_shapes_text(out: &Path, extra: &[&str]) -> std::process::Command {
     let mut cmd = common::q3vl();
     let ts = traces("shapes");
     cmd.args(["verify", "--bundle", s(out), "--trace", s(&ts[1])])
-        .args(extra)
-        .env_remove("Q3VL_TEST_ENGINE_SCALE");
+        .args(extra);
     cmd
 }
 
@@ -114,7 +111,7 @@ fn the_engine_gate_passes_on_shapes_int8hu_for_24_of_24_steps() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("b");
     convert("shapes", "int8hu", &out);
-    let (code, stdout, report, junit) = verify("shapes", &out, dir.path(), &["--stamp"], None);
+    let (code, stdout, report, junit) = verify("shapes", &out, dir.path(), &["--stamp"]);
     assert_eq!(code, Some(0), "{stdout}");
     assert!(stdout.trim_end().ends_with("gates passed"), "{stdout}");
     let gates = engine_gates(&report);
@@ -159,29 +156,51 @@ fn the_engine_gate_passes_on_shapes_int8hu_for_24_of_24_steps() {
         .exists());
 }
 
+/// The scales of layer 0's down_proj.
+const DOWN_PROJ_SCALES: &str = "model.language_model.layers.0.mlp.down_proj.weight.scales";
+
 #[test]
 fn a_wrong_engine_kernel_fails_the_engine_gate_and_nothing_else() {
-    // One scale of layer 0's down_proj, in the engine's own copy only: the reference
-    // (and so every other gate) still sees the bundle as it is.
+    // The engine runs on a damaged copy of the bundles (one scale of layer 0's
+    // down_proj × 1000, resealed so it opens), as a wrong kernel would compute; the
+    // reference, and so every other gate, still sees the good bundles.
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("b");
     convert("shapes", "int8hu", &out);
-    let hook = (
-        "Q3VL_TEST_ENGINE_SCALE",
-        "model.language_model.layers.0.mlp.down_proj.weight:0:0:1000",
-    );
-    let (code, stdout, report, junit) =
-        verify("shapes", &out, dir.path(), &["--stamp"], Some(hook));
-    assert_eq!(code, Some(1), "{stdout}");
-    let last = stdout.trim_end().lines().last().unwrap();
+    let bad = dir.path().join("bad");
+    common::copy_dir(&out, &bad);
+    edit_tensor(&pair(&bad).language, DOWN_PROJ_SCALES, |b, _| {
+        scale_f16(&mut b[..2], 1000.0)
+    });
+    reseal_pair(&bad);
+    let open_bad = |_: &Path| Engine::open(&bad, &EngineOptions::default());
+
+    let (gates, ts) = (Gates::builtin(), traces("shapes"));
+    let request = Request {
+        src: None,
+        bundle: Some(&out),
+        traces: &ts,
+        gates: &gates,
+        engine: EngineGate::Run(&open_bad),
+        stamp: true,
+        tool: "q3vl test".into(),
+    };
+    let verified = q3vl_verify::verify(&request, &mut Quiet).unwrap();
+    let report: Value = serde_json::from_str(&verified.report.to_json()).unwrap();
+    assert!(!verified.report.passed(), "{report}");
+    let text = verified.report.to_text();
+    let last = text.trim_end().lines().last().unwrap();
     assert!(
         last.starts_with("FAIL") && last.contains(&format!("image:{GATE}")),
         "{last}"
     );
+    let min_cos = gates.bundle.engine_logits_cos;
     for (trace, g, e) in engine_gates(&report) {
         assert_eq!(g["passed"], false, "{trace}: {g}");
         assert!(g["detail"].as_str().unwrap().starts_with("step "), "{g}");
         assert!(e["count"]["first_mismatch"].is_u64(), "{e}");
+        // The damage is real: the engine's logits are not the reference's.
+        assert!(e["min_logits_cos"].as_f64().unwrap() < min_cos, "{e}");
     }
     let failed: Vec<&str> = report["traces"]
         .as_array()
@@ -192,25 +211,16 @@ fn a_wrong_engine_kernel_fails_the_engine_gate_and_nothing_else() {
         .map(|g| g["name"].as_str().unwrap())
         .collect();
     assert!(failed.iter().all(|&n| n == GATE), "{failed:?}");
+    let junit = verified.report.to_junit();
     assert!(
         junit.contains(&format!("name=\"{GATE}\"><failure")),
         "{junit}"
     );
+    assert_eq!(verified.stamp().unwrap(), Stamping::GateFailed);
     assert!(!out
         .join("shapes_decode_int8hu")
         .join("verification.json")
         .exists());
-}
-
-#[test]
-fn a_malformed_engine_hook_is_bad_input() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("b");
-    convert("shapes", "int8hu", &out);
-    let rep = dir.path().join("rep");
-    let mut cmd = verify_shapes_text(&out, &["--report", s(&rep)]);
-    cmd.env("Q3VL_TEST_ENGINE_SCALE", "model.norm.weight:0:0:2");
-    common::fails(&cmd.output().unwrap(), &["Q3VL_TEST_ENGINE_SCALE"]);
 }
 
 #[test]
@@ -225,7 +235,7 @@ fn every_fixture_bundle_passes_every_gate_in_every_mode() {
             let dir = tempfile::tempdir().unwrap();
             let out = dir.path().join("b");
             convert(fx, mode, &out);
-            let (code, stdout, report, _) = verify(fx, &out, dir.path(), &[], None);
+            let (code, stdout, report, _) = verify(fx, &out, dir.path(), &[]);
             assert_eq!(code, Some(0), "{fx} {mode}:\n{stdout}");
             for (trace, g, e) in engine_gates(&report) {
                 assert_eq!(g["passed"], true, "{fx} {mode} {trace}: {g}\n{stdout}");
@@ -261,8 +271,7 @@ fn without_the_engine_gate_the_report_says_it_did_not_run() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("b");
     convert("shapes", "int8hu", &out);
-    let (code, stdout, report, junit) =
-        verify("shapes", &out, dir.path(), &["--no-engine-gate"], None);
+    let (code, stdout, report, junit) = verify("shapes", &out, dir.path(), &["--no-engine-gate"]);
     assert_eq!(code, Some(0), "{stdout}");
     let last = stdout.trim_end().lines().last().unwrap();
     assert!(

@@ -130,38 +130,10 @@ impl EngineMatch {
                 rows.len()
             )));
         }
-        let (mut reference_tokens, mut reference_margins, mut logits_cos) = (
-            Vec::with_capacity(steps),
-            Vec::with_capacity(steps),
-            Vec::with_capacity(steps),
-        );
-        for (k, (e, r)) in engine.logits.iter().zip(&rows).enumerate() {
-            if e.len() != r.len() {
-                return Err(bad(format!(
-                    "engine ≡ reference: step {k} has {} engine logits and {} reference logits",
-                    e.len(),
-                    r.len()
-                )));
-            }
-            let (t, m) = top2(r);
-            reference_tokens.push(t);
-            reference_margins.push(m);
-            logits_cos.push(cosine(e, r));
-        }
-        let (min_logits_cos_step, min_logits_cos) = logits_cos
-            .iter()
-            .copied()
-            .enumerate()
-            .min_by(|a, b| a.1.total_cmp(&b.1))
-            .unwrap_or((0, 1.0));
-        let count = decode_match(
-            &engine.tokens,
-            &reference_tokens,
-            &reference_margins,
-            firm,
-            steps,
-        );
-        let forced = top1_sweep(&engine.tokens, &reference_tokens, &reference_margins, firm);
+        let s = Compared::new(&engine.logits, &rows, "step").map_err(bad)?;
+        let (min_logits_cos_step, min_logits_cos) = min_at(&s.cos);
+        let count = decode_match(&engine.tokens, &s.reference_top1, &s.margins, firm, steps);
+        let forced = top1_sweep(&engine.tokens, &s.reference_top1, &s.margins, firm);
 
         let prompt_rows = reference_prompt.to_vec2::<f32>()?;
         if prompt_rows.len() != engine.prompt_logits.len() {
@@ -171,31 +143,12 @@ impl EngineMatch {
                 prompt_rows.len()
             )));
         }
-        let (mut engine_top1, mut reference_top1, mut prompt_margins, mut prompt_logits_cos) =
-            (vec![], vec![], vec![], vec![]);
-        for (i, (e, r)) in engine.prompt_logits.iter().zip(&prompt_rows).enumerate() {
-            if e.len() != r.len() {
-                return Err(bad(format!(
-                    "engine ≡ reference: prompt position {i} has {} engine logits and {} reference logits",
-                    e.len(),
-                    r.len()
-                )));
-            }
-            let (t, m) = top2(r);
-            engine_top1.push(top2(e).0);
-            reference_top1.push(t);
-            prompt_margins.push(m);
-            prompt_logits_cos.push(cosine(e, r));
-        }
-        let (min_prompt_logits_cos_position, min_prompt_logits_cos) = prompt_logits_cos
-            .iter()
-            .copied()
-            .enumerate()
-            .min_by(|a, b| a.1.total_cmp(&b.1))
-            .unwrap_or((0, 1.0));
-        let prompt = top1_sweep(&engine_top1, &reference_top1, &prompt_margins, firm);
+        let p =
+            Compared::new(&engine.prompt_logits, &prompt_rows, "prompt position").map_err(bad)?;
+        let (min_prompt_logits_cos_position, min_prompt_logits_cos) = min_at(&p.cos);
+        let prompt = top1_sweep(&p.engine_top1, &p.reference_top1, &p.margins, firm);
         Ok(EngineMatch {
-            prompt_logits_cos,
+            prompt_logits_cos: p.cos,
             min_prompt_logits_cos,
             min_prompt_logits_cos_position,
             prompt,
@@ -203,9 +156,9 @@ impl EngineMatch {
             count,
             forced,
             engine_tokens: engine.tokens.clone(),
-            reference_tokens,
-            reference_margins,
-            logits_cos,
+            reference_tokens: s.reference_top1,
+            reference_margins: s.margins,
+            logits_cos: s.cos,
             min_logits_cos,
             min_logits_cos_step,
         })
@@ -272,6 +225,59 @@ impl EngineMatch {
             detail,
         )
     }
+}
+
+/// The engine's logits rows against the reference's, row by row.
+struct Compared {
+    /// The engine's top-1 of each row.
+    engine_top1: Vec<u32>,
+    /// The reference's.
+    reference_top1: Vec<u32>,
+    /// The reference's top-1 minus top-2.
+    margins: Vec<f64>,
+    /// Centered cosine (float64) of the two rows.
+    cos: Vec<f64>,
+}
+
+impl Compared {
+    /// Compares equally many rows; `what` names a row in the error of a row whose
+    /// widths differ.
+    fn new(
+        engine: &[Vec<f32>],
+        reference: &[Vec<f32>],
+        what: &str,
+    ) -> std::result::Result<Self, String> {
+        let mut c = Compared {
+            engine_top1: Vec::with_capacity(engine.len()),
+            reference_top1: Vec::with_capacity(engine.len()),
+            margins: Vec::with_capacity(engine.len()),
+            cos: Vec::with_capacity(engine.len()),
+        };
+        for (k, (e, r)) in engine.iter().zip(reference).enumerate() {
+            if e.len() != r.len() {
+                return Err(format!(
+                    "engine ≡ reference: {what} {k} has {} engine logits and {} reference logits",
+                    e.len(),
+                    r.len()
+                ));
+            }
+            let (t, m) = top2(r);
+            c.engine_top1.push(top2(e).0);
+            c.reference_top1.push(t);
+            c.margins.push(m);
+            c.cos.push(cosine(e, r));
+        }
+        Ok(c)
+    }
+}
+
+/// Where the smallest cosine is, and it ((0, 1) when there is none).
+fn min_at(cos: &[f64]) -> (usize, f64) {
+    cos.iter()
+        .copied()
+        .enumerate()
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap_or((0, 1.0))
 }
 
 #[cfg(test)]

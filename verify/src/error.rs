@@ -36,6 +36,9 @@ pub enum VerifyError {
     /// The engine could not open or run the bundle (engine ≡ reference gate).
     #[error("engine: {0}")]
     Engine(#[from] q3vl_engine::EngineError),
+    /// A bundle could not be read, checked or stamped.
+    #[error(transparent)]
+    Bundle(#[from] q3vl_bundle::BundleError),
     /// Writing a report failed.
     #[error("{}: {source}", printable(.path.display()))]
     Io {
@@ -43,6 +46,40 @@ pub enum VerifyError {
         path: PathBuf,
         /// The OS error.
         source: std::io::Error,
+    },
+    /// A file or folder given as an argument of `q3vl verify` could not be used
+    /// (`--bundle` opened, `--report` or `--junit` written).
+    #[error("{arg} {}: {source}", .path.display())]
+    Arg {
+        /// The argument, as the command line names it.
+        arg: &'static str,
+        /// Its value.
+        path: PathBuf,
+        /// What went wrong.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A bundle folder holds a file its `metadata.json` does not list: it would be
+    /// stamped without a checksum or a gate having looked at it.
+    #[error("{}: {} is not listed in its metadata.json (remove it, or convert again)", .dir.display(), .file)]
+    Unlisted {
+        /// The bundle folder.
+        dir: PathBuf,
+        /// The file.
+        file: String,
+    },
+    /// A bundle changed between its checks and its stamp.
+    #[error("{}: {why} (it changed while the gates ran); not stamped", .dir.display())]
+    Changed {
+        /// The bundle folder.
+        dir: PathBuf,
+        /// The first difference.
+        why: String,
+    },
+    /// A run that cannot stamp was asked to.
+    #[error("cannot stamp: {why}")]
+    Unstampable {
+        /// Why not.
+        why: String,
     },
 }
 

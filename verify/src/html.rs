@@ -3,6 +3,7 @@
 //! (the fp32 ladder and the bundle's side by side when both ran), the worst tokens,
 //! and the decode gates as token strips.
 
+use crate::engine_gate::EngineMatch;
 use crate::ladder::{Profile, Stage, StageRow, TraceReport};
 use crate::report::Report;
 use std::fmt::Write as _;
@@ -282,6 +283,15 @@ fn opt_e(x: Option<f64>) -> String {
     x.map_or("-".to_string(), |v| format!("{v:.3e}"))
 }
 
+/// The colour of a profile's series.
+fn color(p: Profile) -> &'static str {
+    if p == Profile::Fp32 {
+        "#1f77b4"
+    } else {
+        "#d62728"
+    }
+}
+
 impl Report {
     /// The self-contained HTML page.
     pub fn to_html(&self) -> String {
@@ -296,119 +306,134 @@ impl Report {
         let mut names: Vec<&std::path::Path> =
             self.traces.iter().map(|t| t.trace.as_path()).collect();
         names.dedup();
-        let color = |p: Profile| {
-            if p == Profile::Fp32 {
-                "#1f77b4"
-            } else {
-                "#d62728"
-            }
-        };
         for name in names {
             let runs: Vec<&TraceReport> = self.traces.iter().filter(|t| t.trace == name).collect();
-            let _ = write!(
-                body,
-                "<section><h2>{}</h2><p>prompt: <q>{}</q> · {} tokens{}</p>",
-                esc(&name.display().to_string()),
-                esc(&runs[0].prompt),
-                runs[0].tokens,
-                runs[0]
-                    .image
-                    .as_deref()
-                    .map(|i| format!(" · image {}", esc(i)))
-                    .unwrap_or_default()
-            );
-            body.push_str(&stats_table(&runs));
-            body.push_str(&kl_plot(&runs, color, self.gates.bundle.kld_factor));
-            for stage in [Stage::Vision, Stage::Text] {
-                let series: Vec<Series<'_>> = runs
-                    .iter()
-                    .map(|t| {
-                        let label = if t.profile == Profile::Fp32 {
-                            "fp32 ladder"
-                        } else {
-                            "bundle"
-                        };
-                        let rows: Vec<&StageRow> = t
-                            .rows
-                            .iter()
-                            .filter(|r| {
-                                r.stage == stage && (r.index.is_some() || r.name == "vision.merger")
-                            })
-                            .collect();
-                        let mode = self.gates.bundle.mode(t.mode.as_deref()).ok();
-                        let thr = match (t.profile, stage, mode) {
-                            (Profile::Fp32, _, _) => Some(self.gates.fp32.stage_cos),
-                            (Profile::Bundle, Stage::Text, Some((_, m))) => {
-                                Some(m.layer_cos(rows.len().saturating_sub(1)))
-                            }
-                            (Profile::Bundle, _, Some((_, m))) => Some(m.vision_cos),
-                            (Profile::Bundle, _, None) => None,
-                        };
-                        (label, color(t.profile), rows, thr)
-                    })
-                    .collect();
-                let title = if stage == Stage::Vision {
-                    "ViT blocks, merger (m) and DeepStack (ds): 1 − cos (bundle gates the merger and DeepStack only)"
-                } else {
-                    "decoder layers: 1 − cos"
-                };
-                body.push_str(&plot(title, &series));
-            }
-            for t in &runs {
-                let limit = match t.profile {
-                    Profile::Fp32 => t.oracle_tokens.len(),
-                    Profile::Bundle => self.gates.bundle.free_decode_steps,
-                };
-                let title = format!("{:?} greedy decode", t.profile);
-                let firm = t.firm_margin;
-                body.push_str(&strip(
-                    &Strip {
-                        title: &title,
-                        names: ["ours", "oracle"],
-                        ours: &t.decode_tokens,
-                        theirs: &t.oracle_tokens,
-                        margins: &t.decode_margins,
-                        cos: &[],
-                        limit,
-                    },
-                    firm,
-                ));
-                if let Some(e) = &t.engine {
-                    // Every step counts: the reference is forced along the engine's tokens.
-                    let limit = e.steps;
-                    body.push_str(&strip(
-                        &Strip {
-                            title: "engine ≡ reference",
-                            names: ["engine", "reference"],
-                            ours: &e.engine_tokens,
-                            theirs: &e.reference_tokens,
-                            margins: &e.reference_margins,
-                            cos: &e.logits_cos,
-                            limit,
-                        },
-                        self.gates.firm_margin,
-                    ));
-                    let _ = write!(
-                        body,
-                        "<p>engine vs reference logits: min cos {:.9} at step {} (each step's in its tooltip); teacher-forced, {}/{} firm steps agree. Prompt: top-1 agrees at {}/{} firm positions, min logits cos {:.9} at position {}</p>",
-                        e.min_logits_cos,
-                        e.min_logits_cos_step,
-                        e.forced.agree,
-                        e.forced.firm,
-                        e.prompt.agree,
-                        e.prompt.firm,
-                        e.min_prompt_logits_cos,
-                        e.min_prompt_logits_cos_position
-                    );
-                }
-                let _ = write!(body, "<h3>{:?} profile</h3>", t.profile);
-                body.push_str(&table(t));
-            }
-            body.push_str("</section>");
+            body.push_str(&self.trace_section(&runs));
         }
         format!(
             "<!doctype html><html><head><meta charset=\"utf-8\"><title>q3vl verify</title><style>{CSS}</style></head><body>{body}</body></html>\n"
         )
+    }
+
+    /// One trace's section: its statistics and plots, then each run's strips and tables.
+    fn trace_section(&self, runs: &[&TraceReport]) -> String {
+        let mut body = String::new();
+        let _ = write!(
+            body,
+            "<section><h2>{}</h2><p>prompt: <q>{}</q> · {} tokens{}</p>",
+            esc(&runs[0].trace.display().to_string()),
+            esc(&runs[0].prompt),
+            runs[0].tokens,
+            runs[0]
+                .image
+                .as_deref()
+                .map(|i| format!(" · image {}", esc(i)))
+                .unwrap_or_default()
+        );
+        body.push_str(&stats_table(runs));
+        body.push_str(&kl_plot(runs, color, self.gates.bundle.kld_factor));
+        for stage in [Stage::Vision, Stage::Text] {
+            body.push_str(&self.ladder_plot(runs, stage));
+        }
+        for t in runs {
+            body.push_str(&self.run_section(t));
+        }
+        body.push_str("</section>");
+        body
+    }
+
+    /// 1 − cos per block or layer of one part of the model, a series per run.
+    fn ladder_plot(&self, runs: &[&TraceReport], stage: Stage) -> String {
+        let series: Vec<Series<'_>> = runs
+            .iter()
+            .map(|t| {
+                let label = if t.profile == Profile::Fp32 {
+                    "fp32 ladder"
+                } else {
+                    "bundle"
+                };
+                let rows: Vec<&StageRow> = t
+                    .rows
+                    .iter()
+                    .filter(|r| {
+                        r.stage == stage && (r.index.is_some() || r.name == "vision.merger")
+                    })
+                    .collect();
+                let mode = self.gates.bundle.mode(t.mode.as_deref()).ok();
+                let thr = match (t.profile, stage, mode) {
+                    (Profile::Fp32, _, _) => Some(self.gates.fp32.stage_cos),
+                    (Profile::Bundle, Stage::Text, Some((_, m))) => {
+                        Some(m.layer_cos(rows.len().saturating_sub(1)))
+                    }
+                    (Profile::Bundle, _, Some((_, m))) => Some(m.vision_cos),
+                    (Profile::Bundle, _, None) => None,
+                };
+                (label, color(t.profile), rows, thr)
+            })
+            .collect();
+        let title = if stage == Stage::Vision {
+            "ViT blocks, merger (m) and DeepStack (ds): 1 − cos (bundle gates the merger and DeepStack only)"
+        } else {
+            "decoder layers: 1 − cos"
+        };
+        plot(title, &series)
+    }
+
+    /// One run of a trace: its greedy decode (and engine) strips, then its tables.
+    fn run_section(&self, t: &TraceReport) -> String {
+        let limit = match t.profile {
+            Profile::Fp32 => t.oracle_tokens.len(),
+            Profile::Bundle => self.gates.bundle.free_decode_steps,
+        };
+        let title = format!("{:?} greedy decode", t.profile);
+        let mut body = strip(
+            &Strip {
+                title: &title,
+                names: ["ours", "oracle"],
+                ours: &t.decode_tokens,
+                theirs: &t.oracle_tokens,
+                margins: &t.decode_margins,
+                cos: &[],
+                limit,
+            },
+            t.firm_margin,
+        );
+        if let Some(e) = &t.engine {
+            body.push_str(&self.engine_strip(e));
+        }
+        let _ = write!(body, "<h3>{:?} profile</h3>", t.profile);
+        body.push_str(&table(t));
+        body
+    }
+
+    /// The engine ≡ reference strip and figures.
+    fn engine_strip(&self, e: &EngineMatch) -> String {
+        // Every step counts: the reference is forced along the engine's tokens.
+        let mut body = strip(
+            &Strip {
+                title: "engine ≡ reference",
+                names: ["engine", "reference"],
+                ours: &e.engine_tokens,
+                theirs: &e.reference_tokens,
+                margins: &e.reference_margins,
+                cos: &e.logits_cos,
+                limit: e.steps,
+            },
+            self.gates.firm_margin,
+        );
+        let _ = write!(
+            body,
+            "<p>engine vs reference logits: min cos {:.9} at step {} (each step's in its tooltip); teacher-forced, {}/{} firm steps agree. Prompt: top-1 agrees at {}/{} firm positions, min logits cos {:.9} at position {}</p>",
+            e.min_logits_cos,
+            e.min_logits_cos_step,
+            e.forced.agree,
+            e.forced.firm,
+            e.prompt.agree,
+            e.prompt.firm,
+            e.min_prompt_logits_cos,
+            e.min_prompt_logits_cos_position
+        );
+        body
     }
 }
 

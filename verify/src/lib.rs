@@ -13,10 +13,19 @@ pub mod junit;
 pub mod ladder;
 pub mod noise;
 pub mod report;
+pub mod session;
+pub mod stamping;
 pub mod stats;
 pub mod token_gates;
 pub mod tokens;
 pub mod trace;
+
+mod fits;
+mod layer_inputs;
+mod local;
+mod pixels;
+mod runs;
+mod stages;
 
 pub use bundle_source::BundleSource;
 pub use engine_gate::{EngineDecode, EngineMatch};
@@ -24,4 +33,6 @@ pub use error::{Result, VerifyError};
 pub use gates::{GateResult, Gates};
 pub use ladder::{verify_trace, Profile, Subject, TraceReport};
 pub use report::{NotRun, Report};
+pub use session::{verify, write_reports, EngineGate, Progress, Request, Verified};
+pub use stamping::Stamping;
 pub use trace::OracleTrace;

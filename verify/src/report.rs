@@ -1,5 +1,6 @@
 //! Reports: a terminal table per trace with one summary line, and `report.json`.
 
+use crate::engine_gate::EngineMatch;
 use crate::gates::{GateResult, Gates};
 use crate::ladder::TraceReport;
 use serde::Serialize;
@@ -115,84 +116,7 @@ impl Report {
     pub fn to_text(&self) -> String {
         let mut s = String::new();
         for t in &self.traces {
-            let _ = writeln!(
-                s,
-                "trace {} ({} tokens{}), {:?} profile",
-                t.trace.display(),
-                t.tokens,
-                t.image
-                    .as_deref()
-                    .map(|i| format!(", image {i}"))
-                    .unwrap_or_default(),
-                t.profile
-            );
-            let _ = writeln!(
-                s,
-                "  {:<22} {:>12} {:>12} {:>6} {:>12} {:>10}",
-                "stage", "cos", "worst tok", "@pos", "update cos", "max abs"
-            );
-            for r in &t.rows {
-                let mark = match (r.gated, r.passed) {
-                    (false, _) => "  ·",
-                    (true, true) => " ok",
-                    (true, false) => "FAIL",
-                };
-                let _ = writeln!(
-                    s,
-                    "  {:<22} {:>12.9} {:>12.9} {:>6} {:>12} {:>10.3e}  {}",
-                    r.name,
-                    r.cos,
-                    r.min_token_cos,
-                    r.min_token_pos,
-                    r.update_cos
-                        .map(|u| format!("{u:.9}"))
-                        .unwrap_or_else(|| "-".into()),
-                    r.max_abs,
-                    mark
-                );
-            }
-            let st = &t.stats;
-            let opt = |x: Option<f64>| x.map_or("unknown".to_string(), |v| format!("{v:.3e}"));
-            let _ = writeln!(
-                s,
-                "  next-token statistics over {} positions: KL mean {}, p99 {}, max {}; top-1 agreement {:.2}%; logit noise σ {:.4}{}; firm margin {:.3}",
-                st.positions,
-                opt(st.kld_mean),
-                opt(st.kld_p99),
-                opt(st.kld_max),
-                st.agreement * 100.0,
-                st.noise,
-                t.noise_budget
-                    .as_ref()
-                    .map(|b| format!(" (allowed {:.4})", b.sigma))
-                    .unwrap_or_default(),
-                t.firm_margin
-            );
-            if let Some((m, true)) = t.pixels {
-                let _ = writeln!(s, "  note image.pixels: max |ours − oracle| = {m:.3e} after a bicubic resize (reported, not gated)");
-            }
-            if let Some(e) = &t.engine {
-                let _ = writeln!(
-                    s,
-                    "  note engine vs reference: {} steps, logits cos min {:.9} at step {}, teacher-forced top-1 agrees at {}/{} firm steps; prompt logits cos min {:.9} at position {}; tokens {}",
-                    e.steps,
-                    e.min_logits_cos,
-                    e.min_logits_cos_step,
-                    e.forced.agree,
-                    e.forced.firm,
-                    e.min_prompt_logits_cos,
-                    e.min_prompt_logits_cos_position,
-                    if e.engine_tokens == e.reference_tokens {
-                        "all equal".to_string()
-                    } else {
-                        format!("engine {:?}, reference {:?}", e.engine_tokens, e.reference_tokens)
-                    }
-                );
-            }
-            for g in &t.gates {
-                s.push_str(&gate_line("  ", g));
-            }
-            s.push('\n');
+            trace_text(&mut s, t);
         }
         s.push_str(&self.summary_line());
         s.push('\n');
@@ -203,6 +127,98 @@ impl Report {
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("report serialises")
     }
+}
+
+/// One trace's table, notes and gates, then an empty line.
+fn trace_text(s: &mut String, t: &TraceReport) {
+    let _ = writeln!(
+        s,
+        "trace {} ({} tokens{}), {:?} profile",
+        t.trace.display(),
+        t.tokens,
+        t.image
+            .as_deref()
+            .map(|i| format!(", image {i}"))
+            .unwrap_or_default(),
+        t.profile
+    );
+    rows_text(s, t);
+    let st = &t.stats;
+    let opt = |x: Option<f64>| x.map_or("unknown".to_string(), |v| format!("{v:.3e}"));
+    let _ = writeln!(
+        s,
+        "  next-token statistics over {} positions: KL mean {}, p99 {}, max {}; top-1 agreement {:.2}%; logit noise σ {:.4}{}; firm margin {:.3}",
+        st.positions,
+        opt(st.kld_mean),
+        opt(st.kld_p99),
+        opt(st.kld_max),
+        st.agreement * 100.0,
+        st.noise,
+        t.noise_budget
+            .as_ref()
+            .map(|b| format!(" (allowed {:.4})", b.sigma))
+            .unwrap_or_default(),
+        t.firm_margin
+    );
+    if let Some((m, true)) = t.pixels {
+        let _ = writeln!(s, "  note image.pixels: max |ours − oracle| = {m:.3e} after a bicubic resize (reported, not gated)");
+    }
+    if let Some(e) = &t.engine {
+        engine_note(s, e);
+    }
+    for g in &t.gates {
+        s.push_str(&gate_line("  ", g));
+    }
+    s.push('\n');
+}
+
+/// The stage table.
+fn rows_text(s: &mut String, t: &TraceReport) {
+    let _ = writeln!(
+        s,
+        "  {:<22} {:>12} {:>12} {:>6} {:>12} {:>10}",
+        "stage", "cos", "worst tok", "@pos", "update cos", "max abs"
+    );
+    for r in &t.rows {
+        let mark = match (r.gated, r.passed) {
+            (false, _) => "  ·",
+            (true, true) => " ok",
+            (true, false) => "FAIL",
+        };
+        let _ = writeln!(
+            s,
+            "  {:<22} {:>12.9} {:>12.9} {:>6} {:>12} {:>10.3e}  {}",
+            r.name,
+            r.cos,
+            r.min_token_cos,
+            r.min_token_pos,
+            r.update_cos
+                .map(|u| format!("{u:.9}"))
+                .unwrap_or_else(|| "-".into()),
+            r.max_abs,
+            mark
+        );
+    }
+}
+
+/// The engine ≡ reference figures, as a note line.
+fn engine_note(s: &mut String, e: &EngineMatch) {
+    let _ = writeln!(
+        s,
+        "  note engine vs reference: {} steps, logits cos min {:.9} at step {}, teacher-forced top-1 agrees at {}/{} firm steps; prompt logits cos min {:.9} at position {}; tokens {}",
+        e.steps,
+        e.min_logits_cos,
+        e.min_logits_cos_step,
+        e.forced.agree,
+        e.forced.firm,
+        e.min_prompt_logits_cos,
+        e.min_prompt_logits_cos_position,
+        if e.engine_tokens == e.reference_tokens {
+            "all equal".to_string()
+        } else {
+            format!("engine {:?}, reference {:?}", e.engine_tokens, e.reference_tokens)
+        }
+    );
 }
 
 /// One gate as a terminal line.

@@ -11,43 +11,57 @@ use crate::trace::OracleTrace;
 use candle_core::Tensor;
 use q3vl_model::prompt::{Prompt, PromptBuilder};
 
-/// Rebuilds the prompt from the trace's text and grid and gates it against the
-/// trace's ids and M-RoPE positions; the trace's own ids are what the models run.
-pub fn prompt_ids(builder: &PromptBuilder, trace: &OracleTrace) -> Result<(Prompt, GateResult)> {
+/// The trace's prompt (what the models run) and ours, rebuilt from the trace's text
+/// and grid.
+pub struct PromptIds {
+    /// The trace's ids and M-RoPE positions.
+    pub prompt: Prompt,
+    /// Ours.
+    pub rebuilt: Prompt,
+}
+
+/// Reads the trace's prompt and rebuilds ours with `builder`.
+pub fn prompt_ids(builder: &PromptBuilder, trace: &OracleTrace) -> Result<PromptIds> {
     let ids = trace.input_ids()?;
     let positions = trace.positions()?;
     let rebuilt = builder.chat(trace.meta("prompt"), trace.grid_thw()?)?;
-    let first_diff = rebuilt
-        .ids
-        .iter()
-        .zip(&ids)
-        .position(|(a, b)| a != b)
-        .or((rebuilt.ids.len() != ids.len()).then_some(rebuilt.ids.len().min(ids.len())));
-    let pos_ok = rebuilt.positions == positions;
-    let gate = GateResult::new(
-        "prompt.ids",
-        first_diff.is_none() && pos_ok,
-        format!("{}/{} ids", rebuilt.ids.len(), ids.len()),
-        "exact ids and positions",
-        match (first_diff, pos_ok) {
-            (Some(i), _) => format!(
-                "first differing id at {i}: ours {:?}, oracle {:?}",
-                rebuilt.ids.get(i),
-                ids.get(i)
-            ),
-            (None, false) => "ids equal but M-RoPE positions differ".into(),
-            _ => "ids and (t,h,w) positions equal".into(),
-        },
-    );
     let next_position = positions.iter().flatten().copied().max().unwrap_or(-1) + 1;
-    Ok((
-        Prompt {
+    Ok(PromptIds {
+        prompt: Prompt {
             ids,
             positions,
             next_position,
         },
-        gate,
-    ))
+        rebuilt,
+    })
+}
+
+impl PromptIds {
+    /// `prompt.ids`: our rebuilt prompt has the trace's ids and M-RoPE positions.
+    pub fn gate(&self) -> GateResult {
+        let (ours, ids) = (&self.rebuilt.ids, &self.prompt.ids);
+        let first_diff = ours
+            .iter()
+            .zip(ids)
+            .position(|(a, b)| a != b)
+            .or((ours.len() != ids.len()).then_some(ours.len().min(ids.len())));
+        let pos_ok = self.rebuilt.positions == self.prompt.positions;
+        GateResult::new(
+            "prompt.ids",
+            first_diff.is_none() && pos_ok,
+            format!("{}/{} ids", ours.len(), ids.len()),
+            "exact ids and positions",
+            match (first_diff, pos_ok) {
+                (Some(i), _) => format!(
+                    "first differing id at {i}: ours {:?}, oracle {:?}",
+                    ours.get(i),
+                    ids.get(i)
+                ),
+                (None, false) => "ids equal but M-RoPE positions differ".into(),
+                _ => "ids and (t,h,w) positions equal".into(),
+            },
+        )
+    }
 }
 
 /// Every scored position of one trace: the prompt (teacher-forced by construction)

@@ -5,7 +5,7 @@
 
 use crate::error::{Result, VerifyError};
 use candle_core::{Device, Tensor};
-use safetensors::tensor::Dtype;
+use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -43,90 +43,81 @@ impl OracleTrace {
             msg,
         };
         let bytes = q3vl_model::input::read_regular(path).map_err(|e| bad(e.to_string()))?;
-        let (_, meta) = SafeTensors::read_metadata(&bytes)
-            .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
-        let meta: BTreeMap<String, String> = meta
-            .metadata()
-            .clone()
-            .map(|m| m.into_iter().collect())
-            .unwrap_or_default();
-        match meta.get("format").map(String::as_str) {
-            Some(FORMAT | FORMAT_V1) => {}
-            Some(other) => {
-                return Err(bad(format!(
-                    "format is {other:?}, this reader takes {FORMAT:?} or {FORMAT_V1:?}"
-                )))
-            }
-            None => return Err(bad(format!("no \"format\" metadata (expected {FORMAT:?})"))),
-        }
-        // The image is read from beside the trace: only a name inside its folder.
-        if let Some(img) = meta.get("image").filter(|i| !i.is_empty()) {
-            if !q3vl_model::input::is_inner_path(img) {
-                return Err(bad(format!(
-                    "metadata image {img:?} is not a file inside the trace's folder"
-                )));
-            }
-        }
+        let meta = read_meta(&bytes).map_err(bad)?;
         let st = SafeTensors::deserialize(&bytes)
             .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
-        let mut floats = BTreeMap::new();
-        let mut ints = BTreeMap::new();
-        let mut doubles = BTreeMap::new();
-        for (name, view) in st.tensors() {
-            let shape = view.shape().to_vec();
-            let data = view.data();
-            match view.dtype() {
-                Dtype::F32 | Dtype::F16 | Dtype::BF16 => {
-                    let v = q3vl_model::weights::widen(&name, view.dtype(), data)?;
-                    // A NaN in the oracle would compare false against every gate.
-                    q3vl_model::weights::check_finite(&name, &v).map_err(|e| bad(e.to_string()))?;
-                    floats.insert(name, Tensor::from_vec(v, shape, &Device::Cpu)?);
-                }
-                Dtype::F64 => {
-                    let v: Vec<f64> = data
-                        .chunks_exact(8)
-                        .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
-                        .collect();
-                    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-                        return Err(bad(format!(
-                            "tensor {name}: non-finite value at flat index {i}"
-                        )));
-                    }
-                    doubles.insert(name, v);
-                }
-                Dtype::I64 => {
-                    let v = data
-                        .chunks_exact(8)
-                        .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
-                        .collect();
-                    ints.insert(name, (shape, v));
-                }
-                Dtype::I32 => {
-                    let v = data
-                        .chunks_exact(4)
-                        .map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")) as i64)
-                        .collect();
-                    ints.insert(name, (shape, v));
-                }
-                other => return Err(bad(format!("tensor {name}: unexpected dtype {other:?}"))),
-            }
-        }
-        use sha2::Digest;
-        let sha256 = hex::encode(sha2::Sha256::digest(&bytes));
-        let t = OracleTrace {
+        let mut t = OracleTrace {
             path: path.to_path_buf(),
             meta,
-            floats,
-            ints,
-            doubles,
-            sha256,
+            floats: BTreeMap::new(),
+            ints: BTreeMap::new(),
+            doubles: BTreeMap::new(),
+            sha256: String::new(),
         };
+        for (name, view) in st.tensors() {
+            t.add(name, &view)?;
+        }
+        use sha2::Digest;
+        t.sha256 = hex::encode(sha2::Sha256::digest(&bytes));
         t.check_shapes()?;
         Ok(t)
     }
 
+    /// Stores one tensor of the file by its dtype: floats as f32 (refusing non-finite
+    /// values), f64 (the log-sum-exp rows) as they are, integers as i64.
+    fn add(&mut self, name: String, view: &TensorView<'_>) -> Result<()> {
+        let shape = view.shape().to_vec();
+        let data = view.data();
+        match view.dtype() {
+            Dtype::F32 | Dtype::F16 | Dtype::BF16 => {
+                let v = q3vl_model::weights::widen(&name, view.dtype(), data)?;
+                // A NaN in the oracle would compare false against every gate.
+                q3vl_model::weights::check_finite(&name, &v)
+                    .map_err(|e| self.bad(e.to_string()))?;
+                self.floats
+                    .insert(name, Tensor::from_vec(v, shape, &Device::Cpu)?);
+            }
+            Dtype::F64 => {
+                let v: Vec<f64> = data
+                    .chunks_exact(8)
+                    .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
+                    .collect();
+                if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                    return Err(
+                        self.bad(format!("tensor {name}: non-finite value at flat index {i}"))
+                    );
+                }
+                self.doubles.insert(name, v);
+            }
+            Dtype::I64 => {
+                let v = data
+                    .chunks_exact(8)
+                    .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+                    .collect();
+                self.ints.insert(name, (shape, v));
+            }
+            Dtype::I32 => {
+                let v = data
+                    .chunks_exact(4)
+                    .map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")) as i64)
+                    .collect();
+                self.ints.insert(name, (shape, v));
+            }
+            other => return Err(self.bad(format!("tensor {name}: unexpected dtype {other:?}"))),
+        }
+        Ok(())
+    }
+
     fn bad(&self, msg: String) -> VerifyError {
         VerifyError::Trace {
+            path: self.path.clone(),
+            msg,
+        }
+    }
+
+    /// The error of a trace that does not fit the model it is compared with.
+    pub(crate) fn mismatch(&self, msg: String) -> VerifyError {
+        VerifyError::Mismatch {
             path: self.path.clone(),
             msg,
         }
@@ -385,10 +376,39 @@ impl OracleTrace {
     }
 }
 
+/// The file's `__metadata__`, checked: a format this reader takes, and an image (when
+/// named) inside the trace's folder.
+fn read_meta(bytes: &[u8]) -> std::result::Result<BTreeMap<String, String>, String> {
+    let (_, meta) =
+        SafeTensors::read_metadata(bytes).map_err(|e| format!("not a safetensors file: {e}"))?;
+    let meta: BTreeMap<String, String> = meta
+        .metadata()
+        .clone()
+        .map(|m| m.into_iter().collect())
+        .unwrap_or_default();
+    match meta.get("format").map(String::as_str) {
+        Some(FORMAT | FORMAT_V1) => {}
+        Some(other) => {
+            return Err(format!(
+                "format is {other:?}, this reader takes {FORMAT:?} or {FORMAT_V1:?}"
+            ))
+        }
+        None => return Err(format!("no \"format\" metadata (expected {FORMAT:?})")),
+    }
+    // The image is read from beside the trace: only a name inside its folder.
+    if let Some(img) = meta.get("image").filter(|i| !i.is_empty()) {
+        if !q3vl_model::input::is_inner_path(img) {
+            return Err(format!(
+                "metadata image {img:?} is not a file inside the trace's folder"
+            ));
+        }
+    }
+    Ok(meta)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use safetensors::tensor::TensorView;
 
     /// A trace file holding one f32 tensor `x` with `values` and `meta`.
     fn write(path: &Path, values: &[f32], meta: &[(&str, &str)]) {
