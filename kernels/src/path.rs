@@ -9,19 +9,24 @@
 //!
 //! # How a kernel dispatches (one style for every kernel)
 //!
-//! The path is detected once ([`best_path`], behind a `OnceLock`). A kernel's public
-//! entry passes it to the kernel's `…_on(path, …)` function or to a small function
-//! of the kernel that `match`es the [`Path`] to an implementation: one arm per SIMD
-//! path (`#[cfg]`-gated to its architecture), `_ =>` the portable code. A kernel whose
-//! tiles are const-generic in their size picks the instance inside the same arm, with
-//! a `match` on the size.
+//! The path is detected once ([`best_path`], behind a `OnceLock`). Every public entry
+//! of a kernel that runs SIMD code is its `…_on(path, …)` function called with that
+//! path, beside at most checks of its arguments' shapes that do not depend on the path.
+//! The path is matched once per product, panel or row, never per element, so no inner
+//! loop pays for it. An `…_on` function hands the path to a small function of the
+//! kernel that `match`es the [`Path`] to an implementation: one arm per SIMD path
+//! (`#[cfg]`-gated to its architecture), `_ =>` the portable code. A kernel whose tiles
+//! are const-generic in their size picks the instance inside the same arm, with a
+//! `match` on the size. An `…_on` function checks that the CPU runs the path it is
+//! given (`is_available`: once per product, or in debug builds for the primitives
+//! called per row or panel).
 //!
 //! Why a `match` on the path rather than a function pointer cached per kernel or a
-//! static table per path: the tests run each path the CPU has through the very
-//! function the engine calls (`for path in available_paths()`), which a pointer
-//! cached for the best path cannot do; the arms list every implementation of a
-//! kernel in one place, next to the portable definition; and a match on a `Copy`
-//! enum costs a compare per call, nothing beside the kernel it calls.
+//! static table per path: the tests run each path the CPU has through the `…_on`
+//! function behind the engine's entry (`for path in available_paths()`), packing
+//! included, which a pointer cached for the best path cannot do; the arms list every
+//! implementation of a kernel in one place, next to the portable definition; and a
+//! match on a `Copy` enum costs a compare per call, nothing beside the kernel it calls.
 
 use std::sync::OnceLock;
 
@@ -134,4 +139,53 @@ pub fn best_path() -> Path {
             .flatten()
             .unwrap_or_else(|| *available_paths().last().expect("portable is always there"))
     })
+}
+
+/// Whether this CPU runs `path` (is one of [`available_paths`]), from a detection made
+/// once: an atomic load and a bit test, cheap enough for every call of an `…_on` entry.
+pub(crate) fn is_available(path: Path) -> bool {
+    static AVAILABLE: OnceLock<u8> = OnceLock::new();
+    let mask = AVAILABLE.get_or_init(|| available_paths().iter().fold(0, |m, &p| m | 1 << p as u8));
+    mask & 1 << path as u8 != 0
+}
+
+/// Panics unless this CPU runs `path`: the check of a product's `…_on` entry, whose
+/// callers pass the detected path or one of [`available_paths`].
+#[track_caller]
+pub(crate) fn assert_available(path: Path) {
+    assert!(is_available(path), "{path:?} is not available on this CPU");
+}
+
+/// [`assert_available`] in debug builds only: the check of the row primitives'
+/// `…_on` functions, called once per row or slice (nothing in release builds).
+#[inline(always)]
+#[track_caller]
+pub(crate) fn debug_assert_available(path: Path) {
+    debug_assert!(is_available(path), "{path:?} is not available on this CPU");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cached_check_agrees_with_the_detection() {
+        let avail = available_paths();
+        for path in [Path::Portable, Path::Avx2, Path::Avx512Vnni, Path::Neon] {
+            assert_eq!(is_available(path), avail.contains(&path), "{path:?}");
+        }
+        assert!(is_available(best_path()));
+    }
+
+    /// A row primitive refuses, in debug builds, a path this CPU cannot run.
+    #[cfg(debug_assertions)]
+    #[test]
+    #[should_panic(expected = "is not available on this CPU")]
+    fn a_primitive_refuses_a_path_the_cpu_lacks() {
+        let lacking = [Path::Neon, Path::Avx2]
+            .into_iter()
+            .find(|&p| !is_available(p))
+            .expect("no CPU has both NEON and AVX2");
+        crate::row::dot_f32_on(lacking, &[1.0], &[1.0]);
+    }
 }

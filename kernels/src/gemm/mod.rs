@@ -1,14 +1,19 @@
 //! f32 matrix products for the vision tower (and prefill attention): a packed,
 //! cache-blocked GEMM with a 6 × 16 AVX2/FMA register kernel, or a 6 × 32 AVX-512
 //! one over two adjacent panels where the CPU has it (the same chains, so the same
-//! bits; the AVX-512 tile is the faster where 512-bit FMAs issue at the 256-bit
-//! rate: twice the lanes per instruction). The "weight" operand can be f16 (the
-//! vision tower's tensors), widened to f32 once per cache tile while it is packed,
-//! so no f32 copy of a tensor is ever made.
+//! bits). Per `kk` the AVX-512 tile does the multiply-adds of two AVX2 tiles with half
+//! the instructions (12 FMAs of 16 lanes instead of 24 of 8, 6 broadcasts instead of
+//! 12, 2 loads instead of 4). So it is the faster on a core whose 512-bit FMAs retire
+//! more lanes per cycle than its 256-bit ones, or where issuing the AVX2 tile's
+//! instructions, not the FMA units, limits it; it was on the AVX-512 host measured
+//! (the vision rows of the "Kernel A/B, one process per path" table in
+//! docs/benchmarks-history.md). The "weight" operand can be f16 (the vision tower's
+//! tensors), widened to f32 once per cache tile while it is packed, so no f32 copy of
+//! a tensor is ever made.
 //!
 //! Blocking (per task of up to 256 output columns): for each [`KC`]-long slice of
 //! the reduction the weight tile (`columns × KC`) is packed and stays in L2; `MC`
-//! rows of activations at a time stay in L2 and are read in place; each register
+//! rows of the packed activations ([`PackedA`]) at a time stay in L2; each register
 //! tile (`MR × NR`) sums its slice in registers and adds it to the output.
 //!
 //! Determinism: an output element is always the same chain, `((0 + s₀) + s₁) + …`
@@ -20,9 +25,11 @@
 //! adds its two-panel tile (the tests check it equals two AVX2 tiles bit for bit);
 //! the portable tile rounds each multiply-add (no FMA), so it agrees with the SIMD
 //! tiles to rounding, not bit for bit. There is no NEON tile: aarch64 runs the
-//! portable one.
+//! portable one. The tests run every entry on every path the CPU has: each path's
+//! packing equals the portable packing bit for bit, and each path's products agree
+//! with the portable ones within the bound of their roundings (stated in the test).
 
-use crate::path::{best_path, Path};
+use crate::path::{assert_available, best_path, Path};
 use crate::OutPtr;
 use half::f16;
 use rayon::prelude::*;
@@ -400,7 +407,15 @@ pub fn linear_f16(
     out: &mut [f32],
 ) {
     assert_eq!(w.len(), n * k);
-    linear_src(x, m, k, BSrc::F16(w), n, bias, out);
+    let l = Linear {
+        x,
+        m,
+        k,
+        b: BSrc::F16(w),
+        n,
+        bias,
+    };
+    linear_on(best_path(), l, out);
 }
 
 /// [`linear_f16`] into a new vector, which is never zeroed: the product writes
@@ -415,21 +430,15 @@ pub fn linear_f16_vec(
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
     assert_eq!(w.len(), n * k);
-    if m == 0 || n == 0 || k == 0 {
-        let mut out = vec![0f32; m * n];
-        linear_src(x, m, k, BSrc::F16(w), n, bias, &mut out);
-        return out;
-    }
-    check_linear(x, m, k, n, bias);
-    let mut out: Vec<f32> = Vec::with_capacity(m * n);
-    // SAFETY: the capacity is m·n floats; the product writes each of them (every
-    // register tile's first reduction slice stores its elements), so all are
-    // initialized before the length is set.
-    unsafe {
-        linear_product(x, m, k, BSrc::F16(w), n, bias, out.as_mut_ptr());
-        out.set_len(m * n);
-    }
-    out
+    let l = Linear {
+        x,
+        m,
+        k,
+        b: BSrc::F16(w),
+        n,
+        bias,
+    };
+    linear_vec_on(best_path(), l)
 }
 
 /// `out[i, j] = Σ_kk x[i, kk] · W[j, kk]` for an int8 per-block-32 weight `W`
@@ -443,7 +452,15 @@ pub fn linear_q8(x: &[f32], m: usize, k: usize, q: &[i8], s: &[f16], n: usize, o
     assert!(k.is_multiple_of(32));
     assert_eq!(q.len(), n * k);
     assert_eq!(s.len(), n * k / 32);
-    linear_src(x, m, k, BSrc::Q8 { q, s }, n, None, out);
+    let l = Linear {
+        x,
+        m,
+        k,
+        b: BSrc::Q8 { q, s },
+        n,
+        bias: None,
+    };
+    linear_on(best_path(), l, out);
 }
 
 /// [`linear_f16`] for an f32 weight (the tests' product on exact f32 weights).
@@ -463,20 +480,36 @@ pub(crate) fn linear(
         rs: k,
         cs: 1,
     };
-    linear_src(x, m, k, b, n, bias, out);
+    let l = Linear {
+        x,
+        m,
+        k,
+        b,
+        n,
+        bias,
+    };
+    linear_on(best_path(), l, out);
 }
 
-fn linear_src(
-    x: &[f32],
-    m: usize,
-    k: usize,
-    b: BSrc<'_>,
-    n: usize,
-    bias: Option<&[f32]>,
-    out: &mut [f32],
-) {
+/// The operands of one linear product: `x` (`m × k`, row-major), the weight `b` (`n`
+/// columns of `k` values) and an optional bias of `n` values.
+#[derive(Clone, Copy)]
+pub(crate) struct Linear<'a> {
+    pub(crate) x: &'a [f32],
+    pub(crate) m: usize,
+    pub(crate) k: usize,
+    pub(crate) b: BSrc<'a>,
+    pub(crate) n: usize,
+    pub(crate) bias: Option<&'a [f32]>,
+}
+
+/// The linear entries on a given path, which this CPU must run: `out[i, j] =
+/// Σ_kk x[i, kk] · B[j, kk] (+ bias[j])` into `out` (`m × n`, row-major).
+pub(crate) fn linear_on(path: Path, l: Linear<'_>, out: &mut [f32]) {
+    assert_available(path);
+    let Linear { m, k, n, bias, .. } = l;
     assert_eq!(out.len(), m * n);
-    check_linear(x, m, k, n, bias);
+    l.check();
     if m == 0 || n == 0 {
         return;
     }
@@ -489,16 +522,40 @@ fn linear_src(
         }
     } else {
         // SAFETY: `out` holds m·n floats (checked above), borrowed for the call.
-        unsafe { linear_product(x, m, k, b, n, bias, out.as_mut_ptr()) };
+        unsafe { linear_product(path, l, out.as_mut_ptr()) };
     }
 }
 
-/// The activation and bias shapes of a linear, checked once for every weight kind
-/// (the public entries check their weight).
-fn check_linear(x: &[f32], m: usize, k: usize, n: usize, bias: Option<&[f32]>) {
-    assert_eq!(x.len(), m * k);
-    if let Some(bv) = bias {
-        assert_eq!(bv.len(), n);
+/// [`linear_on`] into a new vector, never zeroed (see [`linear_f16_vec`]).
+pub(crate) fn linear_vec_on(path: Path, l: Linear<'_>) -> Vec<f32> {
+    let Linear { m, k, n, .. } = l;
+    if m == 0 || n == 0 || k == 0 {
+        let mut out = vec![0f32; m * n];
+        linear_on(path, l, &mut out);
+        return out;
+    }
+    assert_available(path);
+    l.check();
+    let mut out: Vec<f32> = Vec::with_capacity(m * n);
+    // SAFETY: the capacity is m·n floats; the product writes each of them (every
+    // register tile's first reduction slice stores its elements), so all are
+    // initialized before the length is set.
+    unsafe {
+        linear_product(path, l, out.as_mut_ptr());
+        out.set_len(m * n);
+    }
+    out
+}
+
+impl Linear<'_> {
+    /// Panics unless `x` is `m × k` and a bias holds `n` values (the public entries
+    /// check their weight; this checks `b` holds at least `n × k`).
+    fn check(&self) {
+        assert_eq!(self.x.len(), self.m * self.k);
+        if let Some(bv) = self.bias {
+            assert_eq!(bv.len(), self.n);
+        }
+        check_b(self.b, self.n, self.k);
     }
 }
 
@@ -516,21 +573,20 @@ pub(crate) fn task_width(n: usize) -> usize {
 }
 
 /// The parallel product behind the linear entries, once their shapes are checked
-/// (`x`: `m × k` with `m, n, k > 0`; a bias of `n`): writes every element of the
-/// `m × n` output at `out`.
+/// (`m, n, k > 0`): writes every element of the `m × n` output at `out`.
 ///
 /// # Safety
-/// `out` addresses `m·n` floats that nothing else touches during the call.
-unsafe fn linear_product(
-    x: &[f32],
-    m: usize,
-    k: usize,
-    b: BSrc<'_>,
-    n: usize,
-    bias: Option<&[f32]>,
-    out: *mut f32,
-) {
-    let path = best_path();
+/// `out` addresses `m·n` floats that nothing else touches during the call; this CPU
+/// runs `path`.
+unsafe fn linear_product(path: Path, l: Linear<'_>, out: *mut f32) {
+    let Linear {
+        x,
+        m,
+        k,
+        b,
+        n,
+        bias,
+    } = l;
     // The activations are packed once, shared by every column task.
     let a = PackedA::pack(path, ASrc::Rows { data: x, lda: k }, m, k, true);
     let width = task_width(n);
@@ -551,10 +607,15 @@ unsafe fn linear_product(
 /// `c = a · bᵀ` on the calling thread: `a` is `m × k`, `b` as in [`BSrc`] (`n =
 /// c.cols` columns of `k = a.cols`), `c` is `m × n` (`c.rows = a.rows`).
 pub fn gemm_serial(a: MatRef<'_>, b: BSrc<'_>, c: MatMut<'_>) {
+    gemm_serial_on(best_path(), a, b, c)
+}
+
+/// [`gemm_serial`] on a given path, which this CPU must run.
+pub(crate) fn gemm_serial_on(path: Path, a: MatRef<'_>, b: BSrc<'_>, c: MatMut<'_>) {
     assert_eq!(a.rows, c.rows);
     c.check();
     check_b(b, c.cols, a.cols);
-    serial(a, BOp::Src(b), c);
+    serial(path, a, BOp::Src(b), c);
 }
 
 /// `c = a · bᵀ` on the calling thread with a pre-packed `a` ([`PackedA`], for an
@@ -562,6 +623,20 @@ pub fn gemm_serial(a: MatRef<'_>, b: BSrc<'_>, c: MatMut<'_>) {
 /// (`n` columns), `c` is `a.m × n` with row stride `ldc`. The results equal
 /// [`gemm_serial`]'s on the same operands bit for bit.
 pub fn gemm_serial_packed_a(a: &PackedA, b: BSrc<'_>, n: usize, c: &mut [f32], ldc: usize) {
+    gemm_serial_packed_a_on(best_path(), a, b, n, c, ldc)
+}
+
+/// [`gemm_serial_packed_a`] on a given path, which this CPU must run (`a` may have
+/// been packed on any path: every path packs the same bits).
+pub(crate) fn gemm_serial_packed_a_on(
+    path: Path,
+    a: &PackedA,
+    b: BSrc<'_>,
+    n: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    assert_available(path);
     let (m, k) = (a.m, a.k);
     let mut c = MatMut {
         data: c,
@@ -580,8 +655,8 @@ pub fn gemm_serial_packed_a(a: &PackedA, b: BSrc<'_>, n: usize, c: &mut [f32], l
         bias: None,
     };
     // SAFETY: c holds m rows of ldc ≥ n floats (checked above), used by this thread
-    // only.
-    unsafe { gemm_cols(best_path(), a, BOp::Src(b), 0..n, NC, dst) };
+    // only; this CPU runs the path (checked above).
+    unsafe { gemm_cols(path, a, BOp::Src(b), 0..n, NC, dst) };
 }
 
 /// `c = a · bᵀ` on the calling thread with a pre-packed `b` ([`PackedB`]); `a` is
@@ -594,14 +669,27 @@ pub fn gemm_serial_packed(a: &[f32], m: usize, lda: usize, b: &PackedB, c: &mut 
         cols: b.k,
         stride: lda,
     };
+    gemm_serial_packed_on(best_path(), a, b, c, ldc)
+}
+
+/// [`gemm_serial_packed`] on a given path, which this CPU must run, with `a` as a
+/// view (`a.cols = b.k`; `b` may have been packed on any path: every path packs the
+/// same bits).
+pub(crate) fn gemm_serial_packed_on(
+    path: Path,
+    a: MatRef<'_>,
+    b: &PackedB,
+    c: &mut [f32],
+    ldc: usize,
+) {
     let c = MatMut {
         data: c,
-        rows: m,
+        rows: a.rows,
         cols: b.n,
         stride: ldc,
     };
     c.check();
-    serial(a, BOp::Packed(b), c);
+    serial(path, a, BOp::Packed(b), c);
 }
 
 /// The serial products' degenerate shapes: nothing to write when `c` is empty,
@@ -634,20 +722,21 @@ fn check_b(b: BSrc<'_>, n: usize, k: usize) {
 }
 
 /// The single-threaded product both serial entry points share, once their operand
-/// checks have passed: `c = a · bᵀ` (zeros when `a.cols` is 0).
-fn serial(a: MatRef<'_>, b: BOp<'_>, mut c: MatMut<'_>) {
+/// checks have passed: `c = a · bᵀ` (zeros when `a.cols` is 0) on `path`.
+fn serial(path: Path, a: MatRef<'_>, b: BOp<'_>, mut c: MatMut<'_>) {
+    assert_available(path);
     if empty_product(a.cols, &mut c) {
         return;
     }
-    let a = PackedA::new(a.data, a.rows, a.cols, a.stride);
+    let a = PackedA::new_on(path, a.data, a.rows, a.cols, a.stride);
     let dst = Dest {
         c: c.data.as_mut_ptr(),
         ldc: c.stride,
         bias: None,
     };
     // SAFETY: c holds m rows of ldc ≥ n floats (checked by the callers), used by this
-    // thread only.
-    unsafe { gemm_cols(best_path(), &a, b, 0..c.cols, NC, dst) };
+    // thread only; this CPU runs the path (checked above).
+    unsafe { gemm_cols(path, &a, b, 0..c.cols, NC, dst) };
 }
 
 #[cfg(test)]

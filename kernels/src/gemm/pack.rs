@@ -2,7 +2,7 @@
 //! [`NR`]-column panels, tile by tile ([`pack_b`]) or once in full ([`PackedB`]).
 
 use super::{BSrc, KC, MR, NC, NR};
-use crate::path::{best_path, Path};
+use crate::path::{best_path, debug_assert_available, Path};
 use crate::row::widen_f16_on;
 use crate::OutPtr;
 use rayon::prelude::*;
@@ -23,9 +23,11 @@ pub(super) enum ASrc<'a> {
 /// The activation operand `A[i, kk] = data[i·lda + kk]`, packed in the order the
 /// register tile reads it (once per product, or once for many products through
 /// [`super::gemm_serial_packed_a`]): for each [`KC`] slice, panels of [`MR`] rows
-/// stored `[kk][MR]` (rows past `m` are zero). The tile then reads one contiguous
-/// stream instead of `MR` strided rows, which keeps it near the FMA peak when the
-/// rows come from L2 (BENCHMARKS.md).
+/// stored `[kk][MR]` (rows past `m` are zero). The register tile then reads its six
+/// broadcasts per `kk` from one contiguous stream instead of from `MR` rows `lda`
+/// floats apart (six streams); a product packs once and shares the panels with every
+/// column task. The vision linears ran faster packed than read in place
+/// (docs/benchmarks-history.md: "The GEMM packs the activations once per product").
 pub struct PackedA {
     data: Vec<f32>,
     pub(super) m: usize,
@@ -37,21 +39,41 @@ pub struct PackedA {
 impl PackedA {
     /// Packs `m × k` rows of stride `lda` on the calling thread.
     pub fn new(data: &[f32], m: usize, k: usize, lda: usize) -> PackedA {
+        PackedA::new_on(best_path(), data, m, k, lda)
+    }
+
+    /// [`PackedA::new`] on a given path, which this CPU must run (checked in debug
+    /// builds; every path packs the same bits).
+    pub(crate) fn new_on(path: Path, data: &[f32], m: usize, k: usize, lda: usize) -> PackedA {
         assert!(lda >= k && (m == 0 || data.len() >= (m - 1) * lda + k));
-        PackedA::pack(best_path(), ASrc::Rows { data, lda }, m, k, false)
+        PackedA::pack(path, ASrc::Rows { data, lda }, m, k, false)
     }
 
     /// Packs the `m × k` operand stored transposed, `A[i, kk] = data[kk·ld + i]`,
     /// on the calling thread (attention's V, whose rows are keys, is `A = vᵀ` of the
     /// output product: packed straight from the projection's output, no copy).
     pub fn from_transposed(data: &[f32], m: usize, k: usize, ld: usize) -> PackedA {
-        assert!(ld >= m && (k == 0 || data.len() >= (k - 1) * ld + m));
-        PackedA::pack(best_path(), ASrc::Cols { data, ld }, m, k, false)
+        PackedA::from_transposed_on(best_path(), data, m, k, ld)
     }
 
-    /// Packs `a` (`m × k`, bounds checked by the callers) on `path`; in parallel
-    /// over row panels when `parallel` (on the current rayon pool).
+    /// [`PackedA::from_transposed`] on a given path, which this CPU must run (checked
+    /// in debug builds; every path packs the same bits).
+    pub(crate) fn from_transposed_on(
+        path: Path,
+        data: &[f32],
+        m: usize,
+        k: usize,
+        ld: usize,
+    ) -> PackedA {
+        assert!(ld >= m && (k == 0 || data.len() >= (k - 1) * ld + m));
+        PackedA::pack(path, ASrc::Cols { data, ld }, m, k, false)
+    }
+
+    /// Packs `a` (`m × k`, bounds checked by the callers) on `path`, which this CPU
+    /// must run (checked in debug builds); in parallel over row panels when `parallel`
+    /// (on the current rayon pool).
     pub(super) fn pack(path: Path, a: ASrc<'_>, m: usize, k: usize, parallel: bool) -> PackedA {
+        debug_assert_available(path);
         let mp = m.div_ceil(MR) * MR;
         // Not zeroed first: the panels below write every element, the padding rows'
         // zeros included (a memset of the whole buffer cost about 1% of a vision encode).
@@ -88,6 +110,12 @@ impl PackedA {
         }
     }
 
+    /// The packed values, in the order the register tile reads them.
+    #[cfg(test)]
+    pub(super) fn as_slice(&self) -> &[f32] {
+        &self.data
+    }
+
     /// The panel of rows `ir..ir + MR` in the slice at `k0` (`kc` long).
     pub(super) fn panel(&self, k0: usize, kc: usize, ir: usize) -> *const f32 {
         self.data[k0 * self.mp + ir * kc..].as_ptr()
@@ -99,7 +127,7 @@ impl PackedA {
 ///
 /// # Safety
 /// `dst` addresses `ks.len()·MR` floats that only this call writes; `a` holds the
-/// panel's rows and slice.
+/// panel's rows and slice; this CPU runs `path`.
 unsafe fn pack_a_panel(
     path: Path,
     a: ASrc<'_>,
@@ -149,8 +177,8 @@ unsafe fn pack_a_panel(
 }
 
 /// Packs `B[j, kk]` for `j` in `cols`, `kk` in `ks` (of `B`'s `k`) into `NR`-column
-/// panels `[panel][kk][NR]`, zero-padding the last panel; `row` is scratch for
-/// [`KC`] floats.
+/// panels `[panel][kk][NR]`, zero-padding the last panel, on `path`, which this CPU
+/// must run (checked in debug builds); `row` is scratch for [`KC`] floats.
 pub(super) fn pack_b(
     path: Path,
     b: BSrc<'_>,
@@ -160,6 +188,7 @@ pub(super) fn pack_b(
     out: &mut [f32],
     row: &mut [f32],
 ) {
+    debug_assert_available(path);
     let kc = ks.len();
     let panels = cols.len().div_ceil(NR);
     for p in 0..panels {
@@ -173,7 +202,8 @@ pub(super) fn pack_b(
 }
 
 /// Packs the full panel of columns `jp..jp + NR`, slice `ks`, with the path's SIMD
-/// code, where it has one for `b`'s kind; returns whether it did.
+/// code, where it has one for `b`'s kind; returns whether it did. This CPU runs
+/// `path` (checked by [`pack_b`]).
 fn pack_b_full_panel(
     path: Path,
     b: BSrc<'_>,
@@ -272,7 +302,12 @@ pub struct PackedB {
 impl PackedB {
     /// Packs `b` (`n` columns, reduction length `k`).
     pub fn new(b: BSrc<'_>, n: usize, k: usize) -> PackedB {
-        let path = best_path();
+        PackedB::new_on(best_path(), b, n, k)
+    }
+
+    /// [`PackedB::new`] on a given path, which this CPU must run (checked in debug
+    /// builds; every path packs the same bits).
+    pub(crate) fn new_on(path: Path, b: BSrc<'_>, n: usize, k: usize) -> PackedB {
         let np = n.div_ceil(NR) * NR;
         let mut data = vec![0f32; np * k];
         let mut row = vec![0f32; KC];
@@ -291,6 +326,12 @@ impl PackedB {
             n0 = n1;
         }
         PackedB { data, n, k }
+    }
+
+    /// The packed values, in the order the GEMM walks them.
+    #[cfg(test)]
+    pub(super) fn as_slice(&self) -> &[f32] {
+        &self.data
     }
 
     /// The packed tile of columns `n0..` (a chunk start) and the slice at `k0`.

@@ -6,7 +6,7 @@ use std::arch::x86_64::*;
 /// long, `ldc` floats apart). The C tile is usually out of cache (a product's
 /// output outgrows L2): asked for now, its lines arrive while the tile computes
 /// instead of stalling the stores at the end (measured on the 8B vision fc1:
-/// BENCHMARKS.md).
+/// docs/benchmarks-history.md, "The f32 GEMM's register tile prefetches its C tile").
 #[inline(always)]
 pub(crate) fn prefetch_tile(c: *const f32, ldc: usize, rows: usize, bytes: usize) {
     for i in 0..rows {
@@ -59,9 +59,8 @@ pub unsafe fn micro_avx2(
 /// The 6 × 32 AVX-512 register tile over two adjacent `NR`-column panels (the
 /// second `kc · NR` floats after the first, as every `B` tile is laid out): 12
 /// accumulators of 16 lanes, two B loads and six A broadcasts per `kk`. Each
-/// lane's chain is the AVX2 tile's, so the two give the same bits; twice the
-/// lanes per instruction doubles the FMA rate where 512-bit FMAs issue at the
-/// 256-bit rate.
+/// lane's chain is the AVX2 tile's, so the two give the same bits; it issues half
+/// the instructions of two AVX2 tiles (see the module docs for when that is faster).
 #[target_feature(enable = "avx512f")]
 pub unsafe fn micro_avx512_pair(
     kc: usize,

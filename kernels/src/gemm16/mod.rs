@@ -6,11 +6,11 @@
 //! Why: prefill is compute-bound. Without AVX-512 VNNI the f32 FMA tile retires 8
 //! multiply-adds per instruction, at most two per cycle; `vpmaddwd` retires 16
 //! exact int16 products per instruction, so the integer tile has the higher ceiling
-//! (measured in a throughput loop: BENCHMARKS.md), and its weight panels are half as
-//! large (int16, not f32). int8 activations would allow `vpmaddubsw` and twice that
-//! again, but they moved greedy tokens off the reference (the `q8` kernel, behind
-//! the cargo feature `q8`); int16 rounding moves an activation by at most 2⁻¹⁶ of
-//! its block's largest value.
+//! (measured in a throughput loop: docs/benchmarks-history.md, "prefill on int16
+//! activations"), and its weight panels are half as large (int16, not f32). int8
+//! activations would allow `vpmaddubsw` and twice that again, but they moved greedy
+//! tokens off the reference (the `q8` kernel, behind the cargo feature `q8`); int16
+//! rounding moves an activation by at most 2⁻¹⁶ of its block's largest value.
 //!
 //! # The arithmetic (every path, bit for bit)
 //!
@@ -47,7 +47,7 @@
 
 use crate::gemm::CTile;
 use crate::matvec::quantize_block16_on;
-use crate::path::{available_paths, best_path, Path};
+use crate::path::{assert_available, best_path, Path};
 use crate::{OutPtr, BLOCK};
 use half::f16;
 use rayon::prelude::*;
@@ -492,10 +492,7 @@ pub fn linear_w8a16(x: &[f32], m: usize, k: usize, q: &[i8], s: &[f16], n: usize
 /// [`linear_w8a16`] on a given path (tests compare the paths; every path gives the
 /// same bits).
 pub(crate) fn linear_w8a16_on(path: Path, x: &[f32], m: usize, w: Int8Weight<'_>, out: &mut [f32]) {
-    assert!(
-        available_paths().contains(&path),
-        "{path:?} is not available on this CPU"
-    );
+    assert_available(path);
     let Int8Weight { q, s, n, k } = w;
     assert!(k.is_multiple_of(BLOCK));
     assert_eq!(x.len(), m * k);

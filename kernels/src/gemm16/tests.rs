@@ -1,5 +1,6 @@
 use super::*;
 use crate::matvec::quantize_block16;
+use crate::path::available_paths;
 use crate::testing::{assert_same_bits, lcg, on_threads, random_weight};
 
 /// One output of the module's arithmetic, straight from the definition (the

@@ -5,10 +5,11 @@
 //! kernel must retire 32 weight bytes in fewer cycles than memory delivers them.
 //! With f32 activations each 8 weights cost a widen, a convert and an FMA, and one
 //! core could not keep up with memory. With int16 activations 16 products are one
-//! `vpmaddwd`, and half the instructions remain. Rounding to 16 bits per block moves an activation by at most 2⁻¹⁶ of its
-//! block's largest value, far below the int8 weights' own step (int8 activations,
-//! llama.cpp's Q8_0 way, moved greedy tokens away from the reference on an
-//! untrained fixture; see the `q8` kernel, behind the cargo feature `q8`).
+//! `vpmaddwd`, and half the instructions remain. Rounding to 16 bits per block moves
+//! an activation by at most 2⁻¹⁶ of its block's largest value, far below the int8
+//! weights' own step (int8 activations, llama.cpp's Q8_0 way, moved greedy tokens
+//! away from the reference on an untrained fixture; see the `q8` kernel, behind the
+//! cargo feature `q8`).
 //!
 //! # The arithmetic (every path, bit for bit)
 //!
@@ -36,7 +37,8 @@
 //! Why one lane per pair: on AVX-512 a block is then one sign-extension, one
 //! `vpmaddwd`, one convert and one FMA, with no shuffle to fold the block's halves;
 //! it streams the weights faster than the earlier definition (eight lanes, each two
-//! pairs' sum), closer to a plain sum over the same bytes (BENCHMARKS.md).
+//! pairs' sum), closer to a plain sum over the same bytes (docs/benchmarks-history.md:
+//! "The decode arithmetic has one f32 lane per `vpmaddwd` pair").
 //!
 //! # Paths
 //!
@@ -47,7 +49,7 @@
 //! picks one. The tests compare every path the CPU has with the portable one, bit
 //! for bit.
 
-use crate::path::{available_paths, best_path, Path};
+use crate::path::{assert_available, best_path, debug_assert_available, Path};
 use crate::{OutPtr, BLOCK};
 use half::f16;
 use rayon::prelude::*;
@@ -76,8 +78,10 @@ impl Acts16 {
         Acts16::quantize_on(best_path(), x, cols)
     }
 
-    /// [`Acts16::quantize`] on a given path (every path gives the same bits).
+    /// [`Acts16::quantize`] on a given path, which this CPU must run (checked in debug
+    /// builds; every path gives the same bits).
     pub(crate) fn quantize_on(path: Path, x: &[f32], cols: usize) -> Acts16 {
+        debug_assert_available(path);
         assert!(cols.is_multiple_of(BLOCK) && cols > 0 && x.len().is_multiple_of(cols));
         let mut q = vec![0i16; x.len()];
         let mut d = vec![0f32; x.len() / BLOCK];
@@ -110,8 +114,10 @@ pub fn quantize_block16(x: &[f32], q: &mut [i16]) -> f32 {
     quantize_block16_on(best_path(), x, q)
 }
 
-/// [`quantize_block16`] on a given path (the AVX2 code also runs on the AVX-512 path).
+/// [`quantize_block16`] on a given path (the AVX2 code also runs on the AVX-512 path),
+/// which this CPU must run (checked in debug builds).
 pub(crate) fn quantize_block16_on(path: Path, x: &[f32], q: &mut [i16]) -> f32 {
+    debug_assert_available(path);
     assert!(x.len() == BLOCK && q.len() == BLOCK);
     match path {
         // SAFETY: both hold one block (checked); the path's features are present.
@@ -170,8 +176,8 @@ pub fn dot_portable(w: &[i8], ws: &[f16], xq: &[i16], xd: &[f32]) -> f32 {
 /// Why a loop inside each path's function rather than a call per row from the
 /// driver: with the loop inside the path's target features storing the results,
 /// decode streams the weights faster than with the driver storing each call's
-/// result, nearly as fast as with no result kept at all (BENCHMARKS.md). The row
-/// itself stays a call (see `row_avx2`).
+/// result (docs/benchmarks-history.md: "Each path loops over its task's rows
+/// itself"). The row itself stays a call (see `row_avx2`).
 ///
 /// # Safety
 /// `w` addresses `n` rows of `nb · 32` bytes, `ws` their `n · nb` f16 scales, `x` one
@@ -264,10 +270,7 @@ mod neon;
 
 /// The row loop of `path` (see the module's paths). Panics if the CPU lacks it.
 fn rows_fn(path: Path) -> RowsFn {
-    assert!(
-        available_paths().contains(&path),
-        "{path:?} is not available on this CPU"
-    );
+    assert_available(path);
     match path {
         #[cfg(target_arch = "x86_64")]
         Path::Avx2 if x86::prefetch_l2() => x86::rows_avx2_l2,

@@ -1,4 +1,5 @@
 use super::*;
+use crate::path::available_paths;
 use crate::testing::{assert_same_bits, lcg, on_threads, random_weight};
 
 /// One row's dot product (the signature of every path's row, which the x86 tests

@@ -61,7 +61,7 @@ const PREFETCH: usize = 8192;
 /// only, so the L2 streamer never sees the stream: there `prefetchnta` read the
 /// weights slower than no prefetch at all, and `prefetcht1` (4–32 KiB ahead) fastest
 /// of the hints; on Zen 3 `prefetchnta` read fastest (decode over the 8B bundle's
-/// int8 weights, BENCHMARKS.md).
+/// int8 weights, docs/benchmarks-history.md: "Decode prefetches into L2 on Intel").
 pub fn prefetch_l2() -> bool {
     static L2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *L2.get_or_init(|| {
@@ -145,7 +145,7 @@ unsafe fn lane_total(t: __m256) -> f32 {
 ///
 /// Kept out of line: inlined into the loop over a task's rows, the AVX-512 row
 /// (the same instructions) read the 8B bundle's weights markedly slower
-/// (BENCHMARKS.md).
+/// (docs/benchmarks-history.md: "Each path loops over its task's rows itself").
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline(never)]
 pub unsafe fn row_avx2<const L2: bool>(

@@ -3,13 +3,15 @@
 //! blocked kernel [`matmul`] with register tiles of [`TILE_R`] weight rows ×
 //! [`TILE_C`] tokens.
 //!
-//! Compiled only with the cargo feature `q8` (off by default): kept, tested
-//! (`cargo test -p q3vl-kernels --features q8`) and benchmarked by the engine's
-//! comparison benchmarks, but not used by the engine: on AVX2 without VNNI its `maddubs`/`madd`/`fma` sequence runs no faster
-//! than the f32 FMA GEMM, and the 8-bit activation rounding moved greedy tokens away
-//! from the reference on an untrained fixture. The engine's decoder runs prefill on
-//! the packed int8 × int16 GEMM ([`crate::gemm16`]) and decode on [`crate::matvec`],
-//! both on int16 block-quantized activations.
+//! Compiled only with the cargo feature `q8` (off by default) and tested with it
+//! (`cargo test -p q3vl-kernels --features q8`). The engine turns the feature on for
+//! the kernel benchmarks of `q3vl bench`, which measure this product beside the
+//! shipped ones; no forward pass of the engine calls it: on AVX2 without VNNI its
+//! `maddubs`/`madd`/`fma` sequence runs no faster than the f32 FMA GEMM, and the 8-bit
+//! activation rounding moved greedy tokens away from the reference on an untrained
+//! fixture. The engine's decoder runs prefill on the packed int8 × int16 GEMM
+//! ([`crate::gemm16`]) and decode on [`crate::matvec`], both on int16 block-quantized
+//! activations.
 //!
 //! # The W8A8 arithmetic (every path, bit for bit)
 //!
@@ -38,7 +40,7 @@
 //! `vpdpbusd`), NEON (`smull` + pairwise adds). The tests compare every tile size of
 //! every path the CPU has with the portable dot product, bit for bit.
 
-use crate::path::{available_paths, best_path, Path};
+use crate::path::{assert_available, best_path, debug_assert_available, Path};
 use crate::OutPtr;
 use half::f16;
 use rayon::prelude::*;
@@ -72,6 +74,13 @@ impl QActs {
     /// Quantizes `x` (`rows × cols`, cols a multiple of 32). Rows are quantized in
     /// parallel; each block's result does not depend on that.
     pub fn quantize(x: &[f32], cols: usize) -> QActs {
+        QActs::quantize_on(best_path(), x, cols)
+    }
+
+    /// [`QActs::quantize`] on a given path, which this CPU must run (checked in debug
+    /// builds; every path gives the same bytes).
+    pub(crate) fn quantize_on(path: Path, x: &[f32], cols: usize) -> QActs {
+        debug_assert_available(path);
         assert!(cols.is_multiple_of(BLOCK) && x.len().is_multiple_of(cols.max(1)));
         let mut q = vec![0i8; x.len()];
         let mut d = vec![0f32; x.len() / BLOCK];
@@ -81,7 +90,7 @@ impl QActs {
         x.par_chunks(chunk)
             .zip(q.par_chunks_mut(chunk))
             .zip(d.par_chunks_mut(chunk / BLOCK))
-            .for_each(|((xc, qc), dc)| quantize_blocks(best_path(), xc, qc, dc));
+            .for_each(|((xc, qc), dc)| quantize_blocks(path, xc, qc, dc));
         QActs {
             q,
             d,
@@ -103,6 +112,7 @@ impl QActs {
 /// Quantizes whole blocks on `path` (the AVX2 code, on the AVX2 and AVX-512 paths,
 /// runs the same operations, so it gives the same bytes as [`quantize_block`]).
 fn quantize_blocks(path: Path, x: &[f32], q: &mut [i8], d: &mut [f32]) {
+    debug_assert_available(path);
     match path {
         // SAFETY: the path's features are present; lengths agree.
         #[cfg(target_arch = "x86_64")]
@@ -278,7 +288,7 @@ macro_rules! tile_for {
 }
 
 /// The register tile of `path` for `rows` × `cols` pairs (1..=[`TILE_R`] ×
-/// 1..=[`TILE_C`]); the callers check that the CPU runs `path` ([`assert_runs`]).
+/// 1..=[`TILE_C`]); the callers check that the CPU runs `path` ([`assert_available`]).
 fn tile(path: Path, rows: usize, cols: usize) -> TileFn {
     match path {
         #[cfg(target_arch = "x86_64")]
@@ -291,20 +301,12 @@ fn tile(path: Path, rows: usize, cols: usize) -> TileFn {
     }
 }
 
-/// Panics unless this CPU runs `path` (is one of [`available_paths`]).
-fn assert_runs(path: Path) {
-    assert!(
-        available_paths().contains(&path),
-        "{path:?} is not available on this CPU"
-    );
-}
-
 /// One dot product on `path` (the 1 × 1 tile); `ws` are the weight row's f16
 /// block scales.
 pub fn dot_on(path: Path, w: &[i8], ws: &[f16], x: &[i8], xd: &[f32]) -> f32 {
     assert!(w.len() == x.len() && w.len().is_multiple_of(BLOCK));
     assert!(ws.len() == w.len() / BLOCK && xd.len() == ws.len());
-    assert_runs(path);
+    assert_available(path);
     let mut sc = vec![0f32; ws.len()];
     let mut out = 0f32;
     let (wr, xr) = (
@@ -371,7 +373,7 @@ pub fn matmul_on(
         out.fill(0.0);
         return;
     }
-    assert_runs(path);
+    assert_available(path);
     let mc = rows_per_task(rows, cols, t);
     let optr = OutPtr(out.as_mut_ptr());
     (0..rows.div_ceil(mc)).into_par_iter().for_each(|task| {

@@ -1,4 +1,5 @@
 use super::*;
+use crate::path::available_paths;
 use crate::testing::{
     assert_same_bits, lcg, on_threads, random_rows, random_scales, random_weight,
 };
@@ -167,22 +168,27 @@ fn quantization_is_symmetric_and_bounded() {
         .collect();
     odd[64..96].fill(0.0);
     odd[96..128].fill(-0.0);
-    let qo = QActs::quantize(&odd, 64);
-    for (b, xb) in odd.chunks_exact(32).enumerate() {
-        let mut qq = [0i8; 32];
-        let d = quantize_block(xb, &mut qq);
-        assert_eq!(d.to_bits(), qo.d[b].to_bits(), "block {b}");
-        assert_eq!(&qq[..], &qo.q[b * 32..(b + 1) * 32], "block {b}");
+    // Every path quantizes as `quantize_block` does, byte for byte.
+    for &p in &available_paths() {
+        let qo = QActs::quantize_on(p, &odd, 64);
+        for (b, xb) in odd.chunks_exact(32).enumerate() {
+            let mut qq = [0i8; 32];
+            let d = quantize_block(xb, &mut qq);
+            assert_eq!(d.to_bits(), qo.d[b].to_bits(), "{p:?} block {b}");
+            assert_eq!(&qq[..], &qo.q[b * 32..(b + 1) * 32], "{p:?} block {b}");
+        }
     }
     // Large inputs are quantized in parallel chunks; the result is per block.
     let big: Vec<f32> = (0..3 * 70_000 / 32 * 32)
         .map(|i| ((i * 37) % 101) as f32 - 50.0)
         .collect();
-    let qb = QActs::quantize(&big, 32);
-    for (b, xb) in big.chunks_exact(32).enumerate() {
-        let mut qq = [0i8; 32];
-        let d = quantize_block(xb, &mut qq);
-        assert_eq!(d.to_bits(), qb.d[b].to_bits());
-        assert_eq!(&qq[..], &qb.q[b * 32..(b + 1) * 32]);
+    for &p in &available_paths() {
+        let qb = QActs::quantize_on(p, &big, 32);
+        for (b, xb) in big.chunks_exact(32).enumerate() {
+            let mut qq = [0i8; 32];
+            let d = quantize_block(xb, &mut qq);
+            assert_eq!(d.to_bits(), qb.d[b].to_bits(), "{p:?}");
+            assert_eq!(&qq[..], &qb.q[b * 32..(b + 1) * 32], "{p:?}");
+        }
     }
 }

@@ -12,7 +12,7 @@
 //! The portable path rounds each product and sum; the AVX2 path fuses them (FMA), so
 //! the two agree to rounding, not bit for bit. [`widen_f16`] is exact on every path.
 
-use crate::path::{best_path, Path};
+use crate::path::{best_path, debug_assert_available, Path};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
@@ -52,9 +52,11 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     dot_f32_on(best_path(), a, b)
 }
 
-/// [`dot_f32`] on a given path (the AVX2 code also runs on the AVX-512 path).
+/// [`dot_f32`] on a given path (the AVX2 code also runs on the AVX-512 path), which
+/// this CPU must run (checked in debug builds).
 #[inline]
 pub(crate) fn dot_f32_on(path: Path, a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_available(path);
     match path {
         // SAFETY: the path's features are present (the callers pass the detected
         // path or one of `available_paths`); lengths are clamped.
@@ -69,9 +71,11 @@ pub fn widen_f16(src: &[f16], dst: &mut [f32]) {
     widen_f16_on(best_path(), src, dst)
 }
 
-/// [`widen_f16`] on a given path: F16C eight values at a time on x86 (AVX2 and
-/// AVX-512 paths), `half`'s conversion elsewhere.
+/// [`widen_f16`] on a given path, which this CPU must run (checked in debug builds):
+/// F16C eight values at a time on x86 (AVX2 and AVX-512 paths), `half`'s conversion
+/// elsewhere.
 pub(crate) fn widen_f16_on(path: Path, src: &[f16], dst: &mut [f32]) {
+    debug_assert_available(path);
     assert_eq!(src.len(), dst.len());
     match path {
         // SAFETY: lengths are equal; the path's features are present.

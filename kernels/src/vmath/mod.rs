@@ -9,7 +9,7 @@
 //! polynomial `1 + r + r²·P(r)`, scaled by `2ⁿ`. Inputs are clamped to ≤ 88 and
 //! inputs below −87 give 0. Relative error ≲ 2·10⁻⁷.
 
-use crate::path::{best_path, Path};
+use crate::path::{best_path, debug_assert_available, Path};
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 const LN2_HI: f32 = 0.693_359_4;
@@ -74,8 +74,10 @@ pub fn exp_slice(x: &mut [f32]) {
     exp_slice_on(best_path(), x)
 }
 
-/// [`exp_slice`] on a given path (the AVX2 code also runs on the AVX-512 path).
+/// [`exp_slice`] on a given path (the AVX2 code also runs on the AVX-512 path), which
+/// this CPU must run (checked in debug builds).
 pub(crate) fn exp_slice_on(path: Path, x: &mut [f32]) {
+    debug_assert_available(path);
     match path {
         // SAFETY: the path's features are present.
         #[cfg(target_arch = "x86_64")]
@@ -94,8 +96,9 @@ pub fn softmax_row(row: &mut [f32], scale: f32) {
     softmax_row_on(best_path(), row, scale)
 }
 
-/// [`softmax_row`] on a given path.
+/// [`softmax_row`] on a given path, which this CPU must run (checked in debug builds).
 pub(crate) fn softmax_row_on(path: Path, row: &mut [f32], scale: f32) {
+    debug_assert_available(path);
     match path {
         // SAFETY: the path's features are present.
         #[cfg(target_arch = "x86_64")]
@@ -130,8 +133,9 @@ pub fn silu_mul(g: &mut [f32], u: &[f32]) {
     silu_mul_on(best_path(), g, u)
 }
 
-/// [`silu_mul`] on a given path.
+/// [`silu_mul`] on a given path, which this CPU must run (checked in debug builds).
 pub(crate) fn silu_mul_on(path: Path, g: &mut [f32], u: &[f32]) {
+    debug_assert_available(path);
     assert_eq!(g.len(), u.len());
     match path {
         // SAFETY: the path's features are present; lengths are equal.
@@ -151,8 +155,9 @@ pub fn gelu_tanh(x: &mut [f32]) {
     gelu_tanh_on(best_path(), x)
 }
 
-/// [`gelu_tanh`] on a given path.
+/// [`gelu_tanh`] on a given path, which this CPU must run (checked in debug builds).
 pub(crate) fn gelu_tanh_on(path: Path, x: &mut [f32]) {
+    debug_assert_available(path);
     match path {
         // SAFETY: the path's features are present.
         #[cfg(target_arch = "x86_64")]
