@@ -9,6 +9,7 @@ use crate::Outcome;
 use q3vl_engine::bench::{
     kernels_only, measure, BenchOptions, EngineBench, KernelBench, KernelRate, KernelShapes,
 };
+use q3vl_engine::EngineError;
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -144,8 +145,16 @@ pub fn run(a: BenchArgs) -> anyhow::Result<Outcome> {
         bandwidth_bytes,
         kernels: a.shapes(),
     };
-    let b = measure(&engine, &opts, opened).map_err(|e| {
-        crate::run::overflow_names(e, &format!("--decode-tokens {}", a.decode_tokens))
+    let b = measure(&engine, &opts, opened).map_err(|e| match e {
+        // The library counts the untimed extra token; the message names the option.
+        EngineError::ContextOverflow {
+            prompt, context, ..
+        } => anyhow::anyhow!(
+            "--decode-tokens {steps}: the prompt ({prompt} tokens) plus {steps} decode steps \
+             exceeds the model's context of {context} tokens",
+            steps = a.decode_tokens
+        ),
+        e => e.into(),
     })?;
     if a.json {
         println!("{}", bench_json(&b));

@@ -120,11 +120,17 @@ pub fn open_engine(
     Ok((engine, line))
 }
 
-/// `e` as the CLI reports it: a context overflow names `flag` (the option that set
-/// the tokens to generate, with its value) first.
-pub fn overflow_names(e: EngineError, flag: &str) -> anyhow::Error {
+/// `e` as `run` reports it: a context overflow names `--max-new-tokens`, the option
+/// that set the tokens to generate (the library names no option).
+fn run_error(e: EngineError) -> anyhow::Error {
     match e {
-        EngineError::ContextOverflow { .. } => anyhow::Error::new(e).context(flag.to_string()),
+        EngineError::ContextOverflow {
+            prompt,
+            new_tokens,
+            context,
+        } => anyhow::anyhow!(
+            "the prompt ({prompt} tokens) plus --max-new-tokens {new_tokens} exceeds the context of {context} tokens"
+        ),
         e => e.into(),
     }
 }
@@ -193,7 +199,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<Outcome> {
         out.token(id)
     });
     spinner.finish_and_clear();
-    let g = g.map_err(|e| overflow_names(e, &format!("--max-new-tokens {}", a.max_new_tokens)))?;
+    let g = g.map_err(run_error)?;
     if let Some(e) = out.write_err.take() {
         return Err(anyhow::Error::new(e).context("writing to stdout"));
     }

@@ -24,6 +24,13 @@ pub struct AttentionShape {
     pub head_dim: usize,
 }
 
+impl AttentionShape {
+    /// The scores' scale, `head_dim^-1/2`.
+    fn scale(&self) -> f32 {
+        (self.head_dim as f32).powf(-0.5)
+    }
+}
+
 /// The queries of one forward pass.
 #[derive(Debug, Clone, Copy)]
 pub struct Queries {
@@ -59,7 +66,7 @@ pub fn attention(
         head_dim: hd,
     } = shape;
     let groups = heads / kv_heads;
-    let scale = (hd as f32).powf(-0.5);
+    let scale = shape.scale();
     let per_head: Vec<Vec<f32>> = (0..heads)
         .into_par_iter()
         .map(|h| {
@@ -118,7 +125,7 @@ fn prefill_head(
         tokens: t,
         first_kept_row: first,
     } = queries;
-    let scale = (hd as f32).powf(-0.5);
+    let scale = shape.scale();
     let mut out = vec![0f32; queries.kept() * hd];
     let mut scores = vec![0f32; QUERY_BLOCK.min(t) * (past + t)];
     let mut i0 = first;

@@ -453,7 +453,8 @@ impl Engine {
         let tc = self.text.config();
         let mut total = self.text.decode_weight_bytes(&self.bundles.language)?;
         total += 2 * tc.hidden_size as u64;
-        let kv = 2 * tc.num_hidden_layers * tc.num_key_value_heads * tc.head_dim * 4;
+        let kv =
+            KvCache::bytes_per_position(tc.num_hidden_layers, tc.num_key_value_heads, tc.head_dim);
         Ok(total + (kv * positions) as u64)
     }
 }

@@ -35,14 +35,10 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Positions it can hold.
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
-    /// Bytes held (for the bandwidth bound).
-    pub fn bytes_per_position(&self) -> usize {
-        2 * self.k.len() * self.heads * self.head_dim * 4
+    /// Bytes one position holds over every layer, keys and values in f32 (what a
+    /// decode step reads per cached position, for the bandwidth bound).
+    pub fn bytes_per_position(layers: usize, heads: usize, head_dim: usize) -> usize {
+        2 * layers * heads * head_dim * 4
     }
 
     /// Writes `t` new positions of layer `layer` (`k`, `v`: `[t, heads·head_dim]`)

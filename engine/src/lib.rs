@@ -28,7 +28,7 @@
 
 pub mod awake;
 pub mod bench;
-pub mod causal_attention;
+pub(crate) mod causal_attention;
 pub mod decoder;
 pub mod detokenize;
 pub mod engine;
@@ -36,12 +36,12 @@ pub mod error;
 /// The compute kernels (the `q3vl-kernels` crate), under their engine-local name.
 pub use q3vl_kernels as kernels;
 pub mod kv_cache;
-pub mod ops;
+pub(crate) mod ops;
 pub mod positions;
 pub mod sampler;
 pub mod stamp;
 pub mod vision;
-pub mod vision_attention;
+pub(crate) mod vision_attention;
 pub mod weights;
 
 pub use engine::{Engine, EngineOptions, GenerateParams, Generation, Timings};

@@ -7,12 +7,17 @@ use rayon::prelude::*;
 /// Elements per parallel task of the element-wise passes.
 pub const ELEMS_PER_TASK: usize = 1 << 14;
 
+/// `1 / sqrt(mean(x²) + eps)`: the RMSNorm scale of one row.
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    let ss: f32 = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    1.0 / (ss + eps).sqrt()
+}
+
 /// `w · x / sqrt(mean(x²) + eps)` over each row of `x` into `out`.
 pub fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let n = w.len();
     for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-        let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
-        let r = 1.0 / (ss + eps).sqrt();
+        let r = inv_rms(xr, eps);
         for ((o, &v), &g) in or.iter_mut().zip(xr).zip(w) {
             *o = g * (v * r);
         }
@@ -21,9 +26,7 @@ pub fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 
 /// [`rms_norm_rows`] of one row, in place (the per-head q/k norm).
 pub fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
-    let n = x.len();
-    let ss: f32 = x.iter().map(|v| v * v).sum::<f32>() / n as f32;
-    let r = 1.0 / (ss + eps).sqrt();
+    let r = inv_rms(x, eps);
     for (v, &g) in x.iter_mut().zip(w) {
         *v = g * (*v * r);
     }

@@ -4,7 +4,7 @@
 //! GEMM ([`crate::kernels::gemm::linear_f16_vec`]), which widens each f16 weight tile
 //! to f32 while packing it, so no f32 copy of the tower is kept. Read it beside
 //! `model/src/vision.rs`, the fp32 reference, whose names it uses (`embed`, `block`,
-//! `merger`, `ln`, `lin`); the attention is [`crate::vision_attention`].
+//! `merger`, `ln`, `lin`); the attention is in `vision_attention.rs`.
 
 use crate::error::{EngineError, Result};
 use crate::kernels::gemm::linear_f16_vec;
@@ -23,7 +23,7 @@ use rayon::prelude::*;
 const LN_EPS: f32 = 1e-6;
 
 /// One image through the tower: what the decoder takes, computed once per image (the
-/// reference's `VisionOutput`, as flat f32 rows).
+/// reference decoder's `ImageFeatures`, as flat f32 rows).
 #[derive(Debug, Clone)]
 pub struct EncodedImage {
     /// `[N, H]` image token embeddings (main merger), in slot order.

@@ -109,11 +109,6 @@ impl<'a> Lin<'a> {
         }
     }
 
-    /// Whether this weight wants quantized activations.
-    pub fn is_q8(&self) -> bool {
-        matches!(self, Lin::Q8 { .. })
-    }
-
     /// `out[t, r] = Σ_c x[t, c] · W[r, c]` for `t` tokens, in `pass`'s arithmetic.
     /// For int8 weights a decode pass goes through the streaming matrix-vector
     /// kernel on int16 block-quantized activations ([`crate::kernels::matvec`]), a
