@@ -4,7 +4,7 @@
 use crate::{common, Outcome};
 use anyhow::Result;
 use clap::Args;
-use q3vl_verify::session::{open_engine, EngineGate, Progress, Request};
+use q3vl_verify::session::{EngineGate, Progress, Request};
 use q3vl_verify::{Gates, Stamping};
 use std::path::PathBuf;
 
@@ -58,13 +58,13 @@ pub fn run(a: VerifyArgs) -> Result<Outcome> {
         gates: &gates,
         engine: match a.no_engine_gate {
             true => EngineGate::Skip("--no-engine-gate".into()),
-            false => EngineGate::Run(&open_engine),
+            false => EngineGate::Bundles,
         },
         stamp: a.stamp,
         tool: format!("q3vl {}", common::VERSION),
     };
     let verified = q3vl_verify::verify(&request, &mut Spinner(None))?;
-    let report = &verified.report;
+    let report = verified.report();
     q3vl_verify::write_reports(report, &a.report, a.junit.as_deref())?;
     if a.json {
         println!("{}", report.to_json());

@@ -8,7 +8,7 @@ use common::damage::{edit_tensor, pair, reseal_pair, scale_f16};
 use common::{ok, s};
 use q3vl_engine::{Engine, EngineOptions};
 use q3vl_verify::session::{EngineGate, Quiet, Request};
-use q3vl_verify::{Gates, Stamping};
+use q3vl_verify::Gates;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -181,14 +181,14 @@ fn a_wrong_engine_kernel_fails_the_engine_gate_and_nothing_else() {
         bundle: Some(&out),
         traces: &ts,
         gates: &gates,
-        engine: EngineGate::Run(&open_bad),
+        engine: EngineGate::Other(&open_bad),
         stamp: true,
         tool: "q3vl test".into(),
     };
     let verified = q3vl_verify::verify(&request, &mut Quiet).unwrap();
-    let report: Value = serde_json::from_str(&verified.report.to_json()).unwrap();
-    assert!(!verified.report.passed(), "{report}");
-    let text = verified.report.to_text();
+    let report: Value = serde_json::from_str(&verified.report().to_json()).unwrap();
+    assert!(!verified.report().passed(), "{report}");
+    let text = verified.report().to_text();
     let last = text.trim_end().lines().last().unwrap();
     assert!(
         last.starts_with("FAIL") && last.contains(&format!("image:{GATE}")),
@@ -211,12 +211,52 @@ fn a_wrong_engine_kernel_fails_the_engine_gate_and_nothing_else() {
         .map(|g| g["name"].as_str().unwrap())
         .collect();
     assert!(failed.iter().all(|&n| n == GATE), "{failed:?}");
-    let junit = verified.report.to_junit();
+    let junit = verified.report().to_junit();
     assert!(
         junit.contains(&format!("name=\"{GATE}\"><failure")),
         "{junit}"
     );
-    assert_eq!(verified.stamp().unwrap(), Stamping::GateFailed);
+    // Neither stamped nor unstamped: the gate did not run the bundles' own engine.
+    let refused = verified.stamp().unwrap_err().to_string();
+    assert!(
+        refused.contains("not opened from these bundles"),
+        "{refused}"
+    );
+    assert!(!out
+        .join("shapes_decode_int8hu")
+        .join("verification.json")
+        .exists());
+}
+
+#[test]
+fn a_run_whose_engine_came_from_elsewhere_never_stamps() {
+    // The right engine, but handed in by the caller: every gate passes, and still the
+    // run cannot stamp, since nothing ties that engine to the verified bundles.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("b");
+    convert("shapes", "int8hu", &out);
+    let open_same = |p: &Path| Engine::open(p, &EngineOptions::default());
+    let (gates, ts) = (Gates::builtin(), traces("shapes"));
+    let request = Request {
+        src: None,
+        bundle: Some(&out),
+        traces: &ts,
+        gates: &gates,
+        engine: EngineGate::Other(&open_same),
+        stamp: true,
+        tool: "q3vl test".into(),
+    };
+    let verified = q3vl_verify::verify(&request, &mut Quiet).unwrap();
+    assert!(
+        verified.report().passed(),
+        "{}",
+        verified.report().to_text()
+    );
+    let refused = verified.stamp().unwrap_err().to_string();
+    assert!(
+        refused.contains("not opened from these bundles"),
+        "{refused}"
+    );
     assert!(!out
         .join("shapes_decode_int8hu")
         .join("verification.json")

@@ -13,7 +13,7 @@ use crate::local::{head_gate, local_gate, local_rows, norm_error, norm_gate};
 use crate::noise::{self, NoiseBudget, RoundingVariance};
 use crate::pixels::{pixel_check, pixel_gate};
 use crate::runs::run_models;
-use crate::stages::{ladder_gates, stage_rows};
+use crate::stages::{ladder_gate, stage_rows};
 use crate::stats::{LogitStats, PositionStat};
 use crate::token_gates::{self, Greedy, PromptIds, Scored, StatLimits};
 use crate::tokens::{DecodeMatch, Top1Sweep};
@@ -183,7 +183,8 @@ pub fn verify_trace(
     let (bundle, firm) = (&gates.bundle, e.firm);
     let mut results = vec![e.prompt.gate()];
     results.extend(pixel_gate(e.pixels, gates.fp32.pixel_max_abs));
-    results.extend(ladder_gates(&e.rows, &limits));
+    results.extend(ladder_gate(&e.rows, Stage::Vision, &limits));
+    results.extend(ladder_gate(&e.rows, Stage::Text, &limits));
     results.extend(local_gate(&e.local, &limits));
     results.extend(e.norm_rel.map(|r| norm_gate(r, bundle.norm_local_rel)));
     results.extend(e.budget.as_ref().map(|b| head_gate(b, bundle.head_factor)));

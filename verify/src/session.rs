@@ -17,14 +17,18 @@ use q3vl_model::prompt::PromptBuilder;
 use q3vl_model::{Checkpoint, PreprocessorConfig, Qwen3VlConfig, WeightSource};
 use std::path::{Path, PathBuf};
 
-/// Opens the engine for the engine ≡ reference gate, given the bundles' folder.
+/// Opens an engine for the engine ≡ reference gate, given the verified bundles' folder.
 pub type EngineOpener<'a> = &'a dyn Fn(&Path) -> std::result::Result<Engine, EngineError>;
 
 /// Whether and with what engine the engine ≡ reference gate runs.
 pub enum EngineGate<'a> {
-    /// Run it with the engine this opens ([`open_engine`]: the one on the verified
-    /// bundles themselves, as `q3vl verify` runs it).
-    Run(EngineOpener<'a>),
+    /// Run it with the engine on the verified bundles themselves, opened under the
+    /// run's claim on them ([`open_engine`]), as `q3vl verify` runs it.
+    Bundles,
+    /// Run it with the engine `opener` gives (a test's deliberately wrong engine, say).
+    /// The gate then says nothing about the verified bundles' own engine, so the run
+    /// cannot stamp them.
+    Other(EngineOpener<'a>),
     /// Do not run it (the engine needs the whole bundle resident); the report lists
     /// the gate as not run, saying why, and the run cannot stamp.
     Skip(String),
@@ -75,8 +79,11 @@ pub struct Request<'a> {
 
 /// A finished run: its report, and what stamping the bundles needs.
 pub struct Verified {
-    /// Every trace's results, the fp32 run of a trace beside its bundle run.
-    pub report: Report,
+    /// Every trace's results, the fp32 run of a trace beside its bundle run. Private:
+    /// [`Verified::stamp`] decides from it, so it is read, never changed, from outside.
+    report: Report,
+    /// The engine ≡ reference gate ran an engine not opened from the bundles.
+    other_engine: bool,
     /// The verified bundles, still claimed, with their digests (bundle runs).
     bundles: Option<Checked>,
     /// Each trace's file name and sha256, in the order given.
@@ -134,15 +141,22 @@ pub fn verify(request: &Request<'_>, progress: &mut dyn Progress) -> Result<Veri
     let traces = traces.iter().map(name_and_sha).collect();
     Ok(Verified {
         report,
+        other_engine: matches!(request.engine, EngineGate::Other(_)),
         bundles,
         traces,
     })
 }
 
 impl Verified {
+    /// The run's report.
+    pub fn report(&self) -> &Report {
+        &self.report
+    }
+
     /// Stamps both bundles when every gate passed and their bytes are still the ones
     /// checked before the gates; otherwise removes any old stamp. Needs a bundle run
-    /// whose request asked to stamp, with the engine ≡ reference gate run.
+    /// whose request asked to stamp, with the engine ≡ reference gate run on the
+    /// bundles' own engine ([`EngineGate::Bundles`]).
     pub fn stamp(&self) -> Result<Stamping> {
         let unstampable = |why: &str| VerifyError::Unstampable { why: why.into() };
         let b = self
@@ -155,6 +169,11 @@ impl Verified {
             .ok_or_else(|| unstampable("the run did not ask to stamp before its gates"))?;
         if !self.report.not_run.is_empty() {
             return Err(unstampable("a gate did not run"));
+        }
+        if self.other_engine {
+            return Err(unstampable(
+                "the engine gate ran an engine not opened from these bundles",
+            ));
         }
         stamping::stamp(&b.bundles, digests, &self.report, &self.traces)
     }
@@ -241,7 +260,8 @@ fn bundle_ladder(
     let src = BundleSource::new(&b);
     let pipes = Pipelines::load(&cfg, &b.language.dir().join("tokenizer"), b.vision.dir())?;
     let engine = match &request.engine {
-        EngineGate::Run(open) => Some(open(out).map_err(|e| arg(e.into()))?),
+        EngineGate::Bundles => Some(open_engine(out).map_err(|e| arg(e.into()))?),
+        EngineGate::Other(open) => Some(open(out).map_err(|e| arg(e.into()))?),
         EngineGate::Skip(_) => None,
     };
     let model = Model {

@@ -252,43 +252,40 @@ impl Compare<'_> {
     }
 }
 
-/// One gate per ladder (vision, text) over its gated rows.
-pub fn ladder_gates(rows: &[StageRow], limits: &Limits<'_>) -> Vec<GateResult> {
-    let mut out = Vec::new();
-    for (stage, gate) in [
-        (Stage::Vision, "vision.ladder"),
-        (Stage::Text, "text.ladder"),
-    ] {
-        let gated: Vec<&StageRow> = rows
-            .iter()
-            .filter(|r| r.stage == stage && r.gated)
-            .collect();
-        let Some(worst) = gated.iter().min_by(|a, b| a.cos.total_cmp(&b.cos)) else {
-            continue;
-        };
-        let failed: Vec<&str> = gated
-            .iter()
-            .filter(|r| !r.passed)
-            .map(|r| r.name.as_str())
-            .collect();
-        let detail = match failed.first() {
-            None => format!(
-                "{} stages; worst {} (cos {:.7})",
-                gated.len(),
-                worst.name,
-                worst.cos
-            ),
-            Some(f) => format!("first failing stage {f} ({} failing)", failed.len()),
-        };
-        out.push(GateResult::new(
-            gate,
-            failed.is_empty(),
-            format!("{:.7}", worst.cos),
-            ladder_threshold(stage, gated.len(), limits),
-            detail,
-        ));
-    }
-    out
+/// The gate of one ladder (`vision.ladder` or `text.ladder`) over its gated rows;
+/// None when the stage has none (a text prompt has no vision rows).
+pub fn ladder_gate(rows: &[StageRow], stage: Stage, limits: &Limits<'_>) -> Option<GateResult> {
+    let gate = match stage {
+        Stage::Vision => "vision.ladder",
+        Stage::Text => "text.ladder",
+        Stage::Logits => return None,
+    };
+    let gated: Vec<&StageRow> = rows
+        .iter()
+        .filter(|r| r.stage == stage && r.gated)
+        .collect();
+    let worst = gated.iter().min_by(|a, b| a.cos.total_cmp(&b.cos))?;
+    let failed: Vec<&str> = gated
+        .iter()
+        .filter(|r| !r.passed)
+        .map(|r| r.name.as_str())
+        .collect();
+    let detail = match failed.first() {
+        None => format!(
+            "{} stages; worst {} (cos {:.7})",
+            gated.len(),
+            worst.name,
+            worst.cos
+        ),
+        Some(f) => format!("first failing stage {f} ({} failing)", failed.len()),
+    };
+    Some(GateResult::new(
+        gate,
+        failed.is_empty(),
+        format!("{:.7}", worst.cos),
+        ladder_threshold(stage, gated.len(), limits),
+        detail,
+    ))
 }
 
 /// What a ladder's rows are held to, as the report says it.
