@@ -142,6 +142,26 @@ pub fn threads() -> clap::builder::RangedU64ValueParser<usize> {
     clap::builder::RangedU64ValueParser::<usize>::new().range(1..=max_threads() as u64)
 }
 
+/// The options of every command that writes safetensors (`convert`, `synth`).
+#[derive(clap::Args)]
+pub struct WriteArgs {
+    /// Worker threads (default: all cores; at most 4 per core).
+    #[arg(long, value_parser = threads())]
+    pub threads: Option<usize>,
+    /// Shard size in bytes (default ~4 GiB).
+    #[arg(long, hide = true)]
+    pub shard_size: Option<u64>,
+}
+
+impl WriteArgs {
+    /// The shard policy `--shard-size` asks for (the default without it).
+    pub fn shard(&self) -> q3vl_bundle::ShardPolicy {
+        self.shard_size
+            .map(|n| q3vl_bundle::ShardPolicy { max_shard_bytes: n })
+            .unwrap_or_default()
+    }
+}
+
 /// The one line a command-line error becomes: clap's first line, except that a
 /// missing required option is named (clap lists the options on the lines below the
 /// first, which the one-line rule would cut).

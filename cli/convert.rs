@@ -1,8 +1,9 @@
 //! `q3vl convert`: a checkpoint (a local folder, or fetched from the hub) into the
 //! language and vision bundles.
 
+use crate::common::WriteArgs;
 use crate::Outcome;
-use q3vl_bundle::{Mode, Producer, ShardPolicy};
+use q3vl_bundle::{Mode, Producer};
 use q3vl_convert::{convert, Cancel, ConvertOptions};
 use std::path::PathBuf;
 
@@ -38,12 +39,9 @@ pub struct ConvertArgs {
     /// Print a JSON summary (paths, sizes, tensor classes, seconds, peak memory).
     #[arg(long)]
     pub json: bool,
-    /// Worker threads (default: all cores; at most 4 per core).
-    #[arg(long, value_parser = crate::common::threads())]
-    pub threads: Option<usize>,
-    /// Shard size in bytes (default ~4 GiB).
-    #[arg(long, hide = true)]
-    pub shard_size: Option<u64>,
+    /// Worker threads and shard size.
+    #[command(flatten)]
+    pub write: WriteArgs,
 }
 
 /// The producer record every bundle carries.
@@ -123,11 +121,9 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<Outcome> {
     o.hf_id = hf_id;
     o.revision = revision;
     o.producer = producer();
-    o.threads = a.threads;
+    o.threads = a.write.threads;
     o.known_hashes = known;
-    if let Some(n) = a.shard_size {
-        o.shard = ShardPolicy { max_shard_bytes: n };
-    }
+    o.shard = a.write.shard();
     let progress = q3vl_convert::progress::terminal();
     let s = convert(&o, progress.as_ref(), &cancel)?;
     if a.json {

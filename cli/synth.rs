@@ -1,8 +1,8 @@
 //! `q3vl synth`: a random-weight checkpoint of a real shape, for scale tests and
 //! benchmarks without a download.
 
+use crate::common::WriteArgs;
 use crate::Outcome;
-use q3vl_bundle::ShardPolicy;
 use q3vl_convert::synth::{synth, SynthOptions, SynthSize};
 use q3vl_model::config::read_json;
 use q3vl_model::{Error, PreprocessorConfig, Qwen3VlConfig};
@@ -42,12 +42,9 @@ pub struct SynthArgs {
     /// Print a JSON summary.
     #[arg(long)]
     pub json: bool,
-    /// Worker threads (default: all cores; at most 4 per core).
-    #[arg(long, value_parser = crate::common::threads())]
-    pub threads: Option<usize>,
-    /// Shard size in bytes (default ~4 GiB).
-    #[arg(long, hide = true)]
-    pub shard_size: Option<u64>,
+    /// Worker threads and shard size.
+    #[command(flatten)]
+    pub write: WriteArgs,
     /// Override tie_word_embeddings (tests of tied checkpoints).
     #[arg(long, hide = true)]
     pub tied: Option<bool>,
@@ -75,17 +72,14 @@ pub fn run(a: SynthArgs) -> anyhow::Result<Outcome> {
         seed: a.seed,
         tokenizer_dir: a.tokenizer,
         force: a.force,
-        shard: a
-            .shard_size
-            .map(|n| ShardPolicy { max_shard_bytes: n })
-            .unwrap_or_default(),
+        shard: a.write.shard(),
         preprocessor,
         logit_scale: a.logit_scale,
     };
     let cancel = crate::convert::ctrl_c();
     let progress = q3vl_convert::progress::terminal();
     let run = || synth(&opts, progress.as_ref(), &cancel);
-    let s = match a.threads {
+    let s = match a.write.threads {
         Some(n) => rayon_pool(n)?.install(run)?,
         None => run()?,
     };

@@ -32,6 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_safetensors  # noqa: E402
+
 BODY_RE = re.compile(
     r"^model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)\.weight$"
 )
@@ -492,22 +495,6 @@ def self_test(write_vectors: Path | None) -> int:
     failures += plumbing_self_test()
     print("self-test " + ("FAILED" if failures else "passed"))
     return 1 if failures else 0
-
-
-def write_safetensors(path: Path, tensors: dict[str, tuple[str, tuple, bytes]]) -> None:
-    header, offset, blobs = {}, 0, []
-    for name in sorted(tensors):
-        dtype, shape, data = tensors[name]
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(data)]}
-        offset += len(data)
-        blobs.append(data)
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for b in blobs:
-            f.write(b)
 
 
 def write_reference_bundle(src_dir: Path, out_dir: Path, mode: str) -> None:

@@ -1,4 +1,4 @@
-"""Shared helpers of the q3vl Python oracle (fixture builder and trace writer).
+"""Shared helpers of the q3vl Python oracle (fixture builder, trace writer, quantization checker).
 
 Nothing here is fixture-specific: `load_processor` and `build_inputs` work on a
 real Qwen3-VL checkpoint folder as well as on the tiny fixtures.
@@ -225,8 +225,6 @@ def save_safetensors_deterministic(path, tensors: dict, metadata: dict) -> None:
     the file's bytes) change from run to run. Here: metadata keys in the given order, tensors
     sorted by name, data contiguous little-endian in that order, header padded with spaces to
     a multiple of 8 bytes (as safetensors does)."""
-    import struct
-
     import torch
 
     dtypes = {
@@ -239,16 +237,32 @@ def save_safetensors_deterministic(path, tensors: dict, metadata: dict) -> None:
         torch.int32: "I32",
         torch.uint8: "U8",
     }
-    header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
-    blobs = []
-    offset = 0
+    raw = {}
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
         data = t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes()
-        header[name] = {"dtype": dtypes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        raw[name] = (dtypes[t.dtype], t.shape, data)
+    meta = {str(k): str(v) for k, v in metadata.items()}
+    write_safetensors(path, raw, meta, ensure_ascii=False)
+
+
+def write_safetensors(
+    path, tensors: dict[str, tuple[str, tuple, bytes]], metadata: dict | None = None, ensure_ascii: bool = True
+) -> None:
+    """Write a .safetensors file from raw bytes: `tensors` maps a name to (dtype, shape,
+    little-endian data). The header holds `metadata` (if any) first, then the tensors sorted
+    by name, padded with spaces to a multiple of 8 bytes (as safetensors does); the data
+    follows, contiguous in that order."""
+    import struct
+
+    header = {} if metadata is None else {"__metadata__": metadata}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        dtype, shape, data = tensors[name]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(data)]}
         offset += len(data)
         blobs.append(data)
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=ensure_ascii).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))

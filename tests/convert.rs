@@ -12,10 +12,9 @@ use safetensors::tensor::Dtype;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-fn convert(src: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
-    let mut args = vec!["convert", "--src", s(src), "--out", s(out)];
-    args.extend_from_slice(extra);
-    run(&args)
+/// `q3vl convert --src SRC --out OUT EXTRA…`, asserted to succeed; returns stdout.
+fn convert_ok(src: &Path, out: &Path, extra: &[&str]) -> String {
+    ok(&convert_args(src, out, extra))
 }
 
 fn json(stdout: &str) -> serde_json::Value {
@@ -65,25 +64,12 @@ fn every_mode_converts_and_is_byte_reproducible() {
     let ck = Checkpoint::open(src).unwrap();
     for mode in Mode::ALL {
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let summary = json(&ok(&[
-            "convert",
-            "--src",
-            s(src),
-            "--out",
-            s(a.path()),
-            "--mode",
-            mode.as_str(),
-            "--json",
-        ]));
-        ok(&[
-            "convert",
-            "--src",
-            s(src),
-            "--out",
-            s(b.path()),
-            "--mode",
-            mode.as_str(),
-        ]);
+        let summary = json(&convert_ok(
+            src,
+            a.path(),
+            &["--mode", mode.as_str(), "--json"],
+        ));
+        convert_ok(src, b.path(), &["--mode", mode.as_str()]);
         assert_eq!(tree(a.path()), tree(b.path()), "{mode}: two runs differ");
 
         let lang_dir = a.path().join(format!("tiny_decode_{mode}"));
@@ -165,18 +151,9 @@ fn ck_config(src: &Path) -> q3vl_model::Qwen3VlConfig {
 fn a_second_mode_shares_the_vision_bundle() {
     let out = tempfile::tempdir().unwrap();
     let src = tiny_source();
-    ok(&["convert", "--src", s(src), "--out", s(out.path())]);
+    convert_ok(src, out.path(), &[]);
     let before = tree(&out.path().join("tiny_vision"));
-    let sum = json(&ok(&[
-        "convert",
-        "--src",
-        s(src),
-        "--out",
-        s(out.path()),
-        "--mode",
-        "fp16",
-        "--json",
-    ]));
+    let sum = json(&convert_ok(src, out.path(), &["--mode", "fp16", "--json"]));
     assert_eq!(sum["vision"]["kept_existing"], true);
     assert_eq!(tree(&out.path().join("tiny_vision")), before);
     let e = fails(&run(&["inspect", s(out.path())]), &["metadata.json"]);
@@ -199,7 +176,7 @@ fn tied_checkpoints_untie_only_in_int8hu() {
     let ck = Checkpoint::open(&src).unwrap();
     assert!(!ck.contains(LM_HEAD));
     let out = dir.path().join("out");
-    ok(&["convert", "--src", s(&src), "--out", s(&out)]);
+    convert_ok(&src, &out, &[]);
     let b = Bundles::open_mode(&out, Some(Mode::Int8hu))
         .unwrap()
         .language;
@@ -208,15 +185,7 @@ fn tied_checkpoints_untie_only_in_int8hu() {
     assert!(b.metadata().head.as_ref().unwrap().tied_in_source);
     check_int8_close(&b, &ck, LM_HEAD, EMBED);
     for mode in ["int8lin", "fp16"] {
-        ok(&[
-            "convert",
-            "--src",
-            s(&src),
-            "--out",
-            s(&out),
-            "--mode",
-            mode,
-        ]);
+        convert_ok(&src, &out, &["--mode", mode]);
         let b = Bundles::open_mode(&out, Mode::parse(mode))
             .unwrap()
             .language;
@@ -230,16 +199,8 @@ fn sharded_sources_give_sharded_bundles_with_the_same_values() {
     let src = tiny_sharded();
     assert!(src.join("model.safetensors.index.json").exists());
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    ok(&[
-        "convert",
-        "--src",
-        s(src),
-        "--out",
-        s(a.path()),
-        "--shard-size",
-        "6000000",
-    ]);
-    ok(&["convert", "--src", s(tiny_source()), "--out", s(b.path())]);
+    convert_ok(src, a.path(), &["--shard-size", "6000000"]);
+    convert_ok(tiny_source(), b.path(), &[]);
     let sharded = Bundle::open(&a.path().join("tiny_sharded_decode_int8hu")).unwrap();
     let single = Bundle::open(&b.path().join("tiny_decode_int8hu")).unwrap();
     assert!(sharded
@@ -265,15 +226,6 @@ fn sharded_sources_give_sharded_bundles_with_the_same_values() {
 }
 
 // ---- bad input -------------------------------------------------------------------
-
-/// A fresh copy of the mini checkpoint to damage, and an output folder.
-fn mini() -> (tempfile::TempDir, PathBuf, PathBuf) {
-    let d = tempfile::tempdir().unwrap();
-    let src = d.path().join("mini");
-    write_checkpoint(&src, &mini_config());
-    let out = d.path().join("out");
-    (d, src, out)
-}
 
 fn fails_cleanly(src: &Path, out: &Path, extra: &[&str], needles: &[&str]) -> String {
     let line = fails(&convert(src, out, extra), needles);
@@ -441,14 +393,7 @@ fn in_features_not_a_multiple_of_32_need_the_fallback() {
     let out = d.path().join("out");
     let down = text_layer(0, "mlp.down_proj.weight");
     fails_cleanly(&src, &out, &[], &[&down, "100", "--fallback-f16"]);
-    ok(&[
-        "convert",
-        "--src",
-        s(&src),
-        "--out",
-        s(&out),
-        "--fallback-f16",
-    ]);
+    convert_ok(&src, &out, &["--fallback-f16"]);
     let b = Bundles::open(&out).unwrap().language;
     assert_eq!(b.scheme(&down), Some(Scheme::F16));
     assert!(b.metadata().fallbacks[&down].contains("100"));
@@ -457,15 +402,7 @@ fn in_features_not_a_multiple_of_32_need_the_fallback() {
         Some(Scheme::Int8Clip)
     );
     // fp16 quantizes nothing, so it needs no fallback.
-    ok(&[
-        "convert",
-        "--src",
-        s(&src),
-        "--out",
-        s(&out),
-        "--mode",
-        "fp16",
-    ]);
+    convert_ok(&src, &out, &["--mode", "fp16"]);
 }
 
 #[test]
@@ -499,13 +436,13 @@ fn a_missing_chat_template_is_named() {
     std::fs::write(src.join("tokenizer_config.json"), "{}").unwrap();
     fails_cleanly(&src, &out, &[], &["tokenizer_config.json", "chat_template"]);
     std::fs::write(src.join("chat_template.jinja"), STUB_TEMPLATE).unwrap();
-    ok(&["convert", "--src", s(&src), "--out", s(&out)]);
+    convert_ok(&src, &out, &[]);
 }
 
 #[test]
 fn an_existing_bundle_needs_force() {
     let (_d, src, out) = mini();
-    ok(&["convert", "--src", s(&src), "--out", s(&out)]);
+    convert_ok(&src, &out, &[]);
     let before = tree(&out);
     let line = fails(
         &convert(&src, &out, &[]),
@@ -513,7 +450,7 @@ fn an_existing_bundle_needs_force() {
     );
     assert!(line.contains("already exists"), "{line}");
     assert_eq!(tree(&out), before, "the existing bundles are untouched");
-    ok(&["convert", "--src", s(&src), "--out", s(&out), "--force"]);
+    convert_ok(&src, &out, &["--force"]);
     assert_eq!(tree(&out), before, "--force rewrites the same bytes");
 }
 
@@ -544,7 +481,7 @@ impl Drop for Mount {
 fn convert_with_file_size_limit(src: &Path, out: &Path, limit: u64) -> std::process::Output {
     use std::os::unix::process::CommandExt;
     let mut cmd = q3vl();
-    cmd.args(["convert", "--src", s(src), "--out", s(out)]);
+    cmd.args(convert_args(src, out, &[]));
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -642,7 +579,7 @@ fn ctrl_c_mid_conversion_leaves_nothing() {
 #[test]
 fn inspect_reports_damaged_bundles() {
     let (_d, src, out) = mini();
-    ok(&["convert", "--src", s(&src), "--out", s(&out)]);
+    convert_ok(&src, &out, &[]);
     let b = out.join("mini_decode_int8hu");
     let tok = b.join("tokenizer/tokenizer.json");
     let mut bytes = std::fs::read(&tok).unwrap();

@@ -29,17 +29,9 @@ fn sources(d: &Path) -> (PathBuf, PathBuf) {
     (a, b)
 }
 
-fn convert(src: &Path, out: &Path, extra: &[&str]) -> Output {
-    let mut args = vec!["convert", "--src", s(src), "--out", s(out)];
-    args.extend_from_slice(extra);
-    run(&args)
-}
-
 /// Starts `q3vl convert` that stops after its first tensor while `hold` exists.
 fn held(src: &Path, out: &Path, hold: &Path, extra: &[&str]) -> Child {
-    let mut args = vec!["convert", "--src", s(src), "--out", s(out)];
-    args.extend_from_slice(extra);
-    held_run(&args, hold, libc::SIG_DFL)
+    held_run(&convert_args(src, out, extra), hold, libc::SIG_DFL)
 }
 
 /// Starts `q3vl ARGS` with the hold hook on `hold` and SIGHUP's disposition set to

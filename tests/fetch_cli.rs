@@ -43,6 +43,11 @@ fn q3vl_env(home: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
     c.args(args).output().unwrap()
 }
 
+/// The environment that points q3vl at the hub `url` with its cache in `cache`.
+fn hub_env<'a>(url: &'a str, cache: &'a Path) -> [(&'static str, &'a str); 2] {
+    [("HF_ENDPOINT", url), ("HF_HUB_CACHE", s(cache))]
+}
+
 fn stdout(o: &Output) -> String {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     String::from_utf8(o.stdout.clone()).unwrap()
@@ -53,10 +58,7 @@ fn fetch_honours_the_environment_and_convert_records_provenance() {
     let tmp = tempfile::tempdir().unwrap();
     let hub = hub(tmp.path());
     let cache = tmp.path().join("hub-cache");
-    let env = [
-        ("HF_ENDPOINT", hub.url.as_str()),
-        ("HF_HUB_CACHE", s(&cache)),
-    ];
+    let env = hub_env(&hub.url, &cache);
     let out = stdout(&q3vl_env(tmp.path(), &env, &["fetch", "--hf-id", ID]));
     let snap = cache.join("models--Org--Mini-Model.v1/snapshots").join(SHA);
     assert_eq!(out.trim(), s(&snap));
@@ -119,10 +121,7 @@ fn tokens_come_from_hf_token() {
     let hub = hub(tmp.path());
     hub.require_token("hf_s3cret");
     let cache = tmp.path().join("c");
-    let env = [
-        ("HF_ENDPOINT", hub.url.as_str()),
-        ("HF_HUB_CACHE", s(&cache)),
-    ];
+    let env = hub_env(&hub.url, &cache);
     fails(
         &q3vl_env(tmp.path(), &env, &["fetch", "--hf-id", ID]),
         &[ID, "HF_TOKEN"],
@@ -137,10 +136,7 @@ fn hub_errors_are_one_clear_line() {
     let tmp = tempfile::tempdir().unwrap();
     let hub = hub(tmp.path());
     let cache = tmp.path().join("c");
-    let env = [
-        ("HF_ENDPOINT", hub.url.as_str()),
-        ("HF_HUB_CACHE", s(&cache)),
-    ];
+    let env = hub_env(&hub.url, &cache);
     fails(
         &q3vl_env(tmp.path(), &env, &["fetch", "--hf-id", "Org/Missing"]),
         &["Org/Missing", "not found"],
@@ -169,7 +165,7 @@ fn hub_errors_are_one_clear_line() {
     let line = fails(
         &q3vl_env(
             tmp.path(),
-            &[("HF_ENDPOINT", &url), ("HF_HUB_CACHE", s(&cache))],
+            &hub_env(&url, &cache),
             &["fetch", "--hf-id", "Org/Other"],
         ),
         &["cannot reach"],

@@ -60,19 +60,10 @@ fn run_fed(args: &[&str], stdin: Option<Vec<u8>>) -> Output {
     child.wait_with_output().unwrap()
 }
 
-/// A fresh mini checkpoint (`write_checkpoint`) to damage, and an output folder.
-fn mini() -> (tempfile::TempDir, PathBuf, PathBuf) {
-    let d = tempfile::tempdir().unwrap();
-    let src = d.path().join("mini");
-    write_checkpoint(&src, &mini_config());
-    let out = d.path().join("out");
-    (d, src, out)
-}
-
 /// `convert --src SRC --out OUT` must fail as bad input naming every needle, and leave
 /// no bundle.
 fn convert_fails(src: &Path, out: &Path, needles: &[&str]) -> String {
-    let o = run_bounded(&["convert", "--src", s(src), "--out", s(out)]);
+    let o = run_bounded(&convert_args(src, out, &[]));
     let line = fails(&o, needles);
     no_bundle_left(out);
     line

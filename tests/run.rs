@@ -16,6 +16,24 @@ fn run_json(args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&ok(args)).expect("--json prints one JSON document")
 }
 
+/// `run --bundle OUT --image IMG --prompt "What is in the image?" --max-new-tokens N
+/// EXTRA…` as an argument list.
+fn image_question<'a>(out: &'a Path, img: &'a Path, n: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec![
+        "run",
+        "--bundle",
+        s(out),
+        "--image",
+        s(img),
+        "--prompt",
+        "What is in the image?",
+        "--max-new-tokens",
+        n,
+    ];
+    a.extend_from_slice(extra);
+    a
+}
+
 #[test]
 fn shapes_answers_what_is_in_the_image() {
     let out = converted_fixture("shapes");
@@ -29,17 +47,7 @@ fn shapes_answers_what_is_in_the_image() {
     for k in 0..6 {
         let name = format!("demo_{k}.png");
         let img = fixture(&format!("shapes/images/{name}"));
-        let text = ok(&[
-            "run",
-            "--bundle",
-            s(&out),
-            "--image",
-            s(&img),
-            "--prompt",
-            "What is in the image?",
-            "--max-new-tokens",
-            "16",
-        ]);
+        let text = ok(&image_question(&out, &img, "16", &[]));
         println!("{name}: {:?} (true: {})", text.trim(), answers[&name]);
         if text.trim() == answers[&name].as_str().unwrap() {
             right += 1;
@@ -54,21 +62,12 @@ fn json_output_and_thread_independence() {
     let img = fixture("shapes/images/demo_2.png");
     let mut docs = Vec::new();
     for threads in ["1", "2"] {
-        docs.push(run_json(&[
-            "run",
-            "--bundle",
-            s(&out),
-            "--image",
-            s(&img),
-            "--prompt",
-            "What is in the image?",
-            "--max-new-tokens",
+        docs.push(run_json(&image_question(
+            &out,
+            &img,
             "10",
-            "--ignore-eos",
-            "--json",
-            "--threads",
-            threads,
-        ]));
+            &["--ignore-eos", "--json", "--threads", threads],
+        )));
     }
     let d = &docs[0];
     assert_eq!(
@@ -421,22 +420,10 @@ fn bench_rejects_zero_repetitions() {
 fn every_kernel_path_gives_the_same_tokens() {
     let out = converted_fixture("shapes");
     let img = fixture("shapes/images/demo_4.png");
-    let args = [
-        "run",
-        "--bundle",
-        s(&out),
-        "--image",
-        s(&img),
-        "--prompt",
-        "What is in the image?",
-        "--max-new-tokens",
-        "8",
-        "--ignore-eos",
-        "--json",
-    ];
+    let args = image_question(&out, &img, "8", &["--ignore-eos", "--json"]);
     let with_path = |p: &str| {
         let o = q3vl()
-            .args(args)
+            .args(&args)
             .env("Q3VL_KERNEL_PATH", p)
             .output()
             .unwrap();
@@ -459,7 +446,7 @@ fn every_kernel_path_gives_the_same_tokens() {
         assert_eq!(d["tokens"], best["tokens"], "{p} vs {best_path}");
     }
     let bogus = q3vl()
-        .args(args)
+        .args(&args)
         .env("Q3VL_KERNEL_PATH", "sse9")
         .output()
         .unwrap();
@@ -470,7 +457,7 @@ fn every_kernel_path_gives_the_same_tokens() {
         "avx2"
     };
     let o = q3vl()
-        .args(args)
+        .args(&args)
         .env("Q3VL_KERNEL_PATH", foreign)
         .output()
         .unwrap();

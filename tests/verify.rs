@@ -18,6 +18,24 @@ fn trace(fx: &str, t: &str) -> PathBuf {
     fixture(fx).join("traces").join(format!("{t}.safetensors"))
 }
 
+/// `verify SIDE SUBJECT --trace T… --report REPORT EXTRA…` as an argument list (`SIDE`
+/// is `--src` or `--bundle`).
+fn verify_args<'a>(
+    side: &'a str,
+    subject: &'a Path,
+    traces: &[&'a Path],
+    report: &'a Path,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut a = vec!["verify", side, s(subject)];
+    for t in traces {
+        a.extend(["--trace", s(t)]);
+    }
+    a.extend(["--report", s(report)]);
+    a.extend_from_slice(extra);
+    a
+}
+
 /// Converts a fixture into `out` and returns `out`.
 fn convert(fx: &str, out: &Path, mode: &str) {
     ok(&[
@@ -29,6 +47,24 @@ fn convert(fx: &str, out: &Path, mode: &str) {
         "--mode",
         mode,
     ]);
+}
+
+/// `tied` converted (int8hu) into `dir/b`; returns that folder and the language
+/// bundle's weights file.
+fn tied_int8hu(dir: &Path) -> (PathBuf, PathBuf) {
+    let out = dir.join("b");
+    convert("tied", &out, "int8hu");
+    let w = out.join("tied_decode_int8hu").join("model.safetensors");
+    (out, w)
+}
+
+/// Asserts the last line `o` printed on stdout names `gate`.
+fn last_line_names(o: &std::process::Output, gate: &str) {
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.trim_end().lines().last().unwrap().contains(gate),
+        "{stdout}"
+    );
 }
 
 /// Rewrites the bytes of one tensor of a safetensors file in place.
@@ -61,19 +97,13 @@ fn fp32_ladder_passes_on_the_fixtures_and_writes_reports() {
     let dir = tempfile::tempdir().unwrap();
     let rep = dir.path().join("rep");
     let junit = dir.path().join("junit.xml");
-    let out = ok(&[
-        "verify",
+    let out = ok(&verify_args(
         "--src",
-        s(&fixture("tied")),
-        "--trace",
-        s(&trace("tied", "image")),
-        "--trace",
-        s(&trace("tied", "text")),
-        "--report",
-        s(&rep),
-        "--junit",
-        s(&junit),
-    ]);
+        &fixture("tied"),
+        &[&trace("tied", "image"), &trace("tied", "text")],
+        &rep,
+        &["--junit", s(&junit)],
+    ));
     assert!(
         out.trim_end().lines().last().unwrap().starts_with("PASS"),
         "{out}"
@@ -93,16 +123,13 @@ fn fp32_ladder_passes_on_the_fixtures_and_writes_reports() {
 #[test]
 fn json_output_is_one_document() {
     let dir = tempfile::tempdir().unwrap();
-    let out = ok(&[
-        "verify",
+    let out = ok(&verify_args(
         "--src",
-        s(&fixture("tied")),
-        "--trace",
-        s(&trace("tied", "text")),
-        "--report",
-        s(dir.path()),
-        "--json",
-    ]);
+        &fixture("tied"),
+        &[&trace("tied", "text")],
+        dir.path(),
+        &["--json"],
+    ));
     let v: serde_json::Value = serde_json::from_str(&out).expect("stdout is one JSON document");
     assert_eq!(v["format"], "q3vl-verify-report/1");
 }
@@ -121,30 +148,26 @@ fn a_trace_of_another_format_is_bad_input() {
     let mut b2 = bytes.clone();
     b2[pos + 21] = b'9';
     std::fs::write(&bad, b2).unwrap();
-    let o = run(&[
-        "verify",
+    let o = run(&verify_args(
         "--src",
-        s(&fixture("tied")),
-        "--trace",
-        s(&bad),
-        "--report",
-        s(dir.path()),
-    ]);
+        &fixture("tied"),
+        &[&bad],
+        dir.path(),
+        &[],
+    ));
     fails(&o, &["bad.safetensors", "qwen3vl-oracle-trace/9"]);
 }
 
 #[test]
 fn a_trace_of_another_model_is_bad_input() {
     let dir = tempfile::tempdir().unwrap();
-    let o = run(&[
-        "verify",
+    let o = run(&verify_args(
         "--src",
-        s(&fixture("tied")),
-        "--trace",
-        s(&trace("odd", "text")),
-        "--report",
-        s(dir.path()),
-    ]);
+        &fixture("tied"),
+        &[&trace("odd", "text")],
+        dir.path(),
+        &[],
+    ));
     fails(&o, &["does not fit"]);
 }
 
@@ -155,18 +178,13 @@ fn int8_bundles_pass_every_gate_and_get_stamped() {
     let out = dir.path().join("b");
     convert("shapes", &out, "int8hu");
     let rep = dir.path().join("rep");
-    ok(&[
-        "verify",
+    ok(&verify_args(
         "--bundle",
-        s(&out),
-        "--trace",
-        s(&trace("shapes", "image")),
-        "--trace",
-        s(&trace("shapes", "text")),
-        "--report",
-        s(&rep),
-        "--stamp",
-    ]);
+        &out,
+        &[&trace("shapes", "image"), &trace("shapes", "text")],
+        &rep,
+        &["--stamp"],
+    ));
     let lang = out.join("shapes_decode_int8hu");
     assert!(lang.join("verification.json").exists());
     assert!(out.join("shapes_vision").join("verification.json").exists());
@@ -246,28 +264,18 @@ fn int8_bundles_pass_every_gate_and_get_stamped() {
 #[test]
 fn a_bundle_failing_its_checksums_is_never_stamped() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("b");
-    convert("tied", &out, "int8hu");
-    let w = out.join("tied_decode_int8hu").join("model.safetensors");
-    edit_tensor(
-        &w,
-        "model.language_model.layers.0.mlp.up_proj.weight",
-        |b| b[5] ^= 0x40,
-    );
+    let (out, w) = tied_int8hu(dir.path());
+    let flip_up = || {
+        edit_tensor(
+            &w,
+            "model.language_model.layers.0.mlp.up_proj.weight",
+            |b| b[5] ^= 0x40,
+        )
+    };
+    flip_up();
     let rep = dir.path().join("rep");
     let tr = trace("tied", "text");
-    let verify_stamp = || {
-        let args = [
-            "verify",
-            "--bundle",
-            s(&out),
-            "--trace",
-            s(&tr),
-            "--report",
-            s(&rep),
-        ];
-        run(&[&args[..], &["--stamp"]].concat())
-    };
+    let verify_stamp = || run(&verify_args("--bundle", &out, &[&tr], &rep, &["--stamp"]));
     fails(
         &verify_stamp(),
         &["tied_decode_int8hu/model.safetensors", "sha256"],
@@ -275,11 +283,7 @@ fn a_bundle_failing_its_checksums_is_never_stamped() {
     assert!(!out.join("tied_decode_int8hu/verification.json").exists());
     assert!(!out.join("tied_vision/verification.json").exists());
     // A file the bundle's metadata does not list would be stamped unchecked: refused.
-    edit_tensor(
-        &w,
-        "model.language_model.layers.0.mlp.up_proj.weight",
-        |b| b[5] ^= 0x40,
-    );
+    flip_up();
     std::fs::write(out.join("tied_vision/extra.bin"), b"x").unwrap();
     fails(&verify_stamp(), &["tied_vision", "extra.bin", "not listed"]);
     assert!(!out.join("tied_vision/verification.json").exists());
@@ -288,9 +292,7 @@ fn a_bundle_failing_its_checksums_is_never_stamped() {
 #[test]
 fn one_layer_with_scales_times_1_5_fails_the_ladder_at_that_layer() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("b");
-    convert("tied", &out, "int8hu");
-    let w = out.join("tied_decode_int8hu").join("model.safetensors");
+    let (out, w) = tied_int8hu(dir.path());
     edit_tensor(
         &w,
         "model.language_model.layers.3.mlp.down_proj.weight.scales",
@@ -298,16 +300,13 @@ fn one_layer_with_scales_times_1_5_fails_the_ladder_at_that_layer() {
     );
     reseal(&out.join("tied_decode_int8hu"));
     let rep = dir.path().join("rep");
-    let o = run(&[
-        "verify",
+    let o = run(&verify_args(
         "--bundle",
-        s(&out),
-        "--trace",
-        s(&trace("tied", "text")),
-        "--report",
-        s(&rep),
-        "--stamp",
-    ]);
+        &out,
+        &[&trace("tied", "text")],
+        &rep,
+        &["--stamp"],
+    ));
     assert_eq!(
         o.status.code(),
         Some(1),
@@ -319,16 +318,7 @@ fn one_layer_with_scales_times_1_5_fails_the_ladder_at_that_layer() {
     let rows = r["traces"][0]["rows"].as_array().unwrap();
     let first_bad = rows.iter().find(|row| row["passed"] == false).unwrap();
     assert_eq!(first_bad["name"], "text.layer.3");
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        stdout
-            .trim_end()
-            .lines()
-            .last()
-            .unwrap()
-            .contains("text.ladder"),
-        "{stdout}"
-    );
+    last_line_names(&o, "text.ladder");
     assert!(!out
         .join("tied_decode_int8hu")
         .join("verification.json")
@@ -355,26 +345,9 @@ fn a_wrong_image_fails_the_vision_gate() {
         }
     });
     let rep = dir.path().join("rep");
-    let o = run(&[
-        "verify",
-        "--bundle",
-        s(&out),
-        "--trace",
-        s(&img),
-        "--report",
-        s(&rep),
-    ]);
+    let o = run(&verify_args("--bundle", &out, &[&img], &rep, &[]));
     assert_eq!(o.status.code(), Some(1));
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        stdout
-            .trim_end()
-            .lines()
-            .last()
-            .unwrap()
-            .contains("vision.ladder"),
-        "{stdout}"
-    );
+    last_line_names(&o, "vision.ladder");
 }
 
 /// Copies trace `t` of fixture `fx` to `dir`, keeping only the first row of tensor
@@ -422,15 +395,7 @@ fn a_trace_whose_tap_covers_fewer_rows_is_bad_input() {
                 "--src" => fixture("tied"),
                 _ => common::converted_fixture("tied"),
             };
-            let o = run(&[
-                "verify",
-                side,
-                s(&subject),
-                "--trace",
-                s(&bad),
-                "--report",
-                s(dir.path()),
-            ]);
+            let o = run(&verify_args(side, &subject, &[&bad], dir.path(), &[]));
             fails(&o, &[name, "does not fit"]);
         }
     }

@@ -58,6 +58,28 @@ pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
+/// `q3vl convert --src SRC --out OUT EXTRA…` as an argument list.
+pub fn convert_args<'a>(src: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["convert", "--src", s(src), "--out", s(out)];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// Runs `q3vl convert --src SRC --out OUT EXTRA…` to completion.
+pub fn convert(src: &Path, out: &Path, extra: &[&str]) -> Output {
+    run(&convert_args(src, out, extra))
+}
+
+/// A fresh mini checkpoint ([`write_checkpoint`] of [`mini_config`]) to damage, and an
+/// output folder.
+pub fn mini() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("mini");
+    write_checkpoint(&src, &mini_config());
+    let out = d.path().join("out");
+    (d, src, out)
+}
+
 /// Asserts `out` holds nothing that looks like a bundle (no folder with a
 /// `metadata.json`) and no staging leftovers (lock files, which are never removed,
 /// aside).

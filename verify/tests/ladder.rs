@@ -104,32 +104,23 @@ fn every_fixture_trace_passes_the_fp32_ladder() {
     }
 }
 
+/// The first failing row of `r` is `row`, and the gate `gate` fails.
+fn fails_first_at(r: &TraceReport, row: &str, gate: &str) {
+    let first_bad = r.rows.iter().find(|row| !row.passed).expect("a row fails");
+    assert_eq!(first_bad.name, row);
+    assert!(!r.gates.iter().find(|g| g.name == gate).unwrap().passed);
+}
+
 #[test]
 fn a_perturbed_decoder_layer_fails_there_and_nowhere_earlier() {
     let name = "model.language_model.layers.2.mlp.down_proj.weight";
     let r = ladder("tied", "text.safetensors", Some((name, 1.5)));
-    let first_bad = r.rows.iter().find(|row| !row.passed).expect("a row fails");
-    assert_eq!(first_bad.name, "text.layer.2");
-    assert!(
-        !r.gates
-            .iter()
-            .find(|g| g.name == "text.ladder")
-            .unwrap()
-            .passed
-    );
+    fails_first_at(&r, "text.layer.2", "text.ladder");
 }
 
 #[test]
 fn a_perturbed_vit_block_fails_there_and_nowhere_earlier() {
     let name = "model.visual.blocks.3.attn.proj.weight";
     let r = ladder("tied", "image.safetensors", Some((name, 1.5)));
-    let first_bad = r.rows.iter().find(|row| !row.passed).expect("a row fails");
-    assert_eq!(first_bad.name, "vision.block.3");
-    assert!(
-        !r.gates
-            .iter()
-            .find(|g| g.name == "vision.ladder")
-            .unwrap()
-            .passed
-    );
+    fails_first_at(&r, "vision.block.3", "vision.ladder");
 }

@@ -161,6 +161,11 @@ fn respond(
     c.flush()
 }
 
+/// An error answer as the hub gives one: `status`, the `X-Error-Code` header, `body`.
+fn hub_error(c: &mut TcpStream, status: &str, code: &str, body: &[u8]) -> std::io::Result<()> {
+    respond(c, status, &[("X-Error-Code", code.into())], body)
+}
+
 fn serve(mut c: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
     c.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
     let mut reader = BufReader::new(c.try_clone()?);
@@ -190,12 +195,7 @@ fn serve(mut c: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
     ));
     if let Some(t) = &st.token {
         if auth.as_deref() != Some(&format!("Bearer {t}")) {
-            return respond(
-                &mut c,
-                "401 Unauthorized",
-                &[("X-Error-Code", "RepoNotFound".into())],
-                b"{}",
-            );
+            return hub_error(&mut c, "401 Unauthorized", "RepoNotFound", b"{}");
         }
     }
     let path = target.split('?').next().unwrap_or("").to_string();
@@ -205,20 +205,15 @@ fn serve(mut c: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
         let id = format!("{}/{}", segs[2], segs[3]);
         let rev = segs[5..].join("/");
         let Some(repo) = st.repos.get(&id) else {
-            return respond(
+            return hub_error(
                 &mut c,
                 "404 Not Found",
-                &[("X-Error-Code", "RepoNotFound".into())],
+                "RepoNotFound",
                 b"{\"error\":\"Repository not found\"}",
             );
         };
         if rev != "main" && rev != repo.sha {
-            return respond(
-                &mut c,
-                "404 Not Found",
-                &[("X-Error-Code", "RevisionNotFound".into())],
-                b"{}",
-            );
+            return hub_error(&mut c, "404 Not Found", "RevisionNotFound", b"{}");
         }
         let siblings: Vec<serde_json::Value> = repo
             .files
@@ -245,28 +240,13 @@ fn serve(mut c: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
         let rev = segs[3];
         let file = segs[4..].join("/");
         let Some(repo) = st.repos.get(&id).cloned() else {
-            return respond(
-                &mut c,
-                "404 Not Found",
-                &[("X-Error-Code", "RepoNotFound".into())],
-                b"{}",
-            );
+            return hub_error(&mut c, "404 Not Found", "RepoNotFound", b"{}");
         };
         if rev != "main" && rev != repo.sha {
-            return respond(
-                &mut c,
-                "404 Not Found",
-                &[("X-Error-Code", "RevisionNotFound".into())],
-                b"{}",
-            );
+            return hub_error(&mut c, "404 Not Found", "RevisionNotFound", b"{}");
         }
         let Some(data) = repo.files.get(&file) else {
-            return respond(
-                &mut c,
-                "404 Not Found",
-                &[("X-Error-Code", "EntryNotFound".into())],
-                b"{}",
-            );
+            return hub_error(&mut c, "404 Not Found", "EntryNotFound", b"{}");
         };
         let mut headers = vec![("X-Repo-Commit", repo.sha.clone())];
         if repo.lfs.contains(&file) {
