@@ -12,7 +12,8 @@
 # 5. $Q3VL_AB_ROUNDS (default 3) interleaved rounds of `q3vl bench --json --reps 1` (vision,
 #    prefill, decode, the bandwidth bound), the base first in odd rounds, this checkout first in
 #    even ones: the host drifts, so every ratio compares two runs of the same round.
-# The markdown table goes to stdout. Work in $Q3VL_BENCH_DIR (default /tmp/q3vl-bench-ab),
+# Q3VL_AB_BENCH_ARGS adds options to every `q3vl bench` (e.g. "--decode-tokens 48" for
+# a steadier decode figure). The markdown table goes to stdout. Work in $Q3VL_BENCH_DIR (default /tmp/q3vl-bench-ab),
 # deleted at the end unless KEEP=1.
 set -euo pipefail
 
@@ -85,7 +86,8 @@ new_tokens=$(answer "$Q3VL_BIN")
 }
 echo "tokens identical: $new_tokens" >&2
 
-bench() { "$1" bench --bundle "$OUT" --json --reps 1 --threads "$THREADS" > "$2"; }
+# shellcheck disable=SC2086 # Q3VL_AB_BENCH_ARGS is a list of options
+bench() { "$1" bench --bundle "$OUT" --json --reps 1 --threads "$THREADS" ${Q3VL_AB_BENCH_ARGS:-} > "$2"; }
 for r in $(seq 1 "$ROUNDS"); do
   echo "== round $r of $ROUNDS" >&2
   if (( r % 2 )); then

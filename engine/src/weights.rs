@@ -6,6 +6,10 @@ use half::f16;
 use q3vl_bundle::{Bundle, Dtype};
 use rayon::prelude::*;
 
+// The bundle format's block and the kernels' block are one number, defined where each
+// crate needs it (the kernels depend on nothing); this is where the two meet.
+const _: () = assert!(q3vl_bundle::BLOCK == crate::kernels::BLOCK);
+
 /// f16 weight rows per parallel task; any value gives the same numbers, since each
 /// output is one whole dot product.
 const ROWS_PER_TASK: usize = 16;
