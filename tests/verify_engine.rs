@@ -7,7 +7,7 @@ mod common;
 use common::damage::{edit_tensor, pair, reseal_pair, scale_f16};
 use common::{ok, s};
 use q3vl_engine::{Engine, EngineOptions};
-use q3vl_verify::session::{EngineGate, Quiet, Request};
+use q3vl_verify::session::{EngineGate, EngineOpener, Quiet, Request, Verified};
 use q3vl_verify::Gates;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -159,6 +159,22 @@ fn the_engine_gate_passes_on_shapes_int8hu_for_24_of_24_steps() {
 /// The scales of layer 0's down_proj.
 const DOWN_PROJ_SCALES: &str = "model.language_model.layers.0.mlp.down_proj.weight.scales";
 
+/// The library's verify run on the bundles in `out` against the shapes traces, asking
+/// to stamp, with the engine ≡ reference gate on the engine `open` gives.
+fn verify_with_engine(out: &Path, open: EngineOpener<'_>) -> Verified {
+    let (gates, ts) = (Gates::builtin(), traces("shapes"));
+    let request = Request {
+        src: None,
+        bundle: Some(out),
+        traces: &ts,
+        gates: &gates,
+        engine: EngineGate::Other(open),
+        stamp: true,
+        tool: "q3vl test".into(),
+    };
+    q3vl_verify::verify(&request, &mut Quiet).unwrap()
+}
+
 #[test]
 fn a_wrong_engine_kernel_fails_the_engine_gate_and_nothing_else() {
     // The engine runs on a damaged copy of the bundles (one scale of layer 0's
@@ -175,17 +191,7 @@ fn a_wrong_engine_kernel_fails_the_engine_gate_and_nothing_else() {
     reseal_pair(&bad);
     let open_bad = |_: &Path| Engine::open(&bad, &EngineOptions::default());
 
-    let (gates, ts) = (Gates::builtin(), traces("shapes"));
-    let request = Request {
-        src: None,
-        bundle: Some(&out),
-        traces: &ts,
-        gates: &gates,
-        engine: EngineGate::Other(&open_bad),
-        stamp: true,
-        tool: "q3vl test".into(),
-    };
-    let verified = q3vl_verify::verify(&request, &mut Quiet).unwrap();
+    let verified = verify_with_engine(&out, &open_bad);
     let report: Value = serde_json::from_str(&verified.report().to_json()).unwrap();
     assert!(!verified.report().passed(), "{report}");
     let text = verified.report().to_text();
@@ -194,7 +200,7 @@ fn a_wrong_engine_kernel_fails_the_engine_gate_and_nothing_else() {
         last.starts_with("FAIL") && last.contains(&format!("image:{GATE}")),
         "{last}"
     );
-    let min_cos = gates.bundle.engine_logits_cos;
+    let min_cos = Gates::builtin().bundle.engine_logits_cos;
     for (trace, g, e) in engine_gates(&report) {
         assert_eq!(g["passed"], false, "{trace}: {g}");
         assert!(g["detail"].as_str().unwrap().starts_with("step "), "{g}");
@@ -236,17 +242,7 @@ fn a_run_whose_engine_came_from_elsewhere_never_stamps() {
     let out = dir.path().join("b");
     convert("shapes", "int8hu", &out);
     let open_same = |p: &Path| Engine::open(p, &EngineOptions::default());
-    let (gates, ts) = (Gates::builtin(), traces("shapes"));
-    let request = Request {
-        src: None,
-        bundle: Some(&out),
-        traces: &ts,
-        gates: &gates,
-        engine: EngineGate::Other(&open_same),
-        stamp: true,
-        tool: "q3vl test".into(),
-    };
-    let verified = q3vl_verify::verify(&request, &mut Quiet).unwrap();
+    let verified = verify_with_engine(&out, &open_same);
     assert!(
         verified.report().passed(),
         "{}",
