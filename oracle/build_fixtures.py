@@ -652,6 +652,20 @@ def train_shapes(
     return time.time() - t0
 
 
+def greedy_answer(model, inputs, eos):
+    """Greedy decode of at most 16 tokens (the answers' length), stopping at `eos`."""
+    return model.generate(
+        **inputs,
+        do_sample=False,
+        max_new_tokens=16,
+        eos_token_id=eos,
+        pad_token_id=eos[1],
+        temperature=None,
+        top_k=None,
+        top_p=None,
+    )
+
+
 def eval_shapes(model, processor, tok, n, seed, log, batch=20):
     """Exact-answer accuracy with HF greedy generate (eos stops) on n fresh renders + all text tasks."""
     rng = np.random.default_rng(seed)
@@ -672,16 +686,7 @@ def eval_shapes(model, processor, tok, n, seed, log, batch=20):
             "image_grid_thw": torch.cat([p["image_grid_thw"] for p in parts]),
         }
         with torch.no_grad():
-            out = model.generate(
-                **kwargs,
-                do_sample=False,
-                max_new_tokens=16,
-                eos_token_id=eos,
-                pad_token_id=eos[1],
-                temperature=None,
-                top_k=None,
-                top_p=None,
-            )
+            out = greedy_answer(model, kwargs, eos)
         plen = kwargs["input_ids"].shape[1]
         for i, (_, ans) in enumerate(imgs):
             toks = out[i, plen:].tolist()
@@ -698,16 +703,7 @@ def eval_shapes(model, processor, tok, n, seed, log, batch=20):
     for prompt, ans in tasks:
         _, inp = build_inputs(processor, prompt, None)
         with torch.no_grad():
-            out = model.generate(
-                **inp,
-                do_sample=False,
-                max_new_tokens=16,
-                eos_token_id=eos,
-                pad_token_id=eos[1],
-                temperature=None,
-                top_k=None,
-                top_p=None,
-            )
+            out = greedy_answer(model, inp, eos)
         toks = out[0, inp["input_ids"].shape[1] :].tolist()
         cut = [j for j, t in enumerate(toks) if t in eos]
         toks = toks[: cut[0]] if cut else toks

@@ -4,7 +4,6 @@
 
 mod common;
 
-use candle_core::{Device, Tensor};
 use common::converted_fixture;
 use q3vl_engine::{Engine, EngineOptions, GenerateParams};
 use q3vl_model::reference::{self, Continuation, ImageInput};
@@ -55,14 +54,7 @@ fn compare(fixture: &str, prompt: &str, image: Option<&str>) {
 
     let bundles = q3vl_bundle::Bundles::open(&out).unwrap();
     let src = q3vl_verify::BundleSource::new(&bundles);
-    let pv = patched.as_ref().map(|p| {
-        Tensor::from_vec(
-            p.pixel_values.clone(),
-            (p.num_patches(), p.patch_dim),
-            &Device::Cpu,
-        )
-        .unwrap()
-    });
+    let pv = patched.as_ref().map(|p| p.to_tensor().unwrap());
     let img = patched.as_ref().zip(pv.as_ref()).map(|(p, t)| ImageInput {
         pixel_values: t,
         grid_thw: p.grid_thw,

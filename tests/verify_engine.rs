@@ -159,6 +159,19 @@ fn the_engine_gate_passes_on_shapes_int8hu_for_24_of_24_steps() {
 /// The scales of layer 0's down_proj.
 const DOWN_PROJ_SCALES: &str = "model.language_model.layers.0.mlp.down_proj.weight.scales";
 
+/// `verified` ran another engine: stamping is refused, and `out` holds no stamp.
+fn refuses_to_stamp(verified: &Verified, out: &Path) {
+    let refused = verified.stamp().unwrap_err().to_string();
+    assert!(
+        refused.contains("not opened from these bundles"),
+        "{refused}"
+    );
+    assert!(!out
+        .join("shapes_decode_int8hu")
+        .join("verification.json")
+        .exists());
+}
+
 /// The library's verify run on the bundles in `out` against the shapes traces, asking
 /// to stamp, with the engine ≡ reference gate on the engine `open` gives.
 fn verify_with_engine(out: &Path, open: EngineOpener<'_>) -> Verified {
@@ -223,15 +236,7 @@ fn a_wrong_engine_kernel_fails_the_engine_gate_and_nothing_else() {
         "{junit}"
     );
     // Neither stamped nor unstamped: the gate did not run the bundles' own engine.
-    let refused = verified.stamp().unwrap_err().to_string();
-    assert!(
-        refused.contains("not opened from these bundles"),
-        "{refused}"
-    );
-    assert!(!out
-        .join("shapes_decode_int8hu")
-        .join("verification.json")
-        .exists());
+    refuses_to_stamp(&verified, &out);
 }
 
 #[test]
@@ -248,15 +253,7 @@ fn a_run_whose_engine_came_from_elsewhere_never_stamps() {
         "{}",
         verified.report().to_text()
     );
-    let refused = verified.stamp().unwrap_err().to_string();
-    assert!(
-        refused.contains("not opened from these bundles"),
-        "{refused}"
-    );
-    assert!(!out
-        .join("shapes_decode_int8hu")
-        .join("verification.json")
-        .exists());
+    refuses_to_stamp(&verified, &out);
 }
 
 #[test]

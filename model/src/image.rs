@@ -42,6 +42,17 @@ impl PatchedImage {
     pub fn num_tokens(&self, merge: usize) -> usize {
         self.num_patches() / (merge * merge)
     }
+
+    /// The patch rows as the reference's `[P, C·T·p·p]` pixel tensor (a copy).
+    pub fn to_tensor(&self) -> Result<candle_core::Tensor> {
+        let shape = (self.num_patches(), self.patch_dim);
+        let t = candle_core::Tensor::from_vec(
+            self.pixel_values.clone(),
+            shape,
+            &candle_core::Device::Cpu,
+        )?;
+        Ok(t)
+    }
 }
 
 /// Largest image file read, in bytes (1 GiB): twice the largest pixel buffer the

@@ -7,7 +7,7 @@
 //! `decode.lse` (the log-sum-exp over the whole vocabulary of every row, in f64),
 //! with `oracle` = `q3vl-reference` and `oracle_mode` = `whole`.
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use q3vl_model::image::{self, Resize};
 use q3vl_model::prompt::PromptBuilder;
 use q3vl_model::reference::{self, Continuation, ImageInput};
@@ -161,14 +161,7 @@ pub fn write(ckpt: &Path, trace: &Path, req: &TraceRequest<'_>) -> PathBuf {
         let rgb = image::load_rgb(p).unwrap();
         image::preprocess(&rgb, &pre, Resize::Dynamic).unwrap()
     });
-    let pv = patched.as_ref().map(|p| {
-        Tensor::from_vec(
-            p.pixel_values.clone(),
-            (p.num_patches(), p.patch_dim),
-            &Device::Cpu,
-        )
-        .unwrap()
-    });
+    let pv = patched.as_ref().map(|p| p.to_tensor().unwrap());
     let grid = patched.as_ref().map(|p| p.grid_thw);
     let prompt = pb.chat(req.prompt, grid).unwrap();
     let img = pv.as_ref().zip(grid).map(|(t, g)| ImageInput {
