@@ -10,6 +10,10 @@
 //! busy-waits between its operations for the same reason.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// How long a kept-awake thread waits without work before it parks as rayon would.
+const IDLE_LIMIT: Duration = Duration::from_millis(5);
 
 /// Runs `f` on `pool` while every other thread of the pool waits for work awake
 /// ([`awake_here`]). The work and its results are exactly those of `pool.install(f)`.
@@ -45,8 +49,18 @@ pub fn awake_here<R: Send>(f: impl FnOnce() -> R + Send) -> R {
             if ctx.index() == caller {
                 return;
             }
+            // A worker may run this job nested inside a job it stole from `f` (waiting
+            // for a sub-job, rayon runs whatever is queued, this broadcast included);
+            // spinning there until `f` returns would deadlock, as `f` waits for the
+            // stolen job underneath. So the wait ends after IDLE_LIMIT without work:
+            // longer than any gap between a pass's sections, short against a hang.
+            let mut idle_since = std::time::Instant::now();
             while !done.load(Ordering::Acquire) {
-                if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                if rayon::yield_now() == Some(rayon::Yield::Executed) {
+                    idle_since = std::time::Instant::now();
+                } else if idle_since.elapsed() > IDLE_LIMIT {
+                    return;
+                } else {
                     std::thread::yield_now();
                 }
             }
@@ -106,6 +120,39 @@ mod tests {
                 "threads={threads}: the panic did not come back"
             );
             assert_eq!(awake_here(|| 7), 7, "outside a pool");
+            // Nested joins whose halves take turns being slow: the other thread steals
+            // a half, waits inside it, and may run its awake job there. That must not
+            // hang (it did: a worker spun inside the stolen job `f` was waiting for).
+            if threads > 1 {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let p3 = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                std::thread::spawn(move || {
+                    let mut sum = 0u64;
+                    for round in 0..200u64 {
+                        sum += install_awake(&p3, || {
+                            (0..8u64)
+                                .into_par_iter()
+                                .map(|i| {
+                                    let slow = || {
+                                        if (i + round) % 3 == 0 {
+                                            std::thread::sleep(Duration::from_micros(200));
+                                        }
+                                        i
+                                    };
+                                    let (a, b) = rayon::join(slow, slow);
+                                    a + b
+                                })
+                                .sum::<u64>()
+                        });
+                    }
+                    let _ = tx.send(sum);
+                });
+                let sum = rx.recv_timeout(Duration::from_secs(120));
+                assert_eq!(sum, Ok(200 * 56), "threads={threads}: nested waits hung");
+            }
             // The pool is usable afterwards (no worker left spinning in a job).
             assert_eq!(
                 pool.install(|| (0..100u32).into_par_iter().sum::<u32>()),
