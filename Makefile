@@ -6,7 +6,7 @@ CARGO ?= cargo
 Q3VL := target/release/q3vl
 DEMO := target/demo
 
-.PHONY: demo test test-aarch64 fuzz build fmt clippy oracle lint-oracle fixtures bench bench-convert bench-peer bench-engine bench-ab bench-q8 pipeline clean-demo
+.PHONY: demo test test-aarch64 test-interop fuzz build fmt clippy oracle lint-oracle fixtures bench bench-convert bench-export bench-peer bench-engine bench-ab bench-q8 pipeline clean-demo
 
 ## demo: the whole tool on the embedded shapes fixture: fp32 ladder, int8hu conversion,
 ## quantized gates with a stamp, then the engine answering the fixture's demo images.
@@ -81,12 +81,19 @@ $(ORACLE_STAMP): oracle/requirements.txt
 	oracle/.venv/bin/pip install -q -r oracle/requirements.txt
 	@touch $(ORACLE_STAMP)
 
+## test-interop: the tests that need the oracle's Python (HF transformers loading each
+## fixture's compressed-tensors export, the oracle's own modes). Without the environment
+## `make test` skips their Python half (saying NOT RUN in the test's captured output); this
+## target installs it first (about 5 GB) and makes a skip a failure (Q3VL_REQUIRE_ORACLE=1).
+test-interop: $(ORACLE_STAMP)
+	Q3VL_REQUIRE_ORACLE=1 $(CARGO) test --test export --test oracle_interop
+
 ## lint-oracle: ruff (pinned in oracle/lint-requirements.txt) checks and format-checks the
-## oracle's Python, from a small venv of its own (not the 5 GB oracle one). Not part of `make
+## oracle's Python and scripts/*.py, from a small venv of its own (not the 5 GB oracle one). Not part of `make
 ## test`, which needs no Python.
 LINT_STAMP := oracle/.lint-venv/.q3vl-installed
 lint-oracle: $(LINT_STAMP)
-	cd oracle && .lint-venv/bin/ruff check . && .lint-venv/bin/ruff format --check .
+	cd oracle && .lint-venv/bin/ruff check . ../scripts && .lint-venv/bin/ruff format --check . ../scripts
 $(LINT_STAMP): oracle/lint-requirements.txt
 	python3 -m venv oracle/.lint-venv
 	oracle/.lint-venv/bin/pip install -q -r oracle/lint-requirements.txt
@@ -99,6 +106,10 @@ fixtures: oracle
 ## bench-convert: 8B-shaped conversion speed and memory against the I/O floor.
 bench-convert: build
 	bash convert/bench/bench-convert.sh
+
+## bench-export: 8B-shaped export to compressed-tensors: wall time against the I/O floor, peak RSS.
+bench-export: build
+	bash export/bench/bench-export.sh
 
 ## bench-peer: llama.cpp (llama-cpp-python 0.3.36's vendored tree, q8_0) beside q3vl on one synthetic
 ## 8B checkpoint: prefill, decode, vision, peak RSS (Q3VL_PEER_SIZE=2b|4b; needs `make oracle`).

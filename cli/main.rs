@@ -1,4 +1,4 @@
-//! `q3vl`: fetch, convert, inspect, verify, run and benchmark Qwen3-VL int8 bundles.
+//! `q3vl`: fetch, convert, inspect, verify, run, benchmark and export Qwen3-VL int8 bundles.
 //!
 //! Each subcommand lives in its own module and only calls the library crates.
 //! Exit codes (`docs/cli.md`): 0 success, 1 a verification gate failed, 2 bad usage
@@ -11,6 +11,7 @@ use std::process::ExitCode;
 mod bench;
 mod common;
 mod convert;
+mod export;
 mod fetch;
 mod inspect;
 mod run;
@@ -57,6 +58,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Compare the reference (on a checkpoint or a bundle) with HF oracle traces.
     Verify(verify::VerifyArgs),
+    /// Export a verified bundle pair to another runtime's format.
+    Export(export::ExportArgs),
 }
 
 fn run(cli: Cli) -> anyhow::Result<Outcome> {
@@ -74,6 +77,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Verify(a) => verify::run(a),
         Command::Run(a) => run::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Export(a) => export::run(a),
     }
 }
 

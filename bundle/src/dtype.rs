@@ -1,4 +1,5 @@
-//! The element types a bundle (or a synthesized checkpoint) stores.
+//! The element types q3vl writes: what a bundle stores, what a synthesized checkpoint
+//! stores, and the integer types of an export (`q3vl export`).
 
 use std::fmt;
 
@@ -13,6 +14,10 @@ pub enum Dtype {
     BF16,
     /// Signed 8-bit integer (quantized weights).
     I8,
+    /// Signed 32-bit integer (an export's packed weights; never in a bundle).
+    I32,
+    /// Signed 64-bit integer (an export's weight shapes; never in a bundle).
+    I64,
 }
 
 impl Dtype {
@@ -22,6 +27,8 @@ impl Dtype {
             Dtype::F32 => 4,
             Dtype::F16 | Dtype::BF16 => 2,
             Dtype::I8 => 1,
+            Dtype::I32 => 4,
+            Dtype::I64 => 8,
         }
     }
 
@@ -32,6 +39,8 @@ impl Dtype {
             Dtype::F16 => "F16",
             Dtype::BF16 => "BF16",
             Dtype::I8 => "I8",
+            Dtype::I32 => "I32",
+            Dtype::I64 => "I64",
         }
     }
 
@@ -42,11 +51,14 @@ impl Dtype {
             "F16" => Dtype::F16,
             "BF16" => Dtype::BF16,
             "I8" => Dtype::I8,
+            "I32" => Dtype::I32,
+            "I64" => Dtype::I64,
             _ => return None,
         })
     }
 
-    /// The safetensors crate's dtype, as `q3vl_model::Checkpoint` reports it.
+    /// The safetensors crate's dtype, as `q3vl_model::Checkpoint` reports it; `None`
+    /// for every dtype a bundle does not store (the export-only integers included).
     pub fn from_safetensors(d: safetensors::tensor::Dtype) -> Option<Dtype> {
         use safetensors::tensor::Dtype as S;
         Some(match d {

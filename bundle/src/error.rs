@@ -87,9 +87,9 @@ pub enum BundleError {
 pub enum LockHolder {
     /// A `q3vl convert` writing bundles into the folder.
     Conversion,
-    /// A `q3vl synth` writing the checkpoint folder.
+    /// A `q3vl synth` or `q3vl export` writing the folder (a claim on one entry).
     Synth,
-    /// One or more `q3vl run`, `verify` or `bench` reading the folder's bundles.
+    /// One or more `q3vl run`, `verify`, `bench` or `export` reading the folder's bundles.
     Readers,
 }
 
@@ -97,9 +97,9 @@ impl std::fmt::Display for LockHolder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             LockHolder::Conversion => "another q3vl conversion is writing into this folder",
-            LockHolder::Synth => "another q3vl synth is writing this folder",
+            LockHolder::Synth => "another q3vl synth or export is writing this folder",
             LockHolder::Readers => {
-                "a q3vl run, verify or bench is reading the bundles in this folder"
+                "a q3vl run, verify, bench or export is reading the bundles in this folder"
             }
         })
     }

@@ -67,7 +67,7 @@ pub use pair::Bundles;
 pub use reader::Bundle;
 pub use st_writer::{ShardPolicy, TensorPlan, WeightsWriter, WrittenFile};
 pub use staging::{ReadClaim, Staging};
-pub use stamp::{check_stamp, Stamp, StampStatus, STAMP_FILE};
+pub use stamp::{check_stamp, pair_status, Stamp, StampStatus, STAMP_FILE};
 pub use table::{Listing, StoredTensor};
 pub use writer::{ensure_replaceable, BundleWriter, StagedBundle};
 

@@ -433,8 +433,9 @@ fn assign_shards(plan: &[TensorPlan], policy: ShardPolicy) -> Vec<Vec<usize>> {
     shards
 }
 
-/// The order of one file's tensors: F32, then 2-byte dtypes, then int8 weights each
-/// followed by its scales; plan order within each group.
+/// The order of one file's tensors: 8-byte, then 4-byte, then 2-byte dtypes, then int8
+/// weights each followed by its scales (so every tensor starts aligned to its element
+/// size); plan order within each group.
 fn file_order(plan: &[TensorPlan], members: &[usize]) -> Vec<usize> {
     let names: HashMap<&str, usize> = members
         .iter()
@@ -443,8 +444,9 @@ fn file_order(plan: &[TensorPlan], members: &[usize]) -> Vec<usize> {
     let rank = |i: usize| -> (u8, usize) {
         let t = &plan[i];
         match t.dtype {
-            Dtype::F32 => (0, i),
-            Dtype::I8 => (2, i),
+            Dtype::I64 => (0, i),
+            Dtype::F32 | Dtype::I32 => (1, i),
+            Dtype::I8 => (3, i),
             Dtype::F16 | Dtype::BF16 => {
                 // A scales tensor sorts right after its weight.
                 match t
@@ -453,8 +455,8 @@ fn file_order(plan: &[TensorPlan], members: &[usize]) -> Vec<usize> {
                     .and_then(|base| names.get(base))
                     .filter(|&&b| plan[b].dtype == Dtype::I8)
                 {
-                    Some(&b) => (2, b),
-                    None => (1, i),
+                    Some(&b) => (3, b),
+                    None => (2, i),
                 }
             }
         }

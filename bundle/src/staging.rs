@@ -961,7 +961,11 @@ mod tests {
         let r2 = ReadClaim::acquire(o).unwrap();
         assert!(r1.is_locked() && r2.is_locked());
         let e = Staging::begin(o).err().unwrap();
-        assert!(e.to_string().contains("a q3vl run, verify or bench"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("a q3vl run, verify, bench or export"),
+            "{e}"
+        );
         assert_eq!(locked(e).2, LockHolder::Readers);
         drop((r1, r2));
         let st = Staging::begin(o).unwrap();

@@ -264,6 +264,22 @@ pub fn check_stamp(dir: &Path) -> StampStatus {
     }
 }
 
+/// The combined stamp status of a language and a vision bundle: valid only if both
+/// are; otherwise the first problem, naming its folder. (The pair itself is bound by
+/// the language bundle's `companion_sha256`, which [`crate::Bundles::open`] checks.)
+pub fn pair_status(language: &Path, vision: &Path) -> StampStatus {
+    for dir in [language, vision] {
+        match check_stamp(dir) {
+            StampStatus::Valid => {}
+            StampStatus::Missing => return StampStatus::Missing,
+            StampStatus::Invalid(why) => {
+                return StampStatus::Invalid(format!("{}: {why}", printable(dir.display())))
+            }
+        }
+    }
+    StampStatus::Valid
+}
+
 /// The first difference between the folder and `want`, or `None` when there is none.
 pub fn compare(
     dir: &Path,

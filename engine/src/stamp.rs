@@ -12,20 +12,7 @@ pub fn stamp_status(dir: &Path) -> StampStatus {
     q3vl_bundle::check_stamp(dir)
 }
 
-/// The combined status of a language and a vision bundle: valid only if both are;
-/// otherwise the first problem, naming its folder.
-pub fn pair_status(language: &Path, vision: &Path) -> StampStatus {
-    for dir in [language, vision] {
-        match stamp_status(dir) {
-            StampStatus::Valid => {}
-            StampStatus::Missing => return StampStatus::Missing,
-            StampStatus::Invalid(why) => {
-                return StampStatus::Invalid(format!("{}: {why}", dir.display()))
-            }
-        }
-    }
-    StampStatus::Valid
-}
+pub use q3vl_bundle::pair_status;
 
 #[cfg(test)]
 mod tests {

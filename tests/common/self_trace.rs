@@ -11,7 +11,7 @@ use candle_core::Tensor;
 use q3vl_model::image::{self, Resize};
 use q3vl_model::prompt::PromptBuilder;
 use q3vl_model::reference::{self, Continuation, ImageInput};
-use q3vl_model::{taps, Checkpoint, PreprocessorConfig, Qwen3VlConfig};
+use q3vl_model::{taps, Checkpoint, PreprocessorConfig, Qwen3VlConfig, WeightSource};
 use safetensors::tensor::{Dtype, TensorView};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -150,8 +150,20 @@ fn tap_names(cfg: &Qwen3VlConfig, with_image: bool) -> Vec<String> {
 /// Runs the fp32 reference of checkpoint `ckpt` on `req` and writes its trace to
 /// `trace` (the image, if any, is copied into the same folder). Returns `trace`.
 pub fn write(ckpt: &Path, trace: &Path, req: &TraceRequest<'_>) -> PathBuf {
+    write_with(ckpt, &Checkpoint::open(ckpt).unwrap(), trace, req)
+}
+
+/// [`write`], with the reference's weights read from `weights` (a bundle pair's
+/// [`q3vl_verify::BundleSource`], say); config, tokenizer and preprocessor still come
+/// from checkpoint folder `ckpt`.
+pub fn write_with(
+    ckpt: &Path,
+    weights: &dyn WeightSource,
+    trace: &Path,
+    req: &TraceRequest<'_>,
+) -> PathBuf {
     let cfg = Qwen3VlConfig::from_dir(ckpt).unwrap();
-    let ck = Checkpoint::open(ckpt).unwrap();
+    let ck = weights;
     let pb = PromptBuilder::from_dir(ckpt, &cfg).unwrap();
     let pre = PreprocessorConfig::from_dir(ckpt).unwrap();
     let folder = trace.parent().expect("a trace file path");
@@ -170,7 +182,7 @@ pub fn write(ckpt: &Path, trace: &Path, req: &TraceRequest<'_>) -> PathBuf {
     });
     let run = reference::run(
         &cfg,
-        &ck,
+        ck,
         &prompt,
         img,
         &[Continuation::Greedy(DECODE_STEPS)],

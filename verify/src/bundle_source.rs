@@ -90,10 +90,10 @@ impl WeightSource for BundleSource<'_> {
                 Dtype::F16 => safetensors::tensor::Dtype::F16,
                 Dtype::F32 => safetensors::tensor::Dtype::F32,
                 Dtype::BF16 => safetensors::tensor::Dtype::BF16,
-                Dtype::I8 => {
+                Dtype::I8 | Dtype::I32 | Dtype::I64 => {
                     return Err(Error::Dtype {
                         name: name.into(),
-                        dtype: "I8".into(),
+                        dtype: dtype.as_str().into(),
                         expected: "a quantized scheme in metadata.json".into(),
                     })
                 }
