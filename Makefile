@@ -6,7 +6,7 @@ CARGO ?= cargo
 Q3VL := target/release/q3vl
 DEMO := target/demo
 
-.PHONY: demo test test-aarch64 test-interop fuzz build fmt clippy oracle lint-oracle fixtures bench bench-convert bench-export bench-peer bench-engine bench-ab bench-q8 pipeline clean-demo
+.PHONY: demo test test-aarch64 test-interop llama-cpp fuzz build fmt clippy oracle lint-oracle fixtures bench bench-convert bench-export bench-peer bench-engine bench-ab bench-q8 pipeline clean-demo
 
 ## demo: the whole tool on the embedded shapes fixture: fp32 ladder, int8hu conversion,
 ## quantized gates with a stamp, then the engine answering the fixture's demo images.
@@ -81,12 +81,21 @@ $(ORACLE_STAMP): oracle/requirements.txt
 	oracle/.venv/bin/pip install -q -r oracle/requirements.txt
 	@touch $(ORACLE_STAMP)
 
-## test-interop: the tests that need the oracle's Python (HF transformers loading each
-## fixture's compressed-tensors export, the oracle's own modes). Without the environment
-## `make test` skips their Python half (saying NOT RUN in the test's captured output); this
-## target installs it first (about 5 GB) and makes a skip a failure (Q3VL_REQUIRE_ORACLE=1).
+## test-interop: the tests that need the oracle's Python or llama.cpp (HF transformers loading
+## each fixture's compressed-tensors export, llama.cpp running each GGUF export and its own
+## converter compared with it, the oracle's own modes). Without them `make test` skips those
+## halves (saying NOT RUN in the test's captured output); this target installs the oracle
+## first (about 5 GB) and makes its absence a failure (Q3VL_REQUIRE_ORACLE=1); with
+## Q3VL_REQUIRE_LLAMA=1 (CI sets it after `make llama-cpp`) so is llama.cpp's. --workspace: the
+## same build as `make test`'s, not a second one with other features.
 test-interop: $(ORACLE_STAMP)
-	Q3VL_REQUIRE_ORACLE=1 $(CARGO) test --test export --test oracle_interop
+	Q3VL_REQUIRE_ORACLE=1 $(CARGO) test --workspace --test export --test export_gguf --test oracle_interop
+
+## llama-cpp: llama.cpp built once from the source the pinned llama-cpp-python sdist carries,
+## into $$Q3VL_PEER_DIR (default /tmp/q3vl-peer) and reused: what bench-peer and the GGUF
+## exports' check in test-interop run (about 15 min on 2 cores the first time).
+llama-cpp:
+	PEER=$${Q3VL_PEER_DIR:-/tmp/q3vl-peer} bash -c 'set -euo pipefail; source scripts/llama-cpp.sh; llama_cpp_setup'
 
 ## lint-oracle: ruff (pinned in oracle/lint-requirements.txt) checks and format-checks the
 ## oracle's Python and scripts/*.py, from a small venv of its own (not the 5 GB oracle one). Not part of `make

@@ -36,6 +36,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
+from common import centered_cos  # noqa: E402
+
 BLOCK = 32
 
 
@@ -154,12 +156,6 @@ def check_inputs(export: Path, path: Path) -> tuple[dict, list[str]]:
 # q3vl's image preprocessing is PIL's bicubic resize re-implemented exactly; the normalized
 # values may still differ in the last float bits.
 PIXEL_TOLERANCE = 1e-5
-
-
-def centered_cos(a: np.ndarray, b: np.ndarray) -> float:
-    a = a.astype(np.float64) - a.astype(np.float64).mean()
-    b = b.astype(np.float64) - b.astype(np.float64).mean()
-    return float(a @ b / np.sqrt((a @ a) * (b @ b)))
 
 
 def trace_rows(model, path: Path) -> list[tuple]:

@@ -269,3 +269,14 @@ def write_safetensors(
         f.write(raw)
         for b in blobs:
             f.write(b)
+
+
+def centered_cos(a, b) -> float:
+    """Cosine of two logit rows after removing each one's mean, in float64: a shift common
+    to every logit (which softmax ignores) cannot make two rows look alike."""
+    import numpy as np
+
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    a, b = a - a.mean(), b - b.mean()
+    return float(a @ b / np.sqrt((a @ a) * (b @ b)))

@@ -9,60 +9,20 @@
 
 mod common;
 
-use common::{fails, ok, run, s, scratch, self_trace};
+use common::{fails, run, s, scratch, self_trace};
 use q3vl_bundle::{Bundle, Bundles, Dtype, Scheme};
 use safetensors::SafeTensors;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Mutex;
 
 fn repo(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 
-/// The fixture `fx` converted in `mode` (and stamped when `stamp`), once per test
-/// binary; returns the output folder.
 fn bundles(fx: &str, mode: &str, stamp: bool) -> PathBuf {
-    static DONE: Mutex<BTreeMap<String, PathBuf>> = Mutex::new(BTreeMap::new());
-    let key = format!("{fx}-{mode}-{stamp}");
-    let mut done = DONE.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(p) = done.get(&key) {
-        return p.clone();
-    }
-    let out = scratch(&format!("bundles-{key}"));
-    let src = repo(&format!("fixtures/{fx}"));
-    ok(&[
-        "convert",
-        "--src",
-        s(&src),
-        "--out",
-        s(&out),
-        "--mode",
-        mode,
-    ]);
-    if stamp {
-        let traces = repo(&format!("fixtures/{fx}/traces"));
-        let (text, image) = (
-            traces.join("text.safetensors"),
-            traces.join("image.safetensors"),
-        );
-        let report = out.join(".report");
-        let args = [
-            "verify",
-            "--bundle",
-            s(&out),
-            "--trace",
-            s(&text),
-            "--trace",
-            s(&image),
-        ];
-        ok(&[&args[..], &["--stamp", "--report", s(&report)]].concat());
-        std::fs::remove_dir_all(&report).unwrap();
-    }
-    done.insert(key, out.clone());
-    out
+    common::converted_mode(fx, mode, stamp)
 }
 
 fn export(bundle: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
@@ -458,78 +418,10 @@ fn bad_input_is_one_line_and_leaves_nothing() {
     );
 }
 
-/// The oracle's Python, or None (the test then says plainly that it did not run).
-/// `make test-interop` sets Q3VL_REQUIRE_ORACLE=1, so there a missing environment fails
-/// the test instead of skipping it.
-fn oracle_python() -> Option<PathBuf> {
-    let py = repo("oracle/.venv/bin/python");
-    let found = repo("oracle/.venv/.q3vl-installed").exists() && py.exists();
-    let required = std::env::var_os("Q3VL_REQUIRE_ORACLE").is_some_and(|v| v == "1");
-    assert!(
-        found || !required,
-        "Q3VL_REQUIRE_ORACLE=1 but the oracle environment is not installed"
-    );
-    found.then_some(py)
-}
-
-/// q3vl's fp32 reference on the bundles in `out` (converted from checkpoint `ckpt`),
-/// for the prompts of the oracle traces in `traces` (text and image), with full logits.
+/// q3vl's fp32 reference on the bundles in `out`, for the fixture's two trace prompts
+/// (full logits).
 fn reference_traces(ckpt: &Path, traces: &Path, out: &Path, dir: &Path) -> Vec<PathBuf> {
-    let pair = Bundles::open(out).unwrap();
-    let weights = q3vl_verify::BundleSource::new(&pair);
-    ["text", "image"]
-        .iter()
-        .map(|name| {
-            let oracle =
-                q3vl_verify::OracleTrace::open(&traces.join(format!("{name}.safetensors")))
-                    .unwrap();
-            let image = Some(oracle.meta("image"))
-                .filter(|i| !i.is_empty())
-                .map(|i| traces.join(i));
-            let req = self_trace::TraceRequest {
-                prompt: oracle.meta("prompt"),
-                image: image.as_deref(),
-                full_logits: true,
-            };
-            self_trace::write_with(
-                ckpt,
-                &weights,
-                &dir.join(format!("{name}.safetensors")),
-                &req,
-            )
-        })
-        .collect()
-}
-
-/// The full-vocabulary random fixture (`fixtures/fullvocab/untied`, made by `q3vl
-/// synth` as its README says) converted to int8hu; returns (checkpoint, output folder).
-fn fullvocab_bundles() -> (PathBuf, PathBuf) {
-    let fx = repo("fixtures/fullvocab/untied");
-    let ckpt = scratch("fullvocab-src");
-    let read = |n: &str| {
-        std::fs::read_to_string(fx.join(n))
-            .unwrap()
-            .trim()
-            .to_string()
-    };
-    let (seed, scale) = (read("SEED"), read("LOGIT_SCALE"));
-    let (cfg, pre) = (fx.join("synth.json"), fx.join("preprocessor.json"));
-    ok(&[
-        "synth",
-        "--config",
-        s(&cfg),
-        "--preprocessor",
-        s(&pre),
-        "--seed",
-        &seed,
-        "--logit-scale",
-        &scale,
-        "--out",
-        s(&ckpt),
-    ]);
-    let out = scratch("fullvocab-bundles");
-    ok(&["convert", "--src", s(&ckpt), "--out", s(&out)]);
-    (ckpt, out)
+    self_trace::write_on_bundles(ckpt, traces, out, dir, &["text", "image"])
 }
 
 /// Runs `oracle/check_export.py`; returns (success, its JSON summary, stderr).
@@ -590,7 +482,7 @@ fn passes_in_transformers(
 
 #[test]
 fn transformers_loads_the_export_with_the_references_weights_and_logits() {
-    let Some(py) = oracle_python() else {
+    let Some(py) = common::oracle_python() else {
         eprintln!(
             "export in transformers: NOT RUN: the oracle environment is not installed (make oracle)"
         );
@@ -624,7 +516,7 @@ fn transformers_loads_the_export_with_the_references_weights_and_logits() {
         }
     }
     // Random weights with the real vocabulary: logits near 25, small margins.
-    let (ckpt, out) = fullvocab_bundles();
+    let (ckpt, out) = common::fullvocab_bundles("untied");
     let traces = repo("fixtures/fullvocab/untied/traces");
     passes_in_transformers(
         &py,

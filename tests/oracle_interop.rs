@@ -31,18 +31,10 @@ fn python(py: &Path, args: &[&str]) {
 
 #[test]
 fn the_layer_streamed_oracle_equals_the_whole_model_and_its_v2_trace_verifies() {
-    let py = repo("oracle/.venv/bin/python");
-    let found = repo("oracle/.venv/.q3vl-installed").exists() && py.exists();
-    // `make test-interop` sets it: there a missing environment fails instead of skipping.
-    let required = std::env::var_os("Q3VL_REQUIRE_ORACLE").is_some_and(|v| v == "1");
-    assert!(
-        found || !required,
-        "Q3VL_REQUIRE_ORACLE=1 but the oracle environment is not installed"
-    );
-    if !found {
+    let Some(py) = common::oracle_python() else {
         eprintln!("oracle interop: NOT RUN: the oracle environment is not installed (make oracle)");
         return;
-    }
+    };
     let dir = tempfile::tempdir().unwrap();
     let fx = repo("fixtures/tied");
     let prompt = q3vl_verify::OracleTrace::open(&fx.join("traces/text.safetensors"))

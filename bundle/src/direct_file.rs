@@ -73,7 +73,7 @@ impl Drop for AlignedBuf {
 }
 
 /// A file being written sequentially, mostly with `O_DIRECT`.
-pub(crate) struct DirectFile {
+pub struct DirectFile {
     /// The normal descriptor: the tail, the fallback, and the final fsync.
     file: std::sync::Arc<File>,
     cur: AlignedBuf,
@@ -86,7 +86,7 @@ pub(crate) struct DirectFile {
 
 impl DirectFile {
     /// Creates (truncates) `path`.
-    pub(crate) fn create(path: &Path) -> io::Result<DirectFile> {
+    pub fn create(path: &Path) -> io::Result<DirectFile> {
         Self::create_with(path, true)
     }
 
@@ -118,7 +118,7 @@ impl DirectFile {
     }
 
     /// Appends `bytes`.
-    pub(crate) fn write_all(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+    pub fn write_all(&mut self, mut bytes: &[u8]) -> io::Result<()> {
         while !bytes.is_empty() {
             let n = self.cur.append(bytes);
             bytes = &bytes[n..];
@@ -157,7 +157,7 @@ impl DirectFile {
 
     /// Writes what is left, waits for the disk thread, and fsyncs unless `sync` is
     /// false (a file being thrown away).
-    pub(crate) fn finish(mut self, sync: bool) -> io::Result<u64> {
+    pub fn finish(mut self, sync: bool) -> io::Result<u64> {
         // The aligned part of the last buffer still goes direct; the rest is written
         // through the normal descriptor once every direct write has landed.
         let tail_at = self.cur.len - self.cur.len % ALIGN;

@@ -57,6 +57,7 @@ mod table;
 mod writer;
 
 pub use checksum::{sha256_file, FileCheck};
+pub use direct_file::DirectFile;
 pub use dtype::Dtype;
 pub use error::{BundleError, LockHolder};
 pub use metadata::{

@@ -27,7 +27,7 @@
 set -euo pipefail
 
 source "$(dirname "$0")/../../scripts/bench-setup.sh"
-LLAMA_PY_VERSION=0.3.36
+source "$ROOT/scripts/llama-cpp.sh"
 SIZE=${Q3VL_PEER_SIZE:-${Q3VL_BENCH_SIZE:-8b}}
 PEER=${Q3VL_PEER_DIR:-/tmp/q3vl-peer}
 THREADS=${Q3VL_PEER_THREADS:-2}
@@ -49,79 +49,15 @@ mkdir -p "$PEER"
 now() { date +%s.%N; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.0f", b - a }'; }
 # Runs a command with its output in a log; on failure shows the log's end and stops.
-logged() {
-  local log=$1
-  shift
-  if ! "$@" > "$log" 2>&1; then
-    echo "FAILED: $*  (last lines of $log)" >&2
-    tail -n 40 "$log" >&2
-    exit 1
-  fi
-}
+logged() { llama_cpp_logged "$@" || exit 1; }
 # The "Maximum resident set size" of a /usr/bin/time -v report, in bytes.
 time_rss() { awk -F': ' '/Maximum resident set size/ { print $2 * 1024 }' "$1"; }
 jget() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$1" "$2"; }
 gib() { awk -v b="$1" 'BEGIN { printf "%.2f GiB", b / 1073741824 }'; }
 gb() { awk -v b="$1" 'BEGIN { printf "%.2f GB", b / 1e9 }'; }
 
-# ---- 1. llama.cpp source and build (cached in $PEER) ---------------------------------------
-LSRC="$PEER/llama-cpp-python-$LLAMA_PY_VERSION"
-LCPP="$LSRC/vendor/llama.cpp"
-# AMX: on a host whose CPU reports amx_int8, -march=native compiles ggml's AMX matmul, and on
-# the 2-core Xeon VM it faulted at its first `ldtilecfg` (SIGSEGV under gdb, SIGILL in
-# llama-bench; the kernel grants the tile state, ARCH_REQ_XCOMP_PERM returns 0). The build
-# then turns the AMX ISA off (everything else stays native: AVX-512, VNNI, BF16);
-# Q3VL_PEER_AMX=1 keeps it, for hosts where it works.
-AMX_FLAGS=()
-AMX_NOTE=""
-if grep -qw amx_int8 /proc/cpuinfo && [[ "${Q3VL_PEER_AMX:-0}" != 1 ]]; then
-  AMX_FLAGS=(-DCMAKE_C_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-    -DCMAKE_CXX_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16")
-  AMX_NOTE=" with AMX off (-mno-amx-tile -mno-amx-int8 -mno-amx-bf16: its AMX matmul faults on this host)"
-fi
-BUILD="$PEER/build-$LLAMA_PY_VERSION${AMX_FLAGS:+-noamx}"
-VENV="$PEER/venv"
-if [[ ! -f "$LCPP/convert_hf_to_gguf.py" ]]; then
-  echo "== fetch llama-cpp-python==$LLAMA_PY_VERSION (sdist) -> $LSRC" >&2
-  rm -rf "$PEER/dl" "$LSRC.tmp"
-  mkdir -p "$PEER/dl" "$LSRC.tmp"
-  # --no-binary for this package only: with `:all:` pip would also build its build
-  # dependencies (cmake, ninja) from source just to read the sdist's metadata.
-  logged "$PEER/download.log" python3 -m pip download --no-deps --no-binary llama-cpp-python \
-    "llama-cpp-python==$LLAMA_PY_VERSION" -d "$PEER/dl"
-  tar xzf "$PEER/dl/llama_cpp_python-$LLAMA_PY_VERSION.tar.gz" -C "$LSRC.tmp" --strip-components=1
-  mv "$LSRC.tmp" "$LSRC"
-  rm -rf "$PEER/dl"
-fi
-# The converter is split into conversion/*.py in this version; look in both places.
-if ! grep -rqs 'Qwen3VLForConditionalGeneration' "$LCPP/convert_hf_to_gguf.py" "$LCPP/conversion"; then
-  echo "this llama.cpp has no Qwen3VLForConditionalGeneration converter: cannot compare" >&2
-  exit 1
-fi
-if [[ ! -x "$VENV/bin/cmake" || ! -x "$VENV/bin/ninja" ]] || ! "$VENV/bin/python" -c 'import sentencepiece' 2> /dev/null; then
-  echo "== venv for the build and the converter -> $VENV" >&2
-  rm -rf "$VENV"
-  python3 -m venv "$VENV"
-  # No cmake on the machine by default: the PyPI wheel brings one, no root needed.
-  logged "$PEER/venv.log" "$VENV/bin/pip" install cmake ninja sentencepiece
-fi
-if [[ ! -x "$BUILD/bin/llama-bench" || ! -x "$BUILD/bin/llama-mtmd-cli" ]]; then
-  echo "== build llama.cpp (llama-bench, llama-mtmd-cli; -j2, a while on 2 cores) -> $BUILD" >&2
-  t0=$(now)
-  logged "$PEER/cmake.log" "$VENV/bin/cmake" -S "$LCPP" -B "$BUILD" -G Ninja \
-    -DCMAKE_MAKE_PROGRAM="$VENV/bin/ninja" -DGGML_NATIVE=ON -DCMAKE_BUILD_TYPE=Release \
-    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF "${AMX_FLAGS[@]}"
-  logged "$PEER/build.log" nice -n 10 "$VENV/bin/cmake" --build "$BUILD" -j2 \
-    --target llama-bench llama-mtmd-cli
-  t1=$(now)
-  secs "$t0" "$t1" > "$BUILD/build-seconds"
-  BUILT="built by this run in $(cat "$BUILD/build-seconds") s"
-else
-  BUILT="cached; built by an earlier run in $(cat "$BUILD/build-seconds" 2> /dev/null || echo '?') s"
-fi
-BUILT="$BUILT$AMX_NOTE"
-echo "   llama.cpp: $BUILT" >&2
-LCPP_COMMIT=$(sed -n 's/.*ggml commit: *//p' "$PEER/cmake.log" 2> /dev/null | head -1)
+# ---- 1. llama.cpp source and build (cached in $PEER; scripts/llama-cpp.sh) ----------------
+llama_cpp_setup
 
 # ---- 2. the checkpoint ---------------------------------------------------------------------
 SRC="${Q3VL_BENCH_SRC:-$WORK/src}"

@@ -306,6 +306,117 @@ pub fn converted_fixture(name: &str) -> PathBuf {
     out
 }
 
+/// Fixture `fx` (`fixtures/<fx>`) converted in `mode`, and verified with `--stamp` on its
+/// two traces when `stamp`, once per test binary; returns the output folder. Tests that
+/// damage it copy it first.
+pub fn converted_mode(fx: &str, mode: &str, stamp: bool) -> PathBuf {
+    use std::sync::Mutex;
+    static DONE: Mutex<BTreeMap<String, PathBuf>> = Mutex::new(BTreeMap::new());
+    let key = format!("{fx}-{mode}-{stamp}");
+    let mut done = DONE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = done.get(&key) {
+        return p.clone();
+    }
+    let out = scratch(&format!("bundles-{key}"));
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(fx);
+    // `odd`'s o_proj has 48 in-features: an int8 mode keeps it f16 only when asked.
+    let fallback: &[&str] = if fx == "odd" && mode != "fp16" {
+        &["--fallback-f16"]
+    } else {
+        &[]
+    };
+    let args = [
+        "convert",
+        "--src",
+        s(&src),
+        "--out",
+        s(&out),
+        "--mode",
+        mode,
+    ];
+    ok(&[&args[..], fallback].concat());
+    if stamp {
+        let traces = src.join("traces");
+        let (text, image) = (
+            traces.join("text.safetensors"),
+            traces.join("image.safetensors"),
+        );
+        let report = out.join(".report");
+        let args = [
+            "verify",
+            "--bundle",
+            s(&out),
+            "--trace",
+            s(&text),
+            "--trace",
+            s(&image),
+        ];
+        ok(&[&args[..], &["--stamp", "--report", s(&report)]].concat());
+        std::fs::remove_dir_all(&report).unwrap();
+    }
+    done.insert(key, out.clone());
+    out
+}
+
+/// The oracle's pinned Python (`make oracle`), or None when it is not installed. `make
+/// test-interop` sets Q3VL_REQUIRE_ORACLE=1: there a missing environment fails instead of
+/// letting the test skip its Python half.
+pub fn oracle_python() -> Option<PathBuf> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let py = repo.join("oracle/.venv/bin/python");
+    let found = repo.join("oracle/.venv/.q3vl-installed").exists() && py.exists();
+    let required = std::env::var_os("Q3VL_REQUIRE_ORACLE").is_some_and(|v| v == "1");
+    assert!(
+        found || !required,
+        "Q3VL_REQUIRE_ORACLE=1 but the oracle environment is not installed"
+    );
+    found.then_some(py)
+}
+
+/// The full-vocabulary random fixture `fixtures/fullvocab/<name>` (random weights with
+/// the real tokenizer, made by `q3vl synth` as its README says) converted to int8hu,
+/// once per test binary; returns (checkpoint, output folder).
+pub fn fullvocab_bundles(name: &str) -> (PathBuf, PathBuf) {
+    use std::sync::Mutex;
+    static DONE: Mutex<BTreeMap<String, (PathBuf, PathBuf)>> = Mutex::new(BTreeMap::new());
+    let mut done = DONE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = done.get(name) {
+        return p.clone();
+    }
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/fullvocab")
+        .join(name);
+    let ckpt = scratch(&format!("fullvocab-{name}-src"));
+    let read = |n: &str| {
+        std::fs::read_to_string(fx.join(n))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let (seed, scale) = (read("SEED"), read("LOGIT_SCALE"));
+    let (cfg, pre) = (fx.join("synth.json"), fx.join("preprocessor.json"));
+    let args = [
+        "--config",
+        s(&cfg),
+        "--preprocessor",
+        s(&pre),
+        "--seed",
+        &seed,
+    ];
+    ok(&[
+        &["synth"][..],
+        &args,
+        &["--logit-scale", &scale, "--out", s(&ckpt)],
+    ]
+    .concat());
+    let out = scratch(&format!("fullvocab-{name}-bundles"));
+    ok(&["convert", "--src", s(&ckpt), "--out", s(&out)]);
+    done.insert(name.to_string(), (ckpt.clone(), out.clone()));
+    (ckpt, out)
+}
+
 /// The `.q3vl-tmp-*` staging folders in `dir` (none when `dir` is absent).
 pub fn staging_dirs(dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else {

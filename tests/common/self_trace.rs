@@ -220,6 +220,42 @@ pub fn write_with(
     trace.to_path_buf()
 }
 
+/// q3vl's fp32 reference on the bundle pair in `out` (converted from checkpoint `ckpt`),
+/// for the prompts (and images) of the oracle traces `names` in folder `oracle`, with full
+/// logits: a trace per name in `dir`, which a runtime given the bundles' weights in another
+/// format must reproduce.
+pub fn write_on_bundles(
+    ckpt: &Path,
+    oracle: &Path,
+    out: &Path,
+    dir: &Path,
+    names: &[&str],
+) -> Vec<PathBuf> {
+    let pair = q3vl_bundle::Bundles::open(out).unwrap();
+    let weights = q3vl_verify::BundleSource::new(&pair);
+    names
+        .iter()
+        .map(|name| {
+            let src = q3vl_verify::OracleTrace::open(&oracle.join(format!("{name}.safetensors")));
+            let src = src.unwrap();
+            let image = Some(src.meta("image"))
+                .filter(|i| !i.is_empty())
+                .map(|i| oracle.join(i));
+            let req = TraceRequest {
+                prompt: src.meta("prompt"),
+                image: image.as_deref(),
+                full_logits: true,
+            };
+            write_with(
+                ckpt,
+                &weights,
+                &dir.join(format!("{name}.safetensors")),
+                &req,
+            )
+        })
+        .collect()
+}
+
 /// The trace's `__metadata__`; copies the image beside the trace.
 fn metadata(ckpt: &Path, req: &TraceRequest<'_>, folder: &Path) -> HashMap<String, String> {
     use sha2::{Digest, Sha256};

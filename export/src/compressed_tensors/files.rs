@@ -6,6 +6,7 @@
 use super::config;
 use super::plan::ExportPlan;
 use crate::error::{ExportError, Result};
+use crate::small_files::{read_json, write_file, write_json};
 use crate::source::ExportSource;
 use q3vl_bundle::names::{CONFIG_FILE, PREPROCESSOR_FILE, TOKENIZER_DIR};
 use q3vl_bundle::{Bundle, FileEntry};
@@ -76,32 +77,3 @@ fn unsupported(path: &Path, msg: String) -> ExportError {
 
 /// The chat template's own file in an HF checkpoint.
 const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
-
-fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let bytes = q3vl_model::input::read_regular(path).map_err(|e| ExportError::io(path, e))?;
-    serde_json::from_slice(&bytes).map_err(|e| unsupported(path, format!("not valid JSON: {e}")))
-}
-
-pub fn write_json(dir: &Path, name: &str, v: &serde_json::Value) -> Result<FileEntry> {
-    let mut bytes = serde_json::to_vec_pretty(v).expect("JSON serializes");
-    bytes.push(b'\n');
-    write_file(dir, name, &bytes)
-}
-
-/// Writes and syncs a small file (the rename that installs the export must not land
-/// before its contents); returns its size and sha256.
-fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<FileEntry> {
-    use sha2::{Digest, Sha256};
-    use std::io::Write;
-    let path = dir.join(name);
-    std::fs::File::create(&path)
-        .and_then(|mut f| {
-            f.write_all(bytes)?;
-            f.sync_all()
-        })
-        .map_err(|e| ExportError::io(&path, e))?;
-    Ok(FileEntry {
-        sha256: hex::encode(Sha256::digest(bytes)),
-        size: bytes.len() as u64,
-    })
-}

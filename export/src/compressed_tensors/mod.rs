@@ -17,8 +17,9 @@ mod weights;
 use crate::error::Result;
 use crate::output;
 use crate::source::{self, Provenance, PROVENANCE_FILE};
+use crate::Request;
 use plan::ExportPlan;
-use q3vl_bundle::{Bundle, Producer, ShardPolicy};
+use q3vl_bundle::{Bundle, ShardPolicy};
 use q3vl_convert::cancel::Cancel;
 use q3vl_convert::progress::Progress;
 use q3vl_model::layout::LM_HEAD;
@@ -28,23 +29,6 @@ use std::time::Instant;
 
 /// The export format's name, as `q3vl_export.json` and `--force` know it.
 pub const FORMAT: &str = "compressed-tensors";
-
-/// What to export, and where.
-#[derive(Debug, Clone)]
-pub struct Options {
-    /// A conversion's output folder, or its language bundle folder.
-    pub bundle: PathBuf,
-    /// The export folder to create.
-    pub out: PathBuf,
-    /// Replace an existing export of this format in `out`.
-    pub force: bool,
-    /// Export a pair without a valid verification stamp.
-    pub allow_unverified: bool,
-    /// Shard size of the safetensors files.
-    pub shard: ShardPolicy,
-    /// The q3vl build writing the export (recorded in its provenance).
-    pub producer: Producer,
-}
 
 /// What was written.
 #[derive(Debug, Clone, Serialize)]
@@ -71,26 +55,32 @@ pub struct Summary {
     pub peak_rss_bytes: Option<u64>,
 }
 
-/// Exports the pair in `opts.bundle` to `opts.out`.
-pub fn export(opts: &Options, progress: &dyn Progress, cancel: &Cancel) -> Result<Summary> {
+/// Exports the pair in `req.bundle` to `req.out`, in safetensors files of at most about
+/// `shard` bytes each.
+pub fn export(
+    req: &Request,
+    shard: ShardPolicy,
+    progress: &dyn Progress,
+    cancel: &Cancel,
+) -> Result<Summary> {
     let t0 = Instant::now();
-    let src = source::open(&opts.bundle, opts.allow_unverified)?;
+    let src = source::open(&req.bundle, req.allow_unverified)?;
     let plan = plan::build(&src.bundles)?;
     let untie = unties_head(&src.bundles.language);
     let notes = notes(&plan, untie);
-    let out = output::begin(&opts.out, FORMAT, opts.force, &src.bundles)?;
+    let out = output::begin(&req.out, FORMAT, req.force, &src.bundles)?;
     let mut files = files::write_small_files(&src, &plan, untie, &out.dir)?;
-    for f in weights::write_weights(&src, &plan, &out.dir, opts.shard, progress, cancel)? {
+    for f in weights::write_weights(&src, &plan, &out.dir, shard, progress, cancel)? {
         files.insert(f.file, f.entry);
     }
-    let mut prov = Provenance::new(FORMAT, &src, opts.producer.clone(), notes.clone())?;
+    let mut prov = Provenance::new(FORMAT, &src, req.producer.clone(), notes.clone())?;
     prov.files = files.clone();
-    let prov_bytes = files::write_json(
+    let prov_bytes = crate::small_files::write_json(
         &out.dir,
         PROVENANCE_FILE,
         &serde_json::to_value(&prov).expect("provenance serializes"),
     )?;
-    weights::check_cancel(cancel)?;
+    crate::check_cancel(cancel)?;
     let path = out.install()?;
     Ok(Summary {
         path,

@@ -12,14 +12,6 @@ use q3vl_convert::progress::Progress;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-pub fn check_cancel(cancel: &Cancel) -> Result<()> {
-    if cancel.is_cancelled() {
-        Err(ExportError::Interrupted)
-    } else {
-        Ok(())
-    }
-}
-
 /// Bytes handed to the writer at a time.
 const CHUNK: usize = 8 << 20;
 
@@ -45,7 +37,7 @@ pub fn write_weights(
     for name in &order {
         let t = by_name[name.as_str()];
         emit(src, t, &mut |bytes| {
-            check_cancel(cancel)?;
+            crate::check_cancel(cancel)?;
             progress.advance(bytes.len() as u64);
             Ok(w.write(name, bytes)?)
         })?;
