@@ -11,8 +11,10 @@ engine rounds them to int16), so its logits differ from the reference by that no
 check measures it (sigma: the median RMS logit difference on the reference's top-64), reports
 it with the worst centered logits cosine (f64), and requires the same top-1 at every position
 where the reference's margin is firm, max(--firm-margin, 5 * sqrt(2) * sigma) as in the token
-gates (docs/gates.md), at least one such position per trace, and a centered logits cosine of
-at least --min-cos at every position.
+gates (docs/gates.md), at least one such position per trace, a centered logits cosine of at
+least --min-cos at every position, a noise no larger than --max-noise (damage raises the noise,
+which alone would only make fewer positions firm), and llama.cpp's tokenizer giving the
+prompt's ids back from their text.
 
 Prints one JSON summary; exits 1 naming the first difference, 2 on bad input.
 Needs numpy and the llama_cpp package (PYTHONPATH) with LLAMA_CPP_LIB_PATH at the build.
@@ -64,14 +66,28 @@ def noise(rows) -> float:
     return float(np.median(per_row))
 
 
-def check_trace(llm, path: Path, firm_margin: float, min_cos: float) -> tuple[dict, list[str]]:
+def bad_input(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def round_trip(llm, ids: list[int]) -> bool:
+    """llama.cpp's tokenizer (the GGUF's vocabulary, merges, token types and pre-tokenizer)
+    gives the prompt's ids back from their own text, special tokens included."""
+    text = llm.detokenize(ids, special=True)
+    return llm.tokenize(text, add_bos=False, special=True) == ids
+
+
+def check_trace(llm, path: Path, firm_margin: float, min_cos: float, max_noise: float) -> tuple[dict, list[str]]:
     meta, t = read_trace(path)
     if meta.get("oracle") != "q3vl-reference" or "logits" not in t or "decode.logits" not in t:
-        raise SystemExit(f"{path}: not a q3vl-reference trace with full logits")
+        bad_input(f"{path}: not a q3vl-reference trace with full logits")
     if meta.get("image"):
-        raise SystemExit(f"{path}: an image trace; this check runs text traces")
+        bad_input(f"{path}: an image trace; this check runs text traces")
     ids, tokens = t["input_ids"].tolist(), t["decode.tokens"].tolist()
     seq = ids + tokens[:-1]
+    if len(seq) > llm.n_ctx():
+        bad_input(f"{path}: {len(seq)} positions, past the context of {llm.n_ctx()}")
     llm.reset()
     llm.eval(seq)
     got = np.array(llm.scores[: len(seq)], dtype=np.float32)
@@ -81,6 +97,11 @@ def check_trace(llm, path: Path, firm_margin: float, min_cos: float) -> tuple[di
     sigma = noise(rows)
     firm_at = max(firm_margin, NOISE_Z * np.sqrt(2) * sigma)
     faults, cosines, firm = [], [], 0
+    if not round_trip(llm, ids):
+        faults.append(f"{path.name}: llama.cpp's tokenizer does not give the prompt's ids back from their text")
+    # Damage raises the noise, which would otherwise only make fewer positions firm.
+    if sigma > max_noise:
+        faults.append(f"{path.name}: logit noise {sigma:.4f} above its ceiling {max_noise}")
     for where, g, want, token in rows:
         cosines.append(centered_cos(g, want))
         top2 = np.sort(want.astype(np.float64))[-2:]
@@ -94,7 +115,14 @@ def check_trace(llm, path: Path, firm_margin: float, min_cos: float) -> tuple[di
         faults.append(f"{path.name}: {rows[worst][0]}: logits cos {cosines[worst]:.6f} < {min_cos}")
     if firm == 0:
         faults.append(f"{path.name}: no firm position (margins < {firm_at:.3f}): nothing to compare")
-    summary = {"positions": len(rows), "firm": firm, "firm_margin": firm_at, "noise": sigma, "min_cos": min(cosines)}
+    summary = {
+        "positions": len(rows),
+        "firm": firm,
+        "firm_margin": firm_at,
+        "noise": sigma,
+        "min_cos": min(cosines),
+        "tokenizer_round_trip": not any("tokenizer" in f for f in faults),
+    }
     return summary, faults
 
 
@@ -107,6 +135,8 @@ def main(argv=None) -> int:
     # swapped) 0.73. The floor catches damage the noise would otherwise hide by making every
     # position ambiguous.
     ap.add_argument("--min-cos", type=float, default=0.99)
+    # The noise this fixture's healthy export measures, with room (the test gives 2x it).
+    ap.add_argument("--max-noise", type=float, required=True)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
     from llama_cpp import Llama
@@ -126,7 +156,7 @@ def main(argv=None) -> int:
         return 2
     traces, faults = {}, []
     for p in a.trace:
-        summary, f = check_trace(llm, p, a.firm_margin, a.min_cos)
+        summary, f = check_trace(llm, p, a.firm_margin, a.min_cos, a.max_noise)
         traces[p.name] = summary
         faults += f
     print(json.dumps({"traces": traces, "faults": faults, "passed": not faults}, indent=2))

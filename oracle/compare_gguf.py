@@ -98,11 +98,12 @@ def explain(x: np.ndarray, ours: np.ndarray, theirs: np.ndarray) -> dict:
 
 
 def value(field) -> object:
+    """A field's GGUF types and value: a U32 and an I32 of one number differ."""
     try:
         v = field.contents()
     except Exception:  # noqa: BLE001  (a field gguf-py cannot render is compared by bytes)
         v = [bytes(p).hex() for p in field.parts]
-    return v
+    return [t.name for t in field.types], v
 
 
 def compare(ours: Path, theirs: Path, source: Path) -> dict:

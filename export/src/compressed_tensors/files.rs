@@ -42,8 +42,8 @@ pub fn write_small_files(
     // Processors (transformers' AutoProcessor, vLLM's multimodal path) read the template
     // from its own file; the bundle keeps it in tokenizer_config.json.
     let tok_config = lang.dir().join(tok("tokenizer_config.json"));
-    let template = read_json(&tok_config)?["chat_template"]
-        .as_str()
+    let tok_json = read_json(&tok_config)?;
+    let template = q3vl_model::prompt::inline_template(&tok_json)
         .map(str::to_owned)
         .ok_or_else(|| unsupported(&tok_config, "has no chat_template string".into()))?;
     let entry = write_file(dir, CHAT_TEMPLATE_FILE, template.as_bytes())?;

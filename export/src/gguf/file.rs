@@ -157,7 +157,9 @@ impl GgufWriter {
         }
         let mut offset = 0u64;
         for t in &w.infos {
-            if t.name.len() >= 64 || t.shape.is_empty() || t.shape.len() > 4 {
+            let ne0 = t.shape.last().copied().unwrap_or(0);
+            let blocks_fit = t.ty != GgmlType::Q8_0 || ne0 % 32 == 0;
+            if t.name.len() >= 64 || t.shape.is_empty() || t.shape.len() > 4 || !blocks_fit {
                 return Err(WriteError::Plan(format!(
                     "tensor {}: name or rank GGUF cannot hold",
                     t.name

@@ -20,9 +20,10 @@ use crate::Request;
 use file::{GgmlType, GgufWriter, Value};
 use plan::GgufTensor;
 use q3vl_bundle::names::TOKENIZER_DIR;
-use q3vl_bundle::FileEntry;
+use q3vl_bundle::{FileEntry, Scheme};
 use q3vl_convert::cancel::Cancel;
 use q3vl_convert::progress::Progress;
+use q3vl_model::layout::LM_HEAD;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -66,7 +67,8 @@ pub fn export(req: &Request, progress: &dyn Progress, cancel: &Cancel) -> Result
         format!("{name}-{suffix}.gguf"),
         format!("mmproj-{name}-F16.gguf"),
     );
-    let prov = Provenance::new(FORMAT, &src, req.producer.clone(), notes(q8))?;
+    let absmax = src.bundles.language.scheme(LM_HEAD) == Some(Scheme::Int8AbsMax);
+    let prov = Provenance::new(FORMAT, &src, req.producer.clone(), notes(q8, absmax))?;
     let prov_json = serde_json::to_string(&prov).expect("provenance serializes");
     let file_type = if q8 > 0 {
         keys::FILE_TYPE_Q8_0
@@ -138,16 +140,18 @@ fn model_name(src: &ExportSource) -> String {
     }
 }
 
-fn notes(q8: usize) -> Vec<String> {
+fn notes(q8: usize, absmax_head: bool) -> Vec<String> {
     let mut notes = vec![format!(
         "{q8} tensors are Q8_0 blocks made of the bundle's int8 values and f16 scales, \
          interleaved: not re-quantized"
     )];
-    notes.push(
-        "an int8 head (int8-block32-absmax) keeps its values -128..127 in output.weight; \
-         llama.cpp's own quantizer never writes -128, its Q8_0 kernels take it"
-            .into(),
-    );
+    if absmax_head {
+        notes.push(
+            "output.weight is the int8 head (int8-block32-absmax) with its values -128..127; \
+             llama.cpp's own quantizer never writes -128, its Q8_0 kernels take it"
+                .into(),
+        );
+    }
     notes
 }
 

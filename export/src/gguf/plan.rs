@@ -80,6 +80,12 @@ fn text_tensor(b: &Bundle, hf: &str, name: &str) -> Result<GgufTensor> {
     let meta = b.metadata().tensors.get(hf).ok_or_else(|| missing(b, hf))?;
     let (dtype, shape, _) = b.raw(hf)?;
     let (ty, origin) = match meta.scheme {
+        Scheme::Int8Clip | Scheme::Int8AbsMax if !matches!(*shape, [_, c] if c > 0 && c % 32 == 0) => {
+            return Err(ExportError::Unsupported {
+                path: b.dir().to_path_buf(),
+                msg: format!("tensor {hf}: an int8 weight of shape {shape:?}, not [out, in] with in a positive multiple of 32"),
+            })
+        }
         Scheme::Int8Clip | Scheme::Int8AbsMax => (GgmlType::Q8_0, Origin::Q8(hf.into())),
         _ => (stored_type(b, hf, dtype)?, Origin::Text(hf.into())),
     };

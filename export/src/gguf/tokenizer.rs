@@ -41,8 +41,7 @@ pub fn keys(
     let eos = id_of("eos_token").or_else(|| config_id("eos_token_id"));
     let pad = id_of("pad_token").or_else(|| config_id("pad_token_id"));
     let bos = id_of("bos_token").or_else(|| config_id("bos_token_id"));
-    let template = tok_config["chat_template"]
-        .as_str()
+    let template = q3vl_model::prompt::inline_template(tok_config)
         .ok_or("tokenizer_config.json has no chat_template")?;
     let flag = |k: &str| tok_config.get(k).and_then(Json::as_bool).unwrap_or(false);
     let s = |k: &str| format!("tokenizer.{k}");
