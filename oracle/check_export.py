@@ -25,7 +25,6 @@ Prints one JSON summary on stdout; exits 1 naming the first failing tensor or po
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -36,7 +35,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-from common import centered_cos  # noqa: E402
+from common import centered_cos, report  # noqa: E402
 
 BLOCK = 32
 
@@ -254,14 +253,8 @@ def main(argv=None) -> int:
         "packed_modules": sum(1 for n in quantized if not n.startswith("lm_head")),
         "traces": traces,
         "measured_dtypes": measured,
-        "faults": faults,
-        "passed": not faults,
     }
-    print(json.dumps(out, indent=2))
-    if faults:
-        print(f"FAIL: {faults[0]} ({len(faults)} fault(s))", file=sys.stderr)
-        return 1
-    return 0
+    return report(out, faults)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import centered_cos
+from common import centered_cos, report
 
 DTYPES = {"I64": np.int64, "F32": np.float32, "F64": np.float64, "I32": np.int32}
 
@@ -159,11 +159,7 @@ def main(argv=None) -> int:
         summary, f = check_trace(llm, p, a.firm_margin, a.min_cos, a.max_noise)
         traces[p.name] = summary
         faults += f
-    print(json.dumps({"traces": traces, "faults": faults, "passed": not faults}, indent=2))
-    if faults:
-        print(f"FAIL: {faults[0]} ({len(faults)} fault(s))", file=sys.stderr)
-        return 1
-    return 0
+    return report({"traces": traces}, faults)
 
 
 if __name__ == "__main__":

@@ -280,3 +280,13 @@ def centered_cos(a, b) -> float:
     b = np.asarray(b, dtype=np.float64)
     a, b = a - a.mean(), b - b.mean()
     return float(a @ b / np.sqrt((a @ a) * (b @ b)))
+
+
+def report(out: dict, faults: list[str]) -> int:
+    """Prints a check's JSON summary (with its faults and verdict) on stdout and the first
+    fault on stderr; returns the exit code: 1 on a fault, else 0."""
+    print(json.dumps({**out, "faults": faults, "passed": not faults}, indent=2))
+    if faults:
+        print(f"FAIL: {faults[0]} ({len(faults)} fault(s))", file=sys.stderr)
+        return 1
+    return 0

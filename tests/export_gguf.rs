@@ -370,8 +370,8 @@ fn llama_cpp_runs_the_export_with_the_references_tokens() {
     };
     let repo = |rel: &str| Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
     // Each fixture's noise ceiling: twice what its healthy export measures (docs/export.md).
-    let check = |model: &Path, trace: &Path, max_noise: &str| {
-        let o = std::process::Command::new(&py)
+    let run = |model: &Path, trace: &Path, max_noise: &str| {
+        std::process::Command::new(&py)
             .arg(repo("oracle/check_gguf.py"))
             .args([
                 "--model",
@@ -384,7 +384,10 @@ fn llama_cpp_runs_the_export_with_the_references_tokens() {
             .env("PYTHONPATH", &lsrc)
             .env("LLAMA_CPP_LIB_PATH", &lib)
             .output()
-            .unwrap();
+            .unwrap()
+    };
+    let check = |model: &Path, trace: &Path, max_noise: &str| {
+        let o = run(model, trace, max_noise);
         let summary = String::from_utf8_lossy(&o.stdout)
             .split_whitespace()
             .collect::<String>();
@@ -446,20 +449,7 @@ fn llama_cpp_runs_the_export_with_the_references_tokens() {
             let bad = scratch("llama-swapped.gguf");
             std::fs::copy(&model, &bad).unwrap();
             swap_tensors(&bad, "blk.0.attn_q.weight", "blk.1.attn_q.weight");
-            let o = std::process::Command::new(&py)
-                .arg(repo("oracle/check_gguf.py"))
-                .args([
-                    "--model",
-                    s(&bad),
-                    "--trace",
-                    s(&refs[0]),
-                    "--max-noise",
-                    max_noise,
-                ])
-                .env("PYTHONPATH", &lsrc)
-                .env("LLAMA_CPP_LIB_PATH", &lib)
-                .output()
-                .unwrap();
+            let o = run(&bad, &refs[0], max_noise);
             assert_eq!(
                 o.status.code(),
                 Some(1),

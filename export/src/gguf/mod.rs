@@ -76,12 +76,13 @@ pub fn export(req: &Request, progress: &dyn Progress, cancel: &Cancel) -> Result
         keys::FILE_TYPE_F16
     };
     let mut text_kv = keys::text(&cfg, &name, file_type);
-    text_kv.extend(keys::sampling(&generation_config(&src)?));
+    let sampling = keys::sampling(&generation_config(&src)?);
+    text_kv.extend(sampling.clone());
     text_kv.extend(tokenizer_keys(&src, cfg.text.vocab_size)?);
     text_kv.push(("q3vl.provenance".into(), Value::Str(prov_json.clone())));
     let (mean, std) = image_stats(&src)?;
     let mut mm_kv = keys::mmproj(&cfg, &name, mean, std);
-    mm_kv.extend(keys::sampling(&generation_config(&src)?));
+    mm_kv.extend(sampling);
     mm_kv.push(("q3vl.provenance".into(), Value::Str(prov_json)));
 
     let out = output::begin(&req.out, FORMAT, req.force, &src.bundles)?;
