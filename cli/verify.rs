@@ -1,10 +1,11 @@
-//! `q3vl verify`: the fp32 ladder (`--src`) and/or the quantized gates (`--bundle`)
+//! `q3vl verify`: the fp32 ladder (`--src`) and/or the quantized gates (`--bundle`,
+//! or `--gguf` for a GGUF pair made by anyone)
 //! against oracle traces; terminal table, report.json, report.html, JUnit, stamp.
 
 use crate::{common, Outcome};
 use anyhow::Result;
 use clap::Args;
-use q3vl_verify::session::{EngineGate, Progress, Request};
+use q3vl_verify::session::{EngineGate, GgufInput, Progress, Request};
 use q3vl_verify::{Gates, Stamping};
 use std::path::PathBuf;
 
@@ -13,13 +14,23 @@ use std::path::PathBuf;
 pub struct VerifyArgs {
     /// A Hugging Face checkpoint folder: run the fp32 ladder on its original weights
     /// (with --bundle too, both ladders run and are plotted side by side).
-    #[arg(long, required_unless_present = "bundle")]
+    /// With --gguf, the GGUF's metadata (rope sections, DeepStack, epsilons, image
+    /// normalization, tokenizer) is also checked against this checkpoint's.
+    #[arg(long, required_unless_present_any = ["bundle", "gguf"])]
     src: Option<PathBuf>,
     /// A conversion output folder (language + vision bundles): run the quantized gates
     /// and the engine ≡ reference gate (the engine's greedy decode on each trace's
     /// inputs against the reference's on the same bundle).
     #[arg(long)]
     bundle: Option<PathBuf>,
+    /// A Qwen3-VL GGUF text model made by any converter (F32, F16, BF16, Q8_0, the
+    /// 4- and 5-bit types and the K-quants): the quantized ladder on its weights as
+    /// llama.cpp reads them, with the thresholds of its coarsest type.
+    #[arg(long)]
+    gguf: Option<PathBuf>,
+    /// The GGUF's vision projector (`mmproj`), needed for image traces.
+    #[arg(long, requires = "gguf")]
+    mmproj: Option<PathBuf>,
     /// An oracle trace (`qwen3vl-oracle-trace/2`, or /1); repeat for several.
     #[arg(long, required = true)]
     trace: Vec<PathBuf>,
@@ -54,6 +65,10 @@ pub fn run(a: VerifyArgs) -> Result<Outcome> {
     let request = Request {
         src: a.src.as_deref(),
         bundle: a.bundle.as_deref(),
+        gguf: a.gguf.as_deref().map(|text| GgufInput {
+            text,
+            mmproj: a.mmproj.as_deref(),
+        }),
         traces: &a.trace,
         gates: &gates,
         engine: match a.no_engine_gate {

@@ -604,4 +604,95 @@ fn llama_cpps_own_conversion_differs_only_by_the_two_rounding_rules() {
             assert_eq!(e["scales_differ"], 0, "{name}: {e}");
         }
     }
+    // `verify --gguf` holds llama.cpp's own conversion to the HF oracle's traces, with
+    // every metadata gate against the checkpoint, as it holds q3vl's export.
+    let traces = repo.join("fixtures/fullvocab/untied/traces");
+    let ours_pair = files.iter().map(|f| ours.join(f));
+    let (our_mmproj, our_text): (Vec<PathBuf>, Vec<PathBuf>) =
+        ours_pair.partition(|p| s(p).contains("mmproj-"));
+    for (who, text, mmproj) in [
+        (
+            "llama.cpp",
+            theirs.join("text-q8_0.gguf"),
+            theirs.join("mmproj-f16.gguf"),
+        ),
+        ("q3vl", our_text[0].clone(), our_mmproj[0].clone()),
+    ] {
+        let report = scratch(&format!("cmp-verify-{who}"));
+        let o = run(&[
+            "verify",
+            "--src",
+            s(&ckpt),
+            "--gguf",
+            s(&text),
+            "--mmproj",
+            s(&mmproj),
+            "--trace",
+            s(&traces.join("text.safetensors")),
+            "--trace",
+            s(&traces.join("image.safetensors")),
+            "--report",
+            s(&report),
+        ]);
+        let out = String::from_utf8_lossy(&o.stdout);
+        let stats: Vec<&str> = out
+            .lines()
+            .filter(|l| l.contains("next-token statistics") || l.contains("gates"))
+            .collect();
+        eprintln!("verify --gguf on {who}'s conversion: {}", stats.join(" | "));
+        assert!(
+            o.status.success(),
+            "{who}: {out}\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    // The 4-, 5- and 6-bit files llama.cpp's quantizer makes from its Q8_0 pass under
+    // their own types' thresholds; Q4_0 with two layers' attn_q swapped does not.
+    let (py, lsrc, lib) = llama_cpp().expect("built: its converter ran above");
+    for ty in ["q4_0", "q5_1", "q6_k", "q4_k_m"] {
+        let file = theirs.join(format!("text-{ty}.gguf"));
+        let o = std::process::Command::new(&py)
+            .arg(repo.join("oracle/quantize_gguf.py"))
+            .args([s(&theirs.join("text-q8_0.gguf")), s(&file), ty])
+            .env("PYTHONPATH", &lsrc)
+            .env("LLAMA_CPP_LIB_PATH", &lib)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{ty}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let verify = |text: &Path, name: &str| {
+            run(&[
+                "verify",
+                "--src",
+                s(&ckpt),
+                "--gguf",
+                s(text),
+                "--mmproj",
+                s(&theirs.join("mmproj-f16.gguf")),
+                "--trace",
+                s(&traces.join("text.safetensors")),
+                "--trace",
+                s(&traces.join("image.safetensors")),
+                "--report",
+                s(&scratch(&format!("cmp-verify-{name}"))),
+            ])
+        };
+        let o = verify(&file, ty);
+        let out = String::from_utf8_lossy(&o.stdout);
+        let last = out.lines().last().unwrap_or_default();
+        eprintln!("verify --gguf on llama.cpp's {ty}: {last}");
+        assert!(o.status.success(), "{ty}: {out}");
+        if ty == "q4_0" {
+            let bad = scratch("q4_0-swapped.gguf");
+            std::fs::copy(&file, &bad).unwrap();
+            swap_tensors(&bad, "blk.0.attn_q.weight", "blk.1.attn_q.weight");
+            let o = verify(&bad, "q4_0-swapped");
+            let out = String::from_utf8_lossy(&o.stdout);
+            assert_eq!(o.status.code(), Some(1), "{out}");
+            assert!(out.contains("text:text.local"), "{out}");
+        }
+    }
 }

@@ -177,6 +177,7 @@ fn refuses_to_stamp(verified: &Verified, out: &Path) {
 fn verify_with_engine(out: &Path, open: EngineOpener<'_>) -> Verified {
     let (gates, ts) = (Gates::builtin(), traces("shapes"));
     let request = Request {
+        gguf: None,
         src: None,
         bundle: Some(out),
         traces: &ts,

@@ -58,6 +58,9 @@ pub enum VerifyError {
         /// What went wrong.
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A GGUF file (`--gguf`, `--mmproj`) that cannot be read as a Qwen3-VL model.
+    #[error(transparent)]
+    Gguf(#[from] q3vl_gguf::GgufError),
     /// A bundle folder holds a file its `metadata.json` does not list: it would be
     /// stamped without a checksum or a gate having looked at it.
     #[error("{}: {} is not listed in its metadata.json (remove it, or convert again)", .dir.display(), .file)]

@@ -285,10 +285,10 @@ fn opt_e(x: Option<f64>) -> String {
 
 /// The colour of a profile's series.
 fn color(p: Profile) -> &'static str {
-    if p == Profile::Fp32 {
-        "#1f77b4"
-    } else {
-        "#d62728"
+    match p {
+        Profile::Fp32 => "#1f77b4",
+        Profile::Bundle => "#d62728",
+        Profile::Gguf => "#2ca02c",
     }
 }
 
@@ -362,11 +362,11 @@ impl Report {
                 let mode = self.gates.bundle.mode(t.mode.as_deref()).ok();
                 let thr = match (t.profile, stage, mode) {
                     (Profile::Fp32, _, _) => Some(self.gates.fp32.stage_cos),
-                    (Profile::Bundle, Stage::Text, Some((_, m))) => {
+                    (_, Stage::Text, Some((_, m))) => {
                         Some(m.layer_cos(rows.len().saturating_sub(1)))
                     }
-                    (Profile::Bundle, _, Some((_, m))) => Some(m.vision_cos),
-                    (Profile::Bundle, _, None) => None,
+                    (_, _, Some((_, m))) => Some(m.vision_cos),
+                    (_, _, None) => None,
                 };
                 (label, color(t.profile), rows, thr)
             })
@@ -383,7 +383,7 @@ impl Report {
     fn run_section(&self, t: &TraceReport) -> String {
         let limit = match t.profile {
             Profile::Fp32 => t.oracle_tokens.len(),
-            Profile::Bundle => self.gates.bundle.free_decode_steps,
+            Profile::Bundle | Profile::Gguf => self.gates.bundle.free_decode_steps,
         };
         let title = format!("{:?} greedy decode", t.profile);
         let mut body = strip(

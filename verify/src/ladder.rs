@@ -37,6 +37,9 @@ pub enum Profile {
     Fp32,
     /// The reference on a bundle's dequantized weights: the quantized gates.
     Bundle,
+    /// The reference on a GGUF pair's weights, dequantized as llama.cpp reads them:
+    /// the quantized gates, with the thresholds of the file's coarsest tensor type.
+    Gguf,
 }
 
 /// What is being verified.
@@ -140,7 +143,7 @@ impl<'g> Limits<'g> {
             gates,
             profile,
             mode: match profile {
-                Profile::Bundle => Some(gates.bundle.mode(mode)?),
+                Profile::Bundle | Profile::Gguf => Some(gates.bundle.mode(mode)?),
                 Profile::Fp32 => None,
             },
         })
@@ -152,7 +155,7 @@ impl<'g> Limits<'g> {
             Profile::Fp32 => StatLimits::Fp32 {
                 kld_max: self.gates.fp32.kld_max,
             },
-            Profile::Bundle => StatLimits::Bundle {
+            Profile::Bundle | Profile::Gguf => StatLimits::Bundle {
                 noise_factor: self.gates.bundle.noise_factor,
                 kld_factor: self.gates.bundle.kld_factor,
             },
@@ -164,7 +167,7 @@ impl<'g> Limits<'g> {
         match self.profile {
             Profile::Fp32 if self.gates.fp32.decode_steps > 0 => self.gates.fp32.decode_steps,
             Profile::Fp32 => oracle,
-            Profile::Bundle => self.gates.bundle.free_decode_steps,
+            Profile::Bundle | Profile::Gguf => self.gates.bundle.free_decode_steps,
         }
     }
 }
@@ -233,7 +236,7 @@ struct Evidence {
 /// Runs the models on the trace's inputs and measures everything the gates read.
 fn measure(subject: &Subject<'_>, trace: &OracleTrace, limits: &Limits<'_>) -> Result<Evidence> {
     let (cfg, gates) = (subject.cfg, limits.gates);
-    let bundle = limits.profile == Profile::Bundle;
+    let bundle = limits.profile != Profile::Fp32;
     let prompt = token_gates::prompt_ids(subject.prompt, trace)?;
     let pixels = pixel_check(subject.preprocessor, trace)?;
     let oracle_tokens = trace.decode_tokens()?;

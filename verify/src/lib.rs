@@ -1,13 +1,16 @@
 //! q3vl's proof of numerics: oracle traces in, stage-by-stage cosines, token gates
 //! and reports out. The fp32 ladder runs the reference on the original checkpoint;
 //! the quantized ladder runs it on a bundle's weights, and holds the engine's greedy
-//! decode against it (engine ≡ reference).
+//! decode against it (engine ≡ reference); the GGUF ladder runs it on a GGUF pair made
+//! by anyone, dequantized as llama.cpp reads it, with its metadata checked by name.
 
 pub mod bundle_source;
 pub mod compare;
 pub mod engine_gate;
 pub mod error;
 pub mod gates;
+pub mod gguf_checks;
+pub mod gguf_source;
 pub mod html;
 pub mod junit;
 pub mod ladder;
@@ -33,6 +36,6 @@ pub use error::{Result, VerifyError};
 pub use gates::{GateResult, Gates};
 pub use ladder::{verify_trace, Profile, Subject, TraceReport};
 pub use report::{NotRun, Report};
-pub use session::{verify, write_reports, EngineGate, Progress, Request, Verified};
+pub use session::{verify, write_reports, EngineGate, GgufInput, Progress, Request, Verified};
 pub use stamping::Stamping;
 pub use trace::OracleTrace;

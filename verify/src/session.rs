@@ -64,6 +64,9 @@ pub struct Request<'a> {
     /// A conversion output folder (language + vision bundles): the quantized ladder
     /// and the engine ≡ reference gate (`--bundle`).
     pub bundle: Option<&'a Path>,
+    /// A GGUF text model and projector: the quantized ladder on their weights, with
+    /// their metadata checked against `src`'s configuration when given (`--gguf`).
+    pub gguf: Option<GgufInput<'a>>,
     /// The oracle traces (`--trace`).
     pub traces: &'a [PathBuf],
     /// The thresholds.
@@ -75,6 +78,15 @@ pub struct Request<'a> {
     pub stamp: bool,
     /// The verifier's name and version, recorded in the report and the stamps.
     pub tool: String,
+}
+
+/// A GGUF pair to verify (`--gguf`, `--mmproj`).
+#[derive(Clone, Copy)]
+pub struct GgufInput<'a> {
+    /// The text model.
+    pub text: &'a Path,
+    /// Its projector (needed for image traces).
+    pub mmproj: Option<&'a Path>,
 }
 
 /// A finished run: its report, and what stamping the bundles needs.
@@ -121,15 +133,22 @@ pub fn verify(request: &Request<'_>, progress: &mut dyn Progress) -> Result<Veri
         }
         None => None,
     };
-    // Side by side: each trace's fp32 run next to its bundle run.
-    reports.sort_by(|x, y| x.trace.cmp(&y.trace));
-    let not_run = match (&request.engine, request.bundle) {
+    let mut not_run = match (&request.engine, request.bundle) {
         (EngineGate::Skip(why), Some(_)) => vec![NotRun {
             gate: ENGINE_GATE.into(),
             why: why.clone(),
         }],
         _ => vec![],
     };
+    if let Some(g) = request.gguf {
+        let (r, skipped) = gguf_ladder(g, request, &traces, progress)?;
+        reports.extend(r);
+        not_run.extend(skipped);
+        subject.push(g.text.display().to_string());
+    }
+    // Side by side: each trace's fp32 run next to its bundle or GGUF run (stable: in
+    // the order they ran).
+    reports.sort_by(|x, y| x.trace.cmp(&y.trace));
     let report = Report {
         format: "q3vl-verify-report/1",
         tool: request.tool.clone(),
@@ -283,6 +302,63 @@ fn bundle_ladder(
         digests: request.stamp.then_some(digests),
     };
     Ok((reports, checked))
+}
+
+/// The quantized ladder on a GGUF pair, its metadata gates first in every trace's list
+/// (against `--src`'s configuration; without it they are reported as not run).
+fn gguf_ladder(
+    g: GgufInput<'_>,
+    request: &Request<'_>,
+    traces: &[OracleTrace],
+    progress: &mut dyn Progress,
+) -> Result<(Vec<TraceReport>, Vec<NotRun>)> {
+    progress.start("reading the GGUF files");
+    let model = q3vl_gguf::GgufModel::open(g.text, g.mmproj);
+    progress.end();
+    let model = model?;
+    if let (None, Some(t)) = (g.mmproj, traces.iter().find(|t| t.has_image())) {
+        return Err(t.mismatch(
+            "is an image trace: verifying a GGUF on it needs its projector (--mmproj)".into(),
+        ));
+    }
+    let (checks, not_run) = match request.src {
+        Some(src) => (crate::gguf_checks::metadata_gates(&model, src)?, vec![]),
+        None => (
+            vec![],
+            vec![NotRun {
+                gate: "gguf.metadata".into(),
+                why: "no --src: the GGUF's metadata is checked against the checkpoint's config"
+                    .into(),
+            }],
+        ),
+    };
+    let src = crate::gguf_source::GgufSource::new(&model);
+    let pipes = Pipelines {
+        prompt: PromptBuilder::from_parts(
+            g.text,
+            &model.tokenizer_json,
+            &model.tokenizer_config,
+            &model.cfg,
+        )?,
+        preprocessor: model.preprocessor.clone(),
+    };
+    let m = Model {
+        cfg: &model.cfg,
+        src: &src,
+        engine: None,
+        mode: Some(model.mode()),
+        rounding: Some(&src),
+    };
+    let run = Ladder {
+        what: "GGUF ladder",
+        profile: Profile::Gguf,
+        gates: request.gates,
+    };
+    let mut reports = run.traces(&m, &pipes, traces, progress)?;
+    for r in &mut reports {
+        r.gates.splice(0..0, checks.iter().cloned());
+    }
+    Ok((reports, not_run))
 }
 
 /// Small models keep decoder layers resident; large ones stream them layer by layer.

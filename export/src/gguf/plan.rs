@@ -12,7 +12,8 @@
 use super::file::{GgmlType, TensorInfo};
 use crate::error::{ExportError, Result};
 use q3vl_bundle::{Bundle, Bundles, Dtype, Scheme};
-use q3vl_model::layout::{self, EMBED, LM_HEAD};
+use q3vl_gguf::names;
+use q3vl_model::layout::LM_HEAD;
 use q3vl_model::Qwen3VlConfig;
 
 /// Where one GGUF tensor's bytes come from.
@@ -39,40 +40,11 @@ pub struct GgufTensor {
 
 /// The text GGUF's tensors, in file order.
 pub fn text(b: &Bundle, cfg: &Qwen3VlConfig) -> Result<Vec<GgufTensor>> {
-    let mut out = vec![
-        text_tensor(b, EMBED, "token_embd.weight")?,
-        text_tensor(
-            b,
-            &format!("{}.norm.weight", layout::TEXT),
-            "output_norm.weight",
-        )?,
-    ];
-    if b.metadata().tensors.contains_key(LM_HEAD) {
-        out.push(text_tensor(b, LM_HEAD, "output.weight")?);
-    }
-    let leaves = [
-        ("input_layernorm.weight", "attn_norm"),
-        ("self_attn.q_proj.weight", "attn_q"),
-        ("self_attn.k_proj.weight", "attn_k"),
-        ("self_attn.v_proj.weight", "attn_v"),
-        ("self_attn.o_proj.weight", "attn_output"),
-        ("self_attn.q_norm.weight", "attn_q_norm"),
-        ("self_attn.k_norm.weight", "attn_k_norm"),
-        ("post_attention_layernorm.weight", "ffn_norm"),
-        ("mlp.gate_proj.weight", "ffn_gate"),
-        ("mlp.up_proj.weight", "ffn_up"),
-        ("mlp.down_proj.weight", "ffn_down"),
-    ];
-    for i in 0..cfg.text.num_hidden_layers {
-        for (leaf, name) in leaves {
-            out.push(text_tensor(
-                b,
-                &layout::text_layer(i, leaf),
-                &format!("blk.{i}.{name}.weight"),
-            )?);
-        }
-    }
-    Ok(out)
+    let with_head = b.metadata().tensors.contains_key(LM_HEAD);
+    names::text_pairs(cfg, with_head)
+        .iter()
+        .map(|(hf, gg)| text_tensor(b, hf, gg))
+        .collect()
 }
 
 /// One language tensor: Q8_0 when stored int8, else as stored.
@@ -125,17 +97,14 @@ pub fn mmproj(bundles: &Bundles, cfg: &Qwen3VlConfig) -> Result<Vec<GgufTensor>>
     let mut out: Vec<GgufTensor> = (0..t)
         .map(|k| GgufTensor {
             info: TensorInfo {
-                name: match k {
-                    0 => "v.patch_embd.weight".to_string(),
-                    k => format!("v.patch_embd.weight.{k}"),
-                },
+                name: names::patch_half(k),
                 shape: vec![d, c, p, q],
                 ty: GgmlType::F16,
             },
             origin: Origin::PatchHalf(k),
         })
         .collect();
-    for (hf, name) in mmproj_names(cfg) {
+    for (hf, name) in names::mmproj_pairs(cfg) {
         let (dtype, shape, _) = b.raw(&hf)?;
         out.push(GgufTensor {
             info: TensorInfo {
@@ -149,62 +118,9 @@ pub fn mmproj(bundles: &Bundles, cfg: &Qwen3VlConfig) -> Result<Vec<GgufTensor>>
     Ok(out)
 }
 
-/// (HF name, llama.cpp name) of every vision tensor but the Conv3d weight: the merger is
-/// `v.post_ln`/`mm.0`/`mm.2`, a DeepStack merger `v.deepstack.L` with `L` the ViT block it
-/// reads (as llama.cpp's converter names them).
-fn mmproj_names(cfg: &Qwen3VlConfig) -> Vec<(String, String)> {
-    let v = &cfg.vision;
-    let both = |hf: String, gg: String| {
-        ["weight", "bias"].map(|part| (format!("{hf}.{part}"), format!("{gg}.{part}")))
-    };
-    let mut out = vec![
-        (
-            layout::visual("patch_embed.proj.bias"),
-            "v.patch_embd.bias".into(),
-        ),
-        (
-            layout::visual("pos_embed.weight"),
-            "v.position_embd.weight".into(),
-        ),
-    ];
-    let block = [
-        ("norm1", "ln1"),
-        ("attn.qkv", "attn_qkv"),
-        ("attn.proj", "attn_out"),
-        ("norm2", "ln2"),
-        ("mlp.linear_fc1", "ffn_up"),
-        ("mlp.linear_fc2", "ffn_down"),
-    ];
-    for j in 0..v.depth {
-        for (hf, gg) in block {
-            out.extend(both(layout::vision_block(j, hf), format!("v.blk.{j}.{gg}")));
-        }
-    }
-    for (hf, gg) in [
-        ("norm", "v.post_ln"),
-        ("linear_fc1", "mm.0"),
-        ("linear_fc2", "mm.2"),
-    ] {
-        out.extend(both(layout::visual(&format!("merger.{hf}")), gg.into()));
-    }
-    for (k, &layer) in v.deepstack_visual_indexes.iter().enumerate() {
-        for (hf, gg) in [
-            ("norm", "norm"),
-            ("linear_fc1", "fc1"),
-            ("linear_fc2", "fc2"),
-        ] {
-            out.extend(both(
-                layout::deepstack(k, hf),
-                format!("v.deepstack.{layer}.{gg}"),
-            ));
-        }
-    }
-    out
-}
-
 /// The Conv3d patch embedding's `[out, channels, temporal, p, p]`, stored f16.
 fn patch_shape(b: &Bundle, cfg: &Qwen3VlConfig) -> Result<[usize; 5]> {
-    let name = layout::visual("patch_embed.proj.weight");
+    let name = names::patch_embed();
     let (dtype, shape, _) = b.raw(&name)?;
     match *shape {
         [d, c, t, p, q] if dtype == Dtype::F16 && t == cfg.vision.temporal_patch_size => {
