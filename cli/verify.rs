@@ -32,8 +32,16 @@ pub struct VerifyArgs {
     #[arg(long, requires = "gguf")]
     mmproj: Option<PathBuf>,
     /// An oracle trace (`qwen3vl-oracle-trace/2`, or /1); repeat for several.
-    #[arg(long, required = true)]
+    #[arg(long, required_unless_present = "prompt")]
     trace: Vec<PathBuf>,
+    /// Instead of --trace: q3vl's fp32 reference on --src (itself gated against HF)
+    /// serves as the oracle for this prompt, so no Python is needed. Its trace is
+    /// written into the report folder. Needs --bundle or --gguf.
+    #[arg(long, requires = "src", conflicts_with_all = ["trace", "stamp"])]
+    prompt: Option<String>,
+    /// With --prompt: an image (PNG or JPEG) the prompt asks about.
+    #[arg(long, requires = "prompt")]
+    image: Option<PathBuf>,
     /// Where to write report.json and report.html.
     #[arg(long, default_value = "verify-report")]
     report: PathBuf,
@@ -62,14 +70,19 @@ pub fn run(a: VerifyArgs) -> Result<Outcome> {
         Some(p) => Gates::from_file(p)?,
         None => Gates::builtin(),
     };
+    let traces = match &a.prompt {
+        Some(prompt) => vec![self_oracle_trace(&a, prompt)?],
+        None => a.trace.clone(),
+    };
     let request = Request {
         src: a.src.as_deref(),
+        fp32_ladder: a.prompt.is_none(),
         bundle: a.bundle.as_deref(),
         gguf: a.gguf.as_deref().map(|text| GgufInput {
             text,
             mmproj: a.mmproj.as_deref(),
         }),
-        traces: &a.trace,
+        traces: &traces,
         gates: &gates,
         engine: match a.no_engine_gate {
             true => EngineGate::Skip("--no-engine-gate".into()),
@@ -101,6 +114,31 @@ pub fn run(a: VerifyArgs) -> Result<Outcome> {
     } else {
         Outcome::GateFailed
     })
+}
+
+/// The trace of q3vl's fp32 reference on --src for --prompt (and --image), written as
+/// `REPORT/oracle/prompt.safetensors`.
+fn self_oracle_trace(a: &VerifyArgs, prompt: &str) -> Result<PathBuf> {
+    use q3vl_verify::self_oracle::{write_trace, TraceRequest};
+    if a.bundle.is_none() && a.gguf.is_none() {
+        anyhow::bail!(
+            "--prompt needs --bundle or --gguf: the reference would be checked against itself"
+        );
+    }
+    let src = a.src.as_deref().expect("clap: --prompt requires --src");
+    let cfg = q3vl_model::Qwen3VlConfig::from_dir(src)?;
+    let ck = q3vl_model::Checkpoint::open(src)?;
+    ck.check(&q3vl_model::layout::checkpoint_tensors(&cfg))?;
+    let pb = common::spinner("q3vl's fp32 reference on --src (the oracle for --prompt)");
+    let req = TraceRequest {
+        prompt,
+        image: a.image.as_deref(),
+        full_logits: false,
+    };
+    let trace = a.report.join("oracle").join("prompt.safetensors");
+    let written = write_trace(src, &ck, &trace, &req);
+    pb.finish_and_clear();
+    Ok(written?)
 }
 
 /// The terminal spinner of the step running (nothing when stderr is not a terminal).

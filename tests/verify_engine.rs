@@ -179,6 +179,7 @@ fn verify_with_engine(out: &Path, open: EngineOpener<'_>) -> Verified {
     let request = Request {
         gguf: None,
         src: None,
+        fp32_ladder: true,
         bundle: Some(out),
         traces: &ts,
         gates: &gates,

@@ -176,6 +176,17 @@ type Damage<'a> = (
     &'a [&'a str],
 );
 
+/// Layers 0 and 1's attn_q swapped: the two tensor infos' names traded.
+fn swap_attn_q(b: &mut [u8]) {
+    let find = |b: &[u8], n: &str| b.windows(n.len()).position(|w| w == n.as_bytes()).unwrap();
+    let (i, j) = (
+        find(b, "blk.0.attn_q.weight\u{2}"),
+        find(b, "blk.1.attn_q.weight\u{2}"),
+    );
+    b[i + 4] = b'1';
+    b[j + 4] = b'0';
+}
+
 /// A key's value after the u32 type, an array's after its element type and count.
 const ARRAY: usize = 4 + 4 + 8;
 
@@ -201,16 +212,7 @@ fn damaged_ggufs_fail_the_gate_that_names_the_fault() {
     let mmproj_no_deepstack = damaged(&mmproj, "no-deepstack-mmproj.gguf", |b| {
         patch(b, "clip.vision.is_deepstack_layers", ARRAY, &[0; 4]);
     });
-    // Layers 0 and 1's attn_q swapped: the two tensor infos' names traded.
-    let swapped = |b: &mut Vec<u8>| {
-        let find = |b: &[u8], n: &str| b.windows(n.len()).position(|w| w == n.as_bytes()).unwrap();
-        let (i, j) = (
-            find(b, "blk.0.attn_q.weight\u{2}"),
-            find(b, "blk.1.attn_q.weight\u{2}"),
-        );
-        b[i + 4] = b'1';
-        b[j + 4] = b'0';
-    };
+    let swapped = |b: &mut Vec<u8>| swap_attn_q(b);
     let cases: [Damage; 4] = [
         (
             "rope-one-axis",
@@ -402,4 +404,101 @@ fn bad_ggufs_are_refused_in_one_line() {
     // An image trace needs the projector.
     let o = run(&["verify", "--gguf", s(&text), "--trace", s(&tr[0])]);
     fails(&o, &["image.safetensors", "--mmproj"]);
+}
+
+#[test]
+fn the_checkpoint_serves_as_oracle_for_any_prompt() {
+    let (out, text, mmproj) = exported("shapes");
+    let src = repo("fixtures/shapes");
+    let image = repo("fixtures/shapes/traces/demo_0.png");
+    let ask = |subject: &[&str], name: &str| {
+        let report = scratch(&format!("prompt-{name}"));
+        let args = [
+            &["verify", "--src", s(&src)][..],
+            subject,
+            &[
+                "--prompt",
+                "What colour is the square?",
+                "--image",
+                s(&image),
+            ],
+            &["--report", s(&report)],
+        ]
+        .concat();
+        let o = run(&args);
+        let json = std::fs::read_to_string(report.join("report.json"))
+            .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&o.stderr)));
+        assert!(report.join("oracle/prompt.safetensors").is_file());
+        let v: Value = serde_json::from_str(&json).unwrap();
+        (o.status.code(), v)
+    };
+    for (name, subject) in [
+        ("bundle", vec!["--bundle", s(&out)]),
+        ("gguf", vec!["--gguf", s(&text), "--mmproj", s(&mmproj)]),
+    ] {
+        let (code, report) = ask(&subject, name);
+        assert_eq!(code, Some(0), "{name}: {:?}", failed(&report));
+        let t = &report["traces"][0];
+        assert_eq!(t["oracle"], "q3vl-reference", "{name}");
+        assert_eq!(report["traces"].as_array().unwrap().len(), 1, "{name}");
+        assert_eq!(report["not_run"][0]["gate"], "fp32.ladder", "{name}");
+        let names: Vec<String> = gates(&report).into_iter().map(|g| g.1).collect();
+        assert!(
+            names.iter().any(|n| n == "vision.ladder"),
+            "{name}: {names:?}"
+        );
+        assert_eq!(
+            names.iter().any(|n| n == "gguf.rope_sections"),
+            name == "gguf"
+        );
+    }
+    // The same oracle catches a damaged file.
+    let bad = damaged(&text, "prompt-swapped.gguf", |b| swap_attn_q(b));
+    let (code, report) = ask(&["--gguf", s(&bad), "--mmproj", s(&mmproj)], "swapped");
+    assert_eq!(code, Some(1));
+    assert!(
+        failed(&report).iter().any(|f| f.ends_with(":text.local")),
+        "{:?}",
+        failed(&report)
+    );
+    // Without a subject the reference would be checked against itself.
+    let o = run(&[
+        "verify",
+        "--src",
+        s(&src),
+        "--prompt",
+        "Hi",
+        "--report",
+        s(&scratch("prompt-none")),
+    ]);
+    fails(&o, &["--prompt needs --bundle or --gguf"]);
+    // --prompt replaces --trace; a bad image is named.
+    let o = run(&[
+        "verify",
+        "--src",
+        s(&src),
+        "--bundle",
+        s(&out),
+        "--prompt",
+        "Hi",
+        "--trace",
+        s(&traces("shapes")[1]),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    let report = scratch("prompt-bad-image");
+    let o = run(&[
+        "verify",
+        "--src",
+        s(&src),
+        "--bundle",
+        s(&out),
+        "--prompt",
+        "Hi",
+        "--image",
+        s(&src.join("config.json")),
+        "--report",
+        s(&report),
+    ]);
+    fails(&o, &["config.json"]);
+    assert!(!report.exists(), "nothing written for a bad image");
 }

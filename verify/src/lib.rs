@@ -16,6 +16,7 @@ pub mod junit;
 pub mod ladder;
 pub mod noise;
 pub mod report;
+pub mod self_oracle;
 pub mod session;
 pub mod stamping;
 pub mod stats;

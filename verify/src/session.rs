@@ -58,9 +58,13 @@ impl Progress for Quiet {
 
 /// What to verify, against what.
 pub struct Request<'a> {
-    /// A Hugging Face checkpoint folder: the fp32 ladder on its original weights
-    /// (`--src`).
+    /// A Hugging Face checkpoint folder (`--src`): the fp32 ladder on its original
+    /// weights (unless `fp32_ladder` is off), and the configuration a GGUF's metadata is
+    /// checked against.
     pub src: Option<&'a Path>,
+    /// Run the fp32 ladder on `src`. Off when the traces were written by the fp32
+    /// reference on `src` itself (`--prompt`): it would compare the reference with itself.
+    pub fp32_ladder: bool,
     /// A conversion output folder (language + vision bundles): the quantized ladder
     /// and the engine ≡ reference gate (`--bundle`).
     pub bundle: Option<&'a Path>,
@@ -120,9 +124,17 @@ pub fn verify(request: &Request<'_>, progress: &mut dyn Progress) -> Result<Veri
         .collect::<Result<_>>()?;
     let mut reports = Vec::new();
     let mut subject = Vec::new();
-    if let Some(src) = request.src {
-        reports.extend(fp32_ladder(src, &traces, request.gates, progress)?);
-        subject.push(src.display().to_string());
+    let mut not_run = Vec::new();
+    match (request.src, request.fp32_ladder) {
+        (Some(src), true) => {
+            reports.extend(fp32_ladder(src, &traces, request.gates, progress)?);
+            subject.push(src.display().to_string());
+        }
+        (Some(_), false) => not_run.push(NotRun {
+            gate: "fp32.ladder".into(),
+            why: "the oracle is q3vl's fp32 reference on --src itself (--prompt)".into(),
+        }),
+        (None, _) => {}
     }
     let bundles = match request.bundle {
         Some(out) => {
@@ -133,13 +145,12 @@ pub fn verify(request: &Request<'_>, progress: &mut dyn Progress) -> Result<Veri
         }
         None => None,
     };
-    let mut not_run = match (&request.engine, request.bundle) {
-        (EngineGate::Skip(why), Some(_)) => vec![NotRun {
+    if let (EngineGate::Skip(why), Some(_)) = (&request.engine, request.bundle) {
+        not_run.push(NotRun {
             gate: ENGINE_GATE.into(),
             why: why.clone(),
-        }],
-        _ => vec![],
-    };
+        });
+    }
     if let Some(g) = request.gguf {
         let (r, skipped) = gguf_ladder(g, request, &traces, progress)?;
         reports.extend(r);
