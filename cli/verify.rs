@@ -7,7 +7,7 @@ use anyhow::Result;
 use clap::Args;
 use q3vl_verify::session::{EngineGate, GgufInput, Progress, Request};
 use q3vl_verify::{Gates, Stamping};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Arguments of `q3vl verify`.
 #[derive(Args)]
@@ -51,8 +51,9 @@ pub struct VerifyArgs {
     /// Write JUnit XML (one test case per gate) to this file.
     #[arg(long)]
     junit: Option<PathBuf>,
-    /// With --bundle: write verification.json into each bundle when every gate passed.
-    #[arg(long, requires = "bundle")]
+    /// With --bundle: write verification.json into each bundle when every gate passed
+    /// (not with --gguf: a stamp speaks for the bundles alone).
+    #[arg(long, requires = "bundle", conflicts_with = "gguf")]
     stamp: bool,
     /// With --bundle: do not run the engine ≡ reference gate (the engine needs the
     /// whole bundle resident; the streamed ladder alone needs about one layer). The
@@ -70,18 +71,32 @@ pub fn run(a: VerifyArgs) -> Result<Outcome> {
         Some(p) => Gates::from_file(p)?,
         None => Gates::builtin(),
     };
+    let gguf = a.gguf.as_deref().map(|text| GgufInput {
+        text,
+        mmproj: a.mmproj.as_deref(),
+    });
+    // Removes the --prompt oracle's trace again unless the reports are written.
+    let mut oracle_dir = Cleanup(None);
     let traces = match &a.prompt {
-        Some(prompt) => vec![self_oracle_trace(&a, prompt)?],
+        Some(prompt) => {
+            // Every input checked before the (long) reference run writes anything.
+            if let Some(g) = gguf {
+                q3vl_verify::session::open_gguf(g, &gates)?;
+                if a.image.is_some() && g.mmproj.is_none() {
+                    anyhow::bail!("--image with --gguf needs the projector (--mmproj)");
+                }
+            }
+            let trace = self_oracle_trace(&a, prompt)?;
+            oracle_dir.0 = trace.parent().map(Path::to_path_buf);
+            vec![trace]
+        }
         None => a.trace.clone(),
     };
     let request = Request {
         src: a.src.as_deref(),
         fp32_ladder: a.prompt.is_none(),
         bundle: a.bundle.as_deref(),
-        gguf: a.gguf.as_deref().map(|text| GgufInput {
-            text,
-            mmproj: a.mmproj.as_deref(),
-        }),
+        gguf,
         traces: &traces,
         gates: &gates,
         engine: match a.no_engine_gate {
@@ -94,6 +109,7 @@ pub fn run(a: VerifyArgs) -> Result<Outcome> {
     let verified = q3vl_verify::verify(&request, &mut Spinner(None))?;
     let report = verified.report();
     q3vl_verify::write_reports(report, &a.report, a.junit.as_deref())?;
+    oracle_dir.0 = None;
     if a.json {
         println!("{}", report.to_json());
     } else {
@@ -139,6 +155,17 @@ fn self_oracle_trace(a: &VerifyArgs, prompt: &str) -> Result<PathBuf> {
     let written = write_trace(src, &ck, &trace, &req);
     pb.finish_and_clear();
     Ok(written?)
+}
+
+/// A folder removed when dropped, unless emptied first: what a run that failed wrote.
+struct Cleanup(Option<PathBuf>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
 
 /// The terminal spinner of the step running (nothing when stderr is not a terminal).

@@ -1,10 +1,12 @@
 """Requantizes a GGUF text model with llama.cpp's own quantizer (`llama_model_quantize`).
 
-The 4-, 5- and 6-bit files `q3vl verify --gguf` is tested on are made by the peer itself,
-the way its users make them (llama-quantize), through the pinned llama-cpp-python
-package's ctypes bindings to the library `make llama-cpp` builds. Where a tensor's rows do
-not fit a K-quant's 256-value super-blocks, llama.cpp falls back to another type, as it
-does for real models.
+The 4-, 5- and 6-bit files `q3vl verify --gguf` is tested on are made by the peer's own
+quantizer (what llama-quantize runs), through the pinned llama-cpp-python package's ctypes
+bindings to the library `make llama-cpp` builds. The tests requantize llama.cpp's Q8_0
+conversion (users quantize from F16 or BF16; from Q8_0 the 4-bit grid lands on values
+already rounded once, which only adds a little noise). Where a tensor's rows do not fit a
+K-quant's 256-value super-blocks, llama.cpp falls back to another type, as it does for
+real models: on the 64-wide fixtures most tensors of a "K" file are Q5_0, Q5_1 or Q8_0.
 
 Usage: quantize_gguf.py IN.gguf OUT.gguf TYPE (q4_0, q4_1, q5_0, q5_1, q6_k, q4_k_m, q5_k_m).
 Exits 2 on bad input, 1 when llama.cpp's quantizer fails.

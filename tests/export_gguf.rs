@@ -338,10 +338,17 @@ fn swap_tensors(path: &Path, a: &str, b: &str) {
     std::fs::write(path, bytes).unwrap();
 }
 
-/// llama.cpp as `make llama-cpp` builds it: (the venv's python, the sdist holding the
-/// `llama_cpp` bindings, the folder of the shared libraries), or None. `make
-/// test-interop` sets Q3VL_REQUIRE_LLAMA=1, so there a missing build fails.
-fn llama_cpp() -> Option<(PathBuf, PathBuf, PathBuf)> {
+/// llama.cpp as `make llama-cpp` builds it: the venv's python, the sdist holding the
+/// `llama_cpp` bindings, the folder of the shared libraries.
+struct Peer {
+    py: PathBuf,
+    lsrc: PathBuf,
+    lib: PathBuf,
+}
+
+/// The built peer, or None. `make test-interop` sets Q3VL_REQUIRE_LLAMA=1, so there a
+/// missing build fails.
+fn llama_cpp() -> Option<Peer> {
     let peer = std::env::var_os("Q3VL_PEER_DIR").map_or("/tmp/q3vl-peer".into(), PathBuf::from);
     let lsrc = peer.join("llama-cpp-python-0.3.36");
     // The build scripts/llama-cpp.sh makes for this host (AMX off where the CPU has it).
@@ -359,35 +366,62 @@ fn llama_cpp() -> Option<(PathBuf, PathBuf, PathBuf)> {
         found || !required,
         "Q3VL_REQUIRE_LLAMA=1 but llama.cpp is not built (make llama-cpp)"
     );
-    Some((py, lsrc, lib?)).filter(|_| found)
+    let lib = lib?;
+    found.then_some(Peer { py, lsrc, lib })
+}
+
+impl Peer {
+    /// `python SCRIPT ARGS` with the bindings and the build's libraries.
+    fn python(&self, script: &str) -> std::process::Command {
+        let mut cmd = std::process::Command::new(&self.py);
+        cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join(script))
+            .env("PYTHONPATH", &self.lsrc)
+            .env("LLAMA_CPP_LIB_PATH", &self.lib);
+        cmd
+    }
+
+    /// `oracle/check_gguf.py` on text model `model` (its projector beside it, as
+    /// export gguf writes them) and `traces`. `min_tokens`: HF's image-token floor, the
+    /// preprocessor's shortest_edge over (16 · 2)² pixels (llama.cpp's own for Qwen-VL
+    /// is 8); "" leaves llama.cpp's.
+    fn check_gguf(
+        &self,
+        model: &Path,
+        traces: &[PathBuf],
+        max_noise: &str,
+        min_tokens: &str,
+    ) -> std::process::Output {
+        let mmproj = std::fs::read_dir(model.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| s(p).contains("/mmproj-"))
+            .unwrap();
+        let mut cmd = self.python("oracle/check_gguf.py");
+        cmd.args(["--model", s(model), "--mmproj", s(&mmproj)])
+            .args(["--max-noise", max_noise]);
+        if !min_tokens.is_empty() {
+            cmd.args(["--image-min-tokens", min_tokens]);
+        }
+        for t in traces {
+            cmd.args(["--trace", s(t)]);
+        }
+        cmd.output().unwrap()
+    }
 }
 
 #[test]
 fn llama_cpp_runs_the_export_with_the_references_tokens() {
-    let Some((py, lsrc, lib)) = llama_cpp() else {
+    let Some(peer) = llama_cpp() else {
         eprintln!("export in llama.cpp: NOT RUN: llama.cpp is not built (make llama-cpp)");
         return;
     };
     let repo = |rel: &str| Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
-    // Each fixture's noise ceiling: twice what its healthy export measures (docs/export.md).
-    let run = |model: &Path, trace: &Path, max_noise: &str| {
-        std::process::Command::new(&py)
-            .arg(repo("oracle/check_gguf.py"))
-            .args([
-                "--model",
-                s(model),
-                "--trace",
-                s(trace),
-                "--max-noise",
-                max_noise,
-            ])
-            .env("PYTHONPATH", &lsrc)
-            .env("LLAMA_CPP_LIB_PATH", &lib)
-            .output()
-            .unwrap()
+    let run = |model: &Path, traces: &[PathBuf], max_noise: &str, min_tokens: &str| {
+        peer.check_gguf(model, traces, max_noise, min_tokens)
     };
-    let check = |model: &Path, trace: &Path, max_noise: &str| {
-        let o = run(model, trace, max_noise);
+    // Each fixture's noise ceiling: twice what its healthy export measures (docs/export.md).
+    let check = |model: &Path, traces: &[PathBuf], max_noise: &str, min_tokens: &str| {
+        let o = run(model, traces, max_noise, min_tokens);
         let summary = String::from_utf8_lossy(&o.stdout)
             .split_whitespace()
             .collect::<String>();
@@ -409,7 +443,7 @@ fn llama_cpp_runs_the_export_with_the_references_tokens() {
         &traces,
         &out,
         &scratch("llama-traces-fullvocab"),
-        &["text"],
+        &["text", "image"],
     );
     let model = std::fs::read_dir(&dir)
         .unwrap()
@@ -418,38 +452,50 @@ fn llama_cpp_runs_the_export_with_the_references_tokens() {
         .unwrap();
     eprintln!(
         "export in llama.cpp: fullvocab untied int8hu: {}",
-        check(&model, &refs[0], "0.07")
+        check(&model, &refs, "0.07", "4")
     );
-    for (fx, mode, max_noise) in [
-        ("tied", "int8hu", "0.35"),
-        ("shapes", "int8hu", "0.014"),
-        ("odd", "int8hu", "0.22"),
-        ("tied", "int8lin", "0.34"),
+    // With llama.cpp's own floor, its 64×64 image becomes 3×3 tokens where HF's
+    // smart_resize keeps 2×2: the check names the grid.
+    let o = run(&model, &refs[1..], "0.07", "");
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("9 image tokens against 4"), "{err}");
+    for (fx, mode, max_noise, min_tokens) in [
+        ("shapes", "int8hu", "0.014", "64"),
+        ("odd", "int8hu", "0.22", "1"),
+        ("tied", "int8hu", "0.35", "4"),
+        ("tied", "int8lin", "0.34", "4"),
     ] {
+        // `tied`'s 150×100 image is resized to 160×96, and llama.cpp's bicubic is not
+        // HF's: its prompt is given here resized as HF resizes it (a no-op for both), and
+        // `llama_cpps_resize_is_not_hfs` shows the difference on the original.
         let out = bundles(fx, mode, false);
         let dir = scratch(&format!("llama-{fx}-{mode}"));
         assert!(export(&out, &dir, &["--allow-unverified"]).status.success());
         let src = repo(&format!("fixtures/{fx}"));
         let traces = scratch(&format!("llama-traces-{fx}-{mode}"));
-        let refs = common::self_trace::write_on_bundles(
-            &src,
-            &src.join("traces"),
-            &out,
-            &traces,
-            &["text"],
-        );
+        let oracle = match fx {
+            "tied" => hf_resized_traces(&src, &scratch(&format!("hf-resized-{mode}"))),
+            _ => src.join("traces"),
+        };
+        let refs =
+            common::self_trace::write_on_bundles(&src, &oracle, &out, &traces, &["text", "image"]);
         let suffix = if mode == "fp16" { "F16" } else { "Q8_0" };
         let model = dir.join(format!("{fx}-{suffix}.gguf"));
         eprintln!(
             "export in llama.cpp: {fx} {mode}: {}",
-            check(&model, &refs[0], max_noise)
+            check(&model, &refs, max_noise, min_tokens)
         );
         if fx == "shapes" {
             // Two layers' attn_q swapped: llama.cpp loads it, and the check catches it.
-            let bad = scratch("llama-swapped.gguf");
+            let bad_dir = scratch("llama-swapped");
+            std::fs::create_dir_all(&bad_dir).unwrap();
+            let bad = bad_dir.join("shapes-Q8_0.gguf");
             std::fs::copy(&model, &bad).unwrap();
             swap_tensors(&bad, "blk.0.attn_q.weight", "blk.1.attn_q.weight");
-            let o = run(&bad, &refs[0], max_noise);
+            let mmproj = "mmproj-shapes-F16.gguf";
+            std::fs::copy(dir.join(mmproj), bad_dir.join(mmproj)).unwrap();
+            let o = run(&bad, &refs[..1], max_noise, min_tokens);
             assert_eq!(
                 o.status.code(),
                 Some(1),
@@ -463,6 +509,65 @@ fn llama_cpp_runs_the_export_with_the_references_tokens() {
             );
         }
     }
+}
+
+/// A copy of fixture `src`'s traces folder whose image trace's image is the picture HF's
+/// processor would feed the model (smart_resize, then PIL bicubic, as q3vl's preprocessing
+/// and the `image.pixels` gate reproduce): at that size no runtime resizes it again.
+fn hf_resized_traces(src: &Path, dir: &Path) -> PathBuf {
+    use q3vl_model::image::{load_rgb, resize_bicubic, smart_resize};
+    std::fs::create_dir_all(dir).unwrap();
+    for f in ["text.safetensors", "image.safetensors"] {
+        std::fs::copy(src.join("traces").join(f), dir.join(f)).unwrap();
+    }
+    let pre = q3vl_model::PreprocessorConfig::from_dir(src).unwrap();
+    let img = load_rgb(&src.join("traces/image.png")).unwrap();
+    let factor = pre.patch_size * pre.merge_size;
+    let (h, w) = smart_resize(
+        img.height,
+        img.width,
+        factor,
+        pre.min_pixels,
+        pre.max_pixels,
+    )
+    .unwrap();
+    let out = resize_bicubic(&img, w, h);
+    image::RgbImage::from_raw(w as u32, h as u32, out.data)
+        .unwrap()
+        .save(dir.join("image.png"))
+        .unwrap();
+    dir.to_path_buf()
+}
+
+#[test]
+fn llama_cpps_resize_is_not_hfs() {
+    let Some(peer) = llama_cpp() else {
+        eprintln!("llama.cpp's resize: NOT RUN: llama.cpp is not built (make llama-cpp)");
+        return;
+    };
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let src = repo.join("fixtures/tied");
+    let out = bundles("tied", "int8hu", false);
+    let dir = scratch("resize-export");
+    assert!(export(&out, &dir, &["--allow-unverified"]).status.success());
+    let refs = common::self_trace::write_on_bundles(
+        &src,
+        &src.join("traces"),
+        &out,
+        &scratch("resize-traces"),
+        &["image"],
+    );
+    let model = dir.join("tied-Q8_0.gguf");
+    let o = peer.check_gguf(&model, &refs, "0.35", "4");
+    // The same grid (3×5 tokens), other pixels: on this random model, which amplifies its
+    // input's differences, the continuation's logits leave the reference's.
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    eprintln!("llama.cpp's resize on tied's 150×100 image: {summary}");
+    assert_eq!(o.status.code(), Some(1), "{summary}");
+    let noise = summary["traces"]["image.safetensors"]["noise"]
+        .as_f64()
+        .unwrap();
+    assert!(noise > 1.0, "{summary}");
 }
 
 #[test]
@@ -533,77 +638,93 @@ fn llama_cpps_own_conversion_differs_only_by_the_two_rounding_rules() {
             .env("PYTHONPATH", lcpp.join("gguf-py"))
             .output()
             .unwrap();
-        let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        assert!(
-            o.status.success(),
-            "{file}: {}\n{report:#}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        assert!(
-            report["tensors_only_ours"].as_array().unwrap().is_empty(),
-            "{report:#}"
-        );
-        assert!(
-            report["tensors_only_theirs"].as_array().unwrap().is_empty(),
-            "{report:#}"
-        );
-        let summary: serde_json::Map<_, _> = [
-            "type_or_shape_differs",
-            "keys_only_ours",
-            "keys_only_theirs",
-            "values_differ",
-        ]
-        .iter()
-        .map(|k| (k.to_string(), report[*k].clone()))
-        .collect();
-        eprintln!(
-            "llama.cpp's converter, {file}: {}",
-            serde_json::Value::Object(summary)
-        );
-        // Exactly the differences docs/export.md lists, nothing more.
-        let text = extra.is_empty();
-        let differs: Vec<&String> = report["type_or_shape_differs"]
-            .as_object()
-            .unwrap()
-            .keys()
-            .collect();
-        assert_eq!(
-            differs,
-            if text {
-                vec!["token_embd.weight"]
-            } else {
-                vec![]
-            },
-            "{report:#}"
-        );
-        assert_eq!(
-            report["keys_only_ours"],
-            serde_json::json!(["q3vl.provenance"])
-        );
-        let guesses = ["general.basename", "general.finetune", "general.size_label"];
-        assert_eq!(
-            report["keys_only_theirs"],
-            serde_json::json!(guesses),
-            "{report:#}"
-        );
-        let values: Vec<&String> = report["values_differ"]
-            .as_object()
-            .unwrap()
-            .keys()
-            .collect();
-        assert_eq!(values, vec!["general.name"], "{report:#}");
-        let q8 = report["q8_0"].as_object().unwrap();
-        let layers = q8.keys().filter(|n| n.starts_with("blk.")).count();
-        assert_eq!(
-            layers,
-            if text { 7 * 4 } else { 0 },
-            "every decoder linear compared"
-        );
-        for (name, e) in q8.iter().filter(|(n, _)| n.starts_with("blk.")) {
-            assert_eq!(e["unexplained"], 0, "{name}: {e}");
-            assert_eq!(e["scales_differ"], 0, "{name}: {e}");
-        }
+        check_comparison(o, file, extra.is_empty());
     }
+    verify_their_files(&ckpt, &theirs, &ours, &files);
+}
+
+/// Holds one file's comparison (`oracle/compare_gguf.py`'s output) to exactly the
+/// differences docs/export.md lists.
+fn check_comparison(o: std::process::Output, file: &str, text: bool) {
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        o.status.success(),
+        "{file}: {}\n{report:#}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        report["tensors_only_ours"].as_array().unwrap().is_empty(),
+        "{report:#}"
+    );
+    assert!(
+        report["tensors_only_theirs"].as_array().unwrap().is_empty(),
+        "{report:#}"
+    );
+    let summary: serde_json::Map<_, _> = [
+        "type_or_shape_differs",
+        "keys_only_ours",
+        "keys_only_theirs",
+        "values_differ",
+    ]
+    .iter()
+    .map(|k| (k.to_string(), report[*k].clone()))
+    .collect();
+    eprintln!(
+        "llama.cpp's converter, {file}: {}",
+        serde_json::Value::Object(summary)
+    );
+    // Exactly the differences docs/export.md lists, nothing more.
+
+    let differs: Vec<&String> = report["type_or_shape_differs"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .collect();
+    assert_eq!(
+        differs,
+        if text {
+            vec!["token_embd.weight"]
+        } else {
+            vec![]
+        },
+        "{report:#}"
+    );
+    assert_eq!(
+        report["keys_only_ours"],
+        serde_json::json!(["q3vl.provenance"])
+    );
+    // The converter's guesses from the folder name (which ones depend on the name).
+    let guesses = ["general.basename", "general.finetune", "general.size_label"];
+    let theirs_only = report["keys_only_theirs"].as_array().unwrap();
+    assert!(
+        theirs_only
+            .iter()
+            .all(|k| guesses.contains(&k.as_str().unwrap())),
+        "{report:#}"
+    );
+    let values: Vec<&String> = report["values_differ"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .collect();
+    assert_eq!(values, vec!["general.name"], "{report:#}");
+    let q8 = report["q8_0"].as_object().unwrap();
+    let layers = q8.keys().filter(|n| n.starts_with("blk.")).count();
+    assert_eq!(
+        layers,
+        if text { 7 * 4 } else { 0 },
+        "every decoder linear compared"
+    );
+    for (name, e) in q8.iter().filter(|(n, _)| n.starts_with("blk.")) {
+        assert_eq!(e["unexplained"], 0, "{name}: {e}");
+        assert_eq!(e["scales_differ"], 0, "{name}: {e}");
+    }
+}
+
+/// `verify --gguf` on llama.cpp's conversion of `ckpt` (in `theirs`) and on q3vl's export
+/// (`files` in `ours`), then on its quantizer's 4-, 5- and 6-bit requantizations.
+fn verify_their_files(ckpt: &Path, theirs: &Path, ours: &Path, files: &[String]) {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     // `verify --gguf` holds llama.cpp's own conversion to the HF oracle's traces, with
     // every metadata gate against the checkpoint, as it holds q3vl's export.
     let traces = repo.join("fixtures/fullvocab/untied/traces");
@@ -622,7 +743,7 @@ fn llama_cpps_own_conversion_differs_only_by_the_two_rounding_rules() {
         let o = run(&[
             "verify",
             "--src",
-            s(&ckpt),
+            s(ckpt),
             "--gguf",
             s(&text),
             "--mmproj",
@@ -648,14 +769,12 @@ fn llama_cpps_own_conversion_differs_only_by_the_two_rounding_rules() {
     }
     // The 4-, 5- and 6-bit files llama.cpp's quantizer makes from its Q8_0 pass under
     // their own types' thresholds; Q4_0 with two layers' attn_q swapped does not.
-    let (py, lsrc, lib) = llama_cpp().expect("built: its converter ran above");
+    let peer = llama_cpp().expect("built: its converter ran above");
     for ty in ["q4_0", "q5_1", "q6_k", "q4_k_m"] {
         let file = theirs.join(format!("text-{ty}.gguf"));
-        let o = std::process::Command::new(&py)
-            .arg(repo.join("oracle/quantize_gguf.py"))
+        let o = peer
+            .python("oracle/quantize_gguf.py")
             .args([s(&theirs.join("text-q8_0.gguf")), s(&file), ty])
-            .env("PYTHONPATH", &lsrc)
-            .env("LLAMA_CPP_LIB_PATH", &lib)
             .output()
             .unwrap();
         assert!(
@@ -667,7 +786,7 @@ fn llama_cpps_own_conversion_differs_only_by_the_two_rounding_rules() {
             run(&[
                 "verify",
                 "--src",
-                s(&ckpt),
+                s(ckpt),
                 "--gguf",
                 s(text),
                 "--mmproj",

@@ -148,6 +148,11 @@ fn fuzz_oracle_trace() {
 }
 
 #[test]
+fn fuzz_gguf() {
+    fuzz("gguf", 2, &[".gguf"], verify_readers::gguf);
+}
+
+#[test]
 fn fuzz_gates_json() {
     fuzz("gates", 1, &["gates file"], verify_readers::gates);
 }

@@ -187,6 +187,17 @@ fn swap_attn_q(b: &mut [u8]) {
     b[j + 4] = b'0';
 }
 
+/// Adds a metadata entry at the head of the key list (the key count raised to match).
+fn insert_kv(b: &mut Vec<u8>, key: &str, ty: u32, value: &[u8]) {
+    let mut kv = (key.len() as u64).to_le_bytes().to_vec();
+    kv.extend(key.as_bytes());
+    kv.extend(ty.to_le_bytes());
+    kv.extend(value);
+    b.splice(24..24, kv);
+    let n = u64::from_le_bytes(b[16..24].try_into().unwrap()) + 1;
+    b[16..24].copy_from_slice(&n.to_le_bytes());
+}
+
 /// A key's value after the u32 type, an array's after its element type and count.
 const ARRAY: usize = 4 + 4 + 8;
 
@@ -301,16 +312,19 @@ fn damaged_ggufs_fail_the_gate_that_names_the_fault() {
     );
 }
 
-#[test]
-fn bad_ggufs_are_refused_in_one_line() {
-    let (_, text, mmproj) = exported("shapes");
-    let (_, _, tied_mmproj) = exported("tied");
-    let tr = traces("shapes");
+/// A bad file for `--gguf` (or `--mmproj`): its case name, the text model, the
+/// projector, and what the one-line refusal must say.
+type Refused = (&'static str, PathBuf, PathBuf, Vec<&'static str>);
+
+/// Every bad-input case of `bad_ggufs_are_refused_in_one_line`, made from the healthy
+/// export (`text`, `mmproj`) and another model's projector.
+fn refused_cases(text: &Path, mmproj: &Path, tied_mmproj: &Path) -> Vec<Refused> {
+    let (text, mmproj) = (text.to_path_buf(), mmproj.to_path_buf());
     let info = |b: &[u8]| {
         let n = "blk.0.attn_q.weight";
         b.windows(n.len()).position(|w| w == n.as_bytes()).unwrap() + n.len()
     };
-    let cases: Vec<(&str, PathBuf, PathBuf, Vec<&str>)> = vec![
+    vec![
         (
             "other-arch",
             damaged(&text, "llama.gguf", |b| {
@@ -360,9 +374,27 @@ fn bad_ggufs_are_refused_in_one_line() {
             vec!["type.gguf", "type id 40", "unsupported tensor type"],
         ),
         (
+            "zero-alignment",
+            damaged(&text, "zero-alignment.gguf", |b| {
+                insert_kv(b, "general.alignment", 4, &0u32.to_le_bytes())
+            }),
+            mmproj.clone(),
+            vec!["zero-alignment.gguf", "general.alignment"],
+        ),
+        (
+            "duplicate-key",
+            damaged(&text, "duplicate-key.gguf", |b| {
+                let mut v = 5u64.to_le_bytes().to_vec();
+                v.extend(b"other");
+                insert_kv(b, "general.type", 8, &v)
+            }),
+            mmproj.clone(),
+            vec!["duplicate-key.gguf", "metadata keys"],
+        ),
+        (
             "mismatched",
             text.clone(),
-            tied_mmproj.clone(),
+            tied_mmproj.to_path_buf(),
             vec!["mmproj-tied-F16.gguf", "does not match"],
         ),
         (
@@ -383,7 +415,15 @@ fn bad_ggufs_are_refused_in_one_line() {
             mmproj.clone(),
             vec!["absent.gguf"],
         ),
-    ];
+    ]
+}
+
+#[test]
+fn bad_ggufs_are_refused_in_one_line() {
+    let (_, text, mmproj) = exported("shapes");
+    let (_, _, tied_mmproj) = exported("tied");
+    let tr = traces("shapes");
+    let cases = refused_cases(&text, &mmproj, &tied_mmproj);
     for (name, t, m, needles) in cases {
         let report = scratch(&format!("refused-{name}"));
         let mut args = vec![
@@ -404,6 +444,40 @@ fn bad_ggufs_are_refused_in_one_line() {
     // An image trace needs the projector.
     let o = run(&["verify", "--gguf", s(&text), "--trace", s(&tr[0])]);
     fails(&o, &["image.safetensors", "--mmproj"]);
+    // With --prompt, a bad file is found before the reference runs or writes anything.
+    let report = scratch("refused-prompt");
+    let bad = damaged(&text, "prompt-llama.gguf", |b| {
+        patch(b, "general.architecture", 4 + 8, b"qwen3xx")
+    });
+    let src = repo("fixtures/shapes");
+    let o = run(&[
+        "verify",
+        "--src",
+        s(&src),
+        "--gguf",
+        s(&bad),
+        "--mmproj",
+        s(&mmproj),
+        "--prompt",
+        "Hi",
+        "--report",
+        s(&report),
+    ]);
+    fails(&o, &["prompt-llama.gguf", "general.architecture"]);
+    assert!(!report.exists(), "--prompt wrote before checking its GGUF");
+    // A stamp speaks for bundles alone.
+    let (out, _, _) = exported("shapes");
+    let o = run(&[
+        "verify",
+        "--bundle",
+        s(&out),
+        "--gguf",
+        s(&text),
+        "--stamp",
+        "--trace",
+        s(&tr[1]),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
 }
 
 #[test]

@@ -58,12 +58,7 @@ fn dims2(f: &GgufFile, name: &str) -> Result<[usize; 2]> {
 /// `config.json`'s `text_config`, and the vision token ids, from the text file.
 fn text_json(text: &GgufFile, tokens: &[String]) -> Result<(Json, Json)> {
     let k = |key: &str| format!("{TEXT_ARCH}.{key}");
-    let sections: Vec<i64> = text.array(&k("rope.dimension_sections"), |v| {
-        v.to_i32()
-            .map(i64::from)
-            .or_else(|_| v.to_u32().map(i64::from))
-            .ok()
-    })?;
+    let sections: Vec<i128> = text.array(&k("rope.dimension_sections"), crate::file::integer)?;
     let [vocab, _] = dims2(text, names::TOKEN_EMBD)?;
     let tied = text.info(names::OUTPUT).is_none();
     let text_config = json!({

@@ -13,7 +13,7 @@ pub enum GgufError {
         /// The fault.
         msg: String,
     },
-    /// The file could not be opened or mapped.
+    /// The file could not be opened or read.
     #[error("{path}: {source}")]
     Io {
         /// The file.

@@ -1,6 +1,7 @@
 //! One GGUF file, read by candle's GGUF reader and then held to what llama.cpp's own
-//! loader requires before any weight is trusted: every tensor's data inside the file,
-//! aligned, not overlapping another's, and a whole number of blocks of its type.
+//! loader requires before any weight is trusted: the header's counts, every tensor's
+//! data inside the file, aligned, not overlapping another's, and a whole number of
+//! blocks of its type.
 //!
 //! The header is parsed once; each tensor is read on demand with positioned reads, so
 //! verifying an 8B file holds about one layer in memory, not the file.
@@ -25,6 +26,15 @@ pub struct GgufFile {
     content: Content,
 }
 
+/// Where a 2-D tensor's rows are: type, rows, columns, bytes per row, first byte.
+struct Rows {
+    ty: GgmlDType,
+    n: usize,
+    cols: usize,
+    row_bytes: usize,
+    base: u64,
+}
+
 impl GgufFile {
     /// Opens and checks `path`.
     pub fn open(path: &Path) -> Result<Self> {
@@ -38,42 +48,52 @@ impl GgufFile {
             return Err(bad(path, "not a regular file".into()));
         }
         let mut reader = BufReader::new(&file);
-        // candle divides by `general.alignment` unchecked: a 0 there must be an error,
-        // not a panic.
-        let read =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader)));
-        let content = match read {
+        // candle divides by `general.alignment` unchecked: a 0 there must be an error
+        // naming the file, not a panic.
+        let content = match q3vl_model::error::catch_quietly(|| Content::read(&mut reader)) {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => return Err(bad(path, header_fault(&e))),
-            Err(_) => return Err(bad(path, "general.alignment is 0".into())),
+            Err(why) => {
+                return Err(bad(
+                    path,
+                    format!("its header stops the reader ({why}): general.alignment 0?"),
+                ))
+            }
         };
         let f = GgufFile {
             path: path.to_path_buf(),
             file,
             content,
         };
-        f.check_count()?;
+        f.check_counts()?;
         f.check_layout(meta.len())?;
         Ok(f)
     }
 
-    /// The header's tensor count is the number of distinct tensors read: two infos
-    /// under one name would leave one of them unread.
-    fn check_count(&self) -> Result<()> {
-        let mut head = [0u8; 16];
+    /// The header's counts are the numbers of distinct tensors and keys read: two
+    /// entries under one name would leave one unread, and llama.cpp refuses them.
+    fn check_counts(&self) -> Result<()> {
+        let mut head = [0u8; 20];
         self.file
             .read_exact_at(&mut head, 4)
             .map_err(|e| self.bad(format!("header: {e}")))?;
-        let version = u32::from_le_bytes(head[..4].try_into().expect("4 bytes"));
-        let declared = match version {
-            1 => u32::from_le_bytes(head[4..8].try_into().expect("4 bytes")) as u64,
-            _ => u64::from_le_bytes(head[4..12].try_into().expect("8 bytes")),
+        let u32_at =
+            |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
+        let u64_at = |i: usize| u32_at(i) as u64 | (u32_at(i + 4) as u64) << 32;
+        let (tensors, keys) = match u32_at(0) {
+            1 => (u32_at(4) as u64, u32_at(8) as u64),
+            _ => (u64_at(4), u64_at(12)),
         };
-        let read = self.content.tensor_infos.len() as u64;
-        if declared != read {
-            return Err(self.bad(format!(
-                "the header declares {declared} tensors but {read} distinct names were read (a name is repeated)"
-            )));
+        let counts = [
+            ("tensors", tensors, self.content.tensor_infos.len()),
+            ("metadata keys", keys, self.content.metadata.len()),
+        ];
+        for (what, declared, read) in counts {
+            if declared != read as u64 {
+                return Err(self.bad(format!(
+                    "the header declares {declared} {what} but {read} distinct names were read (a name is repeated)"
+                )));
+            }
         }
         Ok(())
     }
@@ -88,29 +108,15 @@ impl GgufFile {
             )));
         }
         let mut spans = Vec::new();
-        for (name, info) in &self.content.tensor_infos {
-            let elems = info.shape.elem_count() as u64;
-            let block = info.ggml_dtype.block_size() as u64;
-            if elems == 0 || !elems.is_multiple_of(block) {
-                return Err(self.bad(format!(
-                    "tensor {name}: {elems} elements is not a whole number of {:?} blocks of {block}",
-                    info.ggml_dtype
-                )));
-            }
-            if !info.offset.is_multiple_of(align) {
-                return Err(self.bad(format!(
-                    "tensor {name}: offset {} is not aligned to {align}",
-                    info.offset
-                )));
-            }
-            let size = elems / block * info.ggml_dtype.type_size() as u64;
-            let end = start.saturating_add(info.offset).saturating_add(size);
+        for name in self.content.tensor_infos.keys() {
+            let (offset, size) = self.span(name, file_len, align)?;
+            let end = start.saturating_add(offset).saturating_add(size);
             if end > file_len {
                 return Err(self.bad(format!(
                     "truncated: tensor {name} ends at byte {end}, past the end ({file_len})"
                 )));
             }
-            spans.push((info.offset, info.offset + size, name.as_str()));
+            spans.push((offset, offset + size, name.as_str()));
         }
         spans.sort();
         for w in spans.windows(2) {
@@ -124,14 +130,45 @@ impl GgufFile {
         Ok(())
     }
 
+    /// A tensor's offset and byte size, its shape and offset checked: a whole number
+    /// of blocks, no more elements than the file could hold, aligned.
+    fn span(&self, name: &str, file_len: u64, align: u64) -> Result<(u64, u64)> {
+        let info = &self.content.tensor_infos[name];
+        let dims = info.shape.dims();
+        // Overflow-checked: candle multiplies the dimensions unchecked.
+        let elems = dims
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+            .filter(|&n| n <= file_len.saturating_mul(64))
+            .ok_or_else(|| {
+                self.bad(format!(
+                    "tensor {name}: shape {dims:?} is more than the file could hold"
+                ))
+            })?;
+        let (ty, block) = (info.ggml_dtype, info.ggml_dtype.block_size() as u64);
+        if elems == 0 || !elems.is_multiple_of(block) {
+            return Err(self.bad(format!(
+                "tensor {name}: {elems} elements is not a whole number of {ty:?} blocks of {block}"
+            )));
+        }
+        if !info.offset.is_multiple_of(align) {
+            return Err(self.bad(format!(
+                "tensor {name}: offset {} is not aligned to {align}",
+                info.offset
+            )));
+        }
+        Ok((info.offset, elems / block * ty.type_size() as u64))
+    }
+
     /// `general.alignment`, checked: a power of two.
     fn alignment(&self) -> Result<u64> {
         match self.content.metadata.get("general.alignment") {
             None => Ok(DEFAULT_ALIGNMENT),
-            Some(v) => match v.to_u32() {
-                Ok(a) if a.is_power_of_two() => Ok(a as u64),
+            Some(v) => match integer(v) {
+                Some(a) if a > 0 && (a as u64).is_power_of_two() => Ok(a as u64),
                 _ => Err(self.bad(format!(
-                    "general.alignment is {v:?}, not a power of two as a u32"
+                    "general.alignment is {}, not a power of two",
+                    crate::config::show(v)
                 ))),
             },
         }
@@ -158,24 +195,27 @@ impl GgufFile {
             .ok_or_else(|| self.bad(format!("metadata {key} is missing")))
     }
 
-    /// A required unsigned integer (any unsigned or non-negative integer type).
+    /// A required non-negative integer (of any GGUF integer type).
     pub fn usize(&self, key: &str) -> Result<usize> {
         let v = self.value(key)?;
-        v.to_u64()
-            .ok()
-            .or_else(|| v.to_u32().ok().map(u64::from))
-            .or_else(|| v.to_i32().ok().and_then(|x| u64::try_from(x).ok()))
-            .map(|x| x as usize)
-            .ok_or_else(|| self.bad(format!("metadata {key} is {v:?}, not an unsigned integer")))
+        integer(v)
+            .and_then(|x| usize::try_from(x).ok())
+            .ok_or_else(|| {
+                let v = crate::config::show(v);
+                self.bad(format!("metadata {key} is {v}, not a non-negative integer"))
+            })
     }
 
     /// A required float (f32 or f64).
     pub fn f64(&self, key: &str) -> Result<f64> {
-        let v = self.value(key)?;
-        v.to_f32()
-            .map(f64::from)
-            .or_else(|_| v.to_f64())
-            .map_err(|_| self.bad(format!("metadata {key} is {v:?}, not a float")))
+        match self.value(key)? {
+            Value::F32(x) => Ok(*x as f64),
+            Value::F64(x) => Ok(*x),
+            v => Err(self.bad(format!(
+                "metadata {key} is {}, not a float",
+                crate::config::show(v)
+            ))),
+        }
     }
 
     /// A required string.
@@ -196,7 +236,8 @@ impl GgufFile {
             .iter()
             .map(|x| {
                 f(x).ok_or_else(|| {
-                    self.bad(format!("metadata {key} holds {x:?}, of the wrong type"))
+                    let x = crate::config::show(x);
+                    self.bad(format!("metadata {key} holds {x}, of the wrong type"))
                 })
             })
             .collect()
@@ -236,9 +277,8 @@ impl GgufFile {
         Ok(v)
     }
 
-    /// Rows `ids` of 2-D tensor `name`, dequantized: `ids.len() × cols` values. Runs
-    /// of consecutive ids are read at once.
-    pub fn rows(&self, name: &str, ids: &[u32]) -> Result<Vec<f32>> {
+    /// Where 2-D tensor `name`'s rows are, its rows whole blocks of its type.
+    fn rows_of(&self, name: &str) -> Result<Rows> {
         let (ty, dims) = self
             .info(name)
             .ok_or_else(|| self.bad(format!("tensor {name} is missing")))?;
@@ -250,8 +290,27 @@ impl GgufFile {
                 "tensor {name}: rows of {cols} are not whole {ty:?} blocks"
             )));
         }
-        let row_bytes = cols / ty.block_size() * ty.type_size();
         let base = self.content.tensor_data_offset + self.content.tensor_infos[name].offset;
+        let row_bytes = cols / ty.block_size() * ty.type_size();
+        Ok(Rows {
+            ty,
+            n,
+            cols,
+            row_bytes,
+            base,
+        })
+    }
+
+    /// Rows `ids` of 2-D tensor `name`, dequantized: `ids.len() × cols` values. Runs
+    /// of consecutive ids are read at once.
+    pub fn rows(&self, name: &str, ids: &[u32]) -> Result<Vec<f32>> {
+        let Rows {
+            ty,
+            n,
+            cols,
+            row_bytes,
+            base,
+        } = self.rows_of(name)?;
         let fail = |e: candle_core::Error| self.bad(format!("tensor {name}: {}", first_line(&e)));
         let mut out = Vec::with_capacity(ids.len() * cols);
         let mut i = 0;
@@ -279,33 +338,42 @@ impl GgufFile {
             i += run;
         }
         if let Some(j) = out.iter().position(|x| !x.is_finite()) {
-            return Err(self.bad(format!(
-                "tensor {name}: non-finite value in row {}",
-                ids[j / cols]
-            )));
+            let row = ids[j / cols];
+            return Err(self.bad(format!("tensor {name}: non-finite value in row {row}")));
         }
         Ok(out)
     }
 
     /// Row `row` of 2-D tensor `name`, as stored.
     pub fn raw_row(&self, name: &str, row: usize) -> Result<Vec<u8>> {
-        let (ty, dims) = self
-            .info(name)
-            .ok_or_else(|| self.bad(format!("tensor {name} is missing")))?;
-        let [n, cols] = *dims else {
-            return Err(self.bad(format!("tensor {name} has shape {dims:?}, expected 2-D")));
-        };
+        let Rows {
+            n, row_bytes, base, ..
+        } = self.rows_of(name)?;
         if row >= n {
             return Err(self.bad(format!("tensor {name}: row {row} is outside its {n} rows")));
         }
-        let row_bytes = cols / ty.block_size() * ty.type_size();
-        let base = self.content.tensor_data_offset + self.content.tensor_infos[name].offset;
         let mut buf = vec![0u8; row_bytes];
         self.file
             .read_exact_at(&mut buf, base + (row * row_bytes) as u64)
             .map_err(|e| self.bad(format!("tensor {name}: {e}")))?;
         Ok(buf)
     }
+}
+
+/// An integer metadata value of any width (None for other types; candle's own
+/// conversions would also take a bool as 1).
+pub fn integer(v: &Value) -> Option<i128> {
+    Some(match *v {
+        Value::U8(x) => x as i128,
+        Value::I8(x) => x as i128,
+        Value::U16(x) => x as i128,
+        Value::I16(x) => x as i128,
+        Value::U32(x) => x as i128,
+        Value::I32(x) => x as i128,
+        Value::U64(x) => x as i128,
+        Value::I64(x) => x as i128,
+        _ => return None,
+    })
 }
 
 /// An error's message without the backtrace candle appends under RUST_BACKTRACE.

@@ -176,33 +176,55 @@ impl GgufModel {
     /// hold this model (`q8_0`, `q4_k`, `f16`, ...).
     pub fn mode(&self) -> &'static str {
         let head = self.head_name();
+        let leaves = q3vl_model::layout::text_linears(&self.cfg);
+        let linear = |hf: &str| hf == head || leaves.iter().any(|(leaf, _)| hf.ends_with(leaf));
+        self.coarsest(linear).unwrap_or("f32")
+    }
+
+    /// The coarsest type among the projector's linears (None without a projector):
+    /// which thresholds hold the vision tower.
+    pub fn vision_mode(&self) -> Option<&'static str> {
+        self.mmproj.as_ref()?;
         let linear = |hf: &str| {
-            hf == head
-                || q3vl_model::layout::text_linears(&self.cfg)
-                    .iter()
-                    .any(|(leaf, _)| hf.ends_with(leaf))
+            hf.starts_with(q3vl_model::layout::VISUAL)
+                && hf.ends_with(".weight")
+                && !hf.contains("norm")
+                && !hf.contains("pos_embed")
         };
+        self.coarsest(linear)
+    }
+
+    /// The coarsest type among the tensors `pick` selects.
+    fn coarsest(&self, pick: impl Fn(&str) -> bool) -> Option<&'static str> {
         self.names
             .keys()
-            .filter(|hf| linear(hf))
+            .filter(|hf| pick(hf))
             .filter_map(|hf| self.dtype(hf))
-            .min_by_key(|t| bits(*t))
+            .max_by_key(|t| coarseness(*t))
             .map(type_name)
-            .unwrap_or("f32")
     }
 }
 
-/// Bits per weight a type rounds to (its coarseness), for choosing thresholds.
-fn bits(t: GgmlDType) -> u32 {
+/// How coarsely a type rounds, as a rank: by bits per weight, and among types of as many
+/// bits the one with the larger step (bf16 over f16) ranks coarser, so a file mixing
+/// them is held to the looser thresholds.
+fn coarseness(t: GgmlDType) -> u32 {
     match t {
-        GgmlDType::F32 => 32,
-        GgmlDType::F16 | GgmlDType::BF16 => 16,
-        GgmlDType::Q8_0 | GgmlDType::Q8_1 | GgmlDType::Q8K => 8,
+        GgmlDType::F32 => 0,
+        GgmlDType::F16 => 1,
+        GgmlDType::BF16 => 2,
+        GgmlDType::Q8K => 3,
+        GgmlDType::Q8_0 => 4,
+        GgmlDType::Q8_1 => 5,
         GgmlDType::Q6K => 6,
-        GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q5K => 5,
-        GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q4K => 4,
-        GgmlDType::Q3K => 3,
-        GgmlDType::Q2K => 2,
+        GgmlDType::Q5K => 7,
+        GgmlDType::Q5_1 => 8,
+        GgmlDType::Q5_0 => 9,
+        GgmlDType::Q4K => 10,
+        GgmlDType::Q4_1 => 11,
+        GgmlDType::Q4_0 => 12,
+        GgmlDType::Q3K => 13,
+        GgmlDType::Q2K => 14,
     }
 }
 

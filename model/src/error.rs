@@ -100,6 +100,25 @@ impl Error {
 
 /// The text a panic carries (`panic!("…")` payloads are a `&str` or a `String`).
 pub fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    panic_payload_text(payload)
+}
+
+/// Runs `f` with a panic caught and the panic hook silenced, for third-party parsers that
+/// panic on malformed input instead of returning an error (tokenizers on some files,
+/// candle's GGUF reader on a zero alignment): a bad file becomes an error naming it, not
+/// an internal error. Returns the panic's text on a panic. The lock keeps concurrent
+/// callers from restoring each other's silent hook.
+pub fn catch_quietly<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    static HOOK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = HOOK.lock().unwrap_or_else(|p| p.into_inner());
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(hook);
+    caught.map_err(|p| panic_payload_text(p.as_ref()))
+}
+
+fn panic_payload_text(payload: &(dyn std::any::Any + Send)) -> String {
     payload
         .downcast_ref::<&str>()
         .map(|s| s.to_string())

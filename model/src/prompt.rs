@@ -82,25 +82,12 @@ fn find_template(dir: &Path, tcfg: &Value) -> Result<String> {
 /// tokenizers 0.22 panics on some malformed files instead of returning an error (an
 /// `expect` in its decoder deserializer; a merge sliced past its end when
 /// `continuing_subword_prefix` is longer than the merge), so the parse runs under
-/// `catch_unwind` with the panic hook silenced: a bad file is an error naming it, not
-/// an internal error. The lock keeps concurrent parses from restoring each other's
-/// silent hook.
+/// [`crate::error::catch_quietly`]: a bad file is an error naming it, not an internal
+/// error.
 fn parse_tokenizer(path: &Path, bytes: &[u8]) -> Result<tokenizers::Tokenizer> {
-    static HOOK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let parsed = {
-        let _guard = HOOK.lock().unwrap_or_else(|p| p.into_inner());
-        let hook = std::panic::take_hook();
-        std::panic::set_hook(Box::new(|_| {}));
-        let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes));
-        std::panic::set_hook(hook);
-        parsed
-    };
-    match parsed {
+    match crate::error::catch_quietly(|| tokenizers::Tokenizer::from_bytes(bytes)) {
         Ok(t) => t.map_err(|e| prompt_err(path, e)),
-        Err(panic) => {
-            let why = crate::error::panic_text(panic.as_ref());
-            Err(prompt_err(path, format!("is malformed ({why})")))
-        }
+        Err(why) => Err(prompt_err(path, format!("is malformed ({why})"))),
     }
 }
 

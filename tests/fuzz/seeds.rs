@@ -172,3 +172,24 @@ fn read_tree(dir: &Path, prefix: &str, out: &mut BTreeMap<String, Vec<u8>>) {
         }
     }
 }
+
+/// The pair of [`pair`] exported to GGUF by `q3vl export gguf`, once per run: (text
+/// model, projector) bytes.
+pub fn gguf_pair() -> &'static (Vec<u8>, Vec<u8>) {
+    static GGUF: OnceLock<(Vec<u8>, Vec<u8>)> = OnceLock::new();
+    GGUF.get_or_init(|| {
+        let tmp = tempfile::tempdir().expect("a temp dir");
+        let (out, gguf) = (tmp.path().join("out"), tmp.path().join("gguf"));
+        pair().write(&out);
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_q3vl"))
+            .args(["export", "gguf", "--allow-unverified", "--bundle"])
+            .arg(&out)
+            .arg("--out")
+            .arg(&gguf)
+            .output()
+            .expect("q3vl runs");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let read = |name: &str| std::fs::read(gguf.join(name)).expect("exported");
+        (read("shapes-Q8_0.gguf"), read("mmproj-shapes-F16.gguf"))
+    })
+}

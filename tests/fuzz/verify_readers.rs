@@ -52,6 +52,33 @@ pub fn trace(rng: &mut Rng, dir: &Path) -> Case {
     Ok(())
 }
 
+/// A GGUF pair (`verify --gguf`): one of the two files mutated, mostly in its header
+/// (keys, tensor infos), then opened as a model and, when accepted, every weight read
+/// and dequantized by its HF name.
+pub fn gguf(rng: &mut Rng, dir: &Path) -> Case {
+    let (text, mmproj) = super::seeds::gguf_pair();
+    let (mut t, mut m) = (text.clone(), mmproj.clone());
+    let target = if rng.one_in(3) { &mut m } else { &mut t };
+    // The header (keys and tensor infos) is the first ~12 KB of either file.
+    let span = if rng.one_in(4) { target.len() } else { 12_288 };
+    bytes_n(rng, target, span);
+    put(dir, "model.gguf", &t);
+    put(dir, "mmproj.gguf", &m);
+    let model = q3vl_gguf::GgufModel::open(&dir.join("model.gguf"), Some(&dir.join("mmproj.gguf")))
+        .refused()?;
+    let cfg = &model.cfg;
+    let names = q3vl_gguf::names::text_pairs(cfg, !cfg.tie_word_embeddings)
+        .into_iter()
+        .chain(q3vl_gguf::names::mmproj_pairs(cfg))
+        .map(|(hf, _)| hf)
+        .chain([q3vl_gguf::names::patch_embed()]);
+    for hf in names {
+        model.weight(&hf).refused()?;
+    }
+    model.mode();
+    Ok(())
+}
+
 /// A `--gates` file.
 pub fn gates(rng: &mut Rng, dir: &Path) -> Case {
     let seed =

@@ -42,12 +42,16 @@ pub struct ModeGates {
     /// Every decoder layer replayed on the oracle's own input: the relative error
     /// `|ours − oracle| / |oracle update|` of its update (`text.local`).
     pub local_update_rel: f64,
+    /// The cosine every layer must reach however deep: the linear bound of a coarse
+    /// type (4 or 5 bits) would otherwise fall to nothing on a 36-layer model.
+    #[serde(default)]
+    pub layer_floor: f64,
 }
 
 impl ModeGates {
     /// The cosine decoder layer `i` (0-based) must reach.
     pub fn layer_cos(&self, i: usize) -> f64 {
-        1.0 - (i + 1) as f64 * self.layer_gap
+        (1.0 - (i + 1) as f64 * self.layer_gap).max(self.layer_floor)
     }
 }
 
@@ -147,7 +151,8 @@ impl Gates {
             g.bundle.kld_factor,
         ];
         let modes = g.bundle.modes.values();
-        let per_mode = modes.flat_map(|m| [m.vision_cos, m.layer_gap, m.local_update_rel]);
+        let per_mode =
+            modes.flat_map(|m| [m.vision_cos, m.layer_gap, m.local_update_rel, m.layer_floor]);
         if all
             .into_iter()
             .chain(per_mode)

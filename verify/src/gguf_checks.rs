@@ -50,6 +50,7 @@ pub fn metadata_gates(model: &GgufModel, src: &Path) -> Result<Vec<GateResult>> 
             format!("{}", t.rope_theta as f32),
             "rope base",
         ),
+        rope_dims(model, t.head_dim),
         same(
             "gguf.rms_eps",
             meta(text, "qwen3vl.attention.layer_norm_rms_epsilon"),
@@ -58,10 +59,17 @@ pub fn metadata_gates(model: &GgufModel, src: &Path) -> Result<Vec<GateResult>> 
         ),
         same(
             "gguf.shapes",
-            shapes(&model.cfg, model.mmproj.is_some()),
-            shapes(&cfg, model.mmproj.is_some()),
+            shapes(
+                &model.cfg,
+                model
+                    .mmproj
+                    .as_ref()
+                    .map(|m| meta(m, "clip.vision.image_size")),
+            ),
+            shapes(&cfg, model.mmproj.as_ref().map(|_| image_size(&cfg))),
             "layer counts and widths",
         ),
+        head(model, &cfg),
         deepstack(model, &cfg),
     ];
     gates.extend(vision(model, &pre));
@@ -69,8 +77,15 @@ pub fn metadata_gates(model: &GgufModel, src: &Path) -> Result<Vec<GateResult>> 
     Ok(gates)
 }
 
-/// The dimensions a converter could get wrong, as one line.
-fn shapes(c: &Qwen3VlConfig, vision: bool) -> String {
+/// The image side the position table covers, as llama.cpp's converter writes it.
+fn image_size(c: &Qwen3VlConfig) -> String {
+    let v = &c.vision;
+    (((v.num_position_embeddings as f64).sqrt() as usize) * v.patch_size).to_string()
+}
+
+/// The dimensions a converter could get wrong, as one line (`image`: the projector's
+/// `image_size`, when there is one).
+fn shapes(c: &Qwen3VlConfig, image: Option<String>) -> String {
     let t = &c.text;
     let mut s = format!(
         "text {}×{} heads {}/{}×{} ffn {} vocab {}",
@@ -82,10 +97,10 @@ fn shapes(c: &Qwen3VlConfig, vision: bool) -> String {
         t.intermediate_size,
         t.vocab_size
     );
-    if vision {
+    if let Some(image) = image {
         let v = &c.vision;
         s += &format!(
-            "; vision {}×{} heads {} ffn {} patch {}×{} merge {} positions {}",
+            "; vision {}×{} heads {} ffn {} patch {}×{} merge {} positions {} image {}",
             v.depth,
             v.hidden_size,
             v.num_heads,
@@ -93,10 +108,56 @@ fn shapes(c: &Qwen3VlConfig, vision: bool) -> String {
             v.patch_size,
             v.temporal_patch_size,
             v.spatial_merge_size,
-            v.num_position_embeddings
+            v.num_position_embeddings,
+            image
         );
     }
     s
+}
+
+/// How much of each head llama.cpp rotates (`rope.dimension_count`, the head width
+/// when absent), the value width, and no rope scaling: keys q3vl's reference does not
+/// read, so a wrong one would pass the ladder and still break llama.cpp.
+fn rope_dims(model: &GgufModel, head_dim: usize) -> GateResult {
+    let t = &model.text;
+    let key = |k: &str| format!("qwen3vl.{k}");
+    let rotated = t.get(&key("rope.dimension_count")).map_or_else(
+        || format!("{} (default)", meta(t, &key("attention.key_length"))),
+        q3vl_gguf::config::show,
+    );
+    let scaling = t
+        .get(&key("rope.scaling.type"))
+        .map_or("none".into(), q3vl_gguf::config::show);
+    let value = meta(t, &key("attention.value_length"));
+    same(
+        "gguf.rope_dims",
+        format!(
+            "rotated {} value {value} scaling {scaling}",
+            rotated.trim_end_matches(" (default)")
+        ),
+        format!("rotated {head_dim} value {head_dim} scaling none"),
+        "rotated dimensions, value width, rope scaling",
+    )
+}
+
+/// The head: a checkpoint with its own head must not lose it (llama.cpp would then use
+/// the embedding table); a tied one may carry a copy (q3vl's int8hu does).
+fn head(model: &GgufModel, cfg: &Qwen3VlConfig) -> GateResult {
+    let own = !model.cfg.tie_word_embeddings;
+    let ok = own || cfg.tie_word_embeddings;
+    let say = |own: bool| match own {
+        true => "own output.weight",
+        false => "tied to token_embd",
+    };
+    let detail = match ok {
+        true => "the head as the checkpoint allows".to_string(),
+        false => "the checkpoint has its own lm_head; the GGUF has no output.weight, so llama.cpp uses the embedding table".into(),
+    };
+    let want = match cfg.tie_word_embeddings {
+        true => "tied (or a copy)",
+        false => "own output.weight",
+    };
+    GateResult::new("gguf.head", ok, say(own), format!("= {want}"), detail)
 }
 
 /// DeepStack: the text model's count and (with the projector) which ViT blocks feed it.
@@ -124,17 +185,21 @@ fn vision(model: &GgufModel, pre: &PreprocessorConfig) -> Vec<GateResult> {
             .map(|g| GateResult::skipped(g, "-", "-", why))
             .to_vec();
     };
-    let f = |v: [f32; 3]| format!("{v:?}");
+    // Both sides as f32 numbers, printed alike (1.0 and 1 are one value).
+    let f32s = |key: &str| {
+        let v = m.array(key, |x| x.to_f32().ok()).unwrap_or_default();
+        format!("{v:?}")
+    };
+    let f = |v: [f32; 3]| format!("{:?}", v.to_vec());
     vec![
         same(
             "gguf.image_norm",
             format!(
                 "mean {} std {}",
-                meta(m, "clip.vision.image_mean"),
-                meta(m, "clip.vision.image_std")
-            )
-            .replace(' ', ""),
-            format!("mean {} std {}", f(pre.image_mean), f(pre.image_std)).replace(' ', ""),
+                f32s("clip.vision.image_mean"),
+                f32s("clip.vision.image_std")
+            ),
+            format!("mean {} std {}", f(pre.image_mean), f(pre.image_std)),
             "image mean and std",
         ),
         same(

@@ -359,7 +359,11 @@ impl Report {
                         r.stage == stage && (r.index.is_some() || r.name == "vision.merger")
                     })
                     .collect();
-                let mode = self.gates.bundle.mode(t.mode.as_deref()).ok();
+                let mode = match stage {
+                    Stage::Vision => t.vision_mode.as_deref().or(t.mode.as_deref()),
+                    _ => t.mode.as_deref(),
+                };
+                let mode = self.gates.bundle.mode(mode).ok();
                 let thr = match (t.profile, stage, mode) {
                     (Profile::Fp32, _, _) => Some(self.gates.fp32.stage_cos),
                     (_, Stage::Text, Some((_, m))) => {

@@ -57,9 +57,12 @@ pub struct Subject<'a> {
     /// The engine on the same bundles, for the engine ≡ reference gate (bundle
     /// profile only; None skips the gate).
     pub engine: Option<&'a Engine>,
-    /// The bundle's conversion mode (`int8hu`, `int8lin`, `fp16`): which thresholds
-    /// apply (bundle profile).
+    /// The bundle's conversion mode (`int8hu`, `int8lin`, `fp16`), or a GGUF's coarsest
+    /// text type: which thresholds apply (bundle and GGUF profiles).
     pub mode: Option<&'a str>,
+    /// The thresholds of the vision tower, when its weights are of another type than
+    /// the decoder's (a GGUF's projector); None: `mode`'s.
+    pub vision_mode: Option<&'a str>,
     /// The bundle's rounding, for the noise allowance (bundle profile; None: no
     /// `logits.noise` gate can be computed, and it fails saying so).
     pub rounding: Option<&'a dyn RoundingVariance>,
@@ -85,6 +88,10 @@ pub struct TraceReport {
     pub profile: Profile,
     /// The bundle mode whose thresholds applied (bundle profile).
     pub mode: Option<String>,
+    /// The thresholds the vision ladder was held to, when not `mode`'s (a GGUF's
+    /// projector type).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vision_mode: Option<String>,
     /// Prompt length.
     pub tokens: usize,
     /// Stage-by-stage comparison.
@@ -135,17 +142,32 @@ pub(crate) struct Limits<'g> {
     pub profile: Profile,
     /// The bundle's mode and its thresholds (bundle profile only).
     pub mode: Option<(&'g str, &'g ModeGates)>,
+    /// The vision tower's (a GGUF projector's own type), else `mode`.
+    pub vision: Option<(&'g str, &'g ModeGates)>,
 }
 
 impl<'g> Limits<'g> {
-    fn new(gates: &'g Gates, profile: Profile, mode: Option<&str>) -> Result<Self> {
+    fn new(
+        gates: &'g Gates,
+        profile: Profile,
+        mode: Option<&str>,
+        vision_mode: Option<&str>,
+    ) -> Result<Self> {
+        let (mode, vision) = match profile {
+            Profile::Bundle | Profile::Gguf => {
+                let m = gates.bundle.mode(mode)?;
+                let v = vision_mode
+                    .map(|v| gates.bundle.mode(Some(v)))
+                    .transpose()?;
+                (Some(m), Some(v.unwrap_or(m)))
+            }
+            Profile::Fp32 => (None, None),
+        };
         Ok(Limits {
             gates,
             profile,
-            mode: match profile {
-                Profile::Bundle | Profile::Gguf => Some(gates.bundle.mode(mode)?),
-                Profile::Fp32 => None,
-            },
+            mode,
+            vision,
         })
     }
 
@@ -181,7 +203,7 @@ pub fn verify_trace(
     profile: Profile,
 ) -> Result<TraceReport> {
     check_fits(subject.cfg, trace)?;
-    let limits = Limits::new(gates, profile, subject.mode)?;
+    let limits = Limits::new(gates, profile, subject.mode, subject.vision_mode)?;
     let e = measure(subject, trace, &limits)?;
     let (bundle, firm) = (&gates.bundle, e.firm);
     let mut results = vec![e.prompt.gate()];
@@ -345,6 +367,10 @@ impl Evidence {
             image: trace.image_path().map(|p| p.display().to_string()),
             profile: limits.profile,
             mode: limits.mode.map(|(m, _)| m.to_string()),
+            vision_mode: limits
+                .vision
+                .filter(|v| Some(v.0) != limits.mode.map(|m| m.0))
+                .map(|(v, _)| v.to_string()),
             tokens: self.prompt.prompt.ids.len(),
             rows: self.rows,
             local: self.local,

@@ -110,7 +110,8 @@ pub fn position_variance(h: &[f32], w: &[f32], var: &[f64], layer_cos: f64) -> (
     for (wi, vi) in w.chunks(dim).zip(var.chunks(dim)) {
         head += h2.iter().zip(vi).map(|(a, b)| a * b).sum::<f64>();
         let wn2: f64 = wi.iter().map(|&x| (x as f64).powi(2)).sum();
-        up += 2.0 * (1.0 - layer_cos).max(0.0) * hn2 * wn2 / dim as f64;
+        // Two unit states are at most 2 apart in 1 − cos (opposite directions).
+        up += 2.0 * (1.0 - layer_cos).clamp(0.0, 2.0) * hn2 * wn2 / dim as f64;
     }
     (head / k as f64, up / k as f64)
 }

@@ -257,6 +257,7 @@ fn fp32_ladder(
         src: &ck,
         engine: None,
         mode: None,
+        vision_mode: None,
         rounding: None,
     };
     let run = Ladder {
@@ -299,6 +300,7 @@ fn bundle_ladder(
         src: &src,
         engine: engine.as_ref(),
         mode: b.language.metadata().mode.map(|m| m.as_str()),
+        vision_mode: None,
         rounding: Some(&src),
     };
     let run = Ladder {
@@ -324,7 +326,7 @@ fn gguf_ladder(
     progress: &mut dyn Progress,
 ) -> Result<(Vec<TraceReport>, Vec<NotRun>)> {
     progress.start("reading the GGUF files");
-    let model = q3vl_gguf::GgufModel::open(g.text, g.mmproj);
+    let model = open_gguf(g, request.gates);
     progress.end();
     let model = model?;
     if let (None, Some(t)) = (g.mmproj, traces.iter().find(|t| t.has_image())) {
@@ -351,13 +353,14 @@ fn gguf_ladder(
             &model.tokenizer_config,
             &model.cfg,
         )?,
-        preprocessor: model.preprocessor.clone(),
+        preprocessor: gguf_preprocessor(&model, request.src)?,
     };
     let m = Model {
         cfg: &model.cfg,
         src: &src,
         engine: None,
         mode: Some(model.mode()),
+        vision_mode: model.vision_mode(),
         rounding: Some(&src),
     };
     let run = Ladder {
@@ -370,6 +373,43 @@ fn gguf_ladder(
         r.gates.splice(0..0, checks.iter().cloned());
     }
     Ok((reports, not_run))
+}
+
+/// Opens a GGUF pair to verify, its types checked to have thresholds in `gates` (so a
+/// file no gate can judge is refused before any work, naming the file and the type).
+pub fn open_gguf(g: GgufInput<'_>, gates: &Gates) -> Result<q3vl_gguf::GgufModel> {
+    let model = q3vl_gguf::GgufModel::open(g.text, g.mmproj)?;
+    let files = [
+        (g.text, Some(model.mode())),
+        (g.mmproj.unwrap_or(g.text), model.vision_mode()),
+    ];
+    for (file, ty) in files {
+        if let Some(ty) = ty.filter(|t| !gates.bundle.modes.contains_key(*t)) {
+            return Err(VerifyError::Arg {
+                arg: "--gguf",
+                path: file.to_path_buf(),
+                source: format!(
+                    "its weights are {ty}, a type with no thresholds under bundle.modes in the gates file (add them with --gates)"
+                )
+                .into(),
+            });
+        }
+    }
+    Ok(model)
+}
+
+/// The image preprocessing of a GGUF pair: the projector's, with the pixel limits of
+/// `--src` when given (a GGUF does not carry HF's `min_pixels`/`max_pixels`).
+fn gguf_preprocessor(
+    model: &q3vl_gguf::GgufModel,
+    src: Option<&Path>,
+) -> Result<PreprocessorConfig> {
+    let mut pre = model.preprocessor.clone();
+    if let Some(src) = src {
+        let hf = PreprocessorConfig::from_dir(src)?;
+        (pre.min_pixels, pre.max_pixels) = (hf.min_pixels, hf.max_pixels);
+    }
+    Ok(pre)
 }
 
 /// Small models keep decoder layers resident; large ones stream them layer by layer.
@@ -403,6 +443,7 @@ struct Model<'a> {
     src: &'a dyn WeightSource,
     engine: Option<&'a Engine>,
     mode: Option<&'a str>,
+    vision_mode: Option<&'a str>,
     rounding: Option<&'a dyn RoundingVariance>,
 }
 
@@ -430,6 +471,7 @@ impl Ladder<'_> {
             keep_weights: keep_weights(m.cfg),
             engine: m.engine,
             mode: m.mode,
+            vision_mode: m.vision_mode,
             rounding: m.rounding,
         };
         traces

@@ -168,7 +168,7 @@ impl Compare<'_> {
             let o = self.oracle(&n)?;
             let (u, w) = self.ours(&n)?;
             let a = agreement(&u, &o, w);
-            let pass = match self.limits.mode {
+            let pass = match self.limits.vision {
                 None => self.fp32_pass(&a, None),
                 Some((_, m)) => a.cos >= m.vision_cos,
             };
@@ -291,15 +291,15 @@ pub fn ladder_gate(rows: &[StageRow], stage: Stage, limits: &Limits<'_>) -> Opti
 /// What a ladder's rows are held to, as the report says it.
 fn ladder_threshold(stage: Stage, gated: usize, limits: &Limits<'_>) -> String {
     let fp = &limits.gates.fp32;
-    match (limits.mode, stage) {
-        (None, _) => format!(
+    match (limits.mode, limits.vision, stage) {
+        (None, _, _) => format!(
             "cos ≥ {}, token cos ≥ {}, update cos ≥ {}",
             fp.stage_cos, fp.token_cos_min, fp.update_cos
         ),
-        (Some((mode, m)), Stage::Vision) => {
+        (Some(_), Some((mode, m)), Stage::Vision) => {
             format!("merger/DeepStack cos ≥ {} ({mode})", m.vision_cos)
         }
-        (Some((mode, m)), _) => format!(
+        (Some((mode, m)), _, _) => format!(
             "layer i: cos ≥ 1 − (i+1)·{} ({mode}; {:.5} at the last)",
             m.layer_gap,
             m.layer_cos(gated.saturating_sub(1))

@@ -70,6 +70,7 @@ fn ladder(fx: &str, trace: &str, src: Option<(&str, f64)>) -> TraceReport {
         preprocessor: &pre,
         keep_weights: true,
         engine: None,
+        vision_mode: None,
         mode: None,
         rounding: None,
     };
