@@ -243,18 +243,6 @@ impl GgufFile {
             .collect()
     }
 
-    /// Every tensor's name, type and shape (torch order), sorted by name.
-    pub fn tensors(&self) -> Vec<(&str, GgmlDType, &[usize])> {
-        let mut v: Vec<_> = self
-            .content
-            .tensor_infos
-            .iter()
-            .map(|(n, i)| (n.as_str(), i.ggml_dtype, i.shape.dims()))
-            .collect();
-        v.sort_by_key(|t| t.0);
-        v
-    }
-
     /// A tensor's type and shape (torch order: the GGUF dimensions reversed).
     pub fn info(&self, name: &str) -> Option<(GgmlDType, &[usize])> {
         let i = self.content.tensor_infos.get(name)?;

@@ -13,4 +13,4 @@ pub mod tokenizer;
 
 pub use error::{GgufError, Result};
 pub use file::GgufFile;
-pub use model::{GgufModel, Part};
+pub use model::GgufModel;

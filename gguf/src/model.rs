@@ -14,7 +14,7 @@ use std::path::Path;
 
 /// Which file of the pair a tensor is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Part {
+enum Part {
     /// The text model.
     Text,
     /// The projector.

@@ -34,7 +34,8 @@ fn bundle_err(e: q3vl_bundle::BundleError) -> Error {
     }
 }
 
-fn check_shape(name: &str, found: &[usize], expected: &[usize]) -> Result<()> {
+/// A shape error unless `found` is `expected`.
+pub(crate) fn check_shape(name: &str, found: &[usize], expected: &[usize]) -> Result<()> {
     if found != expected {
         return Err(Error::Shape {
             name: name.into(),

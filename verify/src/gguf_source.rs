@@ -2,6 +2,7 @@
 //! dequantized by candle's GGUF reader, so the ladder runs on exactly the values
 //! llama.cpp computes with; and each tensor's rounding, for the noise allowance.
 
+use crate::bundle_source::check_shape;
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 use q3vl_gguf::{GgufError, GgufModel};
@@ -36,17 +37,6 @@ fn gguf_err(e: GgufError) -> Error {
             msg: source.to_string(),
         },
     }
-}
-
-fn check_shape(name: &str, found: &[usize], expected: &[usize]) -> Result<()> {
-    if found != expected {
-        return Err(Error::Shape {
-            name: name.into(),
-            expected: expected.to_vec(),
-            found: found.to_vec(),
-        });
-    }
-    Ok(())
 }
 
 impl WeightSource for GgufSource<'_> {
