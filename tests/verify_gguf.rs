@@ -341,9 +341,12 @@ fn refused_cases(text: &Path, mmproj: &Path, tied_mmproj: &Path) -> Vec<Refused>
         ),
         (
             "count",
+            // One tensor more than the infos hold: the reader takes bytes past them for a
+            // tensor info, and what it finds there (so the fault it names) depends on the
+            // header's length, which holds the source's path.
             damaged(&text, "count.gguf", |b| b[8] += 1),
             mmproj.clone(),
-            vec!["count.gguf", "not a readable GGUF"],
+            vec!["count.gguf"],
         ),
         (
             "duplicate",
