@@ -550,7 +550,7 @@ fn the_checkpoint_serves_as_oracle_for_any_prompt() {
     ]);
     fails(&o, &["--prompt needs --bundle or --gguf"]);
     // --prompt replaces --trace; a bad image is named.
-    let o = run(&[
+    let ask = [
         "verify",
         "--src",
         s(&src),
@@ -558,24 +558,13 @@ fn the_checkpoint_serves_as_oracle_for_any_prompt() {
         s(&out),
         "--prompt",
         "Hi",
-        "--trace",
-        s(&traces("shapes")[1]),
-    ]);
+    ];
+    let o = run(&[&ask[..], &["--trace", s(&traces("shapes")[1])]].concat());
     assert_eq!(o.status.code(), Some(2));
+    let config = src.join("config.json");
     let report = scratch("prompt-bad-image");
-    let o = run(&[
-        "verify",
-        "--src",
-        s(&src),
-        "--bundle",
-        s(&out),
-        "--prompt",
-        "Hi",
-        "--image",
-        s(&src.join("config.json")),
-        "--report",
-        s(&report),
-    ]);
+    let bad_image = ["--image", s(&config), "--report", s(&report)];
+    let o = run(&[&ask[..], &bad_image].concat());
     fails(&o, &["config.json"]);
     assert!(!report.exists(), "nothing written for a bad image");
 }

@@ -21,10 +21,15 @@ impl<'a> GgufSource<'a> {
 
     /// The file and GGUF name of HF tensor `name`, or an error naming the text file.
     fn locate(&self, name: &str) -> Result<(&q3vl_gguf::GgufFile, &str)> {
-        self.model.locate(name).ok_or_else(|| Error::Safetensors {
+        self.model.locate(name).ok_or_else(|| self.missing(name))
+    }
+
+    /// No GGUF tensor holds HF tensor `name`, said naming the text file.
+    fn missing(&self, name: &str) -> Error {
+        Error::Safetensors {
             path: self.model.text.path().to_path_buf(),
             msg: format!("no GGUF tensor holds {name}"),
-        })
+        }
     }
 }
 
@@ -111,10 +116,7 @@ impl crate::noise::RoundingVariance for GgufSource<'_> {
         shape: [usize; 2],
         ids: &[u32],
     ) -> crate::Result<Vec<f64>> {
-        let ty = self.model.dtype(name).ok_or_else(|| Error::Safetensors {
-            path: self.model.text.path().to_path_buf(),
-            msg: format!("no GGUF tensor holds {name}"),
-        })?;
+        let ty = self.model.dtype(name).ok_or_else(|| self.missing(name))?;
         let last = shape[0].saturating_sub(1) as u32;
         let clamp: Vec<u32> = ids.iter().map(|&i| i.min(last)).collect();
         use GgmlDType::{Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
