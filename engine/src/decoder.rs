@@ -134,7 +134,61 @@ impl DecoderLayer {
         let w = self.weights(b)?;
         self.self_attn(&w, x, cache, p);
         let from = p.queries.first_kept_row * p.cfg.hidden_size;
-        self.mlp(&w, &mut x[from..], p);
+        self.mlp(&w, &mut x[from..], p.cfg, p.pass);
+        Ok(())
+    }
+
+    /// One decode step of several sequences: row r of `x` (`[n, H]`) is the new token
+    /// of the sequence with cache `caches[r]` and rope `ropes[r]`. Every linear runs on
+    /// all rows at once in the decode arithmetic, so each weight is read once for the
+    /// batch and a row's result is the one it has alone (each output is one dot
+    /// product); rope, cache and attention are each sequence's own.
+    fn forward_decode(
+        &self,
+        b: &Bundle,
+        x: &mut [f32],
+        caches: &mut [&mut KvCache],
+        ropes: &[RopeTable],
+        layer: usize,
+        c: &TextConfig,
+    ) -> Result<()> {
+        let w = self.weights(b)?;
+        let (hsz, hd, n) = (c.hidden_size, c.head_dim, caches.len());
+        let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
+        let eps = c.rms_norm_eps as f32;
+        let mut h = vec![0f32; n * hsz];
+        rms_norm_rows(x, &self.input_layernorm, eps, &mut h);
+        let mut q = vec![0f32; n * nh * hd];
+        let mut k = vec![0f32; n * nkv * hd];
+        let mut v = vec![0f32; n * nkv * hd];
+        w.q_proj.matmul(Pass::Decode, &h, n, &mut q);
+        w.k_proj.matmul(Pass::Decode, &h, n, &mut k);
+        w.v_proj.matmul(Pass::Decode, &h, n, &mut v);
+        let shape = AttentionShape {
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+        };
+        let mut a = Vec::with_capacity(n * nh * hd);
+        for (r, cache) in caches.iter_mut().enumerate() {
+            let (qr, kr) = (
+                &mut q[r * nh * hd..(r + 1) * nh * hd],
+                &mut k[r * nkv * hd..(r + 1) * nkv * hd],
+            );
+            norm_and_rotate(qr, nh, &self.q_norm, eps, &ropes[r], 0);
+            norm_and_rotate(kr, nkv, &self.k_norm, eps, &ropes[r], 0);
+            cache.write(layer, kr, &v[r * nkv * hd..(r + 1) * nkv * hd], 1);
+            let queries = Queries {
+                past: cache.len(),
+                tokens: 1,
+                first_kept_row: 0,
+            };
+            a.extend(attention(cache, layer, qr, shape, queries));
+        }
+        let mut o = vec![0f32; n * hsz];
+        w.o_proj.matmul(Pass::Decode, &a, n, &mut o);
+        add_in_place(x, &o);
+        self.mlp(&w, x, c, Pass::Decode);
         Ok(())
     }
 
@@ -177,8 +231,7 @@ impl DecoderLayer {
 
     /// The MLP sublayer on rows `x`: RMSNorm → gate/up → silu(gate) · up → down, added
     /// to `x`.
-    fn mlp(&self, w: &LayerWeights, x: &mut [f32], p: &LayerPass) {
-        let c = p.cfg;
+    fn mlp(&self, w: &LayerWeights, x: &mut [f32], c: &TextConfig, pass: Pass) {
         let (hsz, inter) = (c.hidden_size, c.intermediate_size);
         let rows = x.len() / hsz;
         let mut h = vec![0f32; rows * hsz];
@@ -190,13 +243,13 @@ impl DecoderLayer {
         );
         let mut gate = vec![0f32; rows * inter];
         let mut up = vec![0f32; rows * inter];
-        w.gate_proj.matmul(p.pass, &h, rows, &mut gate);
-        w.up_proj.matmul(p.pass, &h, rows, &mut up);
+        w.gate_proj.matmul(pass, &h, rows, &mut gate);
+        w.up_proj.matmul(pass, &h, rows, &mut up);
         gate.par_chunks_mut(ELEMS_PER_TASK)
             .zip(up.par_chunks(ELEMS_PER_TASK))
             .for_each(|(g, u)| vmath::silu_mul(g, u));
         let mut down = vec![0f32; rows * hsz];
-        w.down_proj.matmul(p.pass, &gate, rows, &mut down);
+        w.down_proj.matmul(pass, &gate, rows, &mut down);
         add_in_place(x, &down);
     }
 }
@@ -324,6 +377,35 @@ impl TextModel {
         Ok(self.final_norm(&x[from..]))
     }
 
+    /// One decode step of several sequences at once (continuous batching): `ids[r]`
+    /// (a text id) runs after `caches[r]`, whose image is `images[r]`; returns the
+    /// final-normed hidden states `[n, H]`. Row r equals what [`TextModel::forward`]
+    /// gives for that token alone, bit for bit: the linears read each weight once for
+    /// all rows, in the arithmetic of a one-token pass.
+    pub fn forward_decode(
+        &self,
+        b: &Bundle,
+        ids: &[u32],
+        caches: &mut [&mut KvCache],
+        images: &[Option<&ImageSpan>],
+    ) -> Result<Vec<f32>> {
+        assert!(ids.len() == caches.len() && ids.len() == images.len());
+        let mut x = self.embed(b, ids, None)?;
+        let ropes: Vec<RopeTable> = ids
+            .iter()
+            .zip(caches.iter())
+            .zip(images)
+            .map(|((&id, c), &img)| self.mrope_cos_sin(&[id], c.len(), img))
+            .collect();
+        for (i, layer) in self.layers.iter().enumerate() {
+            layer.forward_decode(b, &mut x, caches, &ropes, i, &self.cfg)?;
+        }
+        for c in caches.iter_mut() {
+            c.advance(1);
+        }
+        Ok(self.final_norm(&x))
+    }
+
     /// Token embeddings of `ids`: the f16 text row, or the image row for ids ≥ vocab.
     fn embed(&self, b: &Bundle, ids: &[u32], image: Option<&EncodedImage>) -> Result<Vec<f32>> {
         let hsz = self.cfg.hidden_size;
@@ -337,7 +419,7 @@ impl TextModel {
         let mut x = vec![0f32; ids.len() * hsz];
         for (row, &id) in x.chunks_exact_mut(hsz).zip(ids) {
             if id >= vocab {
-                let f = image.expect("image ids imply image features");
+                let f = image.ok_or(EngineError::TokenOutsideVocab { id, vocab })?;
                 let slot = (id - vocab) as usize;
                 row.copy_from_slice(&f.embeds[slot * hsz..(slot + 1) * hsz]);
             } else {

@@ -6,14 +6,13 @@ use crate::decoder::{Rows, TextModel};
 use crate::error::{check_logits, EngineError, Result};
 use crate::kv_cache::KvCache;
 use crate::positions::{map_image_ids, ImageSpan};
-use crate::sampler::Sampler;
 use crate::vision::{EncodedImage, VisionModel};
 use q3vl_bundle::{Bundle, Bundles};
 use q3vl_model::image::{PatchedImage, Resize};
 use q3vl_model::prompt::PromptBuilder;
 use q3vl_model::{PreprocessorConfig, Qwen3VlConfig};
 use std::path::Path;
-use std::time::Instant;
+use std::sync::Arc;
 
 /// How to open the engine.
 #[derive(Debug, Clone, Default)]
@@ -62,6 +61,8 @@ impl Default for GenerateParams {
 pub struct Timings {
     /// Prompt tokens.
     pub prompt_tokens: usize,
+    /// Prompt tokens taken from a cached earlier prompt instead of run again.
+    pub cached_tokens: usize,
     /// Prefill (all prompt tokens at once, plus the first token's logits).
     pub prefill_ms: f64,
     /// Decode steps after the first token.
@@ -89,18 +90,11 @@ pub struct Generation {
 
 impl Timings {
     /// The rates, from the token counts and times.
-    fn set_rates(&mut self) {
-        self.prefill_tok_s = self.prompt_tokens as f64 / (self.prefill_ms / 1e3).max(1e-9);
+    pub(crate) fn set_rates(&mut self) {
+        let run = self.prompt_tokens - self.cached_tokens;
+        self.prefill_tok_s = run as f64 / (self.prefill_ms / 1e3).max(1e-9);
         self.decode_tok_s = self.decode_steps as f64 / (self.decode_ms / 1e3).max(1e-9);
     }
-}
-
-/// What the decode loop of one generation works with.
-struct Decoding<'a> {
-    image: Option<(&'a EncodedImage, &'a ImageSpan)>,
-    cache: &'a mut KvCache,
-    params: &'a GenerateParams,
-    sampler: Sampler,
 }
 
 /// Whether a forward pass reads tensor `name` in full: every tensor but the token
@@ -114,7 +108,7 @@ fn read_whole(name: &str, head: Option<&str>) -> bool {
 /// The runtime engine over one language + vision bundle pair.
 pub struct Engine {
     bundles: Bundles,
-    text: TextModel,
+    pub(crate) text: TextModel,
     vision: VisionModel,
     eos: Vec<u32>,
     context: usize,
@@ -287,7 +281,7 @@ impl Engine {
 
     /// Checks the prompt and the image features against each other and maps the
     /// `<|image_pad|>` ids to `vocab + slot`.
-    fn map_prompt(
+    pub(crate) fn map_prompt(
         &self,
         ids: &[u32],
         image: Option<&EncodedImage>,
@@ -329,7 +323,7 @@ impl Engine {
     }
 
     /// An empty KV cache for `positions` positions.
-    fn new_cache(&self, positions: usize) -> KvCache {
+    pub(crate) fn new_cache(&self, positions: usize) -> KvCache {
         let tc = self.text.config();
         KvCache::new(
             tc.num_hidden_layers,
@@ -341,7 +335,7 @@ impl Engine {
 
     /// One forward pass of `ids` (in id space) after the cache, then the head:
     /// the logits of `rows` (`[rows, vocab]`), on the engine's pool.
-    fn forward_logits(
+    pub(crate) fn forward_logits(
         &self,
         ids: &[u32],
         image: Option<(&EncodedImage, &ImageSpan)>,
@@ -351,6 +345,21 @@ impl Engine {
         let b = &self.bundles.language;
         install_awake(&self.pool, || {
             let h = self.text.forward(b, ids, image, cache, rows)?;
+            self.text.logits(b, &h)
+        })
+    }
+
+    /// One decode step of several sequences ([`TextModel::forward_decode`]), then the
+    /// head: `[n, vocab]` logits, on the engine's pool.
+    pub(crate) fn forward_decode_logits(
+        &self,
+        ids: &[u32],
+        caches: &mut [&mut KvCache],
+        images: &[Option<&ImageSpan>],
+    ) -> Result<Vec<f32>> {
+        let b = &self.bundles.language;
+        install_awake(&self.pool, || {
+            let h = self.text.forward_decode(b, ids, caches, images)?;
             self.text.logits(b, &h)
         })
     }
@@ -376,7 +385,8 @@ impl Engine {
 
     /// Greedy/sampled generation from prompt ids (HF ids, `<|image_pad|>` expanded;
     /// the engine maps them to `vocab + slot` itself). `on_token` sees each token as
-    /// it is chosen (a stopping eos included).
+    /// it is chosen (a stopping eos included). The steps of [`crate::sequence`], run to
+    /// the end: the whole prompt in one prefill, then one decode step at a time.
     pub fn generate(
         &self,
         ids: &[u32],
@@ -384,67 +394,16 @@ impl Engine {
         params: &GenerateParams,
         on_token: &mut dyn FnMut(u32),
     ) -> Result<Generation> {
-        let (mapped, span) = self.map_prompt(ids, image)?;
-        let need = self.check_context(ids.len(), params.max_new_tokens)?;
-        let mut out = Generation {
-            tokens: Vec::new(),
-            step_logits: Vec::new(),
-            stopped_at_eos: false,
-            timings: Timings {
-                prompt_tokens: ids.len(),
-                ..Timings::default()
-            },
-        };
-        if params.max_new_tokens == 0 {
-            return Ok(out);
+        let image = image.map(|f| Arc::new(f.clone()));
+        let mut seq = self.begin(ids, image, params, None)?;
+        if let Some(first) = self.prefill(&mut seq, usize::MAX)? {
+            on_token(first);
         }
-        let img = image.zip(span.as_ref());
-        let mut cache = self.new_cache(need.max(1));
-        let t0 = Instant::now();
-        let logits = self.forward_logits(&mapped, img, &mut cache, Rows::Last)?;
-        out.timings.prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
-        let t1 = Instant::now();
-        let mut decoding = Decoding {
-            image: img,
-            cache: &mut cache,
-            params,
-            sampler: Sampler::new(params.temperature, params.top_p, params.seed),
-        };
-        self.decode(&mut decoding, logits, on_token, &mut out)?;
-        out.timings.decode_ms = t1.elapsed().as_secs_f64() * 1e3;
-        out.timings.set_rates();
-        Ok(out)
-    }
-
-    /// Samples a token from `logits` (the prefill's), then decode step after decode
-    /// step, into `out`, until eos or `max_new_tokens`.
-    fn decode(
-        &self,
-        d: &mut Decoding<'_>,
-        mut logits: Vec<f32>,
-        on_token: &mut dyn FnMut(u32),
-        out: &mut Generation,
-    ) -> Result<()> {
-        let vocab = self.text.config().vocab_size;
-        loop {
-            let step = out.tokens.len();
-            check_logits(&logits, vocab, |_| format!("generated token {step}"))?;
-            let next = d.sampler.sample(&logits);
-            on_token(next);
-            if !d.params.ignore_eos && self.eos.contains(&next) {
-                out.stopped_at_eos = true;
-                return Ok(());
-            }
-            out.tokens.push(next);
-            if d.params.keep_logits {
-                out.step_logits.push(std::mem::take(&mut logits));
-            }
-            if out.tokens.len() >= d.params.max_new_tokens {
-                return Ok(());
-            }
-            logits = self.forward_logits(&[next], d.image, d.cache, Rows::Last)?;
-            out.timings.decode_steps += 1;
+        while seq.decoding() {
+            let next = self.decode_step(&mut [&mut seq])?;
+            on_token(next[0]);
         }
+        Ok(seq.generation())
     }
 
     /// Bytes one decode step reads: every linear and the head once, one embedding

@@ -56,9 +56,50 @@ impl KvCache {
         }
     }
 
+    /// Positions the cache can hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Bytes the cache holds allocated (keys and values of every position it can hold).
+    pub fn allocated_bytes(&self) -> usize {
+        2 * self.k.len() * self.heads * self.capacity * self.head_dim * 4
+    }
+
+    /// The first `len` positions (at most those filled) in a cache of `capacity`
+    /// positions (at least `len`): a cached prompt cut to what a new prompt shares
+    /// with it, or grown to hold that prompt's conversation.
+    pub fn resized(&self, len: usize, capacity: usize) -> KvCache {
+        let len = len.min(self.len);
+        let capacity = capacity.max(len);
+        let hd = self.head_dim;
+        let copy = |src: &Vec<f32>| {
+            let mut dst = vec![0f32; self.heads * capacity * hd];
+            for h in 0..self.heads {
+                let from = h * self.capacity * hd;
+                let to = h * capacity * hd;
+                dst[to..to + len * hd].copy_from_slice(&src[from..from + len * hd]);
+            }
+            dst
+        };
+        KvCache {
+            k: self.k.iter().map(copy).collect(),
+            v: self.v.iter().map(copy).collect(),
+            heads: self.heads,
+            head_dim: hd,
+            capacity,
+            len,
+        }
+    }
+
     /// Commits `t` positions written to every layer.
     pub fn advance(&mut self, t: usize) {
         self.len += t;
+    }
+
+    /// Forgets every position from `len` on (a no-op when fewer are filled).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
     }
 
     /// Keys and values of one head of one layer, positions `0..n`.

@@ -39,6 +39,7 @@ pub mod kv_cache;
 pub(crate) mod ops;
 pub mod positions;
 pub mod sampler;
+pub mod sequence;
 pub mod stamp;
 pub mod vision;
 pub(crate) mod vision_attention;
@@ -46,5 +47,6 @@ pub mod weights;
 
 pub use engine::{Engine, EngineOptions, GenerateParams, Generation, Timings};
 pub use error::{EngineError, Result};
+pub use sequence::{Finish, PromptCache, Sequence};
 pub use stamp::{pair_status, stamp_status, StampStatus};
 pub use vision::EncodedImage;

@@ -1,0 +1,180 @@
+//! Continuous batching and prefix caching keep a request's numbers: a greedy
+//! request's tokens and logits are the same bits alone, batched with others (of
+//! other prompt lengths, with and without an image, joining at other steps), with
+//! its prompt cut into chunks, or resumed from its conversation's cached prompt.
+
+mod common;
+
+use common::converted_fixture;
+use q3vl_engine::{Engine, EngineOptions, GenerateParams, Generation, Sequence};
+use serde_json::json;
+use std::path::Path;
+use std::sync::Arc;
+
+const STEPS: usize = 10;
+
+fn params() -> GenerateParams {
+    GenerateParams {
+        max_new_tokens: STEPS,
+        ignore_eos: true,
+        keep_logits: true,
+        ..GenerateParams::default()
+    }
+}
+
+fn bits(g: &Generation) -> Vec<Vec<u32>> {
+    g.step_logits
+        .iter()
+        .map(|l| l.iter().map(|v| v.to_bits()).collect())
+        .collect()
+}
+
+/// A request: prompt ids and its image's features.
+struct Request {
+    ids: Vec<u32>,
+    image: Option<Arc<q3vl_engine::EncodedImage>>,
+}
+
+fn requests(e: &Engine) -> Vec<Request> {
+    let pb = e.prompt_builder().unwrap();
+    let rgb = q3vl_model::image::load_rgb(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/shapes/images/demo_1.png"),
+    )
+    .unwrap();
+    let p = e.preprocess(&rgb, false).unwrap();
+    let f = Arc::new(e.encode_image(&p.pixel_values, p.grid_thw).unwrap());
+    let text = |q: &str| Request {
+        ids: pb.chat(q, None).unwrap().ids,
+        image: None,
+    };
+    vec![
+        Request {
+            ids: pb
+                .chat("What is in the image?", Some(p.grid_thw))
+                .unwrap()
+                .ids,
+            image: Some(f),
+        },
+        text("Which colour comes after blue?"),
+        text("hi"),
+        text("Name three shapes, then say which one has the most corners and why."),
+    ]
+}
+
+#[test]
+fn batched_chunked_and_staggered_requests_equal_their_runs_alone() {
+    let out = converted_fixture("shapes");
+    let e = Engine::open(&out, &EngineOptions::default()).unwrap();
+    let reqs = requests(&e);
+    let alone: Vec<Generation> = reqs
+        .iter()
+        .map(|r| {
+            e.generate(&r.ids, r.image.as_deref(), &params(), &mut |_| {})
+                .unwrap()
+        })
+        .collect();
+    // Request k joins at step 2k and runs its prompt in chunks of 3 + k tokens, one
+    // chunk per step, while the others decode.
+    let mut seqs: Vec<Option<Sequence>> = (0..reqs.len()).map(|_| None).collect();
+    for step in 0..200 {
+        for (k, r) in reqs.iter().enumerate() {
+            if step == 2 * k {
+                seqs[k] = Some(e.begin(&r.ids, r.image.clone(), &params(), None).unwrap());
+            }
+            if let Some(s) = seqs[k].as_mut().filter(|s| s.prompt_left() > 0) {
+                e.prefill(s, 3 + k).unwrap();
+            }
+        }
+        let mut batch: Vec<&mut Sequence> =
+            seqs.iter_mut().flatten().filter(|s| s.decoding()).collect();
+        if !batch.is_empty() {
+            e.decode_step(&mut batch).unwrap();
+        }
+        if seqs
+            .iter()
+            .all(|s| s.as_ref().is_some_and(|s| s.finish().is_some()))
+        {
+            break;
+        }
+    }
+    for (k, (s, a)) in seqs.iter().zip(&alone).enumerate() {
+        let g = s.as_ref().unwrap().generation();
+        assert_eq!(g.tokens.len(), STEPS, "request {k} finished");
+        assert_eq!(g.tokens, a.tokens, "request {k}: tokens, batched vs alone");
+        assert!(bits(&g) == bits(a), "request {k}: logits, batched vs alone");
+    }
+}
+
+#[test]
+fn a_conversations_next_turn_from_its_cached_prompt_equals_a_fresh_run() {
+    let out = converted_fixture("shapes");
+    let e = Engine::open(&out, &EngineOptions::default()).unwrap();
+    let pb = e.prompt_builder().unwrap();
+    let rgb = q3vl_model::image::load_rgb(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/shapes/images/demo_2.png"),
+    )
+    .unwrap();
+    let p = e.preprocess(&rgb, false).unwrap();
+    let f = Arc::new(e.encode_image(&p.pixel_values, p.grid_thw).unwrap());
+    let first_user = json!({"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "What is in the image?"}]});
+    let turn1 = pb
+        .encode(
+            &pb.render(&json!([first_user]), true).unwrap(),
+            &[p.grid_thw],
+        )
+        .unwrap();
+    let mut s1 = e
+        .begin(&turn1.ids, Some(f.clone()), &params(), None)
+        .unwrap();
+    e.prefill(&mut s1, usize::MAX).unwrap();
+    while s1.decoding() {
+        e.decode_step(&mut [&mut s1]).unwrap();
+    }
+    let answer = pb
+        .tokenizer()
+        .decode(&s1.generation().tokens, true)
+        .unwrap();
+    let messages = json!([first_user,
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "And what colour is it?"}]);
+    let turn2 = pb
+        .encode(&pb.render(&messages, true).unwrap(), &[p.grid_thw])
+        .unwrap();
+    let cached = s1.into_prompt_cache();
+    let fresh = e
+        .generate(&turn2.ids, Some(&f), &params(), &mut |_| {})
+        .unwrap();
+    let mut s2 = e
+        .begin(&turn2.ids, Some(f.clone()), &params(), Some(&cached))
+        .unwrap();
+    e.prefill(&mut s2, usize::MAX).unwrap();
+    while s2.decoding() {
+        e.decode_step(&mut [&mut s2]).unwrap();
+    }
+    let resumed = s2.generation();
+    assert!(
+        resumed.timings.cached_tokens >= turn1.ids.len() - 2,
+        "{} of the first turn's {} prompt tokens reused",
+        resumed.timings.cached_tokens,
+        turn1.ids.len()
+    );
+    assert_eq!(resumed.tokens, fresh.tokens, "tokens, resumed vs fresh");
+    assert!(bits(&resumed) == bits(&fresh), "logits, resumed vs fresh");
+
+    // Another image in the same place shares no image position with the cache.
+    let rgb = q3vl_model::image::load_rgb(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/shapes/images/demo_3.png"),
+    )
+    .unwrap();
+    let p3 = e.preprocess(&rgb, false).unwrap();
+    let other = Arc::new(e.encode_image(&p3.pixel_values, p3.grid_thw).unwrap());
+    let s3 = e
+        .begin(&turn2.ids, Some(other), &params(), Some(&cached))
+        .unwrap();
+    let first_pad = turn2
+        .ids
+        .iter()
+        .position(|&id| id == e.config().image_token_id);
+    assert_eq!(Some(s3.generation().timings.cached_tokens), first_pad);
+}
