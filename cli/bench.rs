@@ -96,7 +96,7 @@ impl BenchArgs {
 /// bundle's int8 weights when `--bundle` is given.
 fn run_kernels_only(a: &BenchArgs) -> anyhow::Result<Outcome> {
     let engine = match &a.bundle {
-        Some(b) => Some(crate::run::open_engine(b, a.threads, false, None, false)?.0),
+        Some(b) => Some(crate::run::open_engine(b, a.threads, false, None, None)?.0),
         None => None,
     };
     let k = kernels_only(engine.as_deref(), a.threads, &a.shapes())?;
@@ -133,7 +133,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<Outcome> {
     let bundle = a.bundle.as_ref().expect("clap requires --bundle");
     // The warm-up's clock starts before the open, which pages the weights in.
     let opened = Instant::now();
-    let (engine, stamp_line) = crate::run::open_engine(bundle, a.threads, false, None, false)?;
+    let (engine, stamp_line) = crate::run::open_engine(bundle, a.threads, false, None, None)?;
     // At most `max_bandwidth_mib` (64 GiB), so the shift cannot overflow.
     let bandwidth_bytes = a
         .bandwidth_mib

@@ -15,6 +15,7 @@ mod export;
 mod fetch;
 mod inspect;
 mod run;
+mod serve;
 mod synth;
 mod verify;
 
@@ -54,6 +55,8 @@ enum Command {
     Synth(synth::SynthArgs),
     /// Generate an answer with the runtime engine.
     Run(run::RunArgs),
+    /// Serve the OpenAI chat-completions API (continuous batching, conversations).
+    Serve(serve::ServeArgs),
     /// Measure vision, prefill and decode speed against the memory-bandwidth bound.
     Bench(bench::BenchArgs),
     /// Compare the reference (on a checkpoint or a bundle) with HF oracle traces.
@@ -76,6 +79,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Synth(a) => synth::run(a),
         Command::Verify(a) => verify::run(a),
         Command::Run(a) => run::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Export(a) => export::run(a),
     }

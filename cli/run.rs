@@ -67,6 +67,14 @@ pub struct ClaimedEngine {
     _claim: q3vl_bundle::ReadClaim,
 }
 
+impl ClaimedEngine {
+    /// The engine and its claim, for a caller that must own the engine (the server);
+    /// the claim must live as long as the engine is used.
+    pub fn into_parts(self) -> (Engine, q3vl_bundle::ReadClaim) {
+        (self.engine, self._claim)
+    }
+}
+
 impl std::ops::Deref for ClaimedEngine {
     type Target = Engine;
     fn deref(&self) -> &Engine {
@@ -79,7 +87,7 @@ impl std::ops::Deref for ClaimedEngine {
 /// succeeded (an error stays the only line).
 ///
 /// A conversion writing into the folder makes this fail at once, naming the folder.
-/// With `require_verified`, every byte of both bundles the engine opened is hashed
+/// With `require_verified` (the hint a refusal ends with), every byte of both bundles the engine opened is hashed
 /// against their stamps before anything is generated (the claim keeps them the bytes
 /// loaded; the engine's page-in left them in the page cache). Without it, the line
 /// only says whether stamps are present.
@@ -88,7 +96,7 @@ pub fn open_engine(
     threads: Option<usize>,
     verify: bool,
     context: Option<usize>,
-    require_verified: bool,
+    require_verified: Option<&str>,
 ) -> anyhow::Result<(ClaimedEngine, String)> {
     crate::common::reuse_large_buffers();
     let claim = q3vl_bundle::ReadClaim::for_bundles(bundle)?;
@@ -99,7 +107,7 @@ pub fn open_engine(
     };
     let engine = Engine::open(bundle, &opts)?;
     let dirs = [engine.language().dir(), engine.vision_bundle().dir()];
-    let line = if require_verified {
+    let line = if let Some(hint) = require_verified {
         // On the engine's thread count, like everything else the run does.
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(engine.threads())
@@ -107,7 +115,7 @@ pub fn open_engine(
         let status = pool.install(|| pair_status(dirs[0], dirs[1]));
         let line = format!("{}: {status}", dirs[0].display());
         if status != StampStatus::Valid {
-            bail!("{line} (--require-verified)");
+            bail!("{line} ({hint})");
         }
         line
     } else {
@@ -162,7 +170,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<Outcome> {
         a.threads,
         a.verify_checksums,
         a.context,
-        a.require_verified,
+        a.require_verified.then_some("--require-verified"),
     )?;
     let pb = engine.prompt_builder()?;
     let spinner = crate::common::spinner(if a.image.is_some() {

@@ -197,6 +197,11 @@ impl Engine {
         self.bundles.language.config()
     }
 
+    /// The largest conversation (prompt + new tokens) accepted, in tokens.
+    pub fn context(&self) -> usize {
+        self.context
+    }
+
     /// Worker threads in use.
     pub fn threads(&self) -> usize {
         self.threads

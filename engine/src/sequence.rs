@@ -32,6 +32,8 @@ pub enum Finish {
 
 /// One request's generation in progress.
 pub struct Sequence {
+    /// The prompt's HF ids (what a later prompt is compared with).
+    ids: Vec<u32>,
     /// The prompt in id space (image pads mapped to `vocab + slot`).
     mapped: Vec<u32>,
     image: Option<(Arc<EncodedImage>, ImageSpan)>,
@@ -79,7 +81,7 @@ impl Sequence {
         let n = self.mapped.len().min(self.cache.len());
         PromptCache {
             cache: self.cache.resized(n, n),
-            ids: self.mapped[..n].to_vec(),
+            ids: self.ids[..n].to_vec(),
             image: self.image.map(|(f, _)| f),
         }
     }
@@ -88,6 +90,7 @@ impl Sequence {
 /// A prompt's KV cache kept after its request: the prefix a later request (the same
 /// conversation's next turn) may start from.
 pub struct PromptCache {
+    /// HF ids of the positions held.
     ids: Vec<u32>,
     image: Option<Arc<EncodedImage>>,
     cache: KvCache,
@@ -104,11 +107,17 @@ impl PromptCache {
         self.cache.allocated_bytes()
     }
 
-    /// How many leading positions a prompt `mapped` (in id space) with `image` can
-    /// take from this cache: the common prefix, cut before the first image token
-    /// unless the image is the same, and leaving at least two tokens to run (a
-    /// one-token pass would use the decode arithmetic; see the module).
-    pub fn reusable(&self, mapped: &[u32], image: Option<&Arc<EncodedImage>>, vocab: u32) -> usize {
+    /// How many leading positions a prompt (HF ids, pads expanded) with `image` can
+    /// take from this cache: the common prefix, cut before the first image pad
+    /// (`image_token_id`) unless the image is the same, and leaving at least two
+    /// tokens to run (a one-token pass would use the decode arithmetic; see the
+    /// module).
+    pub fn reusable(
+        &self,
+        ids: &[u32],
+        image: Option<&Arc<EncodedImage>>,
+        image_token_id: u32,
+    ) -> usize {
         let same_image = match (&self.image, image) {
             (Some(a), Some(b)) => Arc::ptr_eq(a, b) || same_features(a, b),
             _ => false,
@@ -116,10 +125,10 @@ impl PromptCache {
         let common = self
             .ids
             .iter()
-            .zip(mapped)
-            .take_while(|(a, b)| a == b && (same_image || **a < vocab))
+            .zip(ids)
+            .take_while(|(a, b)| a == b && (same_image || **a != image_token_id))
             .count();
-        common.min(mapped.len().saturating_sub(2))
+        common.min(ids.len().saturating_sub(2))
     }
 }
 
@@ -152,11 +161,9 @@ impl Engine {
     ) -> Result<Sequence> {
         let (mapped, span) = self.map_prompt(ids, image.as_deref())?;
         let need = self.check_context(ids.len(), params.max_new_tokens)?;
-        let vocab = self.text.config().vocab_size as u32;
+        let pad = self.config().image_token_id;
         let cache = match reuse {
-            Some(r) => r
-                .cache
-                .resized(r.reusable(&mapped, image.as_ref(), vocab), need),
+            Some(r) => r.cache.resized(r.reusable(ids, image.as_ref(), pad), need),
             None => self.new_cache(need.max(1)),
         };
         let finish = (params.max_new_tokens == 0).then_some(Finish::Length);
@@ -171,6 +178,7 @@ impl Engine {
                     ..Timings::default()
                 },
             },
+            ids: ids.to_vec(),
             mapped,
             image: image.zip(span),
             cache,

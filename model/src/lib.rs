@@ -5,6 +5,7 @@
 //! names in this crate are that document's names.
 
 pub mod config;
+pub mod conversation;
 pub mod error;
 pub mod image;
 pub mod input;

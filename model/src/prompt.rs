@@ -27,6 +27,9 @@ impl Prompt {
 /// The tokenizer plus chat template of a checkpoint or bundle.
 pub struct PromptBuilder {
     tokenizer: tokenizers::Tokenizer,
+    /// The same tokenizer with special-token strings encoded as plain text (for
+    /// message text; see [`crate::conversation`]).
+    plain: tokenizers::Tokenizer,
     template: String,
     special: Value,
     image_token_id: u32,
@@ -128,6 +131,8 @@ impl PromptBuilder {
     ) -> Result<Self> {
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = parse_tokenizer(&tok_path, tokenizer_json)?;
+        let mut plain = tokenizer.clone();
+        plain.set_encode_special_tokens(true);
         let template = find_template(dir, tcfg)?;
         let special = json!({
             "bos_token": special_token(tcfg, "bos_token"),
@@ -136,6 +141,7 @@ impl PromptBuilder {
         });
         let b = PromptBuilder {
             tokenizer,
+            plain,
             template,
             special,
             image_token_id: cfg.image_token_id,
@@ -198,26 +204,33 @@ impl PromptBuilder {
             .map_err(|e| Error::Prompt(format!("chat template failed: {e}")))
     }
 
-    /// The one-turn user message HF's processor sees: an image part (if any), then the text.
-    pub fn user_messages(text: &str, with_image: bool) -> Value {
-        let mut content = vec![];
-        if with_image {
-            content.push(json!({"type": "image"}));
-        }
-        content.push(json!({"type": "text", "text": text}));
-        json!([{"role": "user", "content": content}])
-    }
-
     /// Tokenises rendered text, expanding the k-th `<|image_pad|>` to the k-th image's
     /// token count, and computes the M-RoPE positions.
     pub fn encode(&self, text: &str, image_grids: &[[usize; 3]]) -> Result<Prompt> {
-        let enc = self
-            .tokenizer
+        let ids = self.tokenize(text, false)?;
+        self.expand(ids, image_grids)
+    }
+
+    /// Token ids of `text`; with `as_text`, special-token strings in it are plain
+    /// text, not control tokens.
+    pub(crate) fn tokenize(&self, text: &str, as_text: bool) -> Result<Vec<u32>> {
+        let tok = if as_text {
+            &self.plain
+        } else {
+            &self.tokenizer
+        };
+        let enc = tok
             .encode(text, false)
             .map_err(|e| Error::Prompt(format!("tokenizer failed: {e}")))?;
-        let mut ids = Vec::with_capacity(enc.get_ids().len());
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Expands the k-th `<|image_pad|>` of `tokens` to the k-th image's token count and
+    /// computes the M-RoPE positions.
+    pub(crate) fn expand(&self, tokens: Vec<u32>, image_grids: &[[usize; 3]]) -> Result<Prompt> {
+        let mut ids = Vec::with_capacity(tokens.len());
         let mut img = 0;
-        for &id in enc.get_ids() {
+        for id in tokens {
             if id == self.image_token_id {
                 let g = image_grids.get(img).ok_or_else(|| {
                     Error::Prompt(format!(
@@ -251,11 +264,21 @@ impl PromptBuilder {
 
     /// A one-turn chat prompt: user `text` with an optional image of grid `grid_thw`,
     /// rendered with the generation prompt.
+    /// The text is text: see [`crate::conversation`].
     pub fn chat(&self, text: &str, grid_thw: Option<[usize; 3]>) -> Result<Prompt> {
-        let rendered = self.render(&Self::user_messages(text, grid_thw.is_some()), true)?;
+        use crate::conversation::{Message, Part, Role};
+        let mut parts = vec![];
+        if grid_thw.is_some() {
+            parts.push(Part::Image);
+        }
+        parts.push(Part::Text(text.to_string()));
         let grids: Vec<[usize; 3]> = grid_thw.into_iter().collect();
+        let messages = [Message {
+            role: Role::User,
+            parts,
+        }];
         // Our own messages hold one image part per image: a mismatch is the files'.
-        self.encode(&rendered, &grids).map_err(|e| match e {
+        self.conversation(&messages, &grids).map_err(|e| match e {
             Error::Prompt(msg) => Error::Prompt(format!(
                 "the chat template and tokenizer do not make a usable prompt: {msg}"
             )),

@@ -5,6 +5,7 @@
 
 pub mod damage;
 pub mod self_trace;
+pub mod server;
 
 use q3vl_model::layout;
 use q3vl_model::Qwen3VlConfig;

@@ -1,0 +1,167 @@
+//! A `q3vl serve` child on a free port, and small HTTP helpers for talking to it.
+
+use super::{q3vl, s};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running server, killed when dropped.
+pub struct Server {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// The model id it serves.
+    pub model: String,
+}
+
+impl Server {
+    /// Starts `q3vl serve --bundle OUT --port 0 EXTRA…` and waits for its listening line.
+    pub fn start(out: &Path, extra: &[&str]) -> Server {
+        let mut child = q3vl()
+            .args(["serve", "--bundle", s(out), "--port", "0"])
+            .args(extra)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("q3vl serve starts");
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let mut seen = String::new();
+        let url = loop {
+            let mut line = String::new();
+            if err.read_line(&mut line).unwrap() == 0 {
+                panic!("q3vl serve exited before listening:\n{seen}");
+            }
+            seen.push_str(&line);
+            if let Some(at) = line.find("http://") {
+                let url = line[at..].split_whitespace().next().unwrap();
+                break url.to_string();
+            }
+        };
+        // Keep draining stderr so the server never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            let _ = err.read_to_string(&mut sink);
+        });
+        let model = get(&format!("{url}/v1/models")).1["data"][0]["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        Server { child, url, model }
+    }
+
+    /// POSTs a chat request; returns the status and the JSON body.
+    pub fn chat(&self, body: &Value) -> (u16, Value) {
+        post(
+            &format!("{}/v1/chat/completions", self.url),
+            &body.to_string(),
+        )
+    }
+
+    /// A greedy, non-streamed chat request's answer text and finish reason.
+    pub fn answer(&self, messages: Value, max_tokens: usize) -> (String, String) {
+        let (status, body) = self.chat(&json!({"model": self.model, "messages": messages,
+            "max_tokens": max_tokens, "temperature": 0}));
+        assert_eq!(status, 200, "{body}");
+        let c = &body["choices"][0];
+        (
+            c["message"]["content"].as_str().unwrap().to_string(),
+            c["finish_reason"].as_str().unwrap().to_string(),
+        )
+    }
+
+    /// A metric's value from `/metrics` (the first sample whose line starts with `name`).
+    pub fn metric(&self, name: &str) -> f64 {
+        let text = ureq::get(&format!("{}/metrics", self.url))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap();
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
+    }
+
+    /// Polls `/metrics` until `name` satisfies `ok` (at most two minutes).
+    pub fn wait_metric(&self, name: &str, ok: impl Fn(f64) -> bool) -> f64 {
+        let t0 = Instant::now();
+        loop {
+            let v = self.metric(name);
+            if ok(v) || t0.elapsed() > Duration::from_secs(120) {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn read(r: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
+    let resp = match r {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("transport error: {e}"),
+    };
+    let status = resp.status();
+    let text = resp.into_string().unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// GETs `url`.
+pub fn get(url: &str) -> (u16, Value) {
+    read(ureq::get(url).call())
+}
+
+/// POSTs a JSON body.
+pub fn post(url: &str, body: &str) -> (u16, Value) {
+    read(
+        ureq::post(url)
+            .set("content-type", "application/json")
+            .send_string(body),
+    )
+}
+
+/// A PNG or JPEG file as a `data:` URL.
+pub fn data_url(path: &Path) -> String {
+    use base64::Engine as _;
+    let bytes = std::fs::read(path).unwrap();
+    let mime = if path.extension().is_some_and(|e| e == "png") {
+        "png"
+    } else {
+        "jpeg"
+    };
+    format!(
+        "data:image/{mime};base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    )
+}
+
+/// A streamed answer: its `data:` payloads in order (`[DONE]` included).
+pub fn stream(url: &str, body: &Value) -> Vec<String> {
+    let resp = ureq::post(&format!("{url}/v1/chat/completions"))
+        .set("content-type", "application/json")
+        .send_string(&body.to_string())
+        .unwrap();
+    assert_eq!(resp.header("content-type"), Some("text/event-stream"));
+    BufReader::new(resp.into_reader())
+        .lines()
+        .map(Result::unwrap)
+        .filter_map(|l| l.strip_prefix("data: ").map(str::to_string))
+        .collect()
+}
