@@ -17,9 +17,9 @@ pub struct RunArgs {
     /// A conversion's output folder (or its language bundle folder).
     #[arg(long)]
     pub bundle: PathBuf,
-    /// An image (PNG or JPEG) to ask about.
+    /// An image (PNG or JPEG) to ask about; repeat for several, in order.
     #[arg(long)]
-    pub image: Option<PathBuf>,
+    pub image: Vec<PathBuf>,
     /// The user message.
     #[arg(long)]
     pub prompt: String,
@@ -160,11 +160,11 @@ pub fn run(a: RunArgs) -> anyhow::Result<Outcome> {
     check_sampling(&a)?;
     // Read before the engine opens: a bad image fails at once, and a pipe's writer
     // (`--image <(…)`) is not kept waiting while the weights page in.
-    let rgb = a
+    let rgbs = a
         .image
-        .as_deref()
-        .map(q3vl_model::image::load_rgb)
-        .transpose()?;
+        .iter()
+        .map(|p| q3vl_model::image::load_rgb(p))
+        .collect::<Result<Vec<_>, _>>()?;
     let (engine, stamp_line) = open_engine(
         &a.bundle,
         a.threads,
@@ -173,24 +173,24 @@ pub fn run(a: RunArgs) -> anyhow::Result<Outcome> {
         a.require_verified.then_some("--require-verified"),
     )?;
     let pb = engine.prompt_builder()?;
-    let spinner = crate::common::spinner(if a.image.is_some() {
-        "encoding the image"
-    } else {
+    let spinner = crate::common::spinner(if a.image.is_empty() {
         "prefill"
+    } else {
+        "encoding the image"
     });
     let t_vis = Instant::now();
-    let image = match (&a.image, &rgb) {
-        (Some(path), Some(rgb)) => {
-            let patched = engine
-                .preprocess(rgb, a.dynamic_resolution)
-                .with_context(|| format!("{}", path.display()))?;
-            Some(engine.encode_image(&patched.pixel_values, patched.grid_thw)?)
-        }
-        _ => None,
-    };
+    let mut images = Vec::with_capacity(rgbs.len());
+    for (path, rgb) in a.image.iter().zip(&rgbs) {
+        let patched = engine
+            .preprocess(rgb, a.dynamic_resolution)
+            .with_context(|| format!("{}", path.display()))?;
+        let f = engine.encode_image(&patched.pixel_values, patched.grid_thw)?;
+        images.push(std::sync::Arc::new(f));
+    }
     let vision_ms = t_vis.elapsed().as_secs_f64() * 1e3;
     spinner.set_message("prefill");
-    let prompt = pb.chat(&a.prompt, image.as_ref().map(|f| f.grid_thw))?;
+    let grids: Vec<[usize; 3]> = images.iter().map(|f| f.grid_thw).collect();
+    let prompt = pb.chat_images(&a.prompt, &grids)?;
     let tok = pb.tokenizer();
     let decode = |ids: &[u32]| tok.decode(ids, true);
     let mut out = TextOut {
@@ -203,9 +203,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<Outcome> {
         write_err: None,
     };
     let params = generate_params(&a);
-    let g = engine.generate(&prompt.ids, image.as_ref(), &params, &mut |id| {
-        out.token(id)
-    });
+    let g = engine.generate(&prompt.ids, &images, &params, &mut |id| out.token(id));
     spinner.finish_and_clear();
     let g = g.map_err(run_error)?;
     if let Some(e) = out.write_err.take() {

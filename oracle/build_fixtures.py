@@ -1339,12 +1339,39 @@ def trace_commands(name: str) -> list[list[str]]:
         + common,
         ["oracle/trace.py", "--model", d, "--prompt", spec["text_prompt"], "--out", f"{d}/traces/text.safetensors"]
         + common,
+    ] + (shapes_conversation_commands(d, common) if name == "shapes" else [])
+
+
+def shapes_conversation_commands(d: str, common: list[str]) -> list[list[str]]:
+    """Two images of other sizes in one prompt, and two turns with an image in the first
+    (the conversation is oracle/conversations/shapes_two_turns.json)."""
+    two_images = ["--prompt", "Which picture has more shapes?"]
+    for img in ["small_1.png", "wide_3.png"]:
+        two_images += ["--image", f"{d}/images/{img}"]
+    two_turns = ["--messages", "oracle/conversations/shapes_two_turns.json", "--image", f"{d}/images/small_2.png"]
+    return [
+        ["oracle/trace.py", "--model", d] + two_images + ["--out", f"{d}/traces/two_images.safetensors"] + common,
+        ["oracle/trace.py", "--model", d] + two_turns + ["--out", f"{d}/traces/two_turns.safetensors"] + common,
     ]
+
+
+def write_other_sizes(d: Path) -> None:
+    """Shapes pictures at other sizes for the conversation traces: two squares (224, 256)
+    and a wide crop (320x192)."""
+    from PIL import Image
+
+    im = d / "images"
+    Image.open(im / "demo_1.png").resize((224, 224), Image.BICUBIC).save(im / "small_1.png")
+    Image.open(im / "demo_2.png").resize((256, 256), Image.BICUBIC).save(im / "small_2.png")
+    wide = Image.open(im / "demo_3.png").crop((0, 96, 448, 352)).resize((320, 192), Image.BICUBIC)
+    wide.save(im / "wide_3.png")
 
 
 def write_traces(name: str, log) -> None:
     import shlex
 
+    if name == "shapes":
+        write_other_sizes(FIXTURES_DIR / "shapes")
     for cmd in trace_commands(name):
         log("$ oracle/.venv/bin/python " + " ".join(shlex.quote(c) for c in cmd))
         subprocess.run([sys.executable] + cmd, cwd=REPO_DIR, check=True)

@@ -126,13 +126,18 @@ def build_inputs(processor, prompt: str, image=None):
     pixel_values and image_grid_thw; for a text prompt input_ids, attention_mask and
     mm_token_type_ids (all zero).
     """
-    text = processor.tokenizer.apply_chat_template(
-        user_messages(prompt, image is not None), tokenize=False, add_generation_prompt=True
-    )
-    if image is None:
+    images = [] if image is None else [image]
+    return build_conversation_inputs(processor, user_messages(prompt, image is not None), images)
+
+
+def build_conversation_inputs(processor, messages: list[dict], images: list):
+    """`build_inputs` for a whole conversation (HF chat messages, `{"type": "image"}` parts
+    standing for `images` in order)."""
+    text = processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if not images:
         inputs = processor(text=[text], return_tensors="pt")
     else:
-        inputs = processor(text=[text], images=[image], return_tensors="pt")
+        inputs = processor(text=[text], images=images, return_tensors="pt")
     return text, inputs
 
 

@@ -38,7 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import build_inputs, greedy_decode, load_processor, save_safetensors_deterministic  # noqa: E402
+from common import (  # noqa: E402
+    build_conversation_inputs,
+    greedy_decode,
+    load_processor,
+    save_safetensors_deterministic,
+    user_messages,
+)
 
 FORMAT = "qwen3vl-oracle-trace/2"
 # metadata `oracle` (docs/oracle-trace.md); `oracle_mode` is "whole" or "layer-streamed"
@@ -349,19 +355,29 @@ def write_trace(args) -> dict:
     torch.set_num_threads(args.threads)
 
     processor = load_processor(model_dir)
-    image = None
-    image_name = ""
-    image_sha = ""
-    if args.image:
-        src = Path(args.image)
+    images, image_names, shas = [], [], []
+    for path in args.image:
+        src = Path(path)
         dst = out_path.parent / src.name
         if src.resolve() != dst.resolve():
             shutil.copyfile(src, dst)
-        image_name = dst.name
-        image_sha = sha256_file(dst)
-        image = Image.open(dst)
-        image.load()
-    text, inputs = build_inputs(processor, args.prompt, image)
+        image_names.append(dst.name)
+        shas.append(sha256_file(dst))
+        img = Image.open(dst)
+        img.load()
+        images.append(img)
+    if args.messages:
+        messages = json.loads(Path(args.messages).read_text())
+        parts = [p for m in messages if isinstance(m["content"], list) for p in m["content"]]
+        if sum(p.get("type") == "image" for p in parts) != len(images):
+            raise SystemExit("--messages must hold one image part per --image")
+        prompt = next(p["text"] for p in reversed(parts) if p.get("type") == "text")
+    else:
+        messages = user_messages(args.prompt, False)
+        messages[0]["content"][:0] = [{"type": "image"}] * len(images)
+        prompt = args.prompt
+    text, inputs = build_conversation_inputs(processor, messages, images)
+    image = images or None
 
     if args.stream_layers:
         model = load_streamed_model(model_dir)
@@ -380,7 +396,7 @@ def write_trace(args) -> dict:
     n_img_tokens = int((input_ids == cfg.image_token_id).sum())
     if image is not None:
         merge = cfg.vision_config.spatial_merge_size
-        expect = int(inputs["image_grid_thw"].prod()) // (merge * merge)
+        expect = int(inputs["image_grid_thw"].prod(dim=-1).sum()) // (merge * merge)
         if n_img_tokens != expect:
             raise RuntimeError(f"{n_img_tokens} image tokens in the prompt, the grid gives {expect}")
         if not torch.equal(mm, (input_ids == cfg.image_token_id).to(mm.dtype)):
@@ -447,7 +463,7 @@ def write_trace(args) -> dict:
     }
     if image is not None:
         tensors["pixel_values"] = inputs["pixel_values"].to(torch.float32)
-        tensors["image_grid_thw"] = inputs["image_grid_thw"].to(torch.int64).reshape(1, 3)
+        tensors["image_grid_thw"] = inputs["image_grid_thw"].to(torch.int64).reshape(-1, 3)
         names = (
             ["vision.embed"]
             + [f"vision.block.{j}" for j in range(cap.depth)]
@@ -491,12 +507,14 @@ def write_trace(args) -> dict:
     metadata = trace_metadata(
         args.model_id or guess_model_id(model_dir),
         args.revision if args.revision is not None else guess_revision(model_dir),
-        args.prompt,
-        image_name,
-        image_sha,
+        prompt,
+        "\n".join(image_names),
+        "\n".join(shas),
         args.decode_steps,
         mode="layer-streamed" if args.stream_layers else "whole",
     )
+    if args.messages:
+        metadata["messages"] = json.dumps(messages, ensure_ascii=False)
     tmp = out_path.with_name(out_path.name + ".tmp")
     save_safetensors_deterministic(tmp, tensors, metadata)
     tmp.replace(out_path)
@@ -523,8 +541,15 @@ def write_trace(args) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="checkpoint folder (HF layout)")
-    ap.add_argument("--prompt", required=True, help="the user text")
-    ap.add_argument("--image", help="image file; copied next to the trace")
+    ap.add_argument("--prompt", help="the user text (one user turn: the images, then the text)")
+    ap.add_argument(
+        "--messages",
+        help='a JSON file holding a whole conversation (HF chat messages; an {"type": "image"} part '
+        "stands for each --image, in order) instead of --prompt",
+    )
+    ap.add_argument(
+        "--image", action="append", default=[], help="image file (repeat for several); copied next to the trace"
+    )
     ap.add_argument("--out", required=True, help="output .safetensors")
     ap.add_argument("--decode-steps", type=int, default=24)
     ap.add_argument("--top-k", type=int, default=64)
@@ -553,6 +578,8 @@ def main(argv=None):
         help="skip the manual KV-cache re-run of the decode (saves time on big models)",
     )
     args = ap.parse_args(argv)
+    if (args.prompt is None) == (args.messages is None):
+        ap.error("give exactly one of --prompt and --messages")
     t0 = time.time()
     summary = write_trace(args)
     summary["seconds"] = round(time.time() - t0, 1)

@@ -505,7 +505,7 @@ fn self_traces_match_the_hf_oracle_traces() {
     ]);
     for name in ["image", "dynamic", "text"] {
         let hf = OracleTrace::open(&fx.join(format!("traces/{name}.safetensors"))).unwrap();
-        let image = hf.image_path();
+        let image = hf.image_paths().into_iter().next();
         let req = self_trace::TraceRequest {
             prompt: hf.meta("prompt"),
             image: image.as_deref(),

@@ -32,7 +32,7 @@ fn bits(g: &Generation) -> Vec<Vec<u32>> {
 /// A request: prompt ids and its image's features.
 struct Request {
     ids: Vec<u32>,
-    image: Option<Arc<q3vl_engine::EncodedImage>>,
+    images: Vec<Arc<q3vl_engine::EncodedImage>>,
 }
 
 fn requests(e: &Engine) -> Vec<Request> {
@@ -45,7 +45,7 @@ fn requests(e: &Engine) -> Vec<Request> {
     let f = Arc::new(e.encode_image(&p.pixel_values, p.grid_thw).unwrap());
     let text = |q: &str| Request {
         ids: pb.chat(q, None).unwrap().ids,
-        image: None,
+        images: vec![],
     };
     vec![
         Request {
@@ -53,7 +53,7 @@ fn requests(e: &Engine) -> Vec<Request> {
                 .chat("What is in the image?", Some(p.grid_thw))
                 .unwrap()
                 .ids,
-            image: Some(f),
+            images: vec![f],
         },
         text("Which colour comes after blue?"),
         text("hi"),
@@ -69,7 +69,7 @@ fn batched_chunked_and_staggered_requests_equal_their_runs_alone() {
     let alone: Vec<Generation> = reqs
         .iter()
         .map(|r| {
-            e.generate(&r.ids, r.image.as_deref(), &params(), &mut |_| {})
+            e.generate(&r.ids, &r.images, &params(), &mut |_| {})
                 .unwrap()
         })
         .collect();
@@ -79,7 +79,7 @@ fn batched_chunked_and_staggered_requests_equal_their_runs_alone() {
     for step in 0..200 {
         for (k, r) in reqs.iter().enumerate() {
             if step == 2 * k {
-                seqs[k] = Some(e.begin(&r.ids, r.image.clone(), &params(), None).unwrap());
+                seqs[k] = Some(e.begin(&r.ids, &r.images, &params(), None).unwrap());
             }
             if let Some(s) = seqs[k].as_mut().filter(|s| s.prompt_left() > 0) {
                 e.prefill(s, 3 + k).unwrap();
@@ -125,7 +125,7 @@ fn a_conversations_next_turn_from_its_cached_prompt_equals_a_fresh_run() {
         )
         .unwrap();
     let mut s1 = e
-        .begin(&turn1.ids, Some(f.clone()), &params(), None)
+        .begin(&turn1.ids, std::slice::from_ref(&f), &params(), None)
         .unwrap();
     e.prefill(&mut s1, usize::MAX).unwrap();
     while s1.decoding() {
@@ -143,10 +143,15 @@ fn a_conversations_next_turn_from_its_cached_prompt_equals_a_fresh_run() {
         .unwrap();
     let cached = s1.into_prompt_cache();
     let fresh = e
-        .generate(&turn2.ids, Some(&f), &params(), &mut |_| {})
+        .generate(&turn2.ids, std::slice::from_ref(&f), &params(), &mut |_| {})
         .unwrap();
     let mut s2 = e
-        .begin(&turn2.ids, Some(f.clone()), &params(), Some(&cached))
+        .begin(
+            &turn2.ids,
+            std::slice::from_ref(&f),
+            &params(),
+            Some(&cached),
+        )
         .unwrap();
     e.prefill(&mut s2, usize::MAX).unwrap();
     while s2.decoding() {
@@ -170,7 +175,7 @@ fn a_conversations_next_turn_from_its_cached_prompt_equals_a_fresh_run() {
     let p3 = e.preprocess(&rgb, false).unwrap();
     let other = Arc::new(e.encode_image(&p3.pixel_values, p3.grid_thw).unwrap());
     let s3 = e
-        .begin(&turn2.ids, Some(other), &params(), Some(&cached))
+        .begin(&turn2.ids, &[other], &params(), Some(&cached))
         .unwrap();
     let first_pad = turn2
         .ids

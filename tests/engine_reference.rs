@@ -32,38 +32,44 @@ fn params() -> GenerateParams {
     }
 }
 
-/// Engine greedy tokens vs the reference's, for one prompt (with or without image).
-fn compare(fixture: &str, prompt: &str, image: Option<&str>) {
+/// Engine greedy tokens vs the reference's, for one prompt with any number of
+/// images (each resized to the fixed grid, or with `dynamic` by smart_resize).
+fn compare(fixture: &str, prompt: &str, images: &[&str], dynamic: bool) {
     let out = converted_fixture(fixture);
     let e = engine(&out, 2);
     let pb = e.prompt_builder().unwrap();
-    let patched = image.map(|p| {
-        let rgb =
-            q3vl_model::image::load_rgb(&Path::new(env!("CARGO_MANIFEST_DIR")).join(p)).unwrap();
-        e.preprocess(&rgb, false).unwrap()
-    });
-    let feats = patched
-        .as_ref()
-        .map(|p| e.encode_image(&p.pixel_values, p.grid_thw).unwrap());
-    let pr = pb
-        .chat(prompt, patched.as_ref().map(|p| p.grid_thw))
-        .unwrap();
-    let g = e
-        .generate(&pr.ids, feats.as_ref(), &params(), &mut |_| {})
-        .unwrap();
+    let patched: Vec<_> = images
+        .iter()
+        .map(|p| {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(p);
+            e.preprocess(&q3vl_model::image::load_rgb(&path).unwrap(), dynamic)
+                .unwrap()
+        })
+        .collect();
+    let feats: Vec<_> = patched
+        .iter()
+        .map(|p| std::sync::Arc::new(e.encode_image(&p.pixel_values, p.grid_thw).unwrap()))
+        .collect();
+    let grids: Vec<[usize; 3]> = patched.iter().map(|p| p.grid_thw).collect();
+    let pr = pb.chat_images(prompt, &grids).unwrap();
+    let g = e.generate(&pr.ids, &feats, &params(), &mut |_| {}).unwrap();
 
     let bundles = q3vl_bundle::Bundles::open(&out).unwrap();
     let src = q3vl_verify::BundleSource::new(&bundles);
-    let pv = patched.as_ref().map(|p| p.to_tensor().unwrap());
-    let img = patched.as_ref().zip(pv.as_ref()).map(|(p, t)| ImageInput {
-        pixel_values: t,
-        grid_thw: p.grid_thw,
-    });
+    let pv: Vec<_> = patched.iter().map(|p| p.to_tensor().unwrap()).collect();
+    let img: Vec<ImageInput> = patched
+        .iter()
+        .zip(&pv)
+        .map(|(p, t)| ImageInput {
+            pixel_values: t,
+            grid_thw: p.grid_thw,
+        })
+        .collect();
     let r = reference::run(
         e.config(),
         &src,
         &pr,
-        img,
+        &img,
         &[Continuation::Greedy(STEPS)],
         true,
     )
@@ -77,7 +83,7 @@ fn compare(fixture: &str, prompt: &str, image: Option<&str>) {
     // Scoring the prompt runs the last layer for every token; generation runs it for
     // the last token alone. That token's logits must be the same bits, and every
     // position must agree with the reference's prompt logits.
-    let rows = e.prompt_logits(&pr.ids, feats.as_ref()).unwrap();
+    let rows = e.prompt_logits(&pr.ids, &feats).unwrap();
     assert_eq!(rows.len(), pr.ids.len());
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
     assert_eq!(
@@ -119,14 +125,31 @@ fn engine_equals_reference_on_shapes_image_prompt() {
     compare(
         "shapes",
         "What is in the image?",
-        Some("fixtures/shapes/images/demo_0.png"),
+        &["fixtures/shapes/images/demo_0.png"],
+        false,
+    );
+}
+
+/// Two images of different sizes in one prompt: each gets its own M-RoPE positions,
+/// the text after each is shifted as HF's `get_rope_index` does, and each image's
+/// DeepStack features land at its own rows.
+#[test]
+fn engine_equals_reference_on_two_images_of_different_sizes() {
+    compare(
+        "shapes",
+        "Which picture has more shapes?",
+        &[
+            "fixtures/shapes/images/demo_1.png",
+            "fixtures/tied/traces/image.png",
+        ],
+        true,
     );
 }
 
 #[test]
 fn engine_equals_reference_on_text_prompts() {
-    compare("shapes", "Which colour comes after blue?", None);
-    compare("tied", "hello there", None);
+    compare("shapes", "Which colour comes after blue?", &[], false);
+    compare("tied", "hello there", &[], false);
 }
 
 #[test]
@@ -148,7 +171,9 @@ fn tokens_and_logits_do_not_depend_on_threads() {
                 f,
                 e.generate(
                     &pr.ids,
-                    Some(&e.encode_image(&p.pixel_values, p.grid_thw).unwrap()),
+                    &[std::sync::Arc::new(
+                        e.encode_image(&p.pixel_values, p.grid_thw).unwrap(),
+                    )],
                     &params(),
                     &mut |_| {},
                 )
@@ -189,14 +214,14 @@ fn int8lin_and_fp16_modes_run_and_match_the_reference() {
             .unwrap()
             .chat("Which colour comes after red?", None)
             .unwrap();
-        let g = e.generate(&pr.ids, None, &params(), &mut |_| {}).unwrap();
+        let g = e.generate(&pr.ids, &[], &params(), &mut |_| {}).unwrap();
         let bundles = q3vl_bundle::Bundles::open(&out).unwrap();
         let src = q3vl_verify::BundleSource::new(&bundles);
         let r = reference::run(
             e.config(),
             &src,
             &pr,
-            None,
+            &[],
             &[Continuation::Greedy(STEPS)],
             true,
         )

@@ -25,8 +25,12 @@ fn image(n: usize) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("fixtures/shapes/images/demo_{n}.png"))
 }
 
+fn small(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("fixtures/shapes/images/{name}.png"))
+}
+
 /// `q3vl run --json`'s answer text.
-fn run_text(out: &Path, prompt: &str, image: Option<&Path>) -> String {
+fn run_text(out: &Path, prompt: &str, images: &[&Path]) -> String {
     let n = TOKENS.to_string();
     let mut args = vec![
         "run",
@@ -38,7 +42,7 @@ fn run_text(out: &Path, prompt: &str, image: Option<&Path>) -> String {
         &n,
         "--json",
     ];
-    if let Some(p) = image {
+    for p in images {
         args.extend(["--image", s(p)]);
     }
     let v: Value = serde_json::from_str(&common::ok(&args)).unwrap();
@@ -46,8 +50,13 @@ fn run_text(out: &Path, prompt: &str, image: Option<&Path>) -> String {
 }
 
 fn user(text: &str, image: Option<&Path>) -> Value {
+    user_images(text, image.as_slice())
+}
+
+/// A user message: the images, then the text.
+fn user_images(text: &str, images: &[&Path]) -> Value {
     let mut parts = vec![];
-    if let Some(p) = image {
+    for p in images {
         parts.push(json!({"type": "image_url", "image_url": {"url": data_url(p)}}));
     }
     parts.push(json!({"type": "text", "text": text}));
@@ -58,15 +67,17 @@ fn user(text: &str, image: Option<&Path>) -> Value {
 fn answers_equal_q3vl_runs_streamed_or_not() {
     let out = bundle();
     let srv = Server::start(&out, &[]);
-    let img = image(0);
-    for (prompt, image) in [
-        ("Which colour comes after blue?", None),
-        ("What is in the image?", Some(img.as_path())),
-    ] {
-        let want = run_text(&out, prompt, image);
-        let (text, _) = srv.answer(json!([user(prompt, image)]), TOKENS);
+    let (img, wide) = (image(0), small("wide_3"));
+    let cases: [(&str, &[&Path]); 3] = [
+        ("Which colour comes after blue?", &[]),
+        ("What is in the image?", &[&img]),
+        ("Which picture has more shapes?", &[&wide, &img]),
+    ];
+    for (prompt, images) in cases {
+        let want = run_text(&out, prompt, images);
+        let (text, _) = srv.answer(json!([user_images(prompt, images)]), TOKENS);
         assert_eq!(text, want, "{prompt}: served vs q3vl run");
-        let body = json!({"model": srv.model, "messages": [user(prompt, image)], "max_tokens": TOKENS,
+        let body = json!({"model": srv.model, "messages": [user_images(prompt, images)], "max_tokens": TOKENS,
             "temperature": 0, "stream": true, "stream_options": {"include_usage": true}});
         let events = stream(&srv.url, &body);
         assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
@@ -114,7 +125,7 @@ fn a_conversations_next_turn_reuses_its_prompt_and_equals_a_fresh_run() {
     let p = e
         .preprocess(&q3vl_model::image::load_rgb(&img).unwrap(), false)
         .unwrap();
-    let f = e.encode_image(&p.pixel_values, p.grid_thw).unwrap();
+    let f = std::sync::Arc::new(e.encode_image(&p.pixel_values, p.grid_thw).unwrap());
     let messages = [
         Message {
             role: Role::User,
@@ -128,9 +139,7 @@ fn a_conversations_next_turn_reuses_its_prompt_and_equals_a_fresh_run() {
         max_new_tokens: TOKENS,
         ..GenerateParams::default()
     };
-    let g = e
-        .generate(&prompt.ids, Some(&f), &params, &mut |_| {})
-        .unwrap();
+    let g = e.generate(&prompt.ids, &[f], &params, &mut |_| {}).unwrap();
     assert_eq!(
         a2,
         pb.decode(&g.tokens).unwrap(),
@@ -215,6 +224,7 @@ fn hostile(srv: &Server) -> Vec<(String, u16, Option<&'static str>, Option<&'sta
         .map(|i| json!({"role": "user", "content": format!("m{i}")}))
         .collect();
     let img = data_url(&image(0));
+    let nine_images = vec![json!({"type": "image_url", "image_url": {"url": img}}); 9];
     let bomb = format!(
         "data:image/png;base64,{}",
         b64(&png_header(100_000, 100_000))
@@ -279,13 +289,9 @@ fn hostile(srv: &Server) -> Vec<(String, u16, Option<&'static str>, Option<&'sta
             None,
         ),
         (
-            j(
-                json!({"model": m, "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": img}},
-            {"type": "image_url", "image_url": {"url": img}}]}]}),
-            ),
+            j(json!({"model": m, "messages": [{"role": "user", "content": nine_images}]})),
             400,
-            Some("messages[0].content[1].image_url"),
+            Some("messages[0].content[8].image_url"),
             None,
         ),
         (

@@ -12,12 +12,12 @@
 
 use crate::causal_attention::{attention, AttentionShape, Queries};
 use crate::error::{EngineError, Result};
+use crate::images::PromptImages;
 use crate::kernels::row::widen_f16;
 use crate::kernels::vmath;
 use crate::kv_cache::KvCache;
 use crate::ops::{add_in_place, rms_norm_in_place, rms_norm_rows, RopeTable, ELEMS_PER_TASK};
 use crate::positions::{position, ImageSpan};
-use crate::vision::EncodedImage;
 use crate::weights::{vector, Lin, Pass};
 use q3vl_bundle::Bundle;
 use q3vl_model::config::TextConfig;
@@ -333,19 +333,20 @@ impl TextModel {
         Ok(total)
     }
 
-    /// Runs `ids` (already in id space) at sequence indices `cache.len()..`, filling
-    /// the cache; returns the final-normed hidden states of `rows` (`[rows, H]`).
+    /// Runs `ids` (already in id space; the prompt's images are `images`) at sequence
+    /// indices `cache.len()..`, filling the cache; returns the final-normed hidden
+    /// states of `rows` (`[rows, H]`).
     pub fn forward(
         &self,
         b: &Bundle,
         ids: &[u32],
-        image: Option<(&EncodedImage, &ImageSpan)>,
+        images: &PromptImages,
         cache: &mut KvCache,
         rows: Rows,
     ) -> Result<Vec<f32>> {
         let (t, past) = (ids.len(), cache.len());
-        let mut x = self.embed(b, ids, image.map(|(f, _)| f))?;
-        let rope = self.mrope_cos_sin(ids, past, image.map(|(_, s)| s));
+        let mut x = self.embed(b, ids, images)?;
+        let rope = self.mrope_cos_sin(ids, past, &images.spans);
         let pass = Pass::of(t);
         let last = self.layers.len() - 1;
         for (i, layer) in self.layers.iter().enumerate() {
@@ -367,10 +368,8 @@ impl TextModel {
                 },
             };
             layer.forward(b, &mut x, cache, &p)?;
-            if let Some((f, _)) = image {
-                let from = first_kept_row * self.cfg.hidden_size;
-                self.deepstack_add(&mut x[from..], &ids[first_kept_row..], f, i);
-            }
+            let from = first_kept_row * self.cfg.hidden_size;
+            self.deepstack_add(&mut x[from..], &ids[first_kept_row..], images, i);
         }
         cache.advance(t);
         let from = rows.first_kept_row(t) * self.cfg.hidden_size;
@@ -378,7 +377,7 @@ impl TextModel {
     }
 
     /// One decode step of several sequences at once (continuous batching): `ids[r]`
-    /// (a text id) runs after `caches[r]`, whose image is `images[r]`; returns the
+    /// (a text id) runs after `caches[r]`, whose images sit at `images[r]`; returns the
     /// final-normed hidden states `[n, H]`. Row r equals what [`TextModel::forward`]
     /// gives for that token alone, bit for bit: the linears read each weight once for
     /// all rows, in the arithmetic of a one-token pass.
@@ -387,10 +386,10 @@ impl TextModel {
         b: &Bundle,
         ids: &[u32],
         caches: &mut [&mut KvCache],
-        images: &[Option<&ImageSpan>],
+        images: &[&[ImageSpan]],
     ) -> Result<Vec<f32>> {
         assert!(ids.len() == caches.len() && ids.len() == images.len());
-        let mut x = self.embed(b, ids, None)?;
+        let mut x = self.embed(b, ids, &PromptImages::default())?;
         let ropes: Vec<RopeTable> = ids
             .iter()
             .zip(caches.iter())
@@ -407,7 +406,7 @@ impl TextModel {
     }
 
     /// Token embeddings of `ids`: the f16 text row, or the image row for ids ≥ vocab.
-    fn embed(&self, b: &Bundle, ids: &[u32], image: Option<&EncodedImage>) -> Result<Vec<f32>> {
+    fn embed(&self, b: &Bundle, ids: &[u32], images: &PromptImages) -> Result<Vec<f32>> {
         let hsz = self.cfg.hidden_size;
         let vocab = self.cfg.vocab_size as u32;
         let Lin::F16 { w: table, .. } = self.embed_tokens.resolve(b)? else {
@@ -419,9 +418,10 @@ impl TextModel {
         let mut x = vec![0f32; ids.len() * hsz];
         for (row, &id) in x.chunks_exact_mut(hsz).zip(ids) {
             if id >= vocab {
-                let f = image.ok_or(EngineError::TokenOutsideVocab { id, vocab })?;
-                let slot = (id - vocab) as usize;
-                row.copy_from_slice(&f.embeds[slot * hsz..(slot + 1) * hsz]);
+                let (f, r) = images
+                    .row((id - vocab) as usize)
+                    .ok_or(EngineError::TokenOutsideVocab { id, vocab })?;
+                row.copy_from_slice(&f.embeds[r * hsz..(r + 1) * hsz]);
             } else {
                 let id = id as usize;
                 widen_f16(&table[id * hsz..(id + 1) * hsz], row);
@@ -431,26 +431,28 @@ impl TextModel {
     }
 
     /// cos/sin of every new token from its (id, index) position.
-    fn mrope_cos_sin(&self, ids: &[u32], past: usize, image: Option<&ImageSpan>) -> RopeTable {
+    fn mrope_cos_sin(&self, ids: &[u32], past: usize, images: &[ImageSpan]) -> RopeTable {
         let vocab = self.cfg.vocab_size as u32;
         let angles = ids.iter().enumerate().flat_map(|(k, &id)| {
-            let p = position(past + k, id, vocab, image);
+            let p = position(past + k, id, vocab, images);
             (0..self.inv_freq.len()).map(move |j| p[self.axis[j]] as f32 * self.inv_freq[j])
         });
         RopeTable::from_angles(angles, self.inv_freq.len())
     }
 
-    /// DeepStack: after layer `layer`, feature `layer` is added at the image rows of `x`
-    /// (`ids` being its rows' ids).
-    fn deepstack_add(&self, x: &mut [f32], ids: &[u32], image: &EncodedImage, layer: usize) {
-        let Some(ds) = image.deepstack.get(layer) else {
-            return;
-        };
+    /// DeepStack: after layer `layer`, each image's feature `layer` is added at its
+    /// rows of `x` (`ids` being the rows' ids).
+    fn deepstack_add(&self, x: &mut [f32], ids: &[u32], images: &PromptImages, layer: usize) {
         let (hsz, vocab) = (self.cfg.hidden_size, self.cfg.vocab_size as u32);
         for (row, &id) in x.chunks_exact_mut(hsz).zip(ids) {
-            if id >= vocab {
-                let slot = (id - vocab) as usize;
-                add_in_place(row, &ds[slot * hsz..(slot + 1) * hsz]);
+            if id < vocab {
+                continue;
+            }
+            let Some((f, r)) = images.row((id - vocab) as usize) else {
+                continue;
+            };
+            if let Some(ds) = f.deepstack.get(layer) {
+                add_in_place(row, &ds[r * hsz..(r + 1) * hsz]);
             }
         }
     }

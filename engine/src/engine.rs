@@ -4,6 +4,7 @@
 use crate::awake::install_awake;
 use crate::decoder::{Rows, TextModel};
 use crate::error::{check_logits, EngineError, Result};
+use crate::images::PromptImages;
 use crate::kv_cache::KvCache;
 use crate::positions::{map_image_ids, ImageSpan};
 use crate::vision::{EncodedImage, VisionModel};
@@ -284,19 +285,19 @@ impl Engine {
         })
     }
 
-    /// Checks the prompt and the image features against each other and maps the
-    /// `<|image_pad|>` ids to `vocab + slot`.
+    /// Checks the prompt and the images' features against each other, maps the
+    /// `<|image_pad|>` ids to `vocab + slot` and places each image.
     pub(crate) fn map_prompt(
         &self,
         ids: &[u32],
-        image: Option<&EncodedImage>,
-    ) -> Result<(Vec<u32>, Option<ImageSpan>)> {
+        images: &[Arc<EncodedImage>],
+    ) -> Result<(Vec<u32>, PromptImages)> {
         let cfg = self.config();
         let tc = self.text.config();
         if ids.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
-        if let Some(f) = image {
+        for f in images {
             if f.hidden != tc.hidden_size || f.embeds.len() != f.tokens * f.hidden {
                 return Err(EngineError::ImageWidth {
                     width: f.hidden,
@@ -305,11 +306,16 @@ impl Engine {
             }
         }
         let merge = self.vision.config().spatial_merge_size;
-        let geom = image.map(|f| {
-            let (gh, gw) = f.merged_grid(merge);
-            (f.tokens, gh, gw)
-        });
-        map_image_ids(ids, cfg.image_token_id, tc.vocab_size as u32, geom)
+        let geom: Vec<_> = images
+            .iter()
+            .map(|f| {
+                let (gh, gw) = f.merged_grid(merge);
+                (f.tokens, gh, gw)
+            })
+            .collect();
+        let (mapped, spans) = map_image_ids(ids, cfg.image_token_id, tc.vocab_size as u32, &geom)?;
+        let features = images.to_vec();
+        Ok((mapped, PromptImages { features, spans }))
     }
 
     /// The conversation's length (`prompt + new_tokens`), or
@@ -343,13 +349,13 @@ impl Engine {
     pub(crate) fn forward_logits(
         &self,
         ids: &[u32],
-        image: Option<(&EncodedImage, &ImageSpan)>,
+        images: &PromptImages,
         cache: &mut KvCache,
         rows: Rows,
     ) -> Result<Vec<f32>> {
         let b = &self.bundles.language;
         install_awake(&self.pool, || {
-            let h = self.text.forward(b, ids, image, cache, rows)?;
+            let h = self.text.forward(b, ids, images, cache, rows)?;
             self.text.logits(b, &h)
         })
     }
@@ -360,7 +366,7 @@ impl Engine {
         &self,
         ids: &[u32],
         caches: &mut [&mut KvCache],
-        images: &[Option<&ImageSpan>],
+        images: &[&[ImageSpan]],
     ) -> Result<Vec<f32>> {
         let b = &self.bundles.language;
         install_awake(&self.pool, || {
@@ -376,31 +382,30 @@ impl Engine {
     pub fn prompt_logits(
         &self,
         ids: &[u32],
-        image: Option<&EncodedImage>,
+        images: &[Arc<EncodedImage>],
     ) -> Result<Vec<Vec<f32>>> {
         let vocab = self.text.config().vocab_size;
-        let (mapped, span) = self.map_prompt(ids, image)?;
+        let (mapped, images) = self.map_prompt(ids, images)?;
         self.check_context(ids.len(), 0)?;
         let mut cache = self.new_cache(ids.len());
-        let img = image.zip(span.as_ref());
-        let logits = self.forward_logits(&mapped, img, &mut cache, Rows::All)?;
+        let logits = self.forward_logits(&mapped, &images, &mut cache, Rows::All)?;
         check_logits(&logits, vocab, |r| format!("prompt position {r}"))?;
         Ok(logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
     }
 
-    /// Greedy/sampled generation from prompt ids (HF ids, `<|image_pad|>` expanded;
-    /// the engine maps them to `vocab + slot` itself). `on_token` sees each token as
+    /// Greedy/sampled generation from prompt ids (HF ids, each image's `<|image_pad|>`
+    /// expanded; the engine maps them to `vocab + slot` itself), the prompt's images
+    /// being `images` in order. `on_token` sees each token as
     /// it is chosen (a stopping eos included). The steps of [`crate::sequence`], run to
     /// the end: the whole prompt in one prefill, then one decode step at a time.
     pub fn generate(
         &self,
         ids: &[u32],
-        image: Option<&EncodedImage>,
+        images: &[Arc<EncodedImage>],
         params: &GenerateParams,
         on_token: &mut dyn FnMut(u32),
     ) -> Result<Generation> {
-        let image = image.map(|f| Arc::new(f.clone()));
-        let mut seq = self.begin(ids, image, params, None)?;
+        let mut seq = self.begin(ids, images, params, None)?;
         if let Some(first) = self.prefill(&mut seq, usize::MAX)? {
             on_token(first);
         }

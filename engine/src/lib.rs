@@ -21,7 +21,7 @@
 //! # fn main() -> Result<(), q3vl_engine::EngineError> {
 //! let engine = Engine::open(std::path::Path::new("out"), &EngineOptions::default())?;
 //! let prompt = engine.prompt_builder()?.chat("Hello", None)?;
-//! let g = engine.generate(&prompt.ids, None, &GenerateParams::default(), &mut |_| {})?;
+//! let g = engine.generate(&prompt.ids, &[], &GenerateParams::default(), &mut |_| {})?;
 //! println!("{:?}", g.tokens);
 //! # Ok(()) }
 //! ```
@@ -33,6 +33,7 @@ pub mod decoder;
 pub mod detokenize;
 pub mod engine;
 pub mod error;
+pub mod images;
 /// The compute kernels (the `q3vl-kernels` crate), under their engine-local name.
 pub use q3vl_kernels as kernels;
 pub mod kv_cache;
@@ -47,6 +48,7 @@ pub mod weights;
 
 pub use engine::{Engine, EngineOptions, GenerateParams, Generation, Timings};
 pub use error::{EngineError, Result};
+pub use images::PromptImages;
 pub use sequence::{Finish, PromptCache, Sequence};
 pub use stamp::{pair_status, stamp_status, StampStatus};
 pub use vision::EncodedImage;

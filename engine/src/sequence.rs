@@ -14,6 +14,7 @@
 use crate::decoder::Rows;
 use crate::engine::{Engine, GenerateParams, Generation, Timings};
 use crate::error::{check_logits, Result};
+use crate::images::PromptImages;
 use crate::kv_cache::KvCache;
 use crate::positions::ImageSpan;
 use crate::sampler::Sampler;
@@ -36,7 +37,7 @@ pub struct Sequence {
     ids: Vec<u32>,
     /// The prompt in id space (image pads mapped to `vocab + slot`).
     mapped: Vec<u32>,
-    image: Option<(Arc<EncodedImage>, ImageSpan)>,
+    images: PromptImages,
     cache: KvCache,
     sampler: Sampler,
     params: GenerateParams,
@@ -82,7 +83,7 @@ impl Sequence {
         PromptCache {
             cache: self.cache.resized(n, n),
             ids: self.ids[..n].to_vec(),
-            image: self.image.map(|(f, _)| f),
+            images: self.images.features,
         }
     }
 }
@@ -92,7 +93,8 @@ impl Sequence {
 pub struct PromptCache {
     /// HF ids of the positions held.
     ids: Vec<u32>,
-    image: Option<Arc<EncodedImage>>,
+    /// The prompt's images, in order.
+    images: Vec<Arc<EncodedImage>>,
     cache: KvCache,
 }
 
@@ -107,27 +109,44 @@ impl PromptCache {
         self.cache.allocated_bytes()
     }
 
-    /// How many leading positions a prompt (HF ids, pads expanded) with `image` can
-    /// take from this cache: the common prefix, cut before the first image pad
-    /// (`image_token_id`) unless the image is the same, and leaving at least two
-    /// tokens to run (a one-token pass would use the decode arithmetic; see the
-    /// module).
+    /// How many leading positions a prompt (HF ids, pads expanded) with `images` can
+    /// take from this cache: the common prefix, cut before the first pad
+    /// (`image_token_id`) of an image that is not the same in both, and leaving at
+    /// least two tokens to run (a one-token pass would use the decode arithmetic; see
+    /// the module).
     pub fn reusable(
         &self,
         ids: &[u32],
-        image: Option<&Arc<EncodedImage>>,
+        images: &[Arc<EncodedImage>],
         image_token_id: u32,
     ) -> usize {
-        let same_image = match (&self.image, image) {
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b) || same_features(a, b),
-            _ => false,
-        };
-        let common = self
-            .ids
-            .iter()
-            .zip(ids)
-            .take_while(|(a, b)| a == b && (same_image || **a != image_token_id))
-            .count();
+        // Pad number c belongs to image k while c < the first k+1 images' tokens.
+        let (mut pads, mut k, mut before) = (0usize, 0usize, 0usize);
+        let mut common = 0;
+        for (a, b) in self.ids.iter().zip(ids) {
+            if a != b {
+                break;
+            }
+            if *a == image_token_id {
+                while self
+                    .images
+                    .get(k)
+                    .is_some_and(|f| pads >= before + f.tokens)
+                {
+                    before += self.images[k].tokens;
+                    k += 1;
+                }
+                let same = match (self.images.get(k), images.get(k)) {
+                    (Some(x), Some(y)) => Arc::ptr_eq(x, y) || same_features(x, y),
+                    _ => false,
+                };
+                if !same {
+                    break;
+                }
+                pads += 1;
+            }
+            common += 1;
+        }
         common.min(ids.len().saturating_sub(2))
     }
 }
@@ -155,15 +174,17 @@ impl Engine {
     pub fn begin(
         &self,
         ids: &[u32],
-        image: Option<Arc<EncodedImage>>,
+        images: &[Arc<EncodedImage>],
         params: &GenerateParams,
         reuse: Option<&PromptCache>,
     ) -> Result<Sequence> {
-        let (mapped, span) = self.map_prompt(ids, image.as_deref())?;
+        let (mapped, images) = self.map_prompt(ids, images)?;
         let need = self.check_context(ids.len(), params.max_new_tokens)?;
         let pad = self.config().image_token_id;
         let cache = match reuse {
-            Some(r) => r.cache.resized(r.reusable(ids, image.as_ref(), pad), need),
+            Some(r) => r
+                .cache
+                .resized(r.reusable(ids, &images.features, pad), need),
             None => self.new_cache(need.max(1)),
         };
         let finish = (params.max_new_tokens == 0).then_some(Finish::Length);
@@ -180,7 +201,7 @@ impl Engine {
             },
             ids: ids.to_vec(),
             mapped,
-            image: image.zip(span),
+            images,
             cache,
             sampler: Sampler::new(params.temperature, params.top_p, params.seed),
             params: params.clone(),
@@ -200,8 +221,7 @@ impl Engine {
         let from = seq.cache.len();
         let n = chunk_len(left, max_tokens);
         let chunk = &seq.mapped[from..from + n];
-        let img = seq.image.as_ref().map(|(f, s)| (f.as_ref(), s));
-        let logits = self.forward_logits(chunk, img, &mut seq.cache, Rows::Last)?;
+        let logits = self.forward_logits(chunk, &seq.images, &mut seq.cache, Rows::Last)?;
         seq.out.timings.prefill_ms += t0.elapsed().as_secs_f64() * 1e3;
         if n < left {
             return Ok(None);
@@ -220,11 +240,8 @@ impl Engine {
             .iter()
             .map(|s| s.pending.expect("decode_step takes decoding sequences"))
             .collect();
-        let images: Vec<Option<ImageSpan>> = seqs
-            .iter()
-            .map(|s| s.image.as_ref().map(|(_, span)| *span))
-            .collect();
-        let spans: Vec<Option<&ImageSpan>> = images.iter().map(Option::as_ref).collect();
+        let spans: Vec<Vec<ImageSpan>> = seqs.iter().map(|s| s.images.spans.clone()).collect();
+        let spans: Vec<&[ImageSpan]> = spans.iter().map(Vec::as_slice).collect();
         let mut caches: Vec<&mut KvCache> = seqs.iter_mut().map(|s| &mut s.cache).collect();
         let logits = self.forward_decode_logits(&ids, &mut caches, &spans)?;
         let vocab = self.text.config().vocab_size;

@@ -266,19 +266,22 @@ impl PromptBuilder {
     /// rendered with the generation prompt.
     /// The text is text: see [`crate::conversation`].
     pub fn chat(&self, text: &str, grid_thw: Option<[usize; 3]>) -> Result<Prompt> {
-        use crate::conversation::{Message, Part, Role};
-        let mut parts = vec![];
-        if grid_thw.is_some() {
-            parts.push(Part::Image);
-        }
-        parts.push(Part::Text(text.to_string()));
         let grids: Vec<[usize; 3]> = grid_thw.into_iter().collect();
+        self.chat_images(text, &grids)
+    }
+
+    /// A one-turn chat prompt: the images of grids `grids` (in order), then user
+    /// `text`, rendered with the generation prompt.
+    pub fn chat_images(&self, text: &str, grids: &[[usize; 3]]) -> Result<Prompt> {
+        use crate::conversation::{Message, Part, Role};
+        let mut parts = vec![Part::Image; grids.len()];
+        parts.push(Part::Text(text.to_string()));
         let messages = [Message {
             role: Role::User,
             parts,
         }];
         // Our own messages hold one image part per image: a mismatch is the files'.
-        self.conversation(&messages, &grids).map_err(|e| match e {
+        self.conversation(&messages, grids).map_err(|e| match e {
             Error::Prompt(msg) => Error::Prompt(format!(
                 "the chat template and tokenizer do not make a usable prompt: {msg}"
             )),

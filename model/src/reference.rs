@@ -48,18 +48,18 @@ pub struct ImageInput<'a> {
     pub grid_thw: [usize; 3],
 }
 
-/// Runs the reference on one prompt: the image (if any), the prompt with every tap,
-/// then each continuation from the same prefilled cache. `keep_weights` keeps decoder
+/// Runs the reference on one prompt: its images (in prompt order), the prompt with
+/// every tap, then each continuation from the same prefilled cache. `keep_weights` keeps decoder
 /// layers resident (fast for small models); without it each pass streams the layers.
 pub fn run(
     cfg: &Qwen3VlConfig,
     src: &dyn WeightSource,
     prompt: &Prompt,
-    image: Option<ImageInput<'_>>,
+    images: &[ImageInput<'_>],
     continuations: &[Continuation],
     keep_weights: bool,
 ) -> Result<ReferenceRun> {
-    run_replaying(cfg, src, prompt, image, continuations, keep_weights, None)
+    run_replaying(cfg, src, prompt, images, continuations, keep_weights, None)
 }
 
 /// [`run`], with each decoder layer also run on `replay[i]` during the prompt pass
@@ -68,22 +68,13 @@ pub fn run_replaying(
     cfg: &Qwen3VlConfig,
     src: &dyn WeightSource,
     prompt: &Prompt,
-    image: Option<ImageInput<'_>>,
+    images: &[ImageInput<'_>],
     continuations: &[Continuation],
     keep_weights: bool,
     replay: Option<&[Tensor]>,
 ) -> Result<ReferenceRun> {
     let mut tp = Taps::recording();
-    let vision = match image {
-        Some(img) => Some(vision::forward(
-            &cfg.vision,
-            src,
-            img.pixel_values,
-            img.grid_thw,
-            &mut tp,
-        )?),
-        None => None,
-    };
+    let vision = vision_of(cfg, src, images, &mut tp)?;
     let features = ImageFeatures {
         embeds: vision.as_ref().map(|v| v.embeds.clone()),
         deepstack: vision
@@ -108,6 +99,48 @@ pub fn run_replaying(
         vision,
         continuations: runs,
     })
+}
+
+/// The tower on each image, its outputs and taps joined along the rows, image after
+/// image: what HF's tower computes on all the images' patches at once (its attention
+/// and mergers never mix two images).
+fn vision_of(
+    cfg: &Qwen3VlConfig,
+    src: &dyn WeightSource,
+    images: &[ImageInput<'_>],
+    tp: &mut Taps,
+) -> Result<Option<VisionOutput>> {
+    let mut outs = Vec::with_capacity(images.len());
+    let mut taps: Vec<BTreeMap<String, Tensor>> = Vec::with_capacity(images.len());
+    for img in images {
+        let mut own = Taps::recording();
+        outs.push(vision::forward(
+            &cfg.vision,
+            src,
+            img.pixel_values,
+            img.grid_thw,
+            &mut own,
+        )?);
+        taps.push(own.into_map());
+    }
+    let Some(first) = taps.first() else {
+        return Ok(None);
+    };
+    for name in first.keys() {
+        let parts: Vec<&Tensor> = taps.iter().filter_map(|t| t.get(name)).collect();
+        tp.put(name.clone(), &Tensor::cat(&parts, 0)?);
+    }
+    let embeds: Vec<&Tensor> = outs.iter().map(|o| &o.embeds).collect();
+    let deepstack = (0..outs[0].deepstack.len())
+        .map(|k| {
+            let parts: Vec<&Tensor> = outs.iter().map(|o| &o.deepstack[k]).collect();
+            Tensor::cat(&parts, 0)
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(Some(VisionOutput {
+        embeds: Tensor::cat(&embeds, 0)?,
+        deepstack,
+    }))
 }
 
 fn continue_from(

@@ -161,17 +161,17 @@ impl Batch {
     fn start(&mut self, job: Job) {
         let engine = self.engine.clone();
         let started = catch_unwind(AssertUnwindSafe(|| {
-            let image = match job.images.first() {
-                Some(img) => Some(self.images.get_or_encode(img.key, || {
+            let mut images = Vec::with_capacity(job.images.len());
+            for img in &job.images {
+                images.push(self.images.get_or_encode(img.key, || {
                     engine.encode_image(&img.patched.pixel_values, img.patched.grid_thw)
-                })?),
-                None => None,
-            };
+                })?);
+            }
             let pad = engine.config().image_token_id;
             let reused = self
                 .prompts
-                .take_best(|e| e.reusable(&job.ids, image.as_ref(), pad));
-            let seq = engine.begin(&job.ids, image, &job.params, reused.as_ref())?;
+                .take_best(|e| e.reusable(&job.ids, &images, pad));
+            let seq = engine.begin(&job.ids, &images, &job.params, reused.as_ref())?;
             Ok((seq, reused))
         }));
         let (seq, reused) = match started {

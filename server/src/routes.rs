@@ -26,8 +26,9 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 
-/// Images one conversation may hold (the engine places one image per prompt).
-pub const MAX_IMAGES: usize = 1;
+/// Images one conversation may hold (each costs a pass of the vision tower and its
+/// tokens of context).
+pub const MAX_IMAGES: usize = 8;
 
 /// What every handler shares.
 pub struct App {
@@ -209,7 +210,7 @@ fn prepare(
     if let Some(extra) = req.images.get(MAX_IMAGES) {
         return Err(ApiError::invalid(
             &extra.param,
-            format!("a conversation may hold at most {MAX_IMAGES} image(s) for now"),
+            format!("a conversation may hold at most {MAX_IMAGES} images"),
         ));
     }
     let images = req

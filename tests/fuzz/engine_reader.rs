@@ -49,7 +49,12 @@ pub fn engine(rng: &mut Rng, dir: &Path) -> Case {
         ..GenerateParams::default()
     };
     engine
-        .generate(&prompt.ids, Some(&feats), &params, &mut |_| {})
+        .generate(
+            &prompt.ids,
+            &[std::sync::Arc::new(feats)],
+            &params,
+            &mut |_| {},
+        )
         .refused()
         .map(drop)
 }

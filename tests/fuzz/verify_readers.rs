@@ -26,7 +26,7 @@ pub fn trace(rng: &mut Rng, dir: &Path) -> Case {
         .expect("a name");
     put(dir, name, &safetensors_file(rng, &fixture(rel)));
     let t = OracleTrace::open(&dir.join(name)).refused()?;
-    if let Some(img) = t.image_path() {
+    for img in t.image_paths() {
         let inside = img
             .strip_prefix(dir)
             .is_ok_and(|r| r.components().all(|c| matches!(c, Component::Normal(_))));
@@ -36,7 +36,9 @@ pub fn trace(rng: &mut Rng, dir: &Path) -> Case {
     }
     t.input_ids().refused()?;
     t.positions().refused()?;
-    t.grid_thw().refused()?;
+    t.grids().refused()?;
+    t.images().refused()?;
+    t.messages().refused()?;
     t.top_k("logits").refused()?;
     t.lse("logits").refused()?;
     t.full_logits("logits").refused()?;

@@ -38,18 +38,18 @@ pub struct EngineDecode {
     pub prompt_logits: Vec<Vec<f32>>,
 }
 
-/// Runs `engine` greedily for `steps` tokens on prompt `ids` and, for image prompts,
-/// model-ready patch rows `[P, C·T·p·p]` (flattened) with their grid.
+/// Runs `engine` greedily for `steps` tokens on prompt `ids` and its images: each
+/// one's model-ready patch rows `[P, C·T·p·p]` (flattened) with its grid.
 pub fn run_engine(
     engine: &Engine,
     ids: &[u32],
-    image: Option<(&[f32], [usize; 3])>,
+    images: &[(&[f32], [usize; 3])],
     steps: usize,
 ) -> Result<EngineDecode> {
-    let features = match image {
-        Some((pv, grid)) => Some(engine.encode_image(pv, grid)?),
-        None => None,
-    };
+    let features = images
+        .iter()
+        .map(|&(pv, grid)| Ok(std::sync::Arc::new(engine.encode_image(pv, grid)?)))
+        .collect::<Result<Vec<_>>>()?;
     let params = GenerateParams {
         max_new_tokens: steps,
         temperature: 0.0,
@@ -57,8 +57,8 @@ pub fn run_engine(
         keep_logits: true,
         ..GenerateParams::default()
     };
-    let g = engine.generate(ids, features.as_ref(), &params, &mut |_| {})?;
-    let prompt_logits = engine.prompt_logits(ids, features.as_ref())?;
+    let g = engine.generate(ids, &features, &params, &mut |_| {})?;
+    let prompt_logits = engine.prompt_logits(ids, &features)?;
     Ok(EngineDecode {
         tokens: g.tokens,
         logits: g.step_logits,

@@ -51,27 +51,32 @@ pub fn check_fits(cfg: &Qwen3VlConfig, trace: &OracleTrace) -> Result<()> {
             )));
         }
     }
-    if let Some(grid) = trace.grid_thw()? {
-        check_vision_fits(cfg, trace, grid, &shape)?;
+    let grids = trace.grids()?;
+    if !grids.is_empty() {
+        check_vision_fits(cfg, trace, &grids, &shape)?;
     }
     Ok(())
 }
 
-/// The vision taps of an image trace, against the model's vision tower.
+/// The vision taps of an image trace (every image's rows, one after another),
+/// against the model's vision tower.
 fn check_vision_fits(
     cfg: &Qwen3VlConfig,
     trace: &OracleTrace,
-    grid: [usize; 3],
+    grids: &[[usize; 3]],
     shape: &dyn Fn(&str, [usize; 2]) -> Result<()>,
 ) -> Result<()> {
     let vc = &cfg.vision;
-    let p: usize = grid.iter().product();
     let merge = vc.spatial_merge_size * vc.spatial_merge_size;
-    if p == 0 || !p.is_multiple_of(merge) {
-        return Err(trace.mismatch(format!(
-            "image_grid_thw {grid:?} is not a whole number of merged patches"
-        )));
+    for grid in grids {
+        let p: usize = grid.iter().product();
+        if p == 0 || !p.is_multiple_of(merge) {
+            return Err(trace.mismatch(format!(
+                "image_grid_thw {grid:?} is not a whole number of merged patches"
+            )));
+        }
     }
+    let p: usize = grids.iter().map(|g| g.iter().product::<usize>()).sum();
     shape("pixel_values", [p, vc.patch_dim()])?;
     shape(taps::VISION_EMBED, [p, vc.hidden_size])?;
     for j in 0..vc.depth {
@@ -88,7 +93,7 @@ fn check_vision_fits(
     let img = q3vl_model::text::image_rows(&trace.input_ids()?, cfg.image_token_id).len();
     if img != n {
         return Err(trace.mismatch(format!(
-            "the prompt has {img} image tokens, the grid {grid:?} gives {n}"
+            "the prompt has {img} image tokens, the grids {grids:?} give {n}"
         )));
     }
     Ok(())

@@ -364,7 +364,7 @@ impl Evidence {
             model: trace.meta("model").to_string(),
             oracle: trace.oracle().to_string(),
             prompt: trace.meta("prompt").to_string(),
-            image: trace.image_path().map(|p| p.display().to_string()),
+            image: image_list(trace),
             profile: limits.profile,
             mode: limits.mode.map(|(m, _)| m.to_string()),
             vision_mode: limits
@@ -389,4 +389,16 @@ impl Evidence {
             gates,
         }
     }
+}
+
+/// The trace's image files for the report, one per line (None for a text trace).
+fn image_list(trace: &OracleTrace) -> Option<String> {
+    let paths = trace.image_paths();
+    (!paths.is_empty()).then(|| {
+        paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    })
 }

@@ -1,4 +1,4 @@
-//! `image.pixels`: our preprocessing of the trace's image against the oracle's
+//! `image.pixels`: our preprocessing of the trace's images against the oracle's
 //! `pixel_values`.
 
 use crate::compare::{flat, max_abs_diff};
@@ -8,32 +8,48 @@ use crate::trace::OracleTrace;
 use q3vl_model::image::{self, Resize};
 use q3vl_model::PreprocessorConfig;
 
-/// Our preprocessing of the trace's image against its `pixel_values`: max |diff| and
-/// whether `smart_resize` changed the size (None for a text trace).
+/// Our preprocessing of the trace's images against its `pixel_values`: the largest
+/// max |diff| and whether `smart_resize` changed any image's size (None for a text
+/// trace).
 pub fn pixel_check(
     preprocessor: &PreprocessorConfig,
     trace: &OracleTrace,
 ) -> Result<Option<(f64, bool)>> {
-    let Some(path) = trace.image_path() else {
+    let paths = trace.image_paths();
+    if paths.is_empty() {
         return Ok(None);
-    };
-    if !path.exists() {
+    }
+    let theirs = trace.images()?;
+    if theirs.len() != paths.len() {
         return Err(VerifyError::Trace {
             path: trace.path.clone(),
-            msg: format!("its image {} does not exist", path.display()),
+            msg: format!(
+                "its metadata names {} image(s), its image_grid_thw holds {}",
+                paths.len(),
+                theirs.len()
+            ),
         });
     }
-    let rgb = image::load_rgb(&path)?;
-    let ours = image::preprocess(&rgb, preprocessor, Resize::Dynamic)?;
-    let theirs = trace.float("pixel_values")?;
-    let resized = ours.grid_thw[1] * preprocessor.patch_size != rgb.height
-        || ours.grid_thw[2] * preprocessor.patch_size != rgb.width;
-    if theirs.dims() != [ours.num_patches(), ours.patch_dim] {
-        return Ok(Some((f64::INFINITY, resized)));
+    let (mut worst, mut any_resized) = (0f64, false);
+    for (path, (pv, _)) in paths.iter().zip(&theirs) {
+        if !path.exists() {
+            return Err(VerifyError::Trace {
+                path: trace.path.clone(),
+                msg: format!("its image {} does not exist", path.display()),
+            });
+        }
+        let rgb = image::load_rgb(path)?;
+        let ours = image::preprocess(&rgb, preprocessor, Resize::Dynamic)?;
+        any_resized |= ours.grid_thw[1] * preprocessor.patch_size != rgb.height
+            || ours.grid_thw[2] * preprocessor.patch_size != rgb.width;
+        let m = if pv.dims() != [ours.num_patches(), ours.patch_dim] {
+            f64::INFINITY
+        } else {
+            max_abs_diff(&ours.pixel_values, &flat(pv)?.0)
+        };
+        worst = worst.max(m);
     }
-    let (t, _) = flat(theirs)?;
-    let m = max_abs_diff(&ours.pixel_values, &t);
-    Ok(Some((m, resized)))
+    Ok(Some((worst, any_resized)))
 }
 
 /// After a resize the pixel difference is a reported figure (TraceReport::pixels),

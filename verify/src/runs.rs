@@ -33,22 +33,19 @@ pub fn run_models(
     replay: Option<&[Tensor]>,
 ) -> Result<Runs> {
     let mut conts = vec![Continuation::Forced(oracle_tokens.to_vec())];
-    let pv = match trace.grid_thw()? {
-        Some(g) => Some((trace.float("pixel_values")?.clone(), g)),
-        None => None,
-    };
+    let pv = trace.images()?;
     let engine = match (limits.profile, subject.engine) {
         (Profile::Bundle, Some(engine)) => {
             let steps = match limits.gates.bundle.engine_steps {
                 0 => oracle_tokens.len(),
                 n => n,
             };
-            let pixels = match &pv {
-                Some((t, g)) => Some((flat(t)?.0, *g)),
-                None => None,
-            };
-            let pixels = pixels.as_ref().map(|(v, g)| (v.as_slice(), *g));
-            let run = run_engine(engine, &prompt.ids, pixels, steps)?;
+            let pixels = pv
+                .iter()
+                .map(|(t, g)| Ok((flat(t)?.0, *g)))
+                .collect::<Result<Vec<_>>>()?;
+            let pixels: Vec<_> = pixels.iter().map(|(v, g)| (v.as_slice(), *g)).collect();
+            let run = run_engine(engine, &prompt.ids, &pixels, steps)?;
             // The engine read every weight through its own maps; drop them from the
             // resident set before the streamed reference runs, so the two peaks do not add.
             engine.language().release_all();
@@ -58,15 +55,18 @@ pub fn run_models(
         }
         _ => None,
     };
-    let image = pv.as_ref().map(|(t, g)| ImageInput {
-        pixel_values: t,
-        grid_thw: *g,
-    });
+    let images: Vec<ImageInput> = pv
+        .iter()
+        .map(|(t, g)| ImageInput {
+            pixel_values: t,
+            grid_thw: *g,
+        })
+        .collect();
     let reference = reference::run_replaying(
         subject.cfg,
         subject.src,
         prompt,
-        image,
+        &images,
         &conts,
         subject.keep_weights,
         replay,

@@ -160,12 +160,16 @@ pub fn write_trace(
     let pv = patched.as_ref().map(|p| p.to_tensor()).transpose()?;
     let grid = patched.as_ref().map(|p| p.grid_thw);
     let prompt = pb.chat(req.prompt, grid)?;
-    let img = pv.as_ref().zip(grid).map(|(t, g)| ImageInput {
-        pixel_values: t,
-        grid_thw: g,
-    });
+    let img: Vec<ImageInput> = pv
+        .iter()
+        .zip(grid)
+        .map(|(t, g)| ImageInput {
+            pixel_values: t,
+            grid_thw: g,
+        })
+        .collect();
     let steps = [Continuation::Greedy(DECODE_STEPS)];
-    let run = reference::run(&cfg, weights, &prompt, img, &steps, true)?;
+    let run = reference::run(&cfg, weights, &prompt, &img, &steps, true)?;
 
     let mut stored = input_tensors(&prompt.ids, &prompt.positions);
     if let (Some(t), Some(g)) = (&pv, grid) {

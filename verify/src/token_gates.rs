@@ -24,7 +24,11 @@ pub struct PromptIds {
 pub fn prompt_ids(builder: &PromptBuilder, trace: &OracleTrace) -> Result<PromptIds> {
     let ids = trace.input_ids()?;
     let positions = trace.positions()?;
-    let rebuilt = builder.chat(trace.meta("prompt"), trace.grid_thw()?)?;
+    let grids = trace.grids()?;
+    let rebuilt = match trace.messages()? {
+        Some(messages) => builder.conversation(&messages, &grids)?,
+        None => builder.chat_images(trace.meta("prompt"), &grids)?,
+    };
     let next_position = positions.iter().flatten().copied().max().unwrap_or(-1) + 1;
     Ok(PromptIds {
         prompt: Prompt {

@@ -5,6 +5,7 @@
 
 use crate::error::{Result, VerifyError};
 use candle_core::{Device, Tensor};
+use q3vl_model::conversation::Message;
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use std::collections::BTreeMap;
@@ -147,8 +148,7 @@ impl OracleTrace {
             )));
         }
         if self.has_image() {
-            self.int("image_grid_thw")?;
-            self.float("pixel_values")?;
+            self.images()?;
         }
         let has_decode = self.ints.contains_key("decode.top_ids");
         if let (true, Ok((_, tokens))) = (has_decode, self.int("decode.tokens")) {
@@ -293,27 +293,71 @@ impl OracleTrace {
         Ok((0..t).map(|i| [p[i], p[t + i], p[2 * t + i]]).collect())
     }
 
-    /// The image grid (t, h, w), for image traces.
-    pub fn grid_thw(&self) -> Result<Option<[usize; 3]>> {
+    /// Each image's grid (t, h, w), in prompt order (none for a text trace).
+    pub fn grids(&self) -> Result<Vec<[usize; 3]>> {
         if !self.has_image() {
-            return Ok(None);
+            return Ok(vec![]);
         }
         let (s, g) = self.int("image_grid_thw")?;
-        if g.len() != 3 {
+        if s.len() != 2 || s[1] != 3 || s[0] == 0 {
             return Err(self.bad(format!(
-                "image_grid_thw has shape {s:?}; only one image per trace is supported"
+                "image_grid_thw has shape {s:?}, expected [images, 3]"
             )));
         }
-        Ok(Some([g[0] as usize, g[1] as usize, g[2] as usize]))
+        if let Some(bad) = g.iter().find(|&&x| !(1..=1 << 20).contains(&x)) {
+            return Err(self.bad(format!("image_grid_thw holds {bad}")));
+        }
+        Ok(g.chunks_exact(3)
+            .map(|r| [r[0] as usize, r[1] as usize, r[2] as usize])
+            .collect())
     }
 
-    /// The image file named by the metadata, relative to the trace's folder.
-    pub fn image_path(&self) -> Option<PathBuf> {
-        let name = self.meta("image");
-        if name.is_empty() {
-            return None;
+    /// Each image's patch rows `[P_k, C·T·p·p]` (its share of `pixel_values`) and grid,
+    /// in prompt order.
+    pub fn images(&self) -> Result<Vec<(Tensor, [usize; 3])>> {
+        let grids = self.grids()?;
+        if grids.is_empty() {
+            return Ok(vec![]);
         }
-        Some(self.path.parent().unwrap_or(Path::new(".")).join(name))
+        let pv = self.float("pixel_values")?;
+        let rows: usize = grids.iter().map(|g| g.iter().product::<usize>()).sum();
+        if pv.dims().len() != 2 || pv.dims()[0] != rows {
+            return Err(self.bad(format!(
+                "pixel_values has shape {:?}; the grids {grids:?} need {rows} rows",
+                pv.dims()
+            )));
+        }
+        let mut at = 0;
+        let mut out = Vec::with_capacity(grids.len());
+        for g in grids {
+            let p: usize = g.iter().product();
+            out.push((pv.narrow(0, at, p)?, g));
+            at += p;
+        }
+        Ok(out)
+    }
+
+    /// The image files named by the metadata (one per line), relative to the trace's
+    /// folder, in prompt order.
+    pub fn image_paths(&self) -> Vec<PathBuf> {
+        let folder = self.path.parent().unwrap_or(Path::new("."));
+        image_names(self.meta("image"))
+            .map(|name| folder.join(name))
+            .collect()
+    }
+
+    /// The conversation the prompt was rendered from (metadata `messages`, HF chat
+    /// messages), or None for a one-turn trace (its `prompt`, after its images).
+    pub fn messages(&self) -> Result<Option<Vec<Message>>> {
+        let text = self.meta("messages");
+        if text.is_empty() {
+            return Ok(None);
+        }
+        let v: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| self.bad(format!("metadata messages is not JSON: {e}")))?;
+        parse_messages(&v)
+            .map(Some)
+            .map_err(|msg| self.bad(format!("metadata messages: {msg}")))
     }
 
     /// `[rows, K]` top-k ids and values of a logits group (`logits` or `decode`).
@@ -395,8 +439,8 @@ fn read_meta(bytes: &[u8]) -> std::result::Result<BTreeMap<String, String>, Stri
         }
         None => return Err(format!("no \"format\" metadata (expected {FORMAT:?})")),
     }
-    // The image is read from beside the trace: only a name inside its folder.
-    if let Some(img) = meta.get("image").filter(|i| !i.is_empty()) {
+    // The images are read from beside the trace: only names inside its folder.
+    for img in image_names(meta.get("image").map_or("", String::as_str)) {
         if !q3vl_model::input::is_inner_path(img) {
             return Err(format!(
                 "metadata image {img:?} is not a file inside the trace's folder"
@@ -404,6 +448,46 @@ fn read_meta(bytes: &[u8]) -> std::result::Result<BTreeMap<String, String>, Stri
         }
     }
     Ok(meta)
+}
+
+/// The image names of metadata `image`: one per line, none when empty.
+fn image_names(meta: &str) -> impl Iterator<Item = &str> {
+    meta.split('\n').filter(|n| !n.is_empty())
+}
+
+/// A conversation in HF's chat format: roles system, user, assistant; content a
+/// string or parts `{"type": "text", "text": …}` and `{"type": "image"}`.
+fn parse_messages(v: &serde_json::Value) -> std::result::Result<Vec<Message>, String> {
+    use q3vl_model::conversation::{Part, Role};
+    let list = v.as_array().ok_or("not a list")?;
+    list.iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = match m.get("role").and_then(|r| r.as_str()) {
+                Some("system") => Role::System,
+                Some("user") => Role::User,
+                Some("assistant") => Role::Assistant,
+                other => return Err(format!("message {i} has role {other:?}")),
+            };
+            let parts = match m.get("content") {
+                Some(serde_json::Value::String(s)) => vec![Part::Text(s.clone())],
+                Some(serde_json::Value::Array(parts)) => parts
+                    .iter()
+                    .map(|p| match p.get("type").and_then(|t| t.as_str()) {
+                        Some("image") => Ok(Part::Image),
+                        Some("text") => p
+                            .get("text")
+                            .and_then(|t| t.as_str())
+                            .map(|t| Part::Text(t.to_string()))
+                            .ok_or(format!("message {i} has a text part without text")),
+                        other => Err(format!("message {i} has a part of type {other:?}")),
+                    })
+                    .collect::<std::result::Result<_, _>>()?,
+                _ => return Err(format!("message {i} has no content")),
+            };
+            Ok(Message { role, parts })
+        })
+        .collect()
 }
 
 #[cfg(test)]

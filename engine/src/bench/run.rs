@@ -250,17 +250,23 @@ fn time_phases(
     let mut last = None;
     for _ in 0..opts.reps {
         let (t, c0) = (Instant::now(), cpu());
-        let feats = engine.encode_image(&patched.pixel_values, patched.grid_thw)?;
+        let feats =
+            std::sync::Arc::new(engine.encode_image(&patched.pixel_values, patched.grid_thw)?);
         vision.push(t.elapsed().as_secs_f64() * 1e3);
         vision_cpu += (cpu() - c0) / reps;
         // The first token arrives right after prefill: split the CPU time there.
         let c1 = cpu();
         let mut c_first = f64::NAN;
-        let g = engine.generate(&prompt.ids, Some(&feats), &params, &mut |_| {
-            if c_first.is_nan() {
-                c_first = cpu();
-            }
-        })?;
+        let g = engine.generate(
+            &prompt.ids,
+            std::slice::from_ref(&feats),
+            &params,
+            &mut |_| {
+                if c_first.is_nan() {
+                    c_first = cpu();
+                }
+            },
+        )?;
         prefill_cpu += (c_first - c1) / reps;
         decode_cpu += (cpu() - c_first) / reps;
         prefill_ms += g.timings.prefill_ms / reps;
