@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 mod bench;
+mod chat;
 mod common;
 mod convert;
 mod export;
@@ -57,6 +58,8 @@ enum Command {
     Run(run::RunArgs),
     /// Serve the OpenAI chat-completions API (continuous batching, conversations).
     Serve(serve::ServeArgs),
+    /// Hold a conversation in the terminal (streamed answers, /image, /reset).
+    Chat(chat::ChatArgs),
     /// Measure vision, prefill and decode speed against the memory-bandwidth bound.
     Bench(bench::BenchArgs),
     /// Compare the reference (on a checkpoint or a bundle) with HF oracle traces.
@@ -80,6 +83,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Verify(a) => verify::run(a),
         Command::Run(a) => run::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Chat(a) => chat::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Export(a) => export::run(a),
     }
