@@ -89,7 +89,7 @@ $(ORACLE_STAMP): oracle/requirements.txt
 ## Q3VL_REQUIRE_LLAMA=1 (CI sets it after `make llama-cpp`) so is llama.cpp's. --workspace: the
 ## same build as `make test`'s, not a second one with other features.
 test-interop: $(ORACLE_STAMP)
-	Q3VL_REQUIRE_ORACLE=1 $(CARGO) test --workspace --test export --test export_gguf --test oracle_interop
+	Q3VL_REQUIRE_ORACLE=1 $(CARGO) test --workspace --test export --test export_gguf --test oracle_interop --test serve_clients
 
 ## llama-cpp: llama.cpp built once from the source the pinned llama-cpp-python sdist carries,
 ## into $$Q3VL_PEER_DIR (default /tmp/q3vl-peer) and reused: what bench-peer and the GGUF

@@ -7,9 +7,10 @@
 
 mod common;
 
-use common::server::{data_url, get, post, stream, Server};
+use common::server::{
+    data_url, fresh_answer, get, image, post, run_text, stream, user, user_images, Server,
+};
 use common::{converted_fixture, converted_mode, fails, run, s};
-use q3vl_engine::{Engine, EngineOptions, GenerateParams};
 use q3vl_model::conversation::{Message, Part, Role};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
@@ -21,60 +22,18 @@ fn bundle() -> PathBuf {
     converted_mode("shapes", "int8hu", true)
 }
 
-fn image(n: usize) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("fixtures/shapes/images/demo_{n}.png"))
-}
-
-fn small(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("fixtures/shapes/images/{name}.png"))
-}
-
-/// `q3vl run --json`'s answer text.
-fn run_text(out: &Path, prompt: &str, images: &[&Path]) -> String {
-    let n = TOKENS.to_string();
-    let mut args = vec![
-        "run",
-        "--bundle",
-        s(out),
-        "--prompt",
-        prompt,
-        "--max-new-tokens",
-        &n,
-        "--json",
-    ];
-    for p in images {
-        args.extend(["--image", s(p)]);
-    }
-    let v: Value = serde_json::from_str(&common::ok(&args)).unwrap();
-    v["text"].as_str().unwrap().to_string()
-}
-
-fn user(text: &str, image: Option<&Path>) -> Value {
-    user_images(text, image.as_slice())
-}
-
-/// A user message: the images, then the text.
-fn user_images(text: &str, images: &[&Path]) -> Value {
-    let mut parts = vec![];
-    for p in images {
-        parts.push(json!({"type": "image_url", "image_url": {"url": data_url(p)}}));
-    }
-    parts.push(json!({"type": "text", "text": text}));
-    json!({"role": "user", "content": parts})
-}
-
 #[test]
 fn answers_equal_q3vl_runs_streamed_or_not() {
     let out = bundle();
     let srv = Server::start(&out, &[]);
-    let (img, wide) = (image(0), small("wide_3"));
+    let (img, wide) = (image("demo_0"), image("wide_3"));
     let cases: [(&str, &[&Path]); 3] = [
         ("Which colour comes after blue?", &[]),
         ("What is in the image?", &[&img]),
         ("Which picture has more shapes?", &[&wide, &img]),
     ];
     for (prompt, images) in cases {
-        let want = run_text(&out, prompt, images);
+        let want = run_text(&out, prompt, images, TOKENS);
         let (text, _) = srv.answer(json!([user_images(prompt, images)]), TOKENS);
         assert_eq!(text, want, "{prompt}: served vs q3vl run");
         let body = json!({"model": srv.model, "messages": [user_images(prompt, images)], "max_tokens": TOKENS,
@@ -108,7 +67,7 @@ fn answers_equal_q3vl_runs_streamed_or_not() {
 fn a_conversations_next_turn_reuses_its_prompt_and_equals_a_fresh_run() {
     let out = bundle();
     let srv = Server::start(&out, &[]);
-    let img = image(2);
+    let img = image("demo_2");
     let q1 = user("What is in the image?", Some(&img));
     let (a1, _) = srv.answer(json!([q1]), TOKENS);
     let turn2 = json!([q1, {"role": "assistant", "content": a1}, {"role": "user", "content": "And its colour?"}]);
@@ -120,12 +79,6 @@ fn a_conversations_next_turn_reuses_its_prompt_and_equals_a_fresh_run() {
     );
 
     // The same conversation through the engine, fresh.
-    let e = Engine::open(&out, &EngineOptions::default()).unwrap();
-    let pb = e.prompt_builder().unwrap();
-    let p = e
-        .preprocess(&q3vl_model::image::load_rgb(&img).unwrap(), false)
-        .unwrap();
-    let f = std::sync::Arc::new(e.encode_image(&p.pixel_values, p.grid_thw).unwrap());
     let messages = [
         Message {
             role: Role::User,
@@ -134,24 +87,15 @@ fn a_conversations_next_turn_reuses_its_prompt_and_equals_a_fresh_run() {
         Message::text(Role::Assistant, a1),
         Message::text(Role::User, "And its colour?"),
     ];
-    let prompt = pb.conversation(&messages, &[p.grid_thw]).unwrap();
-    let params = GenerateParams {
-        max_new_tokens: TOKENS,
-        ..GenerateParams::default()
-    };
-    let g = e.generate(&prompt.ids, &[f], &params, &mut |_| {}).unwrap();
-    assert_eq!(
-        a2,
-        pb.decode(&g.tokens).unwrap(),
-        "second turn: served vs fresh"
-    );
+    let want = fresh_answer(&out, &messages, &[&img], TOKENS);
+    assert_eq!(a2, want, "second turn: served vs fresh");
 }
 
 #[test]
 fn concurrent_requests_get_the_answers_they_get_alone() {
     let out = bundle();
     let srv = Server::start(&out, &["--parallel", "4"]);
-    let img = image(3);
+    let img = image("demo_3");
     let requests: Vec<Value> = [
         ("What is in the image?", Some(img.as_path())),
         ("Which colour comes after blue?", None),
@@ -223,7 +167,7 @@ fn hostile(srv: &Server) -> Vec<(String, u16, Option<&'static str>, Option<&'sta
     let many: Vec<Value> = (0..10_000)
         .map(|i| json!({"role": "user", "content": format!("m{i}")}))
         .collect();
-    let img = data_url(&image(0));
+    let img = data_url(&image("demo_0"));
     let nine_images = vec![json!({"type": "image_url", "image_url": {"url": img}}); 9];
     let bomb = format!(
         "data:image/png;base64,{}",

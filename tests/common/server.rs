@@ -165,3 +165,78 @@ pub fn stream(url: &str, body: &Value) -> Vec<String> {
         .filter_map(|l| l.strip_prefix("data: ").map(str::to_string))
         .collect()
 }
+
+/// A fixture picture, `fixtures/shapes/images/NAME.png`.
+pub fn image(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("fixtures/shapes/images/{name}.png"))
+}
+
+/// `q3vl run --json`'s greedy answer text.
+pub fn run_text(out: &Path, prompt: &str, images: &[&Path], tokens: usize) -> String {
+    let n = tokens.to_string();
+    let mut args = vec![
+        "run",
+        "--bundle",
+        s(out),
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        &n,
+        "--json",
+    ];
+    for p in images {
+        args.extend(["--image", s(p)]);
+    }
+    let v: Value = serde_json::from_str(&super::ok(&args)).unwrap();
+    v["text"].as_str().unwrap().to_string()
+}
+
+/// A user message of one text and at most one image (before it).
+pub fn user(text: &str, image: Option<&Path>) -> Value {
+    user_images(text, image.as_slice())
+}
+
+/// A user message: the images (as data: URLs), then the text.
+pub fn user_images(text: &str, images: &[&Path]) -> Value {
+    let mut parts = vec![];
+    for p in images {
+        parts.push(json!({"type": "image_url", "image_url": {"url": data_url(p)}}));
+    }
+    parts.push(json!({"type": "text", "text": text}));
+    json!({"role": "user", "content": parts})
+}
+
+/// The engine's greedy answer to a whole conversation, run fresh (no cached prompt):
+/// what a served conversation's turn must equal.
+pub fn fresh_answer(
+    out: &Path,
+    messages: &[q3vl_model::conversation::Message],
+    images: &[&Path],
+    tokens: usize,
+) -> String {
+    use q3vl_engine::{Engine, EngineOptions, GenerateParams};
+    let e = Engine::open(out, &EngineOptions::default()).unwrap();
+    let pb = e.prompt_builder().unwrap();
+    let feats: Vec<_> = images
+        .iter()
+        .map(|p| {
+            let patched = e
+                .preprocess(&q3vl_model::image::load_rgb(p).unwrap(), false)
+                .unwrap();
+            std::sync::Arc::new(
+                e.encode_image(&patched.pixel_values, patched.grid_thw)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let grids: Vec<[usize; 3]> = feats.iter().map(|f| f.grid_thw).collect();
+    let prompt = pb.conversation(messages, &grids).unwrap();
+    let params = GenerateParams {
+        max_new_tokens: tokens,
+        ..GenerateParams::default()
+    };
+    let g = e
+        .generate(&prompt.ids, &feats, &params, &mut |_| {})
+        .unwrap();
+    pb.decode(&g.tokens).unwrap()
+}
