@@ -133,6 +133,18 @@ impl PromptBuilder {
     /// the k-th image to `image_grids[k]`'s tokens; message text is text (see the
     /// module).
     pub fn conversation(&self, messages: &[Message], image_grids: &[[usize; 3]]) -> Result<Prompt> {
+        self.conversation_within(messages, image_grids, usize::MAX)
+    }
+
+    /// [`PromptBuilder::conversation`], refused with [`Error::PromptTooLong`] as soon as
+    /// it passes `limit` tokens (images counted expanded): a conversation far over the
+    /// context costs the tokenizer no more than one at the limit.
+    pub fn conversation_within(
+        &self,
+        messages: &[Message],
+        image_grids: &[[usize; 3]],
+        limit: usize,
+    ) -> Result<Prompt> {
         if messages.is_empty() {
             return Err(Error::Prompt("the conversation has no messages".into()));
         }
@@ -144,11 +156,27 @@ impl PromptBuilder {
                 Part::Image => None,
             })
             .collect();
+        // Each image's pad becomes its token count: what is left for the rest.
+        let image_tokens = image_grids
+            .iter()
+            .map(|g| {
+                (g.iter().product::<usize>() / (self.merge() * self.merge())).saturating_sub(1)
+            })
+            .sum::<usize>();
+        let mut budget = limit.saturating_sub(image_tokens);
+        if image_tokens > limit {
+            return Err(Error::PromptTooLong { limit });
+        }
         let rendered = self.render(&template_messages(messages, |k, _| placeholder(k)), true)?;
         let cut = cut(&rendered, texts.len());
         let forged = texts.iter().any(|t| self.holds_special_token(t));
+        let too_long = |e| match e {
+            Error::PromptTooLong { .. } => Error::PromptTooLong { limit },
+            e => e,
+        };
         let ids = if forged {
-            self.encode_cut(&cut, &texts)?
+            self.encode_cut(&cut, &texts, &mut budget)
+                .map_err(too_long)?
         } else {
             let mut whole = String::with_capacity(rendered.len());
             for (i, piece) in cut.pieces.iter().enumerate() {
@@ -157,9 +185,44 @@ impl PromptBuilder {
                     whole.push_str(texts[k]);
                 }
             }
-            self.tokenize(&whole, false)?
+            self.tokenize_within(&whole, false, &mut budget)
+                .map_err(too_long)?
         };
         self.expand(ids, image_grids)
+    }
+
+    /// Token ids of `text` (special-token strings as text with `as_text`), at most
+    /// `budget` of them (which they use up). The text is encoded in pieces of about
+    /// [`PIECE_BYTES`] cut right after a newline and before a character that is not
+    /// white space: no pre-token of the Qwen2 split (and no special token) spans such
+    /// a cut, so the ids equal one encoding of the whole text, and a text far over the
+    /// budget stops after one piece past it.
+    fn tokenize_within(&self, text: &str, as_text: bool, budget: &mut usize) -> Result<Vec<u32>> {
+        self.tokenize_pieces(text, as_text, budget, PIECE_BYTES)
+    }
+
+    /// [`PromptBuilder::tokenize_within`] with pieces of at least `piece` bytes.
+    fn tokenize_pieces(
+        &self,
+        text: &str,
+        as_text: bool,
+        budget: &mut usize,
+        piece: usize,
+    ) -> Result<Vec<u32>> {
+        let mut ids = vec![];
+        let mut rest = text;
+        while !rest.is_empty() {
+            let (piece, tail) = rest.split_at(safe_cut(rest, piece));
+            let got = self.tokenize(piece, as_text)?;
+            if got.len() > *budget {
+                // The caller names its limit.
+                return Err(Error::PromptTooLong { limit: 0 });
+            }
+            *budget -= got.len();
+            ids.extend(got);
+            rest = tail;
+        }
+        Ok(ids)
     }
 
     /// Whether `text` holds the string of a special added token.
@@ -171,21 +234,45 @@ impl PromptBuilder {
     }
 
     /// Template pieces with their control tokens, text parts as plain text.
-    fn encode_cut(&self, cut: &Cut, texts: &[&str]) -> Result<Vec<u32>> {
+    fn encode_cut(&self, cut: &Cut, texts: &[&str], budget: &mut usize) -> Result<Vec<u32>> {
         let mut ids = vec![];
         for (i, piece) in cut.pieces.iter().enumerate() {
-            ids.extend(self.tokenize(piece, false)?);
+            ids.extend(self.tokenize_within(piece, false, budget)?);
             if let Some(&k) = cut.order.get(i) {
-                ids.extend(self.tokenize(texts[k], true)?);
+                ids.extend(self.tokenize_within(texts[k], true, budget)?);
             }
         }
         Ok(ids)
     }
 }
 
+/// Bytes of text encoded at once by [`PromptBuilder::tokenize_within`].
+const PIECE_BYTES: usize = 16 << 10;
+
+/// Where to end the first piece of `text`: the first cut after `at_least` bytes that
+/// follows a newline and precedes a character other than white space, or the end.
+fn safe_cut(text: &str, at_least: usize) -> usize {
+    let b = text.as_bytes();
+    (at_least.max(1)..b.len())
+        .find(|&i| {
+            b[i - 1] == b'\n'
+                && text.is_char_boundary(i)
+                && !text[i..].starts_with(char::is_whitespace)
+        })
+        .unwrap_or(b.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn safe_cuts_follow_a_newline_and_precede_no_space() {
+        assert_eq!(safe_cut("ab\n\n  c\nd", 1), 8);
+        assert_eq!(safe_cut("ab\ncd", 1), 3);
+        assert_eq!(safe_cut("abcd", 1), 4);
+        assert_eq!(safe_cut("a\n\u{e9}", 1), 2);
+    }
 
     #[test]
     fn cut_finds_every_placeholder_in_order() {
@@ -240,6 +327,66 @@ mod qwen3 {
         let grid = [[1, 4, 6]];
         let want = b.encode(&rendered, &grid).unwrap();
         assert_eq!(b.conversation(&history(), &grid).unwrap(), want);
+    }
+
+    /// A conversation of many turns (about 80 KB, so several pieces), with runs of
+    /// spaces, blank lines, tabs and non-ASCII text at the turn boundaries.
+    fn long_history() -> Vec<Message> {
+        (0..1500)
+            .map(|i| {
+                let role = if i % 2 == 0 {
+                    Role::User
+                } else {
+                    Role::Assistant
+                };
+                let text = match i % 5 {
+                    0 => format!("  indented {i}\n\n   more  "),
+                    1 => format!("\u{e9}t\u{e9} {i}\t\ttab\n"),
+                    2 => format!("\n\nleading newlines {i}"),
+                    3 => format!("{i}: 12345 !!! ???\r\n"),
+                    _ => format!("plain words for turn {i}, nothing special."),
+                };
+                Message::text(role, text)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_long_conversation_encoded_in_pieces_equals_one_encoding() {
+        let b = builder();
+        let history = long_history();
+        let rendered = b
+            .render(&template_messages(&history, |_, t| t.to_string()), true)
+            .unwrap();
+        assert!(rendered.len() > 3 * PIECE_BYTES, "{} bytes", rendered.len());
+        let want = b.encode(&rendered, &[]).unwrap();
+        let got = b.conversation(&history, &[]).unwrap();
+        assert_eq!(got.ids.len(), want.ids.len());
+        assert_eq!(got, want);
+        let n = want.ids.len();
+        assert_eq!(b.conversation_within(&history, &[], n).unwrap(), want);
+        match b.conversation_within(&history, &[], n - 1) {
+            Err(Error::PromptTooLong { limit }) => assert_eq!(limit, n - 1),
+            other => panic!("{:?}", other.map(|p| p.ids.len())),
+        }
+        // Every cut the rule allows, on a shorter stretch: pieces of 1 byte cut at every
+        // allowed place, longer ones elsewhere.
+        let short = &rendered[..4000];
+        let whole = b.tokenize(short, false).unwrap();
+        for piece in [1, 2, 3, 5, 8, 13, 40] {
+            let got = b
+                .tokenize_pieces(short, false, &mut usize::MAX.clone(), piece)
+                .unwrap();
+            assert_eq!(got, whole, "pieces of {piece} bytes");
+        }
+        // Images count expanded: a 4×6 grid is 6 tokens for its one pad.
+        let img = [Message {
+            role: Role::User,
+            parts: vec![Part::Image, Part::Text("x".into())],
+        }];
+        let n = b.conversation(&img, &[[1, 4, 6]]).unwrap().ids.len();
+        assert!(b.conversation_within(&img, &[[1, 4, 6]], n).is_ok());
+        assert!(b.conversation_within(&img, &[[1, 4, 6]], n - 1).is_err());
     }
 
     #[test]

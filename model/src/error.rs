@@ -72,6 +72,12 @@ pub enum Error {
     /// The tokenizer or chat template failed.
     #[error("prompt: {}", printable(.0))]
     Prompt(String),
+    /// The prompt has more tokens than the limit it was tokenised under.
+    #[error("the prompt is longer than {limit} tokens")]
+    PromptTooLong {
+        /// The limit.
+        limit: usize,
+    },
     /// The image could not be decoded or is unusable.
     #[error("image {}: {}", printable(.path.display()), printable(.msg))]
     Image {

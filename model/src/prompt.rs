@@ -174,6 +174,11 @@ impl PromptBuilder {
         Ok(())
     }
 
+    /// The vision merge size (image tokens are patches / merge²).
+    pub(crate) fn merge(&self) -> usize {
+        self.merge
+    }
+
     /// The underlying tokenizer.
     pub fn tokenizer(&self) -> &tokenizers::Tokenizer {
         &self.tokenizer
@@ -219,8 +224,9 @@ impl PromptBuilder {
         } else {
             &self.tokenizer
         };
+        // encode_fast: no character offsets, which only cost memory here.
         let enc = tok
-            .encode(text, false)
+            .encode_fast(text, false)
             .map_err(|e| Error::Prompt(format!("tokenizer failed: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }

@@ -121,6 +121,7 @@ impl Batch {
     fn turn(&mut self) {
         self.admit();
         self.drop_cancelled();
+        self.metrics.active.store(self.active.len(), Relaxed);
         if self.active.is_empty() {
             if let Some(job) = self.queue.take(Some(Duration::from_millis(100))) {
                 self.start(job);

@@ -33,6 +33,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+/// Threads preparing requests (image decoding, tokenising) at once.
+const BLOCKING_THREADS: usize = 4;
+
 /// How to serve.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
@@ -76,8 +79,12 @@ pub fn serve(
     let batch_thread = std::thread::Builder::new()
         .name("q3vl-batch".into())
         .spawn(move || batch.run(&batch_stop))?;
+    // Few blocking threads: they decode images and tokenise conversations, work that
+    // gains nothing from more threads than cores, and each would keep its own heap
+    // arena of freed buffers (the peak memory under load grows with their number).
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .max_blocking_threads(BLOCKING_THREADS)
         .enable_all()
         .build()?;
     let served = rt.block_on(async {

@@ -207,6 +207,18 @@ fn prepare(
     req: ChatRequest,
     events: mpsc::UnboundedSender<Event>,
 ) -> Result<Prepared, ApiError> {
+    let context = app.engine.context();
+    // Every message costs at least its role marker: refused before any work.
+    if req.messages.len() > context {
+        return Err(ApiError::invalid_code(
+            "messages",
+            "context_length_exceeded",
+            format!(
+                "the conversation has {} messages; the context holds {context} tokens",
+                req.messages.len()
+            ),
+        ));
+    }
     if let Some(extra) = req.images.get(MAX_IMAGES) {
         return Err(ApiError::invalid(
             &extra.param,
@@ -221,10 +233,16 @@ fn prepare(
     let grids: Vec<[usize; 3]> = images.iter().map(|i| i.patched.grid_thw).collect();
     let prompt = app
         .prompts
-        .conversation(&req.messages, &grids)
-        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+        .conversation_within(&req.messages, &grids, context)
+        .map_err(|e| match e {
+            q3vl_model::Error::PromptTooLong { .. } => ApiError::invalid_code(
+                "messages",
+                "context_length_exceeded",
+                format!("the conversation is longer than the context of {context} tokens"),
+            ),
+            e => ApiError::invalid("messages", e.to_string()),
+        })?;
     let n = prompt.ids.len();
-    let context = app.engine.context();
     let room = context.saturating_sub(n);
     let max_new_tokens = match req.max_tokens {
         Some(m) if m > room => {

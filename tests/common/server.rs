@@ -96,6 +96,20 @@ impl Server {
         }
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A line of `/proc/PID/status` in kB (`VmRSS`, `VmHWM`).
+    pub fn status_kb(&self, key: &str) -> u64 {
+        let st = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        st.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in /proc status"))
+    }
+
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
