@@ -6,7 +6,7 @@ CARGO ?= cargo
 Q3VL := target/release/q3vl
 DEMO := target/demo
 
-.PHONY: demo test test-aarch64 test-interop llama-cpp fuzz build fmt clippy oracle lint-oracle fixtures bench bench-convert bench-export bench-gguf bench-peer bench-engine bench-ab bench-q8 pipeline clean-demo
+.PHONY: demo test test-aarch64 test-interop llama-cpp fuzz build fmt clippy oracle lint-oracle fixtures bench bench-convert bench-export bench-gguf bench-serve bench-peer bench-engine bench-ab bench-q8 pipeline clean-demo
 
 ## demo: the whole tool on the embedded shapes fixture: fp32 ladder, int8hu conversion,
 ## quantized gates with a stamp, then the engine answering the fixture's demo images.
@@ -123,6 +123,11 @@ bench-export: build
 ## bench-gguf: llama.cpp's speed on q3vl's 8B GGUF beside its own Q8_0 conversion (interleaved).
 bench-gguf: build
 	Q3VL_BIN=$(Q3VL) bash export/bench/bench-gguf-peer.sh
+
+## bench-serve: q3vl serve beside llama.cpp's llama-server (continuous batching on both) on a
+## synthetic checkpoint: time to first token for an image prompt, aggregate decode at 1-8 streams.
+bench-serve: build
+	Q3VL_BIN=$(Q3VL) bash server/bench/bench-serve-peer.sh
 
 ## bench-peer: llama.cpp (llama-cpp-python 0.3.36's vendored tree, q8_0) beside q3vl on one synthetic
 ## 8B checkpoint: prefill, decode, vision, peak RSS (Q3VL_PEER_SIZE=2b|4b; needs `make oracle`).

@@ -5,8 +5,9 @@
 #
 # llama_cpp_setup expects PEER and LLAMA_PY_VERSION and sets LSRC (the sdist, whose llama_cpp/
 # package goes on PYTHONPATH), LCPP (the llama.cpp tree), VENV (cmake, ninja, sentencepiece,
-# numpy for the converter and the checks), BUILD (bin/ holds the tools and the shared
-# libraries: LLAMA_CPP_LIB_PATH), BUILT (how it was had) and LCPP_COMMIT.
+# numpy for the converter and the checks), BUILD (bin/ holds the tools, llama-server among
+# them for make bench-serve, and the shared libraries: LLAMA_CPP_LIB_PATH), BUILT (how it was
+# had) and LCPP_COMMIT.
 LLAMA_PY_VERSION=${LLAMA_PY_VERSION:-0.3.36}
 
 llama_cpp_now() { date +%s.%N; }
@@ -65,14 +66,14 @@ llama_cpp_setup() {
     # diskcache and jinja2 are what the package's bindings import (oracle/check_gguf.py).
     $logged "$PEER/venv.log" "$VENV/bin/pip" install cmake ninja sentencepiece numpy diskcache jinja2
   fi
-  if [[ ! -x "$BUILD/bin/llama-bench" || ! -x "$BUILD/bin/llama-mtmd-cli" ]]; then
-    echo "== build llama.cpp (llama-bench, llama-mtmd-cli; -j2, a while on 2 cores) -> $BUILD" >&2
+  if [[ ! -x "$BUILD/bin/llama-bench" || ! -x "$BUILD/bin/llama-mtmd-cli" || ! -x "$BUILD/bin/llama-server" ]]; then
+    echo "== build llama.cpp (llama-bench, llama-mtmd-cli, llama-server; -j2, a while on 2 cores) -> $BUILD" >&2
     t0=$($now)
     $logged "$PEER/cmake.log" "$VENV/bin/cmake" -S "$LCPP" -B "$BUILD" -G Ninja \
       -DCMAKE_MAKE_PROGRAM="$VENV/bin/ninja" -DGGML_NATIVE=ON -DCMAKE_BUILD_TYPE=Release \
       -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF "${AMX_FLAGS[@]}"
     $logged "$PEER/build.log" nice -n 10 "$VENV/bin/cmake" --build "$BUILD" -j2 \
-      --target llama-bench llama-mtmd-cli
+      --target llama-bench llama-mtmd-cli llama-server
     t1=$($now)
     awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.0f", b - a }' > "$BUILD/build-seconds"
     BUILT="built by this run in $(cat "$BUILD/build-seconds") s"
