@@ -71,7 +71,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<Outcome> {
         .unwrap_or_else(|| engine.language().metadata().name.clone());
     eprintln!("{stamp_line}");
     let opts = ServerOptions {
-        listen: format!("{}:{}", a.host, a.port),
+        listen: listen_address(&a.host, a.port),
         model: model.clone(),
         body_limit: a.body_limit_mib << 20,
         queue: a.queue,
@@ -82,10 +82,16 @@ pub fn run(a: ServeArgs) -> anyhow::Result<Outcome> {
             parallel: a.parallel,
             prefill_chunk: a.prefill_chunk,
             prompt_cache_bytes: (a.prompt_cache_mib << 20) as usize,
-            image_cache: 16,
+            image_cache_bytes: 512 << 20,
         },
     };
     let (parallel, threads) = (a.parallel, engine.threads());
+    let kv = engine.kv_bytes(a.context) as f64 * parallel as f64 / (1u64 << 30) as f64;
+    eprintln!(
+        "KV cache: up to {kv:.1} GiB ({parallel} requests × {} tokens)",
+        a.context
+    );
+    return_freed_memory();
     q3vl_server::serve(engine, opts, |addr| {
         // The one line scripts wait for; stderr is unbuffered.
         eprintln!(
@@ -93,4 +99,24 @@ pub fn run(a: ServeArgs) -> anyhow::Result<Outcome> {
         );
     })?;
     Ok(Outcome::Success)
+}
+
+/// `host:port`, with an IPv6 host in brackets (`[::1]:8080`).
+fn listen_address(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// A long-lived server returns freed memory to the system: `open_engine` set the
+/// allocator up for one run (buffers kept for reuse, no trimming); KV caches come
+/// and go with requests here.
+fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes the allocator's trim threshold.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 10);
+    }
 }

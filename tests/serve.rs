@@ -91,10 +91,30 @@ fn a_conversations_next_turn_reuses_its_prompt_and_equals_a_fresh_run() {
     assert_eq!(a2, want, "second turn: served vs fresh");
 }
 
+/// With no room for cached prompts (`--prompt-cache-mib 0`) every turn runs whole, and
+/// still gets the same answer.
+#[test]
+fn without_a_prompt_cache_turns_run_whole_and_answer_the_same() {
+    let out = bundle();
+    let srv = Server::start(&out, &["--prompt-cache-mib", "0"]);
+    let q1 = user("Which colour comes after blue?", None);
+    let (a1, _) = srv.answer(json!([q1]), TOKENS);
+    let turn2 = json!([q1, {"role": "assistant", "content": a1}, {"role": "user", "content": "And after red?"}]);
+    let (a2, _) = srv.answer(turn2, TOKENS);
+    assert_eq!(srv.metric("q3vl_prompt_tokens_cached_total"), 0.0);
+    assert_eq!(srv.metric("q3vl_prompt_cache_bytes"), 0.0);
+    let messages = [
+        Message::text(Role::User, "Which colour comes after blue?"),
+        Message::text(Role::Assistant, a1),
+        Message::text(Role::User, "And after red?"),
+    ];
+    assert_eq!(a2, fresh_answer(&out, &messages, &[], TOKENS));
+}
+
 #[test]
 fn concurrent_requests_get_the_answers_they_get_alone() {
     let out = bundle();
-    let srv = Server::start(&out, &["--parallel", "4"]);
+    let srv = Server::start(&out, &["--parallel", "4", "--context", "200000"]);
     let img = image("demo_3");
     let requests: Vec<Value> = [
         ("What is in the image?", Some(img.as_path())),
@@ -114,6 +134,10 @@ fn concurrent_requests_get_the_answers_they_get_alone() {
     })
     .collect();
     let alone: Vec<Value> = requests.iter().map(|r| srv.chat(r).1).collect();
+    // A long stream decodes throughout, so every step below serves it and others.
+    let long = json!({"model": srv.model, "messages": [user("hi", None)], "max_tokens": 150_000,
+        "ignore_eos": true, "stream": true});
+    let background = open_stream(&srv, &long, 3);
     let (steps0, tokens0) = (
         srv.metric("q3vl_decode_steps_total"),
         srv.metric("q3vl_generated_tokens_total"),
@@ -133,6 +157,7 @@ fn concurrent_requests_get_the_answers_they_get_alone() {
     // Batched: fewer decode steps than tokens decoded (each step served several).
     let steps = srv.metric("q3vl_decode_steps_total") - steps0;
     let decoded = srv.metric("q3vl_generated_tokens_total") - tokens0 - requests.len() as f64;
+    drop(background);
     assert!(
         steps < decoded,
         "{steps} decode steps for {decoded} decoded tokens"
@@ -305,21 +330,12 @@ fn a_client_that_leaves_frees_its_slot_and_a_full_queue_answers_503() {
     let out = bundle();
     let srv = Server::start(
         &out,
-        &["--parallel", "1", "--queue", "1", "--context", "200000"],
+        &["--parallel", "1", "--queue", "2", "--context", "200000"],
     );
     let long = json!({"model": srv.model, "messages": [user("hi", None)], "max_tokens": 150_000,
         "ignore_eos": true, "stream": true});
-    let resp = ureq::post(&format!("{}/v1/chat/completions", srv.url))
-        .send_string(&long.to_string())
-        .unwrap();
-    let mut lines = BufReader::new(resp.into_reader()).lines();
-    let mut seen = 0;
-    while seen < 3 {
-        if lines.next().unwrap().unwrap().starts_with("data: ") {
-            seen += 1;
-        }
-    }
-    // The one slot is taken: the next request waits, the one after is refused.
+    let mut running = open_stream(&srv, &long, 3);
+    // The one slot is taken: the next request waits.
     let waiting = std::thread::spawn({
         let (url, model) = (srv.url.clone(), srv.model.clone());
         move || {
@@ -328,6 +344,12 @@ fn a_client_that_leaves_frees_its_slot_and_a_full_queue_answers_503() {
         }
     });
     assert_eq!(srv.wait_metric("q3vl_queue_length", |v| v == 1.0), 1.0);
+    // A streaming client that leaves while its request waits: never run.
+    let mut short = long.clone();
+    short["max_tokens"] = json!(3);
+    let queued = open_stream(&srv, &short, 1);
+    assert_eq!(srv.wait_metric("q3vl_queue_length", |v| v == 2.0), 2.0);
+    // The queue is full: the next request is refused.
     let resp = ureq::post(&format!("{}/v1/chat/completions", srv.url))
         .send_string(&json!({"model": srv.model, "messages": [user("hi", None)]}).to_string());
     match resp {
@@ -338,20 +360,38 @@ fn a_client_that_leaves_frees_its_slot_and_a_full_queue_answers_503() {
         }
         other => panic!("expected 503, got {other:?}"),
     }
-    // The streaming client leaves; its slot goes to the waiting request.
-    drop(lines);
+    drop(queued);
+    // The running stream's client leaves; its slot goes to the waiting request.
+    assert!(running.next().is_some());
+    drop(running);
     let (status, v) = waiting.join().unwrap();
     assert_eq!(status, 200, "{v}");
     assert_eq!(srv.wait_metric("q3vl_active_requests", |v| v == 0.0), 0.0);
-    assert_eq!(
-        srv.metric("q3vl_requests_total{outcome=\"cancelled\"}"),
-        1.0
-    );
+    let cancelled = "q3vl_requests_total{outcome=\"cancelled\"}";
+    assert_eq!(srv.wait_metric(cancelled, |v| v == 2.0), 2.0);
     let generated = srv.metric("q3vl_generated_tokens_total");
     assert!(
         generated < 150_000.0,
         "the cancelled request ran on: {generated} tokens"
     );
+}
+
+/// A streamed request whose first `events` `data:` lines have arrived; its remaining
+/// lines.
+fn open_stream(srv: &Server, body: &Value, events: usize) -> impl Iterator<Item = String> {
+    let resp = ureq::post(&format!("{}/v1/chat/completions", srv.url))
+        .send_string(&body.to_string())
+        .unwrap();
+    let mut lines = BufReader::new(resp.into_reader())
+        .lines()
+        .map_while(Result::ok);
+    let mut seen = 0;
+    while seen < events {
+        if lines.next().unwrap().starts_with("data: ") {
+            seen += 1;
+        }
+    }
+    lines
 }
 
 #[test]

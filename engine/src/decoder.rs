@@ -5,7 +5,9 @@
 //! after the first layers, final norm and head.
 //!
 //! Prefill runs all prompt tokens through each matrix product at once; decode is the
-//! same code with one token. Generation needs only the last token's output, so a
+//! same code with one token, or, for several sequences at once (continuous batching),
+//! [`TextModel::forward_decode`]: one token per sequence through each product, rope,
+//! cache and attention each sequence's own. Generation needs only the last token's output, so a
 //! prefill's last layer caches every token's K and V but runs q, attention, o and the
 //! MLP for the last row alone ([`Rows::Last`]; 1/36 of an 8B prefill's work, with the
 //! same bits for that row).

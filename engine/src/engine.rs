@@ -261,6 +261,24 @@ impl Engine {
         Resize::Fixed(side)
     }
 
+    /// The image tokens a `width × height` image becomes (fixed grid unless
+    /// `dynamic`), known before it is decoded.
+    pub fn image_tokens(&self, width: usize, height: usize, dynamic: bool) -> Result<usize> {
+        let pp = self.preprocessor()?;
+        let factor = pp.patch_size * pp.merge_size;
+        let (h, w) = match self.fixed_resize() {
+            Resize::Fixed(side) if !dynamic => (side, side),
+            _ => q3vl_model::image::smart_resize(
+                height,
+                width,
+                factor,
+                pp.min_pixels,
+                pp.max_pixels,
+            )?,
+        };
+        Ok((h / factor) * (w / factor))
+    }
+
     /// Preprocesses a decoded image (fixed grid unless `dynamic`).
     pub fn preprocess(&self, img: &q3vl_model::image::Rgb8, dynamic: bool) -> Result<PatchedImage> {
         let mode = if dynamic {
@@ -360,6 +378,22 @@ impl Engine {
         })
     }
 
+    /// One forward pass of `ids` after the cache without the head (a prefill chunk
+    /// that is not the prompt's last), on the engine's pool.
+    pub(crate) fn forward_only(
+        &self,
+        ids: &[u32],
+        images: &PromptImages,
+        cache: &mut KvCache,
+    ) -> Result<()> {
+        let b = &self.bundles.language;
+        install_awake(&self.pool, || {
+            self.text
+                .forward(b, ids, images, cache, Rows::Last)
+                .map(drop)
+        })
+    }
+
     /// One decode step of several sequences ([`TextModel::forward_decode`]), then the
     /// head: `[n, vocab]` logits, on the engine's pool.
     pub(crate) fn forward_decode_logits(
@@ -414,6 +448,13 @@ impl Engine {
             on_token(next[0]);
         }
         Ok(seq.generation())
+    }
+
+    /// Bytes of KV cache a conversation of `positions` positions holds.
+    pub fn kv_bytes(&self, positions: usize) -> usize {
+        let tc = self.text.config();
+        KvCache::bytes_per_position(tc.num_hidden_layers, tc.num_key_value_heads, tc.head_dim)
+            * positions
     }
 
     /// Bytes one decode step reads: every linear and the head once, one embedding

@@ -97,11 +97,6 @@ impl KvCache {
         self.len += t;
     }
 
-    /// Forgets every position from `len` on (a no-op when fewer are filled).
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
-    }
-
     /// Keys and values of one head of one layer, positions `0..n`.
     pub fn head(&self, layer: usize, head: usize, n: usize) -> (&[f32], &[f32]) {
         let o = head * self.capacity * self.head_dim;

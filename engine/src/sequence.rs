@@ -120,8 +120,10 @@ impl PromptCache {
         images: &[Arc<EncodedImage>],
         image_token_id: u32,
     ) -> usize {
-        // Pad number c belongs to image k while c < the first k+1 images' tokens.
+        // Pad number c belongs to image k while c < the first k+1 images' tokens;
+        // each image is compared once, at its first pad.
         let (mut pads, mut k, mut before) = (0usize, 0usize, 0usize);
+        let mut same: Option<bool> = None;
         let mut common = 0;
         for (a, b) in self.ids.iter().zip(ids) {
             if a != b {
@@ -135,12 +137,14 @@ impl PromptCache {
                 {
                     before += self.images[k].tokens;
                     k += 1;
+                    same = None;
                 }
-                let same = match (self.images.get(k), images.get(k)) {
+                let pair = (self.images.get(k), images.get(k));
+                let is_same = *same.get_or_insert_with(|| match pair {
                     (Some(x), Some(y)) => Arc::ptr_eq(x, y) || same_features(x, y),
                     _ => false,
-                };
-                if !same {
+                });
+                if !is_same {
                     break;
                 }
                 pads += 1;
@@ -221,11 +225,14 @@ impl Engine {
         let from = seq.cache.len();
         let n = chunk_len(left, max_tokens);
         let chunk = &seq.mapped[from..from + n];
-        let logits = self.forward_logits(chunk, &seq.images, &mut seq.cache, Rows::Last)?;
-        seq.out.timings.prefill_ms += t0.elapsed().as_secs_f64() * 1e3;
         if n < left {
+            // Not the last chunk: its positions go to the cache, no logits are needed.
+            self.forward_only(chunk, &seq.images, &mut seq.cache)?;
+            seq.out.timings.prefill_ms += t0.elapsed().as_secs_f64() * 1e3;
             return Ok(None);
         }
+        let logits = self.forward_logits(chunk, &seq.images, &mut seq.cache, Rows::Last)?;
+        seq.out.timings.prefill_ms += t0.elapsed().as_secs_f64() * 1e3;
         let t1 = Instant::now();
         let next = self.choose(seq, logits)?;
         seq.out.timings.decode_ms += t1.elapsed().as_secs_f64() * 1e3;

@@ -80,8 +80,9 @@ pub fn load_rgb(path: &Path) -> Result<Rgb8> {
     decode_rgb(&bytes, path)
 }
 
-/// Decodes image bytes; `name` only labels errors.
-pub fn decode_rgb(bytes: &[u8], name: &Path) -> Result<Rgb8> {
+/// The (width, height) a PNG or JPEG's header declares, checked against the pixel
+/// limit, without decoding it; `name` only labels errors.
+pub fn dimensions(bytes: &[u8], name: &Path) -> Result<(usize, usize)> {
     let bad = |msg: String| Error::Image {
         path: name.to_path_buf(),
         msg,
@@ -109,6 +110,17 @@ pub fn decode_rgb(bytes: &[u8], name: &Path) -> Result<Rgb8> {
             "{w}×{h} is larger than the {MAX_DECODE_PIXELS}-pixel limit"
         )));
     }
+    Ok((w as usize, h as usize))
+}
+
+/// Decodes image bytes; `name` only labels errors.
+pub fn decode_rgb(bytes: &[u8], name: &Path) -> Result<Rgb8> {
+    let bad = |msg: String| Error::Image {
+        path: name.to_path_buf(),
+        msg,
+    };
+    let (w, h) = dimensions(bytes, name)?;
+    let (w, h) = (w as u32, h as u32);
     let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| bad(e.to_string()))?;

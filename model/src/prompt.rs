@@ -30,6 +30,8 @@ pub struct PromptBuilder {
     /// The same tokenizer with special-token strings encoded as plain text (for
     /// message text; see [`crate::conversation`]).
     plain: tokenizers::Tokenizer,
+    /// The strings of the special added tokens.
+    specials: Vec<String>,
     template: String,
     special: Value,
     image_token_id: u32,
@@ -133,6 +135,12 @@ impl PromptBuilder {
         let tokenizer = parse_tokenizer(&tok_path, tokenizer_json)?;
         let mut plain = tokenizer.clone();
         plain.set_encode_special_tokens(true);
+        let specials = tokenizer
+            .get_added_tokens_decoder()
+            .into_values()
+            .filter(|t| t.special && !t.content.is_empty())
+            .map(|t| t.content)
+            .collect();
         let template = find_template(dir, tcfg)?;
         let special = json!({
             "bos_token": special_token(tcfg, "bos_token"),
@@ -142,6 +150,7 @@ impl PromptBuilder {
         let b = PromptBuilder {
             tokenizer,
             plain,
+            specials,
             template,
             special,
             image_token_id: cfg.image_token_id,
@@ -172,6 +181,11 @@ impl PromptBuilder {
         self.chat("What is in this picture?", None)?;
         self.chat("What is in this picture?", Some([1, 2 * m, 2 * m]))?;
         Ok(())
+    }
+
+    /// The strings of the special added tokens (`<|im_start|>`, …).
+    pub(crate) fn special_strings(&self) -> &[String] {
+        &self.specials
     }
 
     /// The vision merge size (image tokens are patches / merge²).

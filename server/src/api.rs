@@ -1,6 +1,8 @@
 //! The OpenAI chat-completions request, read and checked: every field the server
-//! honours is validated, every field it would have to ignore in a way that changes
-//! the answer is refused, and every error names the field (`messages[2].content[0]`).
+//! honours is validated, the answer-changing fields it does not implement (`n` > 1,
+//! penalties, `logit_bias`, `logprobs`, tools, a response format) are refused, and
+//! every error names the field (`messages[2].content[0]`). Other fields (`user`,
+//! `metadata`, …) are ignored.
 
 use crate::error::ApiError;
 use q3vl_model::conversation::{Message, Part, Role};
@@ -43,6 +45,8 @@ struct Wire {
     tools: Option<Vec<Value>>,
     #[serde(default)]
     response_format: Option<Value>,
+    #[serde(default)]
+    logit_bias: Option<serde_json::Map<String, Value>>,
     /// vLLM's and llama.cpp's extension: generate exactly the tokens asked for.
     #[serde(default)]
     ignore_eos: bool,
@@ -98,7 +102,8 @@ pub struct ChatRequest {
     pub temperature: f32,
     /// Nucleus mass.
     pub top_p: f32,
-    /// PRNG seed.
+    /// PRNG seed: the request's, else a fresh one per request (as OpenAI samples
+    /// anew each time).
     pub seed: u64,
     /// Strings that end the answer (not included in it).
     pub stop: Vec<String>,
@@ -122,6 +127,18 @@ impl ChatRequest {
         })?;
         wire.check()
     }
+}
+
+/// A seed no earlier request of this process had: the clock mixed with a counter.
+fn fresh_seed() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    now ^ COUNT
+        .fetch_add(1, Relaxed)
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 /// A number in `range`, or an error naming `param`.
@@ -193,7 +210,7 @@ impl Wire {
             temperature,
             top_p,
             // Any integer seeds the generator; negative ones wrap.
-            seed: self.seed.unwrap_or(0) as u64,
+            seed: self.seed.map_or_else(fresh_seed, |s| s as u64),
             stop,
             ignore_eos: self.ignore_eos,
         })
@@ -215,6 +232,12 @@ impl Wire {
                     format!("{param} is not supported"),
                 ));
             }
+        }
+        if self.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
+            return Err(ApiError::invalid(
+                "logit_bias",
+                "logit_bias is not supported",
+            ));
         }
         if self.logprobs == Some(true) {
             return Err(ApiError::invalid("logprobs", "logprobs are not supported"));
@@ -343,6 +366,9 @@ fn image_source(url: &str) -> Result<ImageSource, String> {
             .map_err(|e| format!("bad base64: {e}"));
     }
     if let Some(path) = url.strip_prefix("file://") {
+        if !path.starts_with('/') {
+            return Err("a file:// URL must name an absolute path (file:///…)".into());
+        }
         return Ok(ImageSource::File(path.into()));
     }
     if url.starts_with('/') {
@@ -389,6 +415,11 @@ mod tests {
             (r.max_tokens, r.temperature, r.seed),
             (Some(7), 0.0, u64::MAX)
         );
+        let unseeded = || {
+            let m = json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
+            parse(m).unwrap().seed
+        };
+        assert_ne!(unseeded(), unseeded(), "unseeded requests sample anew");
         assert!(r.stream && r.include_usage);
         assert_eq!(r.stop, vec!["\n\n"]);
     }
@@ -415,6 +446,10 @@ mod tests {
                 Some("top_p"),
             ),
             (json!({"model": "m", "messages": m, "n": 2}), Some("n")),
+            (
+                json!({"model": "m", "messages": m, "logit_bias": {"5": 100}}),
+                Some("logit_bias"),
+            ),
             (
                 json!({"model": "m", "messages": m, "stop": ["a", "b", "c", "d", "e"]}),
                 Some("stop"),

@@ -1,21 +1,24 @@
 //! The batch: one thread owns the engine's compute and runs every admitted request
 //! together (continuous batching).
 //!
-//! Each turn it admits waiting requests into free slots (encoding their images, once
-//! per image thanks to [`ImageCache`], and starting from the longest cached prompt
-//! they share, [`PromptCaches`]), runs one prefill chunk of the oldest request still
-//! in its prompt (so a long prompt never stalls the others for more than a chunk),
-//! then one decode step of every request past its prompt, which reads each weight
-//! once for all of them ([`q3vl_engine::Engine::decode_step`]). New requests join at
-//! these step boundaries. A request whose client went away leaves at the next turn,
-//! freeing its slot. A request's tokens do not depend on what else is in the batch
-//! (`tests/engine_batching.rs`).
+//! Each turn it admits waiting requests into free slots (encoding their images, each
+//! image once while it stays in the [`ImageCache`], and starting from the longest
+//! cached prompt they share, [`PromptCaches`]), runs one prefill chunk of the oldest
+//! request still in its prompt (a long prompt holds the others back by one chunk per
+//! turn, not by its whole prefill), then one decode step of every request past its
+//! prompt, which reads each weight once for all of them
+//! ([`q3vl_engine::Engine::decode_step`]). New requests join at these step
+//! boundaries. A new image runs through the vision tower when its request is
+//! admitted, on this thread: the others wait for it (the tower would take the same
+//! cores anyway). A request whose handler is gone (its client left) leaves at the
+//! next turn, freeing its slot. A request's tokens do not depend on what else is in
+//! the batch (`tests/engine_batching.rs`).
 
 use crate::caches::{ImageCache, PromptCaches};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::queue::{Event, Job, Queue};
-use q3vl_engine::{Engine, EngineError, PromptCache, Sequence};
+use q3vl_engine::{Engine, EngineError, Sequence};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
@@ -31,8 +34,8 @@ pub struct BatchOptions {
     pub prefill_chunk: usize,
     /// Bytes of finished prompts kept for later turns.
     pub prompt_cache_bytes: usize,
-    /// Encoded images kept.
-    pub image_cache: usize,
+    /// Bytes of encoded images kept.
+    pub image_cache_bytes: usize,
 }
 
 /// A request holding a slot.
@@ -40,8 +43,6 @@ struct Active {
     seq: Sequence,
     events: UnboundedSender<Event>,
     queued_at: Instant,
-    /// The cached prompt it started from, returned to the store if it is cancelled.
-    reused: Option<PromptCache>,
     first_sent: bool,
     failed: bool,
 }
@@ -98,7 +99,7 @@ impl Batch {
     ) -> Batch {
         Batch {
             prompts: PromptCaches::new(opts.prompt_cache_bytes),
-            images: ImageCache::new(opts.image_cache),
+            images: ImageCache::new(opts.image_cache_bytes),
             engine,
             queue,
             metrics,
@@ -107,13 +108,23 @@ impl Batch {
         }
     }
 
-    /// Runs turns until `stop` is set; then fails what is left.
+    /// Runs turns until `stop` is set; then closes the queue (failing what waits in it)
+    /// and fails what is generating. A turn that panics (a bug: the hook reports it)
+    /// fails the requests it held; the batch goes on.
     pub fn run(mut self, stop: &AtomicBool) {
         while !stop.load(Relaxed) {
-            self.turn();
+            if catch_unwind(AssertUnwindSafe(|| self.turn())).is_err() {
+                for a in self.active.drain(..) {
+                    let _ = a.events.send(Event::Failed(ApiError::internal(
+                        "internal error in the engine (reported in the server's log)",
+                    )));
+                }
+                self.metrics.active.store(0, Relaxed);
+            }
         }
+        self.queue.close();
         for a in &mut self.active {
-            a.fail(ApiError::internal("the server is shutting down"));
+            a.fail(ApiError::shutting_down());
         }
     }
 
@@ -128,18 +139,8 @@ impl Batch {
             }
             return;
         }
-        let compute = catch_unwind(AssertUnwindSafe(|| {
-            self.prefill_one();
-            self.decode_all();
-        }));
-        if compute.is_err() {
-            // The panic hook reported it; the requests in flight cannot go on.
-            for a in &mut self.active {
-                a.fail(ApiError::internal(
-                    "internal error in the engine (reported in the server's log)",
-                ));
-            }
-        }
+        self.prefill_one();
+        self.decode_all();
         self.retire();
         self.metrics.active.store(self.active.len(), Relaxed);
         self.metrics
@@ -157,63 +158,56 @@ impl Batch {
         }
     }
 
-    /// Starts `job`: its image through the tower (or from the cache), its cached
-    /// prefix, its sequence.
+    /// Starts `job`: its images through the tower (or from the cache), its cached
+    /// prefix (copied: the entry stays for others), its sequence.
     fn start(&mut self, job: Job) {
-        let engine = self.engine.clone();
-        let started = catch_unwind(AssertUnwindSafe(|| {
-            let mut images = Vec::with_capacity(job.images.len());
-            for img in &job.images {
-                images.push(self.images.get_or_encode(img.key, || {
-                    engine.encode_image(&img.patched.pixel_values, img.patched.grid_thw)
-                })?);
-            }
-            let pad = engine.config().image_token_id;
-            let reused = self
-                .prompts
-                .take_best(|e| e.reusable(&job.ids, &images, pad));
-            let seq = engine.begin(&job.ids, &images, &job.params, reused.as_ref())?;
-            Ok((seq, reused))
-        }));
-        let (seq, reused) = match started {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return fail_job(&job.events, api_error(e)),
-            Err(_) => {
-                return fail_job(
-                    &job.events,
-                    ApiError::internal("internal error starting the request"),
-                )
+        let started = self.begin(&job);
+        let seq = match started {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = job.events.send(Event::Failed(api_error(e)));
+                return;
             }
         };
         let t = seq.generation().timings;
-        self.metrics
-            .prompt_tokens
-            .fetch_add(t.prompt_tokens as u64, Relaxed);
-        self.metrics
-            .cached_prompt_tokens
+        let m = &self.metrics;
+        m.prompt_tokens.fetch_add(t.prompt_tokens as u64, Relaxed);
+        m.cached_prompt_tokens
             .fetch_add(t.cached_tokens as u64, Relaxed);
         self.active.push(Active {
             seq,
             events: job.events,
             queued_at: job.queued_at,
-            reused,
             first_sent: false,
             failed: false,
         });
     }
 
-    /// Frees the slots of requests whose client went away.
+    /// The sequence of `job`, from its encoded images and the best cached prefix.
+    fn begin(&mut self, job: &Job) -> Result<Sequence, EngineError> {
+        let engine = &self.engine;
+        let mut images = Vec::with_capacity(job.images.len());
+        for img in &job.images {
+            let p = &img.patched;
+            images.push(
+                self.images
+                    .get_or_encode(img.key, || engine.encode_image(&p.pixel_values, p.grid_thw))?,
+            );
+        }
+        let pad = engine.config().image_token_id;
+        let reuse = self.prompts.best(|e| e.reusable(&job.ids, &images, pad));
+        engine.begin(&job.ids, &images, &job.params, reuse)
+    }
+
+    /// Frees the slots of requests whose handler is gone (its client left, or a stop
+    /// string ended the answer); a prompt run to its end is kept for a next turn.
     fn drop_cancelled(&mut self) {
         let mut kept = Vec::with_capacity(self.active.len());
         for a in self.active.drain(..) {
             if a.events.is_closed() && !a.failed {
                 self.metrics.cancelled.fetch_add(1, Relaxed);
-                // A prompt run to its end is kept (a stop string ends a request this
-                // way too); otherwise the prefix it started from goes back.
                 if a.seq.prompt_left() == 0 {
                     self.prompts.put(a.seq.into_prompt_cache());
-                } else if let Some(r) = a.reused {
-                    self.prompts.put(r);
                 }
             } else {
                 kept.push(a);
@@ -295,8 +289,4 @@ impl Batch {
         }
         self.active = kept;
     }
-}
-
-fn fail_job(events: &UnboundedSender<Event>, e: ApiError) {
-    let _ = events.send(Event::Failed(e));
 }

@@ -1,7 +1,11 @@
 //! What the batch keeps between requests: the prompts of finished requests
 //! ([`PromptCaches`], for a conversation's next turn) and encoded images
 //! ([`ImageCache`], so a conversation's image runs through the tower once), each
-//! evicted least recently used first.
+//! under a byte budget, evicted least recently used first.
+//!
+//! The store is shared by every client: one that guesses another's conversation can
+//! tell from its time to first token (or the cached-tokens metric) whether it is
+//! cached. Serve untrusting tenants with `--prompt-cache-mib 0`.
 
 use q3vl_engine::{EncodedImage, PromptCache};
 use std::sync::Arc;
@@ -27,16 +31,23 @@ impl PromptCaches {
         self.entries.iter().map(PromptCache::bytes).sum()
     }
 
-    /// Takes out the entry sharing the longest prefix with a prompt (`reusable` gives
-    /// each entry's shared positions), if any shares one.
-    pub fn take_best(&mut self, reusable: impl Fn(&PromptCache) -> usize) -> Option<PromptCache> {
+    /// The entry sharing the longest prefix with a prompt (`reusable` gives each
+    /// entry's shared positions), if any shares one, made the most recently used. It
+    /// stays in the store: a request copies what it takes, and other conversations
+    /// with the same prefix (a shared system prompt) can take it too.
+    pub fn best(&mut self, reusable: impl Fn(&PromptCache) -> usize) -> Option<&PromptCache> {
         let (i, n) = self
             .entries
             .iter()
             .enumerate()
             .map(|(i, e)| (i, reusable(e)))
             .max_by_key(|&(i, n)| (n, i))?;
-        (n > 0).then(|| self.entries.remove(i))
+        if n == 0 {
+            return None;
+        }
+        let hit = self.entries.remove(i);
+        self.entries.push(hit);
+        self.entries.last()
     }
 
     /// Keeps `entry` as the most recently used, evicting the least recently used
@@ -53,19 +64,24 @@ impl PromptCaches {
     }
 }
 
-/// Encoded images by key, at most a fixed number.
+/// Encoded images by key, under a byte budget.
 pub struct ImageCache {
     /// Least recently used first.
     entries: Vec<([u8; 32], Arc<EncodedImage>)>,
-    capacity: usize,
+    budget: usize,
+}
+
+/// Bytes an encoded image holds (its embeddings and DeepStack features, f32).
+fn image_bytes(f: &EncodedImage) -> usize {
+    4 * (f.embeds.len() + f.deepstack.iter().map(Vec::len).sum::<usize>())
 }
 
 impl ImageCache {
-    /// An empty cache of at most `capacity` images.
-    pub fn new(capacity: usize) -> ImageCache {
+    /// An empty cache holding at most `budget` bytes of images.
+    pub fn new(budget: usize) -> ImageCache {
         ImageCache {
             entries: vec![],
-            capacity,
+            budget,
         }
     }
 
@@ -82,11 +98,12 @@ impl ImageCache {
             return Ok(f);
         }
         let f = Arc::new(encode()?);
-        if self.capacity > 0 {
-            if self.entries.len() >= self.capacity {
-                self.entries.remove(0);
-            }
+        if image_bytes(&f) <= self.budget {
             self.entries.push((key, f.clone()));
+            let mut total: usize = self.entries.iter().map(|(_, e)| image_bytes(e)).sum();
+            while total > self.budget {
+                total -= image_bytes(&self.entries.remove(0).1);
+            }
         }
         Ok(f)
     }

@@ -77,6 +77,17 @@ impl ApiError {
         }
     }
 
+    /// 503: the server is stopping.
+    pub fn shutting_down() -> ApiError {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            kind: "server_error",
+            code: Some("shutting_down"),
+            param: None,
+            message: "the server is shutting down".into(),
+        }
+    }
+
     /// 500: a fault in the server, not the request.
     pub fn internal(message: impl Into<String>) -> ApiError {
         ApiError {

@@ -8,18 +8,24 @@
 //! - Compute: one thread owns the engine and runs every admitted request together
 //!   ([`batcher`]): continuous batching with one weight pass per decode step for all
 //!   requests, prefill in chunks, conversations resumed from their cached prompt.
-//! - Bounded: the body size, the queue (503 when full), the requests generating at
-//!   once, the cached prompts' bytes and the images kept are all limits.
+//! - Limits everywhere: the requests in the server at once (queue + parallel; 503
+//!   beyond), the body size, the requests generating at once, the threads preparing
+//!   requests, the images per conversation and their tokens, the context, the bytes
+//!   of cached prompts and of encoded images. The KV cache grows with `--parallel ×
+//!   --context` (printed at start).
 //! - Message text is text: a user cannot forge a turn
 //!   ([`q3vl_model::conversation`]).
 
 pub mod answer;
 pub mod api;
 pub mod batcher;
+pub mod body;
 pub mod caches;
 pub mod error;
 pub mod metrics;
+pub mod prepare;
 pub mod queue;
+pub mod respond;
 pub mod routes;
 
 pub use batcher::BatchOptions;
@@ -57,8 +63,8 @@ pub struct ServerOptions {
     pub batch: BatchOptions,
 }
 
-/// Serves `engine` until Ctrl-C or SIGTERM; `on_listen` gets the bound address once
-/// the server accepts connections.
+/// Serves `engine` until Ctrl-C or SIGTERM (a second one exits at once, code 130);
+/// `on_listen` gets the bound address once the server accepts connections.
 pub fn serve(
     engine: Engine,
     opts: ServerOptions,
@@ -127,4 +133,9 @@ async fn shutdown(stop: Arc<AtomicBool>) {
         _ = term => {},
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    // A second Ctrl-C does not wait for the graceful end.
+    tokio::spawn(async {
+        let _ = tokio::signal::ctrl_c().await;
+        std::process::exit(130);
+    });
 }

@@ -62,88 +62,91 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
-        let mut s = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, String)]| {
-            let _ = writeln!(s, "# HELP q3vl_{name} {help}\n# TYPE q3vl_{name} {kind}");
-            for (labels, v) in samples {
-                let _ = writeln!(s, "q3vl_{name}{labels} {v}");
-            }
-        };
         let g = |a: &AtomicU64| a.load(Relaxed).to_string();
-        metric(
-            "requests_total",
-            "counter",
-            "Chat requests by outcome.",
-            &[
-                ("{outcome=\"ok\"}", g(&self.ok)),
-                ("{outcome=\"client_error\"}", g(&self.client_errors)),
-                ("{outcome=\"busy\"}", g(&self.busy)),
-                ("{outcome=\"server_error\"}", g(&self.server_errors)),
-                ("{outcome=\"cancelled\"}", g(&self.cancelled)),
-            ],
-        );
-        let one = |v: String| [("", v)];
-        metric(
-            "prompt_tokens_total",
-            "counter",
-            "Prompt tokens of admitted requests.",
-            &one(g(&self.prompt_tokens)),
-        );
-        metric(
-            "prompt_tokens_cached_total",
-            "counter",
-            "Prompt tokens taken from the prompt cache.",
-            &one(g(&self.cached_prompt_tokens)),
-        );
-        metric(
-            "generated_tokens_total",
-            "counter",
-            "Tokens generated.",
-            &one(g(&self.generated_tokens)),
-        );
-        metric(
-            "decode_steps_total",
-            "counter",
-            "Batched decode steps.",
-            &one(g(&self.decode_steps)),
-        );
-        metric(
-            "queue_length",
-            "gauge",
-            "Requests waiting for a slot.",
-            &one(self.queued.load(Relaxed).to_string()),
-        );
-        metric(
-            "active_requests",
-            "gauge",
-            "Requests holding a slot.",
-            &one(self.active.load(Relaxed).to_string()),
-        );
-        metric(
-            "prompt_cache_bytes",
-            "gauge",
-            "Bytes held by cached prompts.",
-            &one(self.cache_bytes.load(Relaxed).to_string()),
-        );
+        let u = |a: &AtomicUsize| a.load(Relaxed).to_string();
+        let mut s = String::new();
+        let outcomes = [
+            ("ok", &self.ok),
+            ("client_error", &self.client_errors),
+            ("busy", &self.busy),
+            ("server_error", &self.server_errors),
+            ("cancelled", &self.cancelled),
+        ];
+        let _ = writeln!(s, "# HELP q3vl_requests_total Chat requests by outcome.");
+        let _ = writeln!(s, "# TYPE q3vl_requests_total counter");
+        for (label, c) in outcomes {
+            let _ = writeln!(s, "q3vl_requests_total{{outcome=\"{label}\"}} {}", g(c));
+        }
         let rate = f64::from_bits(self.decode_tok_s.load(Relaxed));
-        metric(
-            "decode_tokens_per_second",
-            "gauge",
-            "Tokens per second of the last decode step, over every request in it.",
-            &one(format!("{rate:.3}")),
-        );
-        metric(
-            "time_to_first_token_seconds_sum",
-            "counter",
-            "Total time from admission to first token.",
-            &one(format!("{:.6}", self.ttft_us.load(Relaxed) as f64 / 1e6)),
-        );
-        metric(
-            "time_to_first_token_seconds_count",
-            "counter",
-            "Requests that got a first token.",
-            &one(g(&self.ttft_count)),
-        );
+        let ttft = self.ttft_us.load(Relaxed) as f64 / 1e6;
+        let one: [(&str, &str, &str, String); 10] = [
+            (
+                "prompt_tokens_total",
+                "counter",
+                "Prompt tokens of admitted requests.",
+                g(&self.prompt_tokens),
+            ),
+            (
+                "prompt_tokens_cached_total",
+                "counter",
+                "Prompt tokens taken from the prompt cache.",
+                g(&self.cached_prompt_tokens),
+            ),
+            (
+                "generated_tokens_total",
+                "counter",
+                "Tokens generated.",
+                g(&self.generated_tokens),
+            ),
+            (
+                "decode_steps_total",
+                "counter",
+                "Batched decode steps.",
+                g(&self.decode_steps),
+            ),
+            (
+                "queue_length",
+                "gauge",
+                "Requests waiting for a slot.",
+                u(&self.queued),
+            ),
+            (
+                "active_requests",
+                "gauge",
+                "Requests holding a slot.",
+                u(&self.active),
+            ),
+            (
+                "prompt_cache_bytes",
+                "gauge",
+                "Bytes held by cached prompts.",
+                u(&self.cache_bytes),
+            ),
+            (
+                "decode_tokens_per_second",
+                "gauge",
+                "Tokens per second of the last decode step, over every request in it.",
+                format!("{rate:.3}"),
+            ),
+            (
+                "time_to_first_token_seconds_sum",
+                "counter",
+                "Total time from queueing to first token.",
+                format!("{ttft:.6}"),
+            ),
+            (
+                "time_to_first_token_seconds_count",
+                "counter",
+                "Requests that got a first token.",
+                g(&self.ttft_count),
+            ),
+        ];
+        for (name, kind, help, v) in one {
+            let _ = writeln!(
+                s,
+                "# HELP q3vl_{name} {help}\n# TYPE q3vl_{name} {kind}\nq3vl_{name} {v}"
+            );
+        }
         s
     }
 }

@@ -52,48 +52,70 @@ pub struct Job {
 
 /// The waiting requests.
 pub struct Queue {
-    jobs: Mutex<VecDeque<Job>>,
+    jobs: Mutex<Waiting>,
     ready: Condvar,
     capacity: usize,
     metrics: Arc<Metrics>,
+}
+
+/// The queue's state under its lock.
+#[derive(Default)]
+struct Waiting {
+    jobs: VecDeque<Job>,
+    /// Set at shutdown: nothing more is taken in.
+    closed: bool,
 }
 
 impl Queue {
     /// A queue holding at most `capacity` waiting requests.
     pub fn new(capacity: usize, metrics: Arc<Metrics>) -> Queue {
         Queue {
-            jobs: Mutex::new(VecDeque::new()),
+            jobs: Mutex::new(Waiting::default()),
             ready: Condvar::new(),
             capacity,
             metrics,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Job>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Waiting> {
         // A panic while holding the lock leaves the queue consistent (push and pop
         // are single calls), so a poisoned lock is still usable.
         self.jobs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues `job`, or refuses it (503) when the queue is full.
+    /// Queues `job`, or refuses it (503) when the queue is full or closed.
     pub fn submit(&self, job: Job) -> Result<(), ApiError> {
-        let mut jobs = self.lock();
-        if jobs.len() >= self.capacity {
-            return Err(ApiError::overloaded(jobs.len()));
+        let mut w = self.lock();
+        if w.closed {
+            return Err(ApiError::shutting_down());
         }
-        jobs.push_back(job);
-        self.metrics.queued.store(jobs.len(), Relaxed);
+        if w.jobs.len() >= self.capacity {
+            return Err(ApiError::overloaded(w.jobs.len()));
+        }
+        w.jobs.push_back(job);
+        self.metrics.queued.store(w.jobs.len(), Relaxed);
         self.ready.notify_one();
         Ok(())
+    }
+
+    /// Refuses every later job and fails the waiting ones (shutdown): no handler is
+    /// left waiting for an answer that will not come.
+    pub fn close(&self) {
+        let mut w = self.lock();
+        w.closed = true;
+        for job in w.jobs.drain(..) {
+            let _ = job.events.send(Event::Failed(ApiError::shutting_down()));
+        }
+        self.metrics.queued.store(0, Relaxed);
     }
 
     /// The next waiting job whose client is still there; with `wait`, blocks up to
     /// `wait` for one.
     pub fn take(&self, wait: Option<Duration>) -> Option<Job> {
-        let mut jobs = self.lock();
+        let mut w = self.lock();
         loop {
-            while let Some(job) = jobs.pop_front() {
-                self.metrics.queued.store(jobs.len(), Relaxed);
+            while let Some(job) = w.jobs.pop_front() {
+                self.metrics.queued.store(w.jobs.len(), Relaxed);
                 if !job.events.is_closed() {
                     return Some(job);
                 }
@@ -102,10 +124,10 @@ impl Queue {
             let limit = wait?;
             let (guard, timeout) = self
                 .ready
-                .wait_timeout(jobs, limit)
+                .wait_timeout(w, limit)
                 .unwrap_or_else(|e| e.into_inner());
-            jobs = guard;
-            if timeout.timed_out() && jobs.is_empty() {
+            w = guard;
+            if timeout.timed_out() && w.jobs.is_empty() {
                 return None;
             }
         }

@@ -307,9 +307,18 @@ impl OracleTrace {
         if let Some(bad) = g.iter().find(|&&x| !(1..=1 << 20).contains(&x)) {
             return Err(self.bad(format!("image_grid_thw holds {bad}")));
         }
-        Ok(g.chunks_exact(3)
+        let grids: Vec<[usize; 3]> = g
+            .chunks_exact(3)
             .map(|r| [r[0] as usize, r[1] as usize, r[2] as usize])
-            .collect())
+            .collect();
+        // Every later sum of patches stays far from overflowing.
+        let total = grids.iter().try_fold(0u128, |acc, g| {
+            Some(acc + g.iter().map(|&x| x as u128).product::<u128>())
+        });
+        if total.is_none_or(|t| t > 1 << 40) {
+            return Err(self.bad("image_grid_thw asks for more patches than any image has".into()));
+        }
+        Ok(grids)
     }
 
     /// Each image's patch rows `[P_k, C·T·p·p]` (its share of `pixel_values`) and grid,

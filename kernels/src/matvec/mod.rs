@@ -193,6 +193,41 @@ type RowsFn = unsafe fn(
     out: *mut f32,
 );
 
+/// `n` consecutive weight rows (as [`RowsFn`]) against `t` activation rows `x[0..t]`
+/// ([`MultiTask`]): output `(tok, r)` goes to `out[tok · stride + r]`. Each output is
+/// the same dot product a [`RowsFn`] gives.
+///
+/// Why: a decode step of several sequences (continuous batching) multiplies each
+/// weight row by several activation rows. Row by row, each product is one chain of
+/// dependent FMAs, and its latency, not memory, bounds the step; interleaving the
+/// activation rows' chains on one sign-extended weight block hides it.
+///
+/// # Safety
+/// As [`RowsFn`], for `t` activation rows and `out` holding `(t − 1) · stride + n`
+/// floats.
+#[cfg(target_arch = "x86_64")]
+type RowsMultiFn = unsafe fn(MultiTask);
+
+/// What a [`RowsMultiFn`] works on.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct MultiTask {
+    /// `n` weight rows of `nb · 32` bytes.
+    w: *const i8,
+    /// Their `n · nb` scales.
+    ws: *const f16,
+    /// `t` activation rows.
+    x: *const ActRow,
+    t: usize,
+    nb: usize,
+    /// Scratch for `x86::MULTI · nb` floats.
+    sc: *mut f32,
+    n: usize,
+    /// Output `(tok, r)` at `out[tok · stride + r]`.
+    out: *mut f32,
+    stride: usize,
+}
+
 /// One quantized activation row, as a [`RowsFn`] reads it: `nb · 32` int16 values
 /// and `nb` scales.
 #[derive(Clone, Copy)]
@@ -288,6 +323,19 @@ fn rows_fn(path: Path) -> RowsFn {
     }
 }
 
+/// The multi-row loop of `path`, where it has one.
+#[cfg(target_arch = "x86_64")]
+fn rows_multi_fn(path: Path) -> Option<RowsMultiFn> {
+    assert_available(path);
+    match path {
+        Path::Avx2 if x86::prefetch_l2() => Some(x86::rows_multi_avx2_l2),
+        Path::Avx2 => Some(x86::rows_multi_avx2_nta),
+        Path::Avx512Vnni if x86::prefetch_l2() => Some(x86::rows_multi_avx512_l2),
+        Path::Avx512Vnni => Some(x86::rows_multi_avx512_nta),
+        _ => None,
+    }
+}
+
 /// `out[t, r] = Σ_c x[t, c] · W[r, c]` for int8 `W` (`rows × cols`, f16 block scales
 /// `s`) and f32 activations `x` (`tokens × cols`), quantized here to int16 per block
 /// ([`Acts16`]); `out` is `tokens × rows`. Each output is one dot product with the
@@ -318,6 +366,12 @@ pub fn matvec_on(
     }
     let rows_of_path = rows_fn(path);
     let xa = Acts16::quantize_on(path, x, cols);
+    #[cfg(target_arch = "x86_64")]
+    if t > 1 {
+        if let Some(multi) = rows_multi_fn(path) {
+            return matvec_multi(multi, q, s, rows, cols, &xa, out);
+        }
+    }
     // About 32 KiB of weights per task: small tasks balance the threads; one row at
     // a time keeps a single sequential stream per thread, which the prefetchers
     // follow best.
@@ -348,6 +402,55 @@ pub fn matvec_on(
                     )
                 };
             }
+        },
+    );
+}
+
+/// [`matvec_on`] for several activation rows with a multi-row loop: the same tasks of
+/// weight rows, each running every activation row against its rows at once.
+#[cfg(target_arch = "x86_64")]
+fn matvec_multi(
+    multi: RowsMultiFn,
+    q: &[i8],
+    s: &[f16],
+    rows: usize,
+    cols: usize,
+    xa: &Acts16,
+    out: &mut [f32],
+) {
+    let (nb, t) = (cols / BLOCK, xa.q.len() / cols);
+    let mc = ((32 << 10) / cols).clamp(1, 64);
+    let optr = OutPtr(out.as_mut_ptr());
+    (0..rows.div_ceil(mc)).into_par_iter().for_each_init(
+        || vec![0f32; x86::MULTI * nb],
+        |sc, task| {
+            let (r0, r1) = (task * mc, ((task + 1) * mc).min(rows));
+            let acts: Vec<ActRow> = (0..t)
+                .map(|tok| {
+                    let (xq, xd) = xa.row(tok);
+                    ActRow {
+                        q: xq.as_ptr(),
+                        d: xd.as_ptr(),
+                    }
+                })
+                .collect();
+            // SAFETY: rows r0..r1 of q and s and every activation row are in bounds
+            // (checked lengths in matvec_on); sc holds MULTI · nb floats; the path was
+            // detected on this CPU; outputs (·, r0..r1) are inside `out` and only this
+            // task writes them.
+            unsafe {
+                multi(MultiTask {
+                    w: q.as_ptr().add(r0 * cols),
+                    ws: s.as_ptr().add(r0 * nb),
+                    x: acts.as_ptr(),
+                    t,
+                    nb,
+                    sc: sc.as_mut_ptr(),
+                    n: r1 - r0,
+                    out: optr.get().add(r0),
+                    stride: rows,
+                })
+            };
         },
     );
 }

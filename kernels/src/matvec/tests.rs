@@ -266,6 +266,10 @@ fn paths_match_portable_bit_for_bit_and_are_accurate() {
         (9, 131, 1),
         (64, 16, 3),
         (300, 4, 1),
+        (11, 5, 4),
+        (9, 7, 5),
+        (21, 6, 8),
+        (5, 3, 11),
     ] {
         let cols = nb * BLOCK;
         let (q, s) = random_weight(&mut seed, rows, nb);

@@ -1,4 +1,4 @@
-use super::{BLOCK, MAGIC, QMAX};
+use super::{ActRow, MultiTask, BLOCK, MAGIC, QMAX};
 use half::f16;
 use std::arch::x86_64::*;
 
@@ -238,3 +238,128 @@ pub unsafe fn row_avx512<const L2: bool>(
     let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc)));
     lane_total(_mm256_add_ps(_mm512_castps512_ps256(acc), hi))
 }
+
+/// Most activation rows one multi-row call takes ([`rows_multi_avx512`]).
+pub const MULTI: usize = 4;
+
+/// `N` activation rows against one weight row (the decode steps of `N` sequences):
+/// each block's weights are sign-extended once and feed `N` independent chains, so
+/// the FMA latency of one chain no longer bounds the row. Each chain is
+/// [`row_avx512`]'s, operation for operation, so each result has its bits.
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+#[inline]
+unsafe fn row_n_avx512<const N: usize, const L2: bool>(
+    w: *const i8,
+    ws: *const f16,
+    x: *const ActRow,
+    nb: usize,
+    sc: *mut f32,
+) -> [f32; N] {
+    for k in 0..N {
+        scale_products(ws, (*x.add(k)).d, nb, sc.add(k * nb));
+    }
+    let mut acc = [_mm512_setzero_ps(); N];
+    for b in 0..nb {
+        if b % 2 == 0 {
+            prefetch::<L2>(w.wrapping_add(b * BLOCK));
+        }
+        let o = b * BLOCK;
+        let w16 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(w.add(o) as *const __m256i));
+        for (k, a) in acc.iter_mut().enumerate() {
+            let xq = (*x.add(k)).q;
+            let p = _mm512_madd_epi16(w16, _mm512_loadu_si512(xq.add(o) as *const _));
+            let s = _mm512_set1_ps(*sc.add(k * nb + b));
+            *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s, *a);
+        }
+    }
+    acc.map(|a| {
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a)));
+        lane_total(_mm256_add_ps(_mm512_castps512_ps256(a), hi))
+    })
+}
+
+/// [`row_n_avx512`] for AVX2: [`row_avx2`]'s two half-block chains per activation row.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn row_n_avx2<const N: usize, const L2: bool>(
+    w: *const i8,
+    ws: *const f16,
+    x: *const ActRow,
+    nb: usize,
+    sc: *mut f32,
+) -> [f32; N] {
+    for k in 0..N {
+        scale_products(ws, (*x.add(k)).d, nb, sc.add(k * nb));
+    }
+    let mut lo = [_mm256_setzero_ps(); N];
+    let mut hi = [_mm256_setzero_ps(); N];
+    for b in 0..nb {
+        if b % 2 == 0 {
+            prefetch::<L2>(w.wrapping_add(b * BLOCK));
+        }
+        let o = b * BLOCK;
+        let w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(o) as *const __m128i));
+        let w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(o + 16) as *const __m128i));
+        for k in 0..N {
+            let xq = (*x.add(k)).q;
+            let p0 = _mm256_madd_epi16(w0, _mm256_loadu_si256(xq.add(o) as *const __m256i));
+            let p1 = _mm256_madd_epi16(w1, _mm256_loadu_si256(xq.add(o + 16) as *const __m256i));
+            let s = _mm256_set1_ps(*sc.add(k * nb + b));
+            lo[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), s, lo[k]);
+            hi[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), s, hi[k]);
+        }
+    }
+    std::array::from_fn(|k| lane_total(_mm256_add_ps(lo[k], hi[k])))
+}
+
+/// Defines a [`super::RowsMultiFn`] named `$name` over `$row` (a `row_n_*` kernel):
+/// each weight row against every activation row, [`MULTI`] at a time.
+macro_rules! rows_multi_of {
+    ($(#[$attr:meta])* $name:ident, $row:ident, $l2:literal) => {
+        $(#[$attr])*
+        pub unsafe fn $name(task: MultiTask) {
+            let MultiTask { w, ws, x, t, nb, sc, n, out, stride } = task;
+            for r in 0..n {
+                let (wr, wsr) = (w.add(r * nb * BLOCK), ws.add(r * nb));
+                let mut k = 0;
+                while k < t {
+                    let m = (t - k).min(MULTI);
+                    let xs = x.add(k);
+                    let put = |v: &[f32]| {
+                        for (i, &y) in v.iter().enumerate() {
+                            *out.add((k + i) * stride + r) = y;
+                        }
+                    };
+                    match m {
+                        4 => put(&$row::<4, $l2>(wr, wsr, xs, nb, sc)),
+                        3 => put(&$row::<3, $l2>(wr, wsr, xs, nb, sc)),
+                        2 => put(&$row::<2, $l2>(wr, wsr, xs, nb, sc)),
+                        _ => put(&$row::<1, $l2>(wr, wsr, xs, nb, sc)),
+                    }
+                    k += m;
+                }
+            }
+        }
+    };
+}
+
+rows_multi_of!(
+    /// [`row_n_avx512`] (L2 prefetch) over rows and activation rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    rows_multi_avx512_l2, row_n_avx512, true
+);
+rows_multi_of!(
+    /// [`row_n_avx512`] (non-temporal prefetch) over rows and activation rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    rows_multi_avx512_nta, row_n_avx512, false
+);
+rows_multi_of!(
+    /// [`row_n_avx2`] (L2 prefetch) over rows and activation rows.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    rows_multi_avx2_l2, row_n_avx2, true
+);
+rows_multi_of!(
+    /// [`row_n_avx2`] (non-temporal prefetch) over rows and activation rows.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    rows_multi_avx2_nta, row_n_avx2, false
+);
