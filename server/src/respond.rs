@@ -97,7 +97,7 @@ pub async fn whole_answer(
 
 /// Streams the answer as server-sent events: a role chunk, content chunks, a last
 /// chunk with the finish reason, the usage chunk when asked, then `[DONE]`. A
-/// client that goes away drops the event stream; [`pump`] sees it at once (also while
+/// client that goes away drops the event stream; the pump sees it at once (also while
 /// the request waits or is prefilled) and drops the batch's receiver, which frees
 /// the request's slot at the batch's next turn. `permit` (the request's admission)
 /// is held until the stream ends.
