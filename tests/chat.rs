@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::server::run_text;
 use common::{converted_mode, s};
 use std::fs::File;
 use std::io::{Read, Write};
@@ -90,30 +91,12 @@ impl Pty {
     }
 }
 
-fn run_answer(out: &Path, prompt: &str, image: Option<&Path>) -> String {
-    let mut args = vec![
-        "run",
-        "--bundle",
-        s(out),
-        "--prompt",
-        prompt,
-        "--max-new-tokens",
-        "16",
-        "--json",
-    ];
-    if let Some(p) = image {
-        args.extend(["--image", s(p)]);
-    }
-    let v: serde_json::Value = serde_json::from_str(&common::ok(&args)).unwrap();
-    v["text"].as_str().unwrap().to_string()
-}
-
 #[test]
 fn a_conversation_in_a_terminal() {
     let out = converted_mode("shapes", "int8hu", true);
     let img = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/shapes/images/demo_2.png");
-    let text_answer = run_answer(&out, "Which colour comes after blue?", None);
-    let image_answer = run_answer(&out, "What is in the image?", Some(&img));
+    let text_answer = run_text(&out, "Which colour comes after blue?", &[], 16);
+    let image_answer = run_text(&out, "What is in the image?", &[&img], 16);
     let mut pty = Pty::spawn(&["chat", "--bundle", s(&out), "--max-new-tokens", "16"]);
     let at = pty.say(0, "Which colour comes after blue?");
     let at = pty.expect(at, &text_answer);
