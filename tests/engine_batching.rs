@@ -35,14 +35,19 @@ struct Request {
     images: Vec<Arc<q3vl_engine::EncodedImage>>,
 }
 
+/// Fixture picture `fixtures/shapes/images/NAME.png` through the tower (fixed grid).
+fn encoded(e: &Engine, name: &str) -> Arc<q3vl_engine::EncodedImage> {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("fixtures/shapes/images/{name}.png"));
+    let p = e
+        .preprocess(&q3vl_model::image::load_rgb(&path).unwrap(), false)
+        .unwrap();
+    Arc::new(e.encode_image(&p.pixel_values, p.grid_thw).unwrap())
+}
+
 fn requests(e: &Engine) -> Vec<Request> {
     let pb = e.prompt_builder().unwrap();
-    let rgb = q3vl_model::image::load_rgb(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/shapes/images/demo_1.png"),
-    )
-    .unwrap();
-    let p = e.preprocess(&rgb, false).unwrap();
-    let f = Arc::new(e.encode_image(&p.pixel_values, p.grid_thw).unwrap());
+    let f = encoded(e, "demo_1");
     let text = |q: &str| Request {
         ids: pb.chat(q, None).unwrap().ids,
         images: vec![],
@@ -50,7 +55,7 @@ fn requests(e: &Engine) -> Vec<Request> {
     vec![
         Request {
             ids: pb
-                .chat("What is in the image?", Some(p.grid_thw))
+                .chat("What is in the image?", Some(f.grid_thw))
                 .unwrap()
                 .ids,
             images: vec![f],
@@ -110,18 +115,13 @@ fn a_conversations_next_turn_from_its_cached_prompt_equals_a_fresh_run() {
     let out = converted_fixture("shapes");
     let e = Engine::open(&out, &EngineOptions::default()).unwrap();
     let pb = e.prompt_builder().unwrap();
-    let rgb = q3vl_model::image::load_rgb(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/shapes/images/demo_2.png"),
-    )
-    .unwrap();
-    let p = e.preprocess(&rgb, false).unwrap();
-    let f = Arc::new(e.encode_image(&p.pixel_values, p.grid_thw).unwrap());
+    let f = encoded(&e, "demo_2");
     let first_user = json!({"role": "user", "content": [
         {"type": "image"}, {"type": "text", "text": "What is in the image?"}]});
     let turn1 = pb
         .encode(
             &pb.render(&json!([first_user]), true).unwrap(),
-            &[p.grid_thw],
+            &[f.grid_thw],
         )
         .unwrap();
     let mut s1 = e
@@ -139,7 +139,7 @@ fn a_conversations_next_turn_from_its_cached_prompt_equals_a_fresh_run() {
         {"role": "assistant", "content": answer},
         {"role": "user", "content": "And what colour is it?"}]);
     let turn2 = pb
-        .encode(&pb.render(&messages, true).unwrap(), &[p.grid_thw])
+        .encode(&pb.render(&messages, true).unwrap(), &[f.grid_thw])
         .unwrap();
     let cached = s1.into_prompt_cache();
     let fresh = e
@@ -168,12 +168,7 @@ fn a_conversations_next_turn_from_its_cached_prompt_equals_a_fresh_run() {
     assert!(bits(&resumed) == bits(&fresh), "logits, resumed vs fresh");
 
     // Another image in the same place shares no image position with the cache.
-    let rgb = q3vl_model::image::load_rgb(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/shapes/images/demo_3.png"),
-    )
-    .unwrap();
-    let p3 = e.preprocess(&rgb, false).unwrap();
-    let other = Arc::new(e.encode_image(&p3.pixel_values, p3.grid_thw).unwrap());
+    let other = encoded(&e, "demo_3");
     let s3 = e
         .begin(&turn2.ids, &[other], &params(), Some(&cached))
         .unwrap();

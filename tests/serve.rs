@@ -8,7 +8,8 @@
 mod common;
 
 use common::server::{
-    data_url, fresh_answer, get, image, post, run_text, stream, user, user_images, Server,
+    data_url, fresh_answer, get, image, image_url_body, png_header, post, run_text, stream, user,
+    user_images, Server,
 };
 use common::{converted_fixture, converted_mode, fails, run, s};
 use q3vl_model::conversation::{Message, Part, Role};
@@ -162,24 +163,6 @@ fn concurrent_requests_get_the_answers_they_get_alone() {
         steps < decoded,
         "{steps} decode steps for {decoded} decoded tokens"
     );
-}
-
-/// A PNG whose header claims `w × h` pixels (and holds no pixels).
-fn png_header(w: u32, h: u32) -> Vec<u8> {
-    let mut ihdr = b"IHDR".to_vec();
-    ihdr.extend(w.to_be_bytes());
-    ihdr.extend(h.to_be_bytes());
-    ihdr.extend([8, 2, 0, 0, 0]);
-    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
-    png.extend(13u32.to_be_bytes());
-    png.extend(&ihdr);
-    png.extend(crc32fast::hash(&ihdr).to_be_bytes());
-    png
-}
-
-fn image_url_body(model: &str, url: &str) -> Value {
-    json!({"model": model, "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}]}]})
 }
 
 /// Hostile requests: status, the field named (None: no field), and the error code.

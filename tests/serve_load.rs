@@ -9,7 +9,7 @@
 mod common;
 
 use common::converted_mode;
-use common::server::{image, post, user, Server};
+use common::server::{image, image_url_body, png_header, post, user, Server};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -52,19 +52,8 @@ fn hostile(model: &str) -> Vec<(String, u16)> {
     use base64::Engine as _;
     let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
     let hi = json!([{"role": "user", "content": "hi"}]);
-    let with_url = |url: String| {
-        json!({"model": model, "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}]}]})
-        .to_string()
-    };
-    // A PNG header claiming 60000 × 60000 pixels.
-    let mut ihdr = b"IHDR".to_vec();
-    ihdr.extend(60_000u32.to_be_bytes());
-    ihdr.extend(60_000u32.to_be_bytes());
-    ihdr.extend([8, 2, 0, 0, 0]);
-    let mut bomb = b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0d".to_vec();
-    bomb.extend(&ihdr);
-    bomb.extend(crc32fast::hash(&ihdr).to_be_bytes());
+    let with_url = |url: String| image_url_body(model, &url).to_string();
+    let bomb = png_header(60_000, 60_000);
     let many: Vec<Value> = (0..10_000)
         .map(|i| json!({"role": "user", "content": format!("m{i}")}))
         .collect();

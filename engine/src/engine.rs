@@ -266,26 +266,23 @@ impl Engine {
     pub fn image_tokens(&self, width: usize, height: usize, dynamic: bool) -> Result<usize> {
         let pp = self.preprocessor()?;
         let factor = pp.patch_size * pp.merge_size;
-        let (h, w) = match self.fixed_resize() {
-            Resize::Fixed(side) if !dynamic => (side, side),
-            _ => q3vl_model::image::smart_resize(
-                height,
-                width,
-                factor,
-                pp.min_pixels,
-                pp.max_pixels,
-            )?,
-        };
+        let mode = self.resize_mode(dynamic);
+        let (h, w) = q3vl_model::image::target_size(height, width, &pp, mode)?;
         Ok((h / factor) * (w / factor))
+    }
+
+    /// `smart_resize` when `dynamic`, else the bundle's fixed grid.
+    fn resize_mode(&self, dynamic: bool) -> Resize {
+        if dynamic {
+            Resize::Dynamic
+        } else {
+            self.fixed_resize()
+        }
     }
 
     /// Preprocesses a decoded image (fixed grid unless `dynamic`).
     pub fn preprocess(&self, img: &q3vl_model::image::Rgb8, dynamic: bool) -> Result<PatchedImage> {
-        let mode = if dynamic {
-            Resize::Dynamic
-        } else {
-            self.fixed_resize()
-        };
+        let mode = self.resize_mode(dynamic);
         Ok(q3vl_model::image::preprocess(
             img,
             &self.preprocessor()?,

@@ -124,6 +124,14 @@ mod tests {
     use super::*;
     use q3vl_model::prompt::rope_index;
 
+    /// Every token's position of mapped ids `m`.
+    fn positions_of(m: &[u32], vocab: u32, spans: &[ImageSpan]) -> Vec<[i64; 3]> {
+        m.iter()
+            .enumerate()
+            .map(|(i, &id)| position(i, id, vocab, spans))
+            .collect()
+    }
+
     #[test]
     fn equals_rope_index_with_and_without_an_image() {
         let (pad, vocab) = (151655u32, 151936u32);
@@ -134,11 +142,7 @@ mod tests {
             ids.extend([151653, 100, 101, 151645, 198, 151644, 77091, 198]);
             let (want, next) = rope_index(&ids, pad, &[[1, gh, gw]], 2).unwrap();
             let (mapped, spans) = map_image_ids(&ids, pad, vocab, &[(n, gh / 2, gw / 2)]).unwrap();
-            let got: Vec<[i64; 3]> = mapped
-                .iter()
-                .enumerate()
-                .map(|(i, &id)| position(i, id, vocab, &spans))
-                .collect();
+            let got = positions_of(&mapped, vocab, &spans);
             assert_eq!(got, want, "grid {gh}x{gw}");
             // Decode steps continue from rope_index's next position.
             let t = ids.len();
@@ -148,11 +152,7 @@ mod tests {
         let ids = [1u32, 2, 3];
         let (want, _) = rope_index(&ids, pad, &[], 2).unwrap();
         let (m, spans) = map_image_ids(&ids, pad, vocab, &[]).unwrap();
-        let got: Vec<_> = m
-            .iter()
-            .enumerate()
-            .map(|(i, &id)| position(i, id, vocab, &spans))
-            .collect();
+        let got = positions_of(&m, vocab, &spans);
         assert_eq!(got, want);
     }
 
@@ -177,11 +177,7 @@ mod tests {
             .map(|g| (g[1] / 2 * (g[2] / 2), g[1] / 2, g[2] / 2))
             .collect();
         let (mapped, spans) = map_image_ids(&ids, pad, vocab, &geom).unwrap();
-        let got: Vec<[i64; 3]> = mapped
-            .iter()
-            .enumerate()
-            .map(|(i, &id)| position(i, id, vocab, &spans))
-            .collect();
+        let got = positions_of(&mapped, vocab, &spans);
         assert_eq!(got, want);
         assert_eq!(position(ids.len(), 5, vocab, &spans), [next; 3]);
         // Back-to-back images: their pads form one run, split by the token counts.
@@ -191,11 +187,7 @@ mod tests {
         let g2 = [[1usize, 4, 4], [1, 4, 6]];
         let (want, _) = rope_index(&two, pad, &g2, 2).unwrap();
         let (m, spans) = map_image_ids(&two, pad, vocab, &[(4, 2, 2), (6, 2, 3)]).unwrap();
-        let got: Vec<_> = m
-            .iter()
-            .enumerate()
-            .map(|(i, &id)| position(i, id, vocab, &spans))
-            .collect();
+        let got = positions_of(&m, vocab, &spans);
         assert_eq!(got, want);
     }
 

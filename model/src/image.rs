@@ -433,22 +433,27 @@ pub fn patchify(img: &Rgb8, pp: &PreprocessorConfig) -> Result<PatchedImage> {
     })
 }
 
+/// The (height, width) a `height × width` image is resized to in `mode`: known from
+/// its header, before it is decoded.
+pub fn target_size(
+    height: usize,
+    width: usize,
+    pp: &PreprocessorConfig,
+    mode: Resize,
+) -> Result<(usize, usize)> {
+    let factor = pp.patch_size * pp.merge_size;
+    match mode {
+        Resize::Dynamic => smart_resize(height, width, factor, pp.min_pixels, pp.max_pixels),
+        Resize::Fixed(side) if side % factor != 0 => Err(Error::Config(format!(
+            "fixed image side {side} is not a multiple of {factor}"
+        ))),
+        Resize::Fixed(side) => Ok((side, side)),
+    }
+}
+
 /// The whole pipeline: resize (dynamic or fixed), then patchify.
 pub fn preprocess(img: &Rgb8, pp: &PreprocessorConfig, mode: Resize) -> Result<PatchedImage> {
-    let factor = pp.patch_size * pp.merge_size;
-    let (h, w) = match mode {
-        Resize::Dynamic => {
-            smart_resize(img.height, img.width, factor, pp.min_pixels, pp.max_pixels)?
-        }
-        Resize::Fixed(side) => {
-            if side % factor != 0 {
-                return Err(Error::Config(format!(
-                    "fixed image side {side} is not a multiple of {factor}"
-                )));
-            }
-            (side, side)
-        }
-    };
+    let (h, w) = target_size(img.height, img.width, pp, mode)?;
     patchify(&resize_bicubic(img, w, h), pp)
 }
 

@@ -9,6 +9,7 @@ use crate::queue::{Event, Job, PreparedImage};
 use crate::routes::App;
 use q3vl_engine::GenerateParams;
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 use std::path::Path;
 use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
@@ -143,14 +144,15 @@ fn prepare_images(
         .collect()
 }
 
-/// An image's bytes: a `data:` URL's, or a local file's (only with
+/// An image's bytes: a `data:` URL's (borrowed), or a local file's (only with
 /// `--allow-local-files`).
-fn image_bytes(app: &App, img: &ImageRef) -> Result<Vec<u8>, ApiError> {
+fn image_bytes<'a>(app: &App, img: &'a ImageRef) -> Result<Cow<'a, [u8]>, ApiError> {
     let bad = |msg: String| ApiError::invalid(&img.param, format!("{}: {msg}", img.param));
     match &img.source {
-        ImageSource::Data(bytes) => Ok(bytes.clone()),
+        ImageSource::Data(bytes) => Ok(Cow::Borrowed(bytes)),
         ImageSource::File(path) if app.opts.allow_local_files => {
             q3vl_model::input::read_stream(path, q3vl_model::image::MAX_IMAGE_BYTES)
+                .map(Cow::Owned)
                 .map_err(|e| bad(format!("{}: {e}", path.display())))
         }
         ImageSource::File(_) => Err(bad(

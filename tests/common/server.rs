@@ -254,3 +254,22 @@ pub fn fresh_answer(
         .unwrap();
     pb.decode(&g.tokens).unwrap()
 }
+
+/// A PNG whose header claims `w × h` pixels (and holds no pixels): an image bomb.
+pub fn png_header(w: u32, h: u32) -> Vec<u8> {
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend(w.to_be_bytes());
+    ihdr.extend(h.to_be_bytes());
+    ihdr.extend([8, 2, 0, 0, 0]);
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(13u32.to_be_bytes());
+    png.extend(&ihdr);
+    png.extend(crc32fast::hash(&ihdr).to_be_bytes());
+    png
+}
+
+/// A request with one image URL and the text "hi".
+pub fn image_url_body(model: &str, url: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}]}]})
+}
