@@ -15,37 +15,46 @@
 //!
 //! The activation row `x` is quantized once per product ([`Acts16`]): per block
 //! `d = amax / 32767`, `q = round_half_even(x / d)`, so `|q| ≤ 32767`. Then for one
-//! weight row `w` with `nb` blocks:
+//! weight row `w` with `nb` blocks (an odd last block is paired with a block of zero
+//! weights, zero values and scale 0):
 //!
 //! ```text
 //! acc[0..16] = 0                                            (f32 lanes)
-//! for b in 0..nb:
+//! for b in 0..nb (rounded up to even):
 //!     sc = f32(ws[b]) · xd[b]                               (f32 product, rounded)
-//!     for j in 0..16:
-//!         p = w[32b+2j] · q[32b+2j] + w[32b+2j+1] · q[32b+2j+1]   (exact, i32)
-//!         acc[j] = fma(f32(p), sc, acc[j])                  (fused multiply-add)
+//!     for h in 0..2, v in 0..4:
+//!         p = Σ w[32b+e] · q[32b+e]  over e in {16h+2v, 16h+2v+1, 16h+8+2v, 16h+9+2v}
+//!                                                           (exact, i32)
+//!         m = 8h + 2v + b % 2
+//!         acc[m] = fma(f32(p), sc, acc[m])                  (fused multiply-add)
 //! t[l] = acc[l] + acc[l+8]                                  (l < 8)
 //! result = ((t0+t4) + (t2+t6)) + ((t1+t5) + (t3+t7))
 //! ```
 //!
-//! Lane `j` holds the pair `vpmaddwd` forms in lane `j` when a block's 32 bytes are
-//! sign-extended to int16 in one 512-bit register (on AVX2 and NEON, lanes 0–7
-//! come from the block's first 16 bytes and 8–15 from the second). `|p| ≤ 2 · 128 ·
-//! 32767 < 2²⁴`, so `f32(p)` is exact and a path only changes how it forms the
-//! exact pair sums. An output never depends on the task split or the thread count.
+//! Lane `m` holds four products of one block, and the even and odd blocks of a pair
+//! alternate lanes: that is what one `vpmaddwd` and one `vpdpwssd` form when a pair
+//! of blocks' 64 bytes are interleaved word by word (`vpunpcklwd`/`vpunpckhwd`) and
+//! sign-extended to int16 in two 512-bit registers, so a pair of blocks costs two
+//! integer products, one convert and one FMA per activation row, whose scale pair a
+//! 64-bit broadcast load supplies. The activations are stored in that order once per
+//! product (`paired_index`). `|p| ≤ 4 · 128 · 32767 < 2²⁴`, so `f32(p)` is exact
+//! and a path only changes how it forms the exact sums. An output never depends on the
+//! task split or the thread count.
 //!
-//! Why one lane per pair: on AVX-512 a block is then one sign-extension, one
-//! `vpmaddwd`, one convert and one FMA, with no shuffle to fold the block's halves;
-//! it streams the weights faster than the earlier definition (eight lanes, each two
-//! pairs' sum), closer to a plain sum over the same bytes (docs/benchmarks-history.md:
-//! "The decode arithmetic has one f32 lane per `vpmaddwd` pair").
+//! Why this layout: decode steps of several sequences (continuous batching) run each
+//! weight block against several activation rows, and there the instructions per
+//! activation row, not memory, bound the step. One lane per `vpmaddwd` pair (the
+//! earlier definition) needed a convert and an FMA per block and activation row; four
+//! products per lane halve both (docs/benchmarks-history.md: "The decode arithmetic
+//! sums four products per lane").
 //!
 //! # Paths
 //!
 //! `rows_fn` maps the [`Path`] to its row loop: the portable one (the definition),
-//! AVX2 (two 256-bit `vpmaddwd` per block, also run on CPUs with AVX-512 but without
-//! the path chosen), AVX-512 (one 512-bit `vpmaddwd` per block), NEON (`smull` +
-//! `addp`). The x86 rows each come in two prefetch variants, of which the CPU vendor
+//! AVX2 (per pair of blocks four 256-bit `vpmaddwd` and two adds, also run on CPUs
+//! with AVX-512 but without the path chosen), AVX-512 (one `vpmaddwd` and one
+//! `vpdpwssd` per pair), NEON (`zip`, `smull` + `addp`). Several activation rows at
+//! once take the x86 group loops (`group_fn`). The x86 rows each come in two prefetch variants, of which the CPU vendor
 //! picks one. The tests compare every path the CPU has with the portable one, bit
 //! for bit.
 
@@ -150,24 +159,93 @@ pub fn quantize_block16_portable(x: &[f32], q: &mut [i16]) -> f32 {
     d
 }
 
-/// One dot product on the portable path: the module's arithmetic.
+/// One dot product on the portable path: the module's arithmetic, on activations in
+/// their natural order.
 pub fn dot_portable(w: &[i8], ws: &[f16], xq: &[i16], xd: &[f32]) -> f32 {
+    dot_portable_by(w, ws, |i| xq[i], xd)
+}
+
+/// [`dot_portable`] reading value `i` (natural order) of the activation row as `x(i)`.
+fn dot_portable_by(w: &[i8], ws: &[f16], x: impl Fn(usize) -> i16, xd: &[f32]) -> f32 {
+    let nb = ws.len();
     let mut acc = [0f32; 16];
-    for (((wb, qb), s), d) in w
-        .chunks_exact(BLOCK)
-        .zip(xq.chunks_exact(BLOCK))
-        .zip(ws)
-        .zip(xd)
-    {
-        let sc = s.to_f32() * d;
-        for (j, a) in acc.iter_mut().enumerate() {
-            let p =
-                wb[2 * j] as i32 * qb[2 * j] as i32 + wb[2 * j + 1] as i32 * qb[2 * j + 1] as i32;
-            *a = (p as f32).mul_add(sc, *a);
+    for b in 0..nb.next_multiple_of(2) {
+        // The partner of an odd last block: zero weights, values and scale.
+        let sc = if b < nb { ws[b].to_f32() * xd[b] } else { 0.0 };
+        for h in 0..2 {
+            for v in 0..4 {
+                let e0 = 16 * h + 2 * v;
+                let p: i32 = if b < nb {
+                    [e0, e0 + 1, e0 + 8, e0 + 9]
+                        .iter()
+                        .map(|&e| w[32 * b + e] as i32 * x(32 * b + e) as i32)
+                        .sum()
+                } else {
+                    0
+                };
+                let m = 8 * h + 2 * v + b % 2;
+                acc[m] = (p as f32).mul_add(sc, acc[m]);
+            }
         }
     }
     let t: [f32; 8] = std::array::from_fn(|l| acc[l] + acc[l + 8]);
     ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7]))
+}
+
+/// Values per pair of blocks in the paired layout.
+const PAIR: usize = 2 * BLOCK;
+
+/// Where value `e` (< 32) of block `b` of an activation row sits in its paired
+/// layout: pair `b / 2` holds 64 values, the first 32 in the order the first
+/// `vpmaddwd` of the module's arithmetic reads them (the pair's words
+/// `16h + 2v .. +1`, blocks alternating by lane) and the last 32 in the order the
+/// `vpdpwssd` reads them (words `16h + 8 + 2v .. +1`).
+pub(crate) fn paired_index(b: usize, e: usize) -> usize {
+    let (h, r) = (e / 16, e % 16);
+    let (half, v, i) = (r / 8, (r % 8) / 2, r % 2);
+    let m = 8 * h + 2 * v + b % 2;
+    (b / 2) * PAIR + half * BLOCK + 2 * m + i
+}
+
+/// Activation rows in the paired layout ([`paired_index`]), each `pairs · 64` values
+/// (an odd last block's partner zero), with `pairs · 2` scales (its scale 0).
+#[derive(Debug, Clone)]
+struct PairedActs {
+    q: Vec<i16>,
+    d: Vec<f32>,
+    pairs: usize,
+}
+
+impl PairedActs {
+    /// `xa` in the paired layout.
+    fn new(xa: &Acts16) -> PairedActs {
+        let nb = xa.cols / BLOCK;
+        let pairs = nb.div_ceil(2);
+        let t = xa.d.len() / nb;
+        let mut q = vec![0i16; t * pairs * PAIR];
+        let mut d = vec![0f32; t * pairs * 2];
+        // Where each value of a pair lands, once.
+        let slot: [usize; PAIR] = std::array::from_fn(|i| paired_index(i / BLOCK, i % BLOCK));
+        for tok in 0..t {
+            let (xq, xd) = xa.row(tok);
+            let pq = &mut q[tok * pairs * PAIR..(tok + 1) * pairs * PAIR];
+            for (src, dst) in xq.chunks(PAIR).zip(pq.chunks_exact_mut(PAIR)) {
+                for (&v, &j) in src.iter().zip(&slot) {
+                    dst[j] = v;
+                }
+            }
+            d[tok * pairs * 2..][..nb].copy_from_slice(xd);
+        }
+        PairedActs { q, d, pairs }
+    }
+
+    /// Row `r`'s values and scales.
+    fn row(&self, r: usize) -> ActRow {
+        ActRow {
+            q: self.q[r * self.pairs * PAIR..].as_ptr(),
+            d: self.d[r * self.pairs * 2..].as_ptr(),
+        }
+    }
 }
 
 /// `n` consecutive rows' dot products into `out[0..n]`: rows `w`, `w + nb · 32`, …
@@ -181,8 +259,8 @@ pub fn dot_portable(w: &[i8], ws: &[f16], xq: &[i16], xd: &[f32]) -> f32 {
 ///
 /// # Safety
 /// `w` addresses `n` rows of `nb · 32` bytes, `ws` their `n · nb` f16 scales, `x` one
-/// activation row (`nb · 32` values, `nb` scales), `sc` scratch for `nb` floats and
-/// `out` `n` floats; the function's target features are present.
+/// activation row in the paired layout ([`PairedActs`]), `sc` scratch for `nb + 1`
+/// floats and `out` `n` floats; the function's target features are present.
 type RowsFn = unsafe fn(
     w: *const i8,
     ws: *const f16,
@@ -193,43 +271,91 @@ type RowsFn = unsafe fn(
     out: *mut f32,
 );
 
-/// `n` consecutive weight rows (as [`RowsFn`]) against `t` activation rows `x[0..t]`
-/// ([`MultiTask`]): output `(tok, r)` goes to `out[tok · stride + r]`. Each output is
-/// the same dot product a [`RowsFn`] gives.
+/// A task's `n` consecutive weight rows (as [`RowsFn`]) against the `t` activation
+/// rows of one [`ActGroup`] ([`GroupTask`]): output `(k, r)` goes to
+/// `out[k · stride + r]`. Each output is the same dot product a [`RowsFn`] gives.
 ///
 /// Why: a decode step of several sequences (continuous batching) multiplies each
 /// weight row by several activation rows. Row by row, each product is one chain of
 /// dependent FMAs, and its latency, not memory, bounds the step; interleaving the
-/// activation rows' chains on one sign-extended weight block hides it.
+/// activation rows' chains on one sign-extended weight block hides it, and reads the
+/// weights from memory once for all of them.
 ///
 /// # Safety
-/// As [`RowsFn`], for `t` activation rows and `out` holding `(t − 1) · stride + n`
-/// floats.
+/// `w` addresses `n` rows of `nb · 32` bytes, `ws` their `n · nb` f16 scales; `x` and
+/// `xd` an [`ActGroup`] of `t` rows and `nb` blocks; `sc` scratch for
+/// [`GROUP_SCRATCH`]` · (nb + 1)` floats; `out` holds `(t − 1) · stride + n` floats; the
+/// function's target features are present.
 #[cfg(target_arch = "x86_64")]
-type RowsMultiFn = unsafe fn(MultiTask);
+type GroupFn = unsafe fn(GroupTask);
 
-/// What a [`RowsMultiFn`] works on.
+/// What a [`GroupFn`] works on.
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
-struct MultiTask {
+struct GroupTask {
     /// `n` weight rows of `nb · 32` bytes.
     w: *const i8,
     /// Their `n · nb` scales.
     ws: *const f16,
-    /// `t` activation rows.
-    x: *const ActRow,
+    /// The group's values ([`ActGroup::q`]).
+    x: *const i16,
+    /// The group's scales ([`ActGroup::d`]).
+    xd: *const f32,
+    /// Activation rows in the group.
     t: usize,
     nb: usize,
-    /// Scratch for `x86::MULTI · nb` floats.
+    /// Scratch for [`GROUP_SCRATCH`]` · (nb + 1)` floats.
     sc: *mut f32,
     n: usize,
-    /// Output `(tok, r)` at `out[tok · stride + r]`.
+    /// Output `(k, r)` at `out[k · stride + r]`.
     out: *mut f32,
     stride: usize,
 }
 
-/// One quantized activation row, as a [`RowsFn`] reads it: `nb · 32` int16 values
-/// and `nb` scales.
+/// Most activation rows in one [`ActGroup`] (the AVX-512 kernel's; AVX2 takes four).
+#[cfg(target_arch = "x86_64")]
+const GROUP_MAX: usize = 8;
+
+/// Scratch floats per block a [`GroupFn`] needs: the scale products of two weight
+/// rows against a group (two per activation row, eight rows' worth per pair), and one
+/// row's scales in f32.
+#[cfg(target_arch = "x86_64")]
+const GROUP_SCRATCH: usize = 2 * GROUP_MAX + 1;
+
+/// Up to [`GROUP_MAX`] activation rows in the paired layout, interleaved pair by pair
+/// so that a kernel finds every row's pair `c` side by side at fixed offsets: row `k`'s
+/// pair `c` at `q[(c · t + k) · 64 ..]`, its two scales at `d[(c · 8 + k) · 2 ..]`
+/// (rows past `t` zero).
+#[cfg(target_arch = "x86_64")]
+struct ActGroup {
+    q: Vec<i16>,
+    d: Vec<f32>,
+    t: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl ActGroup {
+    /// Rows `k0 .. k0 + t` of `xp`.
+    fn gather(xp: &PairedActs, k0: usize, t: usize) -> ActGroup {
+        assert!(t > 0 && t <= GROUP_MAX);
+        let pairs = xp.pairs;
+        let mut q = vec![0i16; t * pairs * PAIR];
+        let mut d = vec![0f32; pairs * GROUP_MAX * 2];
+        for k in 0..t {
+            let r = k0 + k;
+            let xq = &xp.q[r * pairs * PAIR..(r + 1) * pairs * PAIR];
+            let xd = &xp.d[r * pairs * 2..(r + 1) * pairs * 2];
+            for c in 0..pairs {
+                q[(c * t + k) * PAIR..][..PAIR].copy_from_slice(&xq[c * PAIR..][..PAIR]);
+                d[(c * GROUP_MAX + k) * 2..][..2].copy_from_slice(&xd[2 * c..2 * c + 2]);
+            }
+        }
+        ActGroup { q, d, t }
+    }
+}
+
+/// One quantized activation row in the paired layout, as a [`RowsFn`] reads it:
+/// `pairs · 64` int16 values and `pairs · 2` scales ([`PairedActs`]).
 #[derive(Clone, Copy)]
 struct ActRow {
     q: *const i16,
@@ -286,12 +412,14 @@ unsafe fn row_portable(
     _sc: *mut f32,
 ) -> f32 {
     let n = nb * BLOCK;
-    // SAFETY: see `RowsFn` (for one row).
+    // SAFETY: see `RowsFn` (for one row); the paired row holds every paired_index of
+    // its nb blocks.
     unsafe {
-        dot_portable(
+        let xq = std::slice::from_raw_parts(xq, nb.div_ceil(2) * PAIR);
+        dot_portable_by(
             std::slice::from_raw_parts(w, n),
             std::slice::from_raw_parts(ws, nb),
-            std::slice::from_raw_parts(xq, n),
+            |i| xq[paired_index(i / BLOCK, i % BLOCK)],
             std::slice::from_raw_parts(xd, nb),
         )
     }
@@ -323,15 +451,15 @@ fn rows_fn(path: Path) -> RowsFn {
     }
 }
 
-/// The multi-row loop of `path`, where it has one.
+/// The group loop of `path`, where it has one, and the most activation rows it takes.
 #[cfg(target_arch = "x86_64")]
-fn rows_multi_fn(path: Path) -> Option<RowsMultiFn> {
+fn group_fn(path: Path) -> Option<(GroupFn, usize)> {
     assert_available(path);
     match path {
-        Path::Avx2 if x86::prefetch_l2() => Some(x86::rows_multi_avx2_l2),
-        Path::Avx2 => Some(x86::rows_multi_avx2_nta),
-        Path::Avx512Vnni if x86::prefetch_l2() => Some(x86::rows_multi_avx512_l2),
-        Path::Avx512Vnni => Some(x86::rows_multi_avx512_nta),
+        Path::Avx2 if x86::prefetch_l2() => Some((x86::groups_avx2_l2, 4)),
+        Path::Avx2 => Some((x86::groups_avx2_nta, 4)),
+        Path::Avx512Vnni if x86::prefetch_l2() => Some((x86::groups_avx512_l2, GROUP_MAX)),
+        Path::Avx512Vnni => Some((x86::groups_avx512_nta, GROUP_MAX)),
         _ => None,
     }
 }
@@ -365,11 +493,11 @@ pub fn matvec_on(
         return;
     }
     let rows_of_path = rows_fn(path);
-    let xa = Acts16::quantize_on(path, x, cols);
+    let xp = PairedActs::new(&Acts16::quantize_on(path, x, cols));
     #[cfg(target_arch = "x86_64")]
     if t > 1 {
-        if let Some(multi) = rows_multi_fn(path) {
-            return matvec_multi(multi, q, s, rows, cols, &xa, out);
+        if let Some((group, most)) = group_fn(path) {
+            return matvec_groups(group, most, q, s, rows, cols, &xp, out);
         }
     }
     // About 32 KiB of weights per task: small tasks balance the threads; one row at
@@ -378,23 +506,19 @@ pub fn matvec_on(
     let mc = ((32 << 10) / cols).clamp(1, 64);
     let optr = OutPtr(out.as_mut_ptr());
     (0..rows.div_ceil(mc)).into_par_iter().for_each_init(
-        || vec![0f32; nb],
+        || vec![0f32; nb + 1],
         |sc, task| {
             let (r0, r1) = (task * mc, ((task + 1) * mc).min(rows));
             for tok in 0..t {
-                let (xq, xd) = xa.row(tok);
-                // SAFETY: rows r0..r1 of q and s and token tok of xa are in bounds
-                // (checked lengths); sc holds nb floats; the path was detected on this
-                // CPU; outputs (tok, r0..r1) are inside `out` and only this task writes
-                // them.
+                // SAFETY: rows r0..r1 of q and s and token tok of xp are in bounds
+                // (checked lengths); sc holds nb + 1 floats; the path was detected on
+                // this CPU; outputs (tok, r0..r1) are inside `out` and only this task
+                // writes them.
                 unsafe {
                     rows_of_path(
                         q.as_ptr().add(r0 * cols),
                         s.as_ptr().add(r0 * nb),
-                        ActRow {
-                            q: xq.as_ptr(),
-                            d: xd.as_ptr(),
-                        },
+                        xp.row(tok),
                         nb,
                         sc.as_mut_ptr(),
                         r1 - r0,
@@ -406,51 +530,52 @@ pub fn matvec_on(
     );
 }
 
-/// [`matvec_on`] for several activation rows with a multi-row loop: the same tasks of
-/// weight rows, each running every activation row against its rows at once.
+/// [`matvec_on`] for several activation rows with a group loop: the activation rows
+/// gathered into groups of at most `most`, then the same tasks of weight rows, each
+/// running every group against its rows.
 #[cfg(target_arch = "x86_64")]
-fn matvec_multi(
-    multi: RowsMultiFn,
+#[allow(clippy::too_many_arguments)]
+fn matvec_groups(
+    group: GroupFn,
+    most: usize,
     q: &[i8],
     s: &[f16],
     rows: usize,
     cols: usize,
-    xa: &Acts16,
+    xp: &PairedActs,
     out: &mut [f32],
 ) {
-    let (nb, t) = (cols / BLOCK, xa.q.len() / cols);
+    let (nb, t) = (cols / BLOCK, xp.d.len() / (2 * xp.pairs));
+    let groups: Vec<(usize, ActGroup)> = (0..t)
+        .step_by(most)
+        .map(|k0| (k0, ActGroup::gather(xp, k0, (t - k0).min(most))))
+        .collect();
     let mc = ((32 << 10) / cols).clamp(1, 64);
     let optr = OutPtr(out.as_mut_ptr());
     (0..rows.div_ceil(mc)).into_par_iter().for_each_init(
-        || vec![0f32; x86::MULTI * nb],
+        || vec![0f32; GROUP_SCRATCH * (nb + 1)],
         |sc, task| {
             let (r0, r1) = (task * mc, ((task + 1) * mc).min(rows));
-            let acts: Vec<ActRow> = (0..t)
-                .map(|tok| {
-                    let (xq, xd) = xa.row(tok);
-                    ActRow {
-                        q: xq.as_ptr(),
-                        d: xd.as_ptr(),
-                    }
-                })
-                .collect();
-            // SAFETY: rows r0..r1 of q and s and every activation row are in bounds
-            // (checked lengths in matvec_on); sc holds MULTI · nb floats; the path was
-            // detected on this CPU; outputs (·, r0..r1) are inside `out` and only this
-            // task writes them.
-            unsafe {
-                multi(MultiTask {
-                    w: q.as_ptr().add(r0 * cols),
-                    ws: s.as_ptr().add(r0 * nb),
-                    x: acts.as_ptr(),
-                    t,
-                    nb,
-                    sc: sc.as_mut_ptr(),
-                    n: r1 - r0,
-                    out: optr.get().add(r0),
-                    stride: rows,
-                })
-            };
+            for (k0, g) in &groups {
+                // SAFETY: rows r0..r1 of q and s are in bounds and every group holds
+                // g.t rows of nb blocks (checked lengths in matvec_on); sc holds
+                // GROUP_SCRATCH · (nb + 1) floats; the path was detected on this CPU; outputs
+                // (k0.., r0..r1) are inside `out` and only this task writes them.
+                unsafe {
+                    group(GroupTask {
+                        w: q.as_ptr().add(r0 * cols),
+                        ws: s.as_ptr().add(r0 * nb),
+                        x: g.q.as_ptr(),
+                        xd: g.d.as_ptr(),
+                        t: g.t,
+                        nb,
+                        sc: sc.as_mut_ptr(),
+                        n: r1 - r0,
+                        out: optr.get().add(k0 * rows + r0),
+                        stride: rows,
+                    })
+                };
+            }
         },
     );
 }

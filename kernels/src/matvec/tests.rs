@@ -123,8 +123,8 @@ fn non_finite_activations_give_nan_not_garbage() {
 
 #[test]
 fn extreme_block_sum_is_exact_on_every_path() {
-    // 32 · 128 · 32767: the largest block sum, from sixteen pair lanes each at
-    // 2 · 128 · 32767, under 2²⁴; exact only if every lane sum is.
+    // 32 · 128 · 32767: the largest block sum, from eight lanes each at
+    // 4 · 128 · 32767, under 2²⁴; exact only if every lane sum is.
     let w = vec![-128i8; 32];
     let x = vec![-1.0f32; 32];
     let xa = Acts16::quantize(&x, 32);
@@ -155,6 +155,8 @@ fn both_prefetch_variants_of_each_row_match_portable() {
             .collect();
         let xa = Acts16::quantize(&x, cols);
         let want = dot_portable(&q, &s, &xa.q, &xa.d);
+        let paired = PairedActs::new(&xa);
+        let xp = paired.row(0);
         let mut rows: Vec<(RowFn, &str)> = Vec::new();
         if available_paths().contains(&Path::Avx2) {
             rows.push((x86::row_avx2::<true>, "avx2 t1"));
@@ -164,20 +166,11 @@ fn both_prefetch_variants_of_each_row_match_portable() {
             rows.push((x86::row_avx512::<true>, "avx512 t1"));
             rows.push((x86::row_avx512::<false>, "avx512 nta"));
         }
-        let mut sc = vec![0f32; nb];
+        let mut sc = vec![0f32; nb + 1];
         for (row, what) in rows {
-            // SAFETY: one row of nb blocks, its scales and activations; sc holds nb
-            // floats; the row's path is available.
-            let got = unsafe {
-                row(
-                    q.as_ptr(),
-                    s.as_ptr(),
-                    xa.q.as_ptr(),
-                    xa.d.as_ptr(),
-                    nb,
-                    sc.as_mut_ptr(),
-                )
-            };
+            // SAFETY: one row of nb blocks, its scales and paired activations; sc holds
+            // nb + 1 floats; the row's path is available.
+            let got = unsafe { row(q.as_ptr(), s.as_ptr(), xp.q, xp.d, nb, sc.as_mut_ptr()) };
             assert_eq!(got.to_bits(), want.to_bits(), "{what} nb={nb}");
         }
     }
@@ -195,18 +188,48 @@ fn portable_dot_is_the_documented_arithmetic() {
             .collect();
         let xa = Acts16::quantize(&x, nb * BLOCK);
         let mut acc = [0f32; 16];
-        for (b, (s, d)) in ws.iter().zip(&xa.d).enumerate() {
-            let sc = s.to_f32() * d;
-            for (j, a) in acc.iter_mut().enumerate() {
-                let (i0, i1) = (32 * b + 2 * j, 32 * b + 2 * j + 1);
-                let p = w[i0] as i32 * xa.q[i0] as i32 + w[i1] as i32 * xa.q[i1] as i32;
-                *a = (p as f32).mul_add(sc, *a);
+        for b in 0..nb + nb % 2 {
+            let sc = if b < nb {
+                ws[b].to_f32() * xa.d[b]
+            } else {
+                0.0
+            };
+            for h in 0..2 {
+                for v in 0..4 {
+                    let mut p = 0i32;
+                    if b < nb {
+                        for e in [16 * h + 2 * v, 16 * h + 2 * v + 1, 16 * h + 8 + 2 * v] {
+                            p += w[32 * b + e] as i32 * xa.q[32 * b + e] as i32;
+                        }
+                        let e = 16 * h + 9 + 2 * v;
+                        p += w[32 * b + e] as i32 * xa.q[32 * b + e] as i32;
+                    }
+                    let m = 8 * h + 2 * v + b % 2;
+                    acc[m] = (p as f32).mul_add(sc, acc[m]);
+                }
             }
         }
         let t: Vec<f32> = (0..8).map(|l| acc[l] + acc[l + 8]).collect();
         let want = ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7]));
         let got = dot_portable(&w, &ws, &xa.q, &xa.d);
         assert_eq!(got.to_bits(), want.to_bits(), "nb={nb}");
+    }
+}
+
+/// The paired layout places each value of a pair of blocks in its own one of the
+/// pair's 64 slots, and no value outside the pair.
+#[test]
+fn paired_layout_is_a_permutation_of_each_pair() {
+    for b in 0..6 {
+        let mut slots: Vec<usize> = (0..BLOCK).map(|e| paired_index(b, e)).collect();
+        slots.extend((0..BLOCK).map(|e| paired_index(b ^ 1, e)));
+        slots.sort_unstable();
+        let first = (b / 2) * PAIR;
+        assert_eq!(
+            slots,
+            (first..first + PAIR).collect::<Vec<_>>(),
+            "block {b}"
+        );
     }
 }
 
@@ -232,19 +255,17 @@ fn task_loops_cover_every_row() {
             )
         })
         .collect();
+    let xp = PairedActs::new(&xa);
     for &p in &available_paths() {
         let mut out = vec![f32::NAN; rows + 1];
-        let mut sc = vec![0f32; nb];
-        // SAFETY: `rows` rows of q and s, one activation row, nb scratch floats,
-        // `rows` outputs; the path is available.
+        let mut sc = vec![0f32; nb + 1];
+        // SAFETY: `rows` rows of q and s, one paired activation row, nb + 1 scratch
+        // floats, `rows` outputs; the path is available.
         unsafe {
             rows_fn(p)(
                 q.as_ptr(),
                 s.as_ptr(),
-                ActRow {
-                    q: xa.q.as_ptr(),
-                    d: xa.d.as_ptr(),
-                },
+                xp.row(0),
                 nb,
                 sc.as_mut_ptr(),
                 rows,
@@ -270,6 +291,8 @@ fn paths_match_portable_bit_for_bit_and_are_accurate() {
         (9, 7, 5),
         (21, 6, 8),
         (5, 3, 11),
+        (19, 7, 16),
+        (4, 2, 6),
     ] {
         let cols = nb * BLOCK;
         let (q, s) = random_weight(&mut seed, rows, nb);
@@ -306,6 +329,66 @@ fn paths_match_portable_bit_for_bit_and_are_accurate() {
                 on_threads(threads, || matvec_on(p, &q, &s, rows, cols, &x, &mut out));
                 let what = format!("{p:?} threads={threads} rows={rows} nb={nb} t={t}");
                 assert_same_bits(&out, &want, &what);
+            }
+        }
+    }
+}
+
+/// Both prefetch variants of each x86 group loop (only one runs on a given CPU), for
+/// every group size it takes, odd and even row and block counts, give each output
+/// the portable bits in place and write nothing else.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn both_prefetch_variants_of_each_group_loop_match_portable() {
+    let mut loops: Vec<(GroupFn, usize, &str)> = Vec::new();
+    if available_paths().contains(&Path::Avx2) {
+        loops.push((x86::groups_avx2_l2, 4, "avx2 t1"));
+        loops.push((x86::groups_avx2_nta, 4, "avx2 nta"));
+    }
+    if available_paths().contains(&Path::Avx512Vnni) {
+        loops.push((x86::groups_avx512_l2, GROUP_MAX, "avx512 t1"));
+        loops.push((x86::groups_avx512_nta, GROUP_MAX, "avx512 nta"));
+    }
+    let mut seed = 61;
+    for (rows, nb) in [(1usize, 1usize), (2, 2), (5, 3), (8, 6), (7, 17)] {
+        let cols = nb * BLOCK;
+        let (q, s) = random_weight(&mut seed, rows, nb);
+        for &(group, most, what) in &loops {
+            for t in 1..=most {
+                let x: Vec<f32> = (0..t * cols)
+                    .map(|_| ((lcg(&mut seed) % 20001) as f32 - 10000.0) * 1e-3)
+                    .collect();
+                let xa = Acts16::quantize(&x, cols);
+                let g = ActGroup::gather(&PairedActs::new(&xa), 0, t);
+                let stride = rows + 3;
+                let mut out = vec![f32::NAN; t * stride];
+                let mut sc = vec![0f32; GROUP_SCRATCH * (nb + 1)];
+                // SAFETY: rows rows of q and s, a group of t rows of nb blocks, the
+                // scratch GroupFn asks for, t · stride outputs; the path is available.
+                unsafe {
+                    group(GroupTask {
+                        w: q.as_ptr(),
+                        ws: s.as_ptr(),
+                        x: g.q.as_ptr(),
+                        xd: g.d.as_ptr(),
+                        t,
+                        nb,
+                        sc: sc.as_mut_ptr(),
+                        n: rows,
+                        out: out.as_mut_ptr(),
+                        stride,
+                    })
+                };
+                for k in 0..t {
+                    let (xq, xd) = xa.row(k);
+                    let want: Vec<f32> = (0..rows)
+                        .map(|r| dot_portable(&q[r * cols..][..cols], &s[r * nb..][..nb], xq, xd))
+                        .collect();
+                    let row = &out[k * stride..(k + 1) * stride];
+                    let ctx = format!("{what} rows={rows} nb={nb} t={t} k={k}");
+                    assert_same_bits(&row[..rows], &want, &ctx);
+                    assert!(row[rows..].iter().all(|v| v.is_nan()), "{ctx}: wrote past");
+                }
             }
         }
     }

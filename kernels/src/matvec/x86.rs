@@ -1,4 +1,4 @@
-use super::{ActRow, MultiTask, BLOCK, MAGIC, QMAX};
+use super::{GroupTask, BLOCK, GROUP_MAX, MAGIC, PAIR, QMAX};
 use half::f16;
 use std::arch::x86_64::*;
 
@@ -88,7 +88,8 @@ fn prefetch<const L2: bool>(p: *const i8) {
     }
 }
 
-/// The row's scale products `sc[b] = f32(ws[b]) · xd[b]`, eight at a time.
+/// The row's scale products `sc[b] = f32(ws[b]) · xd[b]`, eight at a time, and
+/// `sc[nb] = 0` (the scale of an odd last block's partner).
 #[target_feature(enable = "avx2,f16c")]
 #[inline]
 unsafe fn scale_products(ws: *const f16, xd: *const f32, nb: usize, sc: *mut f32) {
@@ -103,30 +104,7 @@ unsafe fn scale_products(ws: *const f16, xd: *const f32, nb: usize, sc: *mut f32
         *sc.add(b) = (*ws.add(b)).to_f32() * *xd.add(b);
         b += 1;
     }
-}
-
-/// Block `b` folded into the pair lanes: `lo` takes pairs 0–7 (the block's first
-/// 16 bytes), `hi` pairs 8–15, each `fma(f32(p), sc, acc)`.
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn block_avx2(
-    w: *const i8,
-    xq: *const i16,
-    b: usize,
-    sc: f32,
-    lo: __m256,
-    hi: __m256,
-) -> (__m256, __m256) {
-    let o = b * BLOCK;
-    let w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(o) as *const __m128i));
-    let w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(o + 16) as *const __m128i));
-    let p0 = _mm256_madd_epi16(w0, _mm256_loadu_si256(xq.add(o) as *const __m256i));
-    let p1 = _mm256_madd_epi16(w1, _mm256_loadu_si256(xq.add(o + 16) as *const __m256i));
-    let s = _mm256_set1_ps(sc);
-    (
-        _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), s, lo),
-        _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), s, hi),
-    )
+    *sc.add(nb) = 0.0;
 }
 
 /// The folded lanes `t` summed in the module's order:
@@ -139,13 +117,152 @@ unsafe fn lane_total(t: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
 }
 
-/// AVX2 row: the scale products first (one pass over the row's scales), then per
-/// block two sign-extensions to int16, two `vpmaddwd`, two converts and two FMAs
-/// (pairs 0–7 and 8–15 in two registers).
+/// The 16 lanes of a 512-bit accumulator folded and summed in the module's order.
+#[target_feature(enable = "avx512f,avx2")]
+#[inline]
+unsafe fn lane_total_512(a: __m512) -> f32 {
+    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a)));
+    lane_total(_mm256_add_ps(_mm512_castps512_ps256(a), hi))
+}
+
+/// Two f32 at `p` broadcast as a pair to every even and odd lane (one load; no
+/// shuffle on the vector ports).
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn pair_broadcast_512(p: *const f32) -> __m512 {
+    _mm512_castpd_ps(_mm512_set1_pd(std::ptr::read_unaligned(p as *const f64)))
+}
+
+/// [`pair_broadcast_512`] in 256 bits.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn pair_broadcast_256(p: *const f32) -> __m256 {
+    _mm256_castpd_ps(_mm256_set1_pd(std::ptr::read_unaligned(p as *const f64)))
+}
+
+/// The 32 bytes at `p`, or zero for the partner of an odd last block.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn block_or_zero(p: *const i8, present: bool) -> __m256i {
+    if present {
+        _mm256_loadu_si256(p as *const __m256i)
+    } else {
+        _mm256_setzero_si256()
+    }
+}
+
+/// A pair of weight blocks (`lo` at `p`, `hi` the next 32 bytes, or zero) as the
+/// module's arithmetic reads them on AVX-512: words interleaved (`vpunpcklwd` gives
+/// the words `16h + 2v .. +1` of each 128-bit half, `vpunpckhwd` the words
+/// `16h + 8 + 2v .. +1`), sign-extended to int16.
+#[target_feature(enable = "avx512f,avx512bw,avx2")]
+#[inline]
+unsafe fn pair_weights_avx512(p: *const i8, partner: bool) -> (__m512i, __m512i) {
+    let (b, c) = (
+        _mm256_loadu_si256(p as *const __m256i),
+        block_or_zero(p.add(BLOCK), partner),
+    );
+    (
+        _mm512_cvtepi8_epi16(_mm256_unpacklo_epi16(b, c)),
+        _mm512_cvtepi8_epi16(_mm256_unpackhi_epi16(b, c)),
+    )
+}
+
+/// `acc + f32(Σ) · s` for one pair of blocks against activations `x` (paired layout):
+/// the exact lane sums are one `vpmaddwd` and one `vpdpwssd`.
 ///
-/// Kept out of line: inlined into the loop over a task's rows, the AVX-512 row
-/// (the same instructions) read the 8B bundle's weights markedly slower
-/// (docs/benchmarks-history.md: "Each path loops over its task's rows itself").
+/// `vpdpwssd` is written as assembly: LLVM splits `vpdpwssd(vpmaddwd(..), ..)` into two
+/// `vpmaddwd` and an add, one more instruction per pair and activation row.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
+#[inline]
+unsafe fn pair_fma_avx512(
+    wa: __m512i,
+    wb: __m512i,
+    x: *const i16,
+    s: __m512,
+    acc: __m512,
+) -> __m512 {
+    let mut p = _mm512_madd_epi16(wa, _mm512_loadu_si512(x as *const _));
+    let xb = _mm512_loadu_si512(x.add(BLOCK) as *const _);
+    // SAFETY: vpdpwssd reads and writes registers only; the function requires
+    // AVX-512 VNNI.
+    std::arch::asm!(
+        "vpdpwssd {p}, {w}, {x}",
+        p = inout(zmm_reg) p,
+        w = in(zmm_reg) wb,
+        x = in(zmm_reg) xb,
+        options(pure, nomem, nostack, preserves_flags)
+    );
+    _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s, acc)
+}
+
+/// AVX-512 row: per pair of blocks one interleave and sign-extension per half, one
+/// `vpmaddwd`, one `vpdpwssd`, one convert and one FMA; the two halves of the
+/// accumulator are added once at the end.
+///
+/// Kept out of line: inlined into the loop over a task's rows, the same instructions
+/// read the 8B bundle's weights markedly slower (docs/benchmarks-history.md: "Each
+/// path loops over its task's rows itself").
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+#[inline(never)]
+pub unsafe fn row_avx512<const L2: bool>(
+    w: *const i8,
+    ws: *const f16,
+    xq: *const i16,
+    xd: *const f32,
+    nb: usize,
+    sc: *mut f32,
+) -> f32 {
+    scale_products(ws, xd, nb, sc);
+    let mut acc = _mm512_setzero_ps();
+    for c in 0..nb.div_ceil(2) {
+        // One prefetch per pair: a cache line of weights.
+        prefetch::<L2>(w.wrapping_add(c * PAIR));
+        let (wa, wb) = pair_weights_avx512(w.add(c * PAIR), 2 * c + 1 < nb);
+        let s = pair_broadcast_512(sc.add(2 * c));
+        acc = pair_fma_avx512(wa, wb, xq.add(c * PAIR), s, acc);
+    }
+    lane_total_512(acc)
+}
+
+/// A pair of weight blocks' half `h` (bytes `16h ..` of each) as the module's
+/// arithmetic reads it on AVX2: the two 128-bit interleaves, sign-extended.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn pair_half_weights_avx2(p: *const i8, h: usize, partner: bool) -> (__m256i, __m256i) {
+    let b = _mm_loadu_si128(p.add(16 * h) as *const __m128i);
+    let c = if partner {
+        _mm_loadu_si128(p.add(BLOCK + 16 * h) as *const __m128i)
+    } else {
+        _mm_setzero_si128()
+    };
+    (
+        _mm256_cvtepi8_epi16(_mm_unpacklo_epi16(b, c)),
+        _mm256_cvtepi8_epi16(_mm_unpackhi_epi16(b, c)),
+    )
+}
+
+/// Half `h` of [`pair_fma_avx512`] on AVX2 (lanes `8h .. 8h + 8`): two `vpmaddwd`
+/// and an add form the exact lane sums.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn pair_half_fma_avx2(
+    (wa, wb): (__m256i, __m256i),
+    x: *const i16,
+    h: usize,
+    s: __m256,
+    acc: __m256,
+) -> __m256 {
+    let pa = _mm256_madd_epi16(wa, _mm256_loadu_si256(x.add(16 * h) as *const __m256i));
+    let pb = _mm256_madd_epi16(
+        wb,
+        _mm256_loadu_si256(x.add(BLOCK + 16 * h) as *const __m256i),
+    );
+    _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(pa, pb)), s, acc)
+}
+
+/// AVX2 row: [`row_avx512`]'s pairs of blocks, each half of the lanes in its own
+/// 256-bit accumulator. Out of line as [`row_avx512`].
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline(never)]
 pub unsafe fn row_avx2<const L2: bool>(
@@ -158,18 +275,12 @@ pub unsafe fn row_avx2<const L2: bool>(
 ) -> f32 {
     scale_products(ws, xd, nb, sc);
     let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    // Two blocks (one cache line of weights) per iteration: one prefetch and no
-    // branch for it.
-    let pairs = nb / 2 * 2;
-    let mut b = 0;
-    while b < pairs {
-        prefetch::<L2>(w.wrapping_add(b * BLOCK));
-        (lo, hi) = block_avx2(w, xq, b, *sc.add(b), lo, hi);
-        (lo, hi) = block_avx2(w, xq, b + 1, *sc.add(b + 1), lo, hi);
-        b += 2;
-    }
-    if b < nb {
-        (lo, hi) = block_avx2(w, xq, b, *sc.add(b), lo, hi);
+    for c in 0..nb.div_ceil(2) {
+        prefetch::<L2>(w.wrapping_add(c * PAIR));
+        let (p, partner) = (w.add(c * PAIR), 2 * c + 1 < nb);
+        let (x, s) = (xq.add(c * PAIR), pair_broadcast_256(sc.add(2 * c)));
+        lo = pair_half_fma_avx2(pair_half_weights_avx2(p, 0, partner), x, 0, s, lo);
+        hi = pair_half_fma_avx2(pair_half_weights_avx2(p, 1, partner), x, 1, s, hi);
     }
     lane_total(_mm256_add_ps(lo, hi))
 }
@@ -188,178 +299,249 @@ rows_of!(
 );
 rows_of!(
     /// [`row_avx512`] (L2 prefetch) over consecutive rows.
-    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
     pub rows_avx512_l2,
     row_avx512::<true>
 );
 rows_of!(
     /// [`row_avx512`] (non-temporal prefetch) over consecutive rows.
-    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
     pub rows_avx512_nta,
     row_avx512::<false>
 );
 
-/// Block `b` folded into the 16 pair lanes: one sign-extension, one `vpmaddwd`,
-/// one convert, one FMA.
-#[target_feature(enable = "avx512f,avx512bw")]
+/// The scale products of a group's rows against one weight row, in the group's
+/// layout: `sc[(c · 8 + k) · 2 + j] = f32(ws[2c + j]) · xd[(c · 8 + k) · 2 + j]` for
+/// the first `ceil(N / 4) · 4` rows `k` (a row past the group's multiplies zero scales
+/// and is never read; an odd last block's partner has scale 0). `wsf` is scratch for
+/// the row's scales in f32 (`nb + 1` floats).
+#[target_feature(enable = "avx2,f16c")]
 #[inline]
-unsafe fn block_avx512(w: *const i8, xq: *const i16, b: usize, sc: f32, acc: __m512) -> __m512 {
-    let o = b * BLOCK;
-    let w16 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(w.add(o) as *const __m256i));
-    let p = _mm512_madd_epi16(w16, _mm512_loadu_si512(xq.add(o) as *const _));
-    _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_set1_ps(sc), acc)
+unsafe fn group_scale_products<const N: usize>(
+    ws: *const f16,
+    xd: *const f32,
+    nb: usize,
+    wsf: *mut f32,
+    sc: *mut f32,
+) {
+    let full = nb / 8 * 8;
+    let mut b = 0;
+    while b < full {
+        let s = _mm256_cvtph_ps(_mm_loadu_si128(ws.add(b) as *const __m128i));
+        _mm256_storeu_ps(wsf.add(b), s);
+        b += 8;
+    }
+    while b < nb {
+        *wsf.add(b) = (*ws.add(b)).to_f32();
+        b += 1;
+    }
+    *wsf.add(nb) = 0.0;
+    for c in 0..nb.div_ceil(2) {
+        let w2 = pair_broadcast_256(wsf.add(2 * c));
+        for q in 0..N.div_ceil(4) {
+            let o = (c * GROUP_MAX + 4 * q) * 2;
+            _mm256_storeu_ps(sc.add(o), _mm256_mul_ps(w2, _mm256_loadu_ps(xd.add(o))));
+        }
+    }
 }
 
-/// AVX-512 row: the module's arithmetic as written, one block per 512-bit
-/// `vpmaddwd`; the two halves of the accumulator are added once at the end.
-#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-#[inline(never)] // see `row_avx2`
-pub unsafe fn row_avx512<const L2: bool>(
+/// `R` consecutive weight rows against the `N` activation rows of a group (the decode
+/// steps of `N` sequences): each pair of weight blocks is interleaved and
+/// sign-extended once per weight row and each activation pair loaded once for the `R`
+/// rows, feeding `R · N` independent chains, so neither the FMA latency of one chain
+/// nor the loads bound the step. Each chain is [`row_avx512`]'s, operation for
+/// operation, so each result has its bits.
+///
+/// Why two weight rows: with one, a group of eight activation rows spent about three
+/// cycles per block and activation row where the arithmetic needs less than two (an
+/// L2-resident sweep on the Intel Xeon host, 4096 columns).
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn rows_n_avx512<const R: usize, const N: usize, const L2: bool>(
     w: *const i8,
     ws: *const f16,
-    xq: *const i16,
+    x: *const i16,
     xd: *const f32,
     nb: usize,
     sc: *mut f32,
-) -> f32 {
-    scale_products(ws, xd, nb, sc);
-    let mut acc = _mm512_setzero_ps();
-    let pairs = nb / 2 * 2;
-    let mut b = 0;
-    while b < pairs {
-        prefetch::<L2>(w.wrapping_add(b * BLOCK));
-        acc = block_avx512(w, xq, b, *sc.add(b), acc);
-        acc = block_avx512(w, xq, b + 1, *sc.add(b + 1), acc);
-        b += 2;
+) -> [[f32; N]; R] {
+    let pairs = nb.div_ceil(2);
+    let per_row = pairs * GROUP_MAX * 2;
+    let wsf = sc.add(R * per_row);
+    for i in 0..R {
+        group_scale_products::<N>(ws.add(i * nb), xd, nb, wsf, sc.add(i * per_row));
     }
-    if b < nb {
-        acc = block_avx512(w, xq, b, *sc.add(b), acc);
+    let mut acc = [[_mm512_setzero_ps(); N]; R];
+    // Full pairs in the loop; an odd last block after it, with its zero partner.
+    for c in 0..nb / 2 {
+        pairs_step::<R, N, L2>(w, nb, x, sc, per_row, c, true, &mut acc);
     }
-    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc)));
-    lane_total(_mm256_add_ps(_mm512_castps512_ps256(acc), hi))
+    if nb % 2 == 1 {
+        pairs_step::<R, N, L2>(w, nb, x, sc, per_row, pairs - 1, false, &mut acc);
+    }
+    let mut out = [[0f32; N]; R];
+    for (oi, ai) in out.iter_mut().zip(&acc) {
+        for (o, &a) in oi.iter_mut().zip(ai) {
+            *o = lane_total_512(a);
+        }
+    }
+    out
 }
 
-/// Most activation rows one multi-row call takes ([`rows_multi_avx512`]).
-pub const MULTI: usize = 4;
-
-/// `N` activation rows against one weight row (the decode steps of `N` sequences):
-/// each block's weights are sign-extended once and feed `N` independent chains, so
-/// the FMA latency of one chain no longer bounds the row. Each chain is
-/// [`row_avx512`]'s, operation for operation, so each result has its bits.
-#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+/// Pair `c` of [`rows_n_avx512`]'s rows against its group, into `acc`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 #[inline]
-unsafe fn row_n_avx512<const N: usize, const L2: bool>(
+#[allow(clippy::too_many_arguments)]
+unsafe fn pairs_step<const R: usize, const N: usize, const L2: bool>(
     w: *const i8,
-    ws: *const f16,
-    x: *const ActRow,
     nb: usize,
-    sc: *mut f32,
-) -> [f32; N] {
+    x: *const i16,
+    sc: *const f32,
+    per_row: usize,
+    c: usize,
+    partner: bool,
+    acc: &mut [[__m512; N]; R],
+) {
+    let o = c * PAIR;
+    for i in 0..R {
+        prefetch::<L2>(w.wrapping_add(i * nb * BLOCK + o));
+    }
+    // A loop, not `array::from_fn`: a closure does not take the target features, so
+    // the call would stay a call.
+    let mut wv = [(_mm512_setzero_si512(), _mm512_setzero_si512()); R];
+    for (i, v) in wv.iter_mut().enumerate() {
+        *v = pair_weights_avx512(w.add(i * nb * BLOCK + o), partner);
+    }
     for k in 0..N {
-        scale_products(ws, (*x.add(k)).d, nb, sc.add(k * nb));
-    }
-    let mut acc = [_mm512_setzero_ps(); N];
-    for b in 0..nb {
-        if b % 2 == 0 {
-            prefetch::<L2>(w.wrapping_add(b * BLOCK));
-        }
-        let o = b * BLOCK;
-        let w16 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(w.add(o) as *const __m256i));
-        for (k, a) in acc.iter_mut().enumerate() {
-            let xq = (*x.add(k)).q;
-            let p = _mm512_madd_epi16(w16, _mm512_loadu_si512(xq.add(o) as *const _));
-            let s = _mm512_set1_ps(*sc.add(k * nb + b));
-            *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s, *a);
+        let xk = x.add((c * N + k) * PAIR);
+        for (i, a) in acc.iter_mut().enumerate() {
+            let s = pair_broadcast_512(sc.add(i * per_row + (c * GROUP_MAX + k) * 2));
+            a[k] = pair_fma_avx512(wv[i].0, wv[i].1, xk, s, a[k]);
         }
     }
-    acc.map(|a| {
-        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a)));
-        lane_total(_mm256_add_ps(_mm512_castps512_ps256(a), hi))
-    })
 }
 
-/// [`row_n_avx512`] for AVX2: [`row_avx2`]'s two half-block chains per activation row.
+/// [`rows_n_avx512`] for AVX2, one weight row at a time (sixteen registers hold
+/// [`row_avx2`]'s two half-lane chains for four activation rows).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn row_n_avx2<const N: usize, const L2: bool>(
+unsafe fn rows_n_avx2<const N: usize, const L2: bool>(
     w: *const i8,
     ws: *const f16,
-    x: *const ActRow,
+    x: *const i16,
+    xd: *const f32,
     nb: usize,
     sc: *mut f32,
 ) -> [f32; N] {
-    for k in 0..N {
-        scale_products(ws, (*x.add(k)).d, nb, sc.add(k * nb));
-    }
+    let pairs = nb.div_ceil(2);
+    group_scale_products::<N>(ws, xd, nb, sc.add(pairs * GROUP_MAX * 2), sc);
     let mut lo = [_mm256_setzero_ps(); N];
     let mut hi = [_mm256_setzero_ps(); N];
-    for b in 0..nb {
-        if b % 2 == 0 {
-            prefetch::<L2>(w.wrapping_add(b * BLOCK));
-        }
-        let o = b * BLOCK;
-        let w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(o) as *const __m128i));
-        let w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(o + 16) as *const __m128i));
+    for c in 0..pairs {
+        prefetch::<L2>(w.wrapping_add(c * PAIR));
+        let (p, partner) = (w.add(c * PAIR), 2 * c + 1 < nb);
+        let w0 = pair_half_weights_avx2(p, 0, partner);
+        let w1 = pair_half_weights_avx2(p, 1, partner);
         for k in 0..N {
-            let xq = (*x.add(k)).q;
-            let p0 = _mm256_madd_epi16(w0, _mm256_loadu_si256(xq.add(o) as *const __m256i));
-            let p1 = _mm256_madd_epi16(w1, _mm256_loadu_si256(xq.add(o + 16) as *const __m256i));
-            let s = _mm256_set1_ps(*sc.add(k * nb + b));
-            lo[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), s, lo[k]);
-            hi[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), s, hi[k]);
+            let xk = x.add((c * N + k) * PAIR);
+            let s = pair_broadcast_256(sc.add((c * GROUP_MAX + k) * 2));
+            lo[k] = pair_half_fma_avx2(w0, xk, 0, s, lo[k]);
+            hi[k] = pair_half_fma_avx2(w1, xk, 1, s, hi[k]);
         }
     }
-    std::array::from_fn(|k| lane_total(_mm256_add_ps(lo[k], hi[k])))
+    let mut out = [0f32; N];
+    for (k, o) in out.iter_mut().enumerate() {
+        *o = lane_total(_mm256_add_ps(lo[k], hi[k]));
+    }
+    out
 }
 
-/// Defines a [`super::RowsMultiFn`] named `$name` over `$row` (a `row_n_*` kernel):
-/// each weight row against every activation row, [`MULTI`] at a time.
-macro_rules! rows_multi_of {
-    ($(#[$attr:meta])* $name:ident, $row:ident, $l2:literal) => {
+/// Writes `v[i][k]` to output `(k, r + i)` of `task`.
+#[inline(always)]
+unsafe fn put<const R: usize, const N: usize>(task: &GroupTask, r: usize, v: [[f32; N]; R]) {
+    for (i, vi) in v.iter().enumerate() {
+        for (k, &y) in vi.iter().enumerate() {
+            *task.out.add(k * task.stride + r + i) = y;
+        }
+    }
+}
+
+/// Defines a [`super::GroupFn`] named `$name`: the AVX-512 rows two at a time (an odd
+/// last row alone) against the group's `N` activation rows.
+macro_rules! groups_avx512 {
+    ($(#[$attr:meta])* $name:ident, $l2:literal) => {
         $(#[$attr])*
-        pub unsafe fn $name(task: MultiTask) {
-            let MultiTask { w, ws, x, t, nb, sc, n, out, stride } = task;
-            for r in 0..n {
-                let (wr, wsr) = (w.add(r * nb * BLOCK), ws.add(r * nb));
-                let mut k = 0;
-                while k < t {
-                    let m = (t - k).min(MULTI);
-                    let xs = x.add(k);
-                    let put = |v: &[f32]| {
-                        for (i, &y) in v.iter().enumerate() {
-                            *out.add((k + i) * stride + r) = y;
-                        }
-                    };
-                    match m {
-                        4 => put(&$row::<4, $l2>(wr, wsr, xs, nb, sc)),
-                        3 => put(&$row::<3, $l2>(wr, wsr, xs, nb, sc)),
-                        2 => put(&$row::<2, $l2>(wr, wsr, xs, nb, sc)),
-                        _ => put(&$row::<1, $l2>(wr, wsr, xs, nb, sc)),
-                    }
-                    k += m;
+        pub unsafe fn $name(task: GroupTask) {
+            $(#[$attr])*
+            unsafe fn rows<const N: usize>(task: &GroupTask) {
+                let GroupTask { w, ws, x, xd, nb, sc, n, .. } = *task;
+                let mut r = 0;
+                while r + 2 <= n {
+                    let (wr, wsr) = (w.add(r * nb * BLOCK), ws.add(r * nb));
+                    put(task, r, rows_n_avx512::<2, N, $l2>(wr, wsr, x, xd, nb, sc));
+                    r += 2;
                 }
+                if r < n {
+                    let (wr, wsr) = (w.add(r * nb * BLOCK), ws.add(r * nb));
+                    put(task, r, rows_n_avx512::<1, N, $l2>(wr, wsr, x, xd, nb, sc));
+                }
+            }
+            match task.t {
+                8 => rows::<8>(&task),
+                7 => rows::<7>(&task),
+                6 => rows::<6>(&task),
+                5 => rows::<5>(&task),
+                4 => rows::<4>(&task),
+                3 => rows::<3>(&task),
+                2 => rows::<2>(&task),
+                _ => rows::<1>(&task),
             }
         }
     };
 }
 
-rows_multi_of!(
-    /// [`row_n_avx512`] (L2 prefetch) over rows and activation rows.
-    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-    rows_multi_avx512_l2, row_n_avx512, true
+groups_avx512!(
+    /// [`rows_n_avx512`] (L2 prefetch) over a task's rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    groups_avx512_l2, true
 );
-rows_multi_of!(
-    /// [`row_n_avx512`] (non-temporal prefetch) over rows and activation rows.
-    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-    rows_multi_avx512_nta, row_n_avx512, false
+groups_avx512!(
+    /// [`rows_n_avx512`] (non-temporal prefetch) over a task's rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    groups_avx512_nta, false
 );
-rows_multi_of!(
-    /// [`row_n_avx2`] (L2 prefetch) over rows and activation rows.
+
+/// Defines a [`super::GroupFn`] named `$name`: the AVX2 rows one at a time against the
+/// group's `N ≤ 4` activation rows.
+macro_rules! groups_avx2 {
+    ($(#[$attr:meta])* $name:ident, $l2:literal) => {
+        $(#[$attr])*
+        pub unsafe fn $name(task: GroupTask) {
+            $(#[$attr])*
+            unsafe fn rows<const N: usize>(task: &GroupTask) {
+                let GroupTask { w, ws, x, xd, nb, sc, n, .. } = *task;
+                for r in 0..n {
+                    let (wr, wsr) = (w.add(r * nb * BLOCK), ws.add(r * nb));
+                    put(task, r, [rows_n_avx2::<N, $l2>(wr, wsr, x, xd, nb, sc)]);
+                }
+            }
+            match task.t {
+                4 => rows::<4>(&task),
+                3 => rows::<3>(&task),
+                2 => rows::<2>(&task),
+                _ => rows::<1>(&task),
+            }
+        }
+    };
+}
+
+groups_avx2!(
+    /// [`rows_n_avx2`] (L2 prefetch) over a task's rows.
     #[target_feature(enable = "avx2,fma,f16c")]
-    rows_multi_avx2_l2, row_n_avx2, true
+    groups_avx2_l2, true
 );
-rows_multi_of!(
-    /// [`row_n_avx2`] (non-temporal prefetch) over rows and activation rows.
+groups_avx2!(
+    /// [`rows_n_avx2`] (non-temporal prefetch) over a task's rows.
     #[target_feature(enable = "avx2,fma,f16c")]
-    rows_multi_avx2_nta, row_n_avx2, false
+    groups_avx2_nta, false
 );
