@@ -54,9 +54,9 @@
 //! AVX2 (per pair of blocks four 256-bit `vpmaddwd` and two adds, also run on CPUs
 //! with AVX-512 but without the path chosen), AVX-512 (one `vpmaddwd` and one
 //! `vpdpwssd` per pair), NEON (`zip`, `smull` + `addp`). Several activation rows at
-//! once take the x86 group loops (`group_fn`). The x86 rows each come in two prefetch variants, of which the CPU vendor
-//! picks one. The tests compare every path the CPU has with the portable one, bit
-//! for bit.
+//! once take the x86 group loops (`group_fn`). The x86 loops each come in two
+//! prefetch variants, of which the CPU vendor picks one. The tests compare every path
+//! the CPU has with the portable one, bit for bit.
 
 use crate::path::{assert_available, best_path, debug_assert_available, Path};
 use crate::{OutPtr, BLOCK};
@@ -283,7 +283,8 @@ type RowsFn = unsafe fn(
 ///
 /// # Safety
 /// `w` addresses `n` rows of `nb · 32` bytes, `ws` their `n · nb` f16 scales; `x` and
-/// `xd` an [`ActGroup`] of `t` rows and `nb` blocks; `sc` scratch for
+/// `xd` an [`ActGroup`] of `t` rows and `nb` blocks, `1 ≤ t ≤` the loop's most
+/// ([`group_fn`]); `sc` scratch for
 /// [`GROUP_SCRATCH`]` · (nb + 1)` floats; `out` holds `(t − 1) · stride + n` floats; the
 /// function's target features are present.
 #[cfg(target_arch = "x86_64")]
@@ -325,7 +326,7 @@ const GROUP_SCRATCH: usize = 2 * GROUP_MAX + 1;
 /// Up to [`GROUP_MAX`] activation rows in the paired layout, interleaved pair by pair
 /// so that a kernel finds every row's pair `c` side by side at fixed offsets: row `k`'s
 /// pair `c` at `q[(c · t + k) · 64 ..]`, its two scales at `d[(c · 8 + k) · 2 ..]`
-/// (rows past `t` zero).
+/// (the scales of rows past `t` zero).
 #[cfg(target_arch = "x86_64")]
 struct ActGroup {
     q: Vec<i16>,
@@ -439,8 +440,6 @@ fn rows_fn(path: Path) -> RowsFn {
         Path::Avx2 if x86::prefetch_l2() => x86::rows_avx2_l2,
         #[cfg(target_arch = "x86_64")]
         Path::Avx2 => x86::rows_avx2_nta,
-        // No `vpdpwssd` here: each block's sums are folded into f32 at once, so
-        // there is no integer chain for it to fuse into.
         #[cfg(target_arch = "x86_64")]
         Path::Avx512Vnni if x86::prefetch_l2() => x86::rows_avx512_l2,
         #[cfg(target_arch = "x86_64")]

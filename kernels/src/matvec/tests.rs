@@ -109,14 +109,51 @@ fn block_quantization_paths_agree_bit_for_bit() {
 
 #[test]
 fn non_finite_activations_give_nan_not_garbage() {
-    let (q, s) = random_weight(&mut 9, 3, 2);
-    for bad in [f32::NAN, f32::INFINITY] {
-        let mut x = vec![0.5f32; 64];
-        x[40] = bad;
-        for &p in &available_paths() {
-            let mut out = vec![0f32; 3];
-            matvec_on(p, &q, &s, 3, 64, &x, &mut out);
-            assert!(out.iter().all(|v| v.is_nan()), "{p:?} {bad}: {out:?}");
+    // Odd block counts (a zero partner block) and several activation rows (the group
+    // loops), one of them bad.
+    for (nb, t) in [(2usize, 1usize), (3, 1), (3, 3), (3, 8)] {
+        let cols = nb * BLOCK;
+        let (q, s) = random_weight(&mut 9, 3, nb);
+        for bad in [f32::NAN, f32::INFINITY] {
+            let mut x = vec![0.5f32; t * cols];
+            let bad_row = t / 2;
+            x[bad_row * cols + cols - 3] = bad;
+            for &p in &available_paths() {
+                let mut out = vec![0f32; t * 3];
+                matvec_on(p, &q, &s, 3, cols, &x, &mut out);
+                for (k, row) in out.chunks(3).enumerate() {
+                    let what = format!("{p:?} {bad} nb={nb} t={t} row {k}: {row:?}");
+                    if k == bad_row {
+                        assert!(row.iter().all(|v| v.is_nan()), "{what}");
+                    } else {
+                        assert!(row.iter().all(|v| v.is_finite()), "{what}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Non-finite and zero weight scales reach the same outputs on every path (NaN as
+/// NaN: its payload may differ with the order of an FMA's operands).
+#[test]
+fn non_finite_weight_scales_agree_on_every_path() {
+    let (rows, nb, t) = (5usize, 3usize, 6usize);
+    let cols = nb * BLOCK;
+    let (q, mut s) = random_weight(&mut 13, rows, nb);
+    s[1] = f16::INFINITY;
+    s[nb + 2] = f16::NAN;
+    s[2 * nb] = f16::ZERO;
+    s[3 * nb + 1] = f16::from_f32(-0.5);
+    let x: Vec<f32> = (0..t * cols).map(|i| (i % 13) as f32 - 6.0).collect();
+    let mut want = vec![0f32; t * rows];
+    matvec_on(Path::Portable, &q, &s, rows, cols, &x, &mut want);
+    for &p in &available_paths() {
+        let mut out = vec![0f32; t * rows];
+        matvec_on(p, &q, &s, rows, cols, &x, &mut out);
+        for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+            let same = a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+            assert!(same, "{p:?} output {i}: {a} vs {b}");
         }
     }
 }
@@ -293,6 +330,9 @@ fn paths_match_portable_bit_for_bit_and_are_accurate() {
         (5, 3, 11),
         (19, 7, 16),
         (4, 2, 6),
+        // Several tasks (64 rows each at 4 blocks), a partial last one, several groups.
+        (150, 4, 11),
+        (130, 3, 5),
     ] {
         let cols = nb * BLOCK;
         let (q, s) = random_weight(&mut seed, rows, nb);
@@ -389,6 +429,103 @@ fn both_prefetch_variants_of_each_group_loop_match_portable() {
                     assert_same_bits(&row[..rows], &want, &ctx);
                     assert!(row[rows..].iter().all(|v| v.is_nan()), "{ctx}: wrote past");
                 }
+            }
+        }
+    }
+}
+
+/// Bytes whose end touches an inaccessible page, so that a read one byte past them
+/// faults (the bundle's weights are a memory map, whose last row can end at a page).
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+struct GuardedBytes {
+    map: *mut u8,
+    map_len: usize,
+    len: usize,
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod guard_sys {
+    use std::ffi::c_void;
+    pub const PAGE: usize = 4096;
+    extern "C" {
+        pub fn mmap(
+            a: *mut c_void,
+            len: usize,
+            prot: i32,
+            flags: i32,
+            fd: i32,
+            off: i64,
+        ) -> *mut c_void;
+        pub fn mprotect(a: *mut c_void, len: usize, prot: i32) -> i32;
+        pub fn munmap(a: *mut c_void, len: usize) -> i32;
+    }
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+impl GuardedBytes {
+    /// A copy of `data` ending where a `PROT_NONE` page begins.
+    fn new(data: &[u8]) -> GuardedBytes {
+        use guard_sys::*;
+        let pages = data.len().div_ceil(PAGE) + 1;
+        let map_len = pages * PAGE;
+        // SAFETY: an anonymous private mapping of map_len bytes (PROT_READ|WRITE,
+        // MAP_PRIVATE|MAP_ANONYMOUS), checked; its last page then made inaccessible.
+        unsafe {
+            let map = mmap(std::ptr::null_mut(), map_len, 3, 0x22, -1, 0) as *mut u8;
+            assert!(!map.is_null() && map as isize != -1, "mmap failed");
+            assert_eq!(mprotect(map.add(map_len - PAGE).cast(), PAGE, 0), 0);
+            let start = map.add(map_len - PAGE - data.len());
+            std::ptr::copy_nonoverlapping(data.as_ptr(), start, data.len());
+            GuardedBytes {
+                map,
+                map_len,
+                len: data.len(),
+            }
+        }
+    }
+
+    /// The bytes as `n` values of `T` (whose size divides the length).
+    fn as_slice<T>(&self) -> &[T] {
+        let n = self.len / std::mem::size_of::<T>();
+        // SAFETY: the copy lies inside the mapping, which lives as long as self; the
+        // start is page-aligned minus a multiple of size_of::<T>() (2 at most here).
+        unsafe {
+            let start = self.map.add(self.map_len - guard_sys::PAGE - self.len);
+            std::slice::from_raw_parts(start.cast::<T>(), n)
+        }
+    }
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+impl Drop for GuardedBytes {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in new, unmapped once.
+        unsafe { guard_sys::munmap(self.map.cast(), self.map_len) };
+    }
+}
+
+/// With the weights and their scales ending at an inaccessible page, every path and
+/// group size reads nothing past the last row: an odd last block's partner is never
+/// loaded (a load would fault and end the test process).
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[test]
+fn no_path_reads_past_the_last_row() {
+    let mut seed = 71;
+    for (rows, nb) in [(3usize, 1usize), (2, 3), (5, 17)] {
+        let cols = nb * BLOCK;
+        let (q, s) = random_weight(&mut seed, rows, nb);
+        let qb: Vec<u8> = q.iter().map(|&v| v as u8).collect();
+        let sb: Vec<u8> = s.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let (gq, gs) = (GuardedBytes::new(&qb), GuardedBytes::new(&sb));
+        let (wq, ws): (&[i8], &[f16]) = (gq.as_slice(), gs.as_slice());
+        for t in 1..=GROUP_MAX {
+            let x: Vec<f32> = (0..t * cols).map(|i| (i % 29) as f32 * 0.1 - 1.4).collect();
+            let mut want = vec![0f32; t * rows];
+            matvec_on(Path::Portable, &q, &s, rows, cols, &x, &mut want);
+            for &p in &available_paths() {
+                let mut out = vec![0f32; t * rows];
+                matvec_on(p, wq, ws, rows, cols, &x, &mut out);
+                assert_same_bits(&out, &want, &format!("{p:?} rows={rows} nb={nb} t={t}"));
             }
         }
     }

@@ -494,7 +494,8 @@ macro_rules! groups_avx512 {
                 4 => rows::<4>(&task),
                 3 => rows::<3>(&task),
                 2 => rows::<2>(&task),
-                _ => rows::<1>(&task),
+                1 => rows::<1>(&task),
+                t => unreachable!("a group of {t} activation rows"),
             }
         }
     };
@@ -529,7 +530,8 @@ macro_rules! groups_avx2 {
                 4 => rows::<4>(&task),
                 3 => rows::<3>(&task),
                 2 => rows::<2>(&task),
-                _ => rows::<1>(&task),
+                1 => rows::<1>(&task),
+                t => unreachable!("a group of {t} activation rows"),
             }
         }
     };
