@@ -317,9 +317,9 @@ struct GroupTask {
 #[cfg(target_arch = "x86_64")]
 const GROUP_MAX: usize = 8;
 
-/// Scratch floats per block a [`GroupFn`] needs: the scale products of two weight
-/// rows against a group (two per activation row, eight rows' worth per pair), and one
-/// row's scales in f32.
+/// Scratch floats per block a [`GroupFn`] needs: on AVX2 the scale products of one
+/// weight row against a group (two per activation row, eight rows' worth per pair) and
+/// the row's scales in f32; on AVX-512 two rows' scales in f32.
 #[cfg(target_arch = "x86_64")]
 const GROUP_SCRATCH: usize = 2 * GROUP_MAX + 1;
 

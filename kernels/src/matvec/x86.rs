@@ -310,8 +310,8 @@ rows_of!(
     row_avx512::<false>
 );
 
-/// The scale products of a group's rows against one weight row, in the group's
-/// layout: `sc[(c · 8 + k) · 2 + j] = f32(ws[2c + j]) · xd[(c · 8 + k) · 2 + j]` for
+/// The scale products of a group's rows against one weight row (the AVX2 loop's), in
+/// the group's layout: `sc[(c · 8 + k) · 2 + j] = f32(ws[2c + j]) · xd[(c · 8 + k) · 2 + j]` for
 /// the first `ceil(N / 4) · 4` rows `k` (a row past the group's multiplies zero scales
 /// and is never read; an odd last block's partner has scale 0). `wsf` is scratch for
 /// the row's scales in f32 (`nb + 1` floats).
@@ -345,6 +345,26 @@ unsafe fn group_scale_products<const N: usize>(
     }
 }
 
+/// The row's scales in f32, `sc[0..nb]`, and `sc[nb] = 0`.
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+unsafe fn weight_scales(ws: *const f16, nb: usize, sc: *mut f32) {
+    let full = nb / 8 * 8;
+    let mut b = 0;
+    while b < full {
+        _mm256_storeu_ps(
+            sc.add(b),
+            _mm256_cvtph_ps(_mm_loadu_si128(ws.add(b) as *const __m128i)),
+        );
+        b += 8;
+    }
+    while b < nb {
+        *sc.add(b) = (*ws.add(b)).to_f32();
+        b += 1;
+    }
+    *sc.add(nb) = 0.0;
+}
+
 /// `R` consecutive weight rows against the `N` activation rows of a group (the decode
 /// steps of `N` sequences): each pair of weight blocks is interleaved and
 /// sign-extended once per weight row and each activation pair loaded once for the `R`
@@ -355,6 +375,12 @@ unsafe fn group_scale_products<const N: usize>(
 /// Why two weight rows: with one, a group of eight activation rows spent about three
 /// cycles per block and activation row where the arithmetic needs less than two (an
 /// L2-resident sweep on the Intel Xeon host, 4096 columns).
+///
+/// Why each pair's scale products are multiplied here (one `vmulps` of two 64-bit
+/// broadcasts per weight row and activation row) rather than stored beforehand, as
+/// the AVX2 loop does: the stores and the extra pass cost more than the multiply
+/// (8B-shaped decode steps, Intel Xeon host: 4 sequences 400–430 ms a step against
+/// 455–515, 8 sequences 737–815 against 849–890, interleaved).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 #[inline]
 unsafe fn rows_n_avx512<const R: usize, const N: usize, const L2: bool>(
@@ -366,18 +392,17 @@ unsafe fn rows_n_avx512<const R: usize, const N: usize, const L2: bool>(
     sc: *mut f32,
 ) -> [[f32; N]; R] {
     let pairs = nb.div_ceil(2);
-    let per_row = pairs * GROUP_MAX * 2;
-    let wsf = sc.add(R * per_row);
+    let per_row = nb + 1;
     for i in 0..R {
-        group_scale_products::<N>(ws.add(i * nb), xd, nb, wsf, sc.add(i * per_row));
+        weight_scales(ws.add(i * nb), nb, sc.add(i * per_row));
     }
     let mut acc = [[_mm512_setzero_ps(); N]; R];
     // Full pairs in the loop; an odd last block after it, with its zero partner.
     for c in 0..nb / 2 {
-        pairs_step::<R, N, L2>(w, nb, x, sc, per_row, c, true, &mut acc);
+        pairs_step::<R, N, L2>(w, nb, x, xd, sc, per_row, c, true, &mut acc);
     }
     if nb % 2 == 1 {
-        pairs_step::<R, N, L2>(w, nb, x, sc, per_row, pairs - 1, false, &mut acc);
+        pairs_step::<R, N, L2>(w, nb, x, xd, sc, per_row, pairs - 1, false, &mut acc);
     }
     let mut out = [[0f32; N]; R];
     for (oi, ai) in out.iter_mut().zip(&acc) {
@@ -396,6 +421,7 @@ unsafe fn pairs_step<const R: usize, const N: usize, const L2: bool>(
     w: *const i8,
     nb: usize,
     x: *const i16,
+    xd: *const f32,
     sc: *const f32,
     per_row: usize,
     c: usize,
@@ -415,7 +441,10 @@ unsafe fn pairs_step<const R: usize, const N: usize, const L2: bool>(
     for k in 0..N {
         let xk = x.add((c * N + k) * PAIR);
         for (i, a) in acc.iter_mut().enumerate() {
-            let s = pair_broadcast_512(sc.add(i * per_row + (c * GROUP_MAX + k) * 2));
+            let s = _mm512_mul_ps(
+                pair_broadcast_512(sc.add(i * per_row + 2 * c)),
+                pair_broadcast_512(xd.add((c * GROUP_MAX + k) * 2)),
+            );
             a[k] = pair_fma_avx512(wv[i].0, wv[i].1, xk, s, a[k]);
         }
     }
