@@ -324,18 +324,7 @@ unsafe fn group_scale_products<const N: usize>(
     wsf: *mut f32,
     sc: *mut f32,
 ) {
-    let full = nb / 8 * 8;
-    let mut b = 0;
-    while b < full {
-        let s = _mm256_cvtph_ps(_mm_loadu_si128(ws.add(b) as *const __m128i));
-        _mm256_storeu_ps(wsf.add(b), s);
-        b += 8;
-    }
-    while b < nb {
-        *wsf.add(b) = (*ws.add(b)).to_f32();
-        b += 1;
-    }
-    *wsf.add(nb) = 0.0;
+    weight_scales(ws, nb, wsf);
     for c in 0..nb.div_ceil(2) {
         let w2 = pair_broadcast_256(wsf.add(2 * c));
         for q in 0..N.div_ceil(4) {
