@@ -1,6 +1,8 @@
 //! q3vl-host: facts about the running process, read from `/proc` where it exists
 //! (peak resident memory, CPU time), for the conversion summary and the benchmarks.
-//! Each fact is `None` where the host does not report it.
+//! Each fact is `None` where the host does not report it. Which CPU this is: [`cpu`].
+
+pub mod cpu;
 
 /// The process's peak resident set (VmHWM), in bytes, where /proc reports it.
 pub fn peak_rss_bytes() -> Option<u64> {

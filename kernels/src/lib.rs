@@ -23,6 +23,7 @@ pub mod gemm;
 pub mod gemm16;
 pub mod matvec;
 pub mod path;
+pub mod peak;
 #[cfg(feature = "q8")]
 pub mod q8;
 pub mod row;

@@ -128,6 +128,45 @@ pub fn available_paths() -> Vec<Path> {
     v
 }
 
+/// The SIMD extensions of this CPU that the kernels and their peaks look for, by
+/// the names `is_x86_feature_detected!` takes (on aarch64: `neon`, `dotprod`).
+pub fn cpu_features() -> Vec<&'static str> {
+    #[allow(unused_mut)]
+    let mut v = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! detect {
+            ($($f:tt),*) => {
+                $(if is_x86_feature_detected!($f) {
+                    v.push($f);
+                })*
+            };
+        }
+        detect!(
+            "avx2",
+            "fma",
+            "f16c",
+            "avx512f",
+            "avx512bw",
+            "avx512vl",
+            "avx512vnni",
+            "avx512bf16",
+            "avx512fp16",
+            "avxvnni"
+        );
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            v.push("neon");
+        }
+        if std::arch::is_aarch64_feature_detected!("dotprod") {
+            v.push("dotprod");
+        }
+    }
+    v
+}
+
 /// The path every kernel runs, chosen once: the one `Q3VL_KERNEL_PATH` names, else
 /// the best of this CPU (a bad value is the caller's to report, through
 /// [`requested_path`]; here it falls back to the best).
