@@ -58,13 +58,16 @@ llama_cpp_setup() {
     return 1
   fi
   if [[ ! -x "$VENV/bin/cmake" || ! -x "$VENV/bin/ninja" ]] \
-    || ! "$VENV/bin/python" -c 'import sentencepiece, numpy, diskcache, jinja2' 2> /dev/null; then
+    || ! "$VENV/bin/python" -c 'import sentencepiece, numpy, diskcache, jinja2, typing_extensions' 2> /dev/null; then
     echo "== venv for the build and the converter -> $VENV" >&2
     rm -rf "$VENV"
     python3 -m venv "$VENV"
     # No cmake on the machine by default: the PyPI wheel brings one, no root needed. numpy,
-    # diskcache and jinja2 are what the package's bindings import (oracle/check_gguf.py).
-    $logged "$PEER/venv.log" "$VENV/bin/pip" install cmake ninja sentencepiece numpy diskcache jinja2
+    # diskcache, jinja2 and typing_extensions are what the package's bindings import
+    # (oracle/check_gguf.py; its setup declares them, but the sdist is not pip-installed here,
+    # and typing_extensions stopped arriving with the others).
+    $logged "$PEER/venv.log" "$VENV/bin/pip" install cmake ninja sentencepiece numpy diskcache \
+      jinja2 typing_extensions
   fi
   if [[ ! -x "$BUILD/bin/llama-bench" || ! -x "$BUILD/bin/llama-mtmd-cli" || ! -x "$BUILD/bin/llama-server" ]]; then
     echo "== build llama.cpp (llama-bench, llama-mtmd-cli, llama-server; -j2, a while on 2 cores) -> $BUILD" >&2
