@@ -62,7 +62,7 @@ pub unsafe fn micro_avx2<const R: usize>(
 /// The `R` × `16·P` AVX-512 VNNI register tile over `P` adjacent weight panels
 /// (panel `u`'s pairs and scales lie `u · nbk` blocks after the first's, as
 /// [`super::pack_weights`] stores them): per pair, `P` weight loads and `R · P`
-/// `vpdpwssd` with the activation pair broadcast from memory; per block, each
+/// `vpdpwssd` ([`dpwssd`]) with the activation pair broadcast from memory; per block, each
 /// int32 accumulator converted and fused into its f32 accumulator. With `R = 6`,
 /// `P = 2` the 12 + 12 accumulators stay in registers (the AVX2 tile spills its
 /// f32 ones), and 12 independent `vpdpwssd` chains cover the instruction's latency.
@@ -97,7 +97,7 @@ pub unsafe fn micro_vnni<const R: usize, const P: usize>(
             for (i, r) in acc.iter_mut().enumerate() {
                 let av = _mm512_set1_epi32(*ap.add(i));
                 for (u, v) in r.iter_mut().enumerate() {
-                    *v = _mm512_dpwssd_epi32(*v, av, bv[u]);
+                    *v = dpwssd(*v, av, bv[u]);
                 }
             }
             ap = ap.add(MR);
@@ -118,6 +118,26 @@ pub unsafe fn micro_vnni<const R: usize, const P: usize>(
             _mm512_storeu_ps(c.add(i * ldc + u * NR), *v);
         }
     }
+}
+
+/// `acc + Σ pairs(a · b)` per 32-bit lane: one `vpdpwssd`, written as assembly
+/// because LLVM splits `_mm512_dpwssd_epi32` into `vpmaddwd` + `vpaddd`, which doubled
+/// the tile's arithmetic instructions (docs/benchmarks-history.md: "Prefill issues
+/// vpdpwssd").
+#[target_feature(enable = "avx512f,avx512vnni")]
+#[inline]
+unsafe fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
+    let mut acc = acc;
+    // SAFETY: vpdpwssd reads and writes registers only; the function requires
+    // AVX-512 VNNI.
+    std::arch::asm!(
+        "vpdpwssd {acc}, {a}, {b}",
+        acc = inout(zmm_reg) acc,
+        a = in(zmm_reg) a,
+        b = in(zmm_reg) b,
+        options(pure, nomem, nostack, preserves_flags)
+    );
+    acc
 }
 
 /// Widens one full `NR`-row panel's block scales (`s` at the panel's first row
