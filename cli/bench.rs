@@ -7,8 +7,10 @@
 
 use crate::Outcome;
 use q3vl_engine::bench::{
-    kernels_only, measure, BenchOptions, EngineBench, KernelBench, KernelRate, KernelShapes,
+    kernels_only, measure, BenchOptions, Cpu, EngineBench, KernelBench, KernelRate, KernelShapes,
+    Peak,
 };
+
 use q3vl_engine::EngineError;
 use serde_json::json;
 use std::path::PathBuf;
@@ -165,16 +167,70 @@ pub fn run(a: BenchArgs) -> anyhow::Result<Outcome> {
     Ok(Outcome::Success)
 }
 
+/// The CPU, as `--json` gives it (null where it cannot be read).
+fn cpu_json(cpu: &Option<Cpu>, features: &[&str]) -> serde_json::Value {
+    match cpu {
+        Some(c) => json!({
+            "vendor": c.vendor,
+            "family": c.family,
+            "model": c.model,
+            "stepping": c.stepping,
+            "name": c.name,
+            "features": features,
+        }),
+        None => json!({ "features": features }),
+    }
+}
+
+/// The instruction peaks: name → form and G operations/s.
+fn peaks_json(peaks: &[Peak]) -> serde_json::Value {
+    serde_json::Value::Object(
+        peaks
+            .iter()
+            .map(|p| {
+                let v = json!({"form": p.form, "g_per_s": p.g_per_s});
+                (p.instruction.name().replace(' ', "_"), v)
+            })
+            .collect(),
+    )
+}
+
+/// Each reader's bandwidth of the better pass, GB/s.
+fn readers_json(b: &EngineBench) -> serde_json::Value {
+    let both = b.bandwidth_before.max(&b.bandwidth_after);
+    serde_json::Value::Object(
+        both.by_reader
+            .iter()
+            .map(|(r, v)| (r.name().to_string(), json!(v / 1e9)))
+            .collect(),
+    )
+}
+
 /// The JSON document of `q3vl bench --json`.
 fn bench_json(b: &EngineBench) -> serde_json::Value {
     let p = &b.phases;
-    json!({
+    let mut v = json!({
+        "cpu": cpu_json(&b.cpu, &b.cpu_features),
         "threads": b.threads,
         "kernel_path": b.kernel_path,
+        "decode_prefetch": b.decode_prefetch,
         "reps": b.reps,
         "bandwidth_gb_s": b.bandwidth() / 1e9,
-        "bandwidth_before_gb_s": b.bandwidth_before / 1e9,
-        "bandwidth_after_gb_s": b.bandwidth_after / 1e9,
+        "bandwidth_before_gb_s": b.bandwidth_before.best() / 1e9,
+        "bandwidth_after_gb_s": b.bandwidth_after.best() / 1e9,
+        "bandwidth_by_reader_gb_s": readers_json(b),
+        "peaks": peaks_json(&b.peaks),
+        "ttft_ms": p.ttft_ms.mean,
+        "ttft_ms_sd": p.ttft_ms.sd,
+        "prefill_ops": b.prefill_ops,
+        "prefill_g_per_s": b.prefill_g_per_s(),
+        "prefill_fraction_of_peak": b.prefill_fraction_of_peak(),
+        "vision_ops": b.vision_ops,
+        "vision_g_per_s": b.vision_g_per_s(),
+        "vision_fraction_of_peak": b.vision_fraction_of_peak(),
+    });
+    // Two literals: one is past serde_json's macro recursion limit.
+    let rest = json!({
         "warmup_ms": b.warmup.ms,
         "warmup_bytes": b.warmup.bytes,
         "stamp_check_ms": b.stamp_check.ms,
@@ -198,22 +254,67 @@ fn bench_json(b: &EngineBench) -> serde_json::Value {
         "peak_rss_bytes": b.peak_rss_bytes,
         "kernels": rates_json(&b.kernels),
         "decode_sweep_gb_s": b.decode_sweep / 1e9,
+        "decode_sweep_by_prefetch_gb_s": serde_json::Value::Object(
+            b.decode_sweeps
+                .iter()
+                .map(|(pf, v)| (pf.name().to_string(), json!(v / 1e9)))
+                .collect(),
+        ),
         "weights_read_gb_s": b.weights_read / 1e9,
         "weights_resident_bytes": b.weights_resident.0,
         "weights_huge_page_fraction": b.huge_page_fraction(),
+    });
+    if let (Some(m), serde_json::Value::Object(r)) = (v.as_object_mut(), rest) {
+        m.extend(r);
+    }
+    v
+}
+
+/// ", N% of the P peak" where the peak was measured.
+fn of_peak(fraction: Option<f64>, peak: &str) -> String {
+    fraction.map_or_else(String::new, |f| {
+        format!(", {:.0}% of the {peak} peak", f * 100.0)
     })
+}
+
+/// The machine lines of `q3vl bench`: the CPU, threads, kernel path, decode
+/// prefetch and the instruction peaks.
+fn print_machine(b: &EngineBench) {
+    let cpu = b
+        .cpu
+        .as_ref()
+        .map_or_else(|| "unknown".to_string(), |c| c.to_string());
+    println!("cpu                     {cpu}");
+    println!("cpu features            {}", b.cpu_features.join(" "));
+    println!("threads                 {}", b.threads);
+    println!("kernel path             {}", b.kernel_path);
+    println!("decode prefetch         {}", b.decode_prefetch);
+    for p in &b.peaks {
+        println!(
+            "peak {:<19} {:.0} G ops/s ({}, all threads)",
+            p.instruction.name(),
+            p.g_per_s,
+            p.form
+        );
+    }
 }
 
 /// The table of `q3vl bench`.
 fn print_bench(b: &EngineBench) {
     let (p, bandwidth) = (&b.phases, b.bandwidth());
-    println!("threads                 {}", b.threads);
-    println!("kernel path             {}", b.kernel_path);
+    print_machine(b);
     println!(
-        "memory read bandwidth   {:.2} GB/s (best of {:.2} before and {:.2} after)",
+        "memory read bandwidth   {:.2} GB/s (best of {:.2} before and {:.2} after; by reader: {})",
         bandwidth / 1e9,
-        b.bandwidth_before / 1e9,
-        b.bandwidth_after / 1e9
+        b.bandwidth_before.best() / 1e9,
+        b.bandwidth_after.best() / 1e9,
+        b.bandwidth_before
+            .max(&b.bandwidth_after)
+            .by_reader
+            .iter()
+            .map(|(r, v)| format!("{} {:.2}", r.name(), v / 1e9))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     println!(
         "warm-up                 {:.2} GB of mapped weights paged in at open, {:.0} ms (untimed)",
@@ -227,12 +328,28 @@ fn print_bench(b: &EngineBench) {
     );
     println!("repetitions             {} (mean ± sd)", b.reps);
     println!(
-        "vision encode ({}²)    {:.0} ± {:.0} ms ({} image tokens; {:.1} CPU-s)",
-        b.image_side, p.vision_ms.mean, p.vision_ms.sd, b.image_tokens, p.vision_cpu_s
+        "time to first token     {:.0} ± {:.0} ms (vision encode + prefill + first token)",
+        p.ttft_ms.mean, p.ttft_ms.sd
     );
     println!(
-        "prefill                 {} tokens, {:.0} ms, {:.2} ± {:.2} tok/s ({:.1} CPU-s)",
-        b.prompt_tokens, p.prefill_ms, p.prefill_tok_s.mean, p.prefill_tok_s.sd, p.prefill_cpu_s
+        "vision encode ({}²)    {:.0} ± {:.0} ms ({} image tokens; {:.1} CPU-s; linears {:.0} G ops/s{})",
+        b.image_side,
+        p.vision_ms.mean,
+        p.vision_ms.sd,
+        b.image_tokens,
+        p.vision_cpu_s,
+        b.vision_g_per_s(),
+        of_peak(b.vision_fraction_of_peak(), "f32 fma")
+    );
+    println!(
+        "prefill                 {} tokens, {:.0} ms, {:.2} ± {:.2} tok/s ({:.1} CPU-s; linears {:.0} G ops/s{})",
+        b.prompt_tokens,
+        p.prefill_ms,
+        p.prefill_tok_s.mean,
+        p.prefill_tok_s.sd,
+        p.prefill_cpu_s,
+        b.prefill_g_per_s(),
+        of_peak(b.prefill_fraction_of_peak(), "int16 dot")
     );
     println!(
         "decode                  {} steps, {:.3} ± {:.3} tok/s ({:.1} CPU-s)",
@@ -257,9 +374,14 @@ fn print_bench(b: &EngineBench) {
         );
     }
     println!(
-        "decode sweep            {:.2} GB/s ({:.1}% of bandwidth; every int8 weight x 1 token, no other work)",
+        "decode sweep            {:.2} GB/s ({:.1}% of bandwidth; every int8 weight x 1 token, no other work; by prefetch: {})",
         b.decode_sweep / 1e9,
-        b.decode_sweep / bandwidth * 100.0
+        b.decode_sweep / bandwidth * 100.0,
+        b.decode_sweeps
+            .iter()
+            .map(|(pf, v)| format!("{} {:.2}", pf.name(), v / 1e9))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     println!(
         "weights read            {:.2} GB/s (a plain sum over the same mapped bytes; the sweep is {:.1}% of it)",

@@ -109,6 +109,10 @@ fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(2);
     }
+    if let Err(e) = q3vl_engine::kernels::matvec::requested_prefetch() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     match std::panic::catch_unwind(|| run(cli)) {
         Ok(Ok(Outcome::Success)) => ExitCode::SUCCESS,
         Ok(Ok(Outcome::GateFailed)) => ExitCode::from(1),

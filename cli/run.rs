@@ -201,6 +201,8 @@ pub fn run(a: RunArgs) -> anyhow::Result<Outcome> {
         hidden: if a.ignore_eos { &[] } else { engine.eos_ids() },
         stdout: std::io::stdout().lock(),
         write_err: None,
+        started: t_vis,
+        first_token_ms: None,
     };
     let params = generate_params(&a);
     let g = engine.generate(&prompt.ids, &images, &params, &mut |id| out.token(id));
@@ -214,6 +216,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<Outcome> {
         prompt_tokens: prompt.ids.len(),
         generation: &g,
         vision_ms,
+        first_token_ms: out.first_token_ms,
     };
     if a.json {
         let text = tok
@@ -268,10 +271,16 @@ struct TextOut<'a, E> {
     stdout: std::io::StdoutLock<'static>,
     /// The first failed write; generation goes on, the run fails after it.
     write_err: Option<std::io::Error>,
+    /// When the image encode (or, without images, the prefill) started.
+    started: Instant,
+    /// Milliseconds from `started` to the first generated token.
+    first_token_ms: Option<f64>,
 }
 
 impl<E> TextOut<'_, E> {
     fn token(&mut self, id: u32) {
+        self.first_token_ms
+            .get_or_insert_with(|| self.started.elapsed().as_secs_f64() * 1e3);
         if !self.spinner.is_finished() {
             self.spinner.finish_and_clear();
         }
@@ -295,6 +304,8 @@ struct Done<'a> {
     prompt_tokens: usize,
     generation: &'a Generation,
     vision_ms: f64,
+    /// Time to the first token (None: none was generated).
+    first_token_ms: Option<f64>,
 }
 
 impl Done<'_> {
@@ -307,6 +318,7 @@ impl Done<'_> {
             "text": text,
             "timings": {
                 "vision_ms": self.vision_ms,
+                "first_token_ms": self.first_token_ms,
                 "prefill_ms": t.prefill_ms,
                 "decode_ms": t.decode_ms,
                 "prefill_tok_s": t.prefill_tok_s,
@@ -328,8 +340,11 @@ impl Done<'_> {
             );
         }
         let t = &self.generation.timings;
+        let first = self
+            .first_token_ms
+            .map_or_else(String::new, |ms| format!(", first token at {ms:.0} ms"));
         format!(
-            "{} prompt tokens, {} generated; vision {:.0} ms, prefill {:.1} tok/s, decode {:.2} tok/s",
+            "{} prompt tokens, {} generated; vision {:.0} ms{first}, prefill {:.1} tok/s, decode {:.2} tok/s",
             self.prompt_tokens,
             self.generation.tokens.len(),
             self.vision_ms,

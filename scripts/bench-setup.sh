@@ -31,3 +31,23 @@ open(path, "wb").write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBB
                        + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b""))
 PY
 }
+
+# evict_page_cache PATH... drops the page cache of every file under each PATH (posix_fadvise
+# DONTNEED: no root needed; dirty pages are written first). A file just written by a converter
+# sits in the page cache in small folios, and a memory map over those reads markedly slower than
+# one over 2 MiB folios (docs/benchmarks-history.md: "Written weights map on small pages"); after
+# eviction the engine's first open reads each file afresh, as a deployment's first load does.
+evict_page_cache() {
+  python3 - "$@" << 'PY'
+import os, sys
+for top in sys.argv[1:]:
+    paths = [top] if os.path.isfile(top) else [os.path.join(d, f) for d, _, fs in os.walk(top) for f in fs]
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+PY
+}

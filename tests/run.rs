@@ -85,6 +85,13 @@ fn json_output_and_thread_independence() {
     ] {
         assert!(d["timings"][k].is_number(), "timings.{k}");
     }
+    // The first token comes after the image encode and before the run ends.
+    let first = d["timings"]["first_token_ms"].as_f64().unwrap();
+    assert!(first >= d["timings"]["vision_ms"].as_f64().unwrap(), "{d}");
+    assert!(
+        first <= d["timings"]["vision_ms"].as_f64().unwrap() + 60_000.0,
+        "{d}"
+    );
     assert_eq!(docs[0]["tokens"], docs[1]["tokens"]);
     assert_eq!(docs[0]["text"], docs[1]["text"]);
     // Text-only: the same decoder with no image rows.
@@ -344,6 +351,16 @@ fn bench_reports_every_figure_and_its_bound() {
     }
     let best = f("bandwidth_before_gb_s").max(f("bandwidth_after_gb_s"));
     assert_eq!(f("bandwidth_gb_s"), best);
+    // The bound is the fastest reader's; every reader was timed.
+    let readers = doc["bandwidth_by_reader_gb_s"].as_object().unwrap();
+    assert!(readers.contains_key("plain"), "{doc}");
+    let fastest = readers
+        .values()
+        .map(|v| v.as_f64().unwrap())
+        .fold(0.0, f64::max);
+    assert_eq!(fastest, best);
+    bench_reports_the_machine(&doc);
+    bench_reports_the_compute_figures(&doc);
     let bound = f("bandwidth_gb_s") * 1e9 / f("decode_bytes_per_token");
     assert!((f("decode_bound_tok_s") / bound - 1.0).abs() < 1e-9);
     assert!((f("decode_fraction_of_bound") * bound / f("decode_tok_s") - 1.0).abs() < 1e-9);
@@ -410,6 +427,100 @@ fn bench_rejects_zero_repetitions() {
         &run(&["bench", "--kernels-only", "--threads", "0"]),
         &["--threads"],
     );
+}
+
+/// The machine of `q3vl bench --json`: the CPU, its features, the decode prefetch
+/// and the decode sweep with each prefetch.
+fn bench_reports_the_machine(doc: &serde_json::Value) {
+    let cpu = &doc["cpu"];
+    let features = cpu["features"].as_array().unwrap();
+    if cfg!(target_arch = "x86_64") {
+        assert!(!cpu["vendor"].as_str().unwrap().is_empty(), "{cpu}");
+        assert!(cpu["family"].as_u64().unwrap() > 0, "{cpu}");
+        assert!(cpu["model"].is_u64() && cpu["stepping"].is_u64(), "{cpu}");
+        let avx2 = features.iter().any(|f| f == "avx2");
+        assert_eq!(avx2, doc["kernel_path"] != "portable", "{doc}");
+    }
+    let prefetch = doc["decode_prefetch"].as_str().unwrap();
+    let sweeps = doc["decode_sweep_by_prefetch_gb_s"].as_object().unwrap();
+    if cfg!(target_arch = "x86_64") {
+        assert!(["l2", "nta"].contains(&prefetch), "{prefetch}");
+        assert_eq!(sweeps.len(), 2, "{doc}");
+        assert_eq!(sweeps[prefetch], doc["decode_sweep_gb_s"]);
+    } else {
+        assert_eq!(prefetch, "none");
+    }
+}
+
+/// The compute figures of `q3vl bench --json`: the time to the first token, the
+/// prefill's and the vision encode's arithmetic and their share of the instruction
+/// peaks measured in the same run.
+fn bench_reports_the_compute_figures(doc: &serde_json::Value) {
+    let f = |k: &str| {
+        doc[k]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{k} missing: {doc}"))
+    };
+    // Vision, then prefill, then the first token: the time to it covers both.
+    assert!(f("ttft_ms") >= f("vision_ms"), "{doc}");
+    assert!(f("ttft_ms") >= f("prefill_ms"), "{doc}");
+    assert!(f("ttft_ms_sd") >= 0.0);
+    assert!(f("prefill_ops") > 0.0 && f("vision_ops") > 0.0);
+    let rate = f("prefill_ops") / (f("prefill_ms") * 1e-3) / 1e9;
+    assert!((f("prefill_g_per_s") / rate - 1.0).abs() < 1e-9);
+    let peaks = doc["peaks"].as_object().unwrap();
+    match peaks.get("int16_dot") {
+        Some(p) => {
+            let peak = p["g_per_s"].as_f64().unwrap();
+            assert!(peak > 0.0 && p["form"].is_string(), "{p}");
+            let share = f("prefill_fraction_of_peak");
+            assert!((share * peak / f("prefill_g_per_s") - 1.0).abs() < 1e-9);
+            let fma = peaks["f32_fma"]["g_per_s"].as_f64().unwrap();
+            let vshare = f("vision_fraction_of_peak");
+            assert!((vshare * fma / f("vision_g_per_s") - 1.0).abs() < 1e-9);
+        }
+        // No SIMD path: no peak, and no share of one.
+        None => {
+            assert_eq!(doc["kernel_path"], "portable");
+            assert!(doc["prefill_fraction_of_peak"].is_null());
+        }
+    }
+}
+
+/// `Q3VL_DECODE_PREFETCH` forces the decode prefetch (the same tokens: the bits do
+/// not depend on it); a value that names none is one line naming the variable, exit 2.
+#[test]
+fn the_decode_prefetch_can_be_forced() {
+    let out = converted_fixture("shapes");
+    let args = [
+        "run",
+        "--bundle",
+        s(&out),
+        "--prompt",
+        "Which colour comes after blue?",
+        "--json",
+    ];
+    let best = run_json(&args);
+    for pf in ["l2", "NTA"] {
+        let o = q3vl()
+            .args(args)
+            .env("Q3VL_DECODE_PREFETCH", pf)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{pf}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let d: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(d["tokens"], best["tokens"], "{pf}");
+    }
+    let o = q3vl()
+        .args(args)
+        .env("Q3VL_DECODE_PREFETCH", "t0")
+        .output()
+        .unwrap();
+    fails(&o, &["Q3VL_DECODE_PREFETCH", "t0", "l2 or nta"]);
 }
 
 /// `Q3VL_KERNEL_PATH` runs every kernel on a lower path: on each path this CPU has,

@@ -25,6 +25,8 @@ fi
 echo "== convert int8hu" >&2
 "$Q3VL_BIN" convert --src "$SRC" --out "$WORK/out" --mode int8hu --json > "$WORK/convert.json"
 BUNDLE_BYTES=$(du -cb "$WORK"/out/*/*.safetensors | tail -1 | cut -f1)
+# The engine's open reads the bundles afresh, not the converter's small page-cache folios.
+evict_page_cache "$WORK/out"
 
 echo "== bench (vision, prefill, decode)" >&2
 "$Q3VL_BIN" bench --bundle "$WORK/out" --json --reps "${Q3VL_BENCH_REPS:-3}" > "$WORK/bench.json"

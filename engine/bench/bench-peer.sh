@@ -8,11 +8,14 @@
 #    a random checkpoint of the real shape, or Q3VL_BENCH_SRC=DIR names an existing one (never deleted).
 # 3. Both conversions: `q3vl convert --mode int8hu`; llama.cpp's own convert_hf_to_gguf.py
 #    writes the text model as q8_0 and the vision projector as f16.
+#    Then both engines' files leave the page cache (evict_page_cache), so that neither maps the
+#    small page-cache folios its converter's writes left.
 # 4. $Q3VL_PEER_ROUNDS (default 3) interleaved rounds, each measuring both engines back to back:
-#    `q3vl bench --json` (vision, prefill, decode, the decode bound) and `q3vl run` on a
-#    448x448 image with one new token (vision time, peak RSS of a real answer); `llama-bench`
-#    (prefill, decode) and `llama-mtmd-cli` on the same image (its own "mtmd batch encoding
-#    done in N ms" line, one new token). Every ratio comes from one round.
+#    `q3vl bench --json` (vision, prefill, decode, the decode bound, the instruction peaks) and
+#    `q3vl run` on a 448x448 image with one new token (vision time, time to the first token,
+#    peak RSS of a real answer); `llama-bench` (prefill, decode) and `llama-mtmd-cli` on the
+#    same image (its own "mtmd batch encoding done in N ms" line, and its prompt eval time:
+#    their sum is its time to the first token; one new token). Every ratio comes from one round.
 # Every run uses $Q3VL_PEER_THREADS threads (default 2). The markdown table goes to stdout.
 # Big files (source when synthesized, bundles, gguf) live in $Q3VL_BENCH_DIR (default
 # /tmp/q3vl-bench-peer) and are deleted at the end unless KEEP=1. Disk: source + bundles +
@@ -98,6 +101,8 @@ L_CONVERT_TEXT_S=$(secs "$t0" "$t1")
 L_CONVERT_MMPROJ_S=$(secs "$t1" "$t2")
 L_CONVERT_RSS=$(time_rss "$WORK/gguf-text.time")
 drop_src
+# Both engines' first load reads its weights afresh (scripts/bench-setup.sh).
+evict_page_cache "$WORK/q3vl" "$WORK/text.gguf" "$WORK/mmproj.gguf"
 TEXT_BYTES=$(stat -c %s "$WORK/text.gguf")
 MMPROJ_BYTES=$(stat -c %s "$WORK/mmproj.gguf")
 
@@ -162,8 +167,9 @@ $ROUNDS interleaved rounds (in \`$WORK\`, \`engine/bench/bench-peer.sh\`), each 
 - \`${MT_CMD[*]}\`
 
 Both benchmarks time warm weights: llama-bench runs an untimed warm-up pass, and
-\`q3vl bench\` pages in every mapped tensor (untimed) before its timed passes. Both \`run\`s
-start from whatever the page cache holds.
+\`q3vl bench\` pages in every mapped tensor (untimed) before its timed passes. Both engines'
+files were evicted from the page cache after the conversions, so each engine's first load
+read them afresh; the \`run\`s start from whatever the page cache holds then.
 
 Ratio: >1 means q3vl is better (q3vl/llama.cpp for rates, llama.cpp/q3vl for times and memory).
 Each round's ratio compares two measurements taken minutes apart; the summary gives the median
@@ -190,7 +196,14 @@ def mtmd(path):
         raise SystemExit(f"no 'mtmd batch encoding done' line in {path}")
     tok = re.search(r"encoding batch with .* total (\d+) tokens", log)
     size = re.search(r"copying image .* \(nx=(\d+), ny=(\d+)\)", log)
-    return float(ms.group(1)), tok and int(tok.group(1)), size and f"{size.group(1)}x{size.group(2)}"
+    # llama_perf_context_print: every llama_decode of more than one token (the image's
+    # embeddings and the text chunks) is prompt eval; the first token is sampled right
+    # after it (the one "eval" run that follows decodes that token).
+    pe = re.search(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens", log)
+    if not pe:
+        raise SystemExit(f"no 'prompt eval time' line in {path}")
+    size = size and f"{size.group(1)}x{size.group(2)}"
+    return float(ms.group(1)), tok and int(tok.group(1)), size, float(pe.group(1)), int(pe.group(2))
 
 rows = []
 for r in range(1, rounds + 1):
@@ -199,8 +212,13 @@ for r in range(1, rounds + 1):
     lb = json.load(open(f"{work}/llama-bench.{r}.json"))
     pp = next(x for x in lb if x["n_prompt"] > 0 and x["n_gen"] == 0)
     tg = next(x for x in lb if x["n_gen"] > 0 and x["n_prompt"] == 0)
-    lv, ltok, lsize = mtmd(f"{work}/mtmd.{r}.log")
+    lv, ltok, lsize, lpe, lpe_tok = mtmd(f"{work}/mtmd.{r}.log")
     rows.append(dict(
+        q_ttft=qr["timings"]["first_token_ms"], q_bench_ttft=qb["ttft_ms"], l_ttft=lv + lpe,
+        l_prompt_eval=lpe, l_prompt_eval_tok=lpe_tok, cpu=qb["cpu"], peaks=qb["peaks"],
+        q_prefill_share=qb["prefill_fraction_of_peak"], q_vision_share=qb["vision_fraction_of_peak"],
+        sweeps=qb["decode_sweep_by_prefetch_gb_s"], prefetch=qb["decode_prefetch"],
+        readers=qb["bandwidth_by_reader_gb_s"], kpath=qb["kernel_path"],
         q_prefill=qb["prefill_tok_s"], l_prefill=pp["avg_ts"],
         q_decode=qb["decode_tok_s"], l_decode=tg["avg_ts"], bound=qb["decode_bound_tok_s"],
         bw=qb["bandwidth_gb_s"], bpt=qb["decode_bytes_per_token"],
@@ -213,12 +231,14 @@ for x in rows:
     x["r_prefill"] = x["q_prefill"] / x["l_prefill"]
     x["r_decode"] = x["q_decode"] / x["l_decode"]
     x["r_vision"] = x["l_vision"] / x["q_vision"]
+    x["r_ttft"] = x["l_ttft"] / x["q_ttft"]
 
 gib = lambda b: f"{b / 2**30:.2f} GiB"
-print("| round | prefill tok/s, q3vl / llama.cpp | ratio | decode tok/s, q3vl / llama.cpp | ratio | decode / bound, q3vl / llama.cpp (bound) | vision ms, q3vl run / mtmd-cli (q3vl bench) | ratio |")
-print("|---|---|---|---|---|---|---|---|")
+print("| round | first token ms, q3vl run / mtmd-cli (q3vl bench) | ratio | prefill tok/s, q3vl / llama.cpp | ratio | decode tok/s, q3vl / llama.cpp | ratio | decode / bound, q3vl / llama.cpp (bound) | vision ms, q3vl run / mtmd-cli (q3vl bench) | ratio |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 for i, x in enumerate(rows, 1):
-    print(f"| {i} | {x['q_prefill']:.2f} / {x['l_prefill']:.2f} | {x['r_prefill']:.2f}x "
+    print(f"| {i} | {x['q_ttft']:.0f} / {x['l_ttft']:.0f} ({x['q_bench_ttft']:.0f}) | {x['r_ttft']:.2f}x "
+          f"| {x['q_prefill']:.2f} / {x['l_prefill']:.2f} | {x['r_prefill']:.2f}x "
           f"| {x['q_decode']:.3f} / {x['l_decode']:.3f} | {x['r_decode']:.2f}x "
           f"| {100 * x['q_decode'] / x['bound']:.0f}% / {100 * x['l_decode'] / x['bound']:.0f}% ({x['bound']:.3f} tok/s) "
           f"| {x['q_vision']:.0f} / {x['l_vision']:.0f} ({x['q_bench_vision']:.0f}) | {x['r_vision']:.2f}x |")
@@ -231,6 +251,9 @@ if x0["l_imgtok"] != x0["q_imgtok"] or x0["l_size"] != f"{side}x{side}":
     img = f"llama.cpp resized to {x0['l_size']}, {x0['l_imgtok']} image tokens; q3vl {x0['q_imgtok']}"
 print("| what | llama.cpp (range over rounds) | q3vl (range over rounds) | median round's ratio (range) |")
 print("|---|---|---|---|")
+print(f"| time to first token ms, {side}² image prompt (q3vl run: from image load to the first token; "
+      f"mtmd-cli: its encode + prompt eval of {x0['l_prompt_eval_tok']} tokens) "
+      f"| {rng('l_ttft', '{:.0f}')} | {rng('q_ttft', '{:.0f}')} | {med('r_ttft'):.2f}x ({rng('r_ttft')}) |")
 print(f"| prefill tok/s ({x0['prompt']} tokens; llama.cpp: text tokens; q3vl: {x0['q_imgtok']} of them image) "
       f"| {rng('l_prefill')} | {rng('q_prefill')} | {med('r_prefill'):.2f}x ({rng('r_prefill')}) |")
 print(f"| decode tok/s ({decode} steps; llama.cpp: empty context; q3vl: after the prompt) "
@@ -247,8 +270,23 @@ print(f"| peak RSS, image + prompt + 1 token (mtmd-cli / q3vl run), largest roun
 print(f"| peak RSS, benchmark (llama-bench: text only / q3vl bench: vision + text), largest round "
       f"| {gib(max(x['l_bench_rss'] for x in rows))} | {gib(max(x['q_bench_rss'] for x in rows))} | |")
 print()
-print(f"Decode bound: each round's `q3vl bench` memory read bandwidth "
+print(f"Decode bound: each round's `q3vl bench` memory read bandwidth, the fastest of its readers "
       f"({rng('bw')} GB/s) / {x0['bpt'] / 1e9:.2f} GB read per decode step by q3vl, used for both engines.")
+print()
+c = x0["cpu"]
+print(f"CPU (`q3vl bench`): {c.get('name', '?')}, {c.get('vendor', '?')} family {c.get('family', '?')} "
+      f"model {c.get('model', '?')} stepping {c.get('stepping', '?')}; features {' '.join(c['features'])}; "
+      f"kernel path {x0['kpath']}, decode prefetch {x0['prefetch']}.")
+print()
+print("| round | instruction peaks, G ops/s (all threads) | prefill linears / int16 peak | vision linears / f32 fma peak "
+      "| read bandwidth by reader, GB/s | decode sweep by prefetch, GB/s |")
+print("|---|---|---|---|---|---|")
+pct = lambda v: "n/a" if v is None else f"{100 * v:.0f}%"
+for i, x in enumerate(rows, 1):
+    peaks = ", ".join(f"{p['form']} {p['g_per_s']:.0f}" for p in x["peaks"].values())
+    readers = ", ".join(f"{k} {v:.1f}" for k, v in x["readers"].items())
+    sweeps = ", ".join(f"{k} {v:.1f}" for k, v in x["sweeps"].items())
+    print(f"| {i} | {peaks} | {pct(x['q_prefill_share'])} | {pct(x['q_vision_share'])} | {readers} | {sweeps} |")
 print()
 PY
 

@@ -49,6 +49,8 @@ echo "== convert_hf_to_gguf: text q8_0, mmproj f16" >&2
 logged "$WORK/gguf-text.log" "${CONVERT_GGUF[@]}" "$SRC" --outtype q8_0 --outfile "$WORK/text.gguf"
 logged "$WORK/gguf-mmproj.log" "${CONVERT_GGUF[@]}" "$SRC" --mmproj --outtype f16 --outfile "$WORK/mmproj.gguf"
 if [[ -z "${Q3VL_BENCH_SRC:-}" && "$KEEP" != 1 ]]; then rm -rf "$SRC"; fi
+# Both servers' first load reads its weights afresh (scripts/bench-setup.sh).
+evict_page_cache "$WORK/q3vl" "$WORK/text.gguf" "$WORK/mmproj.gguf"
 
 # Waits until the server answers /health (model loaded), at most 10 minutes.
 wait_healthy() {

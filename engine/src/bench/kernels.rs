@@ -3,6 +3,7 @@
 //! and the decode sweep over a bundle's int8 weights.
 
 use super::{best_of, lcg, KernelRate};
+use crate::kernels::matvec::{matvec_prefetching, prefetch, Prefetch};
 use crate::kernels::path::best_path;
 use crate::kernels::BLOCK;
 use crate::weights::{Lin, Pass};
@@ -96,10 +97,21 @@ pub fn f16_linear_rate(m: usize, k: usize, n: usize, reps: usize) -> KernelRate 
 
 /// The decode step's matrix products alone: every int8 weight of `bundle` against
 /// one activation row, with the pool's other threads kept awake as in a decode step
-/// ([`crate::awake`]) ([`crate::kernels::matvec::matvec`]), straight from the memory map, on the
-/// current rayon pool. Returns the best sweep's weight bytes (values and scales) per
-/// second over `reps` sweeps.
+/// ([`crate::awake`]) ([`crate::kernels::matvec::matvec`]), straight from the memory
+/// map, on the current rayon pool. Returns the best sweep's weight bytes (values and
+/// scales) per second over `reps` sweeps with the prefetch the decode kernel issues.
 pub fn q8_sweep_rate(bundle: &q3vl_bundle::Bundle, reps: usize) -> f64 {
+    let chosen = prefetch();
+    q8_sweep_rates(bundle, reps, &[chosen])[0].1
+}
+
+/// [`q8_sweep_rate`] with each prefetch of `variants`, the variants taking turns
+/// sweep by sweep (this host drifts): bytes/s of each.
+pub fn q8_sweep_rates(
+    bundle: &q3vl_bundle::Bundle,
+    reps: usize,
+    variants: &[Prefetch],
+) -> Vec<(Prefetch, f64)> {
     let weights: Vec<_> = bundle
         .tensor_names()
         .into_iter()
@@ -112,17 +124,29 @@ pub fn q8_sweep_rate(bundle: &q3vl_bundle::Bundle, reps: usize) -> f64 {
         .collect();
     let rows_max = weights.iter().map(|(_, _, [r, _])| *r).max().unwrap_or(0);
     let mut out = vec![0f32; rows_max];
-    let (wall, _) = best_of(reps, || {
-        // As in a decode step: the pool's other threads kept awake between products.
-        crate::awake::awake_here(|| {
-            for (q, s, [rows, cols]) in &weights {
-                let o = &mut out[..*rows];
-                crate::kernels::matvec::matvec(q, s, *rows, *cols, &x[..*cols], o);
-                std::hint::black_box(o);
-            }
-        })
-    });
-    bytes as f64 / wall
+    let path = best_path();
+    let mut best = vec![f64::MAX; variants.len()];
+    for _ in 0..reps.max(1) {
+        for (pf, best) in variants.iter().zip(best.iter_mut()) {
+            let (wall, _) = best_of(1, || {
+                // As in a decode step: the pool's other threads kept awake between
+                // products.
+                crate::awake::awake_here(|| {
+                    for (q, s, [rows, cols]) in &weights {
+                        let o = &mut out[..*rows];
+                        matvec_prefetching(path, *pf, q, s, *rows, *cols, &x[..*cols], o);
+                        std::hint::black_box(o);
+                    }
+                })
+            });
+            *best = best.min(wall);
+        }
+    }
+    variants
+        .iter()
+        .zip(best)
+        .map(|(pf, wall)| (*pf, bytes as f64 / wall))
+        .collect()
 }
 
 /// The kernel rates, named as `q3vl bench` reports them: the prefill int8-weight

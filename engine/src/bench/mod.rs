@@ -2,21 +2,27 @@
 //! decode against the decode bound of the memory bandwidth measured in the same run
 //! ([`run`]), streaming read bandwidths ([`memory`]), and kernel micro-benchmarks on
 //! random data of the real shapes ([`kernels`]: the decoder's int8-weight linears for
-//! prefill and decode, and the vision f32 GEMM). The int8 × int8 and dequantized f32
+//! prefill and decode, and the vision f32 GEMM), the instruction peaks of this CPU
+//! ([`peaks`]) and the arithmetic of prefill and vision counted from the model's
+//! shape ([`ops`]). The int8 × int8 and dequantized f32
 //! kernels kept for comparison are measured by `make bench-q8` (module `q8`, feature
 //! `q8-bench`), not by `q3vl bench`.
 
 pub mod kernels;
 pub mod memory;
+pub mod ops;
+pub mod peaks;
 #[cfg(feature = "q8-bench")]
 pub mod q8;
 pub mod run;
 
 pub use kernels::{
-    f16_linear_rate, kernel_rates, kernels_only, q8_linear_rate, q8_sweep_rate, KernelBench,
-    KernelShapes,
+    f16_linear_rate, kernel_rates, kernels_only, q8_linear_rate, q8_sweep_rate, q8_sweep_rates,
+    KernelBench, KernelShapes,
 };
-pub use memory::{memory_read_bandwidth, weights_read_bandwidth};
+pub use memory::{memory_read_bandwidth, weights_read_bandwidth, ReadBandwidth, Reader};
+pub use peaks::{instruction_peaks, Peak};
+pub use q3vl_host::cpu::Cpu;
 pub use run::{measure, BenchOptions, EngineBench};
 
 use std::time::Instant;

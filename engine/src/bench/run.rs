@@ -1,12 +1,17 @@
 //! `q3vl bench`'s engine measurement: vision encode, prefill and decode of a
 //! synthetic image prompt, repeated, next to the decode bound from the memory
-//! bandwidth measured before and after, the peak resident set, the untimed warm-up,
-//! the stamp check's cost and the kernel rates.
+//! bandwidth measured before and after, the prefill and vision arithmetic next to
+//! the instruction peaks measured in the same run, the time to the first token, the
+//! peak resident set, the untimed warm-up, the stamp check's cost and the kernel rates.
 
-use super::kernels::{kernel_rates, q8_sweep_rate, KernelShapes};
-use super::memory::{memory_read_bandwidth, weights_read_bandwidth};
+use super::kernels::{kernel_rates, q8_sweep_rates, KernelShapes};
+use super::memory::{memory_read_bandwidth, weights_read_bandwidth, ReadBandwidth};
+use super::ops::{prefill_linear_ops, vision_linear_ops};
+use super::peaks::{instruction_peaks, peak_of, Peak};
 use super::KernelRate;
-use crate::kernels::path::best_path;
+use crate::kernels::matvec::Prefetch;
+use crate::kernels::path::{best_path, cpu_features};
+use crate::kernels::peak::Instruction;
 use crate::{Engine, EngineError, GenerateParams, Result};
 use q3vl_model::image::{PatchedImage, Resize, Rgb8};
 use q3vl_model::prompt::Prompt;
@@ -64,6 +69,9 @@ impl MeanSd {
 pub struct Phases {
     /// Vision encode, milliseconds.
     pub vision_ms: MeanSd,
+    /// Time to the first token: from the start of the vision encode to the first
+    /// generated token (vision + prefill + the first token's sampling), milliseconds.
+    pub ttft_ms: MeanSd,
     /// Prefill wall time, milliseconds (mean).
     pub prefill_ms: f64,
     /// Prefill, prompt tokens per second.
@@ -83,16 +91,28 @@ pub struct Phases {
 /// Everything `q3vl bench` reports for a bundle.
 #[derive(Debug, Clone)]
 pub struct EngineBench {
+    /// The CPU (None where it cannot be read).
+    pub cpu: Option<q3vl_host::cpu::Cpu>,
+    /// The CPU's SIMD extensions the kernels look for ([`cpu_features`]).
+    pub cpu_features: Vec<&'static str>,
     /// Worker threads.
     pub threads: usize,
     /// The kernels' instruction path.
     pub kernel_path: &'static str,
+    /// The decode kernel's software prefetch on this CPU.
+    pub decode_prefetch: &'static str,
     /// Repetitions.
     pub reps: usize,
-    /// Read bandwidth before the timed phases, bytes/s.
-    pub bandwidth_before: f64,
-    /// Read bandwidth after them, bytes/s.
-    pub bandwidth_after: f64,
+    /// Read bandwidth before the timed phases, by reader.
+    pub bandwidth_before: ReadBandwidth,
+    /// Read bandwidth after them, by reader.
+    pub bandwidth_after: ReadBandwidth,
+    /// The instruction peaks on all threads, measured after the timed phases.
+    pub peaks: Vec<Peak>,
+    /// Operations of the prefill's linears ([`prefill_linear_ops`]).
+    pub prefill_ops: f64,
+    /// Operations of the vision tower's linears on the test image ([`vision_linear_ops`]).
+    pub vision_ops: f64,
     /// The untimed warm-up: opening the engine (which pages in the language weights a
     /// pass reads whole) and paging in the vision tower.
     pub warmup: Cost,
@@ -112,8 +132,11 @@ pub struct EngineBench {
     pub peak_rss_bytes: Option<u64>,
     /// Kernel rates ([`kernel_rates`]).
     pub kernels: Vec<(String, KernelRate)>,
-    /// The decode sweep over the bundle's int8 weights, bytes/s ([`q8_sweep_rate`]).
+    /// The decode sweep over the bundle's int8 weights with the prefetch the decode
+    /// kernel issues, bytes/s ([`super::q8_sweep_rate`]).
     pub decode_sweep: f64,
+    /// The same sweep with each prefetch variant (x86; off x86, the one sweep).
+    pub decode_sweeps: Vec<(Prefetch, f64)>,
     /// A plain read of the same weights, bytes/s ([`weights_read_bandwidth`]).
     pub weights_read: f64,
     /// Bytes of the language bundle's mapping resident, and of those on 2 MiB pages.
@@ -124,7 +147,29 @@ impl EngineBench {
     /// The better of the two bandwidth passes: a slow moment of one cannot flatter
     /// the decode ratio.
     pub fn bandwidth(&self) -> f64 {
-        self.bandwidth_before.max(self.bandwidth_after)
+        self.bandwidth_before
+            .best()
+            .max(self.bandwidth_after.best())
+    }
+
+    /// The prefill's linears, G operations/s (mean prefill time).
+    pub fn prefill_g_per_s(&self) -> f64 {
+        self.prefill_ops / (self.phases.prefill_ms * 1e-3) / 1e9
+    }
+
+    /// The vision tower's linears, G operations/s (mean encode time).
+    pub fn vision_g_per_s(&self) -> f64 {
+        self.vision_ops / (self.phases.vision_ms.mean * 1e-3) / 1e9
+    }
+
+    /// The prefill's share of the int16 product peak (None: the path has no peak).
+    pub fn prefill_fraction_of_peak(&self) -> Option<f64> {
+        peak_of(&self.peaks, Instruction::Int16Dot).map(|p| self.prefill_g_per_s() / p)
+    }
+
+    /// The vision encode's share of the f32 FMA peak (None: the path has no peak).
+    pub fn vision_fraction_of_peak(&self) -> Option<f64> {
+        peak_of(&self.peaks, Instruction::F32Fma).map(|p| self.vision_g_per_s() / p)
     }
 
     /// The decode bound, tokens/s: bandwidth / bytes per token.
@@ -166,12 +211,19 @@ pub fn measure(engine: &Engine, opts: &BenchOptions, opened: Instant) -> Result<
     let bandwidth_before = pool.install(|| memory_read_bandwidth(opts.bandwidth_bytes, 5));
     let (phases, image_tokens) = time_phases(engine, &patched, &prompt, opts)?;
     let bandwidth_after = pool.install(|| memory_read_bandwidth(opts.bandwidth_bytes, 5));
+    let peaks = pool.install(|| instruction_peaks(best_path(), 5));
+    let [t, h, w] = patched.grid_thw;
+    let config = engine.language().config();
+    let prefill_ops = prefill_linear_ops(&config.text, prompt.ids.len());
+    let vision_ops = vision_linear_ops(&engine.vision_bundle().config().vision, t * h * w);
     let mid = prompt.ids.len() + opts.decode_tokens / 2;
     let decode_bytes_per_token = engine.decode_bytes(mid)?;
     let peak_rss_bytes = q3vl_host::peak_rss_bytes();
     // After the peak RSS: the micro-benchmarks' buffers are not the engine's.
     let kernels = pool.install(|| kernel_rates(&opts.kernels));
-    let decode_sweep = pool.install(|| q8_sweep_rate(engine.language(), 3));
+    let sweeps = pool.install(|| q8_sweep_rates(engine.language(), 3, sweep_variants()));
+    let chosen = crate::kernels::matvec::prefetch();
+    let decode_sweep = sweeps.iter().find(|s| s.0 == chosen).map_or(0.0, |s| s.1);
     let weights_read = pool.install(|| weights_read_bandwidth(engine.language(), 3));
     // How much of the language bundle's resident mapping has 2 MiB entries: pages
     // cached earlier in small folios keep 4 KiB entries and read more slowly.
@@ -181,11 +233,17 @@ pub fn measure(engine: &Engine, opts: &BenchOptions, opened: Instant) -> Result<
         .resident_huge_bytes()
         .unwrap_or((0, 0));
     Ok(EngineBench {
+        cpu: q3vl_host::cpu::cpu(),
+        cpu_features: cpu_features(),
         threads,
         kernel_path: best_path().name(),
+        decode_prefetch: decode_prefetch_name(),
         reps: opts.reps,
         bandwidth_before,
         bandwidth_after,
+        peaks,
+        prefill_ops,
+        vision_ops,
         warmup,
         stamp_check,
         image_side: side,
@@ -196,9 +254,30 @@ pub fn measure(engine: &Engine, opts: &BenchOptions, opened: Instant) -> Result<
         peak_rss_bytes,
         kernels,
         decode_sweep,
+        decode_sweeps: sweeps,
         weights_read,
         weights_resident,
     })
+}
+
+/// The prefetch variants the decode sweep is timed with: both on x86 (they differ by
+/// CPU), the one the kernel issues elsewhere (where it issues none).
+fn sweep_variants() -> &'static [Prefetch] {
+    if cfg!(target_arch = "x86_64") {
+        &Prefetch::ALL
+    } else {
+        std::slice::from_ref(&Prefetch::Nta)
+    }
+}
+
+/// The decode kernel's prefetch, as reports name it (`none` where the path issues
+/// none: off x86).
+pub fn decode_prefetch_name() -> &'static str {
+    if cfg!(target_arch = "x86_64") {
+        crate::kernels::matvec::prefetch().name()
+    } else {
+        "none"
+    }
 }
 
 /// What `q3vl run --require-verified` adds to a load: hashing every file of both
@@ -245,6 +324,7 @@ fn time_phases(
     let cpu = || q3vl_host::process_cpu_seconds().unwrap_or(f64::NAN);
     let reps = opts.reps as f64;
     let (mut vision, mut prefill, mut decode) = (Vec::new(), Vec::new(), Vec::new());
+    let mut ttft = Vec::new();
     let mut prefill_ms = 0.0;
     let (mut vision_cpu, mut prefill_cpu, mut decode_cpu) = (0.0, 0.0, 0.0);
     let mut last = None;
@@ -256,17 +336,19 @@ fn time_phases(
         vision_cpu += (cpu() - c0) / reps;
         // The first token arrives right after prefill: split the CPU time there.
         let c1 = cpu();
-        let mut c_first = f64::NAN;
+        let (mut c_first, mut t_first) = (f64::NAN, f64::NAN);
         let g = engine.generate(
             &prompt.ids,
             std::slice::from_ref(&feats),
             &params,
             &mut |_| {
                 if c_first.is_nan() {
+                    t_first = t.elapsed().as_secs_f64() * 1e3;
                     c_first = cpu();
                 }
             },
         )?;
+        ttft.push(t_first);
         prefill_cpu += (c_first - c1) / reps;
         decode_cpu += (cpu() - c_first) / reps;
         prefill_ms += g.timings.prefill_ms / reps;
@@ -277,6 +359,7 @@ fn time_phases(
     let (image_tokens, decode_steps) = last.expect("at least one repetition");
     let phases = Phases {
         vision_ms: MeanSd::of(&vision),
+        ttft_ms: MeanSd::of(&ttft),
         prefill_ms,
         prefill_tok_s: MeanSd::of(&prefill),
         decode_tok_s: MeanSd::of(&decode),

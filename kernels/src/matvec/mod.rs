@@ -55,7 +55,7 @@
 //! with AVX-512 but without the path chosen), AVX-512 (one `vpmaddwd` and one
 //! `vpdpwssd` per pair), NEON (`zip`, `smull` + `addp`). Several activation rows at
 //! once take the x86 group loops (`group_fn`). The x86 loops each come in two
-//! prefetch variants, of which the CPU vendor picks one. The tests compare every path
+//! prefetch variants ([`Prefetch`]), of which the CPU vendor picks one. The tests compare every path
 //! the CPU has with the portable one, bit for bit.
 
 use crate::path::{assert_available, best_path, debug_assert_available, Path};
@@ -432,16 +432,88 @@ mod x86;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 
-/// The row loop of `path` (see the module's paths). Panics if the CPU lacks it.
-fn rows_fn(path: Path) -> RowsFn {
+/// The software prefetch of the decode kernel's weight stream, 8 KiB ahead along a
+/// task's rows (x86 only; the hardware prefetchers stop at 4 KiB pages).
+///
+/// Which hint reads fastest depends on the CPU. On Intel the non-temporal hint fills
+/// L1 only, so the L2 streamer never sees the stream: there `prefetchnta` read the
+/// weights slower than no prefetch at all, and `prefetcht1` (4–32 KiB ahead) fastest
+/// of the hints; on Zen 3 `prefetchnta` read fastest (docs/benchmarks-history.md:
+/// "Decode prefetches into L2 on Intel"). So the vendor picks ([`prefetch`]),
+/// `Q3VL_DECODE_PREFETCH` ([`PREFETCH_VAR`]) overrides it, and `q3vl bench` times the
+/// decode sweep with each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefetch {
+    /// `prefetcht1`: into L2 (Intel's default).
+    L2,
+    /// `prefetchnta`: non-temporal (every other vendor's default).
+    Nta,
+}
+
+impl Prefetch {
+    /// Both variants.
+    pub const ALL: [Prefetch; 2] = [Prefetch::L2, Prefetch::Nta];
+
+    /// The variant's name, as `Q3VL_DECODE_PREFETCH` takes it and reports print it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Prefetch::L2 => "l2",
+            Prefetch::Nta => "nta",
+        }
+    }
+}
+
+/// The environment variable naming the decode prefetch to issue instead of the
+/// vendor's choice (`l2` or `nta`).
+pub const PREFETCH_VAR: &str = "Q3VL_DECODE_PREFETCH";
+
+/// The prefetch `Q3VL_DECODE_PREFETCH` asks for: `Ok(None)` when it is unset or
+/// empty, an error naming the variable and its value when it names no variant.
+pub fn requested_prefetch() -> Result<Option<Prefetch>, String> {
+    match std::env::var(PREFETCH_VAR) {
+        Ok(v) if !v.is_empty() => Prefetch::ALL
+            .into_iter()
+            .find(|p| p.name() == v.to_ascii_lowercase())
+            .map(Some)
+            .ok_or_else(|| format!("{PREFETCH_VAR}={v:?} is not a decode prefetch (l2 or nta)")),
+        _ => Ok(None),
+    }
+}
+
+/// The prefetch the decode kernel issues, chosen once: `Q3VL_DECODE_PREFETCH`'s,
+/// else into L2 on Intel CPUs and non-temporal elsewhere (a bad value is the
+/// caller's to report, through [`requested_prefetch`]; here it falls back).
+pub fn prefetch() -> Prefetch {
+    static CHOSEN: std::sync::OnceLock<Prefetch> = std::sync::OnceLock::new();
+    *CHOSEN.get_or_init(|| {
+        requested_prefetch()
+            .ok()
+            .flatten()
+            .unwrap_or_else(vendor_prefetch)
+    })
+}
+
+/// The vendor's prefetch: into L2 on Intel, non-temporal elsewhere.
+fn vendor_prefetch() -> Prefetch {
+    #[cfg(target_arch = "x86_64")]
+    if x86::is_intel() {
+        return Prefetch::L2;
+    }
+    Prefetch::Nta
+}
+
+/// The row loop of `path` with prefetch `pf` (see the module's paths). Panics if the
+/// CPU lacks the path.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+fn rows_fn(path: Path, pf: Prefetch) -> RowsFn {
     assert_available(path);
     match path {
         #[cfg(target_arch = "x86_64")]
-        Path::Avx2 if x86::prefetch_l2() => x86::rows_avx2_l2,
+        Path::Avx2 if pf == Prefetch::L2 => x86::rows_avx2_l2,
         #[cfg(target_arch = "x86_64")]
         Path::Avx2 => x86::rows_avx2_nta,
         #[cfg(target_arch = "x86_64")]
-        Path::Avx512Vnni if x86::prefetch_l2() => x86::rows_avx512_l2,
+        Path::Avx512Vnni if pf == Prefetch::L2 => x86::rows_avx512_l2,
         #[cfg(target_arch = "x86_64")]
         Path::Avx512Vnni => x86::rows_avx512_nta,
         #[cfg(target_arch = "aarch64")]
@@ -450,14 +522,15 @@ fn rows_fn(path: Path) -> RowsFn {
     }
 }
 
-/// The group loop of `path`, where it has one, and the most activation rows it takes.
+/// The group loop of `path` with prefetch `pf`, where it has one, and the most
+/// activation rows it takes.
 #[cfg(target_arch = "x86_64")]
-fn group_fn(path: Path) -> Option<(GroupFn, usize)> {
+fn group_fn(path: Path, pf: Prefetch) -> Option<(GroupFn, usize)> {
     assert_available(path);
     match path {
-        Path::Avx2 if x86::prefetch_l2() => Some((x86::groups_avx2_l2, 4)),
+        Path::Avx2 if pf == Prefetch::L2 => Some((x86::groups_avx2_l2, 4)),
         Path::Avx2 => Some((x86::groups_avx2_nta, 4)),
-        Path::Avx512Vnni if x86::prefetch_l2() => Some((x86::groups_avx512_l2, GROUP_MAX)),
+        Path::Avx512Vnni if pf == Prefetch::L2 => Some((x86::groups_avx512_l2, GROUP_MAX)),
         Path::Avx512Vnni => Some((x86::groups_avx512_nta, GROUP_MAX)),
         _ => None,
     }
@@ -482,6 +555,22 @@ pub fn matvec_on(
     x: &[f32],
     out: &mut [f32],
 ) {
+    matvec_prefetching(path, prefetch(), q, s, rows, cols, x, out)
+}
+
+/// [`matvec_on`] with a given prefetch (the benchmark times both; the bits are the
+/// same).
+#[allow(clippy::too_many_arguments)]
+pub fn matvec_prefetching(
+    path: Path,
+    pf: Prefetch,
+    q: &[i8],
+    s: &[f16],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    out: &mut [f32],
+) {
     assert!(cols.is_multiple_of(BLOCK) && cols > 0);
     let (nb, t) = (cols / BLOCK, x.len() / cols);
     assert_eq!(x.len(), t * cols);
@@ -491,11 +580,11 @@ pub fn matvec_on(
     if rows == 0 || t == 0 {
         return;
     }
-    let rows_of_path = rows_fn(path);
+    let rows_of_path = rows_fn(path, pf);
     let xp = PairedActs::new(&Acts16::quantize_on(path, x, cols));
     #[cfg(target_arch = "x86_64")]
     if t > 1 {
-        if let Some((group, most)) = group_fn(path) {
+        if let Some((group, most)) = group_fn(path, pf) {
             return matvec_groups(group, most, q, s, rows, cols, &xp, out);
         }
     }

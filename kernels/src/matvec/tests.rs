@@ -299,7 +299,7 @@ fn task_loops_cover_every_row() {
         // SAFETY: `rows` rows of q and s, one paired activation row, nb + 1 scratch
         // floats, `rows` outputs; the path is available.
         unsafe {
-            rows_fn(p)(
+            rows_fn(p, prefetch())(
                 q.as_ptr(),
                 s.as_ptr(),
                 xp.row(0),
@@ -526,6 +526,30 @@ fn no_path_reads_past_the_last_row() {
                 let mut out = vec![0f32; t * rows];
                 matvec_on(p, wq, ws, rows, cols, &x, &mut out);
                 assert_same_bits(&out, &want, &format!("{p:?} rows={rows} nb={nb} t={t}"));
+            }
+        }
+    }
+}
+
+/// The whole product gives the same bits with either prefetch, one activation row
+/// (the row loops) or several (the group loops), on every path.
+#[test]
+fn both_prefetches_give_the_same_product() {
+    let mut seed = 47;
+    let (rows, nb) = (37, 9);
+    let cols = nb * BLOCK;
+    let (q, s) = random_weight(&mut seed, rows, nb);
+    for t in [1usize, 5] {
+        let x: Vec<f32> = (0..t * cols)
+            .map(|_| ((lcg(&mut seed) % 2001) as f32 - 1000.0) * 1e-3)
+            .collect();
+        for &p in &available_paths() {
+            let mut want = vec![0f32; t * rows];
+            matvec_on(p, &q, &s, rows, cols, &x, &mut want);
+            for pf in Prefetch::ALL {
+                let mut got = vec![f32::NAN; t * rows];
+                matvec_prefetching(p, pf, &q, &s, rows, cols, &x, &mut got);
+                assert_same_bits(&got, &want, &format!("{p:?} {pf:?} t={t}"));
             }
         }
     }

@@ -53,27 +53,19 @@ pub unsafe fn quantize_block16_avx2(x: *const f32, q: *mut i16) -> f32 {
 }
 
 /// Prefetch distance along a task's weight rows (bytes): the hardware prefetchers
-/// stop at 4 KiB pages. Which hint is best depends on the CPU (see [`prefetch`]).
+/// stop at 4 KiB pages. Which hint is best depends on the CPU ([`super::Prefetch`]).
 const PREFETCH: usize = 8192;
 
-/// Whether the rows prefetch into L2 (`prefetcht1`, on Intel CPUs) rather than
-/// with the non-temporal hint (elsewhere). On Intel the non-temporal hint fills L1
-/// only, so the L2 streamer never sees the stream: there `prefetchnta` read the
-/// weights slower than no prefetch at all, and `prefetcht1` (4–32 KiB ahead) fastest
-/// of the hints; on Zen 3 `prefetchnta` read fastest (decode over the 8B bundle's
-/// int8 weights, docs/benchmarks-history.md: "Decode prefetches into L2 on Intel").
-pub fn prefetch_l2() -> bool {
-    static L2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *L2.get_or_init(|| {
-        // SAFETY: CPUID leaf 0 exists on every x86-64 CPU.
-        #[allow(unused_unsafe)]
-        let r = unsafe { __cpuid(0) };
-        // "GenuineIntel" in EBX, EDX, ECX.
-        (r.ebx, r.edx, r.ecx) == (0x756e_6547, 0x4965_6e69, 0x6c65_746e)
-    })
+/// Whether this is an Intel CPU ("GenuineIntel" in CPUID leaf 0), where the rows
+/// prefetch into L2 by default ([`super::Prefetch`]).
+pub(super) fn is_intel() -> bool {
+    // SAFETY: CPUID leaf 0 exists on every x86-64 CPU.
+    #[allow(unused_unsafe)]
+    let r = unsafe { __cpuid(0) };
+    (r.ebx, r.edx, r.ecx) == (0x756e_6547, 0x4965_6e69, 0x6c65_746e)
 }
 
-/// One prefetch of the weight stream with the hint chosen by [`prefetch_l2`].
+/// One prefetch of the weight stream: into L2 (`L2`) or non-temporal ([`super::Prefetch`]).
 /// Wrapping: the address may pass the end of the weights (a prefetch never faults).
 #[inline(always)]
 fn prefetch<const L2: bool>(p: *const i8) {
