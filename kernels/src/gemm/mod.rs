@@ -21,8 +21,9 @@
 //! over its `k`; how columns are split into tasks (which depends on the thread
 //! count) never changes that chain.
 //!
-//! Paths: the AVX2 and AVX-512 paths run the AVX2 packing and tile, the AVX-512 path
-//! adds its two-panel tile (the tests check it equals two AVX2 tiles bit for bit);
+//! Paths: the AVX2 and AVX-512 paths run the AVX2 packing; the AVX2 path its tile, the
+//! AVX-512 path a two-panel tile and a one-panel tile of 512-bit lanes (the tests check
+//! they equal two AVX2 tiles and one, bit for bit);
 //! the portable tile rounds each multiply-add (no FMA), so it agrees with the SIMD
 //! tiles to rounding, not bit for bit. There is no NEON tile: aarch64 runs the
 //! portable one. The tests run every entry on every path the CPU has: each path's
@@ -178,7 +179,7 @@ fn tiles(path: Path) -> Tiles {
     match path {
         #[cfg(target_arch = "x86_64")]
         Path::Avx512Vnni => Tiles {
-            one: x86::micro_avx2,
+            one: x86::micro_avx512_one,
             pair: Some(x86::micro_avx512_pair),
         },
         #[cfg(target_arch = "x86_64")]

@@ -563,3 +563,32 @@ fn the_avx512_pair_tile_equals_two_avx2_tiles_bit_for_bit() {
         assert_same_bits(&got, &want, &format!("first={first}"));
     }
 }
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn the_avx512_one_panel_tile_equals_the_avx2_tile_bit_for_bit() {
+    // The hardware decides, not Q3VL_KERNEL_PATH: the tile is tested wherever it can run.
+    if !available_paths().contains(&Path::Avx512Vnni) {
+        eprintln!("no AVX-512 on this CPU: the one-panel tile is not run here");
+        return;
+    }
+    let kc = 257;
+    let mut seed = 5;
+    let mut r = || (crate::testing::lcg(&mut seed) % 2001) as f32 / 1000.0 - 1.0;
+    let a: Vec<f32> = (0..kc * MR).map(|_| r()).collect();
+    let b: Vec<f32> = (0..kc * NR).map(|_| r()).collect();
+    // A wider C (ldc 24) than the tile: the columns past it stay as they were.
+    let c0: Vec<f32> = (0..MR * 24).map(|_| r()).collect();
+    for first in [true, false] {
+        let (mut want, mut got) = (c0.clone(), c0.clone());
+        let one = tiles(Path::Avx512Vnni).one;
+        // SAFETY: a holds kc·MR floats, b one panel of kc·NR, C MR rows of 24; both
+        // paths' features were checked.
+        unsafe {
+            (tiles(Path::Avx2).one)(kc, a.as_ptr(), b.as_ptr(), want.as_mut_ptr(), 24, first);
+            one(kc, a.as_ptr(), b.as_ptr(), got.as_mut_ptr(), 24, first);
+        }
+        assert_same_bits(&got, &want, &format!("first={first}"));
+        assert_same_bits(&got[NR..24], &c0[NR..24], "past the tile");
+    }
+}
