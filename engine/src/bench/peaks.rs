@@ -34,6 +34,7 @@ pub fn instruction_peaks(path: Path, reps: usize) -> Vec<Peak> {
                 let ops: f64 = rayon::broadcast(|_| issue(instruction, path, ROUNDS))
                     .into_iter()
                     .flatten()
+                    .map(|done| done.ops)
                     .sum();
                 best = best.max(ops / t.elapsed().as_secs_f64() / 1e9);
             }

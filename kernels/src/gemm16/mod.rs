@@ -197,6 +197,10 @@ unsafe fn micro_portable(nbk: usize, p: Panels, c: *mut f32, ldc: usize, first: 
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+/// The assembly `vpdpwssd`, shared with the decode kernel.
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::dpwssd;
+
 #[cfg(target_arch = "aarch64")]
 mod neon;
 

@@ -123,10 +123,10 @@ pub unsafe fn micro_vnni<const R: usize, const P: usize>(
 /// `acc + Σ pairs(a · b)` per 32-bit lane: one `vpdpwssd`, written as assembly
 /// because LLVM splits `_mm512_dpwssd_epi32` into `vpmaddwd` + `vpaddd`, which doubled
 /// the tile's arithmetic instructions (docs/benchmarks-history.md: "Prefill issues
-/// vpdpwssd").
+/// vpdpwssd"); the decode kernel's pairs use it too.
 #[target_feature(enable = "avx512f,avx512vnni")]
 #[inline]
-unsafe fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
+pub(crate) unsafe fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
     let mut acc = acc;
     // SAFETY: vpdpwssd reads and writes registers only; the function requires
     // AVX-512 VNNI.

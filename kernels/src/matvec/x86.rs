@@ -163,8 +163,9 @@ unsafe fn pair_weights_avx512(p: *const i8, partner: bool) -> (__m512i, __m512i)
 /// `acc + f32(Σ) · s` for one pair of blocks against activations `x` (paired layout):
 /// the exact lane sums are one `vpmaddwd` and one `vpdpwssd`.
 ///
-/// `vpdpwssd` is written as assembly: LLVM splits `vpdpwssd(vpmaddwd(..), ..)` into two
-/// `vpmaddwd` and an add, one more instruction per pair and activation row.
+/// `vpdpwssd` is written as assembly ([`crate::gemm16::dpwssd`]): LLVM splits
+/// `vpdpwssd(vpmaddwd(..), ..)` into two `vpmaddwd` and an add, one more instruction per
+/// pair and activation row.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
 #[inline]
 unsafe fn pair_fma_avx512(
@@ -174,17 +175,9 @@ unsafe fn pair_fma_avx512(
     s: __m512,
     acc: __m512,
 ) -> __m512 {
-    let mut p = _mm512_madd_epi16(wa, _mm512_loadu_si512(x as *const _));
+    let p = _mm512_madd_epi16(wa, _mm512_loadu_si512(x as *const _));
     let xb = _mm512_loadu_si512(x.add(BLOCK) as *const _);
-    // SAFETY: vpdpwssd reads and writes registers only; the function requires
-    // AVX-512 VNNI.
-    std::arch::asm!(
-        "vpdpwssd {p}, {w}, {x}",
-        p = inout(zmm_reg) p,
-        w = in(zmm_reg) wb,
-        x = in(zmm_reg) xb,
-        options(pure, nomem, nostack, preserves_flags)
-    );
+    let p = crate::gemm16::dpwssd(p, wb, xb);
     _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s, acc)
 }
 

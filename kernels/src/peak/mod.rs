@@ -72,21 +72,38 @@ pub fn form(instr: Instruction, path: Path) -> Option<(&'static str, u64)> {
     None
 }
 
+/// What [`issue`] did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Issued {
+    /// Operations done (2 per multiply-add).
+    pub ops: f64,
+    /// Lane 0 of the first accumulator after the loop, as bits: `rounds` steps of the
+    /// instruction on its fixed sources, which the tests check against the arithmetic
+    /// the instruction defines (so a loop that ran fewer steps, or another instruction,
+    /// fails them).
+    pub lane0: u32,
+}
+
 /// Issues `rounds` × [`CHAINS`] steps of `instr` the way `path` does ([`form`]) on
-/// the calling thread; the operations done, or None where [`form`] is None.
-pub fn issue(instr: Instruction, path: Path, rounds: u64) -> Option<f64> {
+/// the calling thread; None where [`form`] is None.
+pub fn issue(instr: Instruction, path: Path, rounds: u64) -> Option<Issued> {
     let (_, ops) = form(instr, path)?;
+    #[allow(unused_mut)]
+    let mut lane0 = 0;
     #[cfg(target_arch = "x86_64")]
     if rounds > 0 {
-        match path {
+        lane0 = match path {
             // SAFETY: `form` checked that the CPU runs the path and the instruction.
             Path::Avx512Vnni => unsafe { x86::issue_avx512(instr, rounds) },
             // SAFETY: as above.
             Path::Avx2 => unsafe { x86::issue_avx2(instr, rounds) },
             _ => unreachable!("form is None for {path:?}"),
-        }
+        };
     }
-    Some((rounds * CHAINS * ops) as f64)
+    Some(Issued {
+        ops: (rounds * CHAINS * ops) as f64,
+        lane0,
+    })
 }
 
 #[cfg(test)]
@@ -94,8 +111,25 @@ mod tests {
     use super::*;
     use crate::path::available_paths;
 
+    /// Lane 0 of the first accumulator after `rounds` steps on the fixed sources (see
+    /// `x86.rs`): f32 1.0 × 2⁻¹⁰ per FMA; int16 pairs 16256 · 14976 twice per
+    /// `vpdpwssd` (wrapping), (2, 1) · (4, 3) = 11 per AVX2 `vpmaddwd`; bytes
+    /// (128, 63, 128, 63) · (−128, 58, −128, 58) = −25460 per `vpdpbusd`; bf16 pairs
+    /// 2 · 2⁻¹⁰ per `vdpbf16ps`.
+    fn expected_lane0(instr: Instruction, path: Path, rounds: u64) -> u32 {
+        match (instr, path) {
+            (Instruction::F32Fma, _) => (rounds as f32 / 1024.0).to_bits(),
+            (Instruction::Int16Dot, Path::Avx512Vnni) => {
+                (rounds as u32).wrapping_mul(2 * 16256 * 14976)
+            }
+            (Instruction::Int16Dot, _) => rounds as u32 * 11,
+            (Instruction::Int8Dot, _) => (rounds as i32 * -25460) as u32,
+            (Instruction::Bf16Dot, _) => (rounds as f32 / 512.0).to_bits(),
+        }
+    }
+
     #[test]
-    fn every_form_runs_and_counts_its_operations() {
+    fn every_form_runs_its_steps_and_counts_its_operations() {
         for path in available_paths() {
             for instr in Instruction::ALL {
                 let Some((_, ops)) = form(instr, path) else {
@@ -103,8 +137,13 @@ mod tests {
                     continue;
                 };
                 assert!(ops >= 16, "{path:?} {instr:?}");
-                assert_eq!(issue(instr, path, 1000), Some((1000 * CHAINS * ops) as f64));
-                assert_eq!(issue(instr, path, 0), Some(0.0));
+                for rounds in [1u64, 1000] {
+                    let done = issue(instr, path, rounds).unwrap();
+                    assert_eq!(done.ops, (rounds * CHAINS * ops) as f64);
+                    let want = expected_lane0(instr, path, rounds);
+                    assert_eq!(done.lane0, want, "{path:?} {instr:?} rounds={rounds}");
+                }
+                assert_eq!(issue(instr, path, 0).map(|d| d.ops), Some(0.0));
             }
         }
     }
