@@ -107,6 +107,7 @@ fn run_kernels_only(a: &BenchArgs) -> anyhow::Result<Outcome> {
     } else {
         println!("threads                 {}", k.threads);
         println!("kernel path             {}", k.kernel_path);
+        println!("decode prefetch         {}", k.decode_prefetch);
         print_kernel_rates(&k.rates);
         if let Some(v) = k.decode_sweep {
             println!(
@@ -122,6 +123,7 @@ fn kernels_json(k: &KernelBench) -> serde_json::Value {
     json!({
         "threads": k.threads,
         "kernel_path": k.kernel_path,
+        "decode_prefetch": k.decode_prefetch,
         "kernels": rates_json(&k.rates),
         "decode_sweep_gb_s": k.decode_sweep.map(|v| v / 1e9),
     })
@@ -332,7 +334,7 @@ fn print_bench(b: &EngineBench) {
         p.ttft_ms.mean, p.ttft_ms.sd
     );
     println!(
-        "vision encode ({}²)    {:.0} ± {:.0} ms ({} image tokens; {:.1} CPU-s; linears {:.0} G ops/s{})",
+        "vision encode ({}²)    {:.0} ± {:.0} ms ({} image tokens; {:.1} CPU-s; {:.0} G ops/s{})",
         b.image_side,
         p.vision_ms.mean,
         p.vision_ms.sd,
@@ -342,7 +344,7 @@ fn print_bench(b: &EngineBench) {
         of_peak(b.vision_fraction_of_peak(), "f32 fma")
     );
     println!(
-        "prefill                 {} tokens, {:.0} ms, {:.2} ± {:.2} tok/s ({:.1} CPU-s; linears {:.0} G ops/s{})",
+        "prefill                 {} tokens, {:.0} ms, {:.2} ± {:.2} tok/s ({:.1} CPU-s; {:.0} G ops/s{})",
         b.prompt_tokens,
         p.prefill_ms,
         p.prefill_tok_s.mean,

@@ -41,6 +41,8 @@ evict_page_cache() {
   python3 - "$@" << 'PY'
 import os, sys
 for top in sys.argv[1:]:
+    if not os.path.exists(top):
+        sys.exit(f"evict_page_cache: no {top}")
     paths = [top] if os.path.isfile(top) else [os.path.join(d, f) for d, _, fs in os.walk(top) for f in fs]
     for p in paths:
         fd = os.open(p, os.O_RDONLY)

@@ -14,8 +14,9 @@
 #    `q3vl bench --json` (vision, prefill, decode, the decode bound, the instruction peaks) and
 #    `q3vl run` on a 448x448 image with one new token (vision time, time to the first token,
 #    peak RSS of a real answer); `llama-bench` (prefill, decode) and `llama-mtmd-cli` on the
-#    same image (its own "mtmd batch encoding done in N ms" line, and its prompt eval time:
-#    their sum is its time to the first token; one new token). Every ratio comes from one round.
+#    same image (its own "mtmd batch encoding done in N ms" line, and its prompt eval time,
+#    which spans the encode and is its time to the first token; one new token). Every ratio
+#    comes from one round.
 # Every run uses $Q3VL_PEER_THREADS threads (default 2). The markdown table goes to stdout.
 # Big files (source when synthesized, bundles, gguf) live in $Q3VL_BENCH_DIR (default
 # /tmp/q3vl-bench-peer) and are deleted at the end unless KEEP=1. Disk: source + bundles +
@@ -196,12 +197,16 @@ def mtmd(path):
         raise SystemExit(f"no 'mtmd batch encoding done' line in {path}")
     tok = re.search(r"encoding batch with .* total (\d+) tokens", log)
     size = re.search(r"copying image .* \(nx=(\d+), ny=(\d+)\)", log)
-    # llama_perf_context_print: every llama_decode of more than one token (the image's
-    # embeddings and the text chunks) is prompt eval; the first token is sampled right
-    # after it (the one "eval" run that follows decodes that token).
+    # llama_perf_context_print: prompt eval time runs from the first llama_decode after a
+    # synchronization to the next one (src/llama-context.cpp), and mtmd-cli decodes the first
+    # text chunk, encodes the image, then decodes its embeddings and the rest without one,
+    # until the first token is sampled. So it covers the image encode too, and is itself the
+    # time to the first token (less mtmd's tokenizing and preprocessing, which come before).
     pe = re.search(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens", log)
     if not pe:
         raise SystemExit(f"no 'prompt eval time' line in {path}")
+    if float(pe.group(1)) <= float(ms.group(1)):
+        raise SystemExit(f"{path}: prompt eval ({pe.group(1)} ms) does not cover the encode ({ms.group(1)} ms)")
     size = size and f"{size.group(1)}x{size.group(2)}"
     return float(ms.group(1)), tok and int(tok.group(1)), size, float(pe.group(1)), int(pe.group(2))
 
@@ -214,7 +219,7 @@ for r in range(1, rounds + 1):
     tg = next(x for x in lb if x["n_gen"] > 0 and x["n_prompt"] == 0)
     lv, ltok, lsize, lpe, lpe_tok = mtmd(f"{work}/mtmd.{r}.log")
     rows.append(dict(
-        q_ttft=qr["timings"]["first_token_ms"], q_bench_ttft=qb["ttft_ms"], l_ttft=lv + lpe,
+        q_ttft=qr["timings"]["first_token_ms"], q_bench_ttft=qb["ttft_ms"], l_ttft=lpe,
         l_prompt_eval=lpe, l_prompt_eval_tok=lpe_tok, cpu=qb["cpu"], peaks=qb["peaks"],
         q_prefill_share=qb["prefill_fraction_of_peak"], q_vision_share=qb["vision_fraction_of_peak"],
         sweeps=qb["decode_sweep_by_prefetch_gb_s"], prefetch=qb["decode_prefetch"],
@@ -251,8 +256,8 @@ if x0["l_imgtok"] != x0["q_imgtok"] or x0["l_size"] != f"{side}x{side}":
     img = f"llama.cpp resized to {x0['l_size']}, {x0['l_imgtok']} image tokens; q3vl {x0['q_imgtok']}"
 print("| what | llama.cpp (range over rounds) | q3vl (range over rounds) | median round's ratio (range) |")
 print("|---|---|---|---|")
-print(f"| time to first token ms, {side}² image prompt (q3vl run: from image load to the first token; "
-      f"mtmd-cli: its encode + prompt eval of {x0['l_prompt_eval_tok']} tokens) "
+print(f"| time to first token ms, {side}² image prompt (q3vl run: from the image's preprocessing to the "
+      f"first token; mtmd-cli: its prompt eval of {x0['l_prompt_eval_tok']} tokens, which spans its image encode) "
       f"| {rng('l_ttft', '{:.0f}')} | {rng('q_ttft', '{:.0f}')} | {med('r_ttft'):.2f}x ({rng('r_ttft')}) |")
 print(f"| prefill tok/s ({x0['prompt']} tokens; llama.cpp: text tokens; q3vl: {x0['q_imgtok']} of them image) "
       f"| {rng('l_prefill')} | {rng('q_prefill')} | {med('r_prefill'):.2f}x ({rng('r_prefill')}) |")
@@ -278,7 +283,8 @@ print(f"CPU (`q3vl bench`): {c.get('name', '?')}, {c.get('vendor', '?')} family 
       f"model {c.get('model', '?')} stepping {c.get('stepping', '?')}; features {' '.join(c['features'])}; "
       f"kernel path {x0['kpath']}, decode prefetch {x0['prefetch']}.")
 print()
-print("| round | instruction peaks, G ops/s (all threads) | prefill linears / int16 peak | vision linears / f32 fma peak "
+print("| round | instruction peaks, G ops/s (all threads) | prefill (linears + attention) / int16 peak "
+      "| vision (linears + attention) / f32 fma peak "
       "| read bandwidth by reader, GB/s | decode sweep by prefetch, GB/s |")
 print("|---|---|---|---|---|---|")
 pct = lambda v: "n/a" if v is None else f"{100 * v:.0f}%"

@@ -195,6 +195,8 @@ pub struct KernelBench {
     pub threads: usize,
     /// The kernels' instruction path.
     pub kernel_path: &'static str,
+    /// The decode kernel's prefetch ([`super::run::decode_prefetch_name`]).
+    pub decode_prefetch: &'static str,
     /// [`kernel_rates`].
     pub rates: Vec<(String, KernelRate)>,
     /// With an engine: [`q8_sweep_rate`] over its language bundle, bytes/s.
@@ -223,6 +225,7 @@ pub fn kernels_only(
     Ok(KernelBench {
         threads,
         kernel_path: best_path().name(),
+        decode_prefetch: super::run::decode_prefetch_name(),
         rates,
         decode_sweep,
     })

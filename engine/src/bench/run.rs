@@ -6,7 +6,7 @@
 
 use super::kernels::{kernel_rates, q8_sweep_rates, KernelShapes};
 use super::memory::{memory_read_bandwidth, weights_read_bandwidth, ReadBandwidth};
-use super::ops::{prefill_linear_ops, vision_linear_ops};
+use super::ops::{prefill_ops, vision_ops};
 use super::peaks::{instruction_peaks, peak_of, Peak};
 use super::KernelRate;
 use crate::kernels::matvec::Prefetch;
@@ -109,9 +109,9 @@ pub struct EngineBench {
     pub bandwidth_after: ReadBandwidth,
     /// The instruction peaks on all threads, measured after the timed phases.
     pub peaks: Vec<Peak>,
-    /// Operations of the prefill's linears ([`prefill_linear_ops`]).
+    /// Operations of the prefill ([`prefill_ops`]).
     pub prefill_ops: f64,
-    /// Operations of the vision tower's linears on the test image ([`vision_linear_ops`]).
+    /// Operations of the vision tower on the test image ([`vision_ops`]).
     pub vision_ops: f64,
     /// The untimed warm-up: opening the engine (which pages in the language weights a
     /// pass reads whole) and paging in the vision tower.
@@ -152,12 +152,12 @@ impl EngineBench {
             .max(self.bandwidth_after.best())
     }
 
-    /// The prefill's linears, G operations/s (mean prefill time).
+    /// The prefill's arithmetic, G operations/s (mean prefill time).
     pub fn prefill_g_per_s(&self) -> f64 {
         self.prefill_ops / (self.phases.prefill_ms * 1e-3) / 1e9
     }
 
-    /// The vision tower's linears, G operations/s (mean encode time).
+    /// The vision tower's arithmetic, G operations/s (mean encode time).
     pub fn vision_g_per_s(&self) -> f64 {
         self.vision_ops / (self.phases.vision_ms.mean * 1e-3) / 1e9
     }
@@ -214,14 +214,14 @@ pub fn measure(engine: &Engine, opts: &BenchOptions, opened: Instant) -> Result<
     let peaks = pool.install(|| instruction_peaks(best_path(), 5));
     let [t, h, w] = patched.grid_thw;
     let config = engine.language().config();
-    let prefill_ops = prefill_linear_ops(&config.text, prompt.ids.len());
-    let vision_ops = vision_linear_ops(&engine.vision_bundle().config().vision, t * h * w);
+    let prefill_ops = prefill_ops(&config.text, prompt.ids.len());
+    let vision_ops = vision_ops(&engine.vision_bundle().config().vision, t * h * w);
     let mid = prompt.ids.len() + opts.decode_tokens / 2;
     let decode_bytes_per_token = engine.decode_bytes(mid)?;
     let peak_rss_bytes = q3vl_host::peak_rss_bytes();
     // After the peak RSS: the micro-benchmarks' buffers are not the engine's.
     let kernels = pool.install(|| kernel_rates(&opts.kernels));
-    let sweeps = pool.install(|| q8_sweep_rates(engine.language(), 3, sweep_variants()));
+    let sweeps = pool.install(|| q8_sweep_rates(engine.language(), 3, &sweep_variants()));
     let chosen = crate::kernels::matvec::prefetch();
     let decode_sweep = sweeps.iter().find(|s| s.0 == chosen).map_or(0.0, |s| s.1);
     let weights_read = pool.install(|| weights_read_bandwidth(engine.language(), 3));
@@ -261,12 +261,13 @@ pub fn measure(engine: &Engine, opts: &BenchOptions, opened: Instant) -> Result<
 }
 
 /// The prefetch variants the decode sweep is timed with: both on x86 (they differ by
-/// CPU), the one the kernel issues elsewhere (where it issues none).
-fn sweep_variants() -> &'static [Prefetch] {
+/// CPU), elsewhere (where the kernel issues none) the one chosen, so the chosen
+/// variant's figure is always there.
+fn sweep_variants() -> Vec<Prefetch> {
     if cfg!(target_arch = "x86_64") {
-        &Prefetch::ALL
+        Prefetch::ALL.to_vec()
     } else {
-        std::slice::from_ref(&Prefetch::Nta)
+        vec![crate::kernels::matvec::prefetch()]
     }
 }
 
