@@ -508,20 +508,25 @@ fn the_decode_prefetch_can_be_forced() {
         "Which colour comes after blue?",
         "--json",
     ];
-    let best = run_json(&args);
-    for pf in ["l2", "NTA"] {
-        let o = q3vl()
+    let with = |args: &[&str], pf: &str| {
+        q3vl()
             .args(args)
             .env("Q3VL_DECODE_PREFETCH", pf)
             .output()
-            .unwrap();
+            .unwrap()
+    };
+    let json_with = |args: &[&str], pf: &str| {
+        let o = with(args, pf);
         assert!(
             o.status.success(),
             "{pf}: {}",
             String::from_utf8_lossy(&o.stderr)
         );
-        let d: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        assert_eq!(d["tokens"], best["tokens"], "{pf}");
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    let best = run_json(&args);
+    for pf in ["l2", "NTA"] {
+        assert_eq!(json_with(&args, pf)["tokens"], best["tokens"], "{pf}");
     }
     let kernels = [
         "bench",
@@ -533,30 +538,17 @@ fn the_decode_prefetch_can_be_forced() {
         "8x32x16",
     ];
     for (pf, want) in [("nta", "nta"), ("L2", "l2")] {
-        let o = q3vl()
-            .args(kernels)
-            .env("Q3VL_DECODE_PREFETCH", pf)
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "{pf}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        let d: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         let want = if cfg!(target_arch = "x86_64") {
             want
         } else {
             "none"
         };
-        assert_eq!(d["decode_prefetch"], want, "{pf}");
+        assert_eq!(json_with(&kernels, pf)["decode_prefetch"], want, "{pf}");
     }
-    let o = q3vl()
-        .args(args)
-        .env("Q3VL_DECODE_PREFETCH", "t0")
-        .output()
-        .unwrap();
-    fails(&o, &["Q3VL_DECODE_PREFETCH", "t0", "l2 or nta"]);
+    fails(
+        &with(&args, "t0"),
+        &["Q3VL_DECODE_PREFETCH", "t0", "l2 or nta"],
+    );
 }
 
 /// `Q3VL_KERNEL_PATH` runs every kernel on a lower path: on each path this CPU has,
