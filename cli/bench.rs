@@ -199,7 +199,7 @@ fn peaks_json(peaks: &[Peak]) -> serde_json::Value {
 
 /// Each reader's bandwidth of the better pass, GB/s.
 fn readers_json(b: &EngineBench) -> serde_json::Value {
-    let both = b.bandwidth_before.max(&b.bandwidth_after);
+    let both = b.bandwidth_by_reader();
     serde_json::Value::Object(
         both.by_reader
             .iter()
@@ -255,7 +255,7 @@ fn bench_json(b: &EngineBench) -> serde_json::Value {
         "decode_fraction_of_bound": b.decode_fraction_of_bound(),
         "peak_rss_bytes": b.peak_rss_bytes,
         "kernels": rates_json(&b.kernels),
-        "decode_sweep_gb_s": b.decode_sweep / 1e9,
+        "decode_sweep_gb_s": b.decode_sweep() / 1e9,
         "decode_sweep_by_prefetch_gb_s": serde_json::Value::Object(
             b.decode_sweeps
                 .iter()
@@ -310,8 +310,7 @@ fn print_bench(b: &EngineBench) {
         bandwidth / 1e9,
         b.bandwidth_before.best() / 1e9,
         b.bandwidth_after.best() / 1e9,
-        b.bandwidth_before
-            .max(&b.bandwidth_after)
+        b.bandwidth_by_reader()
             .by_reader
             .iter()
             .map(|(r, v)| format!("{} {:.2}", r.name(), v / 1e9))
@@ -377,8 +376,8 @@ fn print_bench(b: &EngineBench) {
     }
     println!(
         "decode sweep            {:.2} GB/s ({:.1}% of bandwidth; every int8 weight x 1 token, no other work; by prefetch: {})",
-        b.decode_sweep / 1e9,
-        b.decode_sweep / bandwidth * 100.0,
+        b.decode_sweep() / 1e9,
+        b.decode_sweep() / bandwidth * 100.0,
         b.decode_sweeps
             .iter()
             .map(|(pf, v)| format!("{} {:.2}", pf.name(), v / 1e9))
@@ -388,7 +387,7 @@ fn print_bench(b: &EngineBench) {
     println!(
         "weights read            {:.2} GB/s (a plain sum over the same mapped bytes; the sweep is {:.1}% of it)",
         b.weights_read / 1e9,
-        b.decode_sweep / b.weights_read * 100.0
+        b.decode_sweep() / b.weights_read * 100.0
     );
     if let Some(f) = b.huge_page_fraction() {
         println!(

@@ -494,6 +494,27 @@ fn bench_reports_the_compute_figures(doc: &serde_json::Value) {
     }
 }
 
+/// `q3vl ARGS` with `var=value` in its environment.
+fn run_with_env<S: AsRef<std::ffi::OsStr>>(
+    args: &[S],
+    var: &str,
+    value: &str,
+) -> std::process::Output {
+    q3vl().args(args).env(var, value).output().unwrap()
+}
+
+/// [`run_with_env`]'s JSON document; the run must succeed.
+fn json_with_env<S: AsRef<std::ffi::OsStr>>(
+    args: &[S],
+    var: &str,
+    value: &str,
+) -> serde_json::Value {
+    let o = run_with_env(args, var, value);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{var}={value}: {err}");
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
 /// `Q3VL_DECODE_PREFETCH` forces the decode prefetch (the same tokens: the bits do
 /// not depend on it; `bench` reports the one forced); a value that names none is one
 /// line naming the variable, exit 2.
@@ -508,22 +529,8 @@ fn the_decode_prefetch_can_be_forced() {
         "Which colour comes after blue?",
         "--json",
     ];
-    let with = |args: &[&str], pf: &str| {
-        q3vl()
-            .args(args)
-            .env("Q3VL_DECODE_PREFETCH", pf)
-            .output()
-            .unwrap()
-    };
-    let json_with = |args: &[&str], pf: &str| {
-        let o = with(args, pf);
-        assert!(
-            o.status.success(),
-            "{pf}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
-    };
+    const VAR: &str = "Q3VL_DECODE_PREFETCH";
+    let json_with = |args: &[&str], pf: &str| json_with_env(args, VAR, pf);
     let best = run_json(&args);
     for pf in ["l2", "NTA"] {
         assert_eq!(json_with(&args, pf)["tokens"], best["tokens"], "{pf}");
@@ -545,10 +552,7 @@ fn the_decode_prefetch_can_be_forced() {
         };
         assert_eq!(json_with(&kernels, pf)["decode_prefetch"], want, "{pf}");
     }
-    fails(
-        &with(&args, "t0"),
-        &["Q3VL_DECODE_PREFETCH", "t0", "l2 or nta"],
-    );
+    fails(&run_with_env(&args, VAR, "t0"), &[VAR, "t0", "l2 or nta"]);
 }
 
 /// `Q3VL_KERNEL_PATH` runs every kernel on a lower path: on each path this CPU has,
@@ -560,19 +564,7 @@ fn every_kernel_path_gives_the_same_tokens() {
     let out = converted_fixture("shapes");
     let img = fixture("shapes/images/demo_4.png");
     let args = image_question(&out, &img, "8", &["--ignore-eos", "--json"]);
-    let with_path = |p: &str| {
-        let o = q3vl()
-            .args(&args)
-            .env("Q3VL_KERNEL_PATH", p)
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "{p}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
-    };
+    let with_path = |p: &str| json_with_env(&args, "Q3VL_KERNEL_PATH", p);
     let best = run_json(&args);
     let best_path = best["timings"]["kernel_path"].as_str().unwrap().to_owned();
     let mut paths = vec!["portable"];
@@ -584,21 +576,13 @@ fn every_kernel_path_gives_the_same_tokens() {
         assert_eq!(d["timings"]["kernel_path"], p);
         assert_eq!(d["tokens"], best["tokens"], "{p} vs {best_path}");
     }
-    let bogus = q3vl()
-        .args(&args)
-        .env("Q3VL_KERNEL_PATH", "sse9")
-        .output()
-        .unwrap();
+    let bogus = run_with_env(&args, "Q3VL_KERNEL_PATH", "sse9");
     fails(&bogus, &["Q3VL_KERNEL_PATH", "sse9", "portable"]);
     let foreign = if cfg!(target_arch = "x86_64") {
         "neon"
     } else {
         "avx2"
     };
-    let o = q3vl()
-        .args(&args)
-        .env("Q3VL_KERNEL_PATH", foreign)
-        .output()
-        .unwrap();
+    let o = run_with_env(&args, "Q3VL_KERNEL_PATH", foreign);
     fails(&o, &["Q3VL_KERNEL_PATH", foreign]);
 }

@@ -132,10 +132,8 @@ pub struct EngineBench {
     pub peak_rss_bytes: Option<u64>,
     /// Kernel rates ([`kernel_rates`]).
     pub kernels: Vec<(String, KernelRate)>,
-    /// The decode sweep over the bundle's int8 weights with the prefetch the decode
-    /// kernel issues, bytes/s ([`super::q8_sweep_rate`]).
-    pub decode_sweep: f64,
-    /// The same sweep with each prefetch variant (x86; off x86, the one sweep).
+    /// The decode sweep over the bundle's int8 weights with each prefetch variant
+    /// (x86; off x86, the chosen one), bytes/s ([`super::q8_sweep_rates`]).
     pub decode_sweeps: Vec<(Prefetch, f64)>,
     /// A plain read of the same weights, bytes/s ([`weights_read_bandwidth`]).
     pub weights_read: f64,
@@ -147,9 +145,20 @@ impl EngineBench {
     /// The better of the two bandwidth passes: a slow moment of one cannot flatter
     /// the decode ratio.
     pub fn bandwidth(&self) -> f64 {
-        self.bandwidth_before
-            .best()
-            .max(self.bandwidth_after.best())
+        self.bandwidth_by_reader().best()
+    }
+
+    /// The decode sweep with the prefetch the decode kernel issues, bytes/s (0 if it
+    /// was not timed).
+    pub fn decode_sweep(&self) -> f64 {
+        let chosen = crate::kernels::matvec::prefetch();
+        let s = self.decode_sweeps.iter().find(|s| s.0 == chosen);
+        s.map_or(0.0, |s| s.1)
+    }
+
+    /// Each reader's bandwidth, the better of the two passes.
+    pub fn bandwidth_by_reader(&self) -> ReadBandwidth {
+        self.bandwidth_before.max(&self.bandwidth_after)
     }
 
     /// The prefill's arithmetic, G operations/s (mean prefill time).
@@ -222,8 +231,6 @@ pub fn measure(engine: &Engine, opts: &BenchOptions, opened: Instant) -> Result<
     // After the peak RSS: the micro-benchmarks' buffers are not the engine's.
     let kernels = pool.install(|| kernel_rates(&opts.kernels));
     let sweeps = pool.install(|| q8_sweep_rates(engine.language(), 3, &sweep_variants()));
-    let chosen = crate::kernels::matvec::prefetch();
-    let decode_sweep = sweeps.iter().find(|s| s.0 == chosen).map_or(0.0, |s| s.1);
     let weights_read = pool.install(|| weights_read_bandwidth(engine.language(), 3));
     // How much of the language bundle's resident mapping has 2 MiB entries: pages
     // cached earlier in small folios keep 4 KiB entries and read more slowly.
@@ -253,7 +260,6 @@ pub fn measure(engine: &Engine, opts: &BenchOptions, opened: Instant) -> Result<
         decode_bytes_per_token,
         peak_rss_bytes,
         kernels,
-        decode_sweep,
         decode_sweeps: sweeps,
         weights_read,
         weights_resident,
